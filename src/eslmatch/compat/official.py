@@ -1,0 +1,228 @@
+"""Loading the authors' released ESL checkpoints (spec section 7).
+
+A released checkpoint is a pickle. It is read with ``torch.load(weights_only=True)`` and an
+allow-list holding only ``argparse.Namespace``; a file needing any other object is refused
+and nothing in it is executed. Keys are matched strictly: any missing or unexpected key is
+named in the error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..config import ESLConfig
+from ..errors import CheckpointError
+from ..model.encoders import bert_from_config
+from ..model.esl import ESLModel, _load_tokenizer, load_state_strict
+
+ALLOWED_GLOBALS = [argparse.Namespace]
+
+# Present in released checkpoints but never used by their forward pass: loaded, ignored.
+_UNUSED = (re.compile(r"^image\.mlp\.bns\.1\."), re.compile(r"^text\.bert\.pooler\."))
+_SIM_PREFIX = "sims.calculator_1."
+_LEVELS_PREFIX = "plus_encoder.encoders_1."
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Unpickle a released checkpoint safely and check its outline."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file")
+    if not p.is_file():
+        raise CheckpointError(f"{p}: not a file")
+    try:
+        with torch.serialization.safe_globals(ALLOWED_GLOBALS):
+            ckpt = torch.load(str(p), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        match = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"it needs {match.group(1)}, which is not allowed" if match else first
+        raise CheckpointError(
+            f"{p}: refused to load: {what} (only tensors, plain containers and argparse.Namespace "
+            "are allowed; nothing in the file was executed)"
+        ) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{p}: not a readable checkpoint (truncated or corrupt?): {_first_line(exc)}") from exc
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise CheckpointError(f"{p}: not a released ESL checkpoint (no 'model' entry)")
+    parts = ckpt["model"]
+    if not isinstance(parts, (list, tuple)) or len(parts) != 3 or not all(isinstance(s, dict) for s in parts):
+        raise CheckpointError(
+            f"{p}: 'model' must be a list of 3 state dicts [image encoder, text encoder, similarity]"
+        )
+    return ckpt
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _strip(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+def detect_strategy(sim_state: dict[str, Tensor]) -> str:
+    """``"adaptive"`` or ``"heuristic"``, from the level-stack key names."""
+    keys = list(sim_state)
+    if any(".kernel_img_" in k or ".kernel_txt_" in k for k in keys):
+        return "heuristic"
+    if any(k.startswith(_LEVELS_PREFIX + "image_levels.masks_") for k in keys):
+        return "adaptive"
+    raise CheckpointError(
+        "cannot tell the strategy: the similarity module has neither image_levels.masks_* "
+        "(adaptive) nor image_levels.kernel_img_* (heuristic) weights"
+    )
+
+
+def infer_bert_config(text_state: dict[str, Tensor]) -> Any:
+    """A BertConfig from tensor names and shapes (released checkpoints do not store it)."""
+    from transformers import BertConfig
+
+    try:
+        words = text_state["bert.embeddings.word_embeddings.weight"]
+        positions = text_state["bert.embeddings.position_embeddings.weight"]
+        types = text_state["bert.embeddings.token_type_embeddings.weight"]
+    except KeyError as exc:
+        raise CheckpointError(f"text encoder has no BERT embedding weights (missing {exc.args[0]})") from exc
+    layers = {int(m.group(1)) for k in text_state if (m := re.match(r"bert\.encoder\.layer\.(\d+)\.", k))}
+    if not layers:
+        raise CheckpointError("text encoder has no bert.encoder.layer.* weights")
+    hidden = int(words.shape[1])
+    inter = text_state.get("bert.encoder.layer.0.intermediate.dense.weight")
+    heads = 12 if hidden % 12 == 0 else max(1, hidden // 64)
+    return BertConfig(
+        vocab_size=int(words.shape[0]),
+        hidden_size=hidden,
+        num_hidden_layers=max(layers) + 1,
+        num_attention_heads=heads,
+        intermediate_size=int(inter.shape[0]) if inter is not None else 4 * hidden,
+        max_position_embeddings=int(positions.shape[0]),
+        type_vocab_size=int(types.shape[0]),
+    )
+
+
+def _level_count(sim_state: dict[str, Tensor], pattern: str) -> int:
+    return len([k for k in sim_state if re.match(pattern, k)])
+
+
+def config_from_checkpoint(ckpt: dict[str, Any]) -> ESLConfig:
+    """Our :class:`ESLConfig` for a released checkpoint."""
+    opt = ckpt.get("opt")
+    get = (lambda k, d: getattr(opt, k, d)) if opt is not None else (lambda k, d: d)
+    img, _, sim = (_strip(s) for s in ckpt["model"])
+    strategy = detect_strategy(sim)
+    level_pat = _LEVELS_PREFIX + (r"image_levels\.masks_\d+\.weight$" if strategy == "adaptive" else r"image_levels\.kernel_img_\d+\.weight$")
+    num_levels = _level_count(sim, level_pat)
+    fc = img.get("fc.weight")
+    if fc is None:
+        raise CheckpointError("image encoder has no fc.weight")
+    embed_size, img_dim = int(fc.shape[0]), int(fc.shape[1])
+    kernel = int(get("kernel_size", 2))
+    channels = 4
+    if strategy == "heuristic":
+        w = sim.get(_LEVELS_PREFIX + "image_levels.kernel_img_1.weight")
+        if w is not None:
+            channels, kernel = int(w.shape[0]), int(w.shape[2])
+    return ESLConfig(
+        strategy=strategy,
+        embed_size=embed_size,
+        kernel_size=kernel,
+        num_levels=num_levels,
+        img_dim=img_dim,
+        text_encoder="bert",
+        text_model=None,
+        heuristic_channels=channels,
+        margin=float(get("margin", 0.2)),
+        extra={"source": "released checkpoint", "epoch": ckpt.get("epoch"), "best_rsum": _num(ckpt.get("best_rsum"))},
+    )
+
+
+def _num(x: Any) -> Any:
+    return float(x) if isinstance(x, (int, float, Tensor)) and not isinstance(x, bool) else None
+
+
+def map_state(ckpt: dict[str, Any], num_levels: int) -> tuple[dict[str, Tensor], list[str]]:
+    """Rename released keys to ours. Returns the mapped state and the keys left unmapped."""
+    img, txt, sim = (_strip(s) for s in ckpt["model"])
+    tagged = {f"image.{k}": v for k, v in img.items()}
+    tagged.update({f"text.{k}": v for k, v in txt.items()})
+    tagged.update({f"sim.{k}": v for k, v in sim.items()})
+    rules: list[tuple[str, str]] = [
+        (r"^image\.fc\.(weight|bias)$", r"image_encoder.fc.\1"),
+        (r"^image\.mlp\.layers\.0\.(.+)$", r"image_encoder.mlp.fc1.\1"),
+        (r"^image\.mlp\.layers\.1\.(.+)$", r"image_encoder.mlp.fc2.\1"),
+        (r"^image\.mlp\.bns\.0\.(.+)$", r"image_encoder.mlp.bn.\1"),
+        (r"^text\.bert\.(.+)$", r"text_encoder.backbone.\1"),
+        (r"^text\.linear\.(weight|bias)$", r"text_encoder.proj.\1"),
+        (r"^sim\.plus_encoder\.encoders_1\.image_levels\.(?:masks|kernel_img)_(\d+)\.weight$", "image_levels.levels.{0}.weight"),
+        (r"^sim\.plus_encoder\.encoders_1\.text_levels\.(?:masks|kernel_txt)_(\d+)\.weight$", "text_levels.levels.{0}.weight"),
+        (r"^sim\.sims\.calculator_1\.masks_(\d+)\.weight$", "correspondence.S.{1}"),
+        (r"^sim\.sims\.calculator_1\.lynorm_(\d+)\.weight$", "correspondence.ln_weight.{1}"),
+        (r"^sim\.sims\.calculator_1\.lynorm_(\d+)\.bias$", "correspondence.ln_bias.{1}"),
+        (r"^sim\.sims\.calculator_1\.sim_eval\.weight$", "correspondence.w"),
+        (r"^sim\.sims\.calculator_1\.temp_scale\.weight$", "pooling.t"),
+        (r"^sim\.sims\.calculator_1\.temp_scale_1\.weight$", "correspondence.sigma"),
+        (r"^sim\.sims\.calculator_1\.temp_scale_2\.weight$", "correspondence.t2"),
+    ]
+    out: dict[str, Tensor] = {}
+    left: list[str] = []
+    for key, value in tagged.items():
+        if any(p.match(key) for p in _UNUSED):
+            continue
+        for pattern, target in rules:
+            m = re.match(pattern, key)
+            if m:
+                if "{0}" in target:  # level l (1-based) -> list index l-1
+                    name = target.format(int(m.group(1)) - 1)
+                elif "{1}" in target:
+                    name = target.replace("{1}", m.group(1))
+                else:
+                    name = m.expand(target)
+                out[name] = value
+                break
+        else:
+            left.append(key)
+    for name in ("correspondence.w", "pooling.t", "correspondence.sigma", "correspondence.t2"):
+        if name in out:
+            out[name] = out[name].reshape(-1) if name == "correspondence.w" else out[name].reshape(())
+    return out, left
+
+
+def load_official_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", text_model: str | Path | None = None
+) -> ESLModel:
+    """Load a released ESL ``.pth.tar`` as an :class:`ESLModel` in eval mode.
+
+    Args:
+        path: the checkpoint.
+        map_location: device for the weights.
+        text_model: a BERT model directory or Hub name whose tokenizer is used for raw text
+            (released files do not store one). Without it, the model scores token ids only.
+    """
+    ckpt = read_checkpoint(path, map_location="cpu")
+    config = config_from_checkpoint(ckpt)
+    text_state = _strip(ckpt["model"][1])
+    bert_config = infer_bert_config(text_state)
+    tokenizer = _load_tokenizer(text_model, required=True) if text_model is not None else None
+    if text_model is not None:
+        config.text_model = str(text_model)
+    model = ESLModel(config, bert_from_config(bert_config), tokenizer)
+    state, left = map_state(ckpt, config.num_levels)
+    if left:
+        raise CheckpointError(f"{path} does not match the ESL model: unexpected keys: {', '.join(left[:6])}")
+    own = model.state_dict()
+    # Buffers that transformers may or may not register persistently.
+    for k in list(own):
+        if k not in state and k.endswith("position_ids"):
+            state[k] = own[k]
+    load_state_strict(model, state, str(path))
+    return model.to(map_location).eval()

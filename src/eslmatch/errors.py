@@ -1,0 +1,19 @@
+"""Exceptions with messages meant for users.
+
+Anything raised as an :class:`EslmatchError` is printed by the CLI as one line, without a
+traceback, and makes it exit non-zero.
+"""
+
+from __future__ import annotations
+
+
+class EslmatchError(ValueError):
+    """A problem with the user's input (file, checkpoint, tensor shape, configuration)."""
+
+
+class CheckpointError(EslmatchError):
+    """A checkpoint that cannot be loaded safely or does not match the model."""
+
+
+class InputError(EslmatchError):
+    """Tensors handed to the model that break its contract (shape, lengths, dtype)."""

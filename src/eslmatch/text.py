@@ -1,0 +1,98 @@
+"""Turning captions into token ids.
+
+BERT-family models use their own transformers tokenizer. The GRU encoder uses a
+:class:`WordVocab` built from training captions and saved with the model (``vocab.json``).
+Both produce ``(ids (M, W) LongTensor with 0 = padding, lengths (M,))``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import EslmatchError, InputError
+
+PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+
+
+def words(text: str) -> list[str]:
+    """Lower-case word tokens of a caption (letters, digits, simple contractions)."""
+    return _WORD.findall(text.lower())
+
+
+class WordVocab:
+    """Word vocabulary for the GRU encoder: ``<pad>`` = 0, ``<start>``, ``<end>``, ``<unk>``."""
+
+    def __init__(self, tokens: Sequence[str]) -> None:
+        if list(tokens[:4]) != [PAD, START, END, UNK]:
+            raise EslmatchError("a word vocabulary must start with <pad>, <start>, <end>, <unk>")
+        self.tokens = list(tokens)
+        self.index = {t: i for i, t in enumerate(self.tokens)}
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @classmethod
+    def build(cls, captions: Iterable[str], min_count: int = 1) -> WordVocab:
+        """Vocabulary of every word seen at least ``min_count`` times, most frequent first."""
+        counts = Counter(w for c in captions for w in words(c))
+        kept = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
+        return cls([PAD, START, END, UNK, *kept])
+
+    def encode(self, text: str) -> list[int]:
+        unk = self.index[UNK]
+        return [self.index[START], *(self.index.get(w, unk) for w in words(text)), self.index[END]]
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"tokens": self.tokens}), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> WordVocab:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            return cls(data["tokens"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise EslmatchError(f"{path}: not a readable word vocabulary ({exc})") from exc
+
+
+def pad_ids(seqs: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+    """Right-pad id lists with 0 -> ``(ids (M, W), lengths (M,))``."""
+    if not seqs:
+        raise InputError("no captions given")
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    ids = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+    return ids, lengths
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int = 512) -> tuple[Tensor, Tensor]:
+    """Tokenise captions with a :class:`WordVocab` or a transformers tokenizer.
+
+    Empty captions (no word at all) are refused: they would have nothing to match.
+    """
+    if isinstance(texts, str):
+        texts = [texts]
+    for i, t in enumerate(texts):
+        if not isinstance(t, str) or not t.strip():
+            raise InputError(f"caption {i} is empty")
+    if isinstance(tokenizer, WordVocab):
+        for i, t in enumerate(texts):
+            if not words(t):
+                raise InputError(f"caption {i} has no words: {t!r}")
+        return pad_ids([tokenizer.encode(t) for t in texts])
+    if tokenizer is None:
+        raise EslmatchError(
+            "this model has no tokenizer (released checkpoints do not store one): pass "
+            "text_model= a BERT model directory or name, or give token ids"
+        )
+    seqs = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
+    return pad_ids(seqs)

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``eslmatch`` CLI, one module each (see :mod:`eslmatch.cli`)."""

@@ -217,12 +217,18 @@ def load_official_checkpoint(
         config.text_model = str(text_model)
     model = ESLModel(config, bert_from_config(bert_config), tokenizer)
     state, left = map_state(ckpt, config.num_levels)
-    if left:
-        raise CheckpointError(f"{path} does not match the ESL model: unexpected keys: {', '.join(left[:6])}")
     own = model.state_dict()
     # Buffers that transformers may or may not register persistently.
     for k in list(own):
         if k not in state and k.endswith("position_ids"):
             state[k] = own[k]
+    missing = sorted(set(own) - set(state))
+    if left or missing:
+        problems = []
+        if missing:
+            problems.append(f"missing keys (our names): {', '.join(missing[:6])}" + (f" and {len(missing) - 6} more" if len(missing) > 6 else ""))
+        if left:
+            problems.append(f"unexpected keys: {', '.join(left[:6])}" + (f" and {len(left) - 6} more" if len(left) > 6 else ""))
+        raise CheckpointError(f"{path} does not match the ESL model: " + "; ".join(problems))
     load_state_strict(model, state, str(path))
     return model.to(map_location).eval()

@@ -131,8 +131,9 @@ class ESLModel(nn.Module):
         real = lengths_to_mask(lengths, w)
         if bool(((captions != 0) & ~real).any()):
             raise InputError("a caption has non-zero token ids beyond its length (0 is padding)")
-        if bool(((captions == 0) & real).all(dim=1).any()):
-            raise InputError("a caption is empty: all its tokens are padding")
+        empty = ((captions != 0) & real).sum(1) == 0
+        if bool(empty.any()):
+            raise InputError(f"caption {int(empty.nonzero()[0])} is empty: all its tokens are padding (0)")
         return captions.to(self.device).long(), lengths.to(self.device)
 
     def _vocab_size(self) -> int | None:

@@ -12,8 +12,12 @@ from torch import Tensor
 
 
 def l2n(x: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
-    """``x / (sqrt(sum x^2) + eps)`` along ``dim``: the released code's exact form."""
-    return x / (x.pow(2).sum(dim=dim, keepdim=True).sqrt() + eps)
+    """``x / (sqrt(sum x^2) + eps)`` along ``dim``: the released code's exact form.
+
+    ``vector_norm`` has the same value as ``x.pow(2).sum().sqrt()`` but a zero (not NaN)
+    gradient at an all-zero vector, which padded GRU positions produce.
+    """
+    return x / (torch.linalg.vector_norm(x, dim=dim, keepdim=True) + eps)
 
 
 def adaptive_selection(weight: Tensor, select: int = 2, eps: float = 1e-8) -> Tensor:
@@ -120,11 +124,11 @@ def pool_masked(
     n_words = word_mask.sum(-2).clamp_min(1).to(a.dtype)  # (..., 1)
     n_regions = region_mask.sum(-1).clamp_min(1).to(a.dtype)  # (..., 1)
 
-    g = act / (act.pow(2).sum(-2, keepdim=True).sqrt() + eps)
+    g = act / (torch.linalg.vector_norm(act, dim=-2, keepdim=True) + eps)
     p = torch.softmax((scale * g).masked_fill(~region_mask, neg), dim=-1)
     t2i = ((a * p).sum(-1, keepdim=True).masked_fill(~word_mask, 0.0).sum(-2) / n_words).squeeze(-1)
 
-    h = act / (act.pow(2).sum(-1, keepdim=True).sqrt() + eps)
+    h = act / (torch.linalg.vector_norm(act, dim=-1, keepdim=True) + eps)
     q = torch.softmax((scale * h).masked_fill(~word_mask, neg), dim=-2)
     i2t = ((a * q).sum(-2, keepdim=True).masked_fill(~region_mask, 0.0).sum(-1) / n_regions).squeeze(-1)
     return t2i + i2t

@@ -1,0 +1,129 @@
+"""Small models, tokenizers and released-format checkpoints made on the fly for tests."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from eslmatch.config import ESLConfig
+from eslmatch.model.esl import ESLModel
+from eslmatch.text import WordVocab
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+WORDS = ["a", "red", "blue", "green", "circle", "square", "left", "of", "right", "above", "big", "small", "the", "and"]
+
+
+def tiny_vocab() -> WordVocab:
+    return WordVocab.build([" ".join(WORDS)])
+
+
+def tiny_gru_model(strategy: str = "adaptive", embed_size: int = 32, kernel_size: int = 2, num_levels: int = 3,
+                   img_dim: int = 16, seed: int = 0) -> ESLModel:
+    torch.manual_seed(seed)
+    vocab = tiny_vocab()
+    cfg = ESLConfig(strategy=strategy, embed_size=embed_size, kernel_size=kernel_size, num_levels=num_levels,
+                    img_dim=img_dim, text_encoder="gru", text_model=None, vocab_size=len(vocab), word_dim=16)
+    model = ESLModel(cfg, tokenizer=vocab)
+    randomize(model)
+    return model
+
+
+def randomize(model: torch.nn.Module) -> None:
+    """Move every parameter and BatchNorm statistic off its initial constant."""
+    g = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("correspondence.w"):
+                p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.05)
+            elif name.endswith("pooling.t"):
+                p.fill_(2.0)
+            else:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
+            elif name.endswith("running_var"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=g))
+
+
+def tiny_bert_tokenizer(directory: Path):
+    """A BERT WordPiece tokenizer over a small vocabulary, built offline."""
+    from transformers import BertTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return BertTokenizerFast.from_pretrained(str(directory))
+
+
+def tiny_bert_config(vocab_size: int = 60, hidden: int = 24):
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=12,
+                      intermediate_size=16, max_position_embeddings=32)
+
+
+def make_released_checkpoint(path: Path, strategy: str, embed_size: int = 64, kernel_size: int = 2,
+                             num_levels: int = 3, img_dim: int = 32, seed: int = 0) -> dict:
+    """A checkpoint in the released training format (spec section 7) with random values."""
+    from transformers import BertModel
+
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return scale * torch.randn(*shape, generator=g)
+
+    e = embed_size
+    img = {
+        "fc.weight": rnd(e, img_dim, scale=0.1), "fc.bias": rnd(e, scale=0.1),
+        "mlp.layers.0.weight": rnd(e // 2, img_dim, scale=0.1), "mlp.layers.0.bias": rnd(e // 2, scale=0.1),
+        "mlp.layers.1.weight": rnd(e, e // 2, scale=0.1), "mlp.layers.1.bias": rnd(e, scale=0.1),
+    }
+    for i, n in ((0, e // 2), (1, e)):
+        img.update({f"mlp.bns.{i}.weight": 1 + rnd(n, scale=0.1), f"mlp.bns.{i}.bias": rnd(n, scale=0.1),
+                    f"mlp.bns.{i}.running_mean": rnd(n, scale=0.1), f"mlp.bns.{i}.running_var": 0.5 + torch.rand(n, generator=g),
+                    f"mlp.bns.{i}.num_batches_tracked": torch.tensor(7)})
+    bert_cfg = tiny_bert_config()
+    bert = BertModel(bert_cfg)
+    txt = {f"bert.{k}": rnd(*v.shape, scale=0.2) if v.is_floating_point() else v for k, v in bert.state_dict().items()}
+    txt = {k: v for k, v in txt.items() if not k.endswith("position_ids")}
+    txt["linear.weight"] = rnd(e, bert_cfg.hidden_size, scale=0.2)
+    txt["linear.bias"] = rnd(e, scale=0.1)
+    dims = [e // kernel_size**lv for lv in range(num_levels + 1)]
+    sim = {}
+    for side, short in (("image", "img"), ("text", "txt")):
+        for lv in range(1, num_levels + 1):
+            if strategy == "adaptive":
+                sim[f"plus_encoder.encoders_1.{side}_levels.masks_{lv}.weight"] = rnd(dims[lv], dims[lv - 1])
+            else:
+                sim[f"plus_encoder.encoders_1.{side}_levels.kernel_{short}_{lv}.weight"] = rnd(4, 1, kernel_size, scale=0.5)
+    p = "sims.calculator_1."
+    sim[p + "sim_eval.weight"] = 0.05 + 0.3 * torch.rand(1, num_levels + 1, generator=g)
+    sim[p + "temp_scale.weight"] = torch.tensor([[2.3]])
+    sim[p + "temp_scale_1.weight"] = torch.tensor([[0.3]])
+    sim[p + "temp_scale_2.weight"] = torch.tensor([[1.5]])
+    for lv, n in enumerate(dims):
+        sim[p + f"masks_{lv}.weight"] = rnd(n, n)
+        sim[p + f"lynorm_{lv}.weight"] = 1 + rnd(n, n, scale=0.1)
+        sim[p + f"lynorm_{lv}.bias"] = rnd(n, n, scale=0.1)
+    opt = argparse.Namespace(embed_size=e, kernel_size=kernel_size, img_dim=img_dim, margin=0.2,
+                             precomp_enc_type="basic", vocab_size=bert_cfg.vocab_size)
+    ckpt = {"epoch": 3, "model": [{f"module.{k}": v for k, v in sd.items()} for sd in (img, txt, sim)],
+            "best_rsum": 123.4, "opt": opt, "Eiters": 100}
+    torch.save(ckpt, path)
+    return ckpt
+
+
+def released_inputs(n_images: int = 5, n_caps: int = 7, regions: int = 6, img_dim: int = 32, vocab: int = 60, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.relu(torch.randn(n_images, regions, img_dim, generator=g))
+    lens = torch.randint(3, 10, (n_caps,), generator=g)
+    lens[0] = 10
+    caps = torch.zeros(n_caps, 10, dtype=torch.long)
+    for j, n in enumerate(lens.tolist()):
+        caps[j, 0] = 2
+        caps[j, 1 : n - 1] = torch.randint(5, vocab, (n - 2,), generator=g)
+        caps[j, n - 1] = 3
+    return images, caps, lens

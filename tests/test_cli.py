@@ -1,0 +1,134 @@
+"""The command line: version, info, convert, score, and one-line errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import eslmatch
+from eslmatch.cli import main
+
+from _models import FIXTURES, make_released_checkpoint, released_inputs
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    d = tmp_path_factory.mktemp("released")
+    path = d / "esl_h.pth.tar"
+    make_released_checkpoint(path, "heuristic")
+    images, caps, lens = released_inputs()
+    np.savez(d / "inputs.npz", images=images.numpy(), captions=caps.numpy(), cap_lens=lens.numpy())
+    return path, d / "inputs.npz"
+
+
+def run_cli(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, pattern):
+    assert code == 1
+    lines = [ln for ln in err.strip().splitlines() if ln]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("eslmatch: error: ")
+    assert "Traceback" not in err
+    assert pattern in lines[0], lines[0]
+
+
+def test_version():
+    out = subprocess.run([sys.executable, "-m", "eslmatch.cli", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == f"eslmatch {eslmatch.__version__}"
+
+
+def test_info_both_formats(capsys, released, tmp_path):
+    path, _ = released
+    code, out, _ = run_cli(capsys, "info", str(path))
+    assert code == 0 and "format     released" in out and "ESL-H" in out and "correspondence" in out
+    code, out, _ = run_cli(capsys, "convert", str(path), str(tmp_path / "ours"))
+    assert code == 0 and "converted" in out
+    code, out, _ = run_cli(capsys, "info", str(tmp_path / "ours"), "--json")
+    info = json.loads(out)
+    assert info["format"] == "eslmatch" and info["config"]["strategy"] == "heuristic"
+    assert info["parameters"]["total"] == sum(v for k, v in info["parameters"].items() if k != "total")
+
+
+def test_score_matches_after_convert(capsys, released, tmp_path):
+    path, inputs = released
+    assert run_cli(capsys, "score", str(path), "--inputs", str(inputs), "--save", str(tmp_path / "a.npy"))[0] == 0
+    assert run_cli(capsys, "convert", str(path), str(tmp_path / "ours"))[0] == 0
+    assert run_cli(capsys, "score", str(tmp_path / "ours"), "--inputs", str(inputs), "--save", str(tmp_path / "b.npy"))[0] == 0
+    assert np.array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+
+
+def test_score_reference_fixture(capsys):
+    code, out, _ = run_cli(capsys, "score", str(FIXTURES / "official_adaptive.pth.tar"),
+                           "--inputs", str(FIXTURES / "official_adaptive_io.npz"), "--compare", "sims")
+    assert code == 0 and "OK" in out
+
+
+def test_missing_file(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "info", str(tmp_path / "missing.pth.tar"))
+    assert_one_line_error(code, err, "no such file")
+
+
+def test_truncated_file(capsys, released, tmp_path):
+    path, _ = released
+    bad = tmp_path / "cut.pth.tar"
+    bad.write_bytes(path.read_bytes()[:5000])
+    code, _, err = run_cli(capsys, "convert", str(bad), str(tmp_path / "out"))
+    assert_one_line_error(code, err, "truncated or corrupt")
+    assert not (tmp_path / "out").exists()
+
+
+def test_disallowed_pickle(capsys, tmp_path):
+    from test_official import _Evil
+
+    bad = tmp_path / "evil.pth.tar"
+    torch.save({"model": [{}, {}, {}], "opt": _Evil()}, bad)
+    code, _, err = run_cli(capsys, "info", str(bad))
+    assert_one_line_error(code, err, "refused to load")
+
+
+def test_other_model_names_missing_keys(capsys, released, tmp_path):
+    path, _ = released
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["model"][2] = {k: v for k, v in ckpt["model"][2].items() if "masks_2" not in k}
+    bad = tmp_path / "other.pth.tar"
+    torch.save(ckpt, bad)
+    code, _, err = run_cli(capsys, "info", str(bad))
+    assert_one_line_error(code, err, "missing keys")
+    assert "correspondence.S.2" in err
+
+
+@pytest.mark.parametrize("case,pattern", [
+    ("dim", "dimension"), ("lengths", "beyond the tensor"), ("empty", "empty"),
+])
+def test_bad_score_inputs(capsys, released, tmp_path, case, pattern):
+    path, inputs = released
+    d = dict(np.load(inputs))
+    if case == "dim":
+        d["images"] = d["images"][..., :30]
+    elif case == "lengths":
+        d["cap_lens"][1] = d["captions"].shape[1] + 4
+    else:
+        d["captions"][2] = 0
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **d)
+    code, _, err = run_cli(capsys, "score", str(path), "--inputs", str(bad))
+    assert_one_line_error(code, err, pattern)
+
+
+def test_subprocess_error_has_no_traceback(tmp_path):
+    bad = tmp_path / "junk.pth.tar"
+    bad.write_bytes(b"not a checkpoint at all")
+    out = subprocess.run([sys.executable, "-m", "eslmatch.cli", "info", str(bad)], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    debug = subprocess.run([sys.executable, "-m", "eslmatch.cli", "--debug", "info", str(bad)], capture_output=True, text=True)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr

@@ -1,0 +1,198 @@
+"""The model: reference vs batched scorer, masking, batch independence, gradients, save/load."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from eslmatch import ESLConfig, ESLModel, EslmatchError, InputError
+from eslmatch.model.encoders import bert_from_config
+from eslmatch.reference import reference_similarity
+
+from _models import randomize, tiny_bert_config, tiny_bert_tokenizer, tiny_gru_model
+
+
+def random_inputs(model, n_images, n_caps, regions, words, seed=0, pad_regions=True):
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    images = torch.relu(torch.randn(n_images, regions, cfg.img_dim, generator=g))
+    img_len = torch.randint(1, regions + 1, (n_images,), generator=g) if pad_regions else torch.full((n_images,), regions)
+    img_len[0] = regions
+    cap_len = torch.randint(1, words + 1, (n_caps,), generator=g)
+    cap_len[0] = words
+    vocab = cfg.vocab_size or 50
+    caps = torch.zeros(n_caps, words, dtype=torch.long)
+    for j, n in enumerate(cap_len.tolist()):
+        caps[j, :n] = torch.randint(1, vocab, (n,), generator=g)
+    return images, img_len, caps, cap_len
+
+
+def rel_err(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+CONFIGS = [
+    # strategy, E, k, L, regions, words
+    ("adaptive", 32, 2, 3, 5, 6), ("heuristic", 32, 2, 3, 5, 6), ("adaptive", 64, 2, 6, 7, 9),
+    ("heuristic", 64, 2, 6, 3, 12), ("adaptive", 27, 3, 3, 4, 5), ("heuristic", 27, 3, 3, 6, 4),
+    ("adaptive", 64, 4, 3, 8, 7), ("heuristic", 64, 4, 3, 2, 3), ("adaptive", 16, 2, 4, 1, 1),
+    ("heuristic", 16, 2, 4, 1, 8), ("adaptive", 16, 2, 0, 5, 5), ("heuristic", 16, 2, 0, 6, 2),
+    ("adaptive", 128, 2, 7, 9, 11), ("heuristic", 128, 2, 7, 10, 6), ("adaptive", 48, 2, 4, 12, 3),
+    ("heuristic", 48, 2, 4, 3, 13), ("adaptive", 32, 2, 5, 2, 2), ("heuristic", 32, 2, 5, 4, 9),
+    ("adaptive", 8, 2, 3, 6, 6), ("heuristic", 8, 2, 3, 7, 7), ("adaptive", 81, 3, 4, 5, 5),
+    ("heuristic", 81, 3, 4, 5, 10),
+]
+
+
+@pytest.mark.parametrize("i,cfg", list(enumerate(CONFIGS)))
+def test_reference_equals_batched(i, cfg):
+    strategy, e, k, levels, regions, words = cfg
+    model = tiny_gru_model(strategy, embed_size=e, kernel_size=k, num_levels=levels, seed=i).eval()
+    images, img_len, caps, cap_len = random_inputs(model, 4, 6, regions, words, seed=i)
+    with torch.no_grad():
+        batched = model.similarity(images, img_len, caps, cap_len)
+    ref = reference_similarity(model, images, img_len, caps, cap_len)
+    assert batched.shape == (4, 6)
+    assert rel_err(batched, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("strategy", ["adaptive", "heuristic"])
+def test_padding_invariance(strategy):
+    model = tiny_gru_model(strategy).eval()
+    images, img_len, caps, cap_len = random_inputs(model, 3, 5, 6, 7, seed=3)
+    with torch.no_grad():
+        base = model.similarity(images, img_len, caps, cap_len)
+        # extra padded regions holding garbage and extra padded word columns
+        garbage = 5 * torch.rand(3, 4, images.shape[2])
+        more_images = torch.cat([images, garbage], 1)
+        for i, n in enumerate(img_len.tolist()):
+            more_images[i, n:] = 7 * torch.rand(more_images.shape[1] - n, images.shape[2])
+        more_caps = torch.cat([caps, torch.zeros(5, 6, dtype=torch.long)], 1)
+        padded = model.similarity(more_images, img_len, more_caps, cap_len)
+    assert rel_err(padded, base) <= 1e-6
+
+
+@pytest.mark.parametrize("strategy", ["adaptive", "heuristic"])
+def test_batch_independence(strategy):
+    model = tiny_gru_model(strategy).eval()
+    images, img_len, caps, cap_len = random_inputs(model, 5, 7, 6, 8, seed=4)
+    with torch.no_grad():
+        full = model.similarity(images, img_len, caps, cap_len)
+        perm_i, perm_c = torch.randperm(5), torch.randperm(7)
+        shuffled = model.similarity(images[perm_i], img_len[perm_i], caps[perm_c], cap_len[perm_c])
+        single = model.similarity(images[2:3], img_len[2:3], caps[4:5], cap_len[4:5])
+    assert rel_err(shuffled, full[perm_i][:, perm_c]) <= 1e-6
+    assert abs(float(single[0, 0] - full[2, 4])) <= 1e-6 * float(full.abs().max())
+
+
+def test_train_mode_batchnorm_ignores_padded_regions():
+    model = tiny_gru_model("adaptive").train()
+    images, img_len, _, _ = random_inputs(model, 3, 1, 6, 2, seed=5)
+    emb = model.encode_images(images, img_len)
+    padded = torch.cat([images, 9 * torch.rand(3, 3, images.shape[2])], 1)
+    emb2 = model.encode_images(padded, img_len)
+    mask = torch.arange(6)[None, :] < img_len[:, None]
+    assert torch.allclose(emb[mask], emb2[:, :6][mask], atol=1e-6)
+
+
+def _assert_all_grads(model, loss):
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0)]
+    assert not missing, f"no gradient reached: {missing}"
+
+
+@pytest.mark.parametrize("strategy", ["adaptive", "heuristic"])
+def test_gradients_reach_every_parameter_gru(strategy):
+    model = tiny_gru_model(strategy).train()
+    images, img_len, caps, cap_len = random_inputs(model, 4, 4, 6, 7, seed=6)
+    scores = model.similarity(images, img_len, caps, cap_len)
+    loss = (0.2 + scores - scores.diag()[:, None]).clamp(min=0).sum()
+    _assert_all_grads(model, loss + scores.sum())
+
+
+def test_gradients_reach_every_parameter_bert(tmp_path):
+    from transformers import BertModel
+
+    cfg = tiny_bert_config(vocab_size=40)
+    cfg.hidden_dropout_prob = cfg.attention_probs_dropout_prob = 0.0
+    backbone = BertModel(cfg, add_pooling_layer=False)
+    model = ESLModel(ESLConfig(strategy="heuristic", embed_size=32, num_levels=3, img_dim=16, text_model=None), backbone)
+    randomize(model)
+    model.train()
+    images, img_len, caps, cap_len = random_inputs(model, 3, 3, 5, 6, seed=7)
+    caps = caps.clamp(max=39)
+    scores = model.similarity(images, img_len, caps, cap_len)
+    _assert_all_grads(model, scores.sum() + (scores ** 2).sum())
+
+
+def test_save_and_load_gru_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = tiny_gru_model("heuristic").eval()
+    images, img_len, caps, cap_len = random_inputs(model, 3, 4, 5, 6, seed=8)
+    model.save_pretrained(tmp_path / "m")
+    again = ESLModel.from_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(model.similarity(images, img_len, caps, cap_len), again.similarity(images, img_len, caps, cap_len))
+    assert again.tokenizer.tokens == model.tokenizer.tokens
+    ids, lens = again.tokenize(["a red circle left of a blue square"])
+    assert ids.shape == (1, 10) and int(lens[0]) == 10
+
+
+def test_save_and_load_bert_with_tokenizer_offline(tmp_path, monkeypatch):
+    from transformers import BertModel
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok = tiny_bert_tokenizer(tmp_path / "tok")
+    backbone = bert_from_config(tiny_bert_config(vocab_size=len(tok)))
+    model = ESLModel(ESLConfig(embed_size=32, num_levels=3, img_dim=16, text_model=None), backbone, tok)
+    randomize(model)
+    model.eval()
+    model.save_pretrained(tmp_path / "m")
+    again = ESLModel.from_pretrained(tmp_path / "m")
+    ids, lens = again.tokenize(["a red circle", "the big blue square and a small green circle"])
+    assert ids[0, 0] == tok.cls_token_id and int(lens[1]) == 11
+    images = torch.rand(2, 4, 16)
+    with torch.no_grad():
+        assert torch.equal(model.similarity(images, None, ids, lens), again.similarity(images, None, ids, lens))
+
+
+def test_save_is_atomic_and_replaces(tmp_path):
+    model = tiny_gru_model()
+    target = tmp_path / "m"
+    model.save_pretrained(target)
+    model.save_pretrained(target)  # replacing an existing directory works
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_input_errors():
+    model = tiny_gru_model().eval()
+    images, img_len, caps, cap_len = random_inputs(model, 2, 2, 4, 5, seed=9)
+    with pytest.raises(InputError, match="dimension 15"):
+        model.similarity(images[..., :15], img_len, caps, cap_len)
+    with pytest.raises(InputError, match="beyond the tensor"):
+        model.similarity(images, torch.tensor([4, 9]), caps, cap_len)
+    with pytest.raises(InputError, match="beyond the tensor"):
+        model.similarity(images, img_len, caps, torch.tensor([5, 6]))
+    with pytest.raises(InputError, match="all-padding|empty"):
+        model.similarity(images, img_len, caps, torch.tensor([5, 0]))
+    empty = caps.clone()
+    empty[1] = 0
+    with pytest.raises(InputError, match="empty"):
+        model.similarity(images, img_len, empty, cap_len)
+    with pytest.raises(InputError, match="captions must"):
+        model.similarity(images, img_len, caps.float(), cap_len)
+    with pytest.raises(InputError, match="empty"):
+        model.tokenize(["a red circle", "   "])
+
+
+def test_config_validation():
+    with pytest.raises(EslmatchError, match="divisible"):
+        ESLConfig(embed_size=48, kernel_size=2, num_levels=5)
+    with pytest.raises(EslmatchError, match="strategy"):
+        ESLConfig(strategy="magic")
+    with pytest.raises(EslmatchError, match="unknown model configuration key"):
+        ESLConfig.from_dict({"embed_size": 32, "nonsense": 1})
+    assert ESLConfig().level_dims == [512, 256, 128, 64, 32, 16, 8, 4, 2]
+    assert ESLConfig().total_dim == 1022

@@ -196,3 +196,18 @@ def test_config_validation():
         ESLConfig.from_dict({"embed_size": 32, "nonsense": 1})
     assert ESLConfig().level_dims == [512, 256, 128, 64, 32, 16, 8, 4, 2]
     assert ESLConfig().total_dim == 1022
+
+
+@pytest.mark.parametrize("strategy", ["adaptive", "heuristic"])
+def test_global_vectors_give_the_exact_mean_affinity(strategy):
+    from eslmatch.reference import pair_affinity
+
+    model = tiny_gru_model(strategy).eval()
+    images, img_len, caps, cap_len = random_inputs(model, 3, 4, 6, 7, seed=11)
+    with torch.no_grad():
+        img, cap = model.embed_images(images, img_len), model.embed_captions(caps, cap_len)
+        fast = model.global_images(img, img_len) @ model.global_captions(cap, cap_len).t()
+        for i in range(3):
+            for j in range(4):
+                a = pair_affinity(model, cap[j, : cap_len[j]], img[i, : img_len[i]])
+                assert abs(float(a.mean() - fast[i, j])) <= 1e-5 * float(a.abs().max())

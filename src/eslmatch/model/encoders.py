@@ -31,17 +31,71 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm over the valid rows of ``(N, R, C)`` only (in training).
 
     In eval mode it uses running statistics row by row, so padding never matters.
+
+    Distributed training sets ``synchronize = True`` and ``process_group`` on each instance
+    (:func:`eslmatch.distributed.enable_sync_batchnorm`): training statistics are then taken
+    over the valid rows of every rank, summed with an autograd-aware all-reduce, so N ranks
+    with B images each normalise (and back-propagate) exactly as one rank with N*B images.
     """
+
+    synchronize: bool = False
+    process_group: Any = None
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:  # type: ignore[override]
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
+        if self.training and self.synchronize and self._world_size() > 1:
+            return self._synced_forward(flat, None if mask is None else mask.reshape(-1)).reshape(shape)
         if mask is None or not self.training:
             return super().forward(flat).reshape(shape)
         m = mask.reshape(-1)
         out = torch.zeros_like(flat)
         out = out.index_put((m.nonzero(as_tuple=True)[0],), super().forward(flat[m]))
         return out.reshape(shape)
+
+    def _world_size(self) -> int:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size(self.process_group)
+
+    def _synced_forward(self, flat: Tensor, mask: Tensor | None) -> Tensor:
+        """Training BatchNorm of ``flat (N*R, C)`` with statistics over every rank's valid rows."""
+        import torch.distributed as dist
+        from torch.distributed.nn.functional import all_reduce
+
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        rows = (flat if mask is None else flat[mask]).float()
+        c = rows.shape[1]
+        # One all-reduce for the sums and the row count, a second (two-pass) for the
+        # centred squares: as accurate as the single-process BatchNorm.
+        count = torch.full((1,), float(rows.shape[0]), dtype=rows.dtype, device=rows.device)
+        totals = all_reduce(torch.cat([rows.sum(0), count]), group=group)
+        n = totals[c].detach()
+        if float(n) < 2:
+            raise ValueError(f"BatchNorm needs more than one valid row in training, got {int(n)} over all ranks")
+        mean = totals[:c] / n
+        centred = rows - mean
+        var = all_reduce((centred * centred).sum(0), group=group) / n
+        out = centred * torch.rsqrt(var + self.eps)
+        if self.affine:
+            out = out * self.weight + self.bias
+        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)  # type: ignore[union-attr, operator]
+                if self.momentum is None:
+                    factor = 1.0 / float(self.num_batches_tracked)  # type: ignore[arg-type]
+                else:
+                    factor = self.momentum
+                self.running_mean.mul_(1 - factor).add_(mean.detach().to(self.running_mean.dtype), alpha=factor)
+                unbiased = var.detach() * (n / (n - 1))
+                self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
+        out = out.to(flat.dtype)
+        if mask is None:
+            return out
+        full = torch.zeros_like(flat)
+        return full.index_put((mask.nonzero(as_tuple=True)[0],), out)
 
 
 class RegionMLP(nn.Module):
@@ -132,10 +186,20 @@ def bert_from_pretrained(name_or_path: str | Path) -> nn.Module:
     """Load a BERT-family model from a local directory or a Hub name (cache or network)."""
     from transformers import AutoConfig, AutoModel
 
+    from transformers.utils import logging as hf_logging
+
     try:
         config = AutoConfig.from_pretrained(str(name_or_path))
         config._attn_implementation = "eager"
-        return AutoModel.from_pretrained(str(name_or_path), config=config, **_no_pooler_kwargs(config))
+        # The unused pooler weights are reported as UNEXPECTED: expected here, so keep quiet.
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        try:
+            return AutoModel.from_pretrained(str(name_or_path), config=config, **_no_pooler_kwargs(config))
+        finally:
+            hf_logging.set_verbosity(level)
+            hf_logging.enable_progress_bar()
     except OSError as exc:
         raise EslmatchError(
             f"cannot load text model {str(name_or_path)!r}: {str(exc).splitlines()[0]} "

@@ -165,6 +165,23 @@ class ESLModel(nn.Module):
         """Correspondence-transformed image side ``(N, R, Dt)`` used by the engine."""
         return self.correspondence.image_side(image_emb)
 
+    def global_images(self, image_emb: Tensor, image_lengths: Tensor | Sequence[int] | None = None) -> Tensor:
+        """First-stage image vectors ``(N, Dt)``: the mean over valid regions of the
+        correspondence-transformed level features.
+
+        ESL's affinity is bilinear, so the mean affinity of a pair over its words and regions is
+        ``mean_w(X) @ blockdiag(D) @ mean_r(Y)^T = global_captions . global_images``: an exact
+        inner product, usable by any inner-product index (and trained by the auxiliary loss
+        when ``global_loss_weight > 0``).
+        """
+        n, r, _ = image_emb.shape
+        lengths = torch.full((n,), r, dtype=torch.long) if image_lengths is None else torch.as_tensor(image_lengths).long()
+        return _masked_mean(self.prepare_images(image_emb.to(self.device)), lengths.to(self.device))
+
+    def global_captions(self, caption_emb: Tensor, caption_lengths: Tensor | Sequence[int]) -> Tensor:
+        """First-stage caption vectors ``(M, Dt)``: the mean of the level features over real words."""
+        return _masked_mean(caption_emb.to(self.device), torch.as_tensor(caption_lengths).long().to(self.device))
+
     def score(
         self,
         image_emb: Tensor,
@@ -288,6 +305,12 @@ class ESLModel(nn.Module):
             raise CheckpointError(f"{d / WEIGHTS_NAME}: cannot read weights ({exc})") from exc
         load_state_strict(model, state, str(d / WEIGHTS_NAME))
         return model.to(map_location).eval()
+
+
+def _masked_mean(x: Tensor, lengths: Tensor) -> Tensor:
+    """Mean of ``x (B, T, D)`` over the first ``lengths[b]`` positions -> ``(B, D)``."""
+    mask = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]).to(x.dtype)
+    return (x * mask[..., None]).sum(1) / lengths.clamp_min(1).to(x.dtype)[:, None]
 
 
 def load_state_strict(model: nn.Module, state: dict[str, Tensor], source: str) -> None:

@@ -211,3 +211,25 @@ def test_global_vectors_give_the_exact_mean_affinity(strategy):
             for j in range(4):
                 a = pair_affinity(model, cap[j, : cap_len[j]], img[i, : img_len[i]])
                 assert abs(float(a.mean() - fast[i, j])) <= 1e-5 * float(a.abs().max())
+
+
+def test_frozen_bert_backbone_is_cached_and_equal():
+    cfg = tiny_bert_config(vocab_size=40)
+    config = ESLConfig(embed_size=32, num_levels=3, img_dim=16, text_model=None)
+    live = ESLModel(config, bert_from_config(cfg))
+    randomize(live)
+    frozen = ESLModel(config.replace(freeze_text_backbone=True), bert_from_config(cfg))
+    frozen.load_state_dict(live.state_dict())
+    live.eval()
+    frozen.train()
+    _, _, caps, cap_len = random_inputs(live, 1, 5, 4, 6, seed=12)
+    caps = caps.clamp(max=39)
+    a = live.encode_captions(caps, cap_len)
+    b = frozen.encode_captions(caps, cap_len)
+    mask = torch.arange(6)[None, :] < cap_len[:, None]
+    assert torch.allclose(a[mask], b[mask], atol=1e-5)
+    assert len(frozen.text_encoder._cache) == len({tuple(r[:n].tolist()) for r, n in zip(caps, cap_len)})
+    b[mask].sum().backward()
+    assert all(p.grad is None for p in frozen.text_encoder.backbone.parameters())
+    assert frozen.text_encoder.proj.weight.grad is not None
+    assert not frozen.text_encoder.backbone.training

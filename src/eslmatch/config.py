@@ -36,6 +36,8 @@ class ESLConfig:
         text_encoder: ``"bert"`` (any BERT-family model from transformers) or ``"gru"``.
         text_model: local directory or Hub name of the BERT-family model (``"bert"`` only).
         text_hidden_size: hidden size of that model; filled in from its config.
+        freeze_text_backbone: keep the BERT-family backbone fixed (no gradient, eval mode,
+            hidden states cached per distinct caption); its projection still trains.
         vocab_size: word vocabulary size (``"gru"`` only; BERT reads its own).
         word_dim: word embedding width of the GRU encoder.
         heuristic_channels: output channels of each heuristic Conv1d, summed.
@@ -61,6 +63,7 @@ class ESLConfig:
     text_encoder: str = "bert"
     text_model: str | None = "bert-base-uncased"
     text_hidden_size: int | None = None
+    freeze_text_backbone: bool = False
     vocab_size: int | None = None
     word_dim: int = 300
     heuristic_channels: int = 4

@@ -131,18 +131,55 @@ class BertTextEncoder(nn.Module):
     """Token ids ``(M, W)`` (0 = padding) -> word embeddings ``(M, W, E)``.
 
     ``backbone`` is a transformers model whose first output is the last hidden state.
+    With ``frozen=True`` the backbone gets no gradient, stays in eval mode, and its hidden
+    states are cached per distinct caption (captions repeat across epochs), so training only
+    pays for the projection and the rest of ESL.
     """
 
-    def __init__(self, backbone: nn.Module, embed_size: int, eps: float = 1e-8) -> None:
+    def __init__(self, backbone: nn.Module, embed_size: int, eps: float = 1e-8, frozen: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         hidden = int(backbone.config.hidden_size)
         self.proj = nn.Linear(hidden, embed_size)
         self.eps = eps
+        self.frozen = frozen
+        self._cache: dict[tuple[int, ...], Tensor] = {}
+        if frozen:
+            for p in self.backbone.parameters():
+                p.requires_grad_(False)
+            self.backbone.eval()
+
+    def train(self, mode: bool = True) -> BertTextEncoder:
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()
+        return self
+
+    def _hidden(self, ids: Tensor) -> Tensor:
+        attention = (ids != 0).to(torch.long)
+        return self.backbone(input_ids=ids, attention_mask=attention)[0]
+
+    def _cached_hidden(self, ids: Tensor) -> Tensor:
+        lengths = (ids != 0).sum(1).tolist()
+        keys = [tuple(row[:n]) for row, n in zip(ids.tolist(), lengths)]
+        todo = sorted({k for k in keys if k not in self._cache}, key=len)
+        for start in range(0, len(todo), 256):
+            chunk = todo[start : start + 256]
+            width = max(len(k) for k in chunk)
+            batch = torch.zeros(len(chunk), width, dtype=torch.long, device=ids.device)
+            for i, k in enumerate(chunk):
+                batch[i, : len(k)] = torch.tensor(k, device=ids.device)
+            with torch.no_grad():
+                hidden = self._hidden(batch)
+            for i, k in enumerate(chunk):
+                self._cache[k] = hidden[i, : len(k)].clone()
+        out = torch.zeros(ids.shape[0], ids.shape[1], int(self.backbone.config.hidden_size), device=ids.device)
+        for i, k in enumerate(keys):
+            out[i, : len(k)] = self._cache[k].to(ids.device)
+        return out
 
     def forward(self, ids: Tensor, lengths: Tensor) -> Tensor:
-        attention = (ids != 0).to(torch.long)
-        hidden = self.backbone(input_ids=ids, attention_mask=attention)[0]
+        hidden = self._cached_hidden(ids) if self.frozen else self._hidden(ids)
         return l2n(self.proj(hidden), eps=self.eps)
 
 

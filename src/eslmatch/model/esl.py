@@ -49,7 +49,7 @@ class ESLModel(nn.Module):
         if c.text_encoder == "bert":
             if text_backbone is None:
                 raise EslmatchError("a BERT text encoder needs its transformers model")
-            self.text_encoder: nn.Module = BertTextEncoder(text_backbone, c.embed_size, c.l2_eps)
+            self.text_encoder: nn.Module = BertTextEncoder(text_backbone, c.embed_size, c.l2_eps, c.freeze_text_backbone)
             c.text_hidden_size = int(text_backbone.config.hidden_size)
         else:
             if not c.vocab_size:

@@ -1,0 +1,145 @@
+"""``eslmatch eval``: recall metrics of one model, an ensemble, or saved score matrices."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from ..errors import EslmatchError
+
+ORDER = 30
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser(
+        "eval",
+        help="evaluate retrieval (R@K, rsum) on a precomp split or saved score matrices",
+        description="Encode a precomp split with one or more models (an ensemble averages their "
+        "score matrices), or read saved (N x 5N) score matrices, and report R@1/5/10, medr, "
+        "meanr and rsum under the f30k, coco1k or coco5k protocol.",
+    )
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", action="append", metavar="MODEL",
+                     help="model directory or released .pth.tar (repeat for an ensemble)")
+    src.add_argument("--scores", action="append", metavar="FILE.npy",
+                     help="saved (N x 5N) score matrix (repeat for an ensemble)")
+    s.add_argument("--data", help="precomp folder or its parent (needed with --checkpoint)")
+    s.add_argument("--data-name", help="dataset folder under --data when it holds several (e.g. coco_precomp)")
+    s.add_argument("--protocol", required=True, choices=["f30k", "coco1k", "coco5k"])
+    s.add_argument("--split", help="split to evaluate (default: test for f30k, testall for coco1k/coco5k)")
+    s.add_argument("--fold-size", type=int, default=1000, help="images per coco1k fold (default 1000)")
+    s.add_argument("--captions-per-image", type=int, default=5, help="for --scores (default 5)")
+    s.add_argument("--text-model", help="tokenizer directory or name (released checkpoints store none)")
+    s.add_argument("--json", action="store_true", help="print the results as JSON")
+    s.add_argument("--save-scores", metavar="FILE.npy", help="write the (ensemble) score matrix, float32")
+    s.add_argument("--batch-size", type=int, default=128, help="encoding batch size (default 128)")
+    s.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (default: cuda if available)")
+    s.add_argument("--budget-mb", type=float, help="memory budget of the scoring engine, MiB")
+    s.add_argument("--full-check", action="store_true", help="scan every image row for NaN/inf")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.set_defaults(func=run)
+
+
+def _load_scores(path: str):
+    import numpy as np
+
+    p = Path(path)
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except FileNotFoundError:
+        raise EslmatchError(f"{p}: no such score file") from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise EslmatchError(
+            f"{p}: not a plain .npy score matrix (pickled or corrupt files are not loaded): {exc}"
+        ) from exc
+    if not isinstance(arr, np.ndarray):
+        raise EslmatchError(f"{p}: holds several arrays; give a single (N x 5N) .npy matrix")
+    return arr
+
+
+def save_scores_atomic(path: Path, sims) -> None:
+    """Write ``sims`` as float32 .npy to ``path`` via a temporary file in the same folder."""
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, np.asarray(sims, dtype=np.float32), allow_pickle=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..evaluate import check_score_matrix, ensemble, evaluate_protocol, format_metrics, get_protocol
+
+    protocol = get_protocol(args.protocol)
+    save = Path(args.save_scores) if args.save_scores else None
+    if save is not None and save.is_dir():
+        raise EslmatchError(f"--save-scores {save}: is a directory")
+    if args.batch_size < 1:
+        raise EslmatchError(f"--batch-size must be >= 1, got {args.batch_size}")
+    meta: dict = {}
+    if args.scores:
+        cpi = args.captions_per_image
+        matrices = [check_score_matrix(_load_scores(p), cpi, p) for p in args.scores]
+        meta["models"] = list(args.scores)
+    else:
+        if not args.data:
+            raise EslmatchError("--data is needed with --checkpoint")
+        matrices, cpi, meta = _score_with_models(args, protocol.default_split)
+    for name, m in zip(meta["models"], matrices):
+        if m.shape != matrices[0].shape:
+            raise EslmatchError(f"{name}: shape {m.shape} differs from that of {meta['models'][0]}: {matrices[0].shape}")
+    sims = matrices[0] if len(matrices) == 1 else ensemble(matrices)
+    result = evaluate_protocol(sims, protocol.name, fold_size=args.fold_size, captions_per_image=cpi)
+    result.update(meta)
+    if len(matrices) > 1:
+        result["ensemble"] = len(matrices)
+    if save is not None:
+        save_scores_atomic(save, sims)
+        result["saved_scores"] = str(save)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_metrics(result))
+        if save is not None:
+            print(f"saved the {sims.shape[0]} x {sims.shape[1]} score matrix to {save}")
+    return 0
+
+
+def _score_with_models(args: argparse.Namespace, default_split: str):
+    from ..data import open_split, resolve_device
+    from ..evaluate import check_protocol_size, score_split
+    from ..factory import load_model
+
+    device = resolve_device(args.device)
+    split_name = args.split or default_split
+    models = []
+    for path in args.checkpoint:  # load every model first: a bad one fails before any encoding
+        model = load_model(path, map_location=device, text_model=args.text_model)
+        if args.budget_mb is not None:
+            if args.budget_mb <= 0:
+                raise EslmatchError(f"--budget-mb must be positive, got {args.budget_mb}")
+            model.budget_bytes = int(args.budget_mb * (1 << 20))
+        if model.tokenizer is None:
+            raise EslmatchError(
+                f"{path}: the model stores no tokenizer (released checkpoints do not): pass --text-model "
+                f"with its BERT tokenizer's directory or name"
+            )
+        models.append(model)
+    dims = {m.config.img_dim for m in models}
+    if len(dims) > 1:
+        raise EslmatchError(f"the models expect different image feature widths: {sorted(dims)}")
+    split = open_split(args.data, split_name, img_dim=dims.pop(), data_name=args.data_name, full_check=args.full_check)
+    check_protocol_size(args.protocol, split.n_images, args.fold_size)  # before any encoding
+    matrices = []
+    for model in models:
+        matrices.append(score_split(model, split, args.batch_size, device, progress=not args.no_progress))
+    meta = {"models": list(args.checkpoint), "split": split_name, "data": str(split.root)}
+    return matrices, split.captions_per_image, meta

@@ -1,0 +1,40 @@
+"""Data: precomp splits (memory-mapped regions + captions), augmentation, batching.
+
+See ``docs/data.md``. The contract used by training and evaluation:
+
+- :func:`open_split` -> :class:`PrecompSplit` (``.images`` memory-mapped ``(N_img, R, D)``,
+  ``.captions``, ``.image_of_caption(c)``...);
+- :class:`CaptionDataset` (one item per caption, augmentation when training) and
+  :func:`collate` -> :class:`Batch`;
+- :func:`build_vocab` for the GRU text encoder;
+- :func:`encode_split` / :func:`length_batches` for evaluation.
+"""
+
+from __future__ import annotations
+
+from .augment import augment_caption, choose_word_actions, drop_regions, word_pieces
+from .batching import encode_images, encode_split, iter_caption_features, length_batches, resolve_device, tokenize_split
+from .dataset import Batch, CaptionDataset, build_vocab, collate
+from .precomp import DATA_FOLDERS, SPLITS, PrecompSplit, find_precomp_folder, open_split
+
+__all__ = [
+    "DATA_FOLDERS",
+    "SPLITS",
+    "Batch",
+    "CaptionDataset",
+    "PrecompSplit",
+    "augment_caption",
+    "build_vocab",
+    "choose_word_actions",
+    "collate",
+    "drop_regions",
+    "encode_images",
+    "encode_split",
+    "find_precomp_folder",
+    "iter_caption_features",
+    "length_batches",
+    "open_split",
+    "resolve_device",
+    "tokenize_split",
+    "word_pieces",
+]

@@ -5,6 +5,7 @@ from .correspondence import Correspondence
 from .encoders import BertTextEncoder, GRUTextEncoder, RegionEncoder
 from .esl import ESLModel
 from .pooling import AttentionPooling
+from .vse import VSEModel, build_model, load_pretrained
 
 __all__ = [
     "AttentionPooling",
@@ -14,4 +15,7 @@ __all__ = [
     "GRUTextEncoder",
     "LevelStack",
     "RegionEncoder",
+    "VSEModel",
+    "build_model",
+    "load_pretrained",
 ]

@@ -62,11 +62,11 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
 
     def _synced_forward(self, flat: Tensor, mask: Tensor | None) -> Tensor:
         """Training BatchNorm of ``flat (N*R, C)`` with statistics over every rank's valid rows."""
-        import torch.distributed as dist
-        from torch.distributed.nn.functional import all_reduce
+        from ..distributed import all_reduce_with_grad as all_reduce
 
-        group = self.process_group if self.process_group is not None else dist.group.WORLD
-        rows = (flat if mask is None else flat[mask]).float()
+        group = self.process_group
+        rows = flat if mask is None else flat[mask]
+        rows = rows.to(torch.promote_types(rows.dtype, torch.float32))  # bf16 statistics in fp32
         c = rows.shape[1]
         # One all-reduce for the sums and the row count, a second (two-pass) for the
         # centred squares: as accurate as the single-process BatchNorm.

@@ -43,6 +43,8 @@ class ESLModel(nn.Module):
     def __init__(self, config: ESLConfig, text_backbone: nn.Module | None = None, tokenizer: Any = None) -> None:
         super().__init__()
         config.validate()
+        if config.model_type != "esl":
+            raise EslmatchError(f"ESLModel needs model_type 'esl', got {config.model_type!r}; use eslmatch.model.vse.VSEModel")
         self.config = config
         c = config
         self.image_encoder = RegionEncoder(c.img_dim, c.embed_size, c.l2_eps)
@@ -286,6 +288,10 @@ class ESLModel(nn.Module):
             config = ESLConfig.from_dict(json.loads((d / CONFIG_NAME).read_text(encoding="utf-8")))
         except ValueError as exc:
             raise CheckpointError(f"{d / CONFIG_NAME}: {exc}") from exc
+        if config.model_type == "vse" and cls is ESLModel:
+            from .vse import VSEModel
+
+            return VSEModel.from_pretrained(d, map_location=map_location)
         backbone, tokenizer = None, None
         if config.text_encoder == "bert":
             from transformers import AutoConfig

@@ -1,0 +1,41 @@
+"""``eslmatch train --config FILE [KEY=VALUE ...] [--resume]``: train or resume a model."""
+
+from __future__ import annotations
+
+import argparse
+
+ORDER = 20
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser(
+        "train",
+        help="train an ESL (or VSE baseline) model on precomp features",
+        description="Train from a YAML configuration (see configs/ and docs/training.md). "
+        "Run it under torchrun for several processes or machines (docs/distributed.md).",
+    )
+    t.add_argument("--config", help="YAML training configuration")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="override configuration keys, e.g. epochs=2 batch_size=32 model.embed_size=64")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run saved in output_dir (exactly where it stopped)")
+    t.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    t.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train import load_train_config, train
+
+    cfg = load_train_config(args.config, args.overrides)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    result = train(cfg, resume=args.resume)
+    if result.rank != 0:
+        return 0
+    best = "n/a" if result.best_rsum is None else f"{result.best_rsum:.2f}"
+    print(f"done: {result.global_step} steps, {result.epochs_done} epochs, best dev rsum {best}, "
+          f"output {result.output_dir}")
+    return 0

@@ -1,0 +1,292 @@
+"""Distributed data-parallel training helpers (``torchrun``; see ``docs/distributed.md``).
+
+The training command reads torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR``, ``MASTER_PORT``); without it, training runs in one process and nothing
+here talks to other processes.
+
+What makes N ranks equal one process with the whole global batch:
+
+- every rank takes a contiguous slice of the same global batch (:func:`rank_slice`);
+- embeddings are all-gathered WITH gradients (:func:`gather_padded`), each rank scores its
+  images against every caption and every image against its captions, so the hinge loss and
+  its hardest negatives are those of the global batch;
+- each rank's share of the loss is multiplied by the world size, which DDP's gradient
+  averaging divides back out: the gradient is that of the global loss;
+- the region BatchNorm takes its statistics over every rank's valid rows
+  (:func:`enable_sync_batchnorm`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import EslmatchError
+
+
+@dataclass
+class DistContext:
+    """Where this process stands in the job.
+
+    Attributes:
+        world_size: number of processes (1 without torchrun).
+        rank: this process's global rank (0 writes checkpoints and logs).
+        local_rank: its rank on this node (picks the GPU).
+        device: the device this process computes on.
+        group: the process group used for the loss and BatchNorm collectives (separate
+            from DDP's own, so their collectives never interleave); ``None`` when alone.
+    """
+
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    group: Any = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_world_size() -> int:
+    """``WORLD_SIZE`` from the environment (torchrun sets it), 1 when absent."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError as exc:
+        raise EslmatchError(f"WORLD_SIZE must be an integer, got {os.environ.get('WORLD_SIZE')!r}") from exc
+
+
+def resolve_train_device(device: str, local_rank: int = 0) -> torch.device:
+    """``"auto"`` -> ``cuda:LOCAL_RANK`` when CUDA is available, else CPU; other names as given."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise EslmatchError(f"invalid device {device!r}") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EslmatchError(f"device {device!r} asked for but CUDA is not available")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def init_distributed(device: str = "auto", backend: str = "auto", timeout_minutes: float = 60.0) -> DistContext:
+    """Join the torchrun job described by the environment, or run alone.
+
+    Args:
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` (each rank takes ``cuda:LOCAL_RANK``) ...
+        backend: ``"auto"`` (nccl on CUDA, gloo on CPU), ``"nccl"`` or ``"gloo"``.
+        timeout_minutes: collective timeout (rank 0 validates while the others wait).
+    """
+    import torch.distributed as dist
+
+    world = env_world_size()
+    if world <= 1:
+        return DistContext(device=resolve_train_device(device))
+    if not dist.is_available():
+        raise EslmatchError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    dev = resolve_train_device(device, local_rank)
+    if backend == "auto":
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+    if backend not in ("nccl", "gloo"):
+        raise EslmatchError(f"dist_backend must be 'auto', 'nccl' or 'gloo', got {backend!r}")
+    if backend == "nccl" and dev.type != "cuda":
+        raise EslmatchError("the nccl backend needs CUDA devices; use dist_backend=gloo on CPU")
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            init_method="env://",
+            world_size=world,
+            rank=rank,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    group = dist.new_group(backend=backend)
+    return DistContext(world_size=world, rank=rank, local_rank=local_rank, device=dev, group=group)
+
+
+def shutdown(ctx: DistContext) -> None:
+    """Leave the process group (if this process joined one)."""
+    import torch.distributed as dist
+
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(ctx: DistContext) -> None:
+    import torch.distributed as dist
+
+    if ctx.distributed:
+        dist.barrier(group=ctx.group)
+
+
+def broadcast_value(ctx: DistContext, value: float) -> float:
+    """Rank 0's ``value`` on every rank (a barrier as well)."""
+    import torch.distributed as dist
+
+    if not ctx.distributed:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=ctx.device)
+    dist.broadcast(t, src=0, group=ctx.group)
+    return float(t.item())
+
+
+def sum_value(ctx: DistContext, value: Tensor) -> Tensor:
+    """Sum of a (detached) tensor over every rank; identity when alone."""
+    import torch.distributed as dist
+
+    if not ctx.distributed:
+        return value
+    t = value.detach().clone()
+    dist.all_reduce(t, group=ctx.group)
+    return t
+
+
+def rank_slice(global_batch: int, ctx: DistContext) -> slice:
+    """The contiguous share of a global batch that ``ctx.rank`` trains on."""
+    if global_batch % ctx.world_size:
+        raise EslmatchError(
+            f"batch_size {global_batch} (the global batch) must be divisible by the {ctx.world_size} processes"
+        )
+    per = global_batch // ctx.world_size
+    return slice(ctx.rank * per, (ctx.rank + 1) * per)
+
+
+class _AllGatherRows(torch.autograd.Function):
+    """Concatenate every rank's ``(b, ...)`` along rows; backward: the sum over ranks of the
+    gradient of this rank's rows (each rank's loss used them)."""
+
+    @staticmethod
+    def forward(fctx: Any, x: Tensor, group: Any, world: int, rank: int) -> Tensor:  # type: ignore[override]
+        import torch.distributed as dist
+
+        x = x.contiguous()
+        out = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(out, x, group=group)
+        fctx.group, fctx.world, fctx.rank, fctx.rows = group, world, rank, x.shape[0]
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(fctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        b = fctx.rows
+        if dist.get_backend(fctx.group) == "nccl":
+            mine = torch.empty_like(grad[:b])
+            dist.reduce_scatter_tensor(mine, grad, group=fctx.group)
+        else:  # gloo has no reduce-scatter
+            total = grad.clone()
+            dist.all_reduce(total, group=fctx.group)
+            mine = total[fctx.rank * b : (fctx.rank + 1) * b]
+        return mine, None, None, None
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; backward: the sum over ranks of the gradients (every rank's loss
+    depends on the total)."""
+
+    @staticmethod
+    def forward(fctx: Any, x: Tensor, group: Any) -> Tensor:  # type: ignore[override]
+        import torch.distributed as dist
+
+        out = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=group)
+        fctx.group = group
+        return out
+
+    @staticmethod
+    def backward(fctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        import torch.distributed as dist
+
+        out = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=fctx.group)
+        return out, None
+
+
+def all_reduce_with_grad(x: Tensor, group: Any = None) -> Tensor:
+    """Sum of ``x`` over the ranks of ``group`` (default: all), differentiable."""
+    import torch.distributed as dist
+
+    return _AllReduceSum.apply(x, group if group is not None else dist.group.WORLD)
+
+
+def gather_padded(x: Tensor, ctx: DistContext) -> Tensor:
+    """All-gather ``x (b, *S)`` from every rank, with gradients, into ``(world * b, *S_max)``.
+
+    Every rank must hold the same ``b``; they may differ along the other axes (regions,
+    words): each is zero-padded to the largest first. Rank r's rows come at
+    ``[r*b, (r+1)*b)``; the backward pass gives every rank the gradient of its own rows
+    summed over all ranks.
+    """
+    import torch.distributed as dist
+
+    if not ctx.distributed:
+        return x
+    if x.dim() > 1:
+        sizes = torch.tensor(list(x.shape[1:]), dtype=torch.long, device=x.device)
+        dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=ctx.group)
+        pad: list[int] = []
+        for have, want in zip(reversed(x.shape[1:]), reversed(sizes.tolist())):
+            pad += [0, int(want) - have]
+        if any(pad):
+            x = F.pad(x, pad)
+    return _AllGatherRows.apply(x, ctx.group, ctx.world_size, ctx.rank)
+
+
+def gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
+    """Every rank's ``obj`` (trusted, in-job data), in rank order; ``[obj]`` when alone."""
+    import torch.distributed as dist
+
+    if not ctx.distributed:
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj, group=ctx.group)
+    return out
+
+
+def gather_lengths(lengths: Tensor, ctx: DistContext) -> Tensor:
+    """All-gather a ``(b,)`` tensor without gradients -> ``(world * b,)``."""
+    import torch.distributed as dist
+
+    if not ctx.distributed:
+        return lengths
+    out = [torch.empty_like(lengths) for _ in range(ctx.world_size)]
+    dist.all_gather(out, lengths.contiguous(), group=ctx.group)
+    return torch.cat(out)
+
+
+def enable_sync_batchnorm(model: nn.Module, ctx: DistContext) -> int:
+    """Make every :class:`~eslmatch.model.encoders.MaskedBatchNorm1d` of ``model`` take
+    its training statistics over all ranks. Returns how many were switched."""
+    from .model.encoders import MaskedBatchNorm1d
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, MaskedBatchNorm1d):
+            m.synchronize = ctx.distributed
+            m.process_group = ctx.group
+            n += 1
+    return n
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (for tests and single-node launches)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

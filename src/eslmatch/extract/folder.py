@@ -1,0 +1,685 @@
+"""A folder of images (and optionally a captions file) -> a precomp dataset split.
+
+Writes into ``out_dir``:
+
+- ``{split}_ims.npy``: ``(N, R, D)`` float32 region features, one row per usable image;
+- ``{split}_ids.txt``: the image ids (file names without extension), one per row;
+- ``{split}_images.txt``: the source image paths, one per row;
+- ``{split}_caps.txt``: ``K`` captions per image, in row order (only with a captions file);
+- ``extract_meta.json``: backbone, sizes, counts, skipped files with reasons.
+
+Extraction is resumable: features are written every ``chunk`` files to
+``out_dir/.extract_partial/{split}/chunk_XXXXX.npy`` plus ``progress.json`` (each file
+atomically); a rerun with the same file list, backbone and sizes reuses the finished
+chunks. The final files are assembled atomically and the partial folder is removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import EslmatchError, InputError
+from .backbones import Backbone, BackboneOptions, SkipImage, build_backbone
+
+META_NAME = "extract_meta.json"
+PARTIAL_DIR = ".extract_partial"
+META_FORMAT = "eslmatch-extract/1"
+_LIST_LIMIT = 1000  # entries of a list kept in extract_meta.json
+_PRINT_LIMIT = 20  # entries of a list printed
+_FLICKR_SUFFIX = re.compile(r"^(.*)#\d+$")
+
+
+@dataclass
+class ExtractConfig:
+    """Options of :func:`extract_folder` (recorded in ``extract_meta.json``)."""
+
+    backbone: str = "efficientnet-lite0"
+    split: str = "test"
+    captions: str | None = None
+    captions_per_image: int = 5
+    batch_size: int = 16
+    device: str = "auto"
+    weights: str | None = None
+    image_size: int | None = None
+    chunk: int = 256
+    boxes: str | None = None
+    max_boxes: int | None = None
+    recursive: bool = False
+    relative_paths: bool = False
+    workers: int = 2
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """One candidate file: absolute ``path``, ``rel`` (path relative to the folder, ``/``
+    separated) and ``id`` (``rel`` without its extension)."""
+
+    path: Path
+    rel: str
+    id: str
+
+
+@dataclass
+class CaptionTable:
+    """Parsed captions file: captions per image id, and the lines that were refused."""
+
+    by_id: dict[str, list[str]] = field(default_factory=dict)
+    bad_lines: list[tuple[int, str]] = field(default_factory=list)
+    n_lines: int = 0
+
+
+# ---------------------------------------------------------------------------- small helpers
+def _log_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file and ``os.replace``."""
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    """``np.save`` through a temporary file and ``os.replace``."""
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as fh:
+            np.save(fh, array, allow_pickle=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _lines(values: Sequence[str]) -> str:
+    return "".join(f"{v}\n" for v in values)
+
+
+def _head(items: Sequence[Any], limit: int = _LIST_LIMIT) -> list[Any]:
+    return list(items[:limit])
+
+
+# ---------------------------------------------------------------------------- listing
+def output_names(split: str) -> set[str]:
+    """The files :func:`extract_folder` writes for ``split``."""
+    return {f"{split}_ims.npy", f"{split}_caps.txt", f"{split}_ids.txt", f"{split}_images.txt", META_NAME}
+
+
+def list_images(
+    images_dir: Path, recursive: bool = False, exclude: Sequence[Path] = ()
+) -> tuple[list[ImageEntry], list[tuple[str, str]]]:
+    """Candidate files of ``images_dir`` sorted by relative path (hidden files ignored).
+
+    Every regular file is a candidate (whether it is an image is found out when it is
+    opened). Returns the entries and ``(rel, reason)`` for files refused up front (a second
+    file with the same id, a name holding a line break).
+    """
+    images_dir = Path(images_dir)
+    excluded = {p.resolve() for p in exclude}
+    found: list[tuple[str, Path]] = []
+    walker = os.walk(images_dir) if recursive else [(str(images_dir), [], os.listdir(images_dir))]
+    for root, dirs, files in walker:
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (Path(root) / d).resolve() not in excluded)
+        for name in files:
+            path = Path(root) / name
+            if name.startswith(".") or path.resolve() in excluded or not path.is_file():
+                continue
+            found.append((path.relative_to(images_dir).as_posix(), path))
+    found.sort(key=lambda t: t[0])
+    entries: list[ImageEntry] = []
+    refused: list[tuple[str, str]] = []
+    seen: dict[str, str] = {}
+    for rel, path in found:
+        if any(c in rel for c in "\n\r"):
+            refused.append((rel, "its name holds a line break"))
+            continue
+        name = rel.rsplit("/", 1)[-1]
+        stem = name.rsplit(".", 1)[0] if "." in name[1:] else name
+        image_id = rel[: len(rel) - len(name)] + stem
+        if image_id in seen:
+            refused.append((rel, f"same id {image_id!r} as {seen[image_id]}"))
+            continue
+        seen[image_id] = rel
+        entries.append(ImageEntry(path.resolve(), rel, image_id))
+    return entries, refused
+
+
+def open_image(path: Path) -> Any:
+    """The image at ``path`` as 8-bit RGB PIL image (EXIF orientation applied).
+
+    Raises:
+        SkipImage: not an image, truncated, corrupt or too large, with the reason.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    from .backbones import to_rgb
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return to_rgb(im)
+    except UnidentifiedImageError:
+        raise SkipImage("not an image (unrecognised format)") from None
+    except Image.DecompressionBombError as exc:
+        raise SkipImage(f"too large ({exc})") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
+        raise SkipImage(f"unreadable image ({type(exc).__name__}: {str(exc).strip() or 'corrupt data'})") from None
+
+
+# ---------------------------------------------------------------------------- captions
+def caption_lookup(entries: Sequence[ImageEntry]) -> dict[str, str]:
+    """Names a captions file may use for each image -> image id: the relative path with
+    or without extension, and the bare file name with or without extension."""
+    table: dict[str, str] = {}
+    for e in entries:
+        name = e.rel.rsplit("/", 1)[-1]
+        for key in (e.rel, e.id):
+            table.setdefault(key, e.id)
+        for key in (name, e.id.rsplit("/", 1)[-1]):
+            table.setdefault(key, e.id)
+    return table
+
+
+def parse_captions(path: str | Path, lookup: Mapping[str, str]) -> CaptionTable:
+    """Read ``image_name<TAB>caption`` lines; several lines per image are allowed.
+
+    ``image_name`` is looked up in ``lookup`` (see :func:`caption_lookup`); a Flickr30k
+    style ``name.jpg#2`` is accepted too. Blank lines are ignored. Refused lines (no tab,
+    empty name or caption, unknown image, not UTF-8) are returned with 1-based line numbers.
+    """
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{p}: cannot read captions file ({exc.strerror or exc})") from exc
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    table = CaptionTable()
+    # bytes.splitlines splits on \n and \r only, as the precomp reader does.
+    for n, line in enumerate(raw.splitlines(), start=1):
+        table.n_lines = n
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            table.bad_lines.append((n, "not valid UTF-8"))
+            continue
+        if not text.strip():
+            continue
+        if "\t" not in text:
+            table.bad_lines.append((n, "no tab between image name and caption"))
+            continue
+        name, caption = text.split("\t", 1)
+        name = name.strip()
+        caption = " ".join(caption.split())
+        if not name:
+            table.bad_lines.append((n, "empty image name"))
+            continue
+        if not caption:
+            table.bad_lines.append((n, f"empty caption for {name!r}"))
+            continue
+        image_id = lookup.get(name)
+        if image_id is None:
+            m = _FLICKR_SUFFIX.match(name)
+            image_id = lookup.get(m.group(1)) if m else None
+        if image_id is None:
+            table.bad_lines.append((n, f"unknown image {name!r}"))
+            continue
+        table.by_id.setdefault(image_id, []).append(caption)
+    return table
+
+
+def fit_captions(captions: Sequence[str], k: int) -> list[str]:
+    """Exactly ``k`` captions: the first ``k``, or all of them repeated cyclically."""
+    if not captions:
+        raise ValueError("no captions to fit")
+    return [captions[i % len(captions)] for i in range(k)]
+
+
+# ---------------------------------------------------------------------------- chunks
+def _files_digest(entries: Sequence[ImageEntry]) -> str:
+    h = hashlib.sha256()
+    for e in entries:
+        st = e.path.stat()
+        h.update(f"{e.rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+class ChunkStore:
+    """The partial folder: ``chunk_XXXXX.npy`` plus ``progress.json`` listing, per finished
+    chunk, which of its files gave a feature row and which were skipped (and why)."""
+
+    def __init__(self, folder: Path, fingerprint: dict[str, Any]) -> None:
+        self.folder = folder
+        self.fingerprint = fingerprint
+        self.chunks: dict[int, dict[str, Any]] = {}
+        self.discarded = False
+
+    @property
+    def progress_path(self) -> Path:
+        return self.folder / "progress.json"
+
+    def chunk_path(self, index: int) -> Path:
+        return self.folder / f"chunk_{index:05d}.npy"
+
+    def open(self, regions: int, dim: int) -> None:
+        """Load the records of an earlier run when its fingerprint matches; else start clean."""
+        if self.progress_path.is_file():
+            try:
+                data = json.loads(self.progress_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                data = {}
+            if data.get("fingerprint") == self.fingerprint:
+                for key, rec in data.get("chunks", {}).items():
+                    index = int(key)
+                    try:
+                        arr = np.load(self.chunk_path(index), mmap_mode="r", allow_pickle=False)
+                    except (OSError, ValueError, EOFError):
+                        continue
+                    if arr.shape == (len(rec["kept"]), regions, dim) and arr.dtype == np.float32:
+                        self.chunks[index] = rec
+            else:
+                self.discarded = True
+        if self.discarded or not self.chunks:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.chunks = {}
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def save(self, index: int, features: np.ndarray, kept: list[int], skipped: list[tuple[str, str]]) -> None:
+        atomic_save_npy(self.chunk_path(index), features)
+        self.chunks[index] = {"kept": kept, "skipped": [list(s) for s in skipped]}
+        payload = {"fingerprint": self.fingerprint, "chunks": {str(k): v for k, v in sorted(self.chunks.items())}}
+        atomic_write_text(self.progress_path, json.dumps(payload))
+
+    def load(self, index: int) -> np.ndarray:
+        return np.load(self.chunk_path(index), mmap_mode="r", allow_pickle=False)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        parent = self.folder.parent
+        if parent.name == PARTIAL_DIR and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+
+
+@contextmanager
+def _deterministic(device: torch.device) -> Iterator[None]:
+    """cuDNN in deterministic mode while extracting (same image -> same features)."""
+    if device.type != "cuda":
+        yield
+        return
+    old = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = old
+
+
+def _prepare_one(backbone: Backbone, entry: ImageEntry) -> tuple[torch.Tensor | None, Any, str | None]:
+    try:
+        image = open_image(entry.path)
+        tensor, extra = backbone.prepare(image, entry.rel)
+        return tensor, extra, None
+    except SkipImage as exc:
+        return None, None, str(exc)
+
+
+def _extract_chunk(
+    backbone: Backbone,
+    entries: Sequence[ImageEntry],
+    batch_size: int,
+    pool: ThreadPoolExecutor,
+    tick: Callable[[int], None],
+) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
+    """Features ``(n_kept, R, D)`` of one chunk, the kept local indices, the skipped files.
+
+    Files are read ``batch_size`` at a time on the thread pool (the next group is read
+    while the backbone runs on the current one).
+    """
+    groups = [list(range(i, min(i + batch_size, len(entries)))) for i in range(0, len(entries), batch_size)]
+    out = np.empty((len(entries), backbone.regions, backbone.dim), dtype=np.float32)
+    kept: list[int] = []
+    skipped: list[tuple[str, str]] = []
+
+    def submit(group: list[int]) -> list[Any]:
+        return [pool.submit(_prepare_one, backbone, entries[i]) for i in group]
+
+    pending = submit(groups[0]) if groups else []
+    for g, group in enumerate(groups):
+        results = [f.result() for f in pending]
+        pending = submit(groups[g + 1]) if g + 1 < len(groups) else []
+        tensors, extras, rows = [], [], []
+        for i, (tensor, extra, reason) in zip(group, results):
+            if reason is not None:
+                skipped.append((entries[i].rel, reason))
+            else:
+                tensors.append(tensor)
+                extras.append(extra)
+                rows.append(i)
+        if tensors:
+            feats = backbone.run(torch.stack(tensors), extras)
+            if tuple(feats.shape) != (len(tensors), backbone.regions, backbone.dim):
+                raise EslmatchError(
+                    f"backbone {backbone.name} returned shape {tuple(feats.shape)}, expected "
+                    f"({len(tensors)}, {backbone.regions}, {backbone.dim})"
+                )
+            n0 = len(kept)
+            out[n0 : n0 + len(rows)] = feats.detach().float().cpu().numpy()
+            kept.extend(rows)
+        tick(len(group))
+    return out[: len(kept)], kept, skipped
+
+
+# ---------------------------------------------------------------------------- main entry
+def extract_folder(
+    images_dir: str | Path,
+    out_dir: str | Path,
+    backbone: str | Backbone = "efficientnet-lite0",
+    captions: str | Path | None = None,
+    *,
+    split: str = "test",
+    captions_per_image: int = 5,
+    batch_size: int = 16,
+    device: str = "auto",
+    weights: str | None = None,
+    image_size: int | None = None,
+    chunk: int = 256,
+    boxes: str | None = None,
+    max_boxes: int | None = None,
+    recursive: bool = False,
+    relative_paths: bool = False,
+    workers: int = 2,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    on_chunk: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Extract region features of every image in ``images_dir`` into a precomp split.
+
+    Args:
+        images_dir: folder of images (files that are not readable images are skipped and
+            listed, never fatal).
+        out_dir: dataset folder to write (created if needed).
+        backbone: a registered name (``efficientnet-lite0``, ``resnet152``,
+            ``efficientnet-lite0-boxes``) or a :class:`Backbone` instance.
+        captions: ``image_name<TAB>caption`` file; when given, images without a caption are
+            dropped and ``{split}_caps.txt`` holds ``captions_per_image`` captions per image
+            (first ``K`` kept, fewer repeated cyclically). Without it only features are written.
+        split: split name of the output files.
+        batch_size: images per backbone call.
+        device: ``auto`` / ``cpu`` / ``cuda[:N]`` (for a backbone given by name).
+        weights, image_size, boxes, max_boxes: see :class:`BackboneOptions`.
+        chunk: files per resumable chunk.
+        recursive: also list sub-folders (ids then keep the sub-folder: ``sub/name``).
+        relative_paths: write ``{split}_images.txt`` relative to ``out_dir`` (else absolute).
+        workers: threads reading and resizing images.
+        progress: show a tqdm progress bar (stderr).
+        log: receives warnings and notes (default: printed to stderr).
+        on_chunk: called as ``on_chunk(index, n_chunks)`` after each chunk is saved.
+    Returns:
+        a summary dict (what ``extract_meta.json`` records for the split, plus ``files``).
+    """
+    log = log or _log_stderr
+    started = time.perf_counter()
+    cfg = ExtractConfig(
+        backbone=backbone if isinstance(backbone, str) else backbone.name, split=split,
+        captions=None if captions is None else str(captions), captions_per_image=captions_per_image,
+        batch_size=batch_size, device=device, weights=weights, image_size=image_size, chunk=chunk,
+        boxes=boxes, max_boxes=max_boxes, recursive=recursive, relative_paths=relative_paths,
+        workers=workers, progress=progress,
+    )
+    _check_config(cfg)
+    src = Path(images_dir)
+    if not src.exists():
+        raise InputError(f"{src}: no such image folder")
+    if not src.is_dir():
+        raise InputError(f"{src}: not a folder (--images takes a folder of images)")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder")
+    exclude = [out / name for name in output_names(split)] + [out / PARTIAL_DIR]
+    exclude += [Path(f) for f in (captions, boxes) if f is not None]  # inputs kept beside the images
+    entries, refused = list_images(src, recursive, exclude)
+    if not entries:
+        raise InputError(f"{src}: no image files found (the folder is empty{'' if recursive else '; sub-folders need --recursive'})")
+
+    # Captions first: images without one are not worth extracting.
+    table: CaptionTable | None = None
+    no_caption: list[str] = []
+    if captions is not None:
+        table = parse_captions(captions, caption_lookup(entries))
+        no_caption = [e.rel for e in entries if e.id not in table.by_id]
+        entries = [e for e in entries if e.id in table.by_id]
+        _report_bad_lines(table, Path(captions), log)
+        if not entries:
+            raise InputError(f"{captions}: no caption matches an image file in {src} ({table.n_lines} lines read)")
+
+    model = backbone if isinstance(backbone, Backbone) else build_backbone(
+        backbone, BackboneOptions(image_size=image_size, weights=weights, device=device, boxes=boxes, max_boxes=max_boxes)
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = {"format": META_FORMAT, "split": split, "chunk": chunk, "files": _files_digest(entries),
+                   "n_files": len(entries), **model.fingerprint()}
+    store = ChunkStore(out / PARTIAL_DIR / split, fingerprint)
+    store.open(model.regions, model.dim)
+    if store.discarded:
+        log(f"eslmatch: note: partial results in {store.folder} are from a different file list or backbone; starting over")
+    n_chunks = (len(entries) + chunk - 1) // chunk
+    reused = sorted(i for i in store.chunks if i < n_chunks)
+    reused_files = sum(len(entries[i * chunk : (i + 1) * chunk]) for i in reused)
+    if reused:
+        log(f"eslmatch: resuming: {len(reused)} of {n_chunks} chunks ({reused_files} files) already extracted")
+
+    from tqdm.auto import tqdm
+
+    computed = 0
+    compute_seconds = 0.0
+    bar = tqdm(total=len(entries), initial=reused_files, unit="img", desc="extract", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, _deterministic(model.device):
+            for index in range(n_chunks):
+                if index in store.chunks:
+                    continue
+                part = entries[index * chunk : (index + 1) * chunk]
+                t0 = time.perf_counter()
+                feats, kept, skipped = _extract_chunk(model, part, batch_size, pool, bar.update)
+                compute_seconds += time.perf_counter() - t0
+                computed += len(part)
+                store.save(index, feats, kept, skipped)
+                if on_chunk is not None:
+                    on_chunk(index, n_chunks)
+    finally:
+        bar.close()
+
+    # Assemble rows in file order from the chunks.
+    rows: list[ImageEntry] = []
+    skipped_all: list[tuple[str, str]] = list(refused)
+    for index in range(n_chunks):
+        rec = store.chunks[index]
+        part = entries[index * chunk : (index + 1) * chunk]
+        rows.extend(part[i] for i in rec["kept"])
+        skipped_all.extend((s[0], s[1]) for s in rec["skipped"])
+    if not rows:
+        store.remove()
+        first = f" (first: {skipped_all[0][0]}: {skipped_all[0][1]})" if skipped_all else ""
+        raise InputError(f"{src}: no usable image: all {len(skipped_all)} files were skipped{first}")
+
+    summary = _write_dataset(out, split, model, store, entries, chunk, n_chunks, rows, table, cfg, src, log)
+    store.remove()
+    elapsed = time.perf_counter() - started
+    summary.update(
+        skipped=[{"file": f, "reason": r} for f, r in skipped_all],
+        no_caption=no_caption,
+        computed_images=computed,
+        reused_chunks=len(reused),
+        seconds=round(elapsed, 3),
+        images_per_second=round(computed / compute_seconds, 3) if compute_seconds > 0 else None,
+        device=str(model.device),
+    )
+    _write_meta(out, summary, log)
+    if no_caption:
+        log(f"eslmatch: warning: {len(no_caption)} file(s) have no caption and were left out: "
+            + ", ".join(no_caption[:_PRINT_LIMIT]) + (" ..." if len(no_caption) > _PRINT_LIMIT else ""))
+    return summary
+
+
+def _check_config(cfg: ExtractConfig) -> None:
+    if not cfg.split or any(c in cfg.split for c in "/\\\n") or cfg.split.startswith("."):
+        raise InputError(f"--split {cfg.split!r}: not a valid split name")
+    for name in ("captions_per_image", "batch_size", "chunk"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < 1:
+            raise InputError(f"--{name.replace('_', '-')} {value}: must be a positive integer")
+    if cfg.max_boxes is not None and cfg.max_boxes < 1:
+        raise InputError(f"--max-boxes {cfg.max_boxes}: must be a positive integer")
+
+
+def _report_bad_lines(table: CaptionTable, path: Path, log: Callable[[str], None]) -> None:
+    if not table.bad_lines:
+        return
+    shown = "; ".join(f"line {n}: {why}" for n, why in table.bad_lines[:_PRINT_LIMIT])
+    more = f"; ... {len(table.bad_lines) - _PRINT_LIMIT} more in {META_NAME}" if len(table.bad_lines) > _PRINT_LIMIT else ""
+    log(f"eslmatch: warning: {path}: {len(table.bad_lines)} caption lines ignored: {shown}{more}")
+
+
+def _write_dataset(
+    out: Path, split: str, model: Backbone, store: ChunkStore, entries: Sequence[ImageEntry], chunk: int,
+    n_chunks: int, rows: Sequence[ImageEntry], table: CaptionTable | None, cfg: ExtractConfig, src: Path,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Write the split's files (features streamed from the chunks), each atomically."""
+    k = cfg.captions_per_image
+    caps: list[str] | None = None
+    repeated = truncated = 0
+    if table is not None:
+        caps = []
+        for e in rows:
+            mine = table.by_id[e.id]
+            repeated += len(mine) < k
+            truncated += len(mine) > k
+            caps.extend(fit_captions(mine, k))
+        if repeated:
+            log(f"eslmatch: warning: {repeated} image(s) have fewer than {k} captions; theirs were repeated cyclically")
+        if k == 1 and len(rows) % 5 == 0:
+            log("eslmatch: warning: 1 caption per image with a multiple of 5 images looks like the repeated "
+                "SCAN layout to precomp readers; consider --captions-per-image 5")
+
+    ims_path = out / f"{split}_ims.npy"
+    tmp = _tmp_name(ims_path)
+    try:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(rows), model.regions, model.dim))
+        at = 0
+        for index in range(n_chunks):
+            part = store.load(index)
+            arr[at : at + len(part)] = part
+            at += len(part)
+        arr.flush()
+        del arr
+        os.replace(tmp, ims_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if cfg.relative_paths:
+        paths = [os.path.relpath(e.path, out.resolve()) for e in rows]
+    else:
+        paths = [str(e.path) for e in rows]
+    atomic_write_text(out / f"{split}_ids.txt", _lines([e.id for e in rows]))
+    atomic_write_text(out / f"{split}_images.txt", _lines(paths))
+    caps_path = out / f"{split}_caps.txt"
+    if caps is not None:
+        atomic_write_text(caps_path, _lines(caps))
+    elif caps_path.exists():
+        caps_path.unlink()  # from an earlier run: it would not match these rows
+        log(f"eslmatch: note: removed {caps_path} from an earlier run (no --captions given this time)")
+
+    files = {"images": str(ims_path), "ids": str(out / f"{split}_ids.txt"), "image_paths": str(out / f"{split}_images.txt")}
+    if caps is not None:
+        files["captions"] = str(caps_path)
+    bad = table.bad_lines if table is not None else []
+    return {
+        "split": split,
+        "backbone": model.name,
+        "image_size": model.image_size,
+        "dim": model.dim,
+        "regions": model.regions,
+        "shape": [len(rows), model.regions, model.dim],
+        "backbone_info": model.describe(),
+        "images_dir": str(src.resolve()),
+        "n_files": len(entries),
+        "n_images": len(rows),
+        "captions_file": cfg.captions,
+        "captions_per_image": k if caps is not None else None,
+        "n_captions": len(caps) if caps is not None else 0,
+        "captions_repeated": repeated,
+        "captions_truncated": truncated,
+        "bad_caption_lines": [{"line": n, "reason": why} for n, why in _head(bad)],
+        "bad_caption_lines_total": len(bad),
+        "config": asdict(cfg),
+        "files": files,
+    }
+
+
+def _write_meta(out: Path, summary: dict[str, Any], log: Callable[[str], None]) -> None:
+    """``extract_meta.json``: this split's record under ``splits`` (other splits kept) and
+    the backbone facts at the top level."""
+    from .. import __version__
+
+    path = out / META_NAME
+    meta: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            meta = {}
+    if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
+        meta = {}
+    splits = meta.get("splits", {}) if isinstance(meta.get("splits"), dict) else {}
+    record = dict(summary)
+    record["skipped"] = _head(record["skipped"])
+    record["skipped_total"] = len(summary["skipped"])
+    record["no_caption"] = _head(record["no_caption"])
+    record["no_caption_total"] = len(summary["no_caption"])
+    record["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    for name, other in splits.items():
+        if name != summary["split"] and (other.get("backbone"), other.get("dim")) != (summary["backbone"], summary["dim"]):
+            log(f"eslmatch: warning: split {name!r} in {out} was extracted with {other.get('backbone')} "
+                f"(dim {other.get('dim')}); {summary['split']!r} now uses {summary['backbone']} (dim {summary['dim']})")
+    splits[summary["split"]] = record
+    meta = {
+        "format": META_FORMAT,
+        "eslmatch_version": __version__,
+        "backbone": summary["backbone"],
+        "image_size": summary["image_size"],
+        "dim": summary["dim"],
+        "regions": summary["regions"],
+        "splits": splits,
+    }
+    atomic_write_text(path, json.dumps(meta, indent=2) + "\n")

@@ -1,0 +1,431 @@
+"""Building, extending and re-indexing gallery indexes (always atomically)."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..errors import EslmatchError
+from . import ann
+from .encode import encode_images, encode_token_batch, require_esl, tokenize_all
+from .sources import CaptionSource, ImageSource, caption_source, image_source, paths_from_dir
+from .store import (
+    CAPTIONS,
+    FAISS,
+    FORMAT,
+    GLOBAL,
+    IDS,
+    LENGTHS,
+    PATHS,
+    SIDE,
+    VERSION,
+    check_target,
+    clean_line,
+    data_files,
+    file_records,
+    link_or_copy,
+    model_fingerprint,
+    remove_dir,
+    replace_dir,
+    temp_dir_beside,
+    write_lines,
+    write_manifest,
+)
+
+_COPY_ROWS_BYTES = 64 << 20
+
+
+# ---------------------------------------------------------------------- small helpers
+def _progress(total: int, progress: bool, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=None if progress else True, leave=False, unit="item")
+
+
+def _check_batch(batch_size: int) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise EslmatchError(f"batch size must be a positive integer, got {batch_size!r}")
+
+
+def _ids(given: Sequence[Any] | None, found: list[str] | None, n: int, start: int, taken: Sequence[str] = ()) -> list[str]:
+    """Item ids: given, else from the data, else ``str(start + i)``; all unique."""
+    if given is not None:
+        ids = [clean_line(v, "id", i) for i, v in enumerate(given)]
+        if len(ids) != n:
+            raise EslmatchError(f"{len(ids)} ids given for {n} items")
+    else:
+        ids = list(found) if found is not None else [str(start + i) for i in range(n)]
+    seen = set(taken)
+    for i, s in enumerate(ids):
+        if not s:
+            raise EslmatchError(f"id {i} is empty")
+        if s in seen:
+            raise EslmatchError(f"duplicate id {s!r} (ids must be unique in an index; pass ids=)")
+        seen.add(s)
+    return ids
+
+
+def _paths(given: Sequence[Any] | None, found: list[str] | None, n: int, images_dir: Any, ids: list[str]) -> list[str]:
+    if given is not None:
+        paths = [clean_line(v, "path", i) for i, v in enumerate(given)]
+        if len(paths) != n:
+            raise EslmatchError(f"{len(paths)} paths given for {n} items")
+        return paths
+    if images_dir is not None:
+        return paths_from_dir(images_dir, n, found, ids)
+    return [clean_line(v, "path", i) for i, v in enumerate(found)] if found is not None else [""] * n
+
+
+def _device(model: Any, device: Any) -> None:
+    if device is not None:
+        from ..data.batching import resolve_device
+
+        model.to(resolve_device(device, model))
+
+
+def _alloc(tmp: Path, n: int, width: int, dt: int, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    fmt = np.lib.format
+    side = fmt.open_memmap(tmp / SIDE, mode="w+", dtype=np.dtype(dtype), shape=(n, width, dt))
+    lengths = fmt.open_memmap(tmp / LENGTHS, mode="w+", dtype=np.int64, shape=(n,))
+    glob = fmt.open_memmap(tmp / GLOBAL, mode="w+", dtype=np.float32, shape=(n, dt))
+    return side, lengths, glob
+
+
+def _store_rows(arrays: tuple, rows: slice | np.ndarray, feats: torch.Tensor, g: torch.Tensor, lens: torch.Tensor) -> None:
+    """Write encoded items to ``rows`` of the new arrays (beyond each width stays zero)."""
+    side, lengths, glob = arrays
+    w = feats.shape[1]
+    side[rows, :w] = feats.detach().to(torch.float32).cpu().numpy().astype(side.dtype, copy=False)
+    lengths[rows] = lens.cpu().numpy()
+    glob[rows] = g.detach().to(torch.float32).cpu().numpy()
+
+
+def _encode_image_rows(model: Any, src: ImageSource, arrays: tuple, start: int, batch_size: int, progress: bool) -> None:
+    from ..data.batching import eval_mode
+
+    with eval_mode(model), _progress(src.count, progress, "images") as bar:
+        for i0 in range(0, src.count, batch_size):
+            i1 = min(i0 + batch_size, src.count)
+            lens = None if src.lengths is None else src.lengths[i0:i1]
+            feats, g, lens_t = encode_images(model, src.read(i0, i1), lens)
+            _store_rows(arrays, slice(start + i0, start + i1), feats, g, lens_t)
+            bar.update(i1 - i0)
+
+
+def _encode_caption_rows(
+    model: Any, tokens: list[torch.Tensor], arrays: tuple, start: int, batch_size: int, progress: bool
+) -> None:
+    from ..data.batching import eval_mode, length_batches
+
+    batches = length_batches([int(t.numel()) for t in tokens], batch_size)
+    with eval_mode(model), _progress(len(tokens), progress, "captions") as bar:
+        for idx in batches:
+            feats, g, lens = encode_token_batch(model, [tokens[int(i)] for i in idx])
+            _store_rows(arrays, start + np.asarray(idx, dtype=np.int64), feats, g, lens)  # back to caption order
+            bar.update(len(idx))
+
+
+def _copy_rows(src: Any, dst: tuple, n: int) -> None:
+    """Copy the first ``n`` rows of an open index into new (possibly wider) arrays."""
+    side, lengths, glob = dst
+    w = src.side.shape[1]
+    step = max(1, _COPY_ROWS_BYTES // max(1, src.side[0].nbytes))
+    for i0 in range(0, n, step):
+        i1 = min(i0 + step, n)
+        side[i0:i1, :w] = src.side[i0:i1]
+        side[i0:i1, w:] = 0
+    lengths[:n] = src.lengths[:n]
+    glob[:n] = src.global_vectors[:n]
+
+
+def _model_record(model: Any, model_path: Any, text_model: Any) -> dict[str, Any]:
+    c = model.config
+    return {
+        "path": None if model_path is None else str(Path(model_path).resolve()),
+        "text_model": None if text_model is None else str(text_model),
+        "fingerprint": model_fingerprint(model),
+        "config": {
+            "strategy": c.strategy, "embed_size": c.embed_size, "kernel_size": c.kernel_size,
+            "num_levels": c.num_levels, "img_dim": c.img_dim, "text_encoder": c.text_encoder,
+        },
+    }
+
+
+def _finish(tmp: Path, manifest: dict[str, Any], arrays: tuple, ids: list[str], paths: list[str],
+            captions: list[str] | None, faiss_index: Any) -> None:
+    for arr in arrays:
+        arr.flush()
+    del arrays
+    ann.write(faiss_index, tmp / FAISS)
+    write_lines(tmp / IDS, ids)
+    write_lines(tmp / PATHS, paths)
+    if captions is not None:
+        write_lines(tmp / CAPTIONS, captions)
+    manifest["files"] = file_records(tmp, data_files(manifest["kind"]))
+    write_manifest(tmp, manifest)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+
+
+# ---------------------------------------------------------------------- public API
+def build_image_index(
+    model: Any,
+    features: Any,
+    out: str | Path,
+    *,
+    split: str = "test",
+    lengths: Any = None,
+    ids: Sequence[Any] | None = None,
+    paths: Sequence[Any] | None = None,
+    images_dir: str | Path | None = None,
+    grid: Sequence[int] | None = None,
+    fp16: bool = False,
+    faiss_kind: str = "flat",
+    faiss_options: ann.FaissOptions | None = None,
+    batch_size: int = 256,
+    progress: bool = True,
+    model_path: str | Path | None = None,
+    text_model: str | None = None,
+    device: Any = None,
+) -> Path:
+    """Build an image index at ``out`` from region features.
+
+    Args:
+        model: the ESL model (eval mode is used; its mode is restored after).
+        features: a precomp dataset folder (``split`` of it), a :class:`PrecompSplit`, an
+            ``.npy`` file or an array/tensor of region features ``(N, R, D)``.
+        lengths: ``(N,)`` real regions per image (default: all ``R``).
+        ids / paths: one per image (default: the split's ``{split}_ids.txt`` /
+            ``{split}_images.txt``, else ``"0".."N-1"`` / empty).
+        images_dir: folder of the image files, to resolve paths (see ``docs/retrieval.md``).
+        grid: ``(h, w)`` region grid (default: from ``extract_meta.json`` if present).
+        fp16: store the image side ``(N, R, Dt)`` in float16 (half the disk; the global
+            vectors stay float32).
+        faiss_kind: ``"flat"`` (exact), ``"ivf"`` or ``"hnsw"``.
+        model_path: the model's directory or checkpoint, recorded so searches can load it.
+    Returns:
+        ``out``.
+    """
+    require_esl(model)
+    ann.check_kind(faiss_kind)
+    _check_batch(batch_size)
+    out = Path(out)
+    check_target(out)
+    _device(model, device)
+    src = image_source(features, img_dim=model.config.img_dim, split=split, lengths=lengths, grid=grid)
+    item_ids = _ids(ids, src.ids, src.count, 0)
+    item_paths = _paths(paths, src.paths, src.count, images_dir, item_ids)
+    dt = model.config.total_dim
+    dtype = "float16" if fp16 else "float32"
+    tmp = temp_dir_beside(out)
+    try:
+        arrays = _alloc(tmp, src.count, src.regions, dt, dtype)
+        _encode_image_rows(model, src, arrays, 0, batch_size, progress)
+        opts = ann.resolve_options(faiss_kind, src.count, faiss_options)
+        manifest = {
+            "format": FORMAT, "version": VERSION, "kind": "image", "created": _now(), "eslmatch_version": __version__,
+            "model": _model_record(model, model_path, text_model), "total_dim": dt, "width": src.regions,
+            "count": src.count, "dtype": dtype, "grid": list(src.grid) if src.grid else None,
+            "faiss": {"kind": faiss_kind, "options": opts.to_dict(), "trained_on": src.count},
+            "sources": [{**src.description, "count": src.count}],
+        }
+        faiss_index = ann.build(arrays[2], faiss_kind, opts)
+        _finish(tmp, manifest, arrays, item_ids, item_paths, None, faiss_index)
+        replace_dir(tmp, out)
+    except BaseException:
+        remove_dir(tmp)
+        raise
+    return out
+
+
+def build_caption_index(
+    model: Any,
+    captions: Any,
+    out: str | Path,
+    *,
+    split: str = "test",
+    ids: Sequence[Any] | None = None,
+    paths: Sequence[Any] | None = None,
+    fp16: bool = False,
+    faiss_kind: str = "flat",
+    faiss_options: ann.FaissOptions | None = None,
+    batch_size: int = 256,
+    progress: bool = True,
+    model_path: str | Path | None = None,
+    text_model: str | None = None,
+    device: Any = None,
+) -> Path:
+    """Build a caption index at ``out`` (for image -> text search).
+
+    Args:
+        captions: a list of strings, a ``.txt`` file (one caption per line), or a precomp
+            dataset folder (``split`` of it) / :class:`PrecompSplit`.
+        ids: one per caption (default: ``IMAGEID#j`` when the split has image ids, else
+            ``"0".."M-1"``).
+        paths: one per caption, the image it describes (default: from the split, else empty).
+    The stored side is the caption level features ``(M, W, Dt)``; see
+    :func:`build_image_index` for the other arguments.
+    """
+    require_esl(model)
+    ann.check_kind(faiss_kind)
+    _check_batch(batch_size)
+    out = Path(out)
+    check_target(out)
+    _device(model, device)
+    src = caption_source(captions, split=split)
+    m = len(src.captions)
+    item_ids = _ids(ids, src.ids, m, 0)
+    item_paths = _paths(paths, src.paths, m, None, item_ids)
+    texts = [clean_line(" ".join(c.split()), "caption", i) for i, c in enumerate(src.captions)]
+    tokens = tokenize_all(model, texts)
+    width = max(int(t.numel()) for t in tokens)
+    dt = model.config.total_dim
+    dtype = "float16" if fp16 else "float32"
+    tmp = temp_dir_beside(out)
+    try:
+        arrays = _alloc(tmp, m, width, dt, dtype)
+        _encode_caption_rows(model, tokens, arrays, 0, batch_size, progress)
+        opts = ann.resolve_options(faiss_kind, m, faiss_options)
+        manifest = {
+            "format": FORMAT, "version": VERSION, "kind": "caption", "created": _now(), "eslmatch_version": __version__,
+            "model": _model_record(model, model_path, text_model), "total_dim": dt, "width": width,
+            "count": m, "dtype": dtype, "grid": None,
+            "faiss": {"kind": faiss_kind, "options": opts.to_dict(), "trained_on": m},
+            "sources": [{**src.description, "count": m}],
+        }
+        faiss_index = ann.build(arrays[2], faiss_kind, opts)
+        _finish(tmp, manifest, arrays, item_ids, item_paths, texts, faiss_index)
+        replace_dir(tmp, out)
+    except BaseException:
+        remove_dir(tmp)
+        raise
+    return out
+
+
+def add_to_index(
+    index_dir: str | Path,
+    model: Any,
+    features: Any,
+    *,
+    split: str = "test",
+    lengths: Any = None,
+    ids: Sequence[Any] | None = None,
+    paths: Sequence[Any] | None = None,
+    images_dir: str | Path | None = None,
+    batch_size: int = 256,
+    progress: bool = True,
+    device: Any = None,
+) -> Path:
+    """Append items to an index (region features to an image index, captions to a caption
+    index), atomically.
+
+    The index is first verified in full (sha256 of every file) and must have been built by
+    ``model``. Default ids continue the numbering (``str(count + i)``). Arrays are rewritten
+    wider when the new items have more regions / words; the FAISS index grows in place
+    (flat, HNSW) or is retrained (IVF, once the gallery is 4x what its clusters saw).
+    """
+    from .index import GalleryIndex
+
+    _check_batch(batch_size)
+    target = Path(index_dir)
+    _device(model, device)
+    old = GalleryIndex.open(target, model=model, verify=True)
+    n_old, dt, dtype = old.count, old.total_dim, old.dtype
+    grid = old.grid
+    if old.kind == "image":
+        src = image_source(features, img_dim=model.config.img_dim, split=split, lengths=lengths, grid=None)
+        n_new, width = src.count, max(old.width, src.regions)
+        if src.regions != old.width:
+            grid = None
+        new_ids = _ids(ids, src.ids, n_new, n_old, old.ids)
+        new_paths = _paths(paths, src.paths, n_new, images_dir, new_ids)
+        description = src.description
+        texts = None
+    else:
+        csrc: CaptionSource = caption_source(features, split=split)
+        n_new = len(csrc.captions)
+        new_ids = _ids(ids, csrc.ids, n_new, n_old, old.ids)
+        new_paths = _paths(paths, csrc.paths, n_new, None, new_ids)
+        texts = [clean_line(" ".join(c.split()), "caption", i) for i, c in enumerate(csrc.captions)]
+        tokens = tokenize_all(model, texts)
+        width = max(old.width, max(int(t.numel()) for t in tokens))
+        description = csrc.description
+    n = n_old + n_new
+    tmp = temp_dir_beside(target)
+    try:
+        arrays = _alloc(tmp, n, width, dt, dtype)
+        _copy_rows(old, arrays, n_old)
+        if old.kind == "image":
+            _encode_image_rows(model, src, arrays, n_old, batch_size, progress)
+        else:
+            _encode_caption_rows(model, tokens, arrays, n_old, batch_size, progress)
+        faiss_meta = old.manifest["faiss"]
+        opts = ann.FaissOptions.from_dict(faiss_meta.get("options", {}))
+        current = ann.faiss_module().read_index(str(target / FAISS))  # in memory: it grows
+        faiss_index, opts, trained_on = ann.extend(
+            current, old.faiss_kind, opts, arrays[2], n_old, int(faiss_meta.get("trained_on", n_old))
+        )
+        manifest = dict(old.manifest)
+        manifest.update(
+            count=n, width=width, grid=list(grid) if grid else None, modified=_now(), eslmatch_version=__version__,
+            faiss={"kind": old.faiss_kind, "options": opts.to_dict(), "trained_on": trained_on},
+            sources=[*old.manifest.get("sources", []), {**description, "count": n_new}],
+        )
+        ids_all = old.ids + new_ids
+        paths_all = old._paths + new_paths
+        caps_all = None if texts is None else (old.captions or []) + texts
+        old.close()
+        _finish(tmp, manifest, arrays, ids_all, paths_all, caps_all, faiss_index)
+        replace_dir(tmp, target)
+    except BaseException:
+        remove_dir(tmp)
+        raise
+    return target
+
+
+def rebuild_faiss(
+    index_dir: str | Path,
+    faiss_kind: str,
+    faiss_options: ann.FaissOptions | None = None,
+    out: str | Path | None = None,
+) -> Path:
+    """Rebuild only the first-stage FAISS index (e.g. ``flat`` -> ``hnsw``), atomically.
+
+    The arrays are not re-encoded: they are hard-linked (or copied) into the new index, at
+    ``out`` or in place of ``index_dir``.
+    """
+    from .index import GalleryIndex
+
+    ann.check_kind(faiss_kind)
+    src = Path(index_dir)
+    old = GalleryIndex.open(src)
+    target = src if out is None else Path(out)
+    if target != src:
+        check_target(target)
+    tmp = temp_dir_beside(target)
+    try:
+        for name in data_files(old.kind):
+            if name != FAISS:
+                link_or_copy(src / name, tmp / name)
+        opts = ann.resolve_options(faiss_kind, old.count, faiss_options)
+        index = ann.build(old.global_vectors, faiss_kind, opts)
+        ann.write(index, tmp / FAISS)
+        manifest = dict(old.manifest)
+        manifest.update(faiss={"kind": faiss_kind, "options": opts.to_dict(), "trained_on": old.count}, modified=_now())
+        manifest["files"] = {**old.manifest["files"], **file_records(tmp, [FAISS])}
+        write_manifest(tmp, manifest)
+        old.close()
+        replace_dir(tmp, target)
+    except BaseException:
+        remove_dir(tmp)
+        raise
+    return target
+

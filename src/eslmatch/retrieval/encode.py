@@ -1,0 +1,107 @@
+"""Encoding gallery items and queries into what the index stores and searches.
+
+Images: region features ``(B, R, D)`` -> engine-ready image side ``(B, R, Dt)``
+(:meth:`ESLModel.prepare_images` of the level features) and the first-stage vector ``(B, Dt)``
+(its mean over real regions, as :meth:`ESLModel.global_images`).
+Captions: text -> level features ``(B, W, Dt)`` and their mean over real words
+(:meth:`ESLModel.global_captions`). The inner product of the two vectors is the pair's mean
+word-region affinity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import EslmatchError, InputError
+
+TOKENIZE_CHUNK = 1024
+
+
+def require_esl(model: Any) -> None:
+    """Refuse models without ESL's image side and global vectors (e.g. the VSE baseline)."""
+    needed = ("prepare_images", "embed_images", "embed_captions", "tokenize", "pooling")
+    missing = [name for name in needed if not hasattr(model, name)]
+    if missing:
+        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise EslmatchError(f"gallery indexes need an ESL model; this one ({kind}) has no {', '.join(missing)}")
+
+
+def masked_mean(x: Tensor, lengths: Tensor) -> Tensor:
+    """Mean of ``x (B, T, D)`` over the first ``lengths[b]`` positions -> ``(B, D)``."""
+    mask = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]).to(x.dtype)
+    return (x * mask[..., None]).sum(1) / lengths.clamp_min(1).to(x.dtype)[:, None]
+
+
+def zero_padding(x: Tensor, lengths: Tensor) -> Tensor:
+    """``x (B, T, D)`` with positions at or beyond ``lengths[b]`` set to 0."""
+    mask = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
+    return x * mask[..., None].to(x.dtype)
+
+
+def encode_images(model: Any, regions: np.ndarray | Tensor, lengths: np.ndarray | Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Region features ``(B, R, D)`` -> ``(image side (B, R, Dt), global (B, Dt), lengths (B,))``.
+
+    Call inside ``eval_mode(model)``; padded regions of the side are zeroed.
+    """
+    dev = model.device
+    x = torch.as_tensor(regions, dtype=torch.float32).to(dev)
+    if x.dim() == 2:
+        x = x[None]
+    n, r = x.shape[0], x.shape[1]
+    lens = torch.full((n,), r, dtype=torch.long) if lengths is None else torch.as_tensor(lengths).long().reshape(-1)
+    lens = lens.to(dev)
+    side = zero_padding(model.prepare_images(model.embed_images(x, lens)), lens)
+    return side, masked_mean(side, lens), lens
+
+
+def tokenize_all(model: Any, captions: Sequence[str], where: str = "caption") -> list[Tensor]:
+    """Token ids of every caption: a list of ``(W_c,)`` LongTensors (errors name the caption)."""
+    out: list[Tensor] = []
+    for start in range(0, len(captions), TOKENIZE_CHUNK):
+        texts = list(captions[start : start + TOKENIZE_CHUNK])
+        try:
+            ids, lens = model.tokenize(texts)
+        except InputError:
+            for j, text in enumerate(texts):
+                try:
+                    model.tokenize([text])
+                except InputError as exc:
+                    raise EslmatchError(f"{where} {start + j}: {exc} ({text!r})") from exc
+            raise
+        out.extend(ids[j, : int(n)] for j, n in enumerate(lens.tolist()))
+    return out
+
+
+def encode_token_batch(model: Any, ids: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Token id lists -> ``(level features (B, W, Dt), global (B, Dt), lengths (B,))``.
+
+    Call inside ``eval_mode(model)``.
+    """
+    from ..text import pad_ids
+
+    tokens, lens = pad_ids([t.tolist() for t in ids])
+    dev = model.device
+    tokens, lens = tokens.to(dev), lens.to(dev)
+    feats = zero_padding(model.embed_captions(tokens, lens), lens)
+    return feats, masked_mean(feats, lens), lens
+
+
+def caption_words(model: Any, text: str, ids: Tensor) -> list[str]:
+    """A display string for each token of ``text`` (``ids (W,)`` from ``model.tokenize``)."""
+    from ..text import WordVocab, words
+
+    tok = model.tokenizer
+    if isinstance(tok, WordVocab):
+        shown = ["<start>", *words(text), "<end>"]
+        if len(shown) == ids.numel():
+            return shown
+        return [tok.tokens[i] for i in ids.tolist()]
+    convert = getattr(tok, "convert_ids_to_tokens", None)
+    if convert is not None:
+        return [str(t) for t in convert(ids.tolist())]
+    return [str(i) for i in ids.tolist()]

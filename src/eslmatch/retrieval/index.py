@@ -1,0 +1,466 @@
+"""Opening a gallery index and searching it: a FAISS shortlist, then ESL re-ranking.
+
+Two-stage retrieval (as ALBEF/BLIP): the first stage ranks the whole gallery by the exact
+inner product of the global vectors (the mean word-region affinity of each pair, spec
+section 3); the ``rerank_k`` best are then scored with the full ESL score (attention pooling,
+spec section 4, through :func:`eslmatch.scoring.score_tiles`) and the ``k`` best by that
+score are returned.
+
+Rules for ``k`` and ``rerank_k`` (gallery of ``N`` items):
+
+- ``k`` must be >= 1; ``k > N`` returns all ``N``;
+- ``rerank_k <= 0`` (or ``None``): first stage only, ``Hit.score`` is the first-stage score;
+- ``0 < rerank_k < k`` is raised to ``k`` (every returned hit is ESL-scored);
+- ``rerank_k >= N`` scores the whole gallery: the exhaustive ESL ranking.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import EslmatchError
+from . import ann
+from .encode import caption_words, encode_images, encode_token_batch, require_esl, tokenize_all
+from .store import (
+    CAPTIONS,
+    FAISS,
+    GLOBAL,
+    IDS,
+    LENGTHS,
+    PATHS,
+    SIDE,
+    GalleryIndexError,
+    check_files,
+    model_fingerprint,
+    open_array,
+    read_lines,
+    read_manifest,
+)
+
+QUERY_BATCH = 64
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result.
+
+    Attributes:
+        rank: 1-based position in the result list.
+        id: the item's id (``ids.txt``).
+        path: image path (of the image, or of the caption's image), ``None`` when unknown.
+        score: the ESL score (the first-stage score when re-ranking is off).
+        first_stage_score: the global inner product (mean word-region affinity).
+        index: the item's row in the index.
+        caption: the caption text (caption indexes only).
+    """
+
+    rank: int
+    id: str
+    path: str | None
+    score: float
+    first_stage_score: float
+    index: int
+    caption: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in ("rank", "id", "path", "score", "first_stage_score", "index")}
+        if self.caption is not None:
+            out["caption"] = self.caption
+        return out
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """A stored image of an image index, usable as a query on a caption index.
+
+    Attributes:
+        side: engine-ready image side ``(R_i, Dt)`` float32 (real regions only).
+        global_vector: first-stage vector ``(Dt,)`` float32.
+    """
+
+    id: str
+    path: str | None
+    row: int
+    side: np.ndarray
+    global_vector: np.ndarray
+    fingerprint: str
+
+
+def plan_depth(k: int, rerank_k: int | None, n: int) -> tuple[int, int, bool]:
+    """``(k, shortlist size, re-rank?)`` for a gallery of ``n`` (rules in the module doc)."""
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+        raise EslmatchError(f"k must be a positive integer, got {k!r}")
+    k = min(int(k), n)
+    if rerank_k is None or rerank_k <= 0:
+        return k, k, False
+    return k, min(max(int(rerank_k), k), n), True
+
+
+class _Clock:
+    """Adds the seconds since the last lap to ``timings[name]`` (no-op without a dict)."""
+
+    def __init__(self, timings: dict[str, float] | None) -> None:
+        self.timings = timings
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.timings is not None:
+            now = time.perf_counter()
+            self.timings[name] = self.timings.get(name, 0.0) + now - self.last
+            self.last = now
+
+
+class GalleryIndex:
+    """A gallery index opened from disk; arrays are memory-mapped (opening reads no data).
+
+    Use :meth:`open`. Attributes of note: :attr:`kind` (``"image"`` or ``"caption"``),
+    :attr:`ids`, :attr:`count`, :attr:`grid`, :attr:`manifest`.
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.kind: str = manifest["kind"]
+        self.count: int = manifest["count"]
+        self.total_dim: int = manifest["total_dim"]
+        self.width: int = manifest["width"]
+        self.dtype: str = manifest["dtype"]
+        self.faiss_kind: str = manifest["faiss"].get("kind", "flat")
+        self.faiss_options = ann.FaissOptions.from_dict(manifest["faiss"].get("options", {}))
+        grid = manifest.get("grid")
+        self.grid: tuple[int, int] | None = tuple(grid) if grid else None  # type: ignore[assignment]
+        self.side = open_array(path / SIDE)
+        self.lengths = open_array(path / LENGTHS)
+        self.global_vectors = open_array(path / GLOBAL)
+        self.ids: list[str] = read_lines(path / IDS, self.count)
+        self._paths: list[str] = read_lines(path / PATHS, self.count)
+        self.captions: list[str] | None = read_lines(path / CAPTIONS, self.count) if self.kind == "caption" else None
+        self._check_shapes()
+        self._row: dict[str, int] | None = None
+        self._faiss: Any = None
+        self._checked: weakref.WeakSet = weakref.WeakSet()
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, path: str | Path, model: Any = None, verify: bool = False) -> GalleryIndex:
+        """Open the index at ``path``.
+
+        Every file's presence and size are checked (and its sha256 with ``verify=True``, a
+        full read); shapes must agree with the manifest; with ``model``, the model's
+        fingerprint must equal the one the index was built with. Failures raise
+        :class:`GalleryIndexError` naming the file at fault.
+        """
+        p = Path(path)
+        manifest = read_manifest(p)
+        check_files(p, manifest, verify)
+        index = cls(p, manifest)
+        if model is not None:
+            index.check_model(model)
+        return index
+
+    def _check_shapes(self) -> None:
+        n, w, dt = self.count, self.width, self.total_dim
+        want = {SIDE: ((n, w, dt), self.dtype), LENGTHS: ((n,), None), GLOBAL: ((n, dt), "float32")}
+        for name, arr in ((SIDE, self.side), (LENGTHS, self.lengths), (GLOBAL, self.global_vectors)):
+            shape, dtype = want[name]
+            if tuple(arr.shape) != shape:
+                raise GalleryIndexError(f"{self.path / name}: shape {tuple(arr.shape)}, the manifest implies {shape}")
+            if dtype is not None and arr.dtype != np.dtype(dtype):
+                raise GalleryIndexError(f"{self.path / name}: dtype {arr.dtype}, the manifest says {dtype}")
+        if not np.issubdtype(self.lengths.dtype, np.integer):
+            raise GalleryIndexError(f"{self.path / LENGTHS}: lengths must be integers, got {self.lengths.dtype}")
+        lo, hi = int(self.lengths.min()), int(self.lengths.max())
+        if lo < 1 or hi > w:
+            raise GalleryIndexError(f"{self.path / LENGTHS}: lengths span {lo}..{hi}, outside 1..{w}")
+
+    # ------------------------------------------------------------------ metadata
+    @property
+    def fingerprint(self) -> str:
+        return str(self.manifest["model"].get("fingerprint", ""))
+
+    @property
+    def model_path(self) -> str | None:
+        """The model directory (or checkpoint) recorded at build time, if any."""
+        return self.manifest["model"].get("path")
+
+    @property
+    def paths(self) -> list[str | None]:
+        return [p or None for p in self._paths]
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __repr__(self) -> str:
+        return f"GalleryIndex({str(self.path)!r}, kind={self.kind}, count={self.count}, faiss={self.faiss_kind})"
+
+    def row_of(self, item_id: str | int) -> int:
+        """Row of the item with id ``item_id``."""
+        if self._row is None:
+            self._row = {s: i for i, s in enumerate(self.ids)}
+        try:
+            return self._row[str(item_id)]
+        except KeyError:
+            raise EslmatchError(f"{self.path}: no item with id {str(item_id)!r}") from None
+
+    def image_path(self, item_id: str | int) -> str | None:
+        """Image path of an item (of the caption's image for caption indexes), ``None`` if unknown."""
+        return self._paths[self.row_of(item_id)] or None
+
+    def caption(self, item_id: str | int) -> str:
+        """Caption text of an item of a caption index."""
+        self._need("caption", "caption")
+        assert self.captions is not None
+        return self.captions[self.row_of(item_id)]
+
+    def lookup(self, item_id: str | int) -> ImageEntry:
+        """A stored image (image index) by id, ready to query a caption index."""
+        self._need("image", "lookup")
+        row = self.row_of(item_id)
+        n = int(self.lengths[row])
+        return ImageEntry(
+            self.ids[row], self._paths[row] or None, row, np.array(self.side[row, :n], dtype=np.float32),
+            np.array(self.global_vectors[row], dtype=np.float32), self.fingerprint,
+        )
+
+    def _need(self, kind: str, what: str) -> None:
+        if self.kind != kind:
+            raise EslmatchError(f"{self.path}: {what} needs an {kind} index, this is a {self.kind} index")
+
+    # ------------------------------------------------------------------ model check
+    def check_model(self, model: Any) -> None:
+        """Refuse a model other than the one the index was built with (checked once per model)."""
+        if model in self._checked:
+            return
+        require_esl(model)
+        dt = model.config.total_dim
+        if dt != self.total_dim:
+            raise GalleryIndexError(
+                f"{self.path}: built by a model with Dt={self.total_dim}, the given model has Dt={dt} (a different model)"
+            )
+        if model_fingerprint(model) != self.fingerprint:
+            where = f" ({self.model_path})" if self.model_path else ""
+            raise GalleryIndexError(
+                f"{self.path}: built with another model{where}: its weights or config differ from the given "
+                f"model's (fingerprint mismatch); rebuild the index or use that model"
+            )
+        self._checked.add(model)
+
+    # ------------------------------------------------------------------ first stage
+    def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Override the IVF ``nprobe`` / HNSW ``efSearch`` used by later searches."""
+        if nprobe is not None:
+            if nprobe < 1:
+                raise EslmatchError(f"nprobe must be >= 1, got {nprobe}")
+            self.faiss_options.nprobe = int(nprobe)
+        if ef_search is not None:
+            if ef_search < 1:
+                raise EslmatchError(f"ef_search must be >= 1, got {ef_search}")
+            self.faiss_options.ef_search = int(ef_search)
+
+    def _ann(self) -> Any:
+        if self._faiss is None:
+            index = ann.read(self.path / FAISS)
+            if int(index.ntotal) != self.count or int(index.d) != self.total_dim:
+                raise GalleryIndexError(
+                    f"{self.path / FAISS}: holds {index.ntotal} vectors of width {index.d}, "
+                    f"the manifest says {self.count} of width {self.total_dim}"
+                )
+            self._faiss = index
+        return self._faiss
+
+    def first_stage(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``n`` of the gallery for each query vector ``(Q, Dt)`` by inner product.
+
+        Returns ``(scores (Q, n), rows (Q, n))``; rows are -1 where an approximate index
+        found fewer than ``n`` candidates.
+        """
+        q = np.asarray(queries, dtype=np.float32).reshape(-1, self.total_dim)
+        return ann.search(self._ann(), self.faiss_kind, self.faiss_options, q, min(int(n), self.count))
+
+    # ------------------------------------------------------------------ text -> images
+    def search_text(
+        self, model: Any, text: str, k: int = 10, rerank_k: int | None = 100, timings: dict[str, float] | None = None
+    ) -> list[Hit]:
+        """Images of this image index for the sentence ``text``, best first.
+
+        ``timings``: a dict that receives the seconds spent in ``"encode"``,
+        ``"first_stage"`` and ``"rerank"`` (added to any values already there).
+        """
+        return self.search_texts(model, [text], k, rerank_k, timings=timings)[0]
+
+    def search_texts(
+        self, model: Any, texts: Sequence[str], k: int = 10, rerank_k: int | None = 100,
+        batch_size: int = QUERY_BATCH, timings: dict[str, float] | None = None,
+    ) -> list[list[Hit]]:
+        """:meth:`search_text` for many sentences (encoded and shortlisted in batches)."""
+        from ..data.batching import eval_mode
+
+        self._need("image", "text search")
+        self.check_model(model)
+        if isinstance(texts, str):
+            texts = [texts]
+        k, depth, rerank = plan_depth(k, rerank_k, self.count)
+        clock = _Clock(timings)
+        ids = tokenize_all(model, list(texts), "query")
+        results: list[list[Hit]] = []
+        with eval_mode(model):
+            for b0 in range(0, len(ids), batch_size):
+                feats, glob, lens = encode_token_batch(model, ids[b0 : b0 + batch_size])
+                glob_np = glob.float().cpu().numpy()
+                clock.lap("encode")
+                fs, rows = self.first_stage(glob_np, depth)
+                clock.lap("first_stage")
+                for j in range(feats.shape[0]):
+                    w = int(lens[j])
+                    query = (feats[j : j + 1, :w], lens[j : j + 1])
+                    results.append(self._hits(model, query, fs[j], rows[j], k, rerank))
+                clock.lap("rerank")
+        return results
+
+    # ------------------------------------------------------------------ image -> captions
+    def search_image(
+        self, model: Any, query: Any, k: int = 10, rerank_k: int | None = 100, image_index: GalleryIndex | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> list[Hit]:
+        """Captions of this caption index for one image, best first.
+
+        ``query`` is an image id of ``image_index`` (an image index built with the same
+        model), an :class:`ImageEntry` from ``image_index.lookup(id)``, or region features
+        ``(R, D)`` / ``(1, R, D)`` (array or tensor). ``timings`` as for :meth:`search_text`.
+        """
+        return self.search_images(model, [query], k, rerank_k, image_index, timings)[0]
+
+    def search_images(
+        self, model: Any, queries: Sequence[Any], k: int = 10, rerank_k: int | None = 100,
+        image_index: GalleryIndex | None = None, timings: dict[str, float] | None = None,
+    ) -> list[list[Hit]]:
+        """:meth:`search_image` for many images."""
+        from ..data.batching import eval_mode
+
+        self._need("caption", "image search")
+        self.check_model(model)
+        k, depth, rerank = plan_depth(k, rerank_k, self.count)
+        clock = _Clock(timings)
+        results: list[list[Hit]] = []
+        with eval_mode(model):
+            sides, globs = [], []
+            for q in queries:
+                side, glob = self._image_query(model, q, image_index)
+                sides.append(side)
+                globs.append(glob)
+            clock.lap("encode")
+            for b0 in range(0, len(sides), QUERY_BATCH):
+                fs, rows = self.first_stage(np.stack(globs[b0 : b0 + QUERY_BATCH]), depth)
+                clock.lap("first_stage")
+                for j, side in enumerate(sides[b0 : b0 + QUERY_BATCH]):
+                    results.append(self._hits(model, side, fs[j], rows[j], k, rerank))
+                clock.lap("rerank")
+        return results
+
+    def _image_query(self, model: Any, query: Any, image_index: GalleryIndex | None) -> tuple[torch.Tensor, np.ndarray]:
+        """``(image side (1, R, Dt) on the model's device, global (Dt,))`` of a query."""
+        if isinstance(query, (str, int, np.integer)) and not isinstance(query, bool):
+            if image_index is None:
+                raise EslmatchError("an image id as query needs image_index= (the image index holding it)")
+            query = image_index.lookup(query)
+        if isinstance(query, ImageEntry):
+            if query.fingerprint != self.fingerprint:
+                raise GalleryIndexError(
+                    f"image {query.id!r} comes from an index built with another model than {self.path}"
+                )
+            return torch.from_numpy(query.side).to(model.device)[None], query.global_vector
+        regions = torch.as_tensor(np.asarray(query) if not isinstance(query, torch.Tensor) else query)
+        if regions.dim() == 2:
+            regions = regions[None]
+        if regions.dim() != 3 or regions.shape[0] != 1:
+            raise EslmatchError(f"a query image must be region features (R, D) or (1, R, D), got {tuple(regions.shape)}")
+        side, glob, _ = encode_images(model, regions, None)
+        return side, glob[0].float().cpu().numpy()
+
+    # ------------------------------------------------------------------ re-ranking
+    def _hits(self, model: Any, query: Any, fs: np.ndarray, rows: np.ndarray, k: int, rerank: bool) -> list[Hit]:
+        keep = rows >= 0
+        fs, rows = fs[keep], rows[keep].astype(np.int64)
+        if rerank and rows.size:
+            scores = self._esl_scores(model, query, rows)
+        else:
+            scores = fs.astype(np.float64)
+        order = np.lexsort((rows, -scores))[:k]  # best score first, ties by row
+        out = []
+        for rank, j in enumerate(order, start=1):
+            r = int(rows[j])
+            out.append(Hit(
+                rank, self.ids[r], self._paths[r] or None, float(scores[j]), float(fs[j]), r,
+                None if self.captions is None else self.captions[r],
+            ))
+        return out
+
+    def _gather(self, rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """Stored side rows (sorted for locality), trimmed to their longest real length."""
+        order = np.argsort(rows, kind="stable")
+        srt = rows[order]
+        lens = np.asarray(self.lengths[srt], dtype=np.int64)
+        w = int(lens.max())
+        block = np.ascontiguousarray(self.side[srt, :w])  # fancy indexing: a fresh, writable copy
+        # torch widens float16 several times faster than numpy
+        return torch.from_numpy(block).to(device, torch.float32), torch.from_numpy(lens).to(device), order
+
+    def _esl_scores(self, model: Any, query: Any, rows: np.ndarray) -> np.ndarray:
+        """ESL scores ``(len(rows),)`` of the query against the stored rows."""
+        from ..scoring import score_tiles
+
+        dev = model.device
+        items, item_lens, order = self._gather(rows, dev)
+        pool = model.pooling
+        if self.kind == "image":
+            cap, cap_len = query
+            s = score_tiles(cap, cap_len, items, item_lens, pool.scale(), pool.slope, pool.eps, model.budget_bytes)[:, 0]
+        else:
+            side = query
+            img_len = torch.full((1,), side.shape[1], dtype=torch.long, device=dev)
+            s = score_tiles(items, item_lens, side, img_len, pool.scale(), pool.slope, pool.eps, model.budget_bytes)[0]
+        out = np.empty(len(rows), dtype=np.float64)
+        out[order] = s.detach().double().cpu().numpy()
+        return out
+
+    # ------------------------------------------------------------------ explanation
+    def attention(self, model: Any, text: str, item_id: str | int) -> tuple[list[str], np.ndarray, tuple[int, int] | None]:
+        """Word-by-region attention of ``text`` over the stored image ``item_id``.
+
+        Returns ``(words, weights (W, R_i), grid)``: ``weights[w]`` is the text-to-image
+        softmax of spec section 4 for word ``w`` over the image's ``R_i`` real regions (each
+        row sums to 1); ``grid`` is ``(h, w)`` when the regions form a grid (features from
+        ``eslmatch extract``), else ``None``.
+        """
+        from ..data.batching import eval_mode
+        from ..model.functional import l2n
+
+        self._need("image", "attention")
+        self.check_model(model)
+        row = self.row_of(item_id)
+        n = int(self.lengths[row])
+        ids, lens = model.tokenize([text])
+        w = int(lens[0])
+        pool = model.pooling
+        with eval_mode(model):
+            feats, _, _ = encode_token_batch(model, [ids[0, :w]])
+            z = torch.from_numpy(np.array(self.side[row, :n], dtype=np.float32)).to(feats.device)
+            a = feats[0, :w] @ z.t()  # (W, R)
+            g = l2n(F.leaky_relu(torch.tanh(a), pool.slope), dim=0, eps=pool.eps)
+            weights = torch.softmax(pool.scale() * g, dim=1)
+        grid = self.grid if self.grid is not None and self.grid[0] * self.grid[1] == n else None
+        return caption_words(model, text, ids[0, :w]), weights.double().cpu().numpy(), grid
+
+    def close(self) -> None:
+        """Drop the memory maps and the FAISS index."""
+        self._faiss = None
+        self.side = self.lengths = self.global_vectors = None  # type: ignore[assignment]

@@ -1,0 +1,248 @@
+"""The on-disk gallery index: file names, manifest, checksums, model fingerprints.
+
+An index is a directory (see ``docs/retrieval.md``)::
+
+    manifest.json   format, version, kind, model path + fingerprint, shapes, dtype, faiss
+                    settings, grid, and the size + sha256 of every file below
+    side.npy        engine-ready tensors: image side (N, R, Dt) or caption features (M, W, Dt)
+    lengths.npy     (N,) int64 real regions / words of each item
+    global.npy      (N, Dt) float32 first-stage vectors
+    faiss.index     the FAISS index over global.npy
+    ids.txt         one id per line
+    paths.txt       one image path per line (empty lines when unknown)
+    captions.txt    the caption texts (caption index only)
+
+It is always written into a temporary directory beside the target and renamed into place,
+so readers never see a half-written index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import EslmatchError
+
+FORMAT = "eslmatch-gallery-index"
+VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+KINDS = ("image", "caption")
+DTYPES = ("float32", "float16")
+
+MANIFEST = "manifest.json"
+SIDE = "side.npy"
+LENGTHS = "lengths.npy"
+GLOBAL = "global.npy"
+FAISS = "faiss.index"
+IDS = "ids.txt"
+PATHS = "paths.txt"
+CAPTIONS = "captions.txt"
+ARRAY_FILES = (SIDE, LENGTHS, GLOBAL)
+
+
+def data_files(kind: str) -> tuple[str, ...]:
+    """Every file of an index of ``kind`` except the manifest."""
+    files = (*ARRAY_FILES, FAISS, IDS, PATHS)
+    return (*files, CAPTIONS) if kind == "caption" else files
+
+
+class GalleryIndexError(EslmatchError):
+    """A gallery index that is damaged, of an unknown version, or built by another model."""
+
+
+# ---------------------------------------------------------------------- checksums
+def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_records(directory: Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """``{name: {"bytes", "sha256"}}`` of files in ``directory``."""
+    return {n: {"bytes": (directory / n).stat().st_size, "sha256": sha256_file(directory / n)} for n in names}
+
+
+def check_files(directory: Path, manifest: dict[str, Any], verify: bool) -> None:
+    """Every listed file exists with its recorded size (and sha256 when ``verify``)."""
+    records = manifest.get("files")
+    if not isinstance(records, dict):
+        raise GalleryIndexError(f"{directory / MANIFEST}: no 'files' table")
+    for name in data_files(manifest["kind"]):
+        path = directory / name
+        rec = records.get(name)
+        if not isinstance(rec, dict) or "bytes" not in rec or "sha256" not in rec:
+            raise GalleryIndexError(f"{directory / MANIFEST}: no size/checksum recorded for {name}")
+        if not path.is_file():
+            raise GalleryIndexError(f"{path}: missing file of the index (rebuild it with 'eslmatch index build')")
+        size = path.stat().st_size
+        if size != rec["bytes"]:
+            raise GalleryIndexError(f"{path}: {size} bytes, the manifest records {rec['bytes']} (truncated or modified)")
+        if verify and sha256_file(path) != rec["sha256"]:
+            raise GalleryIndexError(f"{path}: sha256 differs from the manifest (the file was modified or corrupted)")
+
+
+# ---------------------------------------------------------------------- model fingerprint
+_SAMPLES_PER_TENSOR = 1024
+_IGNORED_CONFIG_KEYS = ("extra", "text_model")
+
+
+def model_fingerprint(model: Any) -> str:
+    """A content fingerprint of a model: its configuration and a sample of every weight.
+
+    The configuration (without free-form ``extra`` and the text model's *location*), the
+    name, shape and dtype of every tensor of the state dict and up to 1,024 evenly spaced
+    values of each (all values of small tensors) are hashed. It is the same for a model
+    saved and reloaded, moved or copied, and differs for another training run or any
+    changed layer. Costs a few milliseconds even for BERT-base.
+    """
+    import torch
+
+    h = hashlib.sha256()
+    cfg = {k: v for k, v in model.config.to_dict().items() if k not in _IGNORED_CONFIG_KEYS}
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    tokens = getattr(getattr(model, "tokenizer", None), "tokens", None)
+    if isinstance(tokens, list):  # a WordVocab is part of a GRU model
+        h.update(json.dumps(tokens).encode())
+    with torch.no_grad():
+        for name, t in sorted(model.state_dict().items()):
+            if name.endswith("num_batches_tracked"):
+                continue  # training bookkeeping, no effect on scores
+            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+            flat = t.detach().reshape(-1)
+            if flat.numel() > _SAMPLES_PER_TENSOR:
+                idx = torch.linspace(0, flat.numel() - 1, _SAMPLES_PER_TENSOR, device=flat.device).long()
+                flat = flat[idx]
+            h.update(flat.to("cpu", torch.float64).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------- text files
+def write_lines(path: Path, items: Sequence[str]) -> None:
+    path.write_text("".join(f"{s}\n" for s in items), encoding="utf-8")
+
+
+def read_lines(path: Path, count: int) -> list[str]:
+    """Exactly ``count`` lines of ``path`` (empty lines kept)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GalleryIndexError(f"{path}: unreadable ({exc})") from exc
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if len(lines) != count:
+        raise GalleryIndexError(f"{path}: {len(lines)} lines, the index holds {count} items")
+    return lines
+
+
+def clean_line(value: Any, what: str, i: int) -> str:
+    s = "" if value is None else str(value)
+    if "\n" in s or "\r" in s:
+        raise EslmatchError(f"{what} {i} contains a line break: {s!r}")
+    return s
+
+
+# ---------------------------------------------------------------------- manifest
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """Parse and check the manifest's format, version and kind."""
+    if not directory.exists():
+        raise GalleryIndexError(f"{directory}: no such index directory")
+    if not directory.is_dir():
+        raise GalleryIndexError(f"{directory}: an index is a directory (built by 'eslmatch index build')")
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise GalleryIndexError(f"{path}: missing (not an eslmatch gallery index, or a damaged one)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise GalleryIndexError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise GalleryIndexError(f"{path}: not an eslmatch gallery index manifest (format != {FORMAT!r})")
+    version = manifest.get("version")
+    if version not in SUPPORTED_VERSIONS:
+        raise GalleryIndexError(
+            f"{path}: index format version {version!r} is not supported by this eslmatch "
+            f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))}); rebuild the index"
+        )
+    if manifest.get("kind") not in KINDS:
+        raise GalleryIndexError(f"{path}: kind {manifest.get('kind')!r} is not one of {', '.join(KINDS)}")
+    for key, typ in (("count", int), ("total_dim", int), ("width", int), ("dtype", str), ("model", dict), ("faiss", dict)):
+        if not isinstance(manifest.get(key), typ) or isinstance(manifest.get(key), bool):
+            raise GalleryIndexError(f"{path}: missing or invalid {key!r}")
+    if manifest["dtype"] not in DTYPES:
+        raise GalleryIndexError(f"{path}: dtype {manifest['dtype']!r} is not one of {', '.join(DTYPES)}")
+    if manifest["count"] < 1 or manifest["total_dim"] < 1 or manifest["width"] < 1:
+        raise GalleryIndexError(f"{path}: count, total_dim and width must be positive")
+    from .ann import FAISS_KINDS
+
+    if manifest["faiss"].get("kind") not in FAISS_KINDS:
+        raise GalleryIndexError(f"{path}: faiss kind {manifest['faiss'].get('kind')!r} is not one of {', '.join(FAISS_KINDS)}")
+    grid = manifest.get("grid")
+    if grid is not None and not (
+        isinstance(grid, list) and len(grid) == 2 and all(isinstance(v, int) and v > 0 for v in grid)
+    ):
+        raise GalleryIndexError(f"{path}: grid must be null or [h, w], got {grid!r}")
+    return manifest
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def open_array(path: Path) -> np.ndarray:
+    """Memory-map an ``.npy`` file (no pickles); failures name the file."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise GalleryIndexError(f"{path}: not a readable .npy array ({exc})") from exc
+    return arr
+
+
+# ---------------------------------------------------------------------- atomic directories
+def check_target(out: Path) -> None:
+    """Refuse to replace anything but an existing index (or an empty directory)."""
+    if out.is_file():
+        raise EslmatchError(f"{out}: a file is in the way (an index is a directory)")
+    if out.is_dir() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+        raise EslmatchError(f"{out}: a non-empty directory that is not an index; choose another --out")
+
+
+def temp_dir_beside(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished ``src`` to ``dst``; an old ``dst`` is removed only after."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def remove_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` to ``dst`` (same file system), else copy it."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)

@@ -1,0 +1,441 @@
+"""The FastAPI application behind ``eslmatch serve``.
+
+Endpoints (all errors are JSON ``{"error": "one line"}`` with a 4xx/5xx status):
+
+- ``POST /search`` ``{"text", "k", "rerank_k"}`` -> ranked gallery items with scores.
+- ``GET|POST /attention`` (``text``, ``id``) -> the word-by-region attention of one item,
+  ``weights (W, R)`` and the region ``grid (h, w)`` for drawing a heat-map.
+- ``GET /image/{id}`` -> the image file the index records for that id (looked up, never
+  joined from the request).
+- ``GET /healthz``, ``GET /`` (the search page) and ``/static/*``.
+
+Model inference runs on one dedicated worker thread, so requests never run the model
+concurrently; at most ``ServeConfig.max_pending`` inference jobs wait, beyond that the
+server answers 503 at once instead of piling up work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import mimetypes
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..errors import EslmatchError
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+MAX_ID_CHARS = 1024
+# Only files with these types are served from /image (defence in depth on top of the id lookup).
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp"}
+CSP = (
+    "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
+)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Limits on what one request may ask for."""
+
+    max_text_chars: int = 1000
+    max_body_bytes: int = 64 * 1024
+    max_k: int = 1000
+    max_rerank_k: int = 2000
+    default_k: int = 10
+    default_rerank_k: int = 100
+    max_pending: int = 256  # queued inference jobs before answering 503
+
+    def __post_init__(self) -> None:
+        for name in ("max_text_chars", "max_body_bytes", "max_k", "max_pending"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ServeConfig.{name} must be >= 1 (got {getattr(self, name)})")
+        if self.max_rerank_k < 0:
+            raise ValueError(f"ServeConfig.max_rerank_k must be >= 0 (got {self.max_rerank_k})")
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": message}`` with ``status``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str
+    k: int | None = None
+    rerank_k: int | None = None
+
+
+class AttentionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str
+    id: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers (unit-testable without a server)
+
+
+def check_text(text: str, config: ServeConfig) -> str:
+    """The query stripped; :class:`ApiError` 422 when empty or longer than the limit."""
+    if len(text) > config.max_text_chars:
+        raise ApiError(422, f"text is too long ({len(text)} characters, at most {config.max_text_chars})")
+    stripped = text.strip()
+    if not stripped:
+        raise ApiError(422, "text must not be empty")
+    return stripped
+
+
+def check_counts(k: int | None, rerank_k: int | None, config: ServeConfig) -> tuple[int, int]:
+    """``(k, rerank_k)`` with defaults filled in; :class:`ApiError` 422 when out of range."""
+    k = config.default_k if k is None else k
+    rerank_k = config.default_rerank_k if rerank_k is None else rerank_k
+    if not 1 <= k <= config.max_k:
+        raise ApiError(422, f"k must be between 1 and {config.max_k} (got {k})")
+    if not 0 <= rerank_k <= config.max_rerank_k:
+        raise ApiError(422, f"rerank_k must be between 0 and {config.max_rerank_k} (got {rerank_k})")
+    return k, rerank_k
+
+
+def image_url(item_id: str) -> str:
+    """The URL of ``GET /image/{id}``; the id is percent-encoded whole (slashes included)."""
+    return "/image/" + quote(item_id, safe="")
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    """FastAPI's list of validation errors as one line, without echoing the input."""
+    parts = []
+    for err in exc.errors():
+        if err.get("type") == "json_invalid":
+            return "invalid request: the body is not valid JSON"
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(parts[:5]) if parts else "invalid request"
+
+
+def _finite(x: Any) -> float | None:
+    if x is None:
+        return None
+    v = float(x)
+    return v if math.isfinite(v) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# ASGI middleware
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over ``limit`` bytes with 413 before anything parses them.
+
+    A declared ``Content-Length`` over the limit is refused without reading the body; a
+    body without one (chunked) is read only up to the limit, then replayed to the app.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    await _send_error(send, 400, "invalid Content-Length header")
+                    return
+                if declared > self.limit:
+                    await _send_error(send, 413, f"request body too large (at most {self.limit} bytes)")
+                    return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.limit:
+                await _send_error(send, 413, f"request body too large (at most {self.limit} bytes)")
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class SecurityHeadersMiddleware:
+    """Headers that keep the page and API self-contained (no inline script, no sniffing)."""
+
+    HEADERS = [
+        (b"x-content-type-options", b"nosniff"),
+        (b"referrer-policy", b"no-referrer"),
+        (b"x-frame-options", b"DENY"),
+        (b"content-security-policy", CSP.encode()),
+    ]
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + self.HEADERS
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+async def _send_error(send: Send, status: int, message: str) -> None:
+    body = JSONResponse({"error": message}).body
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close")],
+    })
+    await send({"type": "http.response.body", "body": body})
+
+
+# ---------------------------------------------------------------------------------------------
+# The application
+
+
+class Gallery:
+    """The index and model behind the server, with inference confined to one thread."""
+
+    def __init__(self, index: Any, model: Any, model_name: str, config: ServeConfig) -> None:
+        self.index = index
+        self.model = model
+        self.model_name = model_name
+        self.config = config
+        self.ids: list[str] = [str(i) for i in index.ids]
+        self._known = set(self.ids)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eslmatch-infer")
+        self._pending = 0  # touched only from the event loop thread
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True, cancel_futures=True)
+
+    def known(self, item_id: str) -> bool:
+        return item_id in self._known
+
+    async def infer(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the inference thread; 503 when too many jobs already wait."""
+        if self._pending >= self.config.max_pending:
+            raise ApiError(503, "server busy, try again shortly")
+        self._pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._worker, _no_grad(fn))
+        finally:
+            self._pending -= 1
+
+    def image_file(self, item_id: str) -> Path | None:
+        """The recorded image file of a known id, when it exists and is an image."""
+        if not self.known(item_id):
+            return None
+        recorded = self.index.image_path(item_id)
+        if not recorded:
+            return None
+        path = Path(recorded).resolve()
+        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+            return None
+        return path
+
+
+def _no_grad(fn: Callable[[], Any]) -> Callable[[], Any]:
+    def run() -> Any:
+        import torch
+
+        with torch.no_grad():
+            return fn()
+
+    return run
+
+
+def create_app(index: Any, model: Any, config: ServeConfig | None = None, model_name: str = "") -> FastAPI:
+    """The FastAPI app serving ``index`` (an opened gallery index) with ``model``.
+
+    ``index`` needs ``ids``, ``search_text(model, text, k, rerank_k) -> list[Hit]``,
+    ``attention(model, text, id) -> (words, weights (W, R), grid (h, w) | None)`` and
+    ``image_path(id) -> str | None`` (the :class:`eslmatch.retrieval.GalleryIndex` API).
+    """
+    config = config or ServeConfig()
+    gallery = Gallery(index, model, model_name, config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):  # noqa: ANN202 - FastAPI's lifespan protocol
+        yield
+        gallery.close()
+
+    app = FastAPI(title="eslmatch", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.gallery = gallery
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": validation_message(exc)}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(EslmatchError)
+    async def _library_error(request: Request, exc: EslmatchError) -> JSONResponse:
+        # The library refuses this query (e.g. a text the tokenizer cannot encode).
+        lines = str(exc).strip().splitlines()
+        return JSONResponse({"error": lines[0] if lines else type(exc).__name__}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": f"internal error ({type(exc).__name__})"}, status_code=500)
+
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers={"Cache-Control": "no-cache"})
+
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "items": len(gallery.ids), "model": gallery.model_name}
+
+    @app.post("/search")
+    async def search(req: SearchRequest) -> dict[str, Any]:
+        text = check_text(req.text, config)
+        k, rerank_k = check_counts(req.k, req.rerank_k, config)
+        start = time.perf_counter()
+        hits = await gallery.infer(lambda: gallery.index.search_text(gallery.model, text, k=k, rerank_k=rerank_k))
+        took_ms = (time.perf_counter() - start) * 1000.0
+        results = [
+            {
+                "rank": int(h.rank),
+                "id": str(h.id),
+                "score": _finite(h.score),
+                "first_stage_score": _finite(getattr(h, "first_stage_score", None)),
+                "image_url": image_url(str(h.id)) if gallery.image_file(str(h.id)) else None,
+            }
+            for h in hits
+        ]
+        return {"query": text, "results": results, "took_ms": round(took_ms, 3)}
+
+    async def attention(text: str, item_id: str) -> dict[str, Any]:
+        text = check_text(text, config)
+        if len(item_id) > MAX_ID_CHARS or not gallery.known(item_id):
+            raise ApiError(404, "unknown id")
+        start = time.perf_counter()
+        words, weights, grid = await gallery.infer(lambda: gallery.index.attention(gallery.model, text, item_id))
+        took_ms = (time.perf_counter() - start) * 1000.0
+        rows = [[_finite(v) or 0.0 for v in row] for row in _as_rows(weights)]
+        return {
+            "query": text,
+            "id": item_id,
+            "words": [str(w) for w in words],
+            "weights": rows,
+            "grid": [int(grid[0]), int(grid[1])] if grid is not None else None,
+            "image_url": image_url(item_id) if gallery.image_file(item_id) else None,
+            "took_ms": round(took_ms, 3),
+        }
+
+    @app.get("/attention")
+    async def attention_get(text: str, id: str) -> dict[str, Any]:  # noqa: A002 - the API's name
+        return await attention(text, id)
+
+    @app.post("/attention")
+    async def attention_post(req: AttentionRequest) -> dict[str, Any]:
+        return await attention(req.text, req.id)
+
+    @app.api_route("/image/{item_id:path}", methods=["GET", "HEAD"])
+    async def image(item_id: str) -> Response:
+        if len(item_id) > MAX_ID_CHARS or "\x00" in item_id:
+            raise ApiError(400, "invalid id")
+        path = gallery.image_file(item_id)
+        if path is None:
+            raise ApiError(404, "no image for this id")
+        media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.add_middleware(SecurityHeadersMiddleware)
+    app.add_middleware(BodyLimitMiddleware, limit=config.max_body_bytes)
+    return app
+
+
+def _as_rows(weights: Any) -> list[list[float]]:
+    if hasattr(weights, "tolist"):
+        weights = weights.tolist()
+    return [list(r) for r in weights]
+
+
+def load_app(
+    index_path: str | Path,
+    model_path: str | Path | None = None,
+    config: ServeConfig | None = None,
+    device: str = "cpu",
+) -> FastAPI:
+    """Open the index at ``index_path`` and its model (or ``model_path``) and build the app.
+
+    Raises :class:`eslmatch.errors.EslmatchError` when the index records no model and none
+    is given.
+    """
+    from ..errors import EslmatchError
+    from ..factory import load_model
+    from ..retrieval import GalleryIndex
+
+    index = GalleryIndex.open(index_path)
+    if getattr(index, "kind", "image") != "image":
+        raise EslmatchError(f"{index_path}: a {index.kind} index; eslmatch serve searches image indexes")
+    if model_path is None:
+        model_path = recorded_model(index)
+        if not model_path:
+            raise EslmatchError(f"{index_path}: the index records no model; pass --model")
+    model = load_model(model_path, map_location=device)
+    model.eval()
+    index.check_model(model)  # a model other than the index's fails here, not on the first query
+    return create_app(index, model, config, model_name=Path(str(model_path)).name)
+
+
+def recorded_model(index: Any) -> str | None:
+    """The model path an index records (``manifest["model"]`` as a path or ``{"path": ...}``)."""
+    path = getattr(index, "model_path", None)
+    if path:
+        return str(path)
+    recorded = (getattr(index, "manifest", None) or {}).get("model")
+    if isinstance(recorded, dict):
+        recorded = recorded.get("path")
+    return str(recorded) if recorded else None

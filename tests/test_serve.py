@@ -1,0 +1,491 @@
+"""``eslmatch serve``: the JSON API, its refusals, and a burst against a real uvicorn server."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import socket
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def _need(name: str):
+    """Skip without the optional web stack, except in CI (``CI`` set), where it must be installed."""
+    return importlib.import_module(name) if os.environ.get("CI") else pytest.importorskip(name)
+
+
+fastapi = _need("fastapi")
+httpx = _need("httpx")
+uvicorn = _need("uvicorn")
+
+from fastapi.testclient import TestClient  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+from eslmatch.cli import main  # noqa: E402
+from eslmatch.factory import load_model  # noqa: E402
+from eslmatch.retrieval import GalleryIndex, build_image_index  # noqa: E402
+from eslmatch.serve import ServeConfig, create_app, load_app  # noqa: E402
+from eslmatch.serve.app import image_url  # noqa: E402
+
+from _models import tiny_gru_model  # noqa: E402
+
+COLOURS = {"red": (214, 48, 49), "blue": (9, 132, 227), "green": (0, 148, 50)}
+SHAPES = ("circle", "square")
+ODD_ID = "set a/red circle #0"  # slash, space and '#' must survive URLs
+QUERIES = ["a red circle", "the blue square", "green circle left of a big square", "small red square", "a blue circle"]
+
+
+@dataclass
+class Gallery:
+    root: Path
+    index_dir: Path
+    model_dir: Path
+    ids: list[str]
+    paths: list[str]
+
+
+def draw_scene(path: Path, colour: str, shape: str, i: int, size: int = 96) -> None:
+    """A coloured shape on a light background, placed differently for each ``i``."""
+    img = Image.new("RGB", (size, size), (238, 236, 228))
+    d = ImageDraw.Draw(img)
+    x0, y0 = 10 + (i * 17) % 40, 12 + (i * 23) % 36
+    box = (x0, y0, x0 + 40, y0 + 40)
+    if shape == "circle":
+        d.ellipse(box, fill=COLOURS[colour])
+    else:
+        d.rectangle(box, fill=COLOURS[colour])
+    img.save(path)
+
+
+def make_gallery(root: Path, n: int = 12, odd_id: bool = False, broken: bool = False) -> Gallery:
+    """A tiny GRU model saved to disk, ``n`` PNG images and an image index over random
+    region features ``(n, 9, 16)`` on a 3x3 grid. ``broken`` adds two ids whose recorded
+    files cannot be served (a text file, a missing file)."""
+    model = tiny_gru_model()
+    model_dir = root / "model"
+    model.save_pretrained(model_dir)
+    images = root / "images"
+    images.mkdir(parents=True)
+    ids, paths = [], []
+    for i in range(n):
+        colour, shape = list(COLOURS)[i % 3], SHAPES[(i // 3) % 2]
+        path = images / f"{colour}-{shape}-{i}.png"
+        draw_scene(path, colour, shape, i)
+        ids.append(ODD_ID if odd_id and i == 0 else f"{colour}-{shape}-{i}")
+        paths.append(str(path))
+    if broken:
+        (images / "notes.txt").write_text("not an image\n")
+        ids += ["text-file", "gone"]
+        paths += [str(images / "notes.txt"), str(images / "gone.png")]
+    feats = np.random.default_rng(0).standard_normal((len(ids), 9, 16)).astype(np.float32)
+    index_dir = build_image_index(model, feats, root / "index", ids=ids, paths=paths, grid=(3, 3),
+                                  progress=False, model_path=model_dir)
+    return Gallery(root, Path(index_dir), model_dir, ids, paths)
+
+
+def free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@contextlib.contextmanager
+def running_server(app, timeout: float = 20.0) -> Iterator[str]:
+    """Run ``app`` with uvicorn on a free port of 127.0.0.1 in a thread; yields the base URL."""
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", server_header=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory) -> Gallery:
+    return make_gallery(tmp_path_factory.mktemp("serve"), odd_id=True, broken=True)
+
+
+@pytest.fixture(scope="module")
+def app(gallery):
+    return load_app(gallery.index_dir)
+
+
+@pytest.fixture(scope="module")
+def client(app) -> Iterator[TestClient]:
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def library(gallery):
+    """The index and model opened directly, for the answers the server must give."""
+    return GalleryIndex.open(gallery.index_dir), load_model(gallery.model_dir)
+
+
+def assert_error(resp, status: int | tuple[int, ...]) -> str:
+    statuses = (status,) if isinstance(status, int) else status
+    assert resp.status_code in statuses, (resp.status_code, resp.text[:200])
+    assert resp.headers["content-type"].startswith("application/json")
+    message = resp.json()["error"]
+    assert isinstance(message, str) and message and "\n" not in message
+    return message
+
+
+# --------------------------------------------------------------------------- happy paths
+
+
+def test_healthz(client, gallery):
+    body = client.get("/healthz").json()
+    assert body == {"status": "ok", "items": len(gallery.ids), "model": gallery.model_dir.name}
+
+
+def test_search_matches_the_library(client, library):
+    index, model = library
+    for text, k, rerank_k in [("a red circle", 5, 100), ("blue square above green", 3, 0), ("small circle", 14, 4)]:
+        resp = client.post("/search", json={"text": f"  {text} ", "k": k, "rerank_k": rerank_k})
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        hits = index.search_text(model, text, k=k, rerank_k=rerank_k)
+        assert body["query"] == text
+        assert body["took_ms"] >= 0
+        assert [r["rank"] for r in body["results"]] == list(range(1, len(hits) + 1))
+        assert [r["id"] for r in body["results"]] == [h.id for h in hits]
+        np.testing.assert_allclose([r["score"] for r in body["results"]], [h.score for h in hits], rtol=1e-6)
+        np.testing.assert_allclose([r["first_stage_score"] for r in body["results"]],
+                                   [h.first_stage_score for h in hits], rtol=1e-6)
+
+
+def test_search_defaults_and_small_gallery(client, gallery):
+    body = client.post("/search", json={"text": "a red circle"}).json()
+    assert len(body["results"]) == ServeConfig().default_k
+    body = client.post("/search", json={"text": "a red circle", "k": 1000}).json()
+    assert sorted(r["id"] for r in body["results"]) == sorted(gallery.ids)  # k > N gives all N
+
+
+def test_image_urls_serve_the_recorded_files(client, gallery):
+    body = client.post("/search", json={"text": "red circle", "k": len(gallery.ids)}).json()
+    by_id = {r["id"]: r["image_url"] for r in body["results"]}
+    assert by_id["text-file"] is None and by_id["gone"] is None  # nothing servable recorded
+    assert by_id[ODD_ID] == image_url(ODD_ID) and "%2F" in by_id[ODD_ID] and "%23" in by_id[ODD_ID]
+    for item_id, path in zip(gallery.ids[:-2], gallery.paths[:-2]):
+        resp = client.get(by_id[item_id])
+        assert resp.status_code == 200, (item_id, resp.text)
+        assert resp.headers["content-type"] == "image/png"
+        assert resp.content == Path(path).read_bytes()
+
+
+def test_attention_get_and_post(client, library, gallery):
+    index, model = library
+    item = gallery.ids[4]
+    words, weights, grid = index.attention(model, "a big red circle", item)
+    for resp in (client.get("/attention", params={"text": "a big red circle", "id": item}),
+                 client.post("/attention", json={"text": "a big red circle", "id": item})):
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        assert body["words"] == words
+        assert body["grid"] == [3, 3] == list(grid)
+        w = np.asarray(body["weights"])
+        assert w.shape == (len(words), 9)
+        np.testing.assert_allclose(w, weights, rtol=1e-6)
+        np.testing.assert_allclose(w.sum(1), 1.0, rtol=1e-6)
+        assert body["image_url"] == image_url(item)
+    assert_error(client.get("/attention", params={"text": "red", "id": "no-such-id"}), 404)
+    assert_error(client.get("/attention", params={"text": " ", "id": item}), 422)
+    assert_error(client.get("/attention", params={"text": "red"}), 422)
+
+
+def test_page_and_static_files_are_self_contained(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'id="search-form"' in page.text and '<label for="query"' in page.text
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert client.head("/").status_code == 200 and client.head("/healthz").status_code == 200
+    for name, kind in [("app.js", "javascript"), ("style.css", "text/css"), ("favicon.svg", "image/svg+xml")]:
+        resp = client.get(f"/static/{name}")
+        assert resp.status_code == 200 and kind in resp.headers["content-type"]
+    static = Path(__file__).resolve().parents[1] / "src" / "eslmatch" / "serve" / "static"
+    for f in static.iterdir():  # offline: nothing fetched from other hosts, no inline code
+        text = f.read_text().replace('xmlns="http://www.w3.org/2000/svg"', "")
+        assert "http://" not in text and "https://" not in text and "//cdn" not in text, f.name
+        assert "@import" not in text and "@font-face" not in text, f.name
+    assert "<script>" not in page.text and " onclick=" not in page.text and "style=" not in page.text
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        ({"text": ""}, "empty"),
+        ({"text": " \n\t "}, "empty"),
+        ({"text": "x" * 1001}, "too long"),
+        ({"text": "red", "k": 0}, "k must be"),
+        ({"text": "red", "k": 10**6}, "k must be"),
+        ({"text": "red", "k": -3}, "k must be"),
+        ({"text": "red", "rerank_k": -1}, "rerank_k must be"),
+        ({"text": "red", "rerank_k": 2001}, "rerank_k must be"),
+        ({"text": "red", "k": "ten"}, "k:"),
+        ({"text": "red", "k": 1.5}, "k:"),
+        ({"text": ["red"]}, "text:"),
+        ({"k": 3}, "text: Field required"),
+        ({"text": "red", "topk": 3}, "topk"),
+    ],
+)
+def test_bad_search_requests(client, body, fragment):
+    message = assert_error(client.post("/search", json=body), 422)
+    assert fragment in message
+
+
+def test_not_json_and_wrong_method(client):
+    assert "not valid JSON" in assert_error(
+        client.post("/search", content=b"{text: red", headers={"content-type": "application/json"}), 422)
+    assert_error(client.get("/search"), 405)
+    assert_error(client.get("/no/such/page"), 404)
+
+
+def test_huge_bodies_are_refused_before_parsing(client, monkeypatch):
+    from eslmatch.serve import app as app_module
+
+    def boom(*a, **k):  # the text check must never see a refused body
+        raise AssertionError("the endpoint ran")
+
+    monkeypatch.setattr(app_module, "check_text", boom)
+    big = b'{"text": "' + b"a" * (10 * 1024 * 1024) + b'"}'
+    start = time.perf_counter()
+    resp = client.post("/search", content=big, headers={"content-type": "application/json"})
+    took = time.perf_counter() - start
+    assert "too large" in assert_error(resp, 413)
+    print(f"10 MB body refused with 413 in {took * 1000:.1f} ms")
+
+    def chunks():  # no Content-Length: the limit applies while reading
+        for _ in range(4):
+            yield b"x" * 30_000
+
+    assert "too large" in assert_error(client.post("/search", content=chunks(),
+                                                   headers={"content-type": "application/json"}), 413)
+
+
+def test_body_just_under_the_limit_is_parsed(client):
+    body = json.dumps({"text": "a" * 60_000}).encode()
+    assert len(body) < ServeConfig().max_body_bytes
+    assert "too long" in assert_error(client.post("/search", content=body,
+                                                  headers={"content-type": "application/json"}), 422)
+
+
+def test_limits_are_configurable(gallery):
+    app = load_app(gallery.index_dir, config=ServeConfig(max_text_chars=5, max_k=2, max_rerank_k=3, max_body_bytes=200))
+    with TestClient(app) as c:
+        assert c.post("/search", json={"text": "red", "k": 2, "rerank_k": 3}).status_code == 200
+        assert "too long" in assert_error(c.post("/search", json={"text": "a red circle"}), 422)
+        assert_error(c.post("/search", json={"text": "red", "k": 3}), 422)
+        assert_error(c.post("/search", json={"text": "red", "k": 1, "rerank_k": 4}), 422)
+        assert_error(c.post("/search", json={"text": "red", "k": 1, "pad": "x" * 300}), 413)
+
+
+TRICKS = [
+    "/image/../../etc/passwd",
+    "/image/..%2F..%2Fetc%2Fpasswd",
+    "/image/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+    "/image/%2E%2E/%2E%2E/etc/passwd",
+    "/image/%252e%252e%252fetc%252fpasswd",
+    "/image/..%5c..%5cetc%5cpasswd",
+    "/image//etc/passwd",
+    "/image/%2Fetc%2Fpasswd",
+    "/image/....//....//etc/passwd",
+    "/image/%c0%ae%c0%ae/etc/passwd",
+    "/image/red-circle-0%00.png",
+    "/image/" + "a" * 5000,
+]
+
+
+@pytest.mark.parametrize("url", TRICKS)
+def test_image_path_tricks_never_leave_the_index(client, gallery, url):
+    # A real file beside the index, reachable by a traversal if ids were ever joined to paths.
+    (gallery.root / "secret.png").write_bytes(b"SECRET")
+    resp = client.get(url)
+    assert_error(resp, (400, 404))
+    assert b"root:" not in resp.content and b"SECRET" not in resp.content
+    for rel in ("../secret.png", "..%2Fsecret.png", "%2E%2E%2Fsecret.png", "images/../../secret.png"):
+        r = client.get(f"/image/{rel}")
+        assert r.status_code in (400, 404) and b"SECRET" not in r.content
+
+
+def test_image_unknown_unservable_ids(client, gallery):
+    assert_error(client.get("/image/no-such-id"), 404)
+    assert_error(client.get("/image/text-file"), 404)  # recorded, but not an image type
+    assert_error(client.get("/image/gone"), 404)  # recorded, but missing on disk
+    assert client.get(image_url(gallery.ids[1])).status_code == 200
+
+
+@pytest.mark.parametrize("text, status", [("!!!", 422), ("\u200b", 422), ("\u00e9t\u00e9 \u2603 \U0001F600", 200),
+                                          ("<script>alert(1)</script>", 200), ("RED circle", 200)])
+def test_odd_texts_are_answered_not_crashed(client, gallery, text, status):
+    for resp in (client.post("/search", json={"text": text, "k": 3}),
+                 client.get("/attention", params={"text": text, "id": gallery.ids[1]})):
+        if status == 200:
+            assert resp.status_code == 200, resp.text
+        else:
+            assert "no words" in assert_error(resp, status)
+
+
+class GatedIndex:
+    """Delegates to a real index; ``search_text`` waits until the test opens the gate."""
+
+    def __init__(self, index) -> None:
+        self.inner = index
+        self.ids = index.ids
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def search_text(self, *args, **kwargs):
+        self.entered.set()
+        assert self.gate.wait(20)
+        return self.inner.search_text(*args, **kwargs)
+
+    def attention(self, *args, **kwargs):
+        return self.inner.attention(*args, **kwargs)
+
+    def image_path(self, item_id):
+        return self.inner.image_path(item_id)
+
+
+def test_inference_queue_is_bounded(library):
+    index, model = library
+    gated = GatedIndex(index)
+    app = create_app(gated, model, ServeConfig(max_pending=1))
+    with running_server(app) as base, ThreadPoolExecutor(max_workers=1) as pool:
+        first = pool.submit(httpx.post, f"{base}/search", json={"text": "red"}, timeout=30)
+        assert gated.entered.wait(20)
+        # The one slot is taken: a second search is refused at once; other endpoints still answer.
+        assert "busy" in assert_error(httpx.post(f"{base}/search", json={"text": "blue"}, timeout=30), 503)
+        assert httpx.get(f"{base}/healthz", timeout=30).status_code == 200
+        gated.gate.set()
+        assert first.result().status_code == 200
+        assert httpx.post(f"{base}/search", json={"text": "blue"}, timeout=30).status_code == 200
+
+
+# --------------------------------------------------------------------------- burst
+
+
+def test_burst_against_a_real_server(app, gallery, library):
+    """1,000 requests, 8 at a time, on 127.0.0.1: no errors, answers equal to sequential ones."""
+    index, model = library
+    expected = {q: [(h.id, h.score) for h in index.search_text(model, q, k=5, rerank_k=100)] for q in QUERIES}
+    image = image_url(gallery.ids[2])
+    local = threading.local()
+
+    def one(i: int) -> tuple[bool, float, str]:
+        client = getattr(local, "client", None)
+        if client is None:
+            client = local.client = httpx.Client(base_url=base, timeout=30.0)
+        start = time.perf_counter()
+        try:
+            if i % 10 == 0:
+                r = client.get("/healthz")
+                ok = r.status_code == 200 and r.json()["items"] == len(gallery.ids)
+            elif i % 10 == 1:
+                r = client.get(image)
+                ok = r.status_code == 200 and r.content[:8] == b"\x89PNG\r\n\x1a\n"
+            else:
+                q = QUERIES[i % len(QUERIES)]
+                r = client.post("/search", json={"text": q, "k": 5})
+                got = [(x["id"], x["score"]) for x in r.json()["results"]] if r.status_code == 200 else None
+                ok = got is not None and [g[0] for g in got] == [e[0] for e in expected[q]] and np.allclose(
+                    [g[1] for g in got], [e[1] for e in expected[q]], rtol=1e-6)
+            return ok, time.perf_counter() - start, "" if ok else f"{r.status_code} {r.text[:120]}"
+        except httpx.HTTPError as exc:
+            return False, time.perf_counter() - start, repr(exc)
+
+    with running_server(app) as base:
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            outcomes = list(pool.map(one, range(1000)))
+        wall = time.perf_counter() - start
+        assert httpx.get(f"{base}/healthz").status_code == 200  # still serving after the burst
+    errors = [o[2] for o in outcomes if not o[0]]
+    lat = sorted(o[1] for o in outcomes)
+    p95 = lat[int(0.95 * len(lat)) - 1]
+    print(f"burst: 1000 requests, concurrency 8, {wall:.2f} s, {1000 / wall:.0f} req/s, "
+          f"median {statistics.median(lat) * 1000:.1f} ms, p95 {p95 * 1000:.1f} ms, errors {len(errors)}")
+    assert errors == [], errors[:5]
+
+
+def test_real_server_refuses_a_10mb_body(app):
+    with running_server(app) as base:
+        big = b'{"text": "' + b"a" * (10 * 1024 * 1024) + b'"}'
+        try:
+            resp = httpx.post(f"{base}/search", content=big, headers={"content-type": "application/json"}, timeout=30)
+        except httpx.TransportError:  # the server may close before the client finishes sending
+            resp = None
+        if resp is not None:
+            assert_error(resp, 413)
+        assert httpx.get(f"{base}/healthz").status_code == 200
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_cli_serve_wiring(gallery, monkeypatch, capsys):
+    calls = {}
+
+    def fake_run(app, **kwargs):
+        calls.update(kwargs, app=app)
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    assert main(["serve", "--index", str(gallery.index_dir), "--port", "0"]) == 0
+    assert calls["host"] == "127.0.0.1" and calls["port"] == 0
+    assert "warning" not in capsys.readouterr().err
+    with TestClient(calls["app"]) as c:
+        assert c.get("/healthz").json()["items"] == len(gallery.ids)
+
+    assert main(["serve", "--index", str(gallery.index_dir), "--host", "0.0.0.0", "--max-text", "7"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: binding to 0.0.0.0" in err
+    with TestClient(calls["app"]) as c:
+        assert "at most 7" in c.post("/search", json={"text": "a red circle"}).json()["error"]
+
+
+def test_cli_serve_errors_are_one_line(gallery, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: pytest.fail("must not start"))
+    other = tmp_path / "other"
+    tiny_gru_model(seed=1, embed_size=64).save_pretrained(other)
+    cases = [
+        (["--index", str(tmp_path / "missing")], "missing"),
+        (["--index", str(gallery.index_dir), "--model", str(other)], "model"),
+        (["--index", str(gallery.index_dir), "--max-k", "0"], "max_k"),
+        (["--index", str(gallery.index_dir), "--port", "70000"], "--port"),
+    ]
+    for args, fragment in cases:
+        assert main(["serve", *args]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("eslmatch: error:") and len(err.splitlines()) == 1 and fragment in err, err
+
+
+def test_create_app_with_an_open_index(library):
+    index, model = library
+    with TestClient(create_app(index, model, model_name="m")) as c:
+        assert c.get("/healthz").json()["model"] == "m"
+        assert c.post("/search", json={"text": "red", "k": 2}).status_code == 200

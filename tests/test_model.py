@@ -233,3 +233,13 @@ def test_frozen_bert_backbone_is_cached_and_equal():
     assert all(p.grad is None for p in frozen.text_encoder.backbone.parameters())
     assert frozen.text_encoder.proj.weight.grad is not None
     assert not frozen.text_encoder.backbone.training
+
+
+def test_frozen_cache_is_shared_by_content_and_rekeyed_on_load():
+    cfg = tiny_bert_config(vocab_size=40)
+    config = ESLConfig(embed_size=32, num_levels=3, img_dim=16, text_model=None, freeze_text_backbone=True)
+    a = ESLModel(config, bert_from_config(cfg))
+    b = ESLModel(config, bert_from_config(cfg))  # other random weights: another cache
+    assert a.text_encoder._cache is not b.text_encoder._cache
+    b.load_state_dict(a.state_dict())  # same weights now: the same cache
+    assert a.text_encoder._cache is b.text_encoder._cache

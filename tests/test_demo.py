@@ -22,7 +22,7 @@ def test_chance_rsum_matches_random_scores():
 
 def test_tiny_demo_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    s = DemoSettings(n_train=40, n_dev=10, n_test=12, epochs=2, batch_size=16, embed_size=64, num_levels=3,
+    s = DemoSettings(n_train=40, n_dev=10, n_test=12, epochs=2, batch_size=16, embed_size=64, num_levels=3, feature_size=128,
                      cache_dir=tmp_path / "cache", out_dir=tmp_path / "report", progress=False)
     lines: list[str] = []
     results = run_demo(s, log=lines.append)

@@ -18,6 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--train", type=int, default=d.n_train, help="training images (5 captions each)")
     s.add_argument("--dev", type=int, default=d.n_dev, help="validation images")
     s.add_argument("--test", type=int, default=d.n_test, help="test images (1,000 as Flickr30K's test split)")
+    s.add_argument("--feature-size", type=int, default=d.feature_size,
+                   help=f"extractor input size in pixels (default {d.feature_size}: a 6 x 6 region grid)")
     s.add_argument("--epochs", type=int, default=d.epochs)
     s.add_argument("--batch-size", type=int, default=d.batch_size)
     s.add_argument("--embed-size", type=int, default=d.embed_size)
@@ -32,11 +34,12 @@ def run(args: argparse.Namespace) -> int:
     from ..demo.pipeline import DemoSettings, default_cache_dir, run_demo
     from ..errors import EslmatchError
 
-    for name in ("train", "dev", "test", "epochs", "batch_size", "embed_size"):
+    for name in ("train", "dev", "test", "epochs", "batch_size", "embed_size", "feature_size"):
         if getattr(args, name) < 1:
             raise EslmatchError(f"--{name.replace('_', '-')} must be at least 1")
     settings = DemoSettings(
         n_train=args.train, n_dev=args.dev, n_test=args.test, seed=args.seed, epochs=args.epochs,
+        feature_size=args.feature_size,
         batch_size=args.batch_size, embed_size=args.embed_size, num_levels=args.levels, strategy=args.strategy,
         cache_dir=args.cache or default_cache_dir(), out_dir=args.out, progress=not args.no_progress,
     )

@@ -254,3 +254,20 @@ def test_vse_baseline_honours_the_frozen_text_backbone():
     model = VSEModel(config, bert_from_config(cfg))
     assert model.text_encoder.frozen
     assert not any(p.requires_grad for p in model.text_encoder.backbone.parameters())
+
+
+def test_global_head_is_a_trainable_first_stage_scorer():
+    from eslmatch.train import loss_terms
+
+    model = tiny_gru_model("adaptive")
+    model.config.global_loss_weight = 0.5
+    names = [name for name, _, _ in loss_terms(model)]
+    assert names == ["match", "global"]
+    images, img_len, caps, cap_len = random_inputs(model, 3, 3, 5, 6, seed=13)
+    g = model.global_head.similarity(images, img_len, caps, cap_len)
+    with torch.no_grad():
+        img, cap = model.embed_images(images, img_len), model.embed_captions(caps, cap_len)
+        expect = model.global_images(img, img_len) @ model.global_captions(cap, cap_len).t()
+    assert torch.allclose(g.detach(), expect, atol=1e-6)
+    g.sum().backward()
+    assert model.correspondence.S[0].grad is not None and model.image_encoder.fc.weight.grad is not None

@@ -49,6 +49,7 @@ class DemoSettings:
     # Hinge summed over all negatives for this many epochs, hardest negatives after; a
     # 4-epoch budget learns better without the switch (it is the released recipe's warm-up).
     warmup_epochs: int = 6
+    global_loss_weight: float = 0.1  # ESL's auxiliary first-stage loss (two-stage search)
     region_drop: float = 0.2
     cache_dir: Path = field(default_factory=lambda: default_cache_dir())
     out_dir: Path = Path("demo_report")
@@ -137,7 +138,8 @@ def train_config(s: DemoSettings, data: Path, model_type: str, out: Path) -> Any
         "output_dir": str(out),
         "model": {"model_type": model_type, "strategy": s.strategy, "embed_size": s.embed_size,
                   "num_levels": s.num_levels, "img_dim": 1280, "text_encoder": "bert",
-                  "text_model": text_model_path(), "freeze_text_backbone": True},
+                  "text_model": text_model_path(), "freeze_text_backbone": True,
+                  "global_loss_weight": s.global_loss_weight if model_type == "esl" else 0.0},
         "epochs": s.epochs, "lr_decay_epoch": max(1, s.epochs - 1), "batch_size": s.batch_size, "lr": s.lr,
         "vse_mean_warmup_epochs": min(s.warmup_epochs, s.epochs), "region_drop": s.region_drop, "word_mask": 0.0,
         "seed": s.seed, "workers": 0, "log_every": 10, "save_every_steps": 10_000, "device": "cpu",

@@ -177,6 +177,11 @@ class ESLModel(nn.Module):
         """First-stage caption vectors ``(M, Dt)``: the mean of the level features over real words."""
         return _masked_mean(caption_emb.to(self.device), torch.as_tensor(caption_lengths).long().to(self.device))
 
+    @property
+    def global_head(self) -> GlobalScorer:
+        """The first-stage scorer (exact mean affinity), trained by the auxiliary loss."""
+        return GlobalScorer(self)
+
     def score(
         self,
         image_emb: Tensor,
@@ -305,6 +310,35 @@ class ESLModel(nn.Module):
             raise CheckpointError(f"{d / WEIGHTS_NAME}: cannot read weights ({exc})") from exc
         load_state_strict(model, state, str(d / WEIGHTS_NAME))
         return model.to(map_location).eval()
+
+
+class GlobalScorer:
+    """First-stage view of an :class:`ESLModel`: same embeddings, scores are the inner
+    products of :meth:`ESLModel.global_images` and :meth:`ESLModel.global_captions` (each
+    pair's mean word-region affinity). Holds no parameters of its own; training uses it for
+    the auxiliary global-embedding loss (``config.global_loss_weight``), retrieval for the
+    shortlist.
+    """
+
+    def __init__(self, model: ESLModel) -> None:
+        self.model = model
+
+    def embed_images(self, images: Tensor, image_lengths: Tensor | Sequence[int] | None = None) -> Tensor:
+        return self.model.embed_images(images, image_lengths)
+
+    def embed_captions(self, captions: Tensor, caption_lengths: Tensor | Sequence[int]) -> Tensor:
+        return self.model.embed_captions(captions, caption_lengths)
+
+    def score(self, image_emb: Tensor, image_lengths: Tensor | Sequence[int] | None, caption_emb: Tensor,
+              caption_lengths: Tensor | Sequence[int]) -> Tensor:
+        """``(N, M)`` first-stage scores from level features."""
+        m = self.model
+        return m.global_images(image_emb, image_lengths) @ m.global_captions(caption_emb, caption_lengths).t()
+
+    def similarity(self, images: Tensor, image_lengths: Tensor | Sequence[int] | None, captions: Tensor,
+                   caption_lengths: Tensor | Sequence[int]) -> Tensor:
+        return self.score(self.embed_images(images, image_lengths), image_lengths,
+                          self.embed_captions(captions, caption_lengths), caption_lengths)
 
 
 def _masked_mean(x: Tensor, lengths: Tensor) -> Tensor:

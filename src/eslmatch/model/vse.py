@@ -64,15 +64,8 @@ class VSEModel(nn.Module):
     device = ESLModel.device
 
     # ------------------------------------------------------------------ public API
-    def encode_images(self, images: Tensor, image_lengths: Tensor | Sequence[int] | None = None) -> Tensor:
-        """Region embeddings ``(N, R, E)``."""
-        images, lengths = self._check_images(images, image_lengths)
-        return self.image_encoder(images, lengths_to_mask(lengths, images.shape[1]))
-
-    def encode_captions(self, captions: Tensor, caption_lengths: Tensor | Sequence[int]) -> Tensor:
-        """Word embeddings ``(M, W, E)``."""
-        captions, lengths = self._check_captions(captions, caption_lengths)
-        return self.text_encoder(captions, lengths)
+    encode_images = ESLModel.encode_images  # region embeddings (N, R, E)
+    encode_captions = ESLModel.encode_captions  # word embeddings (M, W, E)
 
     def embed_images(self, images: Tensor, image_lengths: Tensor | Sequence[int] | None = None) -> Tensor:
         """Global image embeddings ``(N, E)``: l2n of the mean of the valid region embeddings."""

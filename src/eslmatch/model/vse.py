@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from ..config import ESLConfig
 from ..errors import EslmatchError, InputError
 from ..scoring import DEFAULT_BUDGET_BYTES
-from ..text import tokenize
 from .encoders import RegionEncoder, build_text_encoder, lengths_to_mask
 from .esl import ESLModel
 from .functional import l2n
@@ -111,9 +110,7 @@ class VSEModel(nn.Module):
 
     forward = similarity
 
-    def tokenize(self, texts: Sequence[str] | str) -> tuple[Tensor, Tensor]:
-        """Captions -> ``(ids (M, W), lengths (M,))`` with this model's tokenizer."""
-        return tokenize(self.tokenizer, texts)
+    tokenize = ESLModel.tokenize  # captions -> (ids (M, W), lengths (M,))
 
     def parameter_counts(self) -> dict[str, int]:
         """Number of parameters per part of the model."""

@@ -136,7 +136,7 @@ def train_small_model(feats: np.ndarray, captions: list[str], args: argparse.Nam
 
     vocab = WordVocab.build(captions)
     cfg = ESLConfig(embed_size=args.train_embed_size, num_levels=3, img_dim=feats.shape[2], text_encoder="gru",
-                    text_model=None, vocab_size=len(vocab), word_dim=64, global_loss_weight=args.global_loss_weight)
+                    text_model=None, vocab_size=len(vocab), word_dim=64)
     torch.manual_seed(0)
     model = ESLModel(cfg, tokenizer=vocab)
     ids_all, lens_all = model.tokenize(captions)
@@ -154,9 +154,9 @@ def train_small_model(feats: np.ndarray, captions: list[str], args: argparse.Nam
         cap = model.embed_captions(ids, lens)
         hardest = step >= args.train_steps // 5
         loss = triplet_loss(model.score(img, None, cap, lens), 0.2, max_violation=hardest)
-        if cfg.global_loss_weight > 0:
-            g = model.global_images(img) @ model.global_captions(cap, lens).t()
-            loss = loss + cfg.global_loss_weight * triplet_loss(g, 0.2, max_violation=hardest)
+        if args.global_loss_weight > 0:
+            g = model.index_vectors_images(img) @ model.index_vectors_captions(cap, lens).t()
+            loss = loss + args.global_loss_weight * triplet_loss(g, 0.2, max_violation=hardest)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)

@@ -40,9 +40,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from eslmatch import ESLModel
 from eslmatch.config import ESLConfig
-from eslmatch.model.esl import ESLModel
-from eslmatch.scoring import DEFAULT_BUDGET_BYTES, score_tiles
+from eslmatch.scoring import DEFAULT_BUDGET_BYTES, ScoringOptions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -255,14 +255,14 @@ def bench_scoring(model, n: int, m: int, device, precisions: list[str], baseline
                  "max_rel_err": 0.0, "peak_mem_bytes": base_mem, "extrapolated": True})
 
     for precision in precisions:
-        def run() -> torch.Tensor:
+        def run(precision: str = precision) -> torch.Tensor:
             with torch.no_grad():
-                return score_tiles(cap, lens_d, model.prepare_images(img), img_len, scale,
-                                   model.pooling.slope, model.pooling.eps, budget, precision=precision)
+                return model.score_prepared(model.prepare_images(img), img_len, cap, lens_d,
+                                            ScoringOptions(budget_bytes=budget, precision=precision))
         if device.type == "cuda":  # compile / cuBLAS warm-up on a slice
             with torch.no_grad():
-                score_tiles(cap[:64], lens_d[:64], model.prepare_images(img[:64]), img_len[:64], scale,
-                            model.pooling.slope, model.pooling.eps, budget, precision=precision)
+                model.score_prepared(model.prepare_images(img[:64]), img_len[:64], cap[:64], lens_d[:64],
+                                     ScoringOptions(budget_bytes=budget, precision=precision))
         scores, secs, mem = timed(run, device)
         err = rel_err(scores[:, subset.to(device)], base_scores)
         rows.append({"method": f"engine {precision}", "seconds": secs, "cpu_seconds": LAST_CPU_SECONDS[0],
@@ -292,8 +292,7 @@ def bench_training(model: ESLModel, device: torch.device, batch: int, precision:
         img = model.embed_images(images)
         cap = model.embed_captions(ids, lens)
         il = torch.full((batch,), img.shape[1], dtype=torch.long)
-        s = score_tiles(cap, lens.to(device), model.prepare_images(img), il.to(device), model.pooling.scale(),
-                        model.pooling.slope, model.pooling.eps, model.budget_bytes, precision=precision)
+        s = model.score(img, il.to(device), cap, lens.to(device), ScoringOptions(precision=precision))
         loss = hinge(s)
         loss.backward()
         return float(loss.detach())

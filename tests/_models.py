@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import pytest
 import torch
 
 from eslmatch.config import ESLConfig
@@ -12,6 +13,12 @@ from eslmatch.model.esl import ESLModel
 from eslmatch.text import WordVocab
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+# The released code's reference outputs live beside the repository (../shared), not in it: a
+# plain clone skips the tests that read them, with this one-line reason.
+needs_fixtures = pytest.mark.skipif(
+    not (FIXTURES / "official_adaptive.pth.tar").is_file(),
+    reason=f"reference fixtures not found at {FIXTURES} (a clone without ../shared)",
+)
 WORDS = ["a", "red", "blue", "green", "circle", "square", "left", "of", "right", "above", "big", "small", "the", "and"]
 
 

@@ -33,7 +33,6 @@ else:
 from eslmatch.factory import load_model  # noqa: E402
 from eslmatch.retrieval import GalleryIndex  # noqa: E402
 from eslmatch.serve import load_app  # noqa: E402
-
 from test_serve import make_gallery, running_server  # noqa: E402
 
 # Pixels of the heat-map canvas: (count with alpha > 0, distinct colours, total).

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 import eslmatch
+from _models import FIXTURES, make_released_checkpoint, needs_fixtures, released_inputs
 from eslmatch.cli import main
-
-from _models import FIXTURES, make_released_checkpoint, released_inputs
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +65,7 @@ def test_score_matches_after_convert(capsys, released, tmp_path):
     assert np.array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
 
 
+@needs_fixtures
 def test_score_reference_fixture(capsys):
     code, out, _ = run_cli(capsys, "score", str(FIXTURES / "official_adaptive.pth.tar"),
                            "--inputs", str(FIXTURES / "official_adaptive_io.npz"), "--compare", "sims")

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from _datagen import make_precomp
+from _models import tiny_gru_model
 from eslmatch.data import (
     CaptionDataset,
     build_vocab,
@@ -22,9 +24,6 @@ from eslmatch.data import (
 from eslmatch.data.augment import augment_caption
 from eslmatch.errors import EslmatchError
 from eslmatch.text import UNK, WordVocab
-
-from _datagen import make_precomp
-from _models import tiny_gru_model
 
 BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "circle", "square", "the",
               "big", "##s", "##gest", "left", "of", ".", "and"]

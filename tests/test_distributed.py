@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from _models import randomize, tiny_vocab
 from eslmatch.config import ESLConfig
 from eslmatch.distributed import (
     DistContext,
-    enable_sync_batchnorm,
     free_port,
     gather_padded,
     init_distributed,
@@ -25,10 +25,9 @@ from eslmatch.distributed import (
     sum_value,
 )
 from eslmatch.errors import EslmatchError
-from eslmatch.model.vse import build_model
-from eslmatch.train import TrainStep
-
-from _models import randomize, tiny_vocab
+from eslmatch.factory import build_model
+from eslmatch.losses import LossSettings, MatchingLoss
+from eslmatch.model.encoders import enable_sync_batchnorm
 
 BATCH = 128  # the global batch: 2 ranks x 64 against 1 process x 128
 WORLD = 2
@@ -69,16 +68,18 @@ def run_steps(model, ctx: DistContext, share: slice, wrap) -> dict:
     """Two steps (VSE0 then hardest negatives) on the same batch; loss, grads, BN stats."""
     dtype = next(model.parameters()).dtype
     images, img_len, caps, cap_len = make_batch(model.config.vocab_size, dtype)
-    step = wrap(TrainStep(model, ctx))
+    loss = MatchingLoss(model, LossSettings(), ctx)
+    step = wrap(loss)
     out: dict = {}
     w = images[share].shape[1]
     for max_violation in (False, True):
         model.zero_grad(set_to_none=True)
+        loss.settings.max_violation = max_violation
         # each rank trims its padding, as collate does for its own items
         r_loc = int(img_len[share].max())
         w_loc = int(cap_len[share].max())
         assert r_loc <= w
-        losses = step(images[share][:, :r_loc], img_len[share], caps[share][:, :w_loc], cap_len[share], max_violation)
+        losses = step(images[share][:, :r_loc], img_len[share], caps[share][:, :w_loc], cap_len[share])
         (losses["loss"] * ctx.world_size).backward()
         out[max_violation] = {
             "loss": float(sum_value(ctx, losses["loss"].detach())),
@@ -98,7 +99,7 @@ def _worker(rank: int, world: int, port: int, path: str) -> None:
     results = {}
     for model_type, dtype in CASES:
         model = make_model(model_type, dtype)
-        assert enable_sync_batchnorm(model, ctx) == 1
+        assert enable_sync_batchnorm(model, ctx.group, ctx.distributed) == 1
         results[f"{model_type}-{dtype}"] = run_steps(model, ctx, rank_slice(BATCH, ctx), DistributedDataParallel)
     if rank == 0:
         torch.save(results, path)
@@ -145,9 +146,9 @@ def test_hardest_negative_loss_differs_from_local_batches():
     """The global batch matters: two halves scored apart give a different loss."""
     model = make_model("esl")
     images, img_len, caps, cap_len = make_batch(model.config.vocab_size, torch.float32)
-    step = TrainStep(model, DistContext())
-    whole = float(step(images, img_len, caps, cap_len, True)["loss"].detach())
-    halves = sum(float(step(images[s], img_len[s], caps[s], cap_len[s], True)["loss"].detach())
+    step = MatchingLoss(model, LossSettings(max_violation=True))
+    whole = float(step(images, img_len, caps, cap_len)["loss"].detach())
+    halves = sum(float(step(images[s], img_len[s], caps[s], cap_len[s])["loss"].detach())
                  for s in (slice(0, 8), slice(8, 16)))
     assert abs(whole - halves) > 1e-3
 
@@ -208,10 +209,10 @@ def test_bf16_autocast_step(model_type):
     engine in float32; the loss stays close to float32 and every gradient is finite."""
     model = make_model(model_type)
     images, img_len, caps, cap_len = make_batch(model.config.vocab_size, torch.float32)
-    step = TrainStep(model, DistContext())
-    exact = float(step(images, img_len, caps, cap_len, False)["loss"].detach())
+    step = MatchingLoss(model, LossSettings())
+    exact = float(step(images, img_len, caps, cap_len)["loss"].detach())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = step(images, img_len, caps, cap_len, False)
+        out = step(images, img_len, caps, cap_len)
     assert out["loss"].dtype == torch.float32
     out["loss"].backward()
     print(f"{model_type}: loss float32 {exact:.4f}, bf16 autocast {float(out['loss'].detach()):.4f}")

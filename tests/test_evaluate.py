@@ -12,12 +12,11 @@ import pytest
 import torch
 
 import eslmatch.evaluate as ev
+from _datagen import make_precomp
+from _models import tiny_gru_model
 from eslmatch.cli import main
 from eslmatch.data import open_split
 from eslmatch.errors import EslmatchError
-
-from _datagen import make_precomp
-from _models import tiny_gru_model
 
 ESLMATCH = Path(sys.executable).with_name("eslmatch")
 

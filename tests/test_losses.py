@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from _models import FIXTURES, needs_fixtures
 from eslmatch.losses import hinge_rows, triplet_loss
 
-from _models import FIXTURES
 
-
+@needs_fixtures
 def test_released_fixture_values():
     data = np.load(FIXTURES / "official_adaptive_io.npz", allow_pickle=False)
     sims = torch.from_numpy(data["sims"][:, :12])

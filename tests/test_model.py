@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
-from eslmatch import ESLConfig, ESLModel, EslmatchError, InputError
-from eslmatch.model.encoders import bert_from_config
-from eslmatch.reference import reference_similarity
-
 from _models import randomize, tiny_bert_config, tiny_bert_tokenizer, tiny_gru_model
+from eslmatch import ESLConfig, EslmatchError, ESLModel, InputError, VSEModel
+from eslmatch.losses import LossSettings, MatchingLoss, triplet_loss
+from eslmatch.model.encoders import bert_from_config
 
 
 def random_inputs(model, n_images, n_caps, regions, words, seed=0, pad_regions=True):
@@ -53,7 +50,7 @@ def test_reference_equals_batched(i, cfg):
     images, img_len, caps, cap_len = random_inputs(model, 4, 6, regions, words, seed=i)
     with torch.no_grad():
         batched = model.similarity(images, img_len, caps, cap_len)
-    ref = reference_similarity(model, images, img_len, caps, cap_len)
+    ref = model.reference_similarity(images, img_len, caps, cap_len)
     assert batched.shape == (4, 6)
     assert rel_err(batched, ref) <= 1e-5
 
@@ -141,7 +138,6 @@ def test_save_and_load_gru_offline(tmp_path, monkeypatch):
 
 
 def test_save_and_load_bert_with_tokenizer_offline(tmp_path, monkeypatch):
-    from transformers import BertModel
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tok = tiny_bert_tokenizer(tmp_path / "tok")
@@ -200,16 +196,14 @@ def test_config_validation():
 
 @pytest.mark.parametrize("strategy", ["adaptive", "heuristic"])
 def test_global_vectors_give_the_exact_mean_affinity(strategy):
-    from eslmatch.reference import pair_affinity
-
     model = tiny_gru_model(strategy).eval()
     images, img_len, caps, cap_len = random_inputs(model, 3, 4, 6, 7, seed=11)
     with torch.no_grad():
         img, cap = model.embed_images(images, img_len), model.embed_captions(caps, cap_len)
-        fast = model.global_images(img, img_len) @ model.global_captions(cap, cap_len).t()
+        fast = model.index_vectors_images(img, img_len) @ model.index_vectors_captions(cap, cap_len).t()
         for i in range(3):
             for j in range(4):
-                a = pair_affinity(model, cap[j, : cap_len[j]], img[i, : img_len[i]])
+                a = model.pair_affinity(cap[j, : cap_len[j]], img[i, : img_len[i]])
                 assert abs(float(a.mean() - fast[i, j])) <= 1e-5 * float(a.abs().max())
 
 
@@ -246,8 +240,6 @@ def test_frozen_cache_is_shared_by_content_and_rekeyed_on_load():
 
 
 def test_vse_baseline_honours_the_frozen_text_backbone():
-    from eslmatch.model.vse import VSEModel
-
     cfg = tiny_bert_config(vocab_size=40)
     config = ESLConfig(model_type="vse", embed_size=32, num_levels=3, img_dim=16, text_model=None,
                        freeze_text_backbone=True)
@@ -256,18 +248,23 @@ def test_vse_baseline_honours_the_frozen_text_backbone():
     assert not any(p.requires_grad for p in model.text_encoder.backbone.parameters())
 
 
-def test_global_head_is_a_trainable_first_stage_scorer():
-    from eslmatch.train import loss_terms
-
+def test_auxiliary_first_stage_loss_trains_the_index_vectors():
+    """global_loss_weight > 0 adds the hinge on the index vectors' inner products (the exact
+    mean affinity), differentiable down to the encoders; a VSE model refuses it."""
     model = tiny_gru_model("adaptive")
-    model.config.global_loss_weight = 0.5
-    names = [name for name, _, _ in loss_terms(model)]
-    assert names == ["match", "global"]
     images, img_len, caps, cap_len = random_inputs(model, 3, 3, 5, 6, seed=13)
-    g = model.global_head.similarity(images, img_len, caps, cap_len)
+    loss = MatchingLoss(model, LossSettings(margin=0.2, global_loss_weight=0.5))
+    terms = loss(images, img_len, caps, cap_len)
+    assert set(terms) == {"loss", "match", "global"}
     with torch.no_grad():
         img, cap = model.embed_images(images, img_len), model.embed_captions(caps, cap_len)
-        expect = model.global_images(img, img_len) @ model.global_captions(cap, cap_len).t()
-    assert torch.allclose(g.detach(), expect, atol=1e-6)
-    g.sum().backward()
+        g = model.index_vectors_images(img, img_len) @ model.index_vectors_captions(cap, cap_len).t()
+        s = model.score(img, img_len, cap, cap_len)
+    assert float(terms["global"].detach()) == pytest.approx(float(triplet_loss(g)), rel=1e-5)
+    assert float(terms["match"].detach()) == pytest.approx(float(triplet_loss(s)), rel=1e-5)
+    assert float(terms["loss"].detach()) == pytest.approx(float(terms["match"].detach()) + 0.5 * float(terms["global"].detach()), rel=1e-6)
+    terms["global"].backward()
     assert model.correspondence.S[0].grad is not None and model.image_encoder.fc.weight.grad is not None
+    vse = VSEModel(model.config.replace(model_type="vse"), tokenizer=model.tokenizer)
+    with pytest.raises(EslmatchError, match="index vectors are its score"):
+        MatchingLoss(vse, LossSettings(global_loss_weight=0.5))

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 import eslmatch
+from _models import FIXTURES, make_released_checkpoint, needs_fixtures, released_inputs
 from eslmatch.errors import CheckpointError
-
-from _models import FIXTURES, make_released_checkpoint, released_inputs
 from released_forward import released_similarity
 
 CKPT = FIXTURES / "official_adaptive.pth.tar"
@@ -35,6 +34,7 @@ def official():
     return eslmatch.load_official_checkpoint(CKPT)
 
 
+@needs_fixtures
 def test_fixture_parity_every_stage(official, fixture_io):
     d = fixture_io
     images = torch.from_numpy(d["images"])
@@ -50,6 +50,7 @@ def test_fixture_parity_every_stage(official, fixture_io):
     assert rel_err(sims, d["sims"]) <= 1e-5
 
 
+@needs_fixtures
 def test_loaded_model_is_in_eval_mode_and_adaptive(official):
     assert not official.training
     assert official.config.strategy == "adaptive"
@@ -58,6 +59,7 @@ def test_loaded_model_is_in_eval_mode_and_adaptive(official):
     assert official.text_encoder.backbone.config.intermediate_size == 128
 
 
+@needs_fixtures
 def test_transcription_of_released_forward_matches_fixture(fixture_io):
     """The test-side transcription used for ESL-H below reproduces the real fixture."""
     from eslmatch.compat.official import read_checkpoint
@@ -89,6 +91,7 @@ def test_missing_file(tmp_path):
         eslmatch.load_official_checkpoint(tmp_path / "nope.pth.tar")
 
 
+@needs_fixtures
 def test_truncated_file(tmp_path):
     data = CKPT.read_bytes()
     bad = tmp_path / "truncated.pth.tar"
@@ -148,6 +151,7 @@ def no_network(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+@needs_fixtures
 def test_convert_then_from_pretrained_reloads_identical_scores(tmp_path, fixture_io, official, no_network):
     from eslmatch.cli import main
 

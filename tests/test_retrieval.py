@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from _datagen import make_precomp
+from _models import tiny_gru_model
 from eslmatch.cli import main
 from eslmatch.data import open_split
 from eslmatch.errors import EslmatchError
@@ -25,9 +27,6 @@ from eslmatch.retrieval import (
     plan_depth,
     rebuild_faiss,
 )
-
-from _datagen import make_precomp
-from _models import tiny_gru_model
 
 QUERY = "the red circle left of the blue square"
 N_IMAGES = 14
@@ -105,7 +104,7 @@ def test_first_stage_score_is_the_mean_affinity(model, data, image_index):
     images = torch.from_numpy(split.read_images(slice(None)))
     with torch.no_grad():
         level = model.embed_images(images, None)
-        np.testing.assert_allclose(idx.global_vectors, model.global_images(level).numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(idx.global_vectors, model.index_vectors_images(level).numpy(), rtol=1e-5, atol=1e-6)
         ids, lens = model.tokenize([QUERY])
         x = model.embed_captions(ids, lens)[0]  # (W, Dt)
         z = model.prepare_images(level)  # (N, R, Dt)
@@ -175,7 +174,7 @@ def test_variable_region_counts_from_npy(model, tmp_path):
     hits = idx.search_text(model, QUERY, k=7, rerank_k=7)
     with torch.no_grad():
         level = model.embed_images(torch.from_numpy(regions), torch.from_numpy(lengths))
-        want = model.global_images(level, torch.from_numpy(lengths)).numpy()
+        want = model.index_vectors_images(level, torch.from_numpy(lengths)).numpy()
     np.testing.assert_allclose(idx.global_vectors, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose([h.score for h in hits], exact[[h.index for h in hits]], rtol=1e-5, atol=1e-6)
 

@@ -9,22 +9,32 @@ import socket
 import pytest
 import torch
 
-from eslmatch.errors import InputError
-from eslmatch.kernels.pooling import padding_bias, pool_tile, pool_tile_
-from eslmatch.model.functional import pool_pair
-from eslmatch.reference import pair_affinity, reference_similarity
-from eslmatch.scoring import (
-    _AUTOGRAD_BUFFERS,
-    _INPLACE_BUFFERS,
-    _compiled_pooling,
-    plan_tiles,
-    score_tiles,
-    score_tiles_distributed,
-)
-
 from _models import tiny_gru_model
+from eslmatch.errors import InputError
+from eslmatch.scoring import PoolingParams, ScoringOptions, plan_tiles, score_tiles, score_tiles_distributed
+from eslmatch.scoring.engine import _compiled_pooling
+from eslmatch.scoring.pooling import padding_bias, pool_pair, pool_tile, pool_tile_
+from eslmatch.scoring.tiles import AUTOGRAD_BUFFERS as _AUTOGRAD_BUFFERS
+from eslmatch.scoring.tiles import INPLACE_BUFFERS as _INPLACE_BUFFERS
 
 VOCAB = 15  # tiny_vocab() ids are below this
+
+
+def _score(cap, cl, side, il, scale, **options):
+    """The engine with the pooling's default slope and epsilon and ``options`` as ScoringOptions."""
+    return score_tiles(cap, cl, side, il, PoolingParams(scale), ScoringOptions(**options))
+
+
+def _score_dist(cap, cl, side, il, scale, **options):
+    return score_tiles_distributed(cap, cl, side, il, PoolingParams(scale), ScoringOptions(**options))
+
+
+def reference_similarity(model, *args):
+    return model.reference_similarity(*args)
+
+
+def pair_affinity(model, x, y):
+    return model.pair_affinity(x, y)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -89,7 +99,7 @@ def tiny():
 
 
 def engine(t, **kw):
-    return score_tiles(t["cap"], t["cl"], t["side"], t["il"], t["scale"], **kw)
+    return _score(t["cap"], t["cl"], t["side"], t["il"], t["scale"], **kw)
 
 
 @pytest.mark.parametrize("elements_per_tile", [None, 1, 100, 600, 5000])
@@ -113,7 +123,7 @@ def test_tiny_budgets_force_many_tiles(tiny, factor):
             assert all((c1 - c0) * cw <= w for (c0, c1), cw in zip(plan.caption_chunks, plan.chunk_widths))
         with torch.set_grad_enabled(grad):
             side = tiny["side"].clone().requires_grad_(grad)
-            out = score_tiles(tiny["cap"], tiny["cl"], side, tiny["il"], tiny["scale"], budget_bytes=budget)
+            out = _score(tiny["cap"], tiny["cl"], side, tiny["il"], tiny["scale"], budget_bytes=budget)
         assert out.requires_grad == grad
         assert rel_err(out.detach(), tiny["ref"]) <= 1e-5
 
@@ -162,21 +172,21 @@ def test_refusals(tiny):
     cl = tiny["cl"].clone()
     cl[2] = 0
     with pytest.raises(InputError, match="caption 2 has length 0"):
-        score_tiles(tiny["cap"], cl, tiny["side"], tiny["il"], tiny["scale"])
+        _score(tiny["cap"], cl, tiny["side"], tiny["il"], tiny["scale"])
     il = tiny["il"].clone()
     il[4] = 0
     with pytest.raises(InputError, match="image 4 has length 0"):
-        score_tiles(tiny["cap"], tiny["cl"], tiny["side"], il, tiny["scale"])
+        _score(tiny["cap"], tiny["cl"], tiny["side"], il, tiny["scale"])
     with pytest.raises(InputError, match="too small for a single tile"):
         engine(tiny, budget_bytes=100)
     w, r = int(tiny["cl"].max()), int(tiny["il"].max())
     side = tiny["side"].clone().requires_grad_(True)  # the autograd path needs more per tile
     with pytest.raises(InputError, match="too small for a single tile"):
-        score_tiles(tiny["cap"], tiny["cl"], side, tiny["il"], tiny["scale"], budget_bytes=w * r * 4 * _INPLACE_BUFFERS)
+        _score(tiny["cap"], tiny["cl"], side, tiny["il"], tiny["scale"], budget_bytes=w * r * 4 * _INPLACE_BUFFERS)
     with pytest.raises(InputError, match="precision"):
         engine(tiny, precision="fp8")
     with pytest.raises(InputError, match="width"):
-        score_tiles(tiny["cap"][..., :-1], tiny["cl"], tiny["side"], tiny["il"], tiny["scale"])
+        _score(tiny["cap"][..., :-1], tiny["cl"], tiny["side"], tiny["il"], tiny["scale"])
     with pytest.raises(InputError, match="all-padding"):
         tiny["model"].score(tiny["img"], tiny["il"], tiny["cap"], cl)
 
@@ -185,7 +195,7 @@ def test_fast_path_equals_autograd_path(tiny):
     with torch.no_grad():
         fast = engine(tiny)
     cap = tiny["cap"].clone().requires_grad_(True)
-    slow = score_tiles(cap, tiny["cl"], tiny["side"], tiny["il"], tiny["scale"])
+    slow = _score(cap, tiny["cl"], tiny["side"], tiny["il"], tiny["scale"])
     assert slow.requires_grad
     assert rel_err(slow.detach(), fast) <= 1e-6
 
@@ -223,7 +233,7 @@ def test_gradcheck_engine_float64():
     cl, il = torch.tensor([4, 2, 1]), torch.tensor([5, 3, 1])
 
     def f(c, z, s):
-        return score_tiles(c, cl, z, il, s, budget_bytes=w * r * 8 * _AUTOGRAD_BUFFERS * 2)
+        return _score(c, cl, z, il, s, budget_bytes=w * r * 8 * _AUTOGRAD_BUFFERS * 2)
 
     assert torch.autograd.gradcheck(f, (cap, side, scale), eps=1e-6, atol=1e-6)
 
@@ -245,7 +255,7 @@ def test_gradients_match_literal_pairs_and_reach_every_parameter():
     lit_loss = (lit * torch.linspace(-1, 1, lit.numel(), dtype=lit.dtype).view_as(lit)).sum()
     lit_grads = torch.autograd.grad(lit_loss, list(params.values()), allow_unused=True)
     reached = 0
-    for (name, p), ge, gl in zip(params.items(), grads, lit_grads):
+    for (name, _p), ge, gl in zip(params.items(), grads, lit_grads):
         if gl is None:
             assert ge is None or float(ge.abs().max()) == 0.0, name
             continue
@@ -285,7 +295,7 @@ def test_compile_is_cuda_only_by_default():
 
 
 def test_distributed_without_process_group_is_plain(tiny):
-    out = score_tiles_distributed(tiny["cap"], tiny["cl"], tiny["side"], tiny["il"], tiny["scale"])
+    out = _score_dist(tiny["cap"], tiny["cl"], tiny["side"], tiny["il"], tiny["scale"])
     assert rel_err(out, tiny["ref"]) <= 1e-5
 
 
@@ -302,7 +312,7 @@ def _dist_worker(rank, world, port, path, tensors):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         cap, cl, side, il, scale = tensors
-        out = score_tiles_distributed(cap, cl, side, il, scale, tile_elements=200)
+        out = _score_dist(cap, cl, side, il, scale, tile_elements=200)
         torch.save(out, f"{path}.{rank}")
     finally:
         dist.destroy_process_group()

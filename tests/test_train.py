@@ -16,22 +16,14 @@ import pytest
 import torch
 import yaml
 
-from eslmatch.cli import main as cli_main
-from eslmatch.errors import CheckpointError, EslmatchError
-from eslmatch.train import (
-    STATE_NAME,
-    EpochBatchSampler,
-    TrainConfig,
-    learning_rate,
-    load_state_file,
-    load_train_config,
-    rng_state,
-    set_rng_state,
-    train,
-)
-
 from _datagen import make_precomp
 from _models import tiny_bert_config, tiny_bert_tokenizer
+from eslmatch.cli import main as cli_main
+from eslmatch.data import EpochBatchSampler
+from eslmatch.errors import CheckpointError, EslmatchError
+from eslmatch.training import TrainConfig, learning_rate, load_train_config
+from eslmatch.training import fit as train
+from eslmatch.training.state import STATE_NAME, load_state_file, rng_state, set_rng_state
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY_MODEL = {"model_type": "esl", "text_encoder": "gru", "text_model": None, "embed_size": 32,
@@ -92,7 +84,12 @@ def test_shipped_configs_hold_the_released_recipe():
         assert (cfg.epochs, cfg.lr_decay_epoch, cfg.model.text_encoder) == (epochs, decay, text)
         assert (cfg.batch_size, cfg.lr, cfg.bert_lr_factor, cfg.weight_decay) == (128, 5e-4, 0.1, 1e-4)
         assert (cfg.grad_clip, cfg.vse_mean_warmup_epochs, cfg.region_drop, cfg.word_mask) == (2.0, 1, 0.2, 0.2)
-        assert (cfg.model.embed_size, cfg.model.img_dim, cfg.model.margin) == (512, 2048, 0.2)
+        assert (cfg.model.embed_size, cfg.model.img_dim, cfg.margin) == (512, 2048, 0.2)
+        # the released run: no auxiliary first-stage loss, fp32, best model kept on dev by default
+        assert (cfg.global_loss_weight, cfg.bf16, cfg.val_split) == (0.0, False, "dev")
+        search = load_train_config(CONFIGS / f"{name}_search.yaml")
+        assert (search.global_loss_weight, search.bf16) == (0.1, True)
+        assert search.model == cfg.model and search.lr == cfg.lr and search.epochs == cfg.epochs
 
 
 def test_overrides_and_types(tmp_path):
@@ -280,7 +277,7 @@ def chance_rsum(n_images: int, per_image: int = 5) -> float:
 def test_training_learns_to_match(tmp_path):
     from eslmatch.data import build_vocab, open_split
     from eslmatch.evaluate import recall_metrics, score_split
-    from eslmatch.model.vse import build_model
+    from eslmatch.factory import build_model
 
     data = make_precomp(tmp_path / "data", splits=("train", "dev"), n_images={"train": 200, "dev": 50},
                         regions=6, dim=16, seed=1)
@@ -305,7 +302,7 @@ def test_training_learns_to_match(tmp_path):
     assert result.best_rsum == max(rsums)
     assert result.best_rsum > 3 * chance and result.best_rsum > before + 100
     best = (tmp_path / "out" / "best")
-    from eslmatch.model.vse import load_pretrained
+    from eslmatch.factory import load_pretrained
 
     reloaded = load_pretrained(best)
     again = recall_metrics(score_split(reloaded, open_split(data, "dev"), progress=False))["rsum"]
@@ -314,11 +311,9 @@ def test_training_learns_to_match(tmp_path):
 
 # ---------------------------------------------------------------------- VSE baseline
 def test_vse_model_is_mean_pooled_cosine(tmp_path):
-    from eslmatch.config import ESLConfig
-    from eslmatch.model.esl import ESLModel
-    from eslmatch.model.vse import VSEModel, build_model, load_pretrained
-
     from _models import tiny_vocab
+    from eslmatch.config import ESLConfig
+    from eslmatch.factory import ESLModel, VSEModel, build_model, load_pretrained
 
     vocab = tiny_vocab()
     cfg = ESLConfig(model_type="vse", embed_size=32, num_levels=3, img_dim=16, text_encoder="gru",
@@ -351,12 +346,12 @@ def test_vse_model_is_mean_pooled_cosine(tmp_path):
 
 
 def test_vse_trains_through_the_command(tmp_path, small_data, capsys):
-    from eslmatch.model.vse import VSEModel, load_pretrained
+    from eslmatch.factory import VSEModel, load_pretrained
 
     config = write_config(tmp_path / "cfg.yaml", data_path=str(small_data), output_dir=str(tmp_path / "out"),
                           model={"model_type": "vse"})
-    assert cli_main(["train", "--config", str(config), "max_steps=5", "model.global_loss_weight=1"]) == 1
-    assert "no global embedding head" in capsys.readouterr().err
+    assert cli_main(["train", "--config", str(config), "max_steps=5", "global_loss_weight=1"]) == 1
+    assert "index vectors are its score already" in capsys.readouterr().err
     assert cli_main(["train", "--config", str(config), "max_steps=5"]) == 0
     records = read_records(tmp_path / "out" / "metrics.jsonl", "step")
     assert [r["step"] for r in records] == [2, 4, 5]

@@ -16,6 +16,11 @@ from typing import Any
 
 from .errors import EslmatchError
 
+# Keys written by eslmatch 0.1 that are no longer model settings: the loss settings moved to
+# the training configuration and the text hidden size is read from the backbone. A model
+# config.json holding them still loads; they are dropped.
+LEGACY_KEYS = frozenset({"margin", "global_loss_weight", "text_hidden_size"})
+
 STRATEGIES = ("adaptive", "heuristic")
 TEXT_ENCODERS = ("bert", "gru")
 MODEL_TYPES = ("esl", "vse")
@@ -35,7 +40,6 @@ class ESLConfig:
         img_dim: width of the input region features (2048 for BUTD regions).
         text_encoder: ``"bert"`` (any BERT-family model from transformers) or ``"gru"``.
         text_model: local directory or Hub name of the BERT-family model (``"bert"`` only).
-        text_hidden_size: hidden size of that model; filled in from its config.
         freeze_text_backbone: keep the BERT-family backbone fixed (no gradient, eval mode,
             hidden states cached per distinct caption); its projection still trains.
         vocab_size: word vocabulary size (``"gru"`` only; BERT reads its own).
@@ -49,8 +53,6 @@ class ESLConfig:
         t2_init: initial ``t2`` (``lambda = exp(t2)``) of the heuristic contribution degrees.
         layernorm_eps: epsilon of the correspondence LayerNorms.
         l2_eps: epsilon of ``l2n(v) = v / (||v|| + eps)``.
-        margin: hinge margin of the triplet loss.
-        global_loss_weight: weight of the auxiliary global-embedding loss (0 disables it).
         extra: free-form metadata carried along (ignored by the model).
     """
 
@@ -62,7 +64,6 @@ class ESLConfig:
     img_dim: int = 2048
     text_encoder: str = "bert"
     text_model: str | None = "bert-base-uncased"
-    text_hidden_size: int | None = None
     freeze_text_backbone: bool = False
     vocab_size: int | None = None
     word_dim: int = 300
@@ -75,8 +76,6 @@ class ESLConfig:
     t2_init: float = 3.0
     layernorm_eps: float = 1e-8
     l2_eps: float = 1e-8
-    margin: float = 0.2
-    global_loss_weight: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -138,6 +137,7 @@ class ESLConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ESLConfig:
         """Build a config from a mapping; unknown keys are an error that names them."""
+        data = {k: v for k, v in data.items() if k not in LEGACY_KEYS}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -13,7 +13,7 @@ What makes N ranks equal one process with the whole global batch:
 - each rank's share of the loss is multiplied by the world size, which DDP's gradient
   averaging divides back out: the gradient is that of the global loss;
 - the region BatchNorm takes its statistics over every rank's valid rows
-  (:func:`enable_sync_batchnorm`).
+  (:func:`eslmatch.model.encoders.enable_sync_batchnorm`).
 """
 
 from __future__ import annotations
@@ -25,10 +25,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from .errors import EslmatchError
+from .utils import resolve_device
 
 
 @dataclass
@@ -67,23 +69,6 @@ def env_world_size() -> int:
         raise EslmatchError(f"WORLD_SIZE must be an integer, got {os.environ.get('WORLD_SIZE')!r}") from exc
 
 
-def resolve_train_device(device: str, local_rank: int = 0) -> torch.device:
-    """``"auto"`` -> ``cuda:LOCAL_RANK`` when CUDA is available, else CPU; other names as given."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise EslmatchError(f"invalid device {device!r}") from exc
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise EslmatchError(f"device {device!r} asked for but CUDA is not available")
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(dev)
-    return dev
-
-
 def init_distributed(device: str = "auto", backend: str = "auto", timeout_minutes: float = 60.0) -> DistContext:
     """Join the torchrun job described by the environment, or run alone.
 
@@ -92,16 +77,14 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_minute
         backend: ``"auto"`` (nccl on CUDA, gloo on CPU), ``"nccl"`` or ``"gloo"``.
         timeout_minutes: collective timeout (rank 0 validates while the others wait).
     """
-    import torch.distributed as dist
-
     world = env_world_size()
     if world <= 1:
-        return DistContext(device=resolve_train_device(device))
+        return DistContext(device=_train_device(device, 0))
     if not dist.is_available():
         raise EslmatchError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
-    dev = resolve_train_device(device, local_rank)
+    dev = _train_device(device, local_rank)
     if backend == "auto":
         backend = "nccl" if dev.type == "cuda" else "gloo"
     if backend not in ("nccl", "gloo"):
@@ -120,25 +103,33 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_minute
     return DistContext(world_size=world, rank=rank, local_rank=local_rank, device=dev, group=group)
 
 
+def _train_device(device: str, local_rank: int) -> torch.device:
+    dev = resolve_device(device, local_rank=local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def world_size(group: Any = None) -> int:
+    """Processes in ``group`` (1 when torch.distributed is not initialised)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return int(dist.get_world_size(group))
+
+
 def shutdown(ctx: DistContext) -> None:
     """Leave the process group (if this process joined one)."""
-    import torch.distributed as dist
-
     if ctx.distributed and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def barrier(ctx: DistContext) -> None:
-    import torch.distributed as dist
-
     if ctx.distributed:
         dist.barrier(group=ctx.group)
 
 
 def broadcast_value(ctx: DistContext, value: float) -> float:
     """Rank 0's ``value`` on every rank (a barrier as well)."""
-    import torch.distributed as dist
-
     if not ctx.distributed:
         return value
     t = torch.tensor([float(value)], dtype=torch.float64, device=ctx.device)
@@ -148,8 +139,6 @@ def broadcast_value(ctx: DistContext, value: float) -> float:
 
 def sum_value(ctx: DistContext, value: Tensor) -> Tensor:
     """Sum of a (detached) tensor over every rank; identity when alone."""
-    import torch.distributed as dist
-
     if not ctx.distributed:
         return value
     t = value.detach().clone()
@@ -173,8 +162,6 @@ class _AllGatherRows(torch.autograd.Function):
 
     @staticmethod
     def forward(fctx: Any, x: Tensor, group: Any, world: int, rank: int) -> Tensor:  # type: ignore[override]
-        import torch.distributed as dist
-
         x = x.contiguous()
         out = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(out, x, group=group)
@@ -183,8 +170,6 @@ class _AllGatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(fctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        import torch.distributed as dist
-
         grad = grad.contiguous()
         b = fctx.rows
         if dist.get_backend(fctx.group) == "nccl":
@@ -203,8 +188,6 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def forward(fctx: Any, x: Tensor, group: Any) -> Tensor:  # type: ignore[override]
-        import torch.distributed as dist
-
         out = x.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(out, group=group)
         fctx.group = group
@@ -212,8 +195,6 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def backward(fctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        import torch.distributed as dist
-
         out = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(out, group=fctx.group)
         return out, None
@@ -221,8 +202,6 @@ class _AllReduceSum(torch.autograd.Function):
 
 def all_reduce_with_grad(x: Tensor, group: Any = None) -> Tensor:
     """Sum of ``x`` over the ranks of ``group`` (default: all), differentiable."""
-    import torch.distributed as dist
-
     return _AllReduceSum.apply(x, group if group is not None else dist.group.WORLD)
 
 
@@ -234,8 +213,6 @@ def gather_padded(x: Tensor, ctx: DistContext) -> Tensor:
     ``[r*b, (r+1)*b)``; the backward pass gives every rank the gradient of its own rows
     summed over all ranks.
     """
-    import torch.distributed as dist
-
     if not ctx.distributed:
         return x
     if x.dim() > 1:
@@ -251,8 +228,6 @@ def gather_padded(x: Tensor, ctx: DistContext) -> Tensor:
 
 def gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
     """Every rank's ``obj`` (trusted, in-job data), in rank order; ``[obj]`` when alone."""
-    import torch.distributed as dist
-
     if not ctx.distributed:
         return [obj]
     out: list[Any] = [None] * ctx.world_size
@@ -262,27 +237,11 @@ def gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
 
 def gather_lengths(lengths: Tensor, ctx: DistContext) -> Tensor:
     """All-gather a ``(b,)`` tensor without gradients -> ``(world * b,)``."""
-    import torch.distributed as dist
-
     if not ctx.distributed:
         return lengths
     out = [torch.empty_like(lengths) for _ in range(ctx.world_size)]
     dist.all_gather(out, lengths.contiguous(), group=ctx.group)
     return torch.cat(out)
-
-
-def enable_sync_batchnorm(model: nn.Module, ctx: DistContext) -> int:
-    """Make every :class:`~eslmatch.model.encoders.MaskedBatchNorm1d` of ``model`` take
-    its training statistics over all ranks. Returns how many were switched."""
-    from .model.encoders import MaskedBatchNorm1d
-
-    n = 0
-    for m in model.modules():
-        if isinstance(m, MaskedBatchNorm1d):
-            m.synchronize = ctx.distributed
-            m.process_group = ctx.group
-            n += 1
-    return n
 
 
 def free_port() -> int:

@@ -23,8 +23,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
+from .data import encode_images, eval_mode, iter_caption_features
 from .errors import EslmatchError
+from .scoring import ScoringOptions
+from .utils import resolve_device
 
 RECALL_KS = (1, 5, 10)
 METRIC_KEYS = ("r1", "r5", "r10", "medr", "meanr")
@@ -222,21 +226,19 @@ def score_split(
     device: Any = None,
     progress: bool = True,
     chunk_bytes: int = 512 << 20,
+    options: ScoringOptions | None = None,
 ) -> np.ndarray:
     """Score every image of ``split`` against every caption with ``model.score``.
 
     Images are encoded once and kept on the device; captions are encoded in length buckets
     and scored in groups of about ``chunk_bytes`` of caption features, so the caption
     features of a large split never exist all at once. The model is put in eval mode
-    for the call (its previous mode is restored) and moved to ``device`` when given.
+    for the call (its previous mode is restored) and moved to ``device`` when given;
+    ``options`` tells the engine how to run (memory budget, precision, workers).
 
     Returns:
         float32 ``(N_images, N_captions)``, rows images, columns captions in split order.
     """
-    import torch
-
-    from .data.batching import encode_images, eval_mode, iter_caption_features, resolve_device
-
     dev = resolve_device(device, model)
     model.to(dev)
     sims = np.empty((split.n_images, split.n_captions), dtype=np.float32)
@@ -250,7 +252,7 @@ def score_split(
             idx = np.concatenate([i for i, _, _ in pending])
             feats = torch.cat([torch.nn.functional.pad(f, (0, 0, 0, width - f.shape[1])) for _, f, _ in pending])
             lens = torch.cat([n for _, _, n in pending])
-            sims[:, idx] = model.score(img, img_len, feats, lens).float().cpu().numpy()
+            sims[:, idx] = model.score(img, img_len, feats, lens, options).float().cpu().numpy()
             pending.clear()
 
         for idx, feats, lens in iter_caption_features(model, split, batch_size, dev, progress):

@@ -1,18 +1,52 @@
-"""One entry point for loading any model eslmatch understands."""
+"""The one place that names the concrete model families.
+
+A family is a :class:`~eslmatch.model.base.MatchingModel` subclass in its own module (or
+folder) under :mod:`eslmatch.model`, registered here by one line of :data:`FAMILIES`;
+everything else (training, evaluation, retrieval, the CLI) works through the base protocol
+and these functions.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .compat.official import load_official_checkpoint
-from .errors import CheckpointError
-from .model.esl import CONFIG_NAME, ESLModel
+from .errors import CheckpointError, EslmatchError
+from .model.base import CONFIG_NAME, MatchingModel, read_config
+from .model.esl import ESLModel
+from .model.vse import VSEModel
+from .text import load_tokenizer
+
+FAMILIES: dict[str, type[MatchingModel]] = {
+    "esl": ESLModel,
+    "vse": VSEModel,
+}
+
+
+def model_class(model_type: str) -> type[MatchingModel]:
+    """The class of a ``model_type`` (``"esl"``, ``"vse"``, ...)."""
+    try:
+        return FAMILIES[model_type]
+    except KeyError:
+        raise EslmatchError(f"unknown model_type {model_type!r}; known: {', '.join(FAMILIES)}") from None
+
+
+def build_model(config: Any, tokenizer: Any = None) -> MatchingModel:
+    """A new model of ``config.model_type`` (pretrained backbones load from the config's names)."""
+    return model_class(config.model_type).from_config(config, tokenizer)  # type: ignore[attr-defined]
+
+
+def load_pretrained(directory: str | Path, map_location: str | torch.device = "cpu") -> MatchingModel:
+    """Load a folder written by ``save_pretrained`` as the family its ``config.json`` names."""
+    model_type = read_config(Path(directory)).get("model_type", "esl")
+    return model_class(str(model_type)).from_pretrained(directory, map_location=map_location)
 
 
 def model_format(path: str | Path) -> str:
-    """``"eslmatch"`` for a directory written by save_pretrained, ``"released"`` for a file."""
+    """``"eslmatch"`` for a folder written by save_pretrained, ``"released"`` for a file."""
     p = Path(path)
     if p.is_dir():
         if (p / CONFIG_NAME).is_file():
@@ -25,13 +59,16 @@ def model_format(path: str | Path) -> str:
 
 def load_model(
     path: str | Path, map_location: str | torch.device = "cpu", text_model: str | Path | None = None
-) -> ESLModel:
-    """Load our format (a directory) or a released ``.pth.tar`` (a file), in eval mode."""
-    if model_format(path) == "eslmatch":
-        model = ESLModel.from_pretrained(path, map_location=map_location)
-        if text_model is not None:
-            from .model.esl import _load_tokenizer
+) -> MatchingModel:
+    """Load our format (a folder) or a released checkpoint (a file), in eval mode.
 
-            model.tokenizer = _load_tokenizer(text_model, required=True)
+    Args:
+        text_model: a tokenizer to use for raw text (released files store none; for our
+            folders it replaces the saved one).
+    """
+    if model_format(path) == "eslmatch":
+        model = load_pretrained(path, map_location=map_location)
+        if text_model is not None:
+            model.tokenizer = load_tokenizer(text_model, required=True)
         return model
     return load_official_checkpoint(path, map_location=map_location, text_model=text_model)

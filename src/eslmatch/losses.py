@@ -1,16 +1,24 @@
-"""Training losses (spec section 5).
+"""Training losses (spec section 5), one code path for one process and for torchrun.
 
-The hinge triplet loss of VSE++ on a score matrix whose positives are known by index. The
-square, single-process case (:func:`triplet_loss`, positives on the diagonal) is the sum of
-two :func:`hinge_rows` calls; distributed training calls :func:`hinge_rows` on the blocks it
-owns (its images against every caption, every image against its captions), so the hardest
-negative is always searched over the whole global batch.
+The hinge triplet loss of VSE++ on a score matrix whose positives are known by index.
+:func:`hinge_rows` is the loss of a block of rows; :func:`triplet_loss` the square,
+single-process case (positives on the diagonal). :class:`MatchingLoss` computes the loss of
+a batch from a model: it embeds this process's share, all-gathers the embeddings with
+gradients (the identity in one process), scores its images against every caption and every
+image against its captions, and sums :func:`hinge_rows` over both blocks. Alone, both
+blocks are the one ``(B, B)`` matrix, scored once; under torchrun the sum over ranks is
+the single-process loss of the global batch, hardest negatives included.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from .distributed import DistContext, gather_lengths, gather_padded
+from .errors import EslmatchError
 
 
 def hinge_rows(scores: Tensor, positives: Tensor, margin: float = 0.2, max_violation: bool = False) -> Tensor:
@@ -53,3 +61,90 @@ def triplet_loss(scores: Tensor, margin: float = 0.2, max_violation: bool = Fals
         raise ValueError(f"a square (B, B) score matrix is expected, got {tuple(scores.shape)}")
     diag = torch.arange(scores.shape[0], device=scores.device)
     return hinge_rows(scores, diag, margin, max_violation) + hinge_rows(scores.t(), diag, margin, max_violation)
+
+
+@dataclass
+class LossSettings:
+    """The loss of a run.
+
+    Attributes:
+        margin: hinge margin.
+        global_loss_weight: weight of the auxiliary first-stage term: the same hinge on the
+            inner products of the model's index vectors (0: off; only for models whose index
+            vectors are a shortlist, not the score itself).
+        max_violation: hardest negatives (VSE++) instead of the sum (VSE0); switched per epoch.
+    """
+
+    margin: float = 0.2
+    global_loss_weight: float = 0.0
+    max_violation: bool = False
+
+
+class MatchingLoss(nn.Module):
+    """The loss of one batch, as a module (so DistributedDataParallel can wrap it).
+
+    Under bf16 autocast the encoders run in bf16 and the scores in float32: the pooling's
+    tanh / softmax is the precision-sensitive part.
+
+    Args:
+        model: any :class:`~eslmatch.model.base.MatchingModel`.
+        settings: margin, auxiliary weight, VSE0/VSE++.
+        ctx: the process's place in the job (``DistContext()``: alone).
+    """
+
+    def __init__(self, model: nn.Module, settings: LossSettings, ctx: DistContext | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.settings = settings
+        self.ctx = ctx or DistContext()
+        if settings.global_loss_weight > 0 and getattr(model, "exact_index", False):
+            raise EslmatchError(
+                f"global_loss_weight is {settings.global_loss_weight} but this {model.config.model_type} model's "
+                "index vectors are its score already; set it to 0"
+            )
+
+    def forward(self, images: Tensor, image_lengths: Tensor, captions: Tensor, caption_lengths: Tensor) -> dict[str, Tensor]:
+        """This process's share of the batch: ``(b, R, D)``, ``(b,)``, ``(b, W)``, ``(b,)``.
+
+        Returns:
+            ``{"loss": the weighted sum, "match": the matching term, "global": the auxiliary
+            term (when on)}``, this rank's share (the sum over ranks is the global loss).
+        """
+        model, ctx, s = self.model, self.ctx, self.settings
+        img = model.embed_images(images, image_lengths)
+        cap = model.embed_captions(captions, caption_lengths)
+        img_len = image_lengths.to(img.device)
+        cap_len = caption_lengths.to(cap.device)
+        img_all, cap_all = gather_padded(img, ctx), gather_padded(cap, ctx)
+        img_len_all, cap_len_all = gather_lengths(img_len, ctx), gather_lengths(cap_len, ctx)
+        positives = torch.arange(img.shape[0], device=img.device) + ctx.rank * img.shape[0]
+
+        def term(score: object) -> Tensor:
+            rows = _fp32_scores(score, img, img_len, cap_all, cap_len_all)  # my images x all captions
+            cols = rows if not ctx.distributed else _fp32_scores(score, img_all, img_len_all, cap, cap_len)
+            return hinge_rows(rows, positives, s.margin, s.max_violation) + hinge_rows(
+                cols.t(), positives, s.margin, s.max_violation
+            )
+
+        out = {"match": term(model.score)}
+        total = out["match"]
+        if s.global_loss_weight > 0:
+            out["global"] = term(self._index_scores)
+            total = total + s.global_loss_weight * out["global"]
+        out["loss"] = total
+        return out
+
+    def _index_scores(self, img: Tensor, img_len: Tensor, cap: Tensor, cap_len: Tensor) -> Tensor:
+        m = self.model
+        return m.index_vectors_images(img, img_len) @ m.index_vectors_captions(cap, cap_len).t()
+
+
+def _fp32_scores(score: object, img: Tensor, img_len: Tensor, cap: Tensor, cap_len: Tensor) -> Tensor:
+    """``score(...)`` with autocast off and both sides at least float32."""
+    with torch.autocast(img.device.type, enabled=False):
+        return _at_least_fp32(score(_at_least_fp32(img), img_len, _at_least_fp32(cap), cap_len))  # type: ignore[operator]
+
+
+def _at_least_fp32(x: Tensor) -> Tensor:
+    """bf16 (autocast) goes up to float32; float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,8 @@ from torch import Tensor
 from .errors import EslmatchError, InputError
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
+MAX_TOKENS = 512  # BERT's position limit: longer captions are truncated
+TOKENIZE_CHUNK = 1024  # captions tokenised per call by :func:`tokenize_each`
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
 
@@ -74,7 +76,7 @@ def pad_ids(seqs: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
     return ids, lengths
 
 
-def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int = 512) -> tuple[Tensor, Tensor]:
+def tokenize(tokenizer: Any, texts: Sequence[str] | str, max_length: int = MAX_TOKENS) -> tuple[Tensor, Tensor]:
     """Tokenise captions with a :class:`WordVocab` or a transformers tokenizer.
 
     Empty captions (no word at all) are refused: they would have nothing to match.
@@ -96,3 +98,44 @@ def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int = 512) -> tup
         )
     seqs = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
     return pad_ids(seqs)
+
+
+def tokenize_each(
+    tokenize_fn: Callable[[list[str]], tuple[Tensor, Tensor]],
+    texts: Sequence[str],
+    where: Callable[[int], str],
+) -> list[Tensor]:
+    """Token ids of every text, a list of ``(W_c,)`` LongTensors, tokenised in chunks.
+
+    Args:
+        tokenize_fn: texts -> ``(ids (M, W), lengths (M,))`` (a model's ``tokenize``).
+        where: index -> where that text comes from (e.g. ``"captions.txt: line 7"``), so a
+            refused text is named in the error.
+    """
+    out: list[Tensor] = []
+    for start in range(0, len(texts), TOKENIZE_CHUNK):
+        chunk = list(texts[start : start + TOKENIZE_CHUNK])
+        try:
+            ids, lens = tokenize_fn(chunk)
+        except InputError:
+            for j, text in enumerate(chunk):  # find and name the text at fault
+                try:
+                    tokenize_fn([text])
+                except InputError as exc:
+                    raise EslmatchError(f"{where(start + j)}: {exc} ({text!r})") from exc
+            raise
+        out.extend(ids[j, : int(n)] for j, n in enumerate(lens.tolist()))
+    return out
+
+
+def load_tokenizer(name_or_path: str | Path, required: bool) -> Any:
+    """A transformers tokenizer from a local folder or Hub name (``None`` if not ``required``
+    and it cannot be loaded)."""
+    from transformers import AutoTokenizer  # heavy: only when a BERT tokenizer is needed
+
+    try:
+        return AutoTokenizer.from_pretrained(str(name_or_path))
+    except (OSError, ValueError, TypeError) as exc:
+        if required:
+            raise EslmatchError(f"cannot load a tokenizer from {str(name_or_path)!r}: {exc}") from exc
+        return None

@@ -5,21 +5,46 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..demo.pipeline import DemoSettings, default_cache_dir, run_demo
+from ..errors import EslmatchError
+
 ORDER = 1
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..demo.pipeline import DemoSettings
-
     d = DemoSettings()
-    s = sub.add_parser("demo", help="the whole workflow on the embedded dataset (offline, ~10 minutes on 2 cores)")
-    s.add_argument("--out", type=Path, default=d.out_dir, help=f"report folder (default {d.out_dir})")
-    s.add_argument("--cache", type=Path, default=None, help="dataset cache (default $ESLMATCH_CACHE or ~/.cache/eslmatch)")
-    s.add_argument("--train", type=int, default=d.n_train, help="training images (5 captions each)")
+    s = sub.add_parser(
+        "demo",
+        help="the whole workflow on the embedded dataset (offline, ~10 minutes on 2 cores)",
+    )
+    s.add_argument(
+        "--out",
+        type=Path,
+        default=d.out_dir,
+        help=f"report folder (default {d.out_dir})",
+    )
+    s.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="dataset cache (default $ESLMATCH_CACHE or ~/.cache/eslmatch)",
+    )
+    s.add_argument(
+        "--train", type=int, default=d.n_train, help="training images (5 captions each)"
+    )
     s.add_argument("--dev", type=int, default=d.n_dev, help="validation images")
-    s.add_argument("--test", type=int, default=d.n_test, help="test images (1,000 as Flickr30K's test split)")
-    s.add_argument("--feature-size", type=int, default=d.feature_size,
-                   help=f"extractor input size in pixels (default {d.feature_size}: a 6 x 6 region grid)")
+    s.add_argument(
+        "--test",
+        type=int,
+        default=d.n_test,
+        help="test images (1,000 as Flickr30K's test split)",
+    )
+    s.add_argument(
+        "--feature-size",
+        type=int,
+        default=d.feature_size,
+        help=f"extractor input size in pixels (default {d.feature_size}: a 6 x 6 region grid)",
+    )
     s.add_argument("--epochs", type=int, default=d.epochs)
     s.add_argument("--batch-size", type=int, default=d.batch_size)
     s.add_argument("--embed-size", type=int, default=d.embed_size)
@@ -31,17 +56,31 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..demo.pipeline import DemoSettings, default_cache_dir, run_demo
-    from ..errors import EslmatchError
-
-    for name in ("train", "dev", "test", "epochs", "batch_size", "embed_size", "feature_size"):
+    for name in (
+        "train",
+        "dev",
+        "test",
+        "epochs",
+        "batch_size",
+        "embed_size",
+        "feature_size",
+    ):
         if getattr(args, name) < 1:
             raise EslmatchError(f"--{name.replace('_', '-')} must be at least 1")
     settings = DemoSettings(
-        n_train=args.train, n_dev=args.dev, n_test=args.test, seed=args.seed, epochs=args.epochs,
+        n_train=args.train,
+        n_dev=args.dev,
+        n_test=args.test,
+        seed=args.seed,
+        epochs=args.epochs,
         feature_size=args.feature_size,
-        batch_size=args.batch_size, embed_size=args.embed_size, num_levels=args.levels, strategy=args.strategy,
-        cache_dir=args.cache or default_cache_dir(), out_dir=args.out, progress=not args.no_progress,
+        batch_size=args.batch_size,
+        embed_size=args.embed_size,
+        num_levels=args.levels,
+        strategy=args.strategy,
+        cache_dir=args.cache or default_cache_dir(),
+        out_dir=args.out,
+        progress=not args.no_progress,
     )
     run_demo(settings)
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..extract import extract_folder
+
 ORDER = 10
 _SHOW = 50  # skipped files printed; all are in extract_meta.json
 
@@ -17,49 +19,114 @@ def register(sub: argparse._SubParsersAction) -> None:
         "are skipped and listed; an interrupted run resumes from its finished chunks.",
     )
     s.add_argument("--images", required=True, metavar="DIR", help="folder of images")
-    s.add_argument("--out", required=True, metavar="DATASET_DIR", help="dataset folder to write")
-    s.add_argument("--captions", metavar="FILE", help="image_name<TAB>caption lines (several per image allowed)")
-    s.add_argument("--captions-per-image", type=int, default=5, metavar="K",
-                   help="captions kept per image: the first K, fewer repeated cyclically (default 5)")
-    s.add_argument("--backbone", default="efficientnet-lite0",
-                   help="efficientnet-lite0 (default, offline ImageNet weights), resnet152 (needs "
-                   "torchvision and --weights), efficientnet-lite0-boxes (needs --boxes)")
-    s.add_argument("--split", default="test", help="split name of the written files (default test)")
-    s.add_argument("--batch-size", type=int, default=16, help="images per backbone call (default 16)")
-    s.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    s.add_argument("--weights", metavar="PATH", help="backbone state dict (required for resnet152)")
-    s.add_argument("--image-size", type=int, metavar="S",
-                   help="images are resized to SxS (default 224 for EfficientNet: 7x7=49 regions; 512 for resnet152)")
-    s.add_argument("--chunk", type=int, default=256, help="files per resumable chunk (default 256)")
-    s.add_argument("--boxes", metavar="FILE.json", help="{image_name: [[x1, y1, x2, y2], ...]} for box pooling")
-    s.add_argument("--max-boxes", type=int, metavar="R", help="regions per image with --boxes (default: most boxes of any image)")
-    s.add_argument("--recursive", action="store_true", help="also read sub-folders (ids keep the sub-folder)")
-    s.add_argument("--relative-paths", action="store_true",
-                   help="write {split}_images.txt relative to --out (default absolute paths)")
-    s.add_argument("--workers", type=int, default=2, help="threads reading images (default 2)")
+    s.add_argument(
+        "--out", required=True, metavar="DATASET_DIR", help="dataset folder to write"
+    )
+    s.add_argument(
+        "--captions",
+        metavar="FILE",
+        help="image_name<TAB>caption lines (several per image allowed)",
+    )
+    s.add_argument(
+        "--captions-per-image",
+        type=int,
+        default=5,
+        metavar="K",
+        help="captions kept per image: the first K, fewer repeated cyclically (default 5)",
+    )
+    s.add_argument(
+        "--backbone",
+        default="efficientnet-lite0",
+        help="efficientnet-lite0 (default, offline ImageNet weights), resnet152 (needs "
+        "torchvision and --weights), efficientnet-lite0-boxes (needs --boxes)",
+    )
+    s.add_argument(
+        "--split", default="test", help="split name of the written files (default test)"
+    )
+    s.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="images per backbone call (default 16)",
+    )
+    s.add_argument(
+        "--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N"
+    )
+    s.add_argument(
+        "--weights", metavar="PATH", help="backbone state dict (required for resnet152)"
+    )
+    s.add_argument(
+        "--image-size",
+        type=int,
+        metavar="S",
+        help="images are resized to SxS (default 224 for EfficientNet: 7x7=49 regions; 512 for resnet152)",
+    )
+    s.add_argument(
+        "--chunk", type=int, default=256, help="files per resumable chunk (default 256)"
+    )
+    s.add_argument(
+        "--boxes",
+        metavar="FILE.json",
+        help="{image_name: [[x1, y1, x2, y2], ...]} for box pooling",
+    )
+    s.add_argument(
+        "--max-boxes",
+        type=int,
+        metavar="R",
+        help="regions per image with --boxes (default: most boxes of any image)",
+    )
+    s.add_argument(
+        "--recursive",
+        action="store_true",
+        help="also read sub-folders (ids keep the sub-folder)",
+    )
+    s.add_argument(
+        "--relative-paths",
+        action="store_true",
+        help="write {split}_images.txt relative to --out (default absolute paths)",
+    )
+    s.add_argument(
+        "--workers", type=int, default=2, help="threads reading images (default 2)"
+    )
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..extract import extract_folder
-
     summary = extract_folder(
-        args.images, args.out, backbone=args.backbone, captions=args.captions,
-        split=args.split, captions_per_image=args.captions_per_image, batch_size=args.batch_size,
-        device=args.device, weights=args.weights, image_size=args.image_size, chunk=args.chunk,
-        boxes=args.boxes, max_boxes=args.max_boxes, recursive=args.recursive,
-        relative_paths=args.relative_paths, workers=args.workers, progress=not args.no_progress,
+        args.images,
+        args.out,
+        backbone=args.backbone,
+        captions=args.captions,
+        split=args.split,
+        captions_per_image=args.captions_per_image,
+        batch_size=args.batch_size,
+        device=args.device,
+        weights=args.weights,
+        image_size=args.image_size,
+        chunk=args.chunk,
+        boxes=args.boxes,
+        max_boxes=args.max_boxes,
+        recursive=args.recursive,
+        relative_paths=args.relative_paths,
+        workers=args.workers,
+        progress=not args.no_progress,
     )
     n, r, d = summary["shape"]
     speed = summary["images_per_second"]
     rate = f", {speed:.1f} images/s" if speed else ""
-    print(f"extracted {n} images -> {summary['files']['images']} ({n}, {r}, {d}) with {summary['backbone']} "
-          f"at {summary['image_size']}x{summary['image_size']} on {summary['device']}{rate}")
+    print(
+        f"extracted {n} images -> {summary['files']['images']} ({n}, {r}, {d}) with {summary['backbone']} "
+        f"at {summary['image_size']}x{summary['image_size']} on {summary['device']}{rate}"
+    )
     if summary["reused_chunks"]:
-        print(f"resumed: {summary['reused_chunks']} chunks reused, {summary['computed_images']} files processed now")
+        print(
+            f"resumed: {summary['reused_chunks']} chunks reused, {summary['computed_images']} files processed now"
+        )
     if "captions" in summary["files"]:
-        print(f"captions: {summary['n_captions']} ({summary['captions_per_image']} per image) -> {summary['files']['captions']}")
+        print(
+            f"captions: {summary['n_captions']} ({summary['captions_per_image']} per image) -> {summary['files']['captions']}"
+        )
     else:
         print("captions: none (no --captions file): features only")
     skipped = summary["skipped"]

@@ -4,41 +4,101 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import Any
+
+from ..errors import EslmatchError
+from ..factory import load_model
+from ..retrieval import (
+    FaissOptions,
+    GalleryIndex,
+    add_to_index,
+    build_caption_index,
+    build_image_index,
+    rebuild_faiss,
+)
+from ..retrieval.store import read_manifest
+from ..utils import resolve_device
 
 ORDER = 60
 
 
 def _faiss_args(p: argparse.ArgumentParser, default: str | None) -> None:
-    p.add_argument("--faiss", choices=("flat", "ivf", "hnsw"), default=default,
-                   help="first-stage index: flat (exact inner product, default), ivf or hnsw (large galleries)")
+    p.add_argument(
+        "--faiss",
+        choices=("flat", "ivf", "hnsw"),
+        default=default,
+        help="first-stage index: flat (exact inner product, default), ivf or hnsw (large galleries)",
+    )
     p.add_argument("--nlist", type=int, help="IVF clusters (default: sqrt(N))")
-    p.add_argument("--nprobe", type=int, help="IVF clusters searched per query (default: max(16, nlist/4))")
-    p.add_argument("--hnsw-m", type=int, default=32, help="HNSW graph degree (default 32)")
-    p.add_argument("--ef-construction", type=int, default=80, help="HNSW build beam width (default 80)")
-    p.add_argument("--ef-search", type=int, default=256, help="HNSW search beam width (default 256)")
+    p.add_argument(
+        "--nprobe",
+        type=int,
+        help="IVF clusters searched per query (default: max(16, nlist/4))",
+    )
+    p.add_argument(
+        "--hnsw-m", type=int, default=32, help="HNSW graph degree (default 32)"
+    )
+    p.add_argument(
+        "--ef-construction",
+        type=int,
+        default=80,
+        help="HNSW build beam width (default 80)",
+    )
+    p.add_argument(
+        "--ef-search",
+        type=int,
+        default=256,
+        help="HNSW search beam width (default 256)",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("index", help="build, extend or describe a gallery index for 'eslmatch search'")
+    s = sub.add_parser(
+        "index", help="build, extend or describe a gallery index for 'eslmatch search'"
+    )
     s.set_defaults(func=run, index_command=None, index_parser=s)
     isub = s.add_subparsers(dest="index_command", metavar="ACTION")
 
-    b = isub.add_parser("build", help="encode a gallery (images or captions) into an index directory")
-    b.add_argument("--model", required=True, help="model directory or released .pth.tar")
-    b.add_argument("--features", required=True,
-                   help="precomp dataset folder, an .npy of region features (N, R, D), or (captions) a .txt")
-    b.add_argument("--split", default="test", help="split of the dataset folder (default: test)")
-    b.add_argument("--kind", choices=("image", "caption"), default="image",
-                   help="image index (text -> image search, default) or caption index (image -> text)")
+    b = isub.add_parser(
+        "build", help="encode a gallery (images or captions) into an index directory"
+    )
+    b.add_argument(
+        "--model", required=True, help="model directory or released .pth.tar"
+    )
+    b.add_argument(
+        "--features",
+        required=True,
+        help="precomp dataset folder, an .npy of region features (N, R, D), or (captions) a .txt",
+    )
+    b.add_argument(
+        "--split", default="test", help="split of the dataset folder (default: test)"
+    )
+    b.add_argument(
+        "--kind",
+        choices=("image", "caption"),
+        default="image",
+        help="image index (text -> image search, default) or caption index (image -> text)",
+    )
     b.add_argument("--images", help="folder of the image files, to record their paths")
-    b.add_argument("--out", required=True, help="index directory to write (replaced atomically if an index)")
-    b.add_argument("--fp16", action="store_true", help="store the per-region tensors in float16 (half the disk)")
+    b.add_argument(
+        "--out",
+        required=True,
+        help="index directory to write (replaced atomically if an index)",
+    )
+    b.add_argument(
+        "--fp16",
+        action="store_true",
+        help="store the per-region tensors in float16 (half the disk)",
+    )
     _faiss_args(b, "flat")
     b.add_argument("--batch-size", type=int, default=256)
     b.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    b.add_argument("--text-model", help="tokenizer for released checkpoints (recorded for searches)")
+    b.add_argument(
+        "--text-model",
+        help="tokenizer for released checkpoints (recorded for searches)",
+    )
 
     a = isub.add_parser("add", help="append images or captions to an index (atomic)")
     a.add_argument("--index", required=True, help="index directory")
@@ -52,33 +112,46 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     i = isub.add_parser("info", help="describe an index (and check it)")
     i.add_argument("index", help="index directory")
-    i.add_argument("--verify", action="store_true", help="also check every file's sha256 (reads everything)")
+    i.add_argument(
+        "--verify",
+        action="store_true",
+        help="also check every file's sha256 (reads everything)",
+    )
     i.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
-    r = isub.add_parser("reindex", help="rebuild only the FAISS index (e.g. flat -> hnsw), no re-encoding")
+    r = isub.add_parser(
+        "reindex",
+        help="rebuild only the FAISS index (e.g. flat -> hnsw), no re-encoding",
+    )
     r.add_argument("index", help="index directory")
     _faiss_args(r, None)
     r.add_argument("--out", help="write a new index here instead of replacing INDEX")
 
 
 def _options(args: argparse.Namespace) -> Any:
-    from ..retrieval import FaissOptions
+    return FaissOptions(
+        nlist=args.nlist,
+        nprobe=args.nprobe,
+        hnsw_m=args.hnsw_m,
+        ef_construction=args.ef_construction,
+        ef_search=args.ef_search,
+    )
 
-    return FaissOptions(nlist=args.nlist, nprobe=args.nprobe, hnsw_m=args.hnsw_m,
-                        ef_construction=args.ef_construction, ef_search=args.ef_search)
 
-
-def load_index_model(model: str | None, manifest: dict[str, Any], device: str, text_model: str | None) -> Any:
+def load_index_model(
+    model: str | None, manifest: dict[str, Any], device: str, text_model: str | None
+) -> Any:
     """The model given, else the one recorded in the index's manifest."""
-    from ..errors import EslmatchError
-    from ..factory import load_model
-
     path = model or manifest["model"].get("path")
     if not path:
         raise EslmatchError("the index records no model path: pass --model")
     if model is None and not Path(path).exists():
         raise EslmatchError(f"the index's model {path} no longer exists: pass --model")
-    return load_model(path, map_location=device, text_model=text_model or manifest["model"].get("text_model"))
+    return load_model(
+        path,
+        map_location=device,
+        text_model=text_model or manifest["model"].get("text_model"),
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,50 +159,61 @@ def run(args: argparse.Namespace) -> int:
     if action is None:
         args.index_parser.print_help()
         return 2
-    return {"build": _build, "add": _add, "info": _info, "reindex": _reindex}[action](args)
+    return {"build": _build, "add": _add, "info": _info, "reindex": _reindex}[action](
+        args
+    )
 
 
 def _build(args: argparse.Namespace) -> int:
-    import time
-
-    from ..data.batching import resolve_device
-    from ..factory import load_model
-    from ..retrieval import build_caption_index, build_image_index
 
     device = resolve_device(args.device)
     model = load_model(args.model, map_location=device, text_model=args.text_model)
     start = time.perf_counter()
-    common = dict(split=args.split, fp16=args.fp16, faiss_kind=args.faiss, faiss_options=_options(args),
-                  batch_size=args.batch_size, model_path=args.model, text_model=args.text_model)
+    common = dict(
+        split=args.split,
+        fp16=args.fp16,
+        faiss_kind=args.faiss,
+        faiss_options=_options(args),
+        batch_size=args.batch_size,
+        model_path=args.model,
+        text_model=args.text_model,
+    )
     if args.kind == "image":
-        out = build_image_index(model, args.features, args.out, images_dir=args.images, **common)
+        out = build_image_index(
+            model, args.features, args.out, images_dir=args.images, **common
+        )
     else:
         if args.images:
             from ..errors import EslmatchError
 
-            raise EslmatchError("--images applies to image indexes (caption paths come from the dataset)")
+            raise EslmatchError(
+                "--images applies to image indexes (caption paths come from the dataset)"
+            )
         out = build_caption_index(model, args.features, args.out, **common)
     print(f"built {args.kind} index {out} in {time.perf_counter() - start:.1f} s")
     return _info(argparse.Namespace(index=str(out), verify=False, json=False))
 
 
 def _add(args: argparse.Namespace) -> int:
-    from ..data.batching import resolve_device
-    from ..retrieval import add_to_index
-    from ..retrieval.store import read_manifest
-
     manifest = read_manifest(Path(args.index))
-    model = load_index_model(args.model, manifest, str(resolve_device(args.device)), args.text_model)
+    model = load_index_model(
+        args.model, manifest, str(resolve_device(args.device)), args.text_model
+    )
     before = manifest["count"]
-    add_to_index(args.index, model, args.features, split=args.split, images_dir=args.images, batch_size=args.batch_size)
+    add_to_index(
+        args.index,
+        model,
+        args.features,
+        split=args.split,
+        images_dir=args.images,
+        batch_size=args.batch_size,
+    )
     after = read_manifest(Path(args.index))["count"]
     print(f"added {after - before} items to {args.index} ({after} in all)")
     return 0
 
 
 def _info(args: argparse.Namespace) -> int:
-    from ..retrieval import GalleryIndex
-
     index = GalleryIndex.open(args.index, verify=args.verify)
     m = index.manifest
     if args.json:
@@ -138,11 +222,15 @@ def _info(args: argparse.Namespace) -> int:
     size = sum(rec["bytes"] for rec in m["files"].values())
     what = "regions" if index.kind == "image" else "words"
     print(f"index      {index.path}")
-    print(f"kind       {index.kind} ({index.count} items, up to {index.width} {what}, Dt={index.total_dim}, {index.dtype})")
+    print(
+        f"kind       {index.kind} ({index.count} items, up to {index.width} {what}, Dt={index.total_dim}, {index.dtype})"
+    )
     faiss = m["faiss"]
     opts = index.faiss_options.relevant(index.faiss_kind)
     print(f"faiss      {faiss['kind']}" + "".join(f" {k}={v}" for k, v in opts.items()))
-    print(f"model      {m['model'].get('path') or '(not recorded)'} fingerprint {index.fingerprint[:16]}")
+    print(
+        f"model      {m['model'].get('path') or '(not recorded)'} fingerprint {index.fingerprint[:16]}"
+    )
     print(f"grid       {'x'.join(map(str, index.grid)) if index.grid else 'none'}")
     print(f"size       {size / 2**20:.1f} MiB")
     for src in m.get("sources", []):
@@ -154,11 +242,10 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _reindex(args: argparse.Namespace) -> int:
-    from ..errors import EslmatchError
-    from ..retrieval import rebuild_faiss
-
     if args.faiss is None:
-        raise EslmatchError("choose the new first-stage index with --faiss flat|ivf|hnsw")
+        raise EslmatchError(
+            "choose the new first-stage index with --faiss flat|ivf|hnsw"
+        )
     out = rebuild_faiss(args.index, args.faiss, _options(args), args.out)
     print(f"rebuilt the {args.faiss} FAISS index of {out}")
     return 0

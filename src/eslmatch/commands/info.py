@@ -5,30 +5,43 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..factory import load_model, model_format
+
 ORDER = 80
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("info", help="describe a model (our directory format or a released .pth.tar)")
+    s = sub.add_parser(
+        "info", help="describe a model (our directory format or a released .pth.tar)"
+    )
     s.add_argument("checkpoint")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..factory import load_model, model_format
-
     fmt = model_format(args.checkpoint)
     model = load_model(args.checkpoint)
     c = model.config
     if args.json:
-        print(json.dumps({"format": fmt, "config": c.to_dict(), "parameters": model.parameter_counts()}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "format": fmt,
+                    "config": c.to_dict(),
+                    "parameters": model.parameter_counts(),
+                },
+                indent=2,
+            )
+        )
         return 0
     variant = "ESL-A" if c.strategy == "adaptive" else "ESL-H"
     print(f"model      {args.checkpoint}")
     print(f"format     {fmt}")
     print(f"type       {c.model_type.upper()} ({variant}, {c.strategy} strategy)")
-    print(f"levels     E={c.embed_size} k={c.kernel_size} L={c.num_levels} widths={c.level_dims} Dt={c.total_dim}")
+    print(
+        f"levels     E={c.embed_size} k={c.kernel_size} L={c.num_levels} widths={c.level_dims} Dt={c.total_dim}"
+    )
     text = c.text_encoder
     if text == "bert":
         bc = model.text_encoder.backbone.config
@@ -38,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
         text += f" (vocab {c.vocab_size}, word_dim {c.word_dim})"
     print(f"text       {text}")
     print(f"image      region features of width {c.img_dim}")
-    print(f"tokenizer  {'yes' if model.tokenizer is not None else 'none (score token ids, or pass --text-model)'}")
+    print(
+        f"tokenizer  {'yes' if model.tokenizer is not None else 'none (score token ids, or pass --text-model)'}"
+    )
     print("parameters")
     for part, n in model.parameter_counts().items():
         print(f"  {part:<15} {n:>13,}")

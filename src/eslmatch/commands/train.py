@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+import yaml
+
+from ..training import fit, load_train_config
+
 ORDER = 20
 
 
@@ -19,20 +23,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="override configuration keys, e.g. epochs=2 batch_size=32 model.embed_size=64")
     t.add_argument("--resume", action="store_true",
                    help="continue the run saved in output_dir (exactly where it stopped)")
+    t.add_argument("--init-from", metavar="MODEL",
+                   help="fine-tune: start from a released .pth.tar or one of our model folders (init_from=...)")
     t.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     t.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train import load_train_config, train
-
-    cfg = load_train_config(args.config, args.overrides)
+    overrides = list(args.overrides) + ([f"init_from={args.init_from}"] if args.init_from else [])
+    cfg = load_train_config(args.config, overrides)
     if args.print_config:
-        import yaml
-
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
-    result = train(cfg, resume=args.resume)
+    result = fit(cfg, resume=args.resume)
     if result.rank != 0:
         return 0
     best = "n/a" if result.best_rsum is None else f"{result.best_rsum:.2f}"

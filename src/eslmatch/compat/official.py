@@ -20,8 +20,10 @@ from torch import Tensor
 
 from ..config import ESLConfig
 from ..errors import CheckpointError
+from ..model.base import few, load_state_strict
 from ..model.encoders import bert_from_config
-from ..model.esl import ESLModel, _load_tokenizer, load_state_strict
+from ..model.esl import ESLModel
+from ..text import load_tokenizer
 
 ALLOWED_GLOBALS = [argparse.Namespace]
 
@@ -141,8 +143,8 @@ def config_from_checkpoint(ckpt: dict[str, Any]) -> ESLConfig:
         text_encoder="bert",
         text_model=None,
         heuristic_channels=channels,
-        margin=float(get("margin", 0.2)),
-        extra={"source": "released checkpoint", "epoch": ckpt.get("epoch"), "best_rsum": _num(ckpt.get("best_rsum"))},
+        extra={"source": "released checkpoint", "epoch": ckpt.get("epoch"), "best_rsum": _num(ckpt.get("best_rsum")),
+               "margin": _num(get("margin", 0.2))},
     )
 
 
@@ -212,7 +214,7 @@ def load_official_checkpoint(
     config = config_from_checkpoint(ckpt)
     text_state = _strip(ckpt["model"][1])
     bert_config = infer_bert_config(text_state)
-    tokenizer = _load_tokenizer(text_model, required=True) if text_model is not None else None
+    tokenizer = load_tokenizer(text_model, required=True) if text_model is not None else None
     if text_model is not None:
         config.text_model = str(text_model)
     model = ESLModel(config, bert_from_config(bert_config), tokenizer)
@@ -226,9 +228,9 @@ def load_official_checkpoint(
     if left or missing:
         problems = []
         if missing:
-            problems.append(f"missing keys (our names): {', '.join(missing[:6])}" + (f" and {len(missing) - 6} more" if len(missing) > 6 else ""))
+            problems.append(f"missing keys (our names): {few(missing)}")
         if left:
-            problems.append(f"unexpected keys: {', '.join(left[:6])}" + (f" and {len(left) - 6} more" if len(left) > 6 else ""))
+            problems.append(f"unexpected keys: {few(left)}")
         raise CheckpointError(f"{path} does not match the ESL model: " + "; ".join(problems))
     load_state_strict(model, state, str(path))
     return model.to(map_location).eval()

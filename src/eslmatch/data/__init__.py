@@ -13,9 +13,10 @@ See ``docs/data.md``. The contract used by training and evaluation:
 from __future__ import annotations
 
 from .augment import augment_caption, choose_word_actions, drop_regions, word_pieces
-from .batching import encode_images, encode_split, iter_caption_features, length_batches, resolve_device, tokenize_split
+from .batching import encode_images, encode_split, eval_mode, iter_caption_features, length_batches, tokenize_split
 from .dataset import Batch, CaptionDataset, build_vocab, collate
 from .precomp import DATA_FOLDERS, SPLITS, PrecompSplit, find_precomp_folder, open_split
+from .sampler import EpochBatchSampler, epoch_order, steps_per_epoch
 
 __all__ = [
     "DATA_FOLDERS",
@@ -34,7 +35,10 @@ __all__ = [
     "iter_caption_features",
     "length_batches",
     "open_split",
-    "resolve_device",
     "tokenize_split",
     "word_pieces",
+    "EpochBatchSampler",
+    "epoch_order",
+    "eval_mode",
+    "steps_per_epoch",
 ]

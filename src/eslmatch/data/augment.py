@@ -21,11 +21,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import EslmatchError
-from ..text import UNK, WordVocab, words
+from ..text import MAX_TOKENS, UNK, WordVocab, words
 
 MASK_SHARE = 0.5
 RANDOM_SHARE = 0.1  # the remaining 0.4 of chosen words are deleted
-MAX_TOKENS = 512
 _FIRST_WORD_ID = 4  # WordVocab ids 0..3 are <pad>, <start>, <end>, <unk>
 
 

@@ -15,30 +15,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import EslmatchError, InputError
+from ..errors import EslmatchError
+from ..text import pad_ids, tokenize_each
+from ..utils import resolve_device
 from .precomp import PrecompSplit
-
-TOKENIZE_CHUNK = 1024
-
-
-def resolve_device(device: str | torch.device | None, model: torch.nn.Module | None = None) -> torch.device:
-    """``None`` -> the model's device (or CPU); ``"auto"`` -> CUDA when available, else CPU."""
-    if device is None:
-        if model is not None:
-            try:
-                return next(model.parameters()).device
-            except StopIteration:
-                pass
-        return torch.device("cpu")
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise EslmatchError(f"invalid device {device!r}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EslmatchError(f"device {device!r} asked for but CUDA is not available")
-    return dev
 
 
 @contextlib.contextmanager
@@ -75,21 +55,7 @@ def _progress(iterable: Any, progress: bool, desc: str, total: int | None = None
 
 def tokenize_split(model: Any, split: PrecompSplit) -> list[Tensor]:
     """Token ids of every caption with ``model.tokenize``: a list of ``(W_c,)`` LongTensors."""
-    out: list[Tensor] = []
-    captions = split.captions
-    for start in range(0, len(captions), TOKENIZE_CHUNK):
-        texts = captions[start : start + TOKENIZE_CHUNK]
-        try:
-            ids, lens = model.tokenize(texts)
-        except InputError:
-            for j, text in enumerate(texts):  # find and name the caption at fault
-                try:
-                    model.tokenize([text])
-                except InputError as exc:
-                    raise EslmatchError(f"{split.captions_path}: line {start + j + 1}: {exc}") from exc
-            raise
-        out.extend(ids[j, : int(n)] for j, n in enumerate(lens.tolist()))
-    return out
+    return tokenize_each(model.tokenize, split.captions, lambda i: f"{split.captions_path}: line {i + 1}")
 
 
 def encode_images(
@@ -127,8 +93,6 @@ def iter_caption_features(
     Yields:
         ``(caption indices (B,), features (B, W, Dt), lengths (B,))`` per batch.
     """
-    from ..text import pad_ids
-
     device = resolve_device(device, model)
     ids = tokenize_split(model, split)
     lengths = [int(t.numel()) for t in ids]

@@ -192,7 +192,7 @@ class Relation:
 class Conj:
     """All parts hold; ``only``: together the mentions account for every object, each once."""
 
-    parts: tuple[Union[Mention, Total], ...]
+    parts: tuple[Mention | Total, ...]
     only: bool = False
 
 
@@ -455,7 +455,7 @@ def _family_only(scene: Scene, rng: random.Random, focus: Sequence[int]) -> Capt
     choices = [t for t in ONLY_TEMPLATES if not (t == "nothing_else" and len(parts) > 2)]
     choices = [t for t in choices if not (t == "listing" and len(parts) < 2)]
     template = rng.choice(choices)
-    lead: tuple[Union[Mention, Total], ...] = (Total(len(scene.objects)),) if template == "listing" else ()
+    lead: tuple[Mention | Total, ...] = (Total(len(scene.objects)),) if template == "listing" else ()
     return Caption(Conj((*lead, *parts), only=True), template, _variant(rng), "only")
 
 

@@ -23,8 +23,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from ..data import eval_mode, open_split
 from ..errors import EslmatchError
+from ..evaluate import evaluate_protocol, format_metrics, score_split
+from ..extract import extract_folder
+from ..factory import load_model
+from ..training import TrainConfig, fit
+from ..utils import atomic_write_text
+from .scenes import (
+    DemoConfig,
+    generate_split,
+    hard_case_scores,
+    load_hard_cases,
+    render_scene,
+    split_seed,
+    write_demo_dataset,
+)
 
 DATASET_VERSION = 1
 SPLITS = ("train", "dev", "test")
@@ -84,9 +100,6 @@ def text_model_path() -> str:
 # ------------------------------------------------------------------------------ dataset
 def build_dataset(s: DemoSettings, log: Callable[[str], None] = print) -> Path:
     """The precomp folder of the demo dataset, built once and then reused from the cache."""
-    from ..extract import extract_folder
-    from .scenes import DemoConfig, write_demo_dataset
-
     root = Path(s.cache_dir) / f"demo-{s.dataset_key()}"
     precomp = root / "precomp"
     if (root / "ready.json").is_file():
@@ -123,23 +136,19 @@ def build_dataset(s: DemoSettings, log: Callable[[str], None] = print) -> Path:
 
 def test_image(s: DemoSettings, index: int) -> Any:
     """The rendered test image ``index`` (re-rendered from the seed: PNGs are not kept)."""
-    from .scenes import generate_split, render_scene, split_seed
-
     spec = generate_split(s.n_test, split_seed(s.seed, "test"), name="test")
     return render_scene(spec.scenes[index], size=s.image_size), spec
 
 
 # ------------------------------------------------------------------------------ training
 def train_config(s: DemoSettings, data: Path, model_type: str, out: Path) -> Any:
-    from ..train import TrainConfig
-
     return TrainConfig.from_dict({
         "data_path": str(data), "data_name": None, "train_split": "train", "val_split": "dev",
         "output_dir": str(out),
         "model": {"model_type": model_type, "strategy": s.strategy, "embed_size": s.embed_size,
                   "num_levels": s.num_levels, "img_dim": 1280, "text_encoder": "bert",
-                  "text_model": text_model_path(), "freeze_text_backbone": True,
-                  "global_loss_weight": s.global_loss_weight if model_type == "esl" else 0.0},
+                  "text_model": text_model_path(), "freeze_text_backbone": True},
+        "global_loss_weight": s.global_loss_weight if model_type == "esl" else 0.0,
         "epochs": s.epochs, "lr_decay_epoch": max(1, s.epochs - 1), "batch_size": s.batch_size, "lr": s.lr,
         "vse_mean_warmup_epochs": min(s.warmup_epochs, s.epochs), "region_drop": s.region_drop, "word_mask": 0.0,
         "seed": s.seed, "workers": 0, "log_every": 10, "save_every_steps": 10_000, "device": "cpu",
@@ -202,11 +211,6 @@ def plot_attention(model: Any, split: Any, s: DemoSettings, path: Path, image_in
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import torch
-
-    from ..data.batching import eval_mode
-    from ..model.functional import t2i_attention
-    from ..reference import pair_affinity
 
     caption = split.captions[image_index * split.captions_per_image]
     ids, lens = model.tokenize([caption])
@@ -214,8 +218,7 @@ def plot_attention(model: Any, split: Any, s: DemoSettings, path: Path, image_in
     with eval_mode(model), torch.no_grad():
         img = model.embed_images(feats)[0]
         cap = model.embed_captions(ids, lens)[0]
-        weights = t2i_attention(pair_affinity(model, cap, img), model.pooling.scale(), model.pooling.slope,
-                                model.pooling.eps).numpy()
+        weights = model.attention(cap, model.prepare_images(img)).numpy()
     tokens = model.tokenizer.convert_ids_to_tokens(ids[0].tolist())
     r = weights.shape[1]
     side = int(round(r ** 0.5))
@@ -250,14 +253,6 @@ def _jsonable(s: DemoSettings) -> dict[str, Any]:
 
 def run_demo(s: DemoSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the whole demo; returns the metrics written to ``metrics.json``."""
-    import torch
-
-    from ..data import open_split
-    from ..evaluate import evaluate_protocol, format_metrics, score_split
-    from ..factory import load_model
-    from ..train import train
-    from .scenes import hard_case_scores, load_hard_cases
-
     started = time.time()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     out = Path(s.out_dir)
@@ -277,7 +272,7 @@ def run_demo(s: DemoSettings, log: Callable[[str], None] = print) -> dict[str, A
         t0 = time.time()
         run = out / f"run_{model_type}"
         log(f"[train] {name}: {s.epochs} epochs, batch {s.batch_size}, E={s.embed_size}, frozen MiniLM text encoder")
-        result = train(train_config(s, data, model_type, run))
+        result = fit(train_config(s, data, model_type, run))
         runs[name] = run
         log(f"[train] {name} done in {time.time() - t0:.0f} s (best dev rsum {result.best_rsum:.1f})")
         t1 = time.time()
@@ -297,9 +292,7 @@ def run_demo(s: DemoSettings, log: Callable[[str], None] = print) -> dict[str, A
             results["attention"] = plot_attention(model, test, s, out / "attention.png")
     plot_curves(runs, out / "curves.png")
     results["seconds"] = round(time.time() - started, 1)
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2, default=float))
-    os.replace(tmp, out / "metrics.json")
+    atomic_write_text(out / "metrics.json", json.dumps(results, indent=2, default=float))
     (out / "README.md").write_text(summary_table(results) + "\n")
     log("\n" + summary_table(results))
     log(f"\nreport written to {out}/ (metrics.json, curves.png, attention.png) in {results['seconds']:.0f} s")

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..errors import EslmatchError
+from ..utils import atomic_write_text
 from .grammar import (
     COLORS,
     NUMBER_WORDS,
@@ -422,18 +423,6 @@ class SplitFiles:
     image_names: tuple[str, ...]
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def hard_pairs_record(spec: SplitSpec) -> dict[str, Any]:
     """The JSON-able description of a split's hard pairs (global caption indices)."""
     cases = hard_case_captions(spec)
@@ -501,8 +490,8 @@ def write_split(
             os.replace(tmp_dir / name, images_dir / name)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    _atomic_text(captions_file, "".join(lines))
-    _atomic_text(hard_path, record)
+    atomic_write_text(captions_file, "".join(lines))
+    atomic_write_text(hard_path, record)
     return SplitFiles(images_dir, captions_file, hard_path, tuple(names))
 
 
@@ -534,7 +523,7 @@ def load_hard_cases(path: str | Path, ids: Sequence[str] | None = None) -> list[
 
     row = {stem(name): r for r, name in enumerate(ids)}
     out = []
-    for i, j, c, kind, name_i, name_j in raw:
+    for i, _j, c, kind, name_i, name_j in raw:
         ri, rj = row.get(stem(name_i)), row.get(stem(name_j))
         if ri is not None and rj is not None:
             out.append(HardCase(ri * cpi + (int(c) - int(i) * cpi), ri, rj, str(kind)))

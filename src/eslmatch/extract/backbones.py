@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CheckpointError, EslmatchError, InputError
+from ..utils import resolve_device
 
 _MAX_IMAGE_SIZE = 4096
 
@@ -59,19 +60,6 @@ class BackboneOptions:
 
 class SkipImage(Exception):
     """An image that cannot be used (the reason is recorded, extraction goes on)."""
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else is checked and returned."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise EslmatchError(f"--device {device!r}: not a device name (use auto, cpu, cuda, cuda:N)") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EslmatchError(f"--device {device}: CUDA is not available on this machine (use --device cpu or auto)")
-    return dev
 
 
 def file_fingerprint(path: str | Path) -> str:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..errors import EslmatchError, InputError
+from ..utils import atomic_path, atomic_save_npy, atomic_write_text
 from .backbones import Backbone, BackboneOptions, SkipImage, build_backbone
 
 META_NAME = "extract_meta.json"
@@ -87,36 +88,6 @@ class CaptionTable:
 # ---------------------------------------------------------------------------- small helpers
 def _log_stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` through a temporary file and ``os.replace``."""
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    """``np.save`` through a temporary file and ``os.replace``."""
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as fh:
-            np.save(fh, array, allow_pickle=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _lines(values: Sequence[str]) -> str:
@@ -594,8 +565,7 @@ def _write_dataset(
                 "SCAN layout to precomp readers; consider --captions-per-image 5")
 
     ims_path = out / f"{split}_ims.npy"
-    tmp = _tmp_name(ims_path)
-    try:
+    with atomic_path(ims_path) as tmp:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(rows), model.regions, model.dim))
         at = 0
         for index in range(n_chunks):
@@ -604,9 +574,6 @@ def _write_dataset(
             at += len(part)
         arr.flush()
         del arr
-        os.replace(tmp, ims_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     if cfg.relative_paths:
         paths = [os.path.relpath(e.path, out.resolve()) for e in rows]
     else:

@@ -1,21 +1,25 @@
-"""The ESL model, one module per concept of the paper."""
+"""The model families on one base, one module per concept of the paper.
+
+Concepts: :mod:`.encoders` (regions, BERT/GRU text), :mod:`.aggregation` (the level
+stacks), :mod:`.correspondence` (weighted level correspondence), :mod:`.pooling` (its
+temperature; the pooling math is in :mod:`eslmatch.scoring`). Families: :mod:`.esl`,
+:mod:`.vse`; :mod:`.base` holds what they share. :mod:`eslmatch.factory` names them.
+"""
 
 from .aggregation import LevelStack
+from .base import MatchingModel, RegionTextModel, load_state_strict
 from .correspondence import Correspondence
 from .encoders import BertTextEncoder, GRUTextEncoder, RegionEncoder
-from .esl import ESLModel
 from .pooling import AttentionPooling
-from .vse import VSEModel, build_model, load_pretrained
 
 __all__ = [
     "AttentionPooling",
     "BertTextEncoder",
     "Correspondence",
-    "ESLModel",
     "GRUTextEncoder",
     "LevelStack",
+    "MatchingModel",
     "RegionEncoder",
-    "VSEModel",
-    "build_model",
-    "load_pretrained",
+    "RegionTextModel",
+    "load_state_strict",
 ]

@@ -19,13 +19,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from ..distributed import all_reduce_with_grad, world_size
 from ..errors import EslmatchError
-from .functional import l2n
-
-
-def lengths_to_mask(lengths: Tensor, width: int) -> Tensor:
-    """``(N,)`` lengths -> bool ``(N, width)`` mask, True for positions < length."""
-    return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
+from ..utils import l2n
 
 
 class MaskedBatchNorm1d(nn.BatchNorm1d):
@@ -34,7 +30,7 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
     In eval mode it uses running statistics row by row, so padding never matters.
 
     Distributed training sets ``synchronize = True`` and ``process_group`` on each instance
-    (:func:`eslmatch.distributed.enable_sync_batchnorm`): training statistics are then taken
+    (:func:`enable_sync_batchnorm`): training statistics are then taken
     over the valid rows of every rank, summed with an autograd-aware all-reduce, so N ranks
     with B images each normalise (and back-propagate) exactly as one rank with N*B images.
     """
@@ -45,7 +41,7 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:  # type: ignore[override]
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        if self.training and self.synchronize and self._world_size() > 1:
+        if self.training and self.synchronize and world_size(self.process_group) > 1:
             return self._synced_forward(flat, None if mask is None else mask.reshape(-1)).reshape(shape)
         if mask is None or not self.training:
             return super().forward(flat).reshape(shape)
@@ -54,17 +50,9 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
         out = out.index_put((m.nonzero(as_tuple=True)[0],), super().forward(flat[m]))
         return out.reshape(shape)
 
-    def _world_size(self) -> int:
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return 1
-        return dist.get_world_size(self.process_group)
-
     def _synced_forward(self, flat: Tensor, mask: Tensor | None) -> Tensor:
         """Training BatchNorm of ``flat (N*R, C)`` with statistics over every rank's valid rows."""
-        from ..distributed import all_reduce_with_grad as all_reduce
-
+        all_reduce = all_reduce_with_grad
         group = self.process_group
         rows = flat if mask is None else flat[mask]
         rows = rows.to(torch.promote_types(rows.dtype, torch.float32))  # bf16 statistics in fp32
@@ -97,6 +85,18 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
             return out
         full = torch.zeros_like(flat)
         return full.index_put((mask.nonzero(as_tuple=True)[0],), out)
+
+
+def enable_sync_batchnorm(model: nn.Module, group: Any, distributed: bool) -> int:
+    """Make every :class:`MaskedBatchNorm1d` of ``model`` take its training statistics over
+    all ranks of ``group`` (when ``distributed``). Returns how many were switched."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, MaskedBatchNorm1d):
+            m.synchronize = distributed
+            m.process_group = group
+            n += 1
+    return n
 
 
 class RegionMLP(nn.Module):
@@ -231,15 +231,11 @@ class GRUTextEncoder(nn.Module):
 
 
 def build_text_encoder(config: Any, text_backbone: nn.Module | None) -> nn.Module:
-    """The text encoder an :class:`~eslmatch.config.ESLConfig` asks for (ESL and VSE alike).
-
-    Fills in ``config.text_hidden_size`` from the BERT-family backbone.
-    """
+    """The text encoder an :class:`~eslmatch.config.ESLConfig` asks for (ESL and VSE alike)."""
     c = config
     if c.text_encoder == "bert":
         if text_backbone is None:
             raise EslmatchError("a BERT text encoder needs its transformers model")
-        c.text_hidden_size = int(text_backbone.config.hidden_size)
         return BertTextEncoder(text_backbone, c.embed_size, c.l2_eps, c.freeze_text_backbone)
     if not c.vocab_size:
         raise EslmatchError("the GRU text encoder needs vocab_size")
@@ -254,7 +250,7 @@ def _no_pooler_kwargs(config: Any) -> dict[str, Any]:
 
 def bert_from_config(config: Any) -> nn.Module:
     """A randomly initialised transformers model for ``config`` (eager attention)."""
-    from transformers import AutoModel
+    from transformers import AutoModel  # heavy: only when a BERT model is built
 
     config._attn_implementation = "eager"
     return AutoModel.from_config(config, **_no_pooler_kwargs(config))
@@ -262,8 +258,7 @@ def bert_from_config(config: Any) -> nn.Module:
 
 def bert_from_pretrained(name_or_path: str | Path) -> nn.Module:
     """Load a BERT-family model from a local directory or a Hub name (cache or network)."""
-    from transformers import AutoConfig, AutoModel
-
+    from transformers import AutoConfig, AutoModel  # heavy: only when a BERT model is built
     from transformers.utils import logging as hf_logging
 
     try:

@@ -1,7 +1,7 @@
 """Small pure functions holding the math of ESL (spec sections 2-4).
 
-Both the literal reference scorer and the batched engine are built from these, so the fast
-paths can be checked against the plain one.
+The level stacks and the correspondence are built from these; the pooling's forms live in
+:mod:`eslmatch.scoring.pooling`.
 """
 
 from __future__ import annotations
@@ -10,14 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def l2n(x: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
-    """``x / (sqrt(sum x^2) + eps)`` along ``dim``: the released code's exact form.
-
-    ``vector_norm`` has the same value as ``x.pow(2).sum().sqrt()`` but a zero (not NaN)
-    gradient at an all-zero vector, which padded GRU positions produce.
-    """
-    return x / (torch.linalg.vector_norm(x, dim=dim, keepdim=True) + eps)
+from ..utils.tensors import l2n
 
 
 def adaptive_selection(weight: Tensor, select: int = 2, eps: float = 1e-8) -> Tensor:
@@ -82,61 +75,3 @@ def contribution_degrees(w: Tensor, sigma: Tensor, t2: Tensor, heuristic: bool) 
 def correspondence_matrix(s: Tensor, ln_weight: Tensor, ln_bias: Tensor, c: Tensor, eps: float) -> Tensor:
     """``D_l = LayerNorm_over_whole_matrix(S_l) * c_l``; ``s`` is ``(n, n)``."""
     return F.layer_norm(s, s.shape, ln_weight, ln_bias, eps) * c
-
-
-def t2i_attention(a: Tensor, scale: Tensor, slope: float = 0.1, eps: float = 1e-8) -> Tensor:
-    """Word-by-region attention ``(W, R)`` of one pair's affinity ``a (W, R)``.
-
-    Row ``w`` is the softmax over regions that text-to-image pooling gives word ``w``
-    (spec section 4); each row sums to 1. Used for heat-maps.
-    """
-    g = l2n(F.leaky_relu(torch.tanh(a), slope), dim=0, eps=eps)  # each region normalised over words
-    return torch.softmax(scale * g, dim=1)
-
-
-def pool_pair(a: Tensor, scale: Tensor, slope: float = 0.1, eps: float = 1e-8) -> Tensor:
-    """Bidirectional attention pooling of one pair's affinity ``a (W, R)`` to a scalar.
-
-    Literal form of spec section 4 with no padding: every row is a real word and every
-    column a real region.
-    """
-    p = t2i_attention(a, scale, slope, eps)  # over regions
-    t2i = (a * p).sum(1).mean()
-    h = l2n(F.leaky_relu(torch.tanh(a), slope), dim=1, eps=eps)  # each word normalised over regions
-    q = torch.softmax(scale * h, dim=0)  # over words
-    i2t = (a * q).sum(0).mean()
-    return t2i + i2t
-
-
-def pool_masked(
-    a: Tensor,
-    word_mask: Tensor,
-    region_mask: Tensor,
-    scale: Tensor,
-    slope: float = 0.1,
-    eps: float = 1e-8,
-) -> Tensor:
-    """Masked bidirectional attention pooling over a batch of affinity blocks.
-
-    Args:
-        a: affinities ``(..., W, R)``.
-        word_mask: bool ``(..., W, 1)`` broadcastable, True for real words.
-        region_mask: bool ``(..., 1, R)`` broadcastable, True for real regions.
-        scale: softmax scale ``s`` (scalar tensor).
-    Returns:
-        scores ``(...)``. Padded words and regions take no part in any norm, softmax or mean.
-    """
-    valid = word_mask & region_mask
-    act = F.leaky_relu(torch.tanh(a), slope).masked_fill(~valid, 0.0)
-    neg = torch.finfo(a.dtype).min
-    n_words = word_mask.sum(-2).clamp_min(1).to(a.dtype)  # (..., 1)
-    n_regions = region_mask.sum(-1).clamp_min(1).to(a.dtype)  # (..., 1)
-
-    g = act / (torch.linalg.vector_norm(act, dim=-2, keepdim=True) + eps)
-    p = torch.softmax((scale * g).masked_fill(~region_mask, neg), dim=-1)
-    t2i = ((a * p).sum(-1, keepdim=True).masked_fill(~word_mask, 0.0).sum(-2) / n_words).squeeze(-1)
-
-    h = act / (torch.linalg.vector_norm(act, dim=-1, keepdim=True) + eps)
-    q = torch.softmax((scale * h).masked_fill(~word_mask, neg), dim=-2)
-    i2t = ((a * q).sum(-2, keepdim=True).masked_fill(~region_mask, 0.0).sum(-1) / n_regions).squeeze(-1)
-    return t2i + i2t

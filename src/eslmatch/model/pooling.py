@@ -1,4 +1,8 @@
-"""Bidirectional attention pooling (spec section 4)."""
+"""Bidirectional attention pooling (spec section 4): its learned temperature.
+
+The pooling itself is computed by the engine (:mod:`eslmatch.scoring.pooling`, in its three
+forms); this module holds the parameter it learns.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,10 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .functional import pool_masked
-
 
 class AttentionPooling(nn.Module):
-    """Pool word-region affinities ``(..., W, R)`` to scores ``(...)``.
-
-    Holds the learned temperature ``t`` (``s = exp(t)``).
-    """
+    """Holds the learned temperature ``t`` (softmax scale ``s = exp(t)``), the leaky slope
+    and the l2 epsilon of the pooling."""
 
     def __init__(self, temperature_init: float = 1.0 / 0.07, slope: float = 0.1, eps: float = 1e-8) -> None:
         super().__init__()
@@ -24,6 +24,3 @@ class AttentionPooling(nn.Module):
 
     def scale(self) -> Tensor:
         return torch.exp(self.t)
-
-    def forward(self, affinity: Tensor, word_mask: Tensor, region_mask: Tensor) -> Tensor:
-        return pool_masked(affinity, word_mask, region_mask, self.scale(), self.slope, self.eps)

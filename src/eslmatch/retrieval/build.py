@@ -9,11 +9,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .. import __version__
+from ..data import eval_mode, length_batches
 from ..errors import EslmatchError
+from ..utils import atomic_dir, resolve_device
 from . import ann
-from .encode import encode_images, encode_token_batch, require_esl, tokenize_all
+from .encode import encode_images, encode_token_batch, require_two_stage, tokenize_all
+from .index import GalleryIndex
 from .sources import CaptionSource, ImageSource, caption_source, image_source, paths_from_dir
 from .store import (
     CAPTIONS,
@@ -31,9 +35,6 @@ from .store import (
     file_records,
     link_or_copy,
     model_fingerprint,
-    remove_dir,
-    replace_dir,
-    temp_dir_beside,
     write_lines,
     write_manifest,
 )
@@ -43,8 +44,6 @@ _COPY_ROWS_BYTES = 64 << 20
 
 # ---------------------------------------------------------------------- small helpers
 def _progress(total: int, progress: bool, desc: str) -> Any:
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, disable=None if progress else True, leave=False, unit="item")
 
 
@@ -84,8 +83,6 @@ def _paths(given: Sequence[Any] | None, found: list[str] | None, n: int, images_
 
 def _device(model: Any, device: Any) -> None:
     if device is not None:
-        from ..data.batching import resolve_device
-
         model.to(resolve_device(device, model))
 
 
@@ -107,8 +104,6 @@ def _store_rows(arrays: tuple, rows: slice | np.ndarray, feats: torch.Tensor, g:
 
 
 def _encode_image_rows(model: Any, src: ImageSource, arrays: tuple, start: int, batch_size: int, progress: bool) -> None:
-    from ..data.batching import eval_mode
-
     with eval_mode(model), _progress(src.count, progress, "images") as bar:
         for i0 in range(0, src.count, batch_size):
             i1 = min(i0 + batch_size, src.count)
@@ -121,8 +116,6 @@ def _encode_image_rows(model: Any, src: ImageSource, arrays: tuple, start: int, 
 def _encode_caption_rows(
     model: Any, tokens: list[torch.Tensor], arrays: tuple, start: int, batch_size: int, progress: bool
 ) -> None:
-    from ..data.batching import eval_mode, length_batches
-
     batches = length_batches([int(t.numel()) for t in tokens], batch_size)
     with eval_mode(model), _progress(len(tokens), progress, "captions") as bar:
         for idx in batches:
@@ -214,7 +207,7 @@ def build_image_index(
     Returns:
         ``out``.
     """
-    require_esl(model)
+    require_two_stage(model)
     ann.check_kind(faiss_kind)
     _check_batch(batch_size)
     out = Path(out)
@@ -225,8 +218,7 @@ def build_image_index(
     item_paths = _paths(paths, src.paths, src.count, images_dir, item_ids)
     dt = model.config.total_dim
     dtype = "float16" if fp16 else "float32"
-    tmp = temp_dir_beside(out)
-    try:
+    with atomic_dir(out) as tmp:
         arrays = _alloc(tmp, src.count, src.regions, dt, dtype)
         _encode_image_rows(model, src, arrays, 0, batch_size, progress)
         opts = ann.resolve_options(faiss_kind, src.count, faiss_options)
@@ -239,10 +231,6 @@ def build_image_index(
         }
         faiss_index = ann.build(arrays[2], faiss_kind, opts)
         _finish(tmp, manifest, arrays, item_ids, item_paths, None, faiss_index)
-        replace_dir(tmp, out)
-    except BaseException:
-        remove_dir(tmp)
-        raise
     return out
 
 
@@ -274,7 +262,7 @@ def build_caption_index(
     The stored side is the caption level features ``(M, W, Dt)``; see
     :func:`build_image_index` for the other arguments.
     """
-    require_esl(model)
+    require_two_stage(model)
     ann.check_kind(faiss_kind)
     _check_batch(batch_size)
     out = Path(out)
@@ -289,8 +277,7 @@ def build_caption_index(
     width = max(int(t.numel()) for t in tokens)
     dt = model.config.total_dim
     dtype = "float16" if fp16 else "float32"
-    tmp = temp_dir_beside(out)
-    try:
+    with atomic_dir(out) as tmp:
         arrays = _alloc(tmp, m, width, dt, dtype)
         _encode_caption_rows(model, tokens, arrays, 0, batch_size, progress)
         opts = ann.resolve_options(faiss_kind, m, faiss_options)
@@ -303,10 +290,6 @@ def build_caption_index(
         }
         faiss_index = ann.build(arrays[2], faiss_kind, opts)
         _finish(tmp, manifest, arrays, item_ids, item_paths, texts, faiss_index)
-        replace_dir(tmp, out)
-    except BaseException:
-        remove_dir(tmp)
-        raise
     return out
 
 
@@ -332,8 +315,6 @@ def add_to_index(
     wider when the new items have more regions / words; the FAISS index grows in place
     (flat, HNSW) or is retrained (IVF, once the gallery is 4x what its clusters saw).
     """
-    from .index import GalleryIndex
-
     _check_batch(batch_size)
     target = Path(index_dir)
     _device(model, device)
@@ -359,8 +340,7 @@ def add_to_index(
         width = max(old.width, max(int(t.numel()) for t in tokens))
         description = csrc.description
     n = n_old + n_new
-    tmp = temp_dir_beside(target)
-    try:
+    with atomic_dir(target) as tmp:
         arrays = _alloc(tmp, n, width, dt, dtype)
         _copy_rows(old, arrays, n_old)
         if old.kind == "image":
@@ -384,10 +364,6 @@ def add_to_index(
         caps_all = None if texts is None else (old.captions or []) + texts
         old.close()
         _finish(tmp, manifest, arrays, ids_all, paths_all, caps_all, faiss_index)
-        replace_dir(tmp, target)
-    except BaseException:
-        remove_dir(tmp)
-        raise
     return target
 
 
@@ -402,16 +378,13 @@ def rebuild_faiss(
     The arrays are not re-encoded: they are hard-linked (or copied) into the new index, at
     ``out`` or in place of ``index_dir``.
     """
-    from .index import GalleryIndex
-
     ann.check_kind(faiss_kind)
     src = Path(index_dir)
     old = GalleryIndex.open(src)
     target = src if out is None else Path(out)
     if target != src:
         check_target(target)
-    tmp = temp_dir_beside(target)
-    try:
+    with atomic_dir(target) as tmp:
         for name in data_files(old.kind):
             if name != FAISS:
                 link_or_copy(src / name, tmp / name)
@@ -423,9 +396,5 @@ def rebuild_faiss(
         manifest["files"] = {**old.manifest["files"], **file_records(tmp, [FAISS])}
         write_manifest(tmp, manifest)
         old.close()
-        replace_dir(tmp, target)
-    except BaseException:
-        remove_dir(tmp)
-        raise
     return target
 

@@ -2,9 +2,9 @@
 
 Images: region features ``(B, R, D)`` -> engine-ready image side ``(B, R, Dt)``
 (:meth:`ESLModel.prepare_images` of the level features) and the first-stage vector ``(B, Dt)``
-(its mean over real regions, as :meth:`ESLModel.global_images`).
+(its mean over real regions, as :meth:`ESLModel.index_vectors_images`).
 Captions: text -> level features ``(B, W, Dt)`` and their mean over real words
-(:meth:`ESLModel.global_captions`). The inner product of the two vectors is the pair's mean
+(:meth:`ESLModel.index_vectors_captions`). The inner product of the two vectors is the pair's mean
 word-region affinity.
 """
 
@@ -17,24 +17,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import EslmatchError, InputError
+from ..errors import EslmatchError
+from ..text import WordVocab, pad_ids, tokenize_each, words
+from ..utils import masked_mean
 
-TOKENIZE_CHUNK = 1024
 
-
-def require_esl(model: Any) -> None:
-    """Refuse models without ESL's image side and global vectors (e.g. the VSE baseline)."""
-    needed = ("prepare_images", "embed_images", "embed_captions", "tokenize", "pooling")
-    missing = [name for name in needed if not hasattr(model, name)]
-    if missing:
+def require_two_stage(model: Any) -> None:
+    """Refuse models whose score is not a re-rankable ESL score (e.g. the VSE baseline)."""
+    if getattr(model, "exact_index", True) or not hasattr(model, "score_prepared"):
         kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-        raise EslmatchError(f"gallery indexes need an ESL model; this one ({kind}) has no {', '.join(missing)}")
-
-
-def masked_mean(x: Tensor, lengths: Tensor) -> Tensor:
-    """Mean of ``x (B, T, D)`` over the first ``lengths[b]`` positions -> ``(B, D)``."""
-    mask = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]).to(x.dtype)
-    return (x * mask[..., None]).sum(1) / lengths.clamp_min(1).to(x.dtype)[:, None]
+        raise EslmatchError(f"gallery indexes need an ESL model (two-stage: shortlist, then re-rank); this one is {kind}")
 
 
 def zero_padding(x: Tensor, lengths: Tensor) -> Tensor:
@@ -61,20 +53,7 @@ def encode_images(model: Any, regions: np.ndarray | Tensor, lengths: np.ndarray 
 
 def tokenize_all(model: Any, captions: Sequence[str], where: str = "caption") -> list[Tensor]:
     """Token ids of every caption: a list of ``(W_c,)`` LongTensors (errors name the caption)."""
-    out: list[Tensor] = []
-    for start in range(0, len(captions), TOKENIZE_CHUNK):
-        texts = list(captions[start : start + TOKENIZE_CHUNK])
-        try:
-            ids, lens = model.tokenize(texts)
-        except InputError:
-            for j, text in enumerate(texts):
-                try:
-                    model.tokenize([text])
-                except InputError as exc:
-                    raise EslmatchError(f"{where} {start + j}: {exc} ({text!r})") from exc
-            raise
-        out.extend(ids[j, : int(n)] for j, n in enumerate(lens.tolist()))
-    return out
+    return tokenize_each(model.tokenize, captions, lambda i: f"{where} {i}")
 
 
 def encode_token_batch(model: Any, ids: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -82,8 +61,6 @@ def encode_token_batch(model: Any, ids: Sequence[Tensor]) -> tuple[Tensor, Tenso
 
     Call inside ``eval_mode(model)``.
     """
-    from ..text import pad_ids
-
     tokens, lens = pad_ids([t.tolist() for t in ids])
     dev = model.device
     tokens, lens = tokens.to(dev), lens.to(dev)
@@ -93,8 +70,6 @@ def encode_token_batch(model: Any, ids: Sequence[Tensor]) -> tuple[Tensor, Tenso
 
 def caption_words(model: Any, text: str, ids: Tensor) -> list[str]:
     """A display string for each token of ``text`` (``ids (W,)`` from ``model.tokenize``)."""
-    from ..text import WordVocab, words
-
     tok = model.tokenizer
     if isinstance(tok, WordVocab):
         shown = ["<start>", *words(text), "<end>"]

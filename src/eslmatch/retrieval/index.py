@@ -26,9 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data import eval_mode
 from ..errors import EslmatchError
+from ..scoring import ScoringOptions
 from . import ann
-from .encode import caption_words, encode_images, encode_token_batch, require_esl, tokenize_all
+from .encode import caption_words, encode_images, encode_token_batch, require_two_stage, tokenize_all
 from .store import (
     CAPTIONS,
     FAISS,
@@ -146,6 +148,8 @@ class GalleryIndex:
         self._check_shapes()
         self._row: dict[str, int] | None = None
         self._faiss: Any = None
+        # How the re-rank's engine runs (budget, precision, workers); set it to change them.
+        self.scoring = ScoringOptions()
         self._checked: weakref.WeakSet = weakref.WeakSet()
 
     # ------------------------------------------------------------------ opening
@@ -239,7 +243,7 @@ class GalleryIndex:
         """Refuse a model other than the one the index was built with (checked once per model)."""
         if model in self._checked:
             return
-        require_esl(model)
+        require_two_stage(model)
         dt = model.config.total_dim
         if dt != self.total_dim:
             raise GalleryIndexError(
@@ -301,8 +305,6 @@ class GalleryIndex:
         batch_size: int = QUERY_BATCH, timings: dict[str, float] | None = None,
     ) -> list[list[Hit]]:
         """:meth:`search_text` for many sentences (encoded and shortlisted in batches)."""
-        from ..data.batching import eval_mode
-
         self._need("image", "text search")
         self.check_model(model)
         if isinstance(texts, str):
@@ -343,8 +345,6 @@ class GalleryIndex:
         image_index: GalleryIndex | None = None, timings: dict[str, float] | None = None,
     ) -> list[list[Hit]]:
         """:meth:`search_image` for many images."""
-        from ..data.batching import eval_mode
-
         self._need("caption", "image search")
         self.check_model(model)
         k, depth, rerank = plan_depth(k, rerank_k, self.count)
@@ -415,18 +415,15 @@ class GalleryIndex:
 
     def _esl_scores(self, model: Any, query: Any, rows: np.ndarray) -> np.ndarray:
         """ESL scores ``(len(rows),)`` of the query against the stored rows."""
-        from ..scoring import score_tiles
-
         dev = model.device
         items, item_lens, order = self._gather(rows, dev)
-        pool = model.pooling
         if self.kind == "image":
             cap, cap_len = query
-            s = score_tiles(cap, cap_len, items, item_lens, pool.scale(), pool.slope, pool.eps, model.budget_bytes)[:, 0]
+            s = model.score_prepared(items, item_lens, cap, cap_len, self.scoring)[:, 0]
         else:
             side = query
             img_len = torch.full((1,), side.shape[1], dtype=torch.long, device=dev)
-            s = score_tiles(items, item_lens, side, img_len, pool.scale(), pool.slope, pool.eps, model.budget_bytes)[0]
+            s = model.score_prepared(side, img_len, items, item_lens, self.scoring)[0]
         out = np.empty(len(rows), dtype=np.float64)
         out[order] = s.detach().double().cpu().numpy()
         return out
@@ -440,21 +437,16 @@ class GalleryIndex:
         row sums to 1); ``grid`` is ``(h, w)`` when the regions form a grid (features from
         ``eslmatch extract``), else ``None``.
         """
-        from ..data.batching import eval_mode
-        from ..model.functional import t2i_attention
-
         self._need("image", "attention")
         self.check_model(model)
         row = self.row_of(item_id)
         n = int(self.lengths[row])
         ids, lens = model.tokenize([text])
         w = int(lens[0])
-        pool = model.pooling
         with eval_mode(model):
             feats, _, _ = encode_token_batch(model, [ids[0, :w]])
             z = torch.from_numpy(np.array(self.side[row, :n], dtype=np.float32)).to(feats.device)
-            a = feats[0, :w] @ z.t()  # (W, R)
-            weights = t2i_attention(a, pool.scale(), pool.slope, pool.eps)
+            weights = model.attention(feats[0, :w], z)
         grid = self.grid if self.grid is not None and self.grid[0] * self.grid[1] == n else None
         return caption_words(model, text, ids[0, :w]), weights.double().cpu().numpy(), grid
 

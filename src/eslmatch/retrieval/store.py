@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import EslmatchError
+from .ann import FAISS_KINDS
 
 FORMAT = "eslmatch-gallery-index"
 VERSION = 1
@@ -186,8 +186,6 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         raise GalleryIndexError(f"{path}: dtype {manifest['dtype']!r} is not one of {', '.join(DTYPES)}")
     if manifest["count"] < 1 or manifest["total_dim"] < 1 or manifest["width"] < 1:
         raise GalleryIndexError(f"{path}: count, total_dim and width must be positive")
-    from .ann import FAISS_KINDS
-
     if manifest["faiss"].get("kind") not in FAISS_KINDS:
         raise GalleryIndexError(f"{path}: faiss kind {manifest['faiss'].get('kind')!r} is not one of {', '.join(FAISS_KINDS)}")
     grid = manifest.get("grid")
@@ -218,26 +216,6 @@ def check_target(out: Path) -> None:
         raise EslmatchError(f"{out}: a file is in the way (an index is a directory)")
     if out.is_dir() and not (out / MANIFEST).is_file() and any(out.iterdir()):
         raise EslmatchError(f"{out}: a non-empty directory that is not an index; choose another --out")
-
-
-def temp_dir_beside(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished ``src`` to ``dst``; an old ``dst`` is removed only after."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
-
-
-def remove_dir(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

@@ -13,11 +13,14 @@ bias does (``word_bias (m, W, 1, 1)``, ``region_bias (1, 1, n, R)``: 0 for real 
 a huge negative number for padding, ``None`` when a tile has none), and to divide each mean
 by the real counts.
 
-Three variants compute the same scores:
+The pooling in its three forms, side by side (tests hold them equal):
 
-- :func:`pool_tile_` : in place on preallocated buffers, no autograd (evaluation on CPU).
-- :func:`pool_tile` : out of place, differentiable (training; CUDA through ``torch.compile``).
-- :func:`pool_masked` in :mod:`eslmatch.model.functional` : the plain masked form.
+- :func:`pool_pair` : the literal reference, one pair ``(W, R)`` with no padding, as the
+  spec writes it (with :func:`t2i_attention`, the word-by-region weights for heat-maps).
+- :func:`pool_tile_` : the fused form, in place on preallocated buffers, no autograd
+  (evaluation and retrieval).
+- :func:`pool_tile` : the differentiable form, out of place (training; on CUDA through
+  ``torch.compile``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..utils.tensors import l2n
 
 # Softmax arguments are ``s * g`` with ``|g| <= 1``, so for ``s`` up to this bound ``exp``
 # cannot overflow (e^40 ~ 2.4e17, times any affinity and any row length) and the max
@@ -35,6 +40,32 @@ UNSHIFTED_SCALE_LIMIT = 40.0
 _TINY = 1e-30
 
 
+# ---------------------------------------------------------------------------- the literal reference
+def t2i_attention(a: Tensor, scale: Tensor | float, slope: float = 0.1, eps: float = 1e-8) -> Tensor:
+    """Word-by-region attention ``(W, R)`` of one pair's affinity ``a (W, R)``.
+
+    Row ``w`` is the softmax over regions that text-to-image pooling gives word ``w``
+    (spec section 4); each row sums to 1. Used for heat-maps.
+    """
+    g = l2n(F.leaky_relu(torch.tanh(a), slope), dim=0, eps=eps)  # each region normalised over words
+    return torch.softmax(scale * g, dim=1)
+
+
+def pool_pair(a: Tensor, scale: Tensor | float, slope: float = 0.1, eps: float = 1e-8) -> Tensor:
+    """Bidirectional attention pooling of one pair's affinity ``a (W, R)`` to a scalar.
+
+    Literal form of spec section 4 with no padding: every row is a real word and every
+    column a real region.
+    """
+    p = t2i_attention(a, scale, slope, eps)  # over regions
+    t2i = (a * p).sum(1).mean()
+    h = l2n(F.leaky_relu(torch.tanh(a), slope), dim=1, eps=eps)  # each word normalised over regions
+    q = torch.softmax(scale * h, dim=0)  # over words
+    i2t = (a * q).sum(0).mean()
+    return t2i + i2t
+
+
+# ---------------------------------------------------------------------------- the tiled forms
 def padding_bias(valid: Tensor, dtype: torch.dtype) -> Tensor:
     """``0`` where ``valid`` is True, the most negative finite ``dtype`` value elsewhere."""
     bias = torch.zeros(valid.shape, dtype=dtype, device=valid.device)

@@ -11,155 +11,38 @@ tile's working set stays within ``budget_bytes``.
 Three paths compute the same scores (see ``docs/scoring.md``):
 
 - no autograd (evaluation, retrieval): products into reused buffers and in-place pooling
-  (:func:`eslmatch.kernels.pooling.pool_tile_`), with cache-sized tiles on CPU;
-- autograd (training): out-of-place pooling (:func:`eslmatch.kernels.pooling.pool_tile`);
+  (:func:`eslmatch.scoring.pooling.pool_tile_`), with cache-sized tiles on CPU;
+- autograd (training): out-of-place pooling (:func:`eslmatch.scoring.pooling.pool_tile`);
 - CUDA: the out-of-place pooling compiled by ``torch.compile`` into fused kernels, with the
   plain paths as fallback.
 
-``precision`` selects the products: ``"fp32"`` (default, equal to the reference scorer within
-1e-5 relative), ``"tf32"`` (CUDA tensor cores; plain fp32 on CPU) or ``"bf16"`` (bfloat16
-inputs, fp32 accumulation; fast on recent CPUs and on GPUs, ~1e-2 relative error).
+How it runs (memory budget, product precision, CPU workers, compilation) is a
+:class:`~eslmatch.scoring.options.ScoringOptions` passed to each call.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from .errors import InputError
-from .kernels.pooling import padding_bias, pool_tile, pool_tile_
+from ..errors import InputError
+from .options import PoolingParams, ScoringOptions
+from .pooling import padding_bias, pool_tile, pool_tile_
+from .tiles import AUTOGRAD_BUFFERS, INPLACE_BUFFERS, TilePlan, check_lengths, plan_tiles
 
-DEFAULT_BUDGET_BYTES = 1 << 30
-PRECISIONS = ("fp32", "tf32", "bf16")
-COMPILE_MODES = ("auto", "never", "always")
-
-# Live tile-sized tensors per affinity element, used to size tiles against the budget.
-# In place: the product and two work buffers (+ a half-size bf16 product). Autograd: the
-# pooling's saved and temporary tensors (the current pooling's, not all tiles' together).
-_INPLACE_BUFFERS = 4
-_AUTOGRAD_BUFFERS = 10
 # On CPU, tiles sized so the three in-place buffers stay in the last-level cache (measured on
 # a 2-core Zen 4 with 32 MiB L3, see benchmarks/results/); elsewhere only the budget limits.
 _CPU_TILE_ELEMENTS = 1 << 20
 _CPU_TILE_COLUMNS = 2304
-# Longest padding (fraction of a chunk's rows) accepted to merge captions of unequal length.
-_PAD_TOLERANCE = 0.125
-
-
-@dataclass
-class TilePlan:
-    """How a score matrix is cut: caption chunks (in length order) and image tiles.
-
-    Attributes:
-        caption_order: ``(M,)`` captions sorted by length, longest first.
-        caption_chunks: ranges into ``caption_order``; each chunk is padded to its first
-            (longest) caption, ``chunk_widths[k]`` words.
-        chunk_widths: words per caption in each chunk.
-        chunk_padded: whether a chunk holds a caption shorter than its width (known on the
-            host, so the device is never asked).
-        image_tiles: ranges of images.
-        regions: regions per image in every tile (the longest image's length).
-    """
-
-    caption_order: Tensor
-    caption_chunks: list[tuple[int, int]]
-    chunk_widths: list[int]
-    chunk_padded: list[bool]
-    image_tiles: list[tuple[int, int]]
-    regions: int
-
-    def max_tile_elements(self) -> int:
-        """Elements of the largest affinity tile ``m * W * n * R``."""
-        rows = max((c1 - c0) * w for (c0, c1), w in zip(self.caption_chunks, self.chunk_widths))
-        cols = max(i1 - i0 for i0, i1 in self.image_tiles) * self.regions
-        return rows * cols
-
-
-def check_lengths(lengths: Tensor, width: int, what: str) -> None:
-    """Refuse lengths outside ``1..width`` with an error naming the first bad row."""
-    if lengths.dim() != 1:
-        raise InputError(f"{what} lengths must be 1-D, got shape {tuple(lengths.shape)}")
-    bad = ((lengths < 1) | (lengths > width)).nonzero()
-    if bad.numel():
-        i = int(bad[0])
-        value = int(lengths[i])
-        if value < 1:
-            raise InputError(f"{what} {i} has length {value}: an all-padding {what} cannot be scored")
-        raise InputError(f"{what} {i} has length {value}, beyond the tensor's {width} positions")
-
-
-def plan_tiles(
-    caption_lengths: Tensor,
-    image_lengths: Tensor,
-    budget_bytes: int = DEFAULT_BUDGET_BYTES,
-    element_bytes: int = 4,
-    buffers: int = _INPLACE_BUFFERS,
-    tile_elements: int | None = None,
-    tile_columns: int | None = None,
-    pad_tolerance: float = _PAD_TOLERANCE,
-) -> TilePlan:
-    """Cut ``(N images) x (M captions)`` into tiles whose working set fits ``budget_bytes``.
-
-    Args:
-        caption_lengths: ``(M,)``; image_lengths: ``(N,)``.
-        budget_bytes: bound on one tile's working set, ``buffers * element_bytes`` per
-            affinity element.
-        tile_elements: preferred affinity elements per tile (below the budget's bound;
-            ``None``: as many as the budget allows).
-        tile_columns: preferred ``n * R`` per image tile (``None``: no preference).
-        pad_tolerance: largest fraction of padded rows when merging captions of different
-            lengths into one chunk.
-    Raises:
-        InputError: the budget cannot hold one caption against one image.
-    """
-    order = torch.argsort(caption_lengths.cpu(), descending=True, stable=True)
-    lens = caption_lengths.cpu()[order].tolist()
-    n_img = int(image_lengths.numel())
-    r = int(image_lengths.max())
-    per_elem = element_bytes * buffers
-    w_max = lens[0]
-    max_elements = budget_bytes // per_elem
-    if w_max * r > max_elements:
-        raise InputError(
-            f"memory budget of {budget_bytes} bytes is too small for a single tile "
-            f"(one caption of {w_max} tokens against one image of {r} regions needs "
-            f"{w_max * r * per_elem} bytes)"
-        )
-    target = max_elements if tile_elements is None else max(w_max * r, min(max_elements, tile_elements))
-    n_tile = min(n_img, target // (w_max * r))
-    if tile_columns is not None:
-        n_tile = min(n_tile, max(1, tile_columns // r))
-    n_tile = max(1, n_tile)
-    # Spread images evenly over the tiles so the last one is not a sliver.
-    n_tiles = math.ceil(n_img / n_tile)
-    n_tile = math.ceil(n_img / n_tiles)
-    image_tiles = [(i, min(i + n_tile, n_img)) for i in range(0, n_img, n_tile)]
-    row_limit = max(w_max, target // (n_tile * r))
-
-    chunks: list[tuple[int, int]] = []
-    widths: list[int] = []
-    c = 0
-    while c < len(lens):
-        w = lens[c]
-        real = w
-        end = c + 1
-        while end < len(lens):
-            rows = (end - c + 1) * w
-            if rows > row_limit or rows - (real + lens[end]) > pad_tolerance * rows:
-                break
-            real += lens[end]
-            end += 1
-        chunks.append((c, end))
-        widths.append(w)
-        c = end
-    padded = [lens[c1 - 1] < w for (_, c1), w in zip(chunks, widths)]
-    return TilePlan(order, chunks, widths, padded, image_tiles, r)
 
 
 def score_tiles(
@@ -167,15 +50,8 @@ def score_tiles(
     caption_lengths: Tensor,
     image_side: Tensor,
     image_lengths: Tensor,
-    scale: Tensor | float,
-    slope: float = 0.1,
-    eps: float = 1e-8,
-    budget_bytes: int = DEFAULT_BUDGET_BYTES,
-    *,
-    precision: str = "fp32",
-    compile: str = "auto",
-    tile_elements: int | None = None,
-    workers: int | None = None,
+    pooling: PoolingParams,
+    options: ScoringOptions | None = None,
 ) -> Tensor:
     """Scores of every (image, caption) pair.
 
@@ -188,19 +64,13 @@ def score_tiles(
         image_side: transformed image level features ``(N, R, Dt)`` (see
             :meth:`eslmatch.model.correspondence.Correspondence.image_side`).
         image_lengths: ``(N,)`` real regions per image (>= 1).
-        scale: pooling softmax scale ``s``.
-        slope: leaky-ReLU slope; eps: l2-normalisation epsilon.
-        budget_bytes: bound on one tile's working set (the ``(N, M)`` result, the inputs and,
-            with autograd, the tensors saved for backward come on top).
-        precision: ``"fp32"``, ``"tf32"`` or ``"bf16"`` products (see the module doc).
-        compile: ``"auto"`` compiles the pooling with ``torch.compile`` on CUDA only,
-            ``"always"`` on any device, ``"never"`` not at all.
-        tile_elements: preferred affinity elements per tile (``None``: per-device default).
-        workers: CPU threads without autograd, each scoring whole tiles single-threaded
-            (``None``: ``torch.get_num_threads()``; 1: one stream of multi-threaded ops).
+        pooling: softmax scale, leaky slope and l2 epsilon of the pooling.
+        options: how the engine runs (``None``: the defaults).
     Returns:
         ``(N, M)`` scores, rows images, columns captions.
     """
+    opt = options or ScoringOptions()
+    scale, slope, eps = pooling
     if caption_feats.dim() != 3 or image_side.dim() != 3:
         raise InputError(
             f"expected caption features (M, W, Dt) and image features (N, R, Dt), got "
@@ -210,10 +80,6 @@ def score_tiles(
     n_img, r_all, dt_img = image_side.shape
     if dt != dt_img:
         raise InputError(f"caption features have width {dt} but image features {dt_img}")
-    if precision not in PRECISIONS:
-        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if compile not in COMPILE_MODES:
-        raise InputError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
     if m_caps == 0 or n_img == 0:
         raise InputError(f"nothing to score: {n_img} images and {m_caps} captions")
     check_lengths(caption_lengths, w_all, "caption")
@@ -225,19 +91,22 @@ def score_tiles(
     grad = torch.is_grad_enabled() and (
         caption_feats.requires_grad or image_side.requires_grad or (isinstance(scale, Tensor) and scale.requires_grad)
     )
-    pool_fn = _compiled_pooling(compile, device)
+    pool_fn = _compiled_pooling(opt.compile, device)
     on_cpu = device.type == "cpu"
     plan = plan_tiles(
         caption_lengths,
         image_lengths,
-        budget_bytes,
+        opt.budget_bytes,
         caption_feats.element_size(),
-        buffers=_AUTOGRAD_BUFFERS if grad else _INPLACE_BUFFERS,
-        tile_elements=tile_elements if tile_elements is not None else (_CPU_TILE_ELEMENTS if on_cpu else None),
+        buffers=AUTOGRAD_BUFFERS if grad else INPLACE_BUFFERS,
+        tile_elements=opt.tile_elements if opt.tile_elements is not None else (_CPU_TILE_ELEMENTS if on_cpu else None),
         tile_columns=_CPU_TILE_COLUMNS if on_cpu else None,
     )
-    inputs = _Inputs.build(caption_feats, caption_lengths.to(device), image_side, image_lengths.to(device), plan, precision, grad)
-    with _matmul_precision(precision, device):
+    inputs = _Inputs.build(
+        caption_feats, caption_lengths.to(device), image_side, image_lengths.to(device), plan, opt.precision, grad
+    )
+    workers = opt.workers
+    with _matmul_precision(opt.precision, device):
         if grad:
             return _score_autograd(inputs, plan, scale, slope, eps, pool_fn or pool_tile)
         with torch.no_grad():
@@ -246,7 +115,7 @@ def score_tiles(
             elif workers is None:
                 workers = torch.get_num_threads()
             return _score_inplace(
-                inputs, plan, float(scale), slope, eps, pool_fn, fast_tanh=precision == "bf16", workers=workers
+                inputs, plan, float(scale), slope, eps, pool_fn, fast_tanh=opt.precision == "bf16", workers=workers
             )
 
 
@@ -255,13 +124,9 @@ def score_tiles_distributed(
     caption_lengths: Tensor,
     image_side: Tensor,
     image_lengths: Tensor,
-    scale: Tensor | float,
-    slope: float = 0.1,
-    eps: float = 1e-8,
-    budget_bytes: int = DEFAULT_BUDGET_BYTES,
-    *,
+    pooling: PoolingParams,
+    options: ScoringOptions | None = None,
     group: object | None = None,
-    **options: object,
 ) -> Tensor:
     """:func:`score_tiles` with the images split across the ranks of ``torch.distributed``.
 
@@ -272,15 +137,12 @@ def score_tiles_distributed(
 
     Args:
         group: process group (``None``: the default group).
-        options: keyword options of :func:`score_tiles`.
     Returns:
         ``(N, M)`` scores on every rank.
     """
-    import torch.distributed as dist
-
     with torch.no_grad():
         if not (dist.is_available() and dist.is_initialized()):
-            return score_tiles(caption_feats, caption_lengths, image_side, image_lengths, scale, slope, eps, budget_bytes, **options)
+            return score_tiles(caption_feats, caption_lengths, image_side, image_lengths, pooling, options)
         world = dist.get_world_size(group)
         rank = dist.get_rank(group)
         n_img, m_caps = image_side.shape[0], caption_feats.shape[0]
@@ -289,8 +151,7 @@ def score_tiles_distributed(
         block = caption_feats.new_zeros(per_rank, m_caps)
         if i1 > i0:
             block[: i1 - i0] = score_tiles(
-                caption_feats, caption_lengths, image_side[i0:i1], image_lengths[i0:i1],
-                scale, slope, eps, budget_bytes, **options,
+                caption_feats, caption_lengths, image_side[i0:i1], image_lengths[i0:i1], pooling, options
             )
         parts = [torch.empty_like(block) for _ in range(world)]
         dist.all_gather(parts, block, group=group)
@@ -428,9 +289,6 @@ def _run_workers(run: Callable[[Iterator[tuple[int, int]]], None], items: list[t
     Independent single-threaded workers beat one multi-threaded op stream on CPU: no
     fork/join per elementwise pass, and a busy core delays only its own worker.
     """
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
-
     lock = threading.Lock()
     failed = threading.Event()
     source = iter(items)

@@ -1,1 +1,0 @@
-"""Fused building blocks of the scoring engine (see :mod:`eslmatch.scoring`)."""

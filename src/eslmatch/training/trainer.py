@@ -1,0 +1,134 @@
+"""The public training API: :class:`Trainer`, one optimiser step at a time.
+
+.. code-block:: python
+
+    from eslmatch.training import Trainer, TrainConfig
+    trainer = Trainer(model, TrainConfig(lr=5e-4, margin=0.2, bf16=False))
+    for epoch in range(cfg.epochs):
+        trainer.start_epoch(epoch)     # the epoch's learning rate, VSE0 -> VSE++ switch
+        for batch in loader:
+            loss = trainer.step(batch.images, batch.image_lengths, batch.captions, batch.caption_lengths)
+
+The recipe is the released one (spec section 5): AdamW with the text backbone's parameters
+at ``lr * bert_lr_factor`` and the rest at ``lr`` (both with ``weight_decay``), gradient
+norm clipped to ``grad_clip``, every group's learning rate times ``lr_decay_factor`` from
+``lr_decay_epoch`` on, the hinge summed over negatives for ``vse_mean_warmup_epochs``
+epochs and the hardest negative after. Under torchrun each process passes its share of the
+global batch and the step is that of one process with the whole batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..distributed import DistContext
+from ..losses import LossSettings, MatchingLoss
+from ..model.base import load_state_strict
+from ..model.encoders import enable_sync_batchnorm
+from .config import TrainConfig
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups: the text backbone at ``lr * bert_lr_factor``, everything else at ``lr``."""
+    backbone = model.text_backbone() if hasattr(model, "text_backbone") else None
+    backbone_ids = {id(p) for p in backbone.parameters()} if backbone is not None else set()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    main = [p for p in trainable if id(p) not in backbone_ids]
+    text = [p for p in trainable if id(p) in backbone_ids]
+    groups = [{"name": "main", "params": main, "lr_factor": 1.0}]
+    if text:
+        groups.append({"name": "text_backbone", "params": text, "lr_factor": cfg.bert_lr_factor})
+    return groups
+
+
+def learning_rate(cfg: TrainConfig, epoch: int) -> float:
+    """Base learning rate of ``epoch`` (step decay)."""
+    if cfg.lr_decay_epoch is not None and epoch >= cfg.lr_decay_epoch:
+        return cfg.lr * cfg.lr_decay_factor
+    return cfg.lr
+
+
+class Trainer:
+    """Optimiser, schedule and loss of a model, stepped batch by batch.
+
+    Args:
+        model: a :class:`~eslmatch.model.base.MatchingModel` (on its device already).
+        config: the recipe (only the optimisation fields are read here; ``data_path`` is
+            not needed).
+        ctx: the process's place in a torchrun job (``None``: alone).
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig, ctx: DistContext | None = None) -> None:
+        config.validate()
+        self.model = model
+        self.config = config
+        self.ctx = ctx or DistContext(device=_device_of(model))
+        enable_sync_batchnorm(model, self.ctx.group, self.ctx.distributed)
+        self.loss = MatchingLoss(model, LossSettings(config.margin, config.global_loss_weight), self.ctx)
+        self._step_module: nn.Module = self.loss
+        if self.ctx.distributed:
+            ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+            self._step_module = DistributedDataParallel(self.loss, device_ids=ids)
+        self.optimizer = torch.optim.AdamW(param_groups(model, config), lr=config.lr, weight_decay=config.weight_decay)
+        self.base_lr = config.lr
+        self.bf16 = config.bf16 and self.ctx.device.type == "cuda"
+        self.last_terms: dict[str, Tensor] = {}
+
+    def start_epoch(self, epoch: int) -> float:
+        """Set the learning rate of ``epoch`` (0-based) and the VSE0 -> hardest-negative switch.
+
+        Returns:
+            the base learning rate of the epoch.
+        """
+        self.base_lr = learning_rate(self.config, epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.base_lr * float(group.get("lr_factor", 1.0))
+        self.loss.settings.max_violation = epoch >= self.config.vse_mean_warmup_epochs
+        self.model.train()
+        return self.base_lr
+
+    @property
+    def max_violation(self) -> bool:
+        return self.loss.settings.max_violation
+
+    def step(self, images: Tensor, image_lengths: Tensor, captions: Tensor, caption_lengths: Tensor) -> Tensor:
+        """One optimiser step on this process's share of a batch.
+
+        Returns:
+            the batch loss (this process's share; detached, 0-d), computed before the update.
+        """
+        dev = self.ctx.device
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.bf16):
+            terms = self._step_module(images.to(dev), image_lengths.to(dev), captions.to(dev), caption_lengths.to(dev))
+        self.optimizer.zero_grad(set_to_none=True)
+        # DDP averages gradients over ranks; the loss is a sum over the global batch, so each
+        # rank's share is scaled back up.
+        (terms["loss"] * self.ctx.world_size).backward()
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.last_terms = {k: v.detach() for k, v in terms.items()}
+        return self.last_terms["loss"]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Model weights and optimiser state (what a resume needs besides the RNGs)."""
+        return {
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": {"base_lr": self.base_lr, "max_violation": self.max_violation},
+        }
+
+    def load_state_dict(self, state: dict[str, Any], source: str = "training state") -> None:
+        load_state_strict(self.model, state["model"], source)
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")

@@ -1,0 +1,135 @@
+"""The package's structure, checked from its source: no import cycles, core below applications.
+
+Imports are read with ``ast`` (function-local ones included), so a cycle hidden behind an
+import inside a function is still a cycle here.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "eslmatch"
+CORE = ("config", "errors", "utils", "text", "model", "scoring", "losses", "data", "training", "evaluate",
+        "truth", "compat", "distributed", "factory")
+APPLICATIONS = ("extract", "retrieval", "serve", "demo", "commands", "cli")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
+    """eslmatch modules imported by ``name`` (``from . import x`` resolved to ``pkg.x`` when a module)."""
+    is_pkg = path.name == "__init__.py"
+    package = name if is_pkg else name.rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.split(".")[0] == "eslmatch"}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            elif node.module and node.module.split(".")[0] == "eslmatch":
+                target = node.module
+            else:
+                continue
+            for alias in node.names:
+                sub = f"{target}.{alias.name}"
+                out.add(sub if sub in known else target)
+    return {m for m in out if m in known and m != name}
+
+
+def graph() -> dict[str, set[str]]:
+    mods = modules()
+    known = set(mods)
+    return {name: imports_of(name, path, known) for name, path in mods.items()}
+
+
+def strongly_connected(g: dict[str, set[str]]) -> list[list[str]]:
+    """Tarjan's components with more than one module."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+    counter = [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in g[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(g):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def _ignoring_package_inits(g: dict[str, set[str]]) -> dict[str, set[str]]:
+    """A package's ``__init__`` re-exporting its modules is not a dependency of those modules
+    on each other, so edges into a package ``__init__`` from its own sub-modules are dropped."""
+    out = {}
+    for name, deps in g.items():
+        out[name] = {d for d in deps if not name.startswith(d + ".")}
+    return out
+
+
+def layer_of(name: str) -> str | None:
+    parts = name.split(".")
+    if len(parts) < 2:
+        return None
+    return parts[1]
+
+
+def test_no_import_cycles():
+    cycles = strongly_connected(_ignoring_package_inits(graph()))
+    assert cycles == [], f"import cycles among eslmatch modules: {cycles}"
+
+
+def test_core_never_imports_applications():
+    bad = []
+    for name, deps in graph().items():
+        if layer_of(name) in CORE or name == "eslmatch":
+            bad += [f"{name} -> {d}" for d in deps if layer_of(d) in APPLICATIONS]
+    assert bad == [], "core modules import applications: " + ", ".join(bad)
+
+
+def test_every_top_level_module_has_a_layer():
+    tops = {layer_of(n) for n in modules()} - {None}
+    assert tops <= set(CORE) | set(APPLICATIONS), f"modules outside the layering: {sorted(tops - set(CORE) - set(APPLICATIONS))}"
+
+
+def test_only_the_factory_names_concrete_families():
+    """Outside the model families themselves, only ``eslmatch.factory`` imports their classes."""
+    family_modules = {"eslmatch.model.esl", "eslmatch.model.vse", "eslmatch.model.clip", "eslmatch.model.clip.model"}
+    allowed_prefixes = ("eslmatch.model", "eslmatch.factory", "eslmatch.compat")
+    bad = [f"{name} -> {d}" for name, deps in graph().items() for d in deps
+           if d in family_modules and not name.startswith(allowed_prefixes)]
+    assert bad == [], "modules naming concrete model classes outside the factory: " + ", ".join(bad)

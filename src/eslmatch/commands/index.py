@@ -184,8 +184,6 @@ def _build(args: argparse.Namespace) -> int:
         )
     else:
         if args.images:
-            from ..errors import EslmatchError
-
             raise EslmatchError(
                 "--images applies to image indexes (caption paths come from the dataset)"
             )

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.files import SkipImage, to_rgb
 from ..errors import CheckpointError, EslmatchError, InputError
 from ..utils import resolve_device
 
@@ -56,10 +57,6 @@ class BackboneOptions:
     device: str = "auto"
     boxes: str | None = None
     max_boxes: int | None = None
-
-
-class SkipImage(Exception):
-    """An image that cannot be used (the reason is recorded, extraction goes on)."""
 
 
 def file_fingerprint(path: str | Path) -> str:
@@ -93,29 +90,6 @@ def load_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------- image -> tensor
-def to_rgb(image: Any) -> Any:
-    """A PIL image as 8-bit RGB: grayscale/palette/CMYK converted, alpha composited on white,
-    16-bit and float images rescaled, the EXIF orientation applied."""
-    from PIL import Image, ImageOps
-
-    try:
-        image = ImageOps.exif_transpose(image)
-    except Exception:  # a broken EXIF block is no reason to drop the pixels
-        pass
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(image, dtype=np.float32)
-        top = float(arr.max()) if arr.size else 0.0
-        if top > 255.0:
-            arr = arr * (255.0 / (65535.0 if top <= 65535.0 else top))
-        image = Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8), mode="L")
-    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(canvas, rgba)
-    return image.convert("RGB")
-
-
 def image_to_tensor(image: Any, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Resize the whole image to ``size x size`` (bicubic, antialiased; no crop, so every
     part a caption may mention stays) and normalise: ``(x - mean) / std`` on 0..255 values.

@@ -10,7 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from ..data import open_split
+from ..data.precomp import read_lines
 from ..errors import EslmatchError
+from .store import open_array
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 EXTRACT_META = "extract_meta.json"
@@ -56,8 +59,6 @@ def _is_split(obj: Any) -> bool:
 
 
 def _open_split(path: Path, split: str, img_dim: int | None) -> Any:
-    from ..data import open_split
-
     return open_split(path, split, img_dim=img_dim)
 
 
@@ -173,8 +174,6 @@ def image_source(
         if path.is_dir():
             features = _open_split(path, split, img_dim)
         elif path.suffix == ".npy" and path.is_file():
-            from .store import open_array
-
             src = _array_source(open_array(path), img_dim, lengths, grid, {"features": str(path.resolve())})
             if src.grid is None:
                 src.grid = read_grid(path.parent, src.regions)
@@ -246,8 +245,6 @@ def caption_source(captions: Any, *, split: str = "test") -> CaptionSource:
         if path.is_dir():
             captions = _open_split(path, split, None)
         elif path.is_file() and path.suffix == ".txt":
-            from ..data.precomp import read_lines
-
             return CaptionSource(read_lines(path, "captions"), None, None, {"features": str(path.resolve())})
         elif not path.exists():
             raise EslmatchError(f"{path}: no such dataset folder or captions .txt file")

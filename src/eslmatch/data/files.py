@@ -1,0 +1,195 @@
+"""Image files and caption files: listing a folder, opening an image, reading captions.
+
+Shared by feature extraction (``eslmatch extract``) and the raw-image datasets
+(:mod:`eslmatch.data.raw`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+
+_FLICKR_SUFFIX = re.compile(r"^(.*)#\d+$")
+
+
+class SkipImage(Exception):
+    """An image that cannot be used (the reason is recorded, extraction goes on)."""
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """One candidate file: absolute ``path``, ``rel`` (path relative to the folder, ``/``
+    separated) and ``id`` (``rel`` without its extension)."""
+
+    path: Path
+    rel: str
+    id: str
+
+
+@dataclass
+class CaptionTable:
+    """Parsed captions file: captions per image id, and the lines that were refused."""
+
+    by_id: dict[str, list[str]] = field(default_factory=dict)
+    bad_lines: list[tuple[int, str]] = field(default_factory=list)
+    n_lines: int = 0
+
+
+def list_images(
+    images_dir: Path, recursive: bool = False, exclude: Sequence[Path] = ()
+) -> tuple[list[ImageEntry], list[tuple[str, str]]]:
+    """Candidate files of ``images_dir`` sorted by relative path (hidden files ignored).
+
+    Every regular file is a candidate (whether it is an image is found out when it is
+    opened). Returns the entries and ``(rel, reason)`` for files refused up front (a second
+    file with the same id, a name holding a line break).
+    """
+    images_dir = Path(images_dir)
+    excluded = {p.resolve() for p in exclude}
+    found: list[tuple[str, Path]] = []
+    walker = os.walk(images_dir) if recursive else [(str(images_dir), [], os.listdir(images_dir))]
+    for root, dirs, files in walker:
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (Path(root) / d).resolve() not in excluded)
+        for name in files:
+            path = Path(root) / name
+            if name.startswith(".") or path.resolve() in excluded or not path.is_file():
+                continue
+            found.append((path.relative_to(images_dir).as_posix(), path))
+    found.sort(key=lambda t: t[0])
+    entries: list[ImageEntry] = []
+    refused: list[tuple[str, str]] = []
+    seen: dict[str, str] = {}
+    for rel, path in found:
+        if any(c in rel for c in "\n\r"):
+            refused.append((rel, "its name holds a line break"))
+            continue
+        name = rel.rsplit("/", 1)[-1]
+        stem = name.rsplit(".", 1)[0] if "." in name[1:] else name
+        image_id = rel[: len(rel) - len(name)] + stem
+        if image_id in seen:
+            refused.append((rel, f"same id {image_id!r} as {seen[image_id]}"))
+            continue
+        seen[image_id] = rel
+        entries.append(ImageEntry(path.resolve(), rel, image_id))
+    return entries, refused
+
+
+def open_image(path: Path) -> Any:
+    """The image at ``path`` as 8-bit RGB PIL image (EXIF orientation applied).
+
+    Raises:
+        SkipImage: not an image, truncated, corrupt or too large, with the reason.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return to_rgb(im)
+    except UnidentifiedImageError:
+        raise SkipImage("not an image (unrecognised format)") from None
+    except Image.DecompressionBombError as exc:
+        raise SkipImage(f"too large ({exc})") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
+        raise SkipImage(f"unreadable image ({type(exc).__name__}: {str(exc).strip() or 'corrupt data'})") from None
+
+
+def to_rgb(image: Any) -> Any:
+    """A PIL image as 8-bit RGB: grayscale/palette/CMYK converted, alpha composited on white,
+    16-bit and float images rescaled, the EXIF orientation applied."""
+    from PIL import Image, ImageOps
+
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # a broken EXIF block is no reason to drop the pixels
+        pass
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(image, dtype=np.float32)
+        top = float(arr.max()) if arr.size else 0.0
+        if top > 255.0:
+            arr = arr * (255.0 / (65535.0 if top <= 65535.0 else top))
+        image = Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8), mode="L")
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(canvas, rgba)
+    return image.convert("RGB")
+
+
+def caption_lookup(entries: Sequence[ImageEntry]) -> dict[str, str]:
+    """Names a captions file may use for each image -> image id: the relative path with
+    or without extension, and the bare file name with or without extension."""
+    table: dict[str, str] = {}
+    for e in entries:
+        name = e.rel.rsplit("/", 1)[-1]
+        for key in (e.rel, e.id):
+            table.setdefault(key, e.id)
+        for key in (name, e.id.rsplit("/", 1)[-1]):
+            table.setdefault(key, e.id)
+    return table
+
+
+def parse_captions(path: str | Path, lookup: Mapping[str, str]) -> CaptionTable:
+    """Read ``image_name<TAB>caption`` lines; several lines per image are allowed.
+
+    ``image_name`` is looked up in ``lookup`` (see :func:`caption_lookup`); a Flickr30k
+    style ``name.jpg#2`` is accepted too. Blank lines are ignored. Refused lines (no tab,
+    empty name or caption, unknown image, not UTF-8) are returned with 1-based line numbers.
+    """
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{p}: cannot read captions file ({exc.strerror or exc})") from exc
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    table = CaptionTable()
+    # bytes.splitlines splits on \n and \r only, as the precomp reader does.
+    for n, line in enumerate(raw.splitlines(), start=1):
+        table.n_lines = n
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            table.bad_lines.append((n, "not valid UTF-8"))
+            continue
+        if not text.strip():
+            continue
+        if "\t" not in text:
+            table.bad_lines.append((n, "no tab between image name and caption"))
+            continue
+        name, caption = text.split("\t", 1)
+        name = name.strip()
+        caption = " ".join(caption.split())
+        if not name:
+            table.bad_lines.append((n, "empty image name"))
+            continue
+        if not caption:
+            table.bad_lines.append((n, f"empty caption for {name!r}"))
+            continue
+        image_id = lookup.get(name)
+        if image_id is None:
+            m = _FLICKR_SUFFIX.match(name)
+            image_id = lookup.get(m.group(1)) if m else None
+        if image_id is None:
+            table.bad_lines.append((n, f"unknown image {name!r}"))
+            continue
+        table.by_id.setdefault(image_id, []).append(caption)
+    return table
+
+
+def fit_captions(captions: Sequence[str], k: int) -> list[str]:
+    """Exactly ``k`` captions: the first ``k``, or all of them repeated cyclically."""
+    if not captions:
+        raise ValueError("no captions to fit")
+    return [captions[i % len(captions)] for i in range(k)]

@@ -31,13 +31,13 @@ uvicorn = _need("uvicorn")
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+from _models import tiny_gru_model  # noqa: E402
 from eslmatch.cli import main  # noqa: E402
+from eslmatch.errors import EslmatchError  # noqa: E402
 from eslmatch.factory import load_model  # noqa: E402
 from eslmatch.retrieval import GalleryIndex, build_image_index  # noqa: E402
 from eslmatch.serve import ServeConfig, create_app, load_app  # noqa: E402
-from eslmatch.serve.app import image_url  # noqa: E402
-
-from _models import tiny_gru_model  # noqa: E402
+from eslmatch.serve.app import HostRules, check_unicode, image_url, normalize_host  # noqa: E402
 
 COLOURS = {"red": (214, 48, 49), "blue": (9, 132, 227), "green": (0, 148, 50)}
 SHAPES = ("circle", "square")
@@ -121,6 +121,12 @@ def running_server(app, timeout: float = 20.0) -> Iterator[str]:
         sock.close()
 
 
+def local_client(app, host: str = "127.0.0.1") -> TestClient:
+    """A test client whose requests carry ``Host: {host}`` (TestClient's own "testserver" is
+    no name a server answers to by default)."""
+    return TestClient(app, base_url=f"http://{host}")
+
+
 @pytest.fixture(scope="module")
 def gallery(tmp_path_factory) -> Gallery:
     return make_gallery(tmp_path_factory.mktemp("serve"), odd_id=True, broken=True)
@@ -133,7 +139,7 @@ def app(gallery):
 
 @pytest.fixture(scope="module")
 def client(app) -> Iterator[TestClient]:
-    with TestClient(app) as c:
+    with local_client(app) as c:
         yield c
 
 
@@ -297,7 +303,7 @@ def test_body_just_under_the_limit_is_parsed(client):
 
 def test_limits_are_configurable(gallery):
     app = load_app(gallery.index_dir, config=ServeConfig(max_text_chars=5, max_k=2, max_rerank_k=3, max_body_bytes=200))
-    with TestClient(app) as c:
+    with local_client(app) as c:
         assert c.post("/search", json={"text": "red", "k": 2, "rerank_k": 3}).status_code == 200
         assert "too long" in assert_error(c.post("/search", json={"text": "a red circle"}), 422)
         assert_error(c.post("/search", json={"text": "red", "k": 3}), 422)
@@ -349,6 +355,147 @@ def test_odd_texts_are_answered_not_crashed(client, gallery, text, status):
             assert resp.status_code == 200, resp.text
         else:
             assert "no words" in assert_error(resp, status)
+
+
+# --------------------------------------------------------------------------- lone surrogates
+
+JSON = {"content-type": "application/json"}
+
+
+@pytest.mark.parametrize("text", [r"\ud800 circle", r"red \udc00", r"a red circle\ud83d", r"\udfff"])
+def test_lone_surrogates_in_text_are_422(client, gallery, monkeypatch, text):
+    """A JSON escape of a lone UTF-16 surrogate decodes to a str no tokenizer or response can
+    encode: it is refused as invalid Unicode, never a 500, and never reaches the model."""
+    from eslmatch.serve import app as app_module
+
+    monkeypatch.setattr(app_module.Gallery, "infer", lambda *a, **k: pytest.fail("the model ran"))
+    quoted = '"' + text + '"'  # the JSON escape as sent: ASCII bytes, backslash and all
+    bodies = [("/search", f'{{"text": {quoted}}}'), ("/search", f'{{"text": {quoted}, "k": 3, "rerank_k": 0}}'),
+              ("/attention", f'{{"text": {quoted}, "id": "{gallery.ids[1]}"}}')]
+    for url, body in bodies:
+        resp = client.post(url, content=body.encode("ascii"), headers=JSON)
+        assert assert_error(resp, 422) == "text is not valid Unicode (lone surrogate)", (url, body)
+
+
+def test_lone_surrogates_in_other_fields(client, gallery):
+    resp = client.post("/attention", content=b'{"text": "red", "id": "\\ud800"}', headers=JSON)
+    assert assert_error(resp, 422) == "id is not valid Unicode (lone surrogate)"
+    # In a number field or an unknown field's name: a validation error, answered as valid JSON.
+    assert "k:" in assert_error(client.post("/search", content=b'{"text": "red", "k": "\\ud800"}', headers=JSON), 422)
+    assert_error(client.post("/search", content=b'{"text": "red", "\\ud800x": 1}', headers=JSON), 422)
+    # Query strings and paths are percent-decoded with replacement characters: no surrogates there.
+    resp = client.get(f"/attention?text=%ED%A0%80%20circle&id={gallery.ids[1]}")
+    assert resp.status_code == 200 and resp.json()["query"] == "\ufffd\ufffd\ufffd circle"
+    assert_error(client.get("/image/%ED%A0%80"), 404)
+
+
+def test_surrogate_pairs_are_fine(client, gallery):
+    """A proper pair (here U+1F600, escaped as two surrogates) is valid text."""
+    resp = client.post("/search", content=b'{"text": "red circle \\ud83d\\ude00", "k": 2}', headers=JSON)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["query"] == "red circle \U0001F600"
+
+
+def test_check_unicode():
+    assert check_unicode("caf\u00e9 \U0001F600", "text") == "caf\u00e9 \U0001F600"
+    with pytest.raises(Exception, match=r"^id is not valid Unicode \(lone surrogate\)$") as info:
+        check_unicode("x\udc80", "id", status=400)
+    assert info.value.status == 400
+
+
+# --------------------------------------------------------------------------- Host header (DNS rebinding)
+
+LOCAL_HOSTS = ["127.0.0.1", "127.0.0.1:8000", "localhost", "LocalHost:1", "[::1]", "[::1]:8000",
+               "[0:0:0:0:0:0:0:1]:80"]
+FOREIGN_HOSTS = ["testserver", "evil.example", "evil.example:8000", "127.0.0.1.evil.example", "localhost.evil",
+                 "evil.example#127.0.0.1", "127.0.0.1:80@evil.example", "localhost:abc", "[::1", "[::1]x",
+                 "0.0.0.0", "0.0.0.0:8000", "192.168.1.5", "127.0.0.2", "[fe80::1]", "", " "]
+
+
+def get_with_host(client: TestClient, url: str, host: str):
+    return client.get(url, headers={"host": host})
+
+
+@pytest.mark.parametrize("host", LOCAL_HOSTS)
+def test_local_host_names_are_answered(client, host):
+    resp = get_with_host(client, "/healthz", host)
+    assert resp.status_code == 200, (host, resp.text)
+
+
+@pytest.mark.parametrize("host", FOREIGN_HOSTS)
+def test_other_host_names_are_421(client, host, monkeypatch):
+    from eslmatch.serve import app as app_module
+
+    monkeypatch.setattr(app_module, "check_text", lambda *a, **k: pytest.fail("the endpoint ran"))
+    for resp in (get_with_host(client, "/healthz", host), get_with_host(client, "/", host),
+                 client.post("/search", json={"text": "red"}, headers={"host": host})):
+        message = assert_error(resp, 421)
+        assert "Host not allowed" in message and "--allowed-host" in message
+        assert host.strip() == "" or host not in message  # the header is not echoed
+
+
+def test_host_rules():
+    rules = HostRules(["127.0.0.1", "localhost", "::1", "Search.Example.org", "[2001:db8::7]:443", "10.0.0.7"])
+    for ok in [b"search.example.org", b"SEARCH.example.org:8443", b"[2001:DB8:0::7]", b"10.0.0.7:80", b"[::1]:1"]:
+        assert rules.allows(ok), ok
+    for bad in [None, b"", b"example.org", b"www.search.example.org", b"10.0.0.8", b"search.example.org.",
+                b"search.example.org:", b"search.example.org:8x"]:
+        assert not rules.allows(bad), bad
+    everywhere = HostRules(["127.0.0.1", "0.0.0.0"])  # bound to every interface: address literals pass
+    assert everywhere.allows(b"192.168.1.5:8000") and everywhere.allows(b"[fe80::1]") and everywhere.allows(b"0.0.0.0")
+    assert not everywhere.allows(b"evil.example") and not everywhere.allows(b"rebind.127.0.0.1.nip.io")
+    assert HostRules(["::"]).allows(b"10.1.2.3")
+    star = HostRules(["localhost", "*"])
+    assert star.allows(b"anything.example") and star.allows(None)
+    for entry in ["a/b", "", "bad host", "user@evil", "[::1", "host:port", "[nope]", "*.example.org", "a,b", "x#y"]:
+        with pytest.raises(EslmatchError, match="is not a host name or IP address"):
+            HostRules([entry])
+    assert [normalize_host(h) for h in ("LOCALHOST:8000", "[0:0::1]:80", "::1", "10.0.0.7:80", "a b")] == [
+        "localhost", "::1", "::1", "10.0.0.7", None]
+
+
+def test_allowed_hosts_option(library):
+    index, model = library
+    app = create_app(index, model, allowed_hosts=["search.example.org", "10.0.0.7"])
+    with local_client(app, "search.example.org") as c:
+        assert c.get("/healthz").status_code == 200
+        assert c.post("/search", json={"text": "red", "k": 2}).status_code == 200
+        for host in ("search.example.org:443", "10.0.0.7:8000", "localhost:8000"):
+            assert get_with_host(c, "/healthz", host).status_code == 200, host
+        assert_error(get_with_host(c, "/healthz", "evil.example"), 421)
+    with pytest.raises(EslmatchError, match="'a/b' is not a host name"):
+        create_app(index, model, allowed_hosts=["a/b"])  # refused when built, not on the first request
+
+
+def test_real_server_checks_the_host_header(library):
+    index, model = library
+    with running_server(create_app(index, model)) as base:  # its own app: the server's exit closes it
+        port = base.rsplit(":", 1)[1]
+        assert httpx.get(f"{base}/healthz", timeout=30).status_code == 200  # Host: 127.0.0.1:PORT
+        assert httpx.get(f"{base}/healthz", headers={"host": f"localhost:{port}"}, timeout=30).status_code == 200
+        resp = httpx.get(f"{base}/healthz", headers={"host": f"rebind.example:{port}"}, timeout=30)
+        assert "Host not allowed" in assert_error(resp, 421)
+        resp = httpx.post(f"{base}/search", json={"text": "red"}, headers={"host": "rebind.example"}, timeout=30)
+        assert_error(resp, 421)
+        status, body = raw_request(base, b"GET /healthz HTTP/1.0\r\n\r\n")  # no Host header at all
+        assert status == 421 and "missing Host header" in json.loads(body)["error"]
+        payload = b'{"text": "\\ud800 circle"}'  # the bytes an outside probe sent
+        status, body = raw_request(base, b"POST /search HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
+                                   b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(payload), payload))
+        assert status == 422 and json.loads(body) == {"error": "text is not valid Unicode (lone surrogate)"}
+        assert httpx.get(f"{base}/healthz", timeout=30).status_code == 200
+
+
+def raw_request(base: str, request: bytes) -> tuple[int, bytes]:
+    """Send ``request`` as is to the server at ``base``; its status and body."""
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
 
 
 class GatedIndex:
@@ -458,14 +605,35 @@ def test_cli_serve_wiring(gallery, monkeypatch, capsys):
     assert main(["serve", "--index", str(gallery.index_dir), "--port", "0"]) == 0
     assert calls["host"] == "127.0.0.1" and calls["port"] == 0
     assert "warning" not in capsys.readouterr().err
-    with TestClient(calls["app"]) as c:
+    with local_client(calls["app"]) as c:
         assert c.get("/healthz").json()["items"] == len(gallery.ids)
 
     assert main(["serve", "--index", str(gallery.index_dir), "--host", "0.0.0.0", "--max-text", "7"]) == 0
     err = capsys.readouterr().err
     assert "warning: binding to 0.0.0.0" in err
-    with TestClient(calls["app"]) as c:
+    with local_client(calls["app"]) as c:
         assert "at most 7" in c.post("/search", json={"text": "a red circle"}).json()["error"]
+        # Bound to every interface: reachable by any address of the machine, never by a foreign name.
+        assert get_with_host(c, "/healthz", "192.168.1.5:8000").status_code == 200
+        assert_error(get_with_host(c, "/healthz", "search.example.org"), 421)
+
+
+def test_cli_serve_allowed_hosts(gallery, monkeypatch, capsys):
+    calls = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.update(kwargs, app=app))
+    assert main(["serve", "--index", str(gallery.index_dir), "--port", "0"]) == 0
+    with local_client(calls["app"]) as c:
+        assert_error(get_with_host(c, "/healthz", "search.example.org"), 421)
+        assert_error(get_with_host(c, "/healthz", "myhost.lan"), 421)
+    assert main(["serve", "--index", str(gallery.index_dir), "--host", "myhost.lan",
+                 "--allowed-host", "search.example.org", "--allowed-host", "10.0.0.7"]) == 0
+    with local_client(calls["app"], "search.example.org") as c:
+        for host in ("search.example.org", "search.example.org:443", "myhost.lan:8000", "10.0.0.7", "localhost"):
+            assert get_with_host(c, "/healthz", host).status_code == 200, host
+        assert_error(get_with_host(c, "/healthz", "evil.example"), 421)
+    assert main(["serve", "--index", str(gallery.index_dir), "--allowed-host", "*"]) == 0
+    with local_client(calls["app"], "anything.example") as c:
+        assert c.get("/healthz").status_code == 200
 
 
 def test_cli_serve_errors_are_one_line(gallery, tmp_path, monkeypatch, capsys):
@@ -477,6 +645,7 @@ def test_cli_serve_errors_are_one_line(gallery, tmp_path, monkeypatch, capsys):
         (["--index", str(gallery.index_dir), "--model", str(other)], "model"),
         (["--index", str(gallery.index_dir), "--max-k", "0"], "max_k"),
         (["--index", str(gallery.index_dir), "--port", "70000"], "--port"),
+        (["--index", str(gallery.index_dir), "--allowed-host", "evil.example/x"], "not a host name"),
     ]
     for args, fragment in cases:
         assert main(["serve", *args]) == 1
@@ -486,6 +655,6 @@ def test_cli_serve_errors_are_one_line(gallery, tmp_path, monkeypatch, capsys):
 
 def test_create_app_with_an_open_index(library):
     index, model = library
-    with TestClient(create_app(index, model, model_name="m")) as c:
+    with local_client(create_app(index, model, model_name="m")) as c:
         assert c.get("/healthz").json()["model"] == "m"
         assert c.post("/search", json={"text": "red", "k": 2}).status_code == 200

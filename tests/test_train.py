@@ -251,7 +251,7 @@ def test_resume_with_bert_dropout_is_exact(tmp_path, small_data):
     assert_same_weights(tmp_path / "full" / "last", tmp_path / "cut" / "last")
     # the BERT backbone trains at lr x 0.1 in its own optimiser group
     groups = state["optimizer"]["param_groups"]
-    assert [g["name"] for g in groups] == ["main", "text_backbone"]
+    assert [g["name"] for g in groups] == ["main", "backbone"]
     assert groups[1]["lr"] == pytest.approx(groups[0]["lr"] * 0.1)
 
 

@@ -1,6 +1,8 @@
-"""Training losses (spec section 5), one code path for one process and for torchrun.
+"""Training losses, one code path for one process and for torchrun.
 
-The hinge triplet loss of VSE++ on a score matrix whose positives are known by index.
+ESL (spec section 5): the hinge triplet loss of VSE++ on a score matrix whose positives are
+known by index. ESL-CLIP: CLIP's symmetric InfoNCE with the model's learned logit scale
+(:func:`infonce_rows`), as the CLIP-based branch's ``CLIPLoss``.
 :func:`hinge_rows` is the loss of a block of rows; :func:`triplet_loss` the square,
 single-process case (positives on the diagonal). :class:`MatchingLoss` computes the loss of
 a batch from a model: it embeds this process's share, all-gathers the embeddings with
@@ -15,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .distributed import DistContext, gather_lengths, gather_padded
@@ -63,6 +66,27 @@ def triplet_loss(scores: Tensor, margin: float = 0.2, max_violation: bool = Fals
     return hinge_rows(scores, diag, margin, max_violation) + hinge_rows(scores.t(), diag, margin, max_violation)
 
 
+def infonce_rows(scores: Tensor, positives: Tensor, logit_scale: Tensor) -> Tensor:
+    """Cross-entropy of each row's positive among the row's scores times ``exp(logit_scale)``.
+
+    Args:
+        scores: ``(Q, K)``; positives: ``(Q,)`` long; logit_scale: the learned log-scale.
+    Returns:
+        scalar: the sum over rows (divide by the row count for the mean).
+    """
+    return F.cross_entropy(scores * logit_scale.exp(), positives.to(scores.device), reduction="sum")
+
+
+def clip_loss(scores: Tensor, logit_scale: Tensor) -> Tensor:
+    """The symmetric InfoNCE of a square batch (positives on the diagonal): the mean of the
+    image-to-text and text-to-image cross-entropies, each averaged over the batch."""
+    diag = torch.arange(scores.shape[0], device=scores.device)
+    return (infonce_rows(scores, diag, logit_scale) + infonce_rows(scores.t(), diag, logit_scale)) / (2 * scores.shape[0])
+
+
+LOSS_KINDS = ("hinge", "infonce")
+
+
 @dataclass
 class LossSettings:
     """The loss of a run.
@@ -73,11 +97,13 @@ class LossSettings:
             inner products of the model's index vectors (0: off; only for models whose index
             vectors are a shortlist, not the score itself).
         max_violation: hardest negatives (VSE++) instead of the sum (VSE0); switched per epoch.
+        kind: ``"hinge"`` (ESL, VSE) or ``"infonce"`` (ESL-CLIP: the model's ``logit_scale``).
     """
 
     margin: float = 0.2
     global_loss_weight: float = 0.0
     max_violation: bool = False
+    kind: str = "hinge"
 
 
 class MatchingLoss(nn.Module):
@@ -97,6 +123,10 @@ class MatchingLoss(nn.Module):
         self.model = model
         self.settings = settings
         self.ctx = ctx or DistContext()
+        if settings.kind not in LOSS_KINDS:
+            raise EslmatchError(f"loss kind must be one of {', '.join(LOSS_KINDS)}, got {settings.kind!r}")
+        if settings.kind == "infonce" and not isinstance(getattr(model, "logit_scale", None), torch.Tensor):
+            raise EslmatchError("the InfoNCE loss needs a model with a learned logit_scale (ESL-CLIP)")
         if settings.global_loss_weight > 0 and getattr(model, "exact_index", False):
             raise EslmatchError(
                 f"global_loss_weight is {settings.global_loss_weight} but this {model.config.model_type} model's "
@@ -122,6 +152,11 @@ class MatchingLoss(nn.Module):
         def term(score: object) -> Tensor:
             rows = _fp32_scores(score, img, img_len, cap_all, cap_len_all)  # my images x all captions
             cols = rows if not ctx.distributed else _fp32_scores(score, img_all, img_len_all, cap, cap_len)
+            if s.kind == "infonce":
+                scale = model.logit_scale.float()
+                return (infonce_rows(rows, positives, scale) + infonce_rows(cols.t(), positives, scale)) / (
+                    2 * img_all.shape[0]
+                )
             return hinge_rows(rows, positives, s.margin, s.max_violation) + hinge_rows(
                 cols.t(), positives, s.margin, s.max_violation
             )

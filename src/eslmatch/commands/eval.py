@@ -4,11 +4,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 
+import numpy as np
+
+from ..data import open_split
 from ..errors import EslmatchError
+from ..evaluate import (
+    check_protocol_size,
+    check_score_matrix,
+    ensemble,
+    evaluate_protocol,
+    format_metrics,
+    get_protocol,
+    score_split,
+)
+from ..factory import load_model
+from ..scoring import ScoringOptions
+from ..truth import check_truth, evaluate_truth, format_truth_metrics, load_truth
+from ..utils import atomic_save_npy, resolve_device
 
 ORDER = 30
 
@@ -34,6 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--captions-per-image", type=int, default=5, help="for --scores (default 5)")
     s.add_argument("--text-model", help="tokenizer directory or name (released checkpoints store none)")
     s.add_argument("--json", action="store_true", help="print the results as JSON")
+    s.add_argument("--truth", metavar="FILE.json",
+                   help="also report truth-based P@K/R@K from a {split}_truth.json file listing, for every "
+                   "caption, the images it is true of (coco1k: per fold, truth restricted to the fold)")
     s.add_argument("--save-scores", metavar="FILE.npy", help="write the (ensemble) score matrix, float32")
     s.add_argument("--batch-size", type=int, default=128, help="encoding batch size (default 128)")
     s.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (default: cuda if available)")
@@ -44,8 +61,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _load_scores(path: str):
-    import numpy as np
-
     p = Path(path)
     try:
         arr = np.load(p, allow_pickle=False)
@@ -60,24 +75,7 @@ def _load_scores(path: str):
     return arr
 
 
-def save_scores_atomic(path: Path, sims) -> None:
-    """Write ``sims`` as float32 .npy to ``path`` via a temporary file in the same folder."""
-    import numpy as np
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, np.asarray(sims, dtype=np.float32), allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def run(args: argparse.Namespace) -> int:
-    from ..evaluate import check_score_matrix, ensemble, evaluate_protocol, format_metrics, get_protocol
-
     protocol = get_protocol(args.protocol)
     save = Path(args.save_scores) if args.save_scores else None
     if save is not None and save.is_dir():
@@ -85,6 +83,9 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise EslmatchError(f"--batch-size must be >= 1, got {args.batch_size}")
     meta: dict = {}
+    truth = None
+    if args.truth:  # format errors before any encoding; counts are checked against the scores below
+        truth = load_truth(args.truth, None, None)
     if args.scores:
         cpi = args.captions_per_image
         matrices = [check_score_matrix(_load_scores(p), cpi, p) for p in args.scores]
@@ -101,32 +102,35 @@ def run(args: argparse.Namespace) -> int:
     result.update(meta)
     if len(matrices) > 1:
         result["ensemble"] = len(matrices)
+    if truth is not None:
+        truth = check_truth(truth, sims.shape[0], sims.shape[1], source=args.truth)
+        result["truth"] = evaluate_truth(sims, truth, protocol.name, fold_size=args.fold_size, captions_per_image=cpi)
+        result["truth"]["file"] = args.truth
     if save is not None:
-        save_scores_atomic(save, sims)
+        atomic_save_npy(save, np.asarray(sims, dtype=np.float32))
         result["saved_scores"] = str(save)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(format_metrics(result))
+        if truth is not None:
+            print("\n" + format_truth_metrics(result["truth"]))
         if save is not None:
             print(f"saved the {sims.shape[0]} x {sims.shape[1]} score matrix to {save}")
     return 0
 
 
 def _score_with_models(args: argparse.Namespace, default_split: str):
-    from ..data import open_split, resolve_device
-    from ..evaluate import check_protocol_size, score_split
-    from ..factory import load_model
-
     device = resolve_device(args.device)
     split_name = args.split or default_split
+    options = ScoringOptions()
+    if args.budget_mb is not None:
+        if args.budget_mb <= 0:
+            raise EslmatchError(f"--budget-mb must be positive, got {args.budget_mb}")
+        options = ScoringOptions(budget_bytes=int(args.budget_mb * (1 << 20)))
     models = []
     for path in args.checkpoint:  # load every model first: a bad one fails before any encoding
         model = load_model(path, map_location=device, text_model=args.text_model)
-        if args.budget_mb is not None:
-            if args.budget_mb <= 0:
-                raise EslmatchError(f"--budget-mb must be positive, got {args.budget_mb}")
-            model.budget_bytes = int(args.budget_mb * (1 << 20))
         if model.tokenizer is None:
             raise EslmatchError(
                 f"{path}: the model stores no tokenizer (released checkpoints do not): pass --text-model "
@@ -140,6 +144,7 @@ def _score_with_models(args: argparse.Namespace, default_split: str):
     check_protocol_size(args.protocol, split.n_images, args.fold_size)  # before any encoding
     matrices = []
     for model in models:
-        matrices.append(score_split(model, split, args.batch_size, device, progress=not args.no_progress))
+        matrices.append(score_split(model, split, args.batch_size, device, progress=not args.no_progress,
+                                    options=options))
     meta = {"models": list(args.checkpoint), "split": split_name, "data": str(split.root)}
     return matrices, split.captions_per_image, meta

@@ -6,6 +6,8 @@ import argparse
 import ipaddress
 import sys
 
+from ..errors import EslmatchError
+
 ORDER = 60
 
 
@@ -19,6 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-text", type=int, default=1000, help="longest query in characters (default 1000)")
     s.add_argument("--max-k", type=int, default=1000, help="most results per search (default 1000)")
     s.add_argument("--max-rerank-k", type=int, default=2000, help="largest rerank_k allowed (default 2000)")
+    s.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests whose Host header names NAME (repeatable; e.g. behind a reverse "
+                   "proxy). By default only 127.0.0.1, localhost, [::1] and --host are answered (DNS rebinding); "
+                   "'*' answers any")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=run)
 
@@ -34,12 +40,11 @@ def is_loopback(host: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import EslmatchError
-
     try:
         import uvicorn
 
         from ..serve import ServeConfig, load_app
+        from ..serve.app import HostRules
     except ImportError as exc:
         raise EslmatchError(
             f"eslmatch serve needs FastAPI and uvicorn: pip install 'eslmatch[serve]' ({exc.name} missing)"
@@ -57,7 +62,9 @@ def run(args: argparse.Namespace) -> int:
             "reach this address can query the index and view its images",
             file=sys.stderr,
         )
-    app = load_app(args.index, args.model, config=config, device=args.device)
+    allowed_hosts = [args.host, *args.allowed_host]
+    HostRules(allowed_hosts)  # a bad --allowed-host fails before the index and model load
+    app = load_app(args.index, args.model, config=config, device=args.device, allowed_hosts=allowed_hosts)
     where = f"http://{args.host}:{args.port}/" if args.port else f"{args.host}, a free port (uvicorn prints it)"
     print(f"eslmatch: serving {args.index} on {where} (Ctrl-C to stop)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, server_header=False,

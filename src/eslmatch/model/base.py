@@ -93,9 +93,15 @@ class MatchingModel(nn.Module):
         """Named sub-modules whose parameters :meth:`parameter_counts` reports."""
         raise NotImplementedError
 
-    def text_backbone(self) -> nn.Module | None:
-        """The pretrained text backbone trained at a reduced learning rate (``None``: none)."""
+    def pretrained_backbone(self) -> nn.Module | None:
+        """The pretrained part trained at the backbone learning rate (``None``: none)."""
         return None
+
+    # The training loss of the family: "hinge" (VSE++) or "infonce" (CLIP, with logit_scale).
+    loss_kind: ClassVar[str] = "hinge"
+
+    def after_optimizer_step(self) -> None:
+        """Called by the Trainer after each optimiser step (e.g. to clamp a temperature)."""
 
     # ------------------------------------------------------------------ shared behaviour
     def similarity(
@@ -220,7 +226,7 @@ class RegionTextModel(MatchingModel):
                 tokenizer = load_tokenizer(config.text_model, required=False)
         return cls(config, backbone, tokenizer)
 
-    def text_backbone(self) -> nn.Module | None:
+    def pretrained_backbone(self) -> nn.Module | None:
         return getattr(self.text_encoder, "backbone", None)
 
     # ------------------------------------------------------------------ input checks

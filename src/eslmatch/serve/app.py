@@ -12,15 +12,24 @@ Endpoints (all errors are JSON ``{"error": "one line"}`` with a 4xx/5xx status):
 Model inference runs on one dedicated worker thread, so requests never run the model
 concurrently; at most ``ServeConfig.max_pending`` inference jobs wait, beyond that the
 server answers 503 at once instead of piling up work.
+
+Every request must name an allowed host in its ``Host`` header (421 otherwise), so that a
+web page on another site cannot reach a local server by DNS rebinding: by default
+``127.0.0.1``, ``localhost`` and ``[::1]``, plus the names given to
+:func:`create_app` as ``allowed_hosts`` (``eslmatch serve`` adds its ``--host`` and every
+``--allowed-host``). Text fields must be valid Unicode: a JSON lone surrogate
+(``"\\ud800"``) is answered 422.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import math
 import mimetypes
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -28,6 +37,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -37,11 +47,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import EslmatchError
+from ..factory import load_model
+from ..retrieval import GalleryIndex
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_ID_CHARS = 1024
 # Only files with these types are served from /image (defence in depth on top of the id lookup).
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp"}
+# Host names every server answers to; ``create_app(allowed_hosts=...)`` adds more.
+DEFAULT_ALLOWED_HOSTS = ("127.0.0.1", "localhost", "::1")
+_HOST_NAME = re.compile(r"[a-z0-9_.-]+")  # what an allowed-host entry may spell (after normalize_host)
 CSP = (
     "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
@@ -94,10 +109,26 @@ class AttentionRequest(BaseModel):
 # Pure helpers (unit-testable without a server)
 
 
+def check_unicode(value: str, name: str, status: int = 422) -> str:
+    """``value`` unchanged; :class:`ApiError` when it holds a lone surrogate.
+
+    JSON can spell a lone UTF-16 surrogate (``"\\ud800"``), and Python decodes it into a
+    ``str`` that cannot be encoded as UTF-8, which the tokenizer and the JSON response would
+    later fail on. Such a string is refused up front, without echoing it.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(status, f"{name} is not valid Unicode (lone surrogate)") from None
+    return value
+
+
 def check_text(text: str, config: ServeConfig) -> str:
-    """The query stripped; :class:`ApiError` 422 when empty or longer than the limit."""
+    """The query stripped; :class:`ApiError` 422 when empty, longer than the limit or not
+    valid Unicode (a lone surrogate)."""
     if len(text) > config.max_text_chars:
         raise ApiError(422, f"text is too long ({len(text)} characters, at most {config.max_text_chars})")
+    check_unicode(text, "text")
     stripped = text.strip()
     if not stripped:
         raise ApiError(422, "text must not be empty")
@@ -128,7 +159,40 @@ def validation_message(exc: RequestValidationError) -> str:
             return "invalid request: the body is not valid JSON"
         loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
         parts.append(f"{loc}: {err.get('msg', 'invalid')}")
-    return "invalid request: " + "; ".join(parts[:5]) if parts else "invalid request"
+    message = "invalid request: " + "; ".join(parts[:5]) if parts else "invalid request"
+    # A field name from the request may hold a lone surrogate; keep the answer encodable.
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def normalize_host(host: str) -> str | None:
+    """The host name of a ``Host`` header value or an allowed-host entry, in one canonical
+    form (lowercase; an IP address as :mod:`ipaddress` writes it, IPv6 without brackets);
+    ``None`` when it is not a plain ``name``, ``name:port``, ``[v6]`` or ``[v6]:port``.
+
+    ``"LOCALHOST:8000"`` -> ``"localhost"``, ``"[0:0::1]:80"`` -> ``"::1"``, ``"::1"`` -> ``"::1"``.
+    """
+    host = host.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        name, rest = host[1:end], host[end + 1 :]
+        if end < 0 or (rest and not (rest[0] == ":" and rest[1:].isdigit())):
+            return None
+        try:
+            return str(ipaddress.IPv6Address(name))
+        except ValueError:
+            return None
+    if host.count(":") > 1:  # a bare IPv6 address (allowed-host entries only; headers bracket it)
+        try:
+            return str(ipaddress.IPv6Address(host))
+        except ValueError:
+            return None
+    name, colon, port = host.partition(":")
+    if not name or (colon and not port.isdigit()) or any(c in name for c in "/\\@ \t"):
+        return None
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        return name
 
 
 def _finite(x: Any) -> float | None:
@@ -191,6 +255,78 @@ class BodyLimitMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+class HostRules:
+    """Which ``Host`` header values a server answers (see :class:`HostCheckMiddleware`).
+
+    ``allowed``: host names or IP addresses (a port, brackets around IPv6, case: ignored);
+    ``"*"`` admits every host; an unspecified address (``0.0.0.0``, ``::``: the server
+    listens on every interface) admits any IP address literal. Raises
+    :class:`EslmatchError` for an entry that is not a host name or address.
+    """
+
+    def __init__(self, allowed: Iterable[str]) -> None:
+        names: set[str] = set()
+        for entry in allowed:
+            if entry.strip() == "*":
+                names.add("*")
+                continue
+            name = normalize_host(entry)
+            if name is None or not (_HOST_NAME.fullmatch(name) or _is_ip_literal(name)):
+                raise EslmatchError(f"allowed host {entry!r} is not a host name or IP address")
+            names.add(name)
+        self.any_host = "*" in names
+        self.any_address = bool(names & {"0.0.0.0", "::"})
+        self.names = frozenset(names)
+        self._seen: dict[bytes, bool] = {}  # raw Host value -> verdict, bounded below
+
+    def allows(self, raw: bytes | None) -> bool:
+        """Whether a raw ``Host`` header value (``None``: absent) names an allowed host."""
+        if self.any_host:
+            return True
+        if raw is None:
+            return False
+        verdict = self._seen.get(raw)
+        if verdict is None:
+            name = normalize_host(raw.decode("latin-1"))
+            verdict = name is not None and (name in self.names or (self.any_address and _is_ip_literal(name)))
+            if len(self._seen) < 256:  # a handful of distinct values in practice; never grows unbounded
+                self._seen[raw] = verdict
+        return verdict
+
+
+class HostCheckMiddleware:
+    """Answer 421 to a request whose ``Host`` header names no allowed host (DNS rebinding).
+
+    A page on another site that rebinds its own domain name to 127.0.0.1 can make the
+    browser send requests to a local server, and read the answers; those requests carry the
+    attacker's name in ``Host``, which a rebinding page cannot change. The check is a
+    dictionary lookup per request.
+    """
+
+    def __init__(self, app: ASGIApp, rules: HostRules) -> None:
+        self.app = app
+        self.rules = rules
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        raw = next((value for name, value in scope.get("headers", ()) if name == b"host"), None)
+        if not self.rules.allows(raw):
+            message = "missing Host header" if raw is None else "Host not allowed"
+            await _send_error(send, 421, f"{message}; start the server with --allowed-host NAME to accept a name")
+            return
+        await self.app(scope, receive, send)
+
+
+def _is_ip_literal(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 class SecurityHeadersMiddleware:
@@ -279,22 +415,32 @@ class Gallery:
 
 def _no_grad(fn: Callable[[], Any]) -> Callable[[], Any]:
     def run() -> Any:
-        import torch
-
         with torch.no_grad():
             return fn()
 
     return run
 
 
-def create_app(index: Any, model: Any, config: ServeConfig | None = None, model_name: str = "") -> FastAPI:
+def create_app(
+    index: Any,
+    model: Any,
+    config: ServeConfig | None = None,
+    model_name: str = "",
+    allowed_hosts: Iterable[str] = (),
+) -> FastAPI:
     """The FastAPI app serving ``index`` (an opened gallery index) with ``model``.
 
     ``index`` needs ``ids``, ``search_text(model, text, k, rerank_k) -> list[Hit]``,
     ``attention(model, text, id) -> (words, weights (W, R), grid (h, w) | None)`` and
     ``image_path(id) -> str | None`` (the :class:`eslmatch.retrieval.GalleryIndex` API).
+
+    Requests must carry a ``Host`` header naming ``127.0.0.1``, ``localhost``, ``[::1]`` or
+    one of ``allowed_hosts`` (names or IP addresses, any port; ``"*"``: every host;
+    ``0.0.0.0`` or ``::``: any IP address literal), else they are answered 421. Raises
+    :class:`EslmatchError` for an entry that is not a host name.
     """
     config = config or ServeConfig()
+    host_rules = HostRules([*DEFAULT_ALLOWED_HOSTS, *allowed_hosts])  # bad entries fail here, not on a request
     gallery = Gallery(index, model, model_name, config)
 
     @asynccontextmanager
@@ -356,6 +502,7 @@ def create_app(index: Any, model: Any, config: ServeConfig | None = None, model_
 
     async def attention(text: str, item_id: str) -> dict[str, Any]:
         text = check_text(text, config)
+        check_unicode(item_id, "id")
         if len(item_id) > MAX_ID_CHARS or not gallery.known(item_id):
             raise ApiError(404, "unknown id")
         start = time.perf_counter()
@@ -384,6 +531,7 @@ def create_app(index: Any, model: Any, config: ServeConfig | None = None, model_
     async def image(item_id: str) -> Response:
         if len(item_id) > MAX_ID_CHARS or "\x00" in item_id:
             raise ApiError(400, "invalid id")
+        check_unicode(item_id, "id", status=400)
         path = gallery.image_file(item_id)
         if path is None:
             raise ApiError(404, "no image for this id")
@@ -393,6 +541,7 @@ def create_app(index: Any, model: Any, config: ServeConfig | None = None, model_
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(BodyLimitMiddleware, limit=config.max_body_bytes)
+    app.add_middleware(HostCheckMiddleware, rules=host_rules)  # outermost: refused before the body is read
     return app
 
 
@@ -407,16 +556,14 @@ def load_app(
     model_path: str | Path | None = None,
     config: ServeConfig | None = None,
     device: str = "cpu",
+    allowed_hosts: Iterable[str] = (),
 ) -> FastAPI:
-    """Open the index at ``index_path`` and its model (or ``model_path``) and build the app.
+    """Open the index at ``index_path`` and its model (or ``model_path``) and build the app
+    (``allowed_hosts``: as for :func:`create_app`).
 
     Raises :class:`eslmatch.errors.EslmatchError` when the index records no model and none
     is given.
     """
-    from ..errors import EslmatchError
-    from ..factory import load_model
-    from ..retrieval import GalleryIndex
-
     index = GalleryIndex.open(index_path)
     if getattr(index, "kind", "image") != "image":
         raise EslmatchError(f"{index_path}: a {index.kind} index; eslmatch serve searches image indexes")
@@ -427,7 +574,7 @@ def load_app(
     model = load_model(model_path, map_location=device)
     model.eval()
     index.check_model(model)  # a model other than the index's fails here, not on the first query
-    return create_app(index, model, config, model_name=Path(str(model_path)).name)
+    return create_app(index, model, config, model_name=Path(str(model_path)).name, allowed_hosts=allowed_hosts)
 
 
 def recorded_model(index: Any) -> str | None:

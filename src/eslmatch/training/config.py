@@ -15,11 +15,13 @@ import yaml
 from ..config import LEGACY_KEYS, ESLConfig
 from ..errors import EslmatchError
 
+OPTIMIZERS = ("adamw", "bert-adamw")
+SCHEDULES = ("step", "cosine")
 # Settings that may differ between a run and its resume without changing what is computed.
 # (data_path, output_dir and device may move: same data, same run, another disk or GPU.)
 RESUME_MAY_CHANGE = frozenset(
     {"epochs", "max_steps", "workers", "log_every", "save_every_steps", "progress", "tensorboard",
-     "eval_batch_size", "dist_timeout_minutes", "data_path", "output_dir", "device"}
+     "eval_batch_size", "dist_timeout_minutes", "data_path", "output_dir", "device", "image_root"}
 )
 
 
@@ -43,7 +45,18 @@ class TrainConfig:
             index vectors' inner products; two-stage search). 0 in the released recipe.
         epochs: training epochs.
         batch_size: GLOBAL batch (split over the processes under torchrun).
-        lr: AdamW learning rate; ``bert_lr_factor`` multiplies it for the BERT backbone.
+        lr: AdamW learning rate; ``bert_lr_factor`` multiplies it for the pretrained backbone
+            (BERT; both CLIP towers for ESL-CLIP), unless ``backbone_lr`` sets that one directly.
+        backbone_lr: learning rate of the pretrained backbone (``null``: ``lr * bert_lr_factor``).
+        optimizer: ``adamw`` (``torch.optim.AdamW``, the released ESL code) or ``bert-adamw``
+            (the CLIP branch's AdamW: eps 1e-6, weight decay after the update).
+        schedule: ``step`` (``lr_decay_factor`` from ``lr_decay_epoch`` on, per epoch) or
+            ``cosine`` (linear warm-up over ``warmup_proportion`` of all steps, then a
+            half-cosine to 0, per step: the CLIP branch).
+        warmup_proportion: share of all optimiser steps spent warming up (``cosine``).
+        image_root: folder of the raw images (ESL-CLIP; ``data_path`` is then a Karpathy JSON
+            or a captions TSV).
+        captions_per_image: captions kept per raw image.
         weight_decay: AdamW weight decay.
         lr_decay_epoch: from this epoch (0-based) on the learning rate is multiplied by
             ``lr_decay_factor`` (``null``: never).
@@ -82,6 +95,12 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 5e-4
     bert_lr_factor: float = 0.1
+    backbone_lr: float | None = None
+    optimizer: str = "adamw"
+    schedule: str = "step"
+    warmup_proportion: float = 0.0
+    image_root: str | None = None
+    captions_per_image: int = 5
     weight_decay: float = 1e-4
     lr_decay_epoch: int | None = 15
     lr_decay_factor: float = 0.1
@@ -105,7 +124,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`EslmatchError` naming the first bad value."""
-        positive = ("epochs", "batch_size", "log_every", "save_every_steps", "eval_batch_size", "vocab_min_count")
+        positive = ("epochs", "batch_size", "log_every", "save_every_steps", "eval_batch_size", "vocab_min_count",
+                    "captions_per_image")
         for name in positive:
             if getattr(self, name) < 1:
                 raise EslmatchError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -127,6 +147,14 @@ class TrainConfig:
         for name in ("workers", "vse_mean_warmup_epochs", "seed"):
             if getattr(self, name) < 0:
                 raise EslmatchError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.backbone_lr is not None and (not math.isfinite(self.backbone_lr) or self.backbone_lr < 0):
+            raise EslmatchError(f"backbone_lr must be >= 0 or null, got {self.backbone_lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise EslmatchError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise EslmatchError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not 0.0 <= self.warmup_proportion < 1.0:
+            raise EslmatchError(f"warmup_proportion must lie in [0, 1), got {self.warmup_proportion}")
         if self.lr_decay_epoch is not None and self.lr_decay_epoch < 0:
             raise EslmatchError(f"lr_decay_epoch must be >= 0 or null, got {self.lr_decay_epoch}")
         if self.dist_backend not in ("auto", "nccl", "gloo"):
@@ -295,7 +323,8 @@ def load_train_config(path: str | Path | None, overrides: Sequence[str] = ()) ->
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Keys (``model.x`` for model keys) whose values differ, except those resume may change."""
-    saved = migrate(saved)
+    defaults = {k: v for k, v in TrainConfig().to_dict().items() if k != "model"}
+    saved = {**defaults, **migrate(saved)}  # keys added since the run was saved take their defaults
     diffs = [k for k in sorted(set(saved) | set(current))
              if k not in RESUME_MAY_CHANGE and k != "model" and saved.get(k) != current.get(k)]
     sm, cm = saved.get("model", {}), current.get("model", {})

@@ -241,7 +241,7 @@ def _start(cfg: TrainConfig, ctx: DistContext, resume: bool) -> Run:
     model = _make_model(cfg, train_split, vocab, saved["model_config"] if saved else None).to(ctx.device)
     if isinstance(model.tokenizer, WordVocab):
         vocab = list(model.tokenizer.tokens)
-    trainer = Trainer(model, cfg, ctx)
+    trainer = Trainer(model, cfg, ctx, steps_per_epoch=steps)
     state = TrainState()
     if saved is not None:
         trainer.load_state_dict(saved, str(output / STATE_NAME))

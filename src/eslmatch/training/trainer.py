@@ -9,12 +9,16 @@
         for batch in loader:
             loss = trainer.step(batch.images, batch.image_lengths, batch.captions, batch.caption_lengths)
 
-The recipe is the released one (spec section 5): AdamW with the text backbone's parameters
-at ``lr * bert_lr_factor`` and the rest at ``lr`` (both with ``weight_decay``), gradient
-norm clipped to ``grad_clip``, every group's learning rate times ``lr_decay_factor`` from
-``lr_decay_epoch`` on, the hinge summed over negatives for ``vse_mean_warmup_epochs``
-epochs and the hardest negative after. Under torchrun each process passes its share of the
-global batch and the step is that of one process with the whole batch.
+The recipe is the released one of the model's family. ESL (spec section 5): AdamW with the
+text backbone's parameters at ``lr * bert_lr_factor`` and the rest at ``lr`` (both with
+``weight_decay``), gradient norm clipped to ``grad_clip``, every group's learning rate times
+``lr_decay_factor`` from ``lr_decay_epoch`` on, the hinge summed over negatives for
+``vse_mean_warmup_epochs`` epochs and the hardest negative after. ESL-CLIP (the CLIP
+branch): the branch's AdamW (``optimizer: bert-adamw``), CLIP at ``backbone_lr`` and the
+head at ``lr``, a warm-up then half-cosine per step (``schedule: cosine``), InfoNCE with the
+model's logit scale (clamped after each step, as the branch does). Under torchrun each
+process passes its share of the global batch and the step is that of one process with the
+whole batch.
 """
 
 from __future__ import annotations
@@ -30,26 +34,37 @@ from ..losses import LossSettings, MatchingLoss
 from ..model.base import load_state_strict
 from ..model.encoders import enable_sync_batchnorm
 from .config import TrainConfig
+from .optim import BertAdamW, cosine_with_warmup, step_decay
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """AdamW groups: the text backbone at ``lr * bert_lr_factor``, everything else at ``lr``."""
-    backbone = model.text_backbone() if hasattr(model, "text_backbone") else None
+    """Optimiser groups: the pretrained backbone at ``backbone_lr`` (or ``lr *
+    bert_lr_factor``), everything else at ``lr``."""
+    backbone = model.pretrained_backbone() if hasattr(model, "pretrained_backbone") else None
     backbone_ids = {id(p) for p in backbone.parameters()} if backbone is not None else set()
     trainable = [p for p in model.parameters() if p.requires_grad]
     main = [p for p in trainable if id(p) not in backbone_ids]
-    text = [p for p in trainable if id(p) in backbone_ids]
+    pretrained = [p for p in trainable if id(p) in backbone_ids]
+    factor = cfg.bert_lr_factor if cfg.backbone_lr is None else cfg.backbone_lr / cfg.lr
     groups = [{"name": "main", "params": main, "lr_factor": 1.0}]
-    if text:
-        groups.append({"name": "text_backbone", "params": text, "lr_factor": cfg.bert_lr_factor})
+    if pretrained:
+        groups.append({"name": "backbone", "params": pretrained, "lr_factor": factor})
     return groups
 
 
-def learning_rate(cfg: TrainConfig, epoch: int) -> float:
-    """Base learning rate of ``epoch`` (step decay)."""
-    if cfg.lr_decay_epoch is not None and epoch >= cfg.lr_decay_epoch:
-        return cfg.lr * cfg.lr_decay_factor
-    return cfg.lr
+def learning_rate(cfg: TrainConfig, epoch: int, step: int = 0, total_steps: int = 1) -> float:
+    """Base learning rate at ``epoch`` (``step`` decay) or optimiser ``step`` of ``total_steps``
+    (``cosine`` with warm-up)."""
+    if cfg.schedule == "cosine":
+        return cfg.lr * cosine_with_warmup(step, int(cfg.warmup_proportion * total_steps), total_steps)
+    return step_decay(cfg.lr, epoch, cfg.lr_decay_epoch, cfg.lr_decay_factor)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg)
+    if cfg.optimizer == "bert-adamw":
+        return BertAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 class Trainer:
@@ -60,20 +75,28 @@ class Trainer:
         config: the recipe (only the optimisation fields are read here; ``data_path`` is
             not needed).
         ctx: the process's place in a torchrun job (``None``: alone).
+        steps_per_epoch: optimiser steps per epoch (needed by ``schedule: cosine``, whose
+            length is ``epochs * steps_per_epoch``).
     """
 
-    def __init__(self, model: nn.Module, config: TrainConfig, ctx: DistContext | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, config: TrainConfig, ctx: DistContext | None = None, steps_per_epoch: int = 1
+    ) -> None:
         config.validate()
         self.model = model
         self.config = config
         self.ctx = ctx or DistContext(device=_device_of(model))
+        self.total_steps = max(1, config.epochs * steps_per_epoch)
+        self.global_step = 0
+        self.epoch = 0
         enable_sync_batchnorm(model, self.ctx.group, self.ctx.distributed)
-        self.loss = MatchingLoss(model, LossSettings(config.margin, config.global_loss_weight), self.ctx)
+        kind = getattr(model, "loss_kind", "hinge")
+        self.loss = MatchingLoss(model, LossSettings(config.margin, config.global_loss_weight, kind=kind), self.ctx)
         self._step_module: nn.Module = self.loss
         if self.ctx.distributed:
             ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
             self._step_module = DistributedDataParallel(self.loss, device_ids=ids)
-        self.optimizer = torch.optim.AdamW(param_groups(model, config), lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = make_optimizer(model, config)
         self.base_lr = config.lr
         self.bf16 = config.bf16 and self.ctx.device.type == "cuda"
         self.last_terms: dict[str, Tensor] = {}
@@ -84,12 +107,16 @@ class Trainer:
         Returns:
             the base learning rate of the epoch.
         """
-        self.base_lr = learning_rate(self.config, epoch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.base_lr * float(group.get("lr_factor", 1.0))
+        self.epoch = epoch
+        self._set_lr()
         self.loss.settings.max_violation = epoch >= self.config.vse_mean_warmup_epochs
         self.model.train()
         return self.base_lr
+
+    def _set_lr(self) -> None:
+        self.base_lr = learning_rate(self.config, self.epoch, self.global_step, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.base_lr * float(group.get("lr_factor", 1.0))
 
     @property
     def max_violation(self) -> bool:
@@ -102,6 +129,8 @@ class Trainer:
             the batch loss (this process's share; detached, 0-d), computed before the update.
         """
         dev = self.ctx.device
+        if self.config.schedule != "step":
+            self._set_lr()
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.bf16):
             terms = self._step_module(images.to(dev), image_lengths.to(dev), captions.to(dev), caption_lengths.to(dev))
         self.optimizer.zero_grad(set_to_none=True)
@@ -111,6 +140,10 @@ class Trainer:
         if self.config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
+        self.global_step += 1
+        after = getattr(self.model, "after_optimizer_step", None)
+        if after is not None:
+            after()
         self.last_terms = {k: v.detach() for k, v in terms.items()}
         return self.last_terms["loss"]
 
@@ -119,12 +152,14 @@ class Trainer:
         return {
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": {"base_lr": self.base_lr, "max_violation": self.max_violation},
+            "scheduler": {"base_lr": self.base_lr, "max_violation": self.max_violation, "global_step": self.global_step,
+                          "epoch": self.epoch},
         }
 
     def load_state_dict(self, state: dict[str, Any], source: str = "training state") -> None:
         load_state_strict(self.model, state["model"], source)
         self.optimizer.load_state_dict(state["optimizer"])
+        self.global_step = int(state.get("global_step", state.get("scheduler", {}).get("global_step", 0)))
 
 
 def _device_of(model: nn.Module) -> torch.device:

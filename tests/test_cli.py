@@ -132,3 +132,24 @@ def test_subprocess_error_has_no_traceback(tmp_path):
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
     debug = subprocess.run([sys.executable, "-m", "eslmatch.cli", "--debug", "info", str(bad)], capture_output=True, text=True)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_convert_refuses_a_file_or_a_foreign_folder_as_target(capsys, released, tmp_path):
+    """A user's file is never replaced by a model folder, nor a folder that is not a model."""
+    path, _ = released
+    precious = tmp_path / "notes.txt"
+    precious.write_text("precious")
+    code, _, err = run_cli(capsys, "convert", str(path), str(precious))
+    assert_one_line_error(code, err, "a file is in the way")
+    assert precious.read_text() == "precious"
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"x")
+    code, _, err = run_cli(capsys, "convert", str(path), str(folder))
+    assert_one_line_error(code, err, "not an eslmatch model")
+    assert sorted(p.name for p in folder.iterdir()) == ["a.jpg"]
+    # converting twice into the same model folder replaces it, leaving no litter beside it
+    out = tmp_path / "model"
+    assert run_cli(capsys, "convert", str(path), str(out))[0] == 0
+    assert run_cli(capsys, "convert", str(path), str(out))[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "notes.txt", "photos"]

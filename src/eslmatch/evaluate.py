@@ -26,8 +26,10 @@ import numpy as np
 import torch
 
 from .data import encode_images, eval_mode, iter_caption_features
+from .data.raw import encode_image_files
 from .errors import EslmatchError
 from .scoring import ScoringOptions
+from .text import pad_ids, tokenize_each
 from .utils import resolve_device
 
 RECALL_KS = (1, 5, 10)
@@ -264,6 +266,39 @@ def score_split(
         if pending:
             flush()
     return sims
+
+
+def score_image_split(
+    model: Any,
+    split: Any,
+    batch_size: int = 64,
+    device: Any = None,
+    workers: int = 0,
+    options: ScoringOptions | None = None,
+) -> np.ndarray:
+    """:func:`score_split` for a raw-image split (:class:`~eslmatch.data.raw.ImageCaptionSplit`)
+    and a model that takes pixels (``model.preprocess``): every image and every caption is
+    encoded once, then ``model.score`` ranks them.
+
+    Returns:
+        float32 ``(N_images, N_captions)``.
+    """
+    dev = resolve_device(device, model)
+    model.to(dev)
+    with eval_mode(model):
+        img = encode_image_files(model, split, batch_size, workers)
+        ids = tokenize_each(model.tokenize, split.captions, lambda i: f"{split.source}: caption {i} of split {split.name}")
+        caps = []
+        for c0 in range(0, len(ids), batch_size):
+            tokens, lens = pad_ids([t.tolist() for t in ids[c0 : c0 + batch_size]])
+            caps.append((model.embed_captions(tokens.to(dev), lens.to(dev)), lens.to(dev)))
+        width = max(c.shape[1] for c, _ in caps) if caps[0][0].dim() == 3 else None
+        if width is not None:  # per-token features: pad to one width
+            cap = torch.cat([torch.nn.functional.pad(c, (0, 0, 0, width - c.shape[1])) for c, _ in caps])
+        else:
+            cap = torch.cat([c for c, _ in caps])
+        lens = torch.cat([n for _, n in caps])
+        return model.score(img, None, cap, lens, options).float().cpu().numpy()
 
 
 def ensemble(matrices: list[np.ndarray]) -> np.ndarray:

@@ -34,6 +34,16 @@ def model_class(model_type: str) -> type[MatchingModel]:
         raise EslmatchError(f"unknown model_type {model_type!r}; known: {', '.join(FAMILIES)}") from None
 
 
+def config_from_dict(data: dict[str, Any]) -> Any:
+    """The configuration of the family ``data["model_type"]`` names (``"esl"`` when absent)."""
+    return model_class(str(data.get("model_type", "esl"))).config_class.from_dict(data)  # type: ignore[attr-defined]
+
+
+def config_class(model_type: str) -> type:
+    """The configuration dataclass of a family."""
+    return model_class(model_type).config_class
+
+
 def build_model(config: Any, tokenizer: Any = None) -> MatchingModel:
     """A new model of ``config.model_type`` (pretrained backbones load from the config's names)."""
     return model_class(config.model_type).from_config(config, tokenizer)  # type: ignore[attr-defined]

@@ -14,6 +14,7 @@ import yaml
 
 from ..config import LEGACY_KEYS, ESLConfig
 from ..errors import EslmatchError
+from ..factory import config_class
 
 OPTIMIZERS = ("adamw", "bert-adamw")
 SCHEDULES = ("step", "cosine")
@@ -35,8 +36,9 @@ class TrainConfig:
         train_split, val_split: split names (validation: dev rsum after every epoch).
         val_images: validate on the first N images only (``null``: the whole split).
         output_dir: where ``last/``, ``best/``, the training state and the logs go.
-        model: :class:`~eslmatch.config.ESLConfig` fields (model_type, strategy, text_encoder,
-            text_model, embed_size, ...).
+        model: the model family's configuration: ``model_type`` picks it (``esl`` and
+            ``vse``: :class:`~eslmatch.config.ESLConfig` fields such as strategy,
+            text_encoder, text_model, embed_size; ``esl-clip``: its CLIP configuration).
         init_from: start from these weights instead of new ones: a released ``.pth.tar``
             or one of our model folders (fine-tuning; ``model`` must describe the same
             architecture, which is checked). ``null``: new weights.
@@ -87,7 +89,7 @@ class TrainConfig:
     val_split: str = "dev"
     val_images: int | None = None
     output_dir: str = "runs/eslmatch"
-    model: ESLConfig = field(default_factory=ESLConfig)
+    model: Any = field(default_factory=ESLConfig)
     init_from: str | None = None
     margin: float = 0.2
     global_loss_weight: float = 0.0
@@ -183,10 +185,11 @@ class TrainConfig:
         values = {k: _coerce(k, v, _hints(cls)[k]) for k, v in data.items() if k != "model"}
         model_data = data.get("model") or {}
         if not isinstance(model_data, dict):
-            raise EslmatchError(f"{source}: 'model' must be a mapping of ESLConfig keys, got {model_data!r}")
-        model_values = {k: _coerce(f"model.{k}", v, _hints(ESLConfig)[k]) for k, v in model_data.items()}
+            raise EslmatchError(f"{source}: 'model' must be a mapping of model configuration keys, got {model_data!r}")
         try:
-            values["model"] = ESLConfig(**model_values)
+            model_cls = config_class(str(model_data.get("model_type", "esl")))
+            model_values = {k: _coerce(f"model.{k}", v, _hints(model_cls)[k]) for k, v in model_data.items()}
+            values["model"] = model_cls(**model_values)
             cfg = cls(**values)
             cfg.validate()
         except EslmatchError as exc:
@@ -218,7 +221,11 @@ def _unknown_keys(data: dict[str, Any]) -> list[str]:
     unknown = sorted(str(k) for k in data if k not in known)
     model = data.get("model")
     if isinstance(model, dict):
-        model_known = {f.name for f in dataclasses.fields(ESLConfig)}
+        try:
+            model_cls = config_class(str(model.get("model_type", "esl")))
+        except EslmatchError:
+            return unknown + [f"model.model_type={model.get('model_type')!r}"]
+        model_known = {f.name for f in dataclasses.fields(model_cls)}
         unknown += sorted(f"model.{k}" for k in model if k not in model_known)
     return unknown
 

@@ -20,8 +20,8 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from ..config import ESLConfig
 from ..data import CaptionDataset, EpochBatchSampler, PrecompSplit, build_vocab, collate, open_split, steps_per_epoch
+from ..data.raw import ImageCaptionDataset, ImageCaptionSplit, collate_pixels, open_image_split
 from ..distributed import (
     DistContext,
     broadcast_value,
@@ -32,8 +32,8 @@ from ..distributed import (
     sum_value,
 )
 from ..errors import EslmatchError
-from ..evaluate import recall_metrics, score_split
-from ..factory import build_model, load_model
+from ..evaluate import recall_metrics, score_image_split, score_split
+from ..factory import build_model, config_from_dict, load_model
 from ..model.base import MatchingModel
 from ..text import WordVocab, load_tokenizer
 from ..utils import atomic_write_text
@@ -67,8 +67,8 @@ class Run:
     cfg: TrainConfig
     ctx: DistContext
     trainer: Trainer
-    dataset: CaptionDataset
-    val_split: PrecompSplit
+    dataset: CaptionDataset | ImageCaptionDataset
+    val_split: PrecompSplit | ImageCaptionSplit
     state: TrainState
     log: RunLog
     output: Path
@@ -105,7 +105,8 @@ def train_one_epoch(run: Run) -> bool:
     sampler = EpochBatchSampler(run.dataset.split.n_captions, cfg.batch_size, cfg.seed, st.epoch,
                                 start=st.step_in_epoch, share=rank_slice(cfg.batch_size, ctx))
     loader = torch.utils.data.DataLoader(
-        run.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.workers,
+        run.dataset, batch_sampler=sampler, num_workers=cfg.workers,
+        collate_fn=collate_pixels if isinstance(run.dataset, ImageCaptionDataset) else collate,
         pin_memory=ctx.device.type == "cuda",
         # An own generator: creating the loader never draws from the global RNG, which a
         # resume restores exactly.
@@ -146,12 +147,17 @@ def train_one_epoch(run: Run) -> bool:
     return False
 
 
-def validate(model: MatchingModel, split: PrecompSplit, cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
+def validate(
+    model: MatchingModel, split: PrecompSplit | ImageCaptionSplit, cfg: TrainConfig, ctx: DistContext
+) -> dict[str, Any]:
     """Recall metrics of ``model`` on ``split`` (computed on rank 0; ``rsum`` on every rank)."""
     metrics: dict[str, Any] = {}
     rsum = 0.0
     if ctx.is_main:
-        sims = score_split(model, split, batch_size=cfg.eval_batch_size, device=ctx.device, progress=False)
+        if isinstance(split, ImageCaptionSplit):
+            sims = score_image_split(model, split, cfg.eval_batch_size, ctx.device, cfg.workers)
+        else:
+            sims = score_split(model, split, batch_size=cfg.eval_batch_size, device=ctx.device, progress=False)
         metrics = recall_metrics(sims)
         rsum = float(metrics["rsum"])
     metrics["rsum"] = broadcast_value(ctx, rsum)
@@ -227,10 +233,7 @@ def _start(cfg: TrainConfig, ctx: DistContext, resume: bool) -> Run:
             )
     elif ctx.is_main:
         _check_fresh_output(output)
-    train_split = open_split(cfg.data_path, cfg.train_split, cfg.model.img_dim, cfg.data_name)
-    val_split = open_split(cfg.data_path, cfg.val_split, cfg.model.img_dim, cfg.data_name)
-    if cfg.val_images is not None and cfg.val_images < val_split.n_images:
-        val_split = val_split.head(cfg.val_images)
+    train_split, val_split = _open_splits(cfg)
     steps = steps_per_epoch(train_split.n_captions, cfg.batch_size)
     if steps < 1:
         raise EslmatchError(f"batch_size {cfg.batch_size} is larger than the {train_split.n_captions} training captions")
@@ -251,14 +254,19 @@ def _start(cfg: TrainConfig, ctx: DistContext, resume: bool) -> Run:
     else:
         # Ranks draw different dropout masks; initialisation above was the same everywhere.
         torch.manual_seed(int(np.random.SeedSequence([cfg.seed, ctx.rank]).generate_state(1)[0]))
-    dataset = CaptionDataset(train_split, model.tokenizer, train=True, seed=cfg.seed,
-                             region_drop=cfg.region_drop, word_mask=cfg.word_mask)
+    dataset: CaptionDataset | ImageCaptionDataset
+    if isinstance(train_split, ImageCaptionSplit):
+        dataset = ImageCaptionDataset(train_split, model.preprocess, model.tokenize)
+    else:
+        dataset = CaptionDataset(train_split, model.tokenizer, train=True, seed=cfg.seed,
+                                 region_drop=cfg.region_drop, word_mask=cfg.word_mask)
     if ctx.is_main:
         output.mkdir(parents=True, exist_ok=True)
         atomic_write_text(output / CONFIG_COPY_NAME, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         counts = model.parameter_counts()
         mc = model.config
-        print(f"eslmatch: {'resuming' if saved is not None else 'training'} {mc.model_type} ({mc.text_encoder} text "
+        text = getattr(mc, "text_encoder", mc.model_type)
+        print(f"eslmatch: {'resuming' if saved is not None else 'training'} {mc.model_type} ({text} text "
               f"encoder, {counts['total']:,} parameters) on {ctx.device} x{ctx.world_size}: "
               f"{train_split.n_captions} captions, {steps} steps/epoch, epochs {state.epoch + 1}..{cfg.epochs}, "
               f"output {output}", flush=True)
@@ -266,34 +274,52 @@ def _start(cfg: TrainConfig, ctx: DistContext, resume: bool) -> Run:
     return Run(cfg, ctx, trainer, dataset, val_split, state, log, output, vocab, steps, time.time())
 
 
-def _make_model(cfg: TrainConfig, train_split: PrecompSplit, vocab: list[str] | None,
+def _open_splits(cfg: TrainConfig) -> tuple[Any, Any]:
+    """The training and validation splits: precomp features, or raw images with ``image_root``."""
+    val: PrecompSplit | ImageCaptionSplit
+    if cfg.image_root is not None:
+        train: PrecompSplit | ImageCaptionSplit = open_image_split(
+            cfg.data_path, cfg.image_root, cfg.train_split, cfg.captions_per_image
+        )
+        val = open_image_split(cfg.data_path, cfg.image_root, cfg.val_split, cfg.captions_per_image)
+        val.require_complete()
+    else:
+        train = open_split(cfg.data_path, cfg.train_split, cfg.model.img_dim, cfg.data_name)
+        val = open_split(cfg.data_path, cfg.val_split, cfg.model.img_dim, cfg.data_name)
+    if cfg.val_images is not None and cfg.val_images < val.n_images:
+        val = val.head(cfg.val_images)
+    return train, val
+
+
+def _make_model(cfg: TrainConfig, train_split: Any, vocab: list[str] | None,
                 saved_config: dict[str, Any] | None) -> MatchingModel:
     """New weights, or ``init_from``'s (fine-tuning), with the tokenizer the config asks for."""
     mc = cfg.model
-    tokenizer: Any
-    if mc.text_encoder == "gru":
+    text_encoder = getattr(mc, "text_encoder", None)
+    tokenizer: Any = None  # families with their own tokenizer (ESL-CLIP) build it themselves
+    if text_encoder == "gru":
         tokenizer = WordVocab(vocab) if vocab is not None else build_vocab(train_split, min_count=cfg.vocab_min_count)
         mc = mc.replace(vocab_size=len(tokenizer))
-    else:
+    elif text_encoder == "bert":
         if not mc.text_model:
             raise EslmatchError("model.text_model must name a BERT-family model (a local directory or Hub name)")
         tokenizer = load_tokenizer(mc.text_model, required=True)
     if saved_config is not None:
-        mc = ESLConfig.from_dict(saved_config)
+        mc = config_from_dict(saved_config)
     if cfg.init_from is None or saved_config is not None:  # on resume the weights come from the state
         return build_model(mc, tokenizer)
-    model = load_model(cfg.init_from, text_model=mc.text_model if mc.text_encoder == "bert" else None)
+    model = load_model(cfg.init_from, text_model=mc.text_model if text_encoder == "bert" else None)
     _check_same_architecture(model.config, mc, cfg.init_from)
-    if mc.text_encoder == "gru" and not isinstance(model.tokenizer, WordVocab):
+    if text_encoder == "gru" and not isinstance(model.tokenizer, WordVocab):
         model.tokenizer = tokenizer
     model.train()
     return model
 
 
-def _check_same_architecture(have: Any, want: ESLConfig, source: str) -> None:
+def _check_same_architecture(have: Any, want: Any, source: str) -> None:
     """``init_from``'s model must be the one the configuration describes (names the keys)."""
     keys = ("model_type", "strategy", "embed_size", "kernel_size", "num_levels", "img_dim", "text_encoder")
-    diffs = [f"{k} {getattr(have, k)!r} (config: {getattr(want, k)!r})" for k in keys
+    diffs = [f"{k} {getattr(have, k, None)!r} (config: {getattr(want, k, None)!r})" for k in keys
              if getattr(have, k, None) != getattr(want, k, None)]
     if diffs:
         raise EslmatchError(f"init_from={source}: its model differs from model.* in {'; '.join(diffs)}")

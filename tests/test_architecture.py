@@ -128,7 +128,7 @@ def test_every_top_level_module_has_a_layer():
 
 def test_only_the_factory_names_concrete_families():
     """Outside the model families themselves, only ``eslmatch.factory`` imports their classes."""
-    family_modules = {"eslmatch.model.esl", "eslmatch.model.vse", "eslmatch.model.clip", "eslmatch.model.clip.model"}
+    family_modules = {"eslmatch.model.esl", "eslmatch.model.vse", "eslmatch.model.esl_clip", "eslmatch.model.esl_clip.model"}
     allowed_prefixes = ("eslmatch.model", "eslmatch.factory", "eslmatch.compat")
     bad = [f"{name} -> {d}" for name, deps in graph().items() for d in deps
            if d in family_modules and not name.startswith(allowed_prefixes)]

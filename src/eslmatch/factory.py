@@ -17,12 +17,14 @@ from .compat.official import load_official_checkpoint
 from .errors import CheckpointError, EslmatchError
 from .model.base import CONFIG_NAME, MatchingModel, read_config
 from .model.esl import ESLModel
+from .model.esl_clip import ESLClipModel
 from .model.vse import VSEModel
 from .text import load_tokenizer
 
 FAMILIES: dict[str, type[MatchingModel]] = {
     "esl": ESLModel,
     "vse": VSEModel,
+    "esl-clip": ESLClipModel,
 }
 
 

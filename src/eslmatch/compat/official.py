@@ -23,7 +23,9 @@ from ..errors import CheckpointError
 from ..model.base import few, load_state_strict
 from ..model.encoders import bert_from_config
 from ..model.esl import ESLModel
+from ..model.esl_clip import ESLClipModel
 from ..text import load_tokenizer
+from .clip import is_clip_release, load_clip_release
 
 ALLOWED_GLOBALS = [argparse.Namespace]
 
@@ -33,8 +35,9 @@ _SIM_PREFIX = "sims.calculator_1."
 _LEVELS_PREFIX = "plus_encoder.encoders_1."
 
 
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Unpickle a released checkpoint safely and check its outline."""
+def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """Unpickle a released checkpoint with ``weights_only=True`` (tensors, plain containers and
+    ``argparse.Namespace`` only); anything else is refused and nothing in the file runs."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file")
@@ -42,7 +45,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{p}: not a file")
     try:
         with torch.serialization.safe_globals(ALLOWED_GLOBALS):
-            ckpt = torch.load(str(p), map_location=map_location, weights_only=True)
+            return torch.load(str(p), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         match = re.search(r"GLOBAL ([\w.]+)", str(exc))
@@ -53,6 +56,18 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ) from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{p}: not a readable checkpoint (truncated or corrupt?): {_first_line(exc)}") from exc
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Unpickle a released ESL (BERT + regions) checkpoint safely and check its outline."""
+    return check_outline(safe_load(path, map_location), Path(path))
+
+
+def check_outline(ckpt: Any, p: Path) -> dict[str, Any]:
+    """``ckpt`` if it has the released ESL layout, else an error naming what is wrong."""
+    if is_clip_release(ckpt):
+        raise CheckpointError(f"{p}: a CLIP-based ESL checkpoint, not the BERT + regions one (load it with "
+                              "load_official_checkpoint / eslmatch convert)")
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{p}: not a released ESL checkpoint (no 'model' entry)")
     parts = ckpt["model"]
@@ -201,16 +216,23 @@ def map_state(ckpt: dict[str, Any], num_levels: int) -> tuple[dict[str, Tensor],
 
 def load_official_checkpoint(
     path: str | Path, map_location: str | torch.device = "cpu", text_model: str | Path | None = None
-) -> ESLModel:
-    """Load a released ESL ``.pth.tar`` as an :class:`ESLModel` in eval mode.
+) -> ESLModel | ESLClipModel:
+    """Load one of the authors' released checkpoints, in eval mode.
+
+    - The BERT + regions ESL (``model_best.pth.tar``): an :class:`ESLModel`.
+    - The CLIP-based branch (``model_best_*_clip_based.pth``): an ESL-CLIP model (its
+      tokenizer is built in; ``text_model`` is ignored).
 
     Args:
         path: the checkpoint.
         map_location: device for the weights.
         text_model: a BERT model directory or Hub name whose tokenizer is used for raw text
-            (released files do not store one). Without it, the model scores token ids only.
+            (released BERT files do not store one). Without it, the model scores token ids only.
     """
-    ckpt = read_checkpoint(path, map_location="cpu")
+    raw = safe_load(path, map_location="cpu")
+    if is_clip_release(raw):
+        return load_clip_release(raw, str(path), map_location)
+    ckpt = check_outline(raw, Path(path))
     config = config_from_checkpoint(ckpt)
     text_state = _strip(ckpt["model"][1])
     bert_config = infer_bert_config(text_state)

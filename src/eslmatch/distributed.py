@@ -161,7 +161,7 @@ class _AllGatherRows(torch.autograd.Function):
     gradient of this rank's rows (each rank's loss used them)."""
 
     @staticmethod
-    def forward(fctx: Any, x: Tensor, group: Any, world: int, rank: int) -> Tensor:  # type: ignore[override]
+    def forward(fctx: Any, x: Tensor, group: Any, world: int, rank: int) -> Tensor:
         x = x.contiguous()
         out = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(out, x, group=group)
@@ -169,7 +169,7 @@ class _AllGatherRows(torch.autograd.Function):
         return torch.cat(out)
 
     @staticmethod
-    def backward(fctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(fctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         grad = grad.contiguous()
         b = fctx.rows
         if dist.get_backend(fctx.group) == "nccl":
@@ -187,14 +187,14 @@ class _AllReduceSum(torch.autograd.Function):
     depends on the total)."""
 
     @staticmethod
-    def forward(fctx: Any, x: Tensor, group: Any) -> Tensor:  # type: ignore[override]
+    def forward(fctx: Any, x: Tensor, group: Any) -> Tensor:
         out = x.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(out, group=group)
         fctx.group = group
         return out
 
     @staticmethod
-    def backward(fctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(fctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         out = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(out, group=fctx.group)
         return out, None

@@ -38,7 +38,7 @@ def model_class(model_type: str) -> type[MatchingModel]:
 
 def config_from_dict(data: dict[str, Any]) -> Any:
     """The configuration of the family ``data["model_type"]`` names (``"esl"`` when absent)."""
-    return model_class(str(data.get("model_type", "esl"))).config_class.from_dict(data)  # type: ignore[attr-defined]
+    return model_class(str(data.get("model_type", "esl"))).config_class.from_dict(data)
 
 
 def config_class(model_type: str) -> type:

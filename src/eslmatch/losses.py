@@ -15,6 +15,7 @@ the single-process loss of the global batch, hardest negatives included.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -120,7 +121,7 @@ class MatchingLoss(nn.Module):
 
     def __init__(self, model: nn.Module, settings: LossSettings, ctx: DistContext | None = None) -> None:
         super().__init__()
-        self.model = model
+        self.model: Any = model
         self.settings = settings
         self.ctx = ctx or DistContext()
         if settings.kind not in LOSS_KINDS:
@@ -128,8 +129,9 @@ class MatchingLoss(nn.Module):
         if settings.kind == "infonce" and not isinstance(getattr(model, "logit_scale", None), torch.Tensor):
             raise EslmatchError("the InfoNCE loss needs a model with a learned logit_scale (ESL-CLIP)")
         if settings.global_loss_weight > 0 and getattr(model, "exact_index", False):
+            model_type = model.config.model_type
             raise EslmatchError(
-                f"global_loss_weight is {settings.global_loss_weight} but this {model.config.model_type} model's "
+                f"global_loss_weight is {settings.global_loss_weight} but this {model_type} model's "
                 "index vectors are its score already; set it to 0"
             )
 

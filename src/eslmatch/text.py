@@ -65,7 +65,7 @@ class WordVocab:
             raise EslmatchError(f"{path}: not a readable word vocabulary ({exc})") from exc
 
 
-def pad_ids(seqs: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+def pad_ids(seqs: Sequence[Any]) -> tuple[Tensor, Tensor]:
     """Right-pad id lists with 0 -> ``(ids (M, W), lengths (M,))``."""
     if not seqs:
         raise InputError("no captions given")

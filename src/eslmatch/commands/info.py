@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from ..factory import load_model, model_format
 
@@ -21,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     fmt = model_format(args.checkpoint)
-    model = load_model(args.checkpoint)
+    model: Any = load_model(args.checkpoint)
     c = model.config
     if args.json:
         print(

@@ -27,7 +27,7 @@ from ..model.esl_clip import ESLClipModel
 from ..text import load_tokenizer
 from .clip import is_clip_release, load_clip_release
 
-ALLOWED_GLOBALS = [argparse.Namespace]
+ALLOWED_GLOBALS: list[Any] = [argparse.Namespace]
 
 # Present in released checkpoints but never used by their forward pass: loaded, ignored.
 _UNUSED = (re.compile(r"^image\.mlp\.bns\.1\."), re.compile(r"^text\.bert\.pooler\."))

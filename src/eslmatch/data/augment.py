@@ -37,7 +37,7 @@ def drop_regions(image: np.ndarray, p: float, rng: np.random.Generator) -> np.nd
     r = image.shape[0]
     if p <= 0 or r == 0:
         return image
-    keep = rng.random(r) >= p
+    keep = np.asarray(rng.random(r) >= p)
     if not keep.any():
         keep[int(rng.integers(r))] = True
     return image[keep]

@@ -107,7 +107,7 @@ def read_lines(path: Path, what: str) -> list[str]:
     return out
 
 
-def open_memmap(path: Path) -> np.memmap:
+def open_memmap(path: Path) -> np.ndarray:
     """Memory-map an ``.npy`` file without unpickling; any failure names the file."""
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -185,11 +185,11 @@ class PrecompSplit:
         self._n_images = n_images
         self.ids = ids
         self.image_paths = image_paths
-        self._images: np.memmap | None = None
+        self._images: np.ndarray | None = None
 
     # ------------------------------------------------------------------ images, lazily
     @property
-    def images(self) -> np.memmap:
+    def images(self) -> np.ndarray:
         """``(N_img, R, D)`` memory-mapped view (re-opened after unpickling in a worker)."""
         if self._images is None:
             mm = open_memmap(self.images_path)
@@ -232,7 +232,7 @@ class PrecompSplit:
         k = self.captions_per_image
         return range(i * k, (i + 1) * k)
 
-    def read_images(self, index: slice | Sequence[int] | np.ndarray) -> np.ndarray:
+    def read_images(self, index: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
         """Rows of :attr:`images` as a new float32 array ``(n, R, D)`` (reads only those rows)."""
         return np.array(self.images[index], dtype=np.float32)
 

@@ -162,7 +162,12 @@ def open_caption_tsv(
 def open_image_split(
     source: str | Path, image_root: str | Path, split: str, captions_per_image: int = 5
 ) -> ImageCaptionSplit:
-    """:func:`open_karpathy` for a ``.json`` source, :func:`open_caption_tsv` otherwise."""
+    """:func:`open_karpathy` for a ``.json`` source, :func:`open_caption_tsv` otherwise.
+
+    A ``{split}`` in ``source`` is replaced by the split's name (one captions file per split,
+    e.g. ``data/{split}_captions.tsv``).
+    """
+    source = str(source).replace("{split}", split)
     if Path(source).suffix.lower() == ".json":
         return open_karpathy(source, image_root, split, captions_per_image)
     return open_caption_tsv(source, image_root, split, captions_per_image)

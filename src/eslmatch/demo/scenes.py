@@ -374,7 +374,7 @@ def object_rgb(o: Obj) -> tuple[int, int, int]:
 def _background(scene: Scene, size: int, rng: np.random.Generator) -> np.ndarray:
     """Light background ``(size, size, 3)`` float: base colour, soft gradient, blotchy texture."""
     coarse = Image.fromarray(rng.normal(0.0, 4.0, (5, 5)).astype(np.float32), mode="F")
-    texture = np.asarray(coarse.resize((size, size), Image.BICUBIC), dtype=np.float32)
+    texture = np.asarray(coarse.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
     theta = rng.uniform(0, 2 * math.pi)
     ramp = (np.arange(size, dtype=np.float32) / size) - 0.5
     grad = rng.uniform(4.0, 10.0) * (math.cos(theta) * ramp[None, :] + math.sin(theta) * ramp[:, None])
@@ -404,8 +404,8 @@ def render_scene(scene: Scene, size: int = 128, supersample: int = 2) -> Image.I
             dl.polygon(pts, fill=fill, outline=edge, width=edge_w)
             dm.polygon(pts, fill=255)
     # The colour layer is black outside shapes, so its box-filtered version is premultiplied.
-    col = np.asarray(layer.resize((size, size), Image.BOX), dtype=np.float32)
-    alpha = np.asarray(mask.resize((size, size), Image.BOX), dtype=np.float32)[:, :, None] / 255.0
+    col = np.asarray(layer.resize((size, size), Image.Resampling.BOX), dtype=np.float32)
+    alpha = np.asarray(mask.resize((size, size), Image.Resampling.BOX), dtype=np.float32)[:, :, None] / 255.0
     img = bg * (1.0 - alpha) + col + 2.5 * rng.standard_normal((size, size, 3), dtype=np.float32)
     return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), mode="RGB")
 

@@ -469,7 +469,7 @@ class BoxPoolingBackbone(Backbone):
         detector = JsonBoxes(options.boxes)
         base = EfficientNetLite0.build(options)
         box_backbone = cls(detector, base, options.max_boxes or detector.max_count)
-        box_backbone.boxes_file = str(options.boxes)
+        box_backbone.boxes_file = str(options.boxes)  # type: ignore[attr-defined]
         return box_backbone
 
     def preprocess(self, image: Any) -> torch.Tensor:

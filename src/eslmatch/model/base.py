@@ -59,7 +59,7 @@ class MatchingModel(nn.Module):
     """
 
     family: ClassVar[str] = ""
-    config_class: ClassVar[type] = ESLConfig
+    config_class: ClassVar[Any] = ESLConfig
     # True when the inner product of the index vectors equals ``score`` (one-stage search).
     exact_index: ClassVar[bool] = False
 

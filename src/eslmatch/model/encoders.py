@@ -38,7 +38,7 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
     synchronize: bool = False
     process_group: Any = None
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         if self.training and self.synchronize and world_size(self.process_group) > 1:
@@ -72,7 +72,7 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
             out = out * self.weight + self.bias
         if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
             with torch.no_grad():
-                self.num_batches_tracked.add_(1)  # type: ignore[union-attr, operator]
+                self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
                 if self.momentum is None:
                     factor = 1.0 / float(self.num_batches_tracked)  # type: ignore[arg-type]
                 else:
@@ -139,7 +139,7 @@ class BertTextEncoder(nn.Module):
 
     def __init__(self, backbone: nn.Module, embed_size: int, eps: float = 1e-8, frozen: bool = False) -> None:
         super().__init__()
-        self.backbone = backbone
+        self.backbone: Any = backbone  # a transformers model
         hidden = int(backbone.config.hidden_size)
         self.proj = nn.Linear(hidden, embed_size)
         self.eps = eps

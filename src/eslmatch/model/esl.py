@@ -38,7 +38,7 @@ class ESLModel(RegionTextModel):
         super().__init__(config, text_backbone, tokenizer)
         c = config
         dims = c.level_dims
-        stack = dict(
+        stack: dict[str, Any] = dict(
             strategy=c.strategy,
             kernel_size=c.kernel_size,
             heuristic_channels=c.heuristic_channels,

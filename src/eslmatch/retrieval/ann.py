@@ -96,10 +96,12 @@ def build(vectors: np.ndarray, kind: str, options: FaissOptions) -> Any:
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
     elif kind == "hnsw":
+        assert options.hnsw_m is not None and options.ef_construction is not None  # resolve_options fills them
         index = faiss.IndexHNSWFlat(d, int(options.hnsw_m), faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = int(options.ef_construction)
     else:
         quantizer = faiss.IndexFlatIP(d)
+        assert options.nlist is not None  # resolve_options fills it
         index = faiss.IndexIVFFlat(quantizer, d, int(options.nlist), faiss.METRIC_INNER_PRODUCT)
         index.cp.min_points_per_centroid = 1  # small galleries: no warning, clusters still fine
         rng = np.random.default_rng(options.seed)

@@ -138,7 +138,7 @@ class GalleryIndex:
         self.faiss_kind: str = manifest["faiss"].get("kind", "flat")
         self.faiss_options = ann.FaissOptions.from_dict(manifest["faiss"].get("options", {}))
         grid = manifest.get("grid")
-        self.grid: tuple[int, int] | None = tuple(grid) if grid else None  # type: ignore[assignment]
+        self.grid: tuple[int, int] | None = (int(grid[0]), int(grid[1])) if grid else None
         self.side = open_array(path / SIDE)
         self.lengths = open_array(path / LENGTHS)
         self.global_vectors = open_array(path / GLOBAL)
@@ -370,7 +370,7 @@ class GalleryIndex:
         if isinstance(query, (str, int, np.integer)) and not isinstance(query, bool):
             if image_index is None:
                 raise EslmatchError("an image id as query needs image_index= (the image index holding it)")
-            query = image_index.lookup(query)
+            query = image_index.lookup(int(query) if isinstance(query, np.integer) else query)
         if isinstance(query, ImageEntry):
             if query.fingerprint != self.fingerprint:
                 raise GalleryIndexError(

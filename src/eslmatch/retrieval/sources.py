@@ -91,7 +91,7 @@ def read_grid(folder: Path, regions: int, split: str | None = None) -> tuple[int
         candidates.append((meta["grid_h"], meta["grid_w"]))
     for grid in candidates:
         try:
-            h, w = (int(v) for v in grid)  # type: ignore[union-attr]
+            h, w = (int(v) for v in grid)
         except (TypeError, ValueError):
             continue
         if h > 0 and w > 0 and h * w == regions:

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -126,7 +127,7 @@ def score_tiles_distributed(
     image_lengths: Tensor,
     pooling: PoolingParams,
     options: ScoringOptions | None = None,
-    group: object | None = None,
+    group: Any = None,
 ) -> Tensor:
     """:func:`score_tiles` with the images split across the ranks of ``torch.distributed``.
 
@@ -238,10 +239,12 @@ def _score_inplace(
 
     def run(queue: Iterator[tuple[int, int]]) -> None:
         bufs = _Workspace(size, inp, pool_fn is None)
-        current, chunk = -1, None
+        current = -1
+        chunk: tuple[Tensor, Tensor, Tensor | None] | None = None
         for ci, ti in queue:
             if ci != current:
                 current, chunk = ci, inp.chunk(*chunks[ci], grad=False)
+            assert chunk is not None
             x, word_len, word_bias = chunk
             z, region_len, region_bias = tiles[ti]
             (c0, c1), (i0, i1) = plan.caption_chunks[ci], plan.image_tiles[ti]
@@ -280,6 +283,7 @@ class _Workspace:
 
     def work(self, shape: tuple[int, int, int, int]) -> tuple[Tensor, Tensor]:
         count = math.prod(shape)
+        assert self.t is not None and self.e is not None
         return self.t[:count].view(shape), self.e[:count].view(shape)
 
 
@@ -409,7 +413,7 @@ def _guarded(compiled: Callable[..., Tensor], key: str) -> Callable[..., Tensor]
     """Run ``compiled``; if a call fails, warn once and use the plain pooling from then on."""
     state = {"failed": False}
 
-    def run(*args: object) -> Tensor:
+    def run(*args: Any) -> Tensor:
         if not state["failed"]:
             try:
                 return compiled(*args)

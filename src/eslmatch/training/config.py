@@ -59,6 +59,8 @@ class TrainConfig:
         image_root: folder of the raw images (ESL-CLIP; ``data_path`` is then a Karpathy JSON
             or a captions TSV).
         captions_per_image: captions kept per raw image.
+        gradient_checkpointing: recompute the pretrained towers' activations in backward
+            (models that support it, e.g. ESL-CLIP; less memory, more compute).
         weight_decay: AdamW weight decay.
         lr_decay_epoch: from this epoch (0-based) on the learning rate is multiplied by
             ``lr_decay_factor`` (``null``: never).
@@ -103,6 +105,7 @@ class TrainConfig:
     warmup_proportion: float = 0.0
     image_root: str | None = None
     captions_per_image: int = 5
+    gradient_checkpointing: bool = False
     weight_decay: float = 1e-4
     lr_decay_epoch: int | None = 15
     lr_decay_factor: float = 0.1
@@ -237,6 +240,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if value is None:
             return None
         hint = next(a for a in args if a is not type(None))
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        return value  # a nested configuration (e.g. model.clip), checked by its class
     if hint is float and isinstance(value, str):  # YAML 1.1 reads 5e-4 as a string
         try:
             return float(value)

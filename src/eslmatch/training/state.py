@@ -70,7 +70,7 @@ class TrainState:
 def rng_state() -> dict[str, Any]:
     """Python, numpy, torch and CUDA generator states as plain tensors and numbers."""
     py = random.getstate()
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     return {
         "python": {"version": int(py[0]), "state": torch.tensor(py[1], dtype=torch.int64), "gauss": py[2]},
         "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),

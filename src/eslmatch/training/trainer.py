@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..distributed import DistContext
+from ..errors import EslmatchError
 from ..losses import LossSettings, MatchingLoss
 from ..model.base import load_state_strict
 from ..model.encoders import enable_sync_batchnorm
@@ -40,7 +41,7 @@ from .optim import BertAdamW, cosine_with_warmup, step_decay
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     """Optimiser groups: the pretrained backbone at ``backbone_lr`` (or ``lr *
     bert_lr_factor``), everything else at ``lr``."""
-    backbone = model.pretrained_backbone() if hasattr(model, "pretrained_backbone") else None
+    backbone = getattr(model, "pretrained_backbone", lambda: None)()
     backbone_ids = {id(p) for p in backbone.parameters()} if backbone is not None else set()
     trainable = [p for p in model.parameters() if p.requires_grad]
     main = [p for p in trainable if id(p) not in backbone_ids]
@@ -83,13 +84,17 @@ class Trainer:
         self, model: nn.Module, config: TrainConfig, ctx: DistContext | None = None, steps_per_epoch: int = 1
     ) -> None:
         config.validate()
-        self.model = model
+        self.model: Any = model
         self.config = config
         self.ctx = ctx or DistContext(device=_device_of(model))
         self.total_steps = max(1, config.epochs * steps_per_epoch)
         self.global_step = 0
         self.epoch = 0
         enable_sync_batchnorm(model, self.ctx.group, self.ctx.distributed)
+        if config.gradient_checkpointing:
+            if not hasattr(model, "set_gradient_checkpointing"):
+                raise EslmatchError(f"gradient_checkpointing is not supported by {type(model).__name__}")
+            model.set_gradient_checkpointing(True)
         kind = getattr(model, "loss_kind", "hinge")
         self.loss = MatchingLoss(model, LossSettings(config.margin, config.global_loss_weight, kind=kind), self.ctx)
         self._step_module: nn.Module = self.loss

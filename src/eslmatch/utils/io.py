@@ -77,7 +77,8 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
     ``mode`` is ``"w"`` (UTF-8 text, ``\\n`` newlines) or ``"wb"``.
     """
     with atomic_path(path) as tmp:
-        with open(tmp, mode, **({"encoding": "utf-8", "newline": "\n"} if "b" not in mode else {})) as fh:
+        text = "b" not in mode
+        with open(tmp, mode, encoding="utf-8" if text else None, newline="\n" if text else None) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())

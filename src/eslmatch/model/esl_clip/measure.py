@@ -28,8 +28,10 @@ def measuring_degrees(w: Tensor, sigma: Tensor, t2: Tensor) -> Tensor:
 
 def weighted_scores(image_levels: list[Tensor], caption_levels: list[Tensor], matrices: list[Tensor]) -> Tensor:
     """``(N, M)``: the mean over levels of ``X_l @ D_l @ Y_l^T`` (the literal form)."""
-    total = sum(x @ d @ y.t() for x, d, y in zip(image_levels, matrices, caption_levels))
-    return total / len(matrices)  # type: ignore[operator]
+    total = torch.zeros((), dtype=image_levels[0].dtype, device=image_levels[0].device)
+    for x, d, y in zip(image_levels, matrices, caption_levels):
+        total = total + x @ d @ y.t()
+    return total / len(matrices)
 
 
 class WeightedMeasuring(nn.Module):

@@ -56,7 +56,7 @@ class ESLClipModel(MatchingModel):
         config.validate()
         self.config = config
         c = config
-        self.clip = clip if clip is not None else clip_towers(config)
+        self.clip: Any = clip if clip is not None else clip_towers(config)
         stack = dict(kernel_size=c.kernel_size, heuristic_channels=c.heuristic_channels,
                      adaptive_select=c.adaptive_select, eps=c.l2_eps)
         self.image_levels = LevelStack(c.level_dims, c.strategy, feed_normalized=True, **stack)  # type: ignore[arg-type]
@@ -97,7 +97,8 @@ class ESLClipModel(MatchingModel):
     @property
     def logit_scale(self) -> Tensor:
         """CLIP's learned log-temperature of the InfoNCE loss."""
-        return self.clip.logit_scale
+        scale: Tensor = self.clip.logit_scale
+        return scale
 
     def after_optimizer_step(self) -> None:
         """Clamp the logit scale to ``log(logit_scale_max)``, as the branch does after each step."""

@@ -44,7 +44,7 @@ def write_config(path: Path, scenes: Path, **values) -> Path:
     cfg = {"data_path": str(scenes / "{split}_captions.txt"), "image_root": str(scenes / "images"),
            "train_split": "train", "val_split": "dev", "captions_per_image": 5,
            "model": {"model_type": "esl-clip", "strategy": "heuristic", "num_levels": 3, "clip": TINY_CLIP},
-           "epochs": 3, "batch_size": 20, "lr": 2e-3, "backbone_lr": 5e-4, "weight_decay": 0.2,
+           "epochs": 3, "batch_size": 5, "lr": 5e-3, "backbone_lr": 1e-3, "weight_decay": 0.2,
            "optimizer": "bert-adamw", "schedule": "cosine", "warmup_proportion": 0.1, "grad_clip": 1.0,
            "vse_mean_warmup_epochs": 0, "region_drop": 0.0, "word_mask": 0.0, "workers": 0, "log_every": 1,
            "save_every_steps": 3, "progress": False, "tensorboard": False, "eval_batch_size": 32, "device": "cpu"}
@@ -59,7 +59,7 @@ def test_loss_falls_over_three_epochs(tmp_path, scenes):
     result = fit(cfg)
     losses = [h["train_loss"] for h in result.history]
     print(f"ESL-CLIP train loss per epoch {losses}, dev rsum {[round(h['rsum'], 1) for h in result.history]}")
-    assert len(losses) == 3 and losses[2] < 0.9 * losses[0]
+    assert len(losses) == 3 and losses[2] < 0.92 * losses[0]  # chance: log(5) = 1.609
     model = ESLClipModel.from_pretrained(tmp_path / "run" / "last")
     assert model.config.clip.vision_layers == 1
     assert float(model.logit_scale) <= torch.log(torch.tensor(100.0)) + 1e-6
@@ -163,9 +163,15 @@ def test_two_processes_equal_one_with_the_global_batch(tmp_path):
     assert abs(single["loss"] - float(expect)) <= 1e-5 * abs(float(expect))
     assert abs(multi["loss"] - single["loss"]) <= 1e-5 * abs(single["loss"])
     worst = 0.0
+    largest = max(float(g.abs().max()) for g in single["grads"].values())
     for name, g in single["grads"].items():
-        err = float((multi["grads"][name] - g).abs().max() / g.abs().max().clamp_min(1e-12))
-        worst = max(worst, err)
+        diff = float((multi["grads"][name] - g).abs().max())
+        if name.endswith("k_proj.bias"):
+            # the true gradient of an attention key bias is exactly 0 (a softmax ignores a shift):
+            # only float noise is there, compared with the model's largest gradient
+            assert diff <= 1e-7 * largest, name
+            continue
+        worst = max(worst, diff / float(g.abs().max()))
     print(f"2 ranks x {BATCH // 2} vs 1 x {BATCH}: loss {multi['loss']:.6f} vs {single['loss']:.6f}, "
           f"worst gradient relative difference {worst:.1e}")
-    assert worst <= 1e-4
+    assert worst <= 1e-5

@@ -37,8 +37,9 @@ def weighted_scores(image_levels: list[Tensor], caption_levels: list[Tensor], ma
 class WeightedMeasuring(nn.Module):
     """The learned ``M_l``, ``w``, ``sigma``, ``t2`` of the measuring (see the module doc).
 
-    ``temperature`` is the branch's ``temp_scale``: a parameter its forward never uses, kept
-    so released checkpoints load strictly.
+    ``temperature`` is the branch's ``temp_scale``: a parameter its forward never uses (so it
+    never changes in training), kept as a buffer so released checkpoints load strictly and
+    DistributedDataParallel finds no unused parameter.
     """
 
     def __init__(self, dims: list[int], contribution_init: float = 0.1, sigma_init: float = -1.0,
@@ -49,7 +50,7 @@ class WeightedMeasuring(nn.Module):
         self.w = nn.Parameter(torch.full((len(dims),), float(contribution_init)))
         self.sigma = nn.Parameter(torch.tensor(float(sigma_init)))
         self.t2 = nn.Parameter(torch.tensor(float(t2_init)))
-        self.temperature = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.register_buffer("temperature", torch.tensor(math.log(1 / 0.07)))
 
     def matrices(self) -> list[Tensor]:
         """``[D_0..D_L]``."""

@@ -15,7 +15,7 @@ the single-process loss of the global batch, hardest negatives included.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -129,7 +129,7 @@ class MatchingLoss(nn.Module):
         if settings.kind == "infonce" and not isinstance(getattr(model, "logit_scale", None), torch.Tensor):
             raise EslmatchError("the InfoNCE loss needs a model with a learned logit_scale (ESL-CLIP)")
         if settings.global_loss_weight > 0 and getattr(model, "exact_index", False):
-            model_type = model.config.model_type
+            model_type = cast(Any, model).config.model_type
             raise EslmatchError(
                 f"global_loss_weight is {settings.global_loss_weight} but this {model_type} model's "
                 "index vectors are its score already; set it to 0"

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from safetensors import SafetensorError
@@ -298,7 +298,7 @@ class RegionTextModel(MatchingModel):
         if self.config.text_encoder == "bert":
             text_dir = directory / TEXT_DIR
             text_dir.mkdir()
-            self.text_encoder.backbone.config.save_pretrained(str(text_dir))
+            cast(Any, self.text_encoder).backbone.config.save_pretrained(str(text_dir))
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(str(text_dir))
         elif isinstance(self.tokenizer, WordVocab):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -140,7 +140,7 @@ class BertTextEncoder(nn.Module):
     def __init__(self, backbone: nn.Module, embed_size: int, eps: float = 1e-8, frozen: bool = False) -> None:
         super().__init__()
         self.backbone: Any = backbone  # a transformers model
-        hidden = int(backbone.config.hidden_size)
+        hidden = int(cast(Any, backbone).config.hidden_size)
         self.proj = nn.Linear(hidden, embed_size)
         self.eps = eps
         self.frozen = frozen

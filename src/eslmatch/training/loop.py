@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -256,7 +256,7 @@ def _start(cfg: TrainConfig, ctx: DistContext, resume: bool) -> Run:
         torch.manual_seed(int(np.random.SeedSequence([cfg.seed, ctx.rank]).generate_state(1)[0]))
     dataset: CaptionDataset | ImageCaptionDataset
     if isinstance(train_split, ImageCaptionSplit):
-        dataset = ImageCaptionDataset(train_split, model.preprocess, model.tokenize)
+        dataset = ImageCaptionDataset(train_split, cast(Any, model).preprocess, model.tokenize)
     else:
         dataset = CaptionDataset(train_split, model.tokenizer, train=True, seed=cfg.seed,
                                  region_drop=cfg.region_drop, word_mask=cfg.word_mask)

@@ -23,7 +23,7 @@ whole batch.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -94,7 +94,7 @@ class Trainer:
         if config.gradient_checkpointing:
             if not hasattr(model, "set_gradient_checkpointing"):
                 raise EslmatchError(f"gradient_checkpointing is not supported by {type(model).__name__}")
-            model.set_gradient_checkpointing(True)
+            cast(Any, model).set_gradient_checkpointing(True)
         kind = getattr(model, "loss_kind", "hinge")
         self.loss = MatchingLoss(model, LossSettings(config.margin, config.global_loss_weight, kind=kind), self.ctx)
         self._step_module: nn.Module = self.loss

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data import open_split
+from ..data.raw import open_image_split
 from ..errors import EslmatchError
 from ..evaluate import (
     check_protocol_size,
@@ -17,6 +18,7 @@ from ..evaluate import (
     evaluate_protocol,
     format_metrics,
     get_protocol,
+    score_image_split,
     score_split,
 )
 from ..factory import load_model
@@ -40,7 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="model directory or released .pth.tar (repeat for an ensemble)")
     src.add_argument("--scores", action="append", metavar="FILE.npy",
                      help="saved (N x 5N) score matrix (repeat for an ensemble)")
-    s.add_argument("--data", help="precomp folder or its parent (needed with --checkpoint)")
+    s.add_argument("--data", help="precomp folder or its parent (needed with --checkpoint); for models that take "
+                   "pixels (ESL-CLIP): a Karpathy-split JSON or a captions TSV ({split} in the name is replaced)")
+    s.add_argument("--image-root", help="folder of the raw images (models that take pixels, e.g. ESL-CLIP)")
     s.add_argument("--data-name", help="dataset folder under --data when it holds several (e.g. coco_precomp)")
     s.add_argument("--protocol", required=True, choices=["f30k", "coco1k", "coco5k"])
     s.add_argument("--split", help="split to evaluate (default: test for f30k, testall for coco1k/coco5k)")
@@ -137,6 +141,14 @@ def _score_with_models(args: argparse.Namespace, default_split: str):
                 f"with its BERT tokenizer's directory or name"
             )
         models.append(model)
+    pixel_models = [hasattr(m, "preprocess") for m in models]
+    if any(pixel_models):
+        if not all(pixel_models):
+            raise EslmatchError("an ensemble must take one kind of input: pixels (ESL-CLIP) or region features")
+        return _score_raw_images(args, models, split_name, device, options)
+    if args.image_root:
+        raise EslmatchError(f"{args.checkpoint[0]} scores region features, not images: drop --image-root and give "
+                            "--data a precomp folder (eslmatch extract makes one from images)")
     dims = {m.config.img_dim for m in models}
     if len(dims) > 1:
         raise EslmatchError(f"the models expect different image feature widths: {sorted(dims)}")
@@ -147,4 +159,17 @@ def _score_with_models(args: argparse.Namespace, default_split: str):
         matrices.append(score_split(model, split, args.batch_size, device, progress=not args.no_progress,
                                     options=options))
     meta = {"models": list(args.checkpoint), "split": split_name, "data": str(split.root)}
+    return matrices, split.captions_per_image, meta
+
+
+def _score_raw_images(args: argparse.Namespace, models: list, split_name: str, device, options):
+    """Score models that take pixels on a raw-image split (images and captions encoded once)."""
+    if not args.image_root:
+        raise EslmatchError("this model takes images: pass --image-root (the folder of the images) with --data "
+                            "(a Karpathy-split JSON or a captions TSV)")
+    split = open_image_split(args.data, args.image_root, split_name, args.captions_per_image)
+    split.require_complete()
+    check_protocol_size(args.protocol, split.n_images, args.fold_size)
+    matrices = [score_image_split(m, split, args.batch_size, device, options=options) for m in models]
+    meta = {"models": list(args.checkpoint), "split": split_name, "data": str(split.source)}
     return matrices, split.captions_per_image, meta

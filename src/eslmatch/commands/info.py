@@ -39,19 +39,24 @@ def run(args: argparse.Namespace) -> int:
     variant = "ESL-A" if c.strategy == "adaptive" else "ESL-H"
     print(f"model      {args.checkpoint}")
     print(f"format     {fmt}")
-    print(f"type       {c.model_type.upper()} ({variant}, {c.strategy} strategy)")
-    print(
-        f"levels     E={c.embed_size} k={c.kernel_size} L={c.num_levels} widths={c.level_dims} Dt={c.total_dim}"
-    )
-    text = c.text_encoder
-    if text == "bert":
-        bc = model.text_encoder.backbone.config
-        source = c.text_model or "config inferred from tensors"
-        text += f" ({source}; hidden {bc.hidden_size}, {bc.num_hidden_layers} layers, vocab {bc.vocab_size})"
+    if c.model_type == "esl-clip":
+        a = c.clip
+        print(f"type       ESL-CLIP ({variant}, {c.strategy} strategy; the CLIP-based branch)")
+        print(f"levels     E={c.embed_size} k={c.kernel_size} L={c.num_levels} widths={c.level_dims} Dt={c.total_dim}")
+        print(f"image      ViT {a.image_size}px patch {a.patch_size}, width {a.vision_width}, {a.vision_layers} layers")
+        print(f"text       CLIP BPE, context {a.context_length}, width {a.text_width}, {a.text_layers} layers")
     else:
-        text += f" (vocab {c.vocab_size}, word_dim {c.word_dim})"
-    print(f"text       {text}")
-    print(f"image      region features of width {c.img_dim}")
+        print(f"type       {c.model_type.upper()} ({variant}, {c.strategy} strategy)")
+        print(f"levels     E={c.embed_size} k={c.kernel_size} L={c.num_levels} widths={c.level_dims} Dt={c.total_dim}")
+        text = c.text_encoder
+        if text == "bert":
+            bc = model.text_encoder.backbone.config
+            source = c.text_model or "config inferred from tensors"
+            text += f" ({source}; hidden {bc.hidden_size}, {bc.num_hidden_layers} layers, vocab {bc.vocab_size})"
+        else:
+            text += f" (vocab {c.vocab_size}, word_dim {c.word_dim})"
+        print(f"text       {text}")
+        print(f"image      region features of width {c.img_dim}")
     print(
         f"tokenizer  {'yes' if model.tokenizer is not None else 'none (score token ids, or pass --text-model)'}"
     )

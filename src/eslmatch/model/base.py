@@ -168,9 +168,11 @@ class MatchingModel(nn.Module):
         (:func:`eslmatch.factory.load_pretrained` picks the family from ``config.json``.)
         """
         d = Path(directory)
-        config = cls.config_class.from_dict(read_config(d))
-        if getattr(config, "model_type", cls.family) != cls.family:
-            raise CheckpointError(f"{d}: a {config.model_type!r} model, not {cls.family!r}")
+        data = read_config(d)
+        found = data.get("model_type", "esl")
+        if found != cls.family:
+            raise CheckpointError(f"{d}: a {found!r} model, not {cls.family!r} (eslmatch.load_pretrained reads any)")
+        config = cls.config_class.from_dict(data)
         model = cls.build_for_loading(config, d)
         try:
             state = load_file(str(d / WEIGHTS_NAME))

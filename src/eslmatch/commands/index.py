@@ -69,7 +69,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     b.add_argument(
         "--features",
-        required=True,
         help="precomp dataset folder, an .npy of region features (N, R, D), or (captions) a .txt",
     )
     b.add_argument(
@@ -81,7 +80,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="image",
         help="image index (text -> image search, default) or caption index (image -> text)",
     )
-    b.add_argument("--images", help="folder of the image files, to record their paths")
+    b.add_argument("--images", help="folder of the image files, to record their paths; for a model that takes "
+                   "pixels (ESL-CLIP), the folder of photos to index (then no --features)")
     b.add_argument(
         "--out",
         required=True,
@@ -179,14 +179,21 @@ def _build(args: argparse.Namespace) -> int:
         text_model=args.text_model,
     )
     if args.kind == "image":
-        out = build_image_index(
-            model, args.features, args.out, images_dir=args.images, **common
-        )
+        if hasattr(model, "preprocess"):  # a model that takes pixels indexes the photos themselves
+            if not args.images:
+                raise EslmatchError("this model takes images: give the folder of photos with --images")
+            out = build_image_index(model, args.images, args.out, **common)
+        else:
+            if not args.features:
+                raise EslmatchError("give the region features with --features (a precomp folder or an .npy)")
+            out = build_image_index(model, args.features, args.out, images_dir=args.images, **common)
     else:
         if args.images:
             raise EslmatchError(
                 "--images applies to image indexes (caption paths come from the dataset)"
             )
+        if not args.features:
+            raise EslmatchError("give the captions with --features (a precomp folder or a .txt, one caption a line)")
         out = build_caption_index(model, args.features, args.out, **common)
     print(f"built {args.kind} index {out} in {time.perf_counter() - start:.1f} s")
     return _info(argparse.Namespace(index=str(out), verify=False, json=False))

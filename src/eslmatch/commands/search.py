@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 
+from ..data.files import SkipImage, open_image
 from ..errors import EslmatchError
 from ..retrieval import GalleryIndex
 from ..utils import resolve_device
@@ -56,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--image-features",
         help=".npy of one image's region features (R, D) or (1, R, D)",
     )
+    s.add_argument("--image-file", help="a photo to query with (models that take pixels, e.g. ESL-CLIP)")
     s.add_argument(
         "--nprobe",
         type=int,
@@ -84,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     )
     index.check_model(model)
     index.set_search_params(nprobe=args.nprobe, ef_search=args.ef_search)
-    image_query = args.image_id is not None or args.image_features is not None
+    image_query = args.image_id is not None or args.image_features is not None or args.image_file is not None
     start = time.perf_counter()
     if index.kind == "image":
         if image_query:
@@ -119,6 +122,15 @@ def run(args: argparse.Namespace) -> int:
                 "image_id": args.image_id,
                 "image_path": image_index.image_path(args.image_id),
             }
+        elif args.image_file is not None:
+            if not hasattr(model, "preprocess"):
+                raise EslmatchError("--image-file needs a model that takes images (ESL-CLIP); give --image-features")
+            try:
+                pixels = model.preprocess(open_image(Path(args.image_file)))
+            except SkipImage as exc:
+                raise EslmatchError(f"{args.image_file}: {exc}") from None
+            hits = index.search_image(model, pixels, k=args.k, rerank_k=args.rerank_k)
+            query = {"image_file": args.image_file}
         elif args.image_features is not None:
             try:
                 feats = np.load(args.image_features, allow_pickle=False)

@@ -16,9 +16,9 @@ from ..data import eval_mode, length_batches
 from ..errors import EslmatchError
 from ..utils import atomic_dir, resolve_device
 from . import ann
-from .encode import encode_images, encode_token_batch, require_two_stage, tokenize_all
+from .encode import encode_images, encode_token_batch, is_one_stage, require_two_stage, takes_pixels, tokenize_all
 from .index import GalleryIndex
-from .sources import CaptionSource, ImageSource, caption_source, image_source, paths_from_dir
+from .sources import CaptionSource, ImageSource, caption_source, image_source, paths_from_dir, photo_source
 from .store import (
     CAPTIONS,
     FAISS,
@@ -79,6 +79,15 @@ def _paths(given: Sequence[Any] | None, found: list[str] | None, n: int, images_
     if images_dir is not None:
         return paths_from_dir(images_dir, n, found, ids)
     return [clean_line(v, "path", i) for i, v in enumerate(found)] if found is not None else [""] * n
+
+
+def _image_items(model: Any, features: Any, split: str, lengths: Any, grid: Any) -> ImageSource:
+    """What to embed: photos for a model that takes pixels, else region features."""
+    if takes_pixels(model):
+        if not isinstance(features, (str, Path)) or not Path(features).is_dir():
+            raise EslmatchError(f"{features}: this model takes images: give a folder of photos")
+        return photo_source(features, model.preprocess)
+    return image_source(features, img_dim=model.config.img_dim, split=split, lengths=lengths, grid=grid)
 
 
 def _device(model: Any, device: Any) -> None:
@@ -143,10 +152,9 @@ def _model_record(model: Any, model_path: Any, text_model: Any) -> dict[str, Any
         "path": None if model_path is None else str(Path(model_path).resolve()),
         "text_model": None if text_model is None else str(text_model),
         "fingerprint": model_fingerprint(model),
-        "config": {
-            "strategy": c.strategy, "embed_size": c.embed_size, "kernel_size": c.kernel_size,
-            "num_levels": c.num_levels, "img_dim": c.img_dim, "text_encoder": c.text_encoder,
-        },
+        "config": {key: getattr(c, key, None) for key in (
+            "model_type", "strategy", "embed_size", "kernel_size", "num_levels", "img_dim", "text_encoder")},
+        "stages": 1 if is_one_stage(model) else 2,
     }
 
 
@@ -213,7 +221,7 @@ def build_image_index(
     out = Path(out)
     check_target(out)
     _device(model, device)
-    src = image_source(features, img_dim=model.config.img_dim, split=split, lengths=lengths, grid=grid)
+    src = _image_items(model, features, split, lengths, grid)
     item_ids = _ids(ids, src.ids, src.count, 0)
     item_paths = _paths(paths, src.paths, src.count, images_dir, item_ids)
     dt = model.config.total_dim
@@ -322,7 +330,7 @@ def add_to_index(
     n_old, dt, dtype = old.count, old.total_dim, old.dtype
     grid = old.grid
     if old.kind == "image":
-        src = image_source(features, img_dim=model.config.img_dim, split=split, lengths=lengths, grid=None)
+        src = _image_items(model, features, split, lengths, None)
         n_new, width = src.count, max(old.width, src.regions)
         if src.regions != old.width:
             grid = None

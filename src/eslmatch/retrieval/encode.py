@@ -23,10 +23,24 @@ from ..utils import masked_mean
 
 
 def require_two_stage(model: Any) -> None:
-    """Refuse models whose score is not a re-rankable ESL score (e.g. the VSE baseline)."""
-    if getattr(model, "exact_index", True) or not hasattr(model, "score_prepared"):
+    """Refuse models an index cannot serve: a two-stage index needs ESL's re-rank
+    (``score_prepared``); single-vector models (``exact_index``) get a one-stage index."""
+    if is_one_stage(model):
+        return
+    if not hasattr(model, "score_prepared"):
         kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-        raise EslmatchError(f"gallery indexes need an ESL model (two-stage: shortlist, then re-rank); this one is {kind}")
+        raise EslmatchError(f"gallery indexes need an ESL model or a single-vector model; this one is {kind}")
+
+
+def is_one_stage(model: Any) -> bool:
+    """True for models whose index vectors' inner product IS the score (VSE, ESL-CLIP): their
+    index is one-stage and exact, the "side" of an item is its vector ``(1, Dt)``."""
+    return bool(getattr(model, "exact_index", False))
+
+
+def takes_pixels(model: Any) -> bool:
+    """True for models that embed preprocessed pixels (they have ``preprocess``)."""
+    return hasattr(model, "preprocess")
 
 
 def zero_padding(x: Tensor, lengths: Tensor) -> Tensor:
@@ -42,6 +56,11 @@ def encode_images(model: Any, regions: np.ndarray | Tensor, lengths: np.ndarray 
     """
     dev = model.device
     x = torch.as_tensor(regions, dtype=torch.float32).to(dev)
+    if is_one_stage(model):  # region features (VSE) or pixels (ESL-CLIP) -> one vector per image
+        if x.dim() == (3 if takes_pixels(model) else 2):
+            x = x[None]
+        vec = model.index_vectors_images(model.embed_images(x, None))
+        return vec[:, None, :], vec, torch.ones(vec.shape[0], dtype=torch.long, device=vec.device)
     if x.dim() == 2:
         x = x[None]
     n, r = x.shape[0], x.shape[1]
@@ -64,6 +83,9 @@ def encode_token_batch(model: Any, ids: Sequence[Tensor]) -> tuple[Tensor, Tenso
     tokens, lens = pad_ids([t.tolist() for t in ids])
     dev = model.device
     tokens, lens = tokens.to(dev), lens.to(dev)
+    if is_one_stage(model):
+        vec = model.index_vectors_captions(model.embed_captions(tokens, lens), lens)
+        return vec[:, None, :], vec, torch.ones(vec.shape[0], dtype=torch.long, device=vec.device)
     feats = zero_padding(model.embed_captions(tokens, lens), lens)
     return feats, masked_mean(feats, lens), lens
 

@@ -30,7 +30,15 @@ from ..data import eval_mode
 from ..errors import EslmatchError
 from ..scoring import ScoringOptions
 from . import ann
-from .encode import caption_words, encode_images, encode_token_batch, require_two_stage, tokenize_all
+from .encode import (
+    caption_words,
+    encode_images,
+    encode_token_batch,
+    is_one_stage,
+    require_two_stage,
+    takes_pixels,
+    tokenize_all,
+)
 from .store import (
     CAPTIONS,
     FAISS,
@@ -378,6 +386,9 @@ class GalleryIndex:
                 )
             return torch.from_numpy(query.side).to(model.device)[None], query.global_vector
         regions = torch.as_tensor(np.asarray(query) if not isinstance(query, torch.Tensor) else query)
+        if takes_pixels(model):  # preprocessed pixels (3, H, W) of a query image
+            side, glob, _ = encode_images(model, regions if regions.dim() == 4 else regions[None], None)
+            return side, glob[0].float().cpu().numpy()
         if regions.dim() == 2:
             regions = regions[None]
         if regions.dim() != 3 or regions.shape[0] != 1:
@@ -389,7 +400,7 @@ class GalleryIndex:
     def _hits(self, model: Any, query: Any, fs: np.ndarray, rows: np.ndarray, k: int, rerank: bool) -> list[Hit]:
         keep = rows >= 0
         fs, rows = fs[keep], rows[keep].astype(np.int64)
-        if rerank and rows.size:
+        if rerank and rows.size and not is_one_stage(model):
             scores = self._esl_scores(model, query, rows)
         else:
             scores = fs.astype(np.float64)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..data import open_split
+from ..data.files import SkipImage, list_images, open_image
 from ..data.precomp import read_lines
 from ..errors import EslmatchError
 from .store import open_array
@@ -195,6 +197,38 @@ def image_source(
             _lengths(lengths, s.n_images, s.n_regions), ids, paths, found, desc,
         )
     return _array_source(features, img_dim, lengths, grid, {"features": "array"})
+
+
+def photo_source(folder: str | Path, preprocess: Callable[[Any], Any], recursive: bool = True,
+                 report: Callable[[str], None] | None = None) -> ImageSource:
+    """A folder of photos for a model that takes pixels: every readable image, in sorted
+    relative-path order (ids without extension, absolute paths). Unreadable files (not an
+    image, truncated, corrupt) are skipped and each is reported by name; none is fatal."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise EslmatchError(f"{root}: no such folder of images")
+    entries, refused = list_images(root, recursive=recursive)
+    say = report or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    good = []
+    for rel, why in refused:
+        say(f"eslmatch: warning: skipping {root / rel}: {why}")
+    for e in entries:
+        try:
+            open_image(e.path)
+        except SkipImage as exc:
+            say(f"eslmatch: warning: skipping {e.path}: {exc}")
+            continue
+        good.append(e)
+    if not good:
+        raise EslmatchError(f"{root}: no readable image in the folder")
+
+    def read(i0: int, i1: int) -> Any:
+        import torch
+
+        return torch.stack([preprocess(open_image(e.path)) for e in good[i0:i1]])
+
+    desc = {"images": str(root.resolve()), "skipped": len(entries) + len(refused) - len(good)}
+    return ImageSource(len(good), 1, 3, read, None, [e.id for e in good], [str(e.path) for e in good], None, desc)
 
 
 def _array_source(arr: Any, img_dim: int, lengths: Any, grid: Sequence[int] | None, desc: dict[str, Any]) -> ImageSource:

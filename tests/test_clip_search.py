@@ -95,3 +95,20 @@ def test_command_line_search_of_photos(tmp_path, gallery, capsys):
         cap_ids, cap_lens = reloaded.tokenize([h["caption"] for h in hits])
         s = reloaded.similarity(reloaded.preprocess(open_image(photo))[None], None, cap_ids, cap_lens)[0]
     assert np.allclose([h["score"] for h in hits], s.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_serve_shows_photos_from_a_one_stage_index(tmp_path, gallery):
+    from eslmatch.serve import load_app
+    from test_serve import local_client
+
+    root, model, _ = gallery
+    build_image_index(model, root / "photos", tmp_path / "idx", progress=False, model_path=root / "model")
+    client = local_client(load_app(tmp_path / "idx"))
+    r = client.post("/search", json={"text": "two green squares", "k": 5})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert len(results) == 5 and all(x["image_url"] for x in results)
+    img = client.get(results[0]["image_url"])
+    assert img.status_code == 200 and img.headers["content-type"] == "image/png"
+    r = client.get("/attention", params={"text": "a circle", "id": results[0]["id"]})
+    assert r.status_code == 422 and "one vector per image" in r.json()["error"]

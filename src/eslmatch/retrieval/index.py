@@ -450,6 +450,8 @@ class GalleryIndex:
         """
         self._need("image", "attention")
         self.check_model(model)
+        if is_one_stage(model):
+            raise EslmatchError("word-by-region attention needs an ESL model: this one scores one vector per image")
         row = self.row_of(item_id)
         n = int(self.lengths[row])
         ids, lens = model.tokenize([text])

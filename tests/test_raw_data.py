@@ -107,3 +107,13 @@ def test_caption_tsv_layout(tmp_path):
     tsv.write_text("a.png A dog without a tab\n")
     with pytest.raises(EslmatchError, match="line 1: no tab"):
         open_caption_tsv(tsv, root)
+
+
+def test_the_branch_per_split_coco_files(tmp_path):
+    root = tmp_path / "coco"
+    (root / "val2014").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "val2014" / "COCO_val2014_1.jpg")
+    doc = {"images": [{"file_name": "COCO_val2014_1.jpg", "sentences": [{"raw": "A Cat."}] * 5}]}
+    (tmp_path / "testall_coco.json").write_text(json.dumps(doc))
+    split = open_karpathy(tmp_path / "testall_coco.json", root, "test")
+    assert split.n_images == 1 and split.image_paths[0].name == "COCO_val2014_1.jpg" and split.captions[0] == "a cat."

@@ -6,7 +6,9 @@ Two layouts:
   [{"filename", "filepath"?, "split": train|val|test|restval, "sentences": [{"raw"}]}]}``
   with an image root (COCO's ``filepath`` is ``train2014`` / ``val2014`` under it). Split
   ``train`` includes ``restval`` (the usual 113,287 COCO training images) unless
-  ``restval=False``; ``dev`` is Karpathy's ``val``.
+  ``restval=False``; ``dev`` is Karpathy's ``val``. The branch's own per-split files
+  (``train_coco.json``, ``dev_coco.json``, ``testall_coco.json``: ``file_name`` and no
+  ``split``) are read whole, images looked up under ``train2014/`` then ``val2014/``.
 - ``captions.tsv`` (``image_name<TAB>caption`` lines, as ``eslmatch extract`` reads them)
   with the folder of images.
 
@@ -116,9 +118,10 @@ def open_karpathy(
     missing: list[str] = []
     for i, entry in enumerate(images):
         try:
-            if entry["split"] not in wanted:
+            # the branch's per-split files (train_coco.json...) have file_name and no split
+            if "split" in entry and entry["split"] not in wanted:
                 continue
-            rel = Path(entry.get("filepath") or "") / entry["filename"]
+            rel = Path(entry.get("filepath") or "") / (entry["filename"] if "filename" in entry else entry["file_name"])
             texts = [str(s["raw"]).strip() for s in entry["sentences"]]
         except (KeyError, TypeError) as exc:
             raise EslmatchError(f"{path}: images[{i}] lacks {exc} (needs filename, split, sentences[].raw)") from None
@@ -126,6 +129,8 @@ def open_karpathy(
         if not texts:
             raise EslmatchError(f"{path}: images[{i}] ({rel}) has no caption")
         file = root / rel
+        if not file.is_file():  # COCO images without a filepath: train2014/ or val2014/, as the branch looks
+            file = next((root / d / rel for d in ("train2014", "val2014") if (root / d / rel).is_file()), file)
         if not file.is_file():
             missing.append(str(rel))
             continue

@@ -55,9 +55,15 @@ def main() -> None:
     torch.manual_seed(0)
     model = ESLClipModel(ESLClipConfig()).eval()  # ViT-B/16 + 12-layer text, 224 px
     n, m = args.images, args.captions
-    result: dict = {"machine": {"processor": platform.processor() or platform.machine(),
-                                "threads": torch.get_num_threads(), "torch": torch.__version__},
-                    "images": n, "captions": m}
+    result: dict = {
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "images": n,
+        "captions": m,
+    }
     with torch.no_grad():
         pixels = torch.randn(args.encode_batch, 3, 224, 224)
         model.embed_images(pixels[:2])  # warm-up
@@ -68,31 +74,46 @@ def main() -> None:
         s, _ = timed(lambda: model.embed_captions(ids[:, :16], lens), repeat=2)
         result["caption_encode_per_s"] = 64 / s
         # scoring from cached features: ours (one product) vs the branch's shard structure (head only)
-        dt = model.config.total_dim
         img_raw = torch.randn(n, model.config.embed_size)
         txt_raw = torch.randn(m, model.config.embed_size)
-        s_levels, (img_emb, cap_emb) = timed(lambda: (model.image_levels(img_raw / img_raw.norm(dim=1, keepdim=True)),
-                                                      model.text_levels(txt_raw / txt_raw.norm(dim=1, keepdim=True))))
+        s_levels, (img_emb, cap_emb) = timed(
+            lambda: (
+                model.image_levels(img_raw / img_raw.norm(dim=1, keepdim=True)),
+                model.text_levels(txt_raw / txt_raw.norm(dim=1, keepdim=True)),
+            )
+        )
         s_ours, scores = timed(lambda: model.score(img_emb, None, cap_emb, None))
         shard = 100
         shards_img, shards_cap = (n + shard - 1) // shard, (m + shard - 1) // shard
         timed_pairs = 40
-        s_pairs, ref = timed(lambda: [branch_head_shard(model, img_raw[:shard], txt_raw[j * shard : (j + 1) * shard])
-                                      for j in range(timed_pairs)])
+        s_pairs, ref = timed(
+            lambda: [
+                branch_head_shard(model, img_raw[:shard], txt_raw[j * shard : (j + 1) * shard])
+                for j in range(timed_pairs)
+            ]
+        )
         s_branch_head = s_pairs / timed_pairs * shards_img * shards_cap
-        err = float((scores[:shard, : timed_pairs * shard] - torch.cat(ref, 1)).abs().max() / torch.cat(ref, 1).abs().max())
+        err = float(
+            (scores[:shard, : timed_pairs * shard] - torch.cat(ref, 1)).abs().max() / torch.cat(ref, 1).abs().max()
+        )
     per_pair_encode = shard / result["image_encode_per_s"] + shard / result["caption_encode_per_s"]
-    result.update({
-        "ours_levels_seconds": s_levels, "ours_scoring_seconds": s_ours, "ours_total_scoring_seconds": s_levels + s_ours,
-        "branch_head_seconds_extrapolated": s_branch_head,
-        "branch_shard_pairs": shards_img * shards_cap, "branch_pairs_timed": timed_pairs,
-        "speedup_scoring_from_features": s_branch_head / (s_levels + s_ours),
-        "max_rel_err_vs_branch_structure": err,
-        "encode_once_seconds": n / result["image_encode_per_s"] + m / result["caption_encode_per_s"],
-        "branch_reencode_seconds_extrapolated": per_pair_encode * shards_img * shards_cap,
-    })
+    result.update(
+        {
+            "ours_levels_seconds": s_levels,
+            "ours_scoring_seconds": s_ours,
+            "ours_total_scoring_seconds": s_levels + s_ours,
+            "branch_head_seconds_extrapolated": s_branch_head,
+            "branch_shard_pairs": shards_img * shards_cap,
+            "branch_pairs_timed": timed_pairs,
+            "speedup_scoring_from_features": s_branch_head / (s_levels + s_ours),
+            "max_rel_err_vs_branch_structure": err,
+            "encode_once_seconds": n / result["image_encode_per_s"] + m / result["caption_encode_per_s"],
+            "branch_reencode_seconds_extrapolated": per_pair_encode * shards_img * shards_cap,
+        }
+    )
     result["speedup_end_to_end"] = (result["branch_reencode_seconds_extrapolated"] + s_branch_head) / (
-        result["encode_once_seconds"] + s_levels + s_ours)
+        result["encode_once_seconds"] + s_levels + s_ours
+    )
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")

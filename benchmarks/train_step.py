@@ -32,8 +32,10 @@ def make_batch(model, batch: int, regions: int, img_dim: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     images = torch.relu(torch.randn(batch, regions, img_dim, generator=g))
     words = ["a", "dog", "runs", "on", "the", "beach", "two", "men", "play", "chess", "red", "blue", "car", "near"]
-    texts = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (int(n),), generator=g))
-             for n in torch.randint(6, 14, (batch,), generator=g)]
+    texts = [
+        " ".join(words[int(i)] for i in torch.randint(0, len(words), (int(n),), generator=g))
+        for n in torch.randint(6, 14, (batch,), generator=g)
+    ]
     ids, lens = model.tokenize(texts)
     return images, torch.full((batch,), regions), ids, lens
 
@@ -52,7 +54,9 @@ def main() -> None:
     cfg = ESLConfig(embed_size=args.embed_size, num_levels=args.levels, img_dim=args.img_dim, text_model=minilm_path())
     model = build_model(cfg)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    trainers = {w: Trainer(model, TrainConfig(global_loss_weight=w, region_drop=0.0, word_mask=0.0)) for w in (0.0, 0.1)}
+    trainers = {
+        w: Trainer(model, TrainConfig(global_loss_weight=w, region_drop=0.0, word_mask=0.0)) for w in (0.0, 0.1)
+    }
     batches = [make_batch(model, args.batch, args.regions, args.img_dim, s) for s in range(args.steps + 1)]
     times: dict[float, list[float]] = {0.0: [], 0.1: []}
     for i, batch in enumerate(batches):
@@ -66,9 +70,14 @@ def main() -> None:
     median = {w: sorted(t)[len(t) // 2] for w, t in times.items()}
     result = {
         "what": "Trainer.step seconds, ESL-A with MiniLM (fine-tuned), hardest negatives",
-        "batch": args.batch, "regions": args.regions, "img_dim": args.img_dim,
-        "embed_size": args.embed_size, "levels": args.levels, "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+        "batch": args.batch,
+        "regions": args.regions,
+        "img_dim": args.img_dim,
+        "embed_size": args.embed_size,
+        "levels": args.levels,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
         "seconds": {str(w): t for w, t in times.items()},
         "median_seconds": {str(w): m for w, m in median.items()},
         "overhead_percent": 100 * (median[0.1] / median[0.0] - 1),

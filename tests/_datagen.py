@@ -21,9 +21,7 @@ _CONCEPTS = len(COLORS) + len(SHAPES) + len(SIZES)
 
 
 def _scene(rng: np.random.Generator) -> dict:
-    objs = [
-        (COLORS[rng.integers(3)], SHAPES[rng.integers(2)], SIZES[rng.integers(2)]) for _ in range(2)
-    ]
+    objs = [(COLORS[rng.integers(3)], SHAPES[rng.integers(2)], SIZES[rng.integers(2)]) for _ in range(2)]
     return {"objects": objs, "relation": RELATIONS[rng.integers(3)]}
 
 

@@ -19,6 +19,18 @@ needs_fixtures = pytest.mark.skipif(
     not (FIXTURES / "official_adaptive.pth.tar").is_file(),
     reason=f"reference fixtures not found at {FIXTURES} (a clone without ../shared)",
 )
+# A small CLIP architecture for ESL-CLIP tests (random weights; 32 px images, 1-layer towers).
+TINY_CLIP = {
+    "embed_dim": 32,
+    "image_size": 32,
+    "patch_size": 16,
+    "vision_width": 64,
+    "vision_layers": 1,
+    "vision_heads": 2,
+    "text_width": 64,
+    "text_layers": 1,
+    "text_heads": 2,
+}
 WORDS = ["a", "red", "blue", "green", "circle", "square", "left", "of", "right", "above", "big", "small", "the", "and"]
 
 
@@ -26,12 +38,27 @@ def tiny_vocab() -> WordVocab:
     return WordVocab.build([" ".join(WORDS)])
 
 
-def tiny_gru_model(strategy: str = "adaptive", embed_size: int = 32, kernel_size: int = 2, num_levels: int = 3,
-                   img_dim: int = 16, seed: int = 0) -> ESLModel:
+def tiny_gru_model(
+    strategy: str = "adaptive",
+    embed_size: int = 32,
+    kernel_size: int = 2,
+    num_levels: int = 3,
+    img_dim: int = 16,
+    seed: int = 0,
+) -> ESLModel:
     torch.manual_seed(seed)
     vocab = tiny_vocab()
-    cfg = ESLConfig(strategy=strategy, embed_size=embed_size, kernel_size=kernel_size, num_levels=num_levels,
-                    img_dim=img_dim, text_encoder="gru", text_model=None, vocab_size=len(vocab), word_dim=16)
+    cfg = ESLConfig(
+        strategy=strategy,
+        embed_size=embed_size,
+        kernel_size=kernel_size,
+        num_levels=num_levels,
+        img_dim=img_dim,
+        text_encoder="gru",
+        text_model=None,
+        vocab_size=len(vocab),
+        word_dim=16,
+    )
     model = ESLModel(cfg, tokenizer=vocab)
     randomize(model)
     return model
@@ -68,12 +95,25 @@ def tiny_bert_tokenizer(directory: Path):
 def tiny_bert_config(vocab_size: int = 60, hidden: int = 24):
     from transformers import BertConfig
 
-    return BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=12,
-                      intermediate_size=16, max_position_embeddings=32)
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=1,
+        num_attention_heads=12,
+        intermediate_size=16,
+        max_position_embeddings=32,
+    )
 
 
-def make_released_checkpoint(path: Path, strategy: str, embed_size: int = 64, kernel_size: int = 2,
-                             num_levels: int = 3, img_dim: int = 32, seed: int = 0) -> dict:
+def make_released_checkpoint(
+    path: Path,
+    strategy: str,
+    embed_size: int = 64,
+    kernel_size: int = 2,
+    num_levels: int = 3,
+    img_dim: int = 32,
+    seed: int = 0,
+) -> dict:
     """A checkpoint in the released training format (spec section 7) with random values."""
     from transformers import BertModel
 
@@ -84,14 +124,23 @@ def make_released_checkpoint(path: Path, strategy: str, embed_size: int = 64, ke
 
     e = embed_size
     img = {
-        "fc.weight": rnd(e, img_dim, scale=0.1), "fc.bias": rnd(e, scale=0.1),
-        "mlp.layers.0.weight": rnd(e // 2, img_dim, scale=0.1), "mlp.layers.0.bias": rnd(e // 2, scale=0.1),
-        "mlp.layers.1.weight": rnd(e, e // 2, scale=0.1), "mlp.layers.1.bias": rnd(e, scale=0.1),
+        "fc.weight": rnd(e, img_dim, scale=0.1),
+        "fc.bias": rnd(e, scale=0.1),
+        "mlp.layers.0.weight": rnd(e // 2, img_dim, scale=0.1),
+        "mlp.layers.0.bias": rnd(e // 2, scale=0.1),
+        "mlp.layers.1.weight": rnd(e, e // 2, scale=0.1),
+        "mlp.layers.1.bias": rnd(e, scale=0.1),
     }
     for i, n in ((0, e // 2), (1, e)):
-        img.update({f"mlp.bns.{i}.weight": 1 + rnd(n, scale=0.1), f"mlp.bns.{i}.bias": rnd(n, scale=0.1),
-                    f"mlp.bns.{i}.running_mean": rnd(n, scale=0.1), f"mlp.bns.{i}.running_var": 0.5 + torch.rand(n, generator=g),
-                    f"mlp.bns.{i}.num_batches_tracked": torch.tensor(7)})
+        img.update(
+            {
+                f"mlp.bns.{i}.weight": 1 + rnd(n, scale=0.1),
+                f"mlp.bns.{i}.bias": rnd(n, scale=0.1),
+                f"mlp.bns.{i}.running_mean": rnd(n, scale=0.1),
+                f"mlp.bns.{i}.running_var": 0.5 + torch.rand(n, generator=g),
+                f"mlp.bns.{i}.num_batches_tracked": torch.tensor(7),
+            }
+        )
     bert_cfg = tiny_bert_config()
     bert = BertModel(bert_cfg)
     txt = {f"bert.{k}": rnd(*v.shape, scale=0.2) if v.is_floating_point() else v for k, v in bert.state_dict().items()}
@@ -105,7 +154,9 @@ def make_released_checkpoint(path: Path, strategy: str, embed_size: int = 64, ke
             if strategy == "adaptive":
                 sim[f"plus_encoder.encoders_1.{side}_levels.masks_{lv}.weight"] = rnd(dims[lv], dims[lv - 1])
             else:
-                sim[f"plus_encoder.encoders_1.{side}_levels.kernel_{short}_{lv}.weight"] = rnd(4, 1, kernel_size, scale=0.5)
+                sim[f"plus_encoder.encoders_1.{side}_levels.kernel_{short}_{lv}.weight"] = rnd(
+                    4, 1, kernel_size, scale=0.5
+                )
     p = "sims.calculator_1."
     sim[p + "sim_eval.weight"] = 0.05 + 0.3 * torch.rand(1, num_levels + 1, generator=g)
     sim[p + "temp_scale.weight"] = torch.tensor([[2.3]])
@@ -115,15 +166,28 @@ def make_released_checkpoint(path: Path, strategy: str, embed_size: int = 64, ke
         sim[p + f"masks_{lv}.weight"] = rnd(n, n)
         sim[p + f"lynorm_{lv}.weight"] = 1 + rnd(n, n, scale=0.1)
         sim[p + f"lynorm_{lv}.bias"] = rnd(n, n, scale=0.1)
-    opt = argparse.Namespace(embed_size=e, kernel_size=kernel_size, img_dim=img_dim, margin=0.2,
-                             precomp_enc_type="basic", vocab_size=bert_cfg.vocab_size)
-    ckpt = {"epoch": 3, "model": [{f"module.{k}": v for k, v in sd.items()} for sd in (img, txt, sim)],
-            "best_rsum": 123.4, "opt": opt, "Eiters": 100}
+    opt = argparse.Namespace(
+        embed_size=e,
+        kernel_size=kernel_size,
+        img_dim=img_dim,
+        margin=0.2,
+        precomp_enc_type="basic",
+        vocab_size=bert_cfg.vocab_size,
+    )
+    ckpt = {
+        "epoch": 3,
+        "model": [{f"module.{k}": v for k, v in sd.items()} for sd in (img, txt, sim)],
+        "best_rsum": 123.4,
+        "opt": opt,
+        "Eiters": 100,
+    }
     torch.save(ckpt, path)
     return ckpt
 
 
-def released_inputs(n_images: int = 5, n_caps: int = 7, regions: int = 6, img_dim: int = 32, vocab: int = 60, seed: int = 0):
+def released_inputs(
+    n_images: int = 5, n_caps: int = 7, regions: int = 6, img_dim: int = 32, vocab: int = 60, seed: int = 0
+):
     g = torch.Generator().manual_seed(seed)
     images = torch.relu(torch.randn(n_images, regions, img_dim, generator=g))
     lens = torch.randint(3, 10, (n_caps,), generator=g)

@@ -38,11 +38,22 @@ def _block(x, sd, prefix, heads, mask):
     h = _ln(x, sd, prefix + ".ln_1")
     d = x.shape[-1]
     attn, _ = F.multi_head_attention_forward(
-        h, h, h, d, heads,
-        sd[prefix + ".attn.in_proj_weight"], sd[prefix + ".attn.in_proj_bias"],
-        None, None, False, 0.0,
-        sd[prefix + ".attn.out_proj.weight"], sd[prefix + ".attn.out_proj.bias"],
-        training=False, need_weights=False, attn_mask=mask,
+        h,
+        h,
+        h,
+        d,
+        heads,
+        sd[prefix + ".attn.in_proj_weight"],
+        sd[prefix + ".attn.in_proj_bias"],
+        None,
+        None,
+        False,
+        0.0,
+        sd[prefix + ".attn.out_proj.weight"],
+        sd[prefix + ".attn.out_proj.bias"],
+        training=False,
+        need_weights=False,
+        attn_mask=mask,
     )
     x = x + attn
     h = _ln(x, sd, prefix + ".ln_2")
@@ -177,7 +188,9 @@ class ReferenceTokenizer:
         merges = [tuple(m.split()) for m in merges]
         table = _byte_table()
         vocab = list(table.values())
-        vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+        vocab = (
+            vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+        )
         self.encoder = dict(zip(vocab, range(len(vocab))))
         self.ranks = dict(zip(merges, range(len(merges))))
         self.table = table
@@ -240,8 +253,21 @@ class ReferenceTokenizer:
 # ---------------------------------------------------------------------------- checkpoints
 
 
-def random_release(strategy, embed=64, levels=3, kernel=2, vision_width=128, vision_layers=2, patch=16,
-                   image_size=32, text_width=128, text_layers=2, vocab=49408, context=77, seed=0):
+def random_release(
+    strategy,
+    embed=64,
+    levels=3,
+    kernel=2,
+    vision_width=128,
+    vision_layers=2,
+    patch=16,
+    image_size=32,
+    text_width=128,
+    text_layers=2,
+    vocab=49408,
+    context=77,
+    seed=0,
+):
     """A released-format ``{'epoch', 'state_dict', 'optimizer'}`` with every tensor random."""
     g = torch.Generator().manual_seed(seed)
 
@@ -294,6 +320,8 @@ def random_release(strategy, embed=64, levels=3, kernel=2, vision_width=128, vis
     sd[_SIM + "temp_scale.weight"] = torch.tensor([[math.log(1 / 0.07)]])
     sd[_SIM + "temp_scale_1.weight"] = r(1, 1, scale=1.0)
     sd[_SIM + "temp_scale_2.weight"] = torch.tensor([[2.0]]) + r(1, 1, scale=0.5)
-    optimizer = {"state": {0: {"step": 3, "exp_avg": r(2), "exp_avg_sq": r(2).abs()}},
-                 "param_groups": [{"lr": 1e-6, "weight_decay": 0.2, "params": [0]}]}
+    optimizer = {
+        "state": {0: {"step": 3, "exp_avg": r(2), "exp_avg_sq": r(2).abs()}},
+        "param_groups": [{"lr": 1e-6, "weight_decay": 0.2, "params": [0]}],
+    }
     return {"epoch": 5, "state_dict": sd, "optimizer": optimizer}

@@ -20,8 +20,16 @@ def image_embed(img: dict, v: torch.Tensor) -> torch.Tensor:
     n, r, d = v.shape
     fc = F.linear(v, img["fc.weight"], img["fc.bias"])
     x = F.linear(v.reshape(n * r, d), img["mlp.layers.0.weight"], img["mlp.layers.0.bias"])
-    x = F.batch_norm(x, img["mlp.bns.0.running_mean"], img["mlp.bns.0.running_var"],
-                     img["mlp.bns.0.weight"], img["mlp.bns.0.bias"], False, 0.1, 1e-5)
+    x = F.batch_norm(
+        x,
+        img["mlp.bns.0.running_mean"],
+        img["mlp.bns.0.running_var"],
+        img["mlp.bns.0.weight"],
+        img["mlp.bns.0.bias"],
+        False,
+        0.1,
+        1e-5,
+    )
     x = F.linear(torch.relu(x), img["mlp.layers.1.weight"], img["mlp.layers.1.bias"])
     return _l2(fc + x.reshape(n, r, -1))
 
@@ -31,10 +39,14 @@ def text_embed(txt: dict, ids: torch.Tensor) -> torch.Tensor:
 
     words = txt["bert.embeddings.word_embeddings.weight"]
     n_layers = 1 + max(int(k.split(".")[3]) for k in txt if k.startswith("bert.encoder.layer."))
-    cfg = BertConfig(vocab_size=words.shape[0], hidden_size=words.shape[1], num_hidden_layers=n_layers,
-                     num_attention_heads=12,
-                     intermediate_size=txt["bert.encoder.layer.0.intermediate.dense.weight"].shape[0],
-                     max_position_embeddings=txt["bert.embeddings.position_embeddings.weight"].shape[0])
+    cfg = BertConfig(
+        vocab_size=words.shape[0],
+        hidden_size=words.shape[1],
+        num_hidden_layers=n_layers,
+        num_attention_heads=12,
+        intermediate_size=txt["bert.encoder.layer.0.intermediate.dense.weight"].shape[0],
+        max_position_embeddings=txt["bert.embeddings.position_embeddings.weight"].shape[0],
+    )
     cfg._attn_implementation = "eager"
     bert = BertModel(cfg).eval()
     bert.load_state_dict({k[5:]: v for k, v in txt.items() if k.startswith("bert.")}, strict=False)
@@ -95,8 +107,8 @@ def scores(sim: dict, img_lv: torch.Tensor, cap_lv: torch.Tensor, cap_lens, n_le
         nw = int(cap_lens[i])
         attn = 0
         for lv in range(len(dims)):
-            x = cap_lv[i, :nw, bounds[lv]:bounds[lv + 1]].unsqueeze(0).repeat(n_img, 1, 1)
-            y = img_lv[:, :, bounds[lv]:bounds[lv + 1]]
+            x = cap_lv[i, :nw, bounds[lv] : bounds[lv + 1]].unsqueeze(0).repeat(n_img, 1, 1)
+            y = img_lv[:, :, bounds[lv] : bounds[lv + 1]]
             attn = attn + x @ ds[lv] @ y.transpose(1, 2)
         attn_t = attn.transpose(1, 2).contiguous()
         t2i = attn.mul(_weights(torch.tanh(attn), smooth)).sum(-1).mean(dim=1, keepdim=True)

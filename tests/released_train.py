@@ -35,20 +35,32 @@ class ReleasedESL(nn.Module):
         from transformers import BertConfig, BertModel
 
         img, txt, sim = ({k.removeprefix("module."): v.clone() for k, v in sd.items()} for sd in ckpt["model"])
-        self.img = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(v) for k, v in img.items()
-                                     if v.is_floating_point() and "running" not in k})
+        self.img = nn.ParameterDict(
+            {
+                k.replace(".", "__"): nn.Parameter(v)
+                for k, v in img.items()
+                if v.is_floating_point() and "running" not in k
+            }
+        )
         self.img_buffers = {k: v for k, v in img.items() if "running" in k or not v.is_floating_point()}
         self.sim = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(v) for k, v in sim.items()})
         words = txt["bert.embeddings.word_embeddings.weight"]
         n_layers = 1 + max(int(k.split(".")[3]) for k in txt if k.startswith("bert.encoder.layer."))
-        cfg = BertConfig(vocab_size=words.shape[0], hidden_size=words.shape[1], num_hidden_layers=n_layers,
-                         num_attention_heads=12, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                         intermediate_size=txt["bert.encoder.layer.0.intermediate.dense.weight"].shape[0],
-                         max_position_embeddings=txt["bert.embeddings.position_embeddings.weight"].shape[0])
+        cfg = BertConfig(
+            vocab_size=words.shape[0],
+            hidden_size=words.shape[1],
+            num_hidden_layers=n_layers,
+            num_attention_heads=12,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            intermediate_size=txt["bert.encoder.layer.0.intermediate.dense.weight"].shape[0],
+            max_position_embeddings=txt["bert.embeddings.position_embeddings.weight"].shape[0],
+        )
         cfg._attn_implementation = "eager"
         self.bert = BertModel(cfg, add_pooling_layer=False)
-        self.bert.load_state_dict({k[5:]: v for k, v in txt.items() if k.startswith("bert.") and ".pooler." not in k},
-                                  strict=False)
+        self.bert.load_state_dict(
+            {k[5:]: v for k, v in txt.items() if k.startswith("bert.") and ".pooler." not in k}, strict=False
+        )
         self.linear = nn.Linear(txt["linear.weight"].shape[1], txt["linear.weight"].shape[0])
         with torch.no_grad():
             self.linear.weight.copy_(txt["linear.weight"])
@@ -67,8 +79,16 @@ class ReleasedESL(nn.Module):
         n, r, d = v.shape
         fc = F.linear(v, self._img("fc.weight"), self._img("fc.bias"))
         x = F.linear(v.reshape(n * r, d), self._img("mlp.layers.0.weight"), self._img("mlp.layers.0.bias"))
-        x = F.batch_norm(x, self.img_buffers["mlp.bns.0.running_mean"], self.img_buffers["mlp.bns.0.running_var"],
-                         self._img("mlp.bns.0.weight"), self._img("mlp.bns.0.bias"), True, 0.1, 1e-5)
+        x = F.batch_norm(
+            x,
+            self.img_buffers["mlp.bns.0.running_mean"],
+            self.img_buffers["mlp.bns.0.running_var"],
+            self._img("mlp.bns.0.weight"),
+            self._img("mlp.bns.0.bias"),
+            True,
+            0.1,
+            1e-5,
+        )
         x = F.linear(torch.relu(x), self._img("mlp.layers.1.weight"), self._img("mlp.layers.1.bias"))
         out = fc + x.reshape(n, r, -1)
         return out / (out.pow(2).sum(-1, keepdim=True).sqrt() + 1e-8)
@@ -114,16 +134,27 @@ def contrastive_loss(scores_: torch.Tensor, margin: float, max_violation: bool) 
 class ReleasedTrainer:
     """``VSEModel`` optimiser + ``train_emb`` + ``train.py``'s schedule and VSE0 -> VSE++ switch."""
 
-    def __init__(self, model: ReleasedESL, lr: float = 5e-4, grad_clip: float = 2.0, margin: float = 0.2,
-                 lr_update: int = 15, vse_mean_warmup_epochs: int = 1) -> None:
+    def __init__(
+        self,
+        model: ReleasedESL,
+        lr: float = 5e-4,
+        grad_clip: float = 2.0,
+        margin: float = 0.2,
+        lr_update: int = 15,
+        vse_mean_warmup_epochs: int = 1,
+    ) -> None:
         self.model = model
         bert = list(model.bert.parameters())
-        self.optimizer = torch.optim.AdamW([
-            {"params": list(model.linear.parameters()), "lr": lr},
-            {"params": bert, "lr": lr * 0.1},
-            {"params": list(model.img.parameters()), "lr": lr},
-            {"params": list(model.sim.parameters()), "lr": lr},
-        ], lr=lr, weight_decay=1e-4)
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": list(model.linear.parameters()), "lr": lr},
+                {"params": bert, "lr": lr * 0.1},
+                {"params": list(model.img.parameters()), "lr": lr},
+                {"params": list(model.sim.parameters()), "lr": lr},
+            ],
+            lr=lr,
+            weight_decay=1e-4,
+        )
         self.params = list(model.parameters())
         self.grad_clip, self.margin = grad_clip, margin
         self.lr_update, self.vse_mean_warmup_epochs = lr_update, vse_mean_warmup_epochs

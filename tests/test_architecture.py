@@ -10,8 +10,22 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "eslmatch"
-CORE = ("config", "errors", "utils", "text", "model", "scoring", "losses", "data", "training", "evaluate",
-        "truth", "compat", "distributed", "factory")
+CORE = (
+    "config",
+    "errors",
+    "utils",
+    "text",
+    "model",
+    "scoring",
+    "losses",
+    "data",
+    "training",
+    "evaluate",
+    "truth",
+    "compat",
+    "distributed",
+    "factory",
+)
 APPLICATIONS = ("extract", "retrieval", "serve", "demo", "commands", "cli")
 
 
@@ -123,13 +137,24 @@ def test_core_never_imports_applications():
 
 def test_every_top_level_module_has_a_layer():
     tops = {layer_of(n) for n in modules()} - {None}
-    assert tops <= set(CORE) | set(APPLICATIONS), f"modules outside the layering: {sorted(tops - set(CORE) - set(APPLICATIONS))}"
+    assert tops <= set(CORE) | set(APPLICATIONS), (
+        f"modules outside the layering: {sorted(tops - set(CORE) - set(APPLICATIONS))}"
+    )
 
 
 def test_only_the_factory_names_concrete_families():
     """Outside the model families themselves, only ``eslmatch.factory`` imports their classes."""
-    family_modules = {"eslmatch.model.esl", "eslmatch.model.vse", "eslmatch.model.esl_clip", "eslmatch.model.esl_clip.model"}
+    family_modules = {
+        "eslmatch.model.esl",
+        "eslmatch.model.vse",
+        "eslmatch.model.esl_clip",
+        "eslmatch.model.esl_clip.model",
+    }
     allowed_prefixes = ("eslmatch.model", "eslmatch.factory", "eslmatch.compat")
-    bad = [f"{name} -> {d}" for name, deps in graph().items() for d in deps
-           if d in family_modules and not name.startswith(allowed_prefixes)]
+    bad = [
+        f"{name} -> {d}"
+        for name, deps in graph().items()
+        for d in deps
+        if d in family_modules and not name.startswith(allowed_prefixes)
+    ]
     assert bad == [], "modules naming concrete model classes outside the factory: " + ", ".join(bad)

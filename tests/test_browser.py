@@ -13,8 +13,16 @@ from pathlib import Path
 import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 QUERY = "a red circle above the blue square"
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "browser"
 
@@ -77,7 +85,8 @@ def test_search_page_in_chromium(tmp_path):
             scores = [float(s) for s in page.locator(".result .score").all_inner_texts()]
             assert scores == sorted(scores, reverse=True)
             page.wait_for_function(
-                "() => [...document.querySelectorAll('.result img')].every(i => i.complete && i.naturalWidth === 96)")
+                "() => [...document.querySelectorAll('.result img')].every(i => i.complete && i.naturalWidth === 96)"
+            )
 
             # Click the first result: the attention panel opens and the heat-map is drawn.
             page.locator(".result").nth(0).click()
@@ -109,7 +118,8 @@ def test_search_page_in_chromium(tmp_path):
             page.locator(".result").nth(2).focus()
             page.keyboard.press("Enter")
             page.wait_for_function(
-                "() => document.querySelectorAll('.result')[2].getAttribute('aria-pressed') === 'true'")
+                "() => document.querySelectorAll('.result')[2].getAttribute('aria-pressed') === 'true'"
+            )
             page.wait_for_selector("#heatmap[data-drawn]")
             page.locator("#chips").get_by_role("button", name="circle", exact=True).click()
             page.wait_for_function("() => document.getElementById('heatmap').dataset.drawn === 'circle'")

@@ -61,14 +61,24 @@ def test_score_matches_after_convert(capsys, released, tmp_path):
     path, inputs = released
     assert run_cli(capsys, "score", str(path), "--inputs", str(inputs), "--save", str(tmp_path / "a.npy"))[0] == 0
     assert run_cli(capsys, "convert", str(path), str(tmp_path / "ours"))[0] == 0
-    assert run_cli(capsys, "score", str(tmp_path / "ours"), "--inputs", str(inputs), "--save", str(tmp_path / "b.npy"))[0] == 0
+    assert (
+        run_cli(capsys, "score", str(tmp_path / "ours"), "--inputs", str(inputs), "--save", str(tmp_path / "b.npy"))[0]
+        == 0
+    )
     assert np.array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
 
 
 @needs_fixtures
 def test_score_reference_fixture(capsys):
-    code, out, _ = run_cli(capsys, "score", str(FIXTURES / "official_adaptive.pth.tar"),
-                           "--inputs", str(FIXTURES / "official_adaptive_io.npz"), "--compare", "sims")
+    code, out, _ = run_cli(
+        capsys,
+        "score",
+        str(FIXTURES / "official_adaptive.pth.tar"),
+        "--inputs",
+        str(FIXTURES / "official_adaptive_io.npz"),
+        "--compare",
+        "sims",
+    )
     assert code == 0 and "OK" in out
 
 
@@ -106,9 +116,14 @@ def test_other_model_names_missing_keys(capsys, released, tmp_path):
     assert "correspondence.S.2" in err
 
 
-@pytest.mark.parametrize("case,pattern", [
-    ("dim", "dimension"), ("lengths", "beyond the tensor"), ("empty", "empty"),
-])
+@pytest.mark.parametrize(
+    "case,pattern",
+    [
+        ("dim", "dimension"),
+        ("lengths", "beyond the tensor"),
+        ("empty", "empty"),
+    ],
+)
 def test_bad_score_inputs(capsys, released, tmp_path, case, pattern):
     path, inputs = released
     d = dict(np.load(inputs))
@@ -130,7 +145,9 @@ def test_subprocess_error_has_no_traceback(tmp_path):
     out = subprocess.run([sys.executable, "-m", "eslmatch.cli", "info", str(bad)], capture_output=True, text=True)
     assert out.returncode == 1
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
-    debug = subprocess.run([sys.executable, "-m", "eslmatch.cli", "--debug", "info", str(bad)], capture_output=True, text=True)
+    debug = subprocess.run(
+        [sys.executable, "-m", "eslmatch.cli", "--debug", "info", str(bad)], capture_output=True, text=True
+    )
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from _models import TINY_CLIP
 from eslmatch.cli import main
 from eslmatch.data.files import open_image
 from eslmatch.demo.scenes import generate_split, write_split
@@ -18,8 +19,6 @@ from eslmatch.model.esl_clip import ESLClipConfig, ESLClipModel
 from eslmatch.retrieval import GalleryIndex, build_caption_index, build_image_index
 
 N_IMAGES, N_QUERIES, K = 2000, 50, 10
-TINY = {"embed_dim": 32, "image_size": 32, "patch_size": 16, "vision_width": 64, "vision_layers": 1,
-        "vision_heads": 2, "text_width": 64, "text_layers": 1, "text_heads": 2}
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +29,7 @@ def gallery(tmp_path_factory):
     (root / "photos" / "notes.txt").write_text("not a photo")
     (root / "photos" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     torch.manual_seed(0)
-    model = ESLClipModel(ESLClipConfig(strategy="adaptive", num_levels=2, clip=TINY)).eval()
+    model = ESLClipModel(ESLClipConfig(strategy="adaptive", num_levels=2, clip=TINY_CLIP)).eval()
     model.save_pretrained(root / "model")
     captions = [c.text for caps in spec.captions for c in caps]
     (root / "captions.txt").write_text("\n".join(captions) + "\n")
@@ -60,13 +59,15 @@ def test_text_to_image_and_image_to_text_are_exact(tmp_path, gallery, capsys):
         assert [h.index for h in row] == top[q].tolist()
         assert np.allclose([h.score for h in row], exact[q, top[q]], rtol=1e-5, atol=1e-7)
     # image -> text on a caption index, queried by the image's stored vector
-    cap_index = GalleryIndex.open(build_caption_index(model, root / "captions.txt", tmp_path / "cap", progress=False),
-                                  model=model)
+    cap_index = GalleryIndex.open(
+        build_caption_index(model, root / "captions.txt", tmp_path / "cap", progress=False), model=model
+    )
     cap_ids, cap_lens = model.tokenize(captions)
     with torch.no_grad():
         img_emb = model.embed_images(pixels[:N_QUERIES])
-        cap_emb = torch.cat([model.embed_captions(cap_ids[i : i + 2000], cap_lens[i : i + 2000])
-                             for i in range(0, len(captions), 2000)])
+        cap_emb = torch.cat(
+            [model.embed_captions(cap_ids[i : i + 2000], cap_lens[i : i + 2000]) for i in range(0, len(captions), 2000)]
+        )
         i2t = model.score(img_emb, None, cap_emb, cap_lens).double().numpy()
     top = brute_force_top(i2t, K)
     for i in range(N_QUERIES):
@@ -77,15 +78,45 @@ def test_text_to_image_and_image_to_text_are_exact(tmp_path, gallery, capsys):
 
 def test_command_line_search_of_photos(tmp_path, gallery, capsys):
     root, model, _ = gallery
-    assert main(["index", "build", "--model", str(root / "model"), "--images", str(root / "photos"),
-                 "--out", str(tmp_path / "idx")]) == 0
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                "--model",
+                str(root / "model"),
+                "--images",
+                str(root / "photos"),
+                "--out",
+                str(tmp_path / "idx"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    assert main(["search", "--index", str(tmp_path / "idx"), "a red circle left of a blue square", "-k", "3",
-                 "--json"]) == 0
+    assert (
+        main(["search", "--index", str(tmp_path / "idx"), "a red circle left of a blue square", "-k", "3", "--json"])
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert len(result["hits"]) == 3 and all(h["path"].endswith(".png") for h in result["hits"])
-    assert main(["index", "build", "--model", str(root / "model"), "--kind", "caption",
-                 "--features", str(root / "captions.txt"), "--out", str(tmp_path / "cap")]) == 0
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                "--model",
+                str(root / "model"),
+                "--kind",
+                "caption",
+                "--features",
+                str(root / "captions.txt"),
+                "--out",
+                str(tmp_path / "cap"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     photo = sorted((root / "photos").glob("test_*.png"))[0]
     assert main(["search", "--index", str(tmp_path / "cap"), "--image-file", str(photo), "-k", "2", "--json"]) == 0

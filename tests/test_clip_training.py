@@ -18,15 +18,13 @@ import torch.multiprocessing as mp
 import yaml
 from safetensors.torch import load_file
 
+from _models import TINY_CLIP
 from eslmatch.demo.scenes import generate_split, write_split
 from eslmatch.distributed import DistContext, free_port, init_distributed, rank_slice, shutdown, sum_value
 from eslmatch.losses import LossSettings, MatchingLoss, clip_loss
 from eslmatch.model.esl_clip import ESLClipConfig, ESLClipModel
 from eslmatch.training import fit, load_train_config
 from eslmatch.training.state import STATE_NAME, load_state_file
-
-TINY_CLIP = {"embed_dim": 32, "image_size": 32, "patch_size": 16, "vision_width": 64, "vision_layers": 1,
-             "vision_heads": 2, "text_width": 64, "text_layers": 1, "text_heads": 2}
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +39,33 @@ def scenes(tmp_path_factory) -> Path:
 
 
 def write_config(path: Path, scenes: Path, **values) -> Path:
-    cfg = {"data_path": str(scenes / "{split}_captions.txt"), "image_root": str(scenes / "images"),
-           "train_split": "train", "val_split": "dev", "captions_per_image": 5,
-           "model": {"model_type": "esl-clip", "strategy": "heuristic", "num_levels": 3, "clip": TINY_CLIP},
-           "epochs": 3, "batch_size": 5, "lr": 5e-3, "backbone_lr": 1e-3, "weight_decay": 0.2,
-           "optimizer": "bert-adamw", "schedule": "cosine", "warmup_proportion": 0.1, "grad_clip": 1.0,
-           "vse_mean_warmup_epochs": 0, "region_drop": 0.0, "word_mask": 0.0, "workers": 0, "log_every": 1,
-           "save_every_steps": 3, "progress": False, "tensorboard": False, "eval_batch_size": 32, "device": "cpu"}
+    cfg = {
+        "data_path": str(scenes / "{split}_captions.txt"),
+        "image_root": str(scenes / "images"),
+        "train_split": "train",
+        "val_split": "dev",
+        "captions_per_image": 5,
+        "model": {"model_type": "esl-clip", "strategy": "heuristic", "num_levels": 3, "clip": TINY_CLIP},
+        "epochs": 3,
+        "batch_size": 5,
+        "lr": 5e-3,
+        "backbone_lr": 1e-3,
+        "weight_decay": 0.2,
+        "optimizer": "bert-adamw",
+        "schedule": "cosine",
+        "warmup_proportion": 0.1,
+        "grad_clip": 1.0,
+        "vse_mean_warmup_epochs": 0,
+        "region_drop": 0.0,
+        "word_mask": 0.0,
+        "workers": 0,
+        "log_every": 1,
+        "save_every_steps": 3,
+        "progress": False,
+        "tensorboard": False,
+        "eval_batch_size": 32,
+        "device": "cpu",
+    }
     cfg.update(values)
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -134,13 +152,16 @@ def run_step(model, ctx, share, wrap):
     w = int(lens[share].max())
     out = step(pixels[share], img_len[share], ids[share][:, :w], lens[share])
     (out["loss"] * ctx.world_size).backward()
-    return {"loss": float(sum_value(ctx, out["loss"].detach())),
-            "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}}
+    return {
+        "loss": float(sum_value(ctx, out["loss"].detach())),
+        "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None},
+    }
 
 
 def _worker(rank: int, world: int, port: int, path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     ctx = init_distributed("cpu", "gloo", timeout_minutes=2)
     from torch.nn.parallel import DistributedDataParallel
@@ -172,6 +193,8 @@ def test_two_processes_equal_one_with_the_global_batch(tmp_path):
             assert diff <= 1e-7 * largest, name
             continue
         worst = max(worst, diff / float(g.abs().max()))
-    print(f"2 ranks x {BATCH // 2} vs 1 x {BATCH}: loss {multi['loss']:.6f} vs {single['loss']:.6f}, "
-          f"worst gradient relative difference {worst:.1e}")
+    print(
+        f"2 ranks x {BATCH // 2} vs 1 x {BATCH}: loss {multi['loss']:.6f} vs {single['loss']:.6f}, "
+        f"worst gradient relative difference {worst:.1e}"
+    )
     assert worst <= 1e-5

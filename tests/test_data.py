@@ -25,8 +25,26 @@ from eslmatch.data.augment import augment_caption
 from eslmatch.errors import EslmatchError
 from eslmatch.text import UNK, WordVocab
 
-BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "circle", "square", "the",
-              "big", "##s", "##gest", "left", "of", ".", "and"]
+BERT_VOCAB = [
+    "[PAD]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    "a",
+    "red",
+    "blue",
+    "circle",
+    "square",
+    "the",
+    "big",
+    "##s",
+    "##gest",
+    "left",
+    "of",
+    ".",
+    "and",
+]
 
 
 @pytest.fixture(scope="module")
@@ -169,8 +187,20 @@ def _break(folder, case):
     raise AssertionError(case)
 
 
-BAD_CASES = ["missing images", "missing captions", "truncated npy", "corrupt npy", "rank 2", "integer dtype",
-             "wrong width", "count mismatch", "empty caption", "not utf-8", "nan first row", "inf last row"]
+BAD_CASES = [
+    "missing images",
+    "missing captions",
+    "truncated npy",
+    "corrupt npy",
+    "rank 2",
+    "integer dtype",
+    "wrong width",
+    "count mismatch",
+    "empty caption",
+    "not utf-8",
+    "nan first row",
+    "inf last row",
+]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -289,7 +319,9 @@ def test_dataset_determinism_and_epochs(tmp_path):
     items0 = [a[i] for i in range(30)]
     a.set_epoch(1)
     items1 = [a[i] for i in range(30)]
-    differ = sum(not (torch.equal(p["image"], q["image"]) and torch.equal(p["ids"], q["ids"])) for p, q in zip(items0, items1))
+    differ = sum(
+        not (torch.equal(p["image"], q["image"]) and torch.equal(p["ids"], q["ids"])) for p, q in zip(items0, items1)
+    )
     assert differ >= 20
     assert all(1 <= it["image"].shape[0] <= 10 for it in items1)
     assert any(it["image"].shape[0] < 10 for it in items1)

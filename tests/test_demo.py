@@ -22,8 +22,19 @@ def test_chance_rsum_matches_random_scores():
 
 def test_tiny_demo_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    s = DemoSettings(n_train=40, n_dev=10, n_test=12, epochs=2, batch_size=16, embed_size=64, num_levels=3, feature_size=128,
-                     cache_dir=tmp_path / "cache", out_dir=tmp_path / "report", progress=False)
+    s = DemoSettings(
+        n_train=40,
+        n_dev=10,
+        n_test=12,
+        epochs=2,
+        batch_size=16,
+        embed_size=64,
+        num_levels=3,
+        feature_size=128,
+        cache_dir=tmp_path / "cache",
+        out_dir=tmp_path / "report",
+        progress=False,
+    )
     lines: list[str] = []
     results = run_demo(s, log=lines.append)
     report = tmp_path / "report"
@@ -52,6 +63,8 @@ def test_demo_refuses_a_foreign_output_folder(tmp_path):
     out = tmp_path / "precious"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    code = main(["demo", "--out", str(out), "--cache", str(tmp_path / "c"), "--train", "5", "--dev", "5", "--test", "5"])
+    code = main(
+        ["demo", "--out", str(out), "--cache", str(tmp_path / "c"), "--train", "5", "--dev", "5", "--test", "5"]
+    )
     assert code == 1
     assert (out / "notes.txt").read_text() == "keep me"

@@ -40,8 +40,16 @@ TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
 def make_model(model_type: str, dtype: torch.dtype = torch.float32):
     torch.manual_seed(0)
     vocab = tiny_vocab()
-    cfg = ESLConfig(model_type=model_type, embed_size=32, num_levels=3, img_dim=16, text_encoder="gru",
-                    text_model=None, vocab_size=len(vocab), word_dim=16)
+    cfg = ESLConfig(
+        model_type=model_type,
+        embed_size=32,
+        num_levels=3,
+        img_dim=16,
+        text_encoder="gru",
+        text_model=None,
+        vocab_size=len(vocab),
+        word_dim=16,
+    )
     model = build_model(cfg, vocab)
     randomize(model)
     return model.to(dtype).train()
@@ -90,8 +98,9 @@ def run_steps(model, ctx: DistContext, share: slice, wrap) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     ctx = init_distributed("cpu", "gloo", timeout_minutes=2)
     from torch.nn.parallel import DistributedDataParallel
@@ -124,8 +133,10 @@ def test_two_ranks_equal_one_process(ddp_results, model_type, dtype):
     tol = TOLERANCE[dtype]
     for max_violation in (False, True):
         s, m = single[max_violation], multi[max_violation]
-        print(f"{model_type} {dtype} max_violation={max_violation}: loss 1x{BATCH} {s['loss']:.6f}, "
-              f"{WORLD}x{BATCH // WORLD} {m['loss']:.6f}")
+        print(
+            f"{model_type} {dtype} max_violation={max_violation}: loss 1x{BATCH} {s['loss']:.6f}, "
+            f"{WORLD}x{BATCH // WORLD} {m['loss']:.6f}"
+        )
         assert abs(s["loss"] - m["loss"]) <= tol * abs(s["loss"])
         assert s["loss"] > 0
         # Gradients that are mathematically zero (the bias before a BatchNorm) hold float
@@ -148,8 +159,9 @@ def test_hardest_negative_loss_differs_from_local_batches():
     images, img_len, caps, cap_len = make_batch(model.config.vocab_size, torch.float32)
     step = MatchingLoss(model, LossSettings(max_violation=True))
     whole = float(step(images, img_len, caps, cap_len)["loss"].detach())
-    halves = sum(float(step(images[s], img_len[s], caps[s], cap_len[s])["loss"].detach())
-                 for s in (slice(0, 8), slice(8, 16)))
+    halves = sum(
+        float(step(images[s], img_len[s], caps[s], cap_len[s])["loss"].detach()) for s in (slice(0, 8), slice(8, 16))
+    )
     assert abs(whole - halves) > 1e-3
 
 
@@ -173,21 +185,49 @@ def test_torchrun_training_matches_one_process(tmp_path):
 
     from _datagen import make_precomp
 
-    data = make_precomp(tmp_path / "data", splits=("train", "dev"), n_images={"train": 40, "dev": 10},
-                        regions=6, dim=16)
-    cfg = {"data_path": str(data), "epochs": 1, "batch_size": 20, "lr": 2e-3, "workers": 0, "log_every": 1,
-           "save_every_steps": 3, "progress": False, "tensorboard": False, "max_steps": 4,
-           "model": {"text_encoder": "gru", "text_model": None, "embed_size": 32, "num_levels": 3, "img_dim": 16,
-                     "word_dim": 16}}
+    data = make_precomp(
+        tmp_path / "data", splits=("train", "dev"), n_images={"train": 40, "dev": 10}, regions=6, dim=16
+    )
+    cfg = {
+        "data_path": str(data),
+        "epochs": 1,
+        "batch_size": 20,
+        "lr": 2e-3,
+        "workers": 0,
+        "log_every": 1,
+        "save_every_steps": 3,
+        "progress": False,
+        "tensorboard": False,
+        "max_steps": 4,
+        "model": {
+            "text_encoder": "gru",
+            "text_model": None,
+            "embed_size": 32,
+            "num_levels": 3,
+            "img_dim": 16,
+            "word_dim": 16,
+        },
+    }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     train = ["-m", "eslmatch.cli", "train", "--config", str(tmp_path / "cfg.yaml")]
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          *train, f"output_dir={tmp_path / 'two'}"], env=env, capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            *train,
+            f"output_dir={tmp_path / 'two'}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("done:") == 1  # rank 0 alone reports
-    subprocess.run([sys.executable, *train, f"output_dir={tmp_path / 'one'}"], env=env, check=True,
-                   capture_output=True)
+    subprocess.run([sys.executable, *train, f"output_dir={tmp_path / 'one'}"], env=env, check=True, capture_output=True)
 
     def losses(out):
         lines = (out / "metrics.jsonl").read_text().splitlines()

@@ -121,8 +121,19 @@ def test_strict_keys_and_safe_loading(tmp_path):
 
 
 def test_input_checks():
-    cfg = ESLClipConfig(num_levels=2, clip={"embed_dim": 32, "image_size": 32, "vision_width": 64, "vision_layers": 1,
-                                             "vision_heads": 1, "text_width": 64, "text_layers": 1, "text_heads": 1})
+    cfg = ESLClipConfig(
+        num_levels=2,
+        clip={
+            "embed_dim": 32,
+            "image_size": 32,
+            "vision_width": 64,
+            "vision_layers": 1,
+            "vision_heads": 1,
+            "text_width": 64,
+            "text_layers": 1,
+            "text_heads": 1,
+        },
+    )
     model = ESLClipModel(cfg).eval()
     ids, lengths = model.tokenize(["a cat"])
     assert ids.shape == (1, 77) and lengths.tolist() == [4]

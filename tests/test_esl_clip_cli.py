@@ -9,15 +9,13 @@ import pytest
 import torch
 import yaml
 
+from _models import TINY_CLIP
 from eslmatch.cli import main
 from eslmatch.demo.scenes import generate_split, write_split
 from eslmatch.evaluate import recall_metrics
 from eslmatch.factory import load_pretrained
 from eslmatch.model.esl_clip import ESLClipConfig, ESLClipModel
 from released_clip_forward import random_release
-
-TINY = {"embed_dim": 32, "image_size": 32, "patch_size": 16, "vision_width": 64, "vision_layers": 1,
-        "vision_heads": 2, "text_width": 64, "text_layers": 1, "text_heads": 2}
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +24,13 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("clipdata")
     spec = generate_split(10, 3, name="test")
     files = write_split(spec, root / "images", root / "test_captions.txt", size=40)
-    images = [{"filename": name, "split": "test", "sentences": [{"raw": c.text} for c in caps]}
-              for name, caps in zip(files.image_names, spec.captions)]
+    images = [
+        {"filename": name, "split": "test", "sentences": [{"raw": c.text} for c in caps]}
+        for name, caps in zip(files.image_names, spec.captions)
+    ]
     (root / "dataset.json").write_text(json.dumps({"images": images}))
     torch.manual_seed(0)
-    model = ESLClipModel(ESLClipConfig(num_levels=2, clip=TINY))
+    model = ESLClipModel(ESLClipConfig(num_levels=2, clip=TINY_CLIP))
     model.save_pretrained(root / "model")
     return root
 
@@ -42,9 +42,21 @@ def run(capsys, *args):
 
 
 def test_eval_from_raw_images_encodes_once_and_matches_similarity(capsys, data):
-    code, out, err = run(capsys, "eval", "--checkpoint", str(data / "model"), "--data", str(data / "dataset.json"),
-                         "--image-root", str(data / "images"), "--protocol", "f30k", "--json",
-                         "--save-scores", str(data / "sims.npy"))
+    code, out, err = run(
+        capsys,
+        "eval",
+        "--checkpoint",
+        str(data / "model"),
+        "--data",
+        str(data / "dataset.json"),
+        "--image-root",
+        str(data / "images"),
+        "--protocol",
+        "f30k",
+        "--json",
+        "--save-scores",
+        str(data / "sims.npy"),
+    )
     assert code == 0, err
     result = json.loads(out)
     assert result["n_images"] == 10 and result["n_captions"] == 50
@@ -94,8 +106,18 @@ def test_bad_inputs_are_one_clear_line(capsys, data, tmp_path):
     make_released_checkpoint(tmp_path / "esl.pth.tar", "adaptive", embed_size=32, num_levels=2)
     assert main(["convert", str(tmp_path / "esl.pth.tar"), str(tmp_path / "esl")]) == 0
     capsys.readouterr()
-    code, _, err = run(capsys, "eval", "--checkpoint", str(tmp_path / "esl"), "--protocol", "f30k",
-                       "--data", str(data / "dataset.json"), "--image-root", str(data / "images"))
+    code, _, err = run(
+        capsys,
+        "eval",
+        "--checkpoint",
+        str(tmp_path / "esl"),
+        "--protocol",
+        "f30k",
+        "--data",
+        str(data / "dataset.json"),
+        "--image-root",
+        str(data / "images"),
+    )
     assert_one_line(code, err, "scores region features, not images")
     with pytest.raises(Exception, match="'esl' model, not 'esl-clip'"):
         ESLClipModel.from_pretrained(tmp_path / "esl")
@@ -103,9 +125,15 @@ def test_bad_inputs_are_one_clear_line(capsys, data, tmp_path):
     code, _, err = run(capsys, "info", str(tmp_path / "clip.pth"))
     assert code == 0, err
     # a wrong image size in the configuration
-    cfg = {"data_path": str(data / "dataset.json"), "image_root": str(data / "images"), "output_dir": str(tmp_path / "r"),
-           "model": {"model_type": "esl-clip", "num_levels": 2, "clip": {**TINY, "image_size": 40}}}
+    cfg = {
+        "data_path": str(data / "dataset.json"),
+        "image_root": str(data / "images"),
+        "output_dir": str(tmp_path / "r"),
+        "model": {"model_type": "esl-clip", "num_levels": 2, "clip": {**TINY_CLIP, "image_size": 40}},
+    }
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
-    assert_one_line(*run(capsys, "train", "--config", str(tmp_path / "bad.yaml"))[::2],
-                    "image_size 40 must be a multiple of patch_size 16")
+    assert_one_line(
+        *run(capsys, "train", "--config", str(tmp_path / "bad.yaml"))[::2],
+        "image_size 40 must be a multiple of patch_size 16",
+    )
     assert not (tmp_path / "r").exists()

@@ -64,7 +64,9 @@ def test_vectorised_ranks_equal_the_loop(k, decimals, monkeypatch):
     result = ev.recall_metrics(sims, k)
     assert result["i2t"] == pytest.approx(loop_metrics(i2t))
     assert result["t2i"] == pytest.approx(loop_metrics(t2i))
-    assert result["rsum"] == pytest.approx(sum(loop_metrics(i2t)[f"r{j}"] + loop_metrics(t2i)[f"r{j}"] for j in (1, 5, 10)))
+    assert result["rsum"] == pytest.approx(
+        sum(loop_metrics(i2t)[f"r{j}"] + loop_metrics(t2i)[f"r{j}"] for j in (1, 5, 10))
+    )
 
 
 def test_all_ties_follow_numpy_argsort():
@@ -76,10 +78,12 @@ def test_all_ties_follow_numpy_argsort():
 
 def test_hand_made_ranks():
     # 2 images, 2 captions each (k=2): captions 0,1 of image 0; 2,3 of image 1
-    sims = np.array([
-        [0.1, 0.9, 0.5, 0.3],   # image 0: order 1,2,3,0 -> its best caption (1) at 0
-        [0.8, 0.2, 0.1, 0.7],   # image 1: order 0,3,1,2 -> caption 3 at position 1
-    ])
+    sims = np.array(
+        [
+            [0.1, 0.9, 0.5, 0.3],  # image 0: order 1,2,3,0 -> its best caption (1) at 0
+            [0.8, 0.2, 0.1, 0.7],  # image 1: order 0,3,1,2 -> caption 3 at position 1
+        ]
+    )
     np.testing.assert_array_equal(ev.i2t_ranks(sims, 2), [0, 1])
     # caption columns: c0 (0.1, 0.8) -> image 0 second; c1 -> first; c2 (0.5, 0.1) -> image 1 second; c3 -> first
     np.testing.assert_array_equal(ev.t2i_ranks(sims, 2), [1, 0, 1, 0])
@@ -164,8 +168,21 @@ def test_eval_scores_round_trip_and_ensemble(tmp_path, capsys):
     assert code == 0
     res = json.loads(out)
     assert res["rsum"] == pytest.approx(ev.recall_metrics(a)["rsum"]) and res["models"] == [str(tmp_path / "a.npy")]
-    code, out, _ = run_cli(capsys, "eval", "--scores", tmp_path / "a.npy", "--scores", tmp_path / "b.npy",
-                           "--protocol", "coco1k", "--fold-size", 2, "--json", "--save-scores", tmp_path / "ens.npy")
+    code, out, _ = run_cli(
+        capsys,
+        "eval",
+        "--scores",
+        tmp_path / "a.npy",
+        "--scores",
+        tmp_path / "b.npy",
+        "--protocol",
+        "coco1k",
+        "--fold-size",
+        2,
+        "--json",
+        "--save-scores",
+        tmp_path / "ens.npy",
+    )
     assert code == 0
     res = json.loads(out)
     mean = (a.astype(np.float64) + b) / 2
@@ -187,7 +204,9 @@ def test_eval_scores_errors(tmp_path, capsys):
     assert code == 1 and "obj.npy" in err and "pickled" in err
     np.save(tmp_path / "a.npy", np.zeros((2, 10), np.float32))
     np.save(tmp_path / "b.npy", np.zeros((3, 15), np.float32))
-    code, _, err = run_cli(capsys, "eval", "--scores", tmp_path / "a.npy", "--scores", tmp_path / "b.npy", "--protocol", "f30k")
+    code, _, err = run_cli(
+        capsys, "eval", "--scores", tmp_path / "a.npy", "--scores", tmp_path / "b.npy", "--protocol", "f30k"
+    )
     assert code == 1 and "b.npy" in err and "differs" in err
 
 
@@ -202,8 +221,23 @@ def tiny_models(tmp_path_factory):
 
 def test_eval_checkpoint_json(tiny_models, tmp_path, capsys):
     d = tiny_models
-    code, out, _ = run_cli(capsys, "eval", "--checkpoint", d / "m1", "--data", d / "data", "--protocol", "f30k",
-                           "--json", "--save-scores", tmp_path / "s1.npy", "--device", "cpu", "--batch-size", 7)
+    code, out, _ = run_cli(
+        capsys,
+        "eval",
+        "--checkpoint",
+        d / "m1",
+        "--data",
+        d / "data",
+        "--protocol",
+        "f30k",
+        "--json",
+        "--save-scores",
+        tmp_path / "s1.npy",
+        "--device",
+        "cpu",
+        "--batch-size",
+        7,
+    )
     assert code == 0
     res = json.loads(out)
     assert set(res) >= {"i2t", "t2i", "rsum", "protocol", "n_images", "n_captions", "models", "split"}
@@ -216,9 +250,25 @@ def test_eval_checkpoint_json(tiny_models, tmp_path, capsys):
     np.testing.assert_allclose(s1, ev.score_split(model, open_split(d / "data", "test"), progress=False), rtol=1e-6)
     assert res["rsum"] == pytest.approx(ev.recall_metrics(s1)["rsum"])
     # an ensemble of two checkpoints on testall (coco1k, folds of 2 images) = mean of the two matrices
-    code, out, _ = run_cli(capsys, "eval", "--checkpoint", d / "m1", "--checkpoint", d / "m2", "--data", d / "data",
-                           "--protocol", "coco1k", "--fold-size", 2, "--json", "--save-scores", tmp_path / "ens.npy",
-                           "--budget-mb", 1)
+    code, out, _ = run_cli(
+        capsys,
+        "eval",
+        "--checkpoint",
+        d / "m1",
+        "--checkpoint",
+        d / "m2",
+        "--data",
+        d / "data",
+        "--protocol",
+        "coco1k",
+        "--fold-size",
+        2,
+        "--json",
+        "--save-scores",
+        tmp_path / "ens.npy",
+        "--budget-mb",
+        1,
+    )
     assert code == 0
     res = json.loads(out)
     assert res["split"] == "testall" and len(res["folds"]) == 5
@@ -236,9 +286,21 @@ def test_eval_cli_bad_data_is_one_line_and_overwrites_nothing(tiny_models, tmp_p
     target = tmp_path / "scores.npy"
     target.write_bytes(b"keep me")
     proc = subprocess.run(
-        [str(ESLMATCH), "eval", "--checkpoint", str(d / "m1"), "--data", str(tmp_path / "bad"), "--protocol", "f30k",
-         "--save-scores", str(target)],
-        capture_output=True, text=True, timeout=120,
+        [
+            str(ESLMATCH),
+            "eval",
+            "--checkpoint",
+            str(d / "m1"),
+            "--data",
+            str(tmp_path / "bad"),
+            "--protocol",
+            "f30k",
+            "--save-scores",
+            str(target),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 1
     err_lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
@@ -253,7 +315,9 @@ def test_eval_checks_before_encoding(tiny_models, tmp_path, capsys):
     model = tiny_gru_model()
     model.tokenizer = None
     model.save_pretrained(tmp_path / "no_tok")
-    code, _, err = run_cli(capsys, "eval", "--checkpoint", tmp_path / "no_tok", "--data", d / "data", "--protocol", "f30k")
+    code, _, err = run_cli(
+        capsys, "eval", "--checkpoint", tmp_path / "no_tok", "--data", d / "data", "--protocol", "f30k"
+    )
     assert code == 1 and "no_tok" in err and "--text-model" in err
     code, _, err = run_cli(capsys, "eval", "--checkpoint", d / "m1", "--data", d / "data", "--protocol", "coco1k")
     assert code == 1 and "the data has 10" in err and "--fold-size 2" in err

@@ -112,14 +112,15 @@ def test_grayscale_and_alpha_become_rgb(tmp_path):
     Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
     out = np.asarray(open_image(tmp_path / "a.png"))
     assert out[0, 0].tolist() == [200, 0, 0] and out[7, 7].tolist() == [255, 255, 255]
-    deep = (skdata.camera().astype(np.uint16) * 257)
+    deep = skdata.camera().astype(np.uint16) * 257
     Image.fromarray(deep).save(tmp_path / "deep.png")  # 16-bit grayscale
     assert np.abs(np.asarray(open_image(tmp_path / "deep.png"))[..., 0].astype(int) - skdata.camera()).max() <= 1
 
 
 def test_same_image_same_features(photos, lite0, baseline, tmp_path):
-    again = extract_folder(photos, tmp_path / "again", backbone=lite0, chunk=2, batch_size=2, progress=False,
-                           log=lambda m: None)
+    again = extract_folder(
+        photos, tmp_path / "again", backbone=lite0, chunk=2, batch_size=2, progress=False, log=lambda m: None
+    )
     assert again["shape"] == [5, 49, 1280]
     first = np.load(baseline[0] / "test_ims.npy")
     assert np.array_equal(np.load(tmp_path / "again" / "test_ims.npy"), first)
@@ -145,9 +146,22 @@ def test_cli_skips_corrupt_and_non_image_files(tmp_path):
     (folder / "notes.txt").write_text("not a picture\n")
     out = tmp_path / "ds"
     proc = subprocess.run(
-        [*ESLMATCH, "extract", "--images", str(folder), "--out", str(out), "--image-size", "96", "--no-progress",
-         "--device", "cpu"],
-        capture_output=True, text=True, timeout=120,
+        [
+            *ESLMATCH,
+            "extract",
+            "--images",
+            str(folder),
+            "--out",
+            str(out),
+            "--image-size",
+            "96",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     feats = np.load(out / "test_ims.npy")
@@ -162,8 +176,12 @@ def test_cli_skips_corrupt_and_non_image_files(tmp_path):
 
 def test_cli_empty_folder_is_one_line_error(tmp_path):
     (tmp_path / "empty").mkdir()
-    proc = subprocess.run([*ESLMATCH, "extract", "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "ds")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [*ESLMATCH, "extract", "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "ds")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("eslmatch: error: ") and "no image files" in lines[0], proc.stderr
@@ -188,15 +206,15 @@ def test_parse_captions(tmp_path):
     assert [e.id for e in entries] == ["a", "b", "c"] and refused == []
     caps = tmp_path / "caps.tsv"
     caps.write_text(
-        "a.jpg\tA dog runs.\n"          # 1: with extension
-        "a\tA  dog\tjumps \n"           # 2: without extension; inner tab / spaces collapsed
-        "\n"                            # 3: blank, ignored
-        "no tab here\n"                 # 4
-        "b.png#0\tFlickr style.\n"      # 5: name#k accepted
-        "zebra.jpg\tunknown image\n"    # 6
-        "c.jpg\t   \n"                  # 7: empty caption
-        "\tno name\n"                   # 8
-        "b\tsecond for b\n",            # 9
+        "a.jpg\tA dog runs.\n"  # 1: with extension
+        "a\tA  dog\tjumps \n"  # 2: without extension; inner tab / spaces collapsed
+        "\n"  # 3: blank, ignored
+        "no tab here\n"  # 4
+        "b.png#0\tFlickr style.\n"  # 5: name#k accepted
+        "zebra.jpg\tunknown image\n"  # 6
+        "c.jpg\t   \n"  # 7: empty caption
+        "\tno name\n"  # 8
+        "b\tsecond for b\n",  # 9
         encoding="utf-8",
     )
     table = parse_captions(caps, caption_lookup(entries))
@@ -211,7 +229,7 @@ def test_parse_captions(tmp_path):
 
 def test_extract_with_captions(photos, lite0, baseline, tmp_path):
     caps = tmp_path / "caps.txt"
-    lines = [f"chelsea.png\tcat {i}" for i in range(7)]          # more than K: first 5 kept
+    lines = [f"chelsea.png\tcat {i}" for i in range(7)]  # more than K: first 5 kept
     lines += ["coffee\ta cup of coffee", "coffee.jpg\tespresso"]  # fewer than K: repeated
     lines += ["rocket\ta rocket on the pad", "nowhere\tunknown"]
     caps.write_text("\n".join(lines) + "\n")
@@ -231,8 +249,9 @@ def test_extract_with_captions(photos, lite0, baseline, tmp_path):
     feats = np.load(out / "dev_ims.npy")
     base = np.load(baseline[0] / "test_ims.npy")
     order = sorted(PHOTOS)
-    np.testing.assert_allclose(feats, base[[order.index(n) for n in ("chelsea", "coffee", "rocket")]],
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        feats, base[[order.index(n) for n in ("chelsea", "coffee", "rocket")]], rtol=1e-4, atol=1e-4
+    )
     from eslmatch.data import open_split
 
     split = open_split(out, "dev", img_dim=1280)
@@ -252,8 +271,16 @@ def test_resume_reuses_finished_chunks(photos, lite0, baseline, tmp_path, monkey
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        extract_folder(photos, out, backbone=lite0, chunk=2, batch_size=2, progress=False, log=lambda m: None,
-                       on_chunk=stop_after_first)
+        extract_folder(
+            photos,
+            out,
+            backbone=lite0,
+            chunk=2,
+            batch_size=2,
+            progress=False,
+            log=lambda m: None,
+            on_chunk=stop_after_first,
+        )
     partial = out / ".extract_partial" / "test"
     assert (partial / "chunk_00000.npy").is_file() and (partial / "progress.json").is_file()
     assert not (out / "test_ims.npy").exists()

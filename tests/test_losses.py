@@ -16,16 +16,16 @@ def test_released_fixture_values():
     sims = torch.from_numpy(data["sims"][:, :12])
     loss_sum = float(triplet_loss(sims, margin=0.2, max_violation=False))
     loss_max = float(triplet_loss(sims, margin=0.2, max_violation=True))
-    print(f"loss_sum {loss_sum:.6f} (released {float(data['loss_sum']):.6f}), "
-          f"loss_max {loss_max:.6f} (released {float(data['loss_max']):.6f})")
+    print(
+        f"loss_sum {loss_sum:.6f} (released {float(data['loss_sum']):.6f}), "
+        f"loss_max {loss_max:.6f} (released {float(data['loss_max']):.6f})"
+    )
     assert loss_sum == pytest.approx(float(data["loss_sum"]), rel=1e-5)
     assert loss_max == pytest.approx(float(data["loss_max"]), rel=1e-5)
 
 
 def test_hand_made_matrix():
-    s = torch.tensor([[0.9, 0.8, 0.1],
-                      [0.2, 0.5, 0.6],
-                      [0.3, 0.0, 0.4]])
+    s = torch.tensor([[0.9, 0.8, 0.1], [0.2, 0.5, 0.6], [0.3, 0.0, 0.4]])
     # image rows: row0: 0.8-0.9+0.2=0.1, 0.1-0.9+0.2<0 -> 0.1; row1: 0.2-0.5+0.2<0, 0.6-0.5+0.2=0.3;
     # row2: 0.3-0.4+0.2=0.1, 0.0-0.4+0.2<0 -> rows sum 0.5, rows max 0.1+0.3+0.1=0.5
     # caption columns: col0: 0.2-0.9+0.2<0, 0.3-0.9+0.2<0 -> 0; col1: 0.8-0.5+0.2=0.5, 0-0.5+0.2<0;
@@ -33,9 +33,7 @@ def test_hand_made_matrix():
     assert float(triplet_loss(s)) == pytest.approx(1.4, abs=1e-6)
     assert float(triplet_loss(s, max_violation=True)) == pytest.approx(1.4, abs=1e-6)
     # one query with two violating negatives tells the sum from the max
-    t = torch.tensor([[0.5, 0.6, 0.55],
-                      [0.0, 1.0, 0.0],
-                      [0.0, 0.0, 1.0]])
+    t = torch.tensor([[0.5, 0.6, 0.55], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
     # row0: 0.3 + 0.25; col0 sees 0, 0; others clear by margin except col1 (0.6-1+0.2<0)
     assert float(triplet_loss(t)) == pytest.approx(0.55, abs=1e-6)
     assert float(triplet_loss(t, max_violation=True)) == pytest.approx(0.3, abs=1e-6)
@@ -62,7 +60,7 @@ def test_rows_form_equals_square_form_on_blocks():
         total = 0.0
         for r0 in (0, 3):
             pos = torch.arange(3) + r0
-            total += float(hinge_rows(s[r0:r0 + 3], pos, 0.2, mv) + hinge_rows(s[:, r0:r0 + 3].t(), pos, 0.2, mv))
+            total += float(hinge_rows(s[r0 : r0 + 3], pos, 0.2, mv) + hinge_rows(s[:, r0 : r0 + 3].t(), pos, 0.2, mv))
         assert total == pytest.approx(float(triplet_loss(s, 0.2, mv)), rel=1e-6)
 
 

@@ -15,7 +15,9 @@ def random_inputs(model, n_images, n_caps, regions, words, seed=0, pad_regions=T
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
     images = torch.relu(torch.randn(n_images, regions, cfg.img_dim, generator=g))
-    img_len = torch.randint(1, regions + 1, (n_images,), generator=g) if pad_regions else torch.full((n_images,), regions)
+    img_len = (
+        torch.randint(1, regions + 1, (n_images,), generator=g) if pad_regions else torch.full((n_images,), regions)
+    )
     img_len[0] = regions
     cap_len = torch.randint(1, words + 1, (n_caps,), generator=g)
     cap_len[0] = words
@@ -32,13 +34,27 @@ def rel_err(a, b):
 
 CONFIGS = [
     # strategy, E, k, L, regions, words
-    ("adaptive", 32, 2, 3, 5, 6), ("heuristic", 32, 2, 3, 5, 6), ("adaptive", 64, 2, 6, 7, 9),
-    ("heuristic", 64, 2, 6, 3, 12), ("adaptive", 27, 3, 3, 4, 5), ("heuristic", 27, 3, 3, 6, 4),
-    ("adaptive", 64, 4, 3, 8, 7), ("heuristic", 64, 4, 3, 2, 3), ("adaptive", 16, 2, 4, 1, 1),
-    ("heuristic", 16, 2, 4, 1, 8), ("adaptive", 16, 2, 0, 5, 5), ("heuristic", 16, 2, 0, 6, 2),
-    ("adaptive", 128, 2, 7, 9, 11), ("heuristic", 128, 2, 7, 10, 6), ("adaptive", 48, 2, 4, 12, 3),
-    ("heuristic", 48, 2, 4, 3, 13), ("adaptive", 32, 2, 5, 2, 2), ("heuristic", 32, 2, 5, 4, 9),
-    ("adaptive", 8, 2, 3, 6, 6), ("heuristic", 8, 2, 3, 7, 7), ("adaptive", 81, 3, 4, 5, 5),
+    ("adaptive", 32, 2, 3, 5, 6),
+    ("heuristic", 32, 2, 3, 5, 6),
+    ("adaptive", 64, 2, 6, 7, 9),
+    ("heuristic", 64, 2, 6, 3, 12),
+    ("adaptive", 27, 3, 3, 4, 5),
+    ("heuristic", 27, 3, 3, 6, 4),
+    ("adaptive", 64, 4, 3, 8, 7),
+    ("heuristic", 64, 4, 3, 2, 3),
+    ("adaptive", 16, 2, 4, 1, 1),
+    ("heuristic", 16, 2, 4, 1, 8),
+    ("adaptive", 16, 2, 0, 5, 5),
+    ("heuristic", 16, 2, 0, 6, 2),
+    ("adaptive", 128, 2, 7, 9, 11),
+    ("heuristic", 128, 2, 7, 10, 6),
+    ("adaptive", 48, 2, 4, 12, 3),
+    ("heuristic", 48, 2, 4, 3, 13),
+    ("adaptive", 32, 2, 5, 2, 2),
+    ("heuristic", 32, 2, 5, 4, 9),
+    ("adaptive", 8, 2, 3, 6, 6),
+    ("heuristic", 8, 2, 3, 7, 7),
+    ("adaptive", 81, 3, 4, 5, 5),
     ("heuristic", 81, 3, 4, 5, 10),
 ]
 
@@ -96,7 +112,11 @@ def test_train_mode_batchnorm_ignores_padded_regions():
 
 def _assert_all_grads(model, loss):
     loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0)]
+    missing = [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0)
+    ]
     assert not missing, f"no gradient reached: {missing}"
 
 
@@ -115,13 +135,15 @@ def test_gradients_reach_every_parameter_bert(tmp_path):
     cfg = tiny_bert_config(vocab_size=40)
     cfg.hidden_dropout_prob = cfg.attention_probs_dropout_prob = 0.0
     backbone = BertModel(cfg, add_pooling_layer=False)
-    model = ESLModel(ESLConfig(strategy="heuristic", embed_size=32, num_levels=3, img_dim=16, text_model=None), backbone)
+    model = ESLModel(
+        ESLConfig(strategy="heuristic", embed_size=32, num_levels=3, img_dim=16, text_model=None), backbone
+    )
     randomize(model)
     model.train()
     images, img_len, caps, cap_len = random_inputs(model, 3, 3, 5, 6, seed=7)
     caps = caps.clamp(max=39)
     scores = model.similarity(images, img_len, caps, cap_len)
-    _assert_all_grads(model, scores.sum() + (scores ** 2).sum())
+    _assert_all_grads(model, scores.sum() + (scores**2).sum())
 
 
 def test_save_and_load_gru_offline(tmp_path, monkeypatch):
@@ -131,7 +153,9 @@ def test_save_and_load_gru_offline(tmp_path, monkeypatch):
     model.save_pretrained(tmp_path / "m")
     again = ESLModel.from_pretrained(tmp_path / "m")
     with torch.no_grad():
-        assert torch.equal(model.similarity(images, img_len, caps, cap_len), again.similarity(images, img_len, caps, cap_len))
+        assert torch.equal(
+            model.similarity(images, img_len, caps, cap_len), again.similarity(images, img_len, caps, cap_len)
+        )
     assert again.tokenizer.tokens == model.tokenizer.tokens
     ids, lens = again.tokenize(["a red circle left of a blue square"])
     assert ids.shape == (1, 10) and int(lens[0]) == 10
@@ -241,8 +265,9 @@ def test_frozen_cache_is_shared_by_content_and_rekeyed_on_load():
 
 def test_vse_baseline_honours_the_frozen_text_backbone():
     cfg = tiny_bert_config(vocab_size=40)
-    config = ESLConfig(model_type="vse", embed_size=32, num_levels=3, img_dim=16, text_model=None,
-                       freeze_text_backbone=True)
+    config = ESLConfig(
+        model_type="vse", embed_size=32, num_levels=3, img_dim=16, text_model=None, freeze_text_backbone=True
+    )
     model = VSEModel(config, bert_from_config(cfg))
     assert model.text_encoder.frozen
     assert not any(p.requires_grad for p in model.text_encoder.backbone.parameters())
@@ -262,7 +287,9 @@ def test_auxiliary_first_stage_loss_trains_the_index_vectors():
         s = model.score(img, img_len, cap, cap_len)
     assert float(terms["global"].detach()) == pytest.approx(float(triplet_loss(g)), rel=1e-5)
     assert float(terms["match"].detach()) == pytest.approx(float(triplet_loss(s)), rel=1e-5)
-    assert float(terms["loss"].detach()) == pytest.approx(float(terms["match"].detach()) + 0.5 * float(terms["global"].detach()), rel=1e-6)
+    assert float(terms["loss"].detach()) == pytest.approx(
+        float(terms["match"].detach()) + 0.5 * float(terms["global"].detach()), rel=1e-6
+    )
     terms["global"].backward()
     assert model.correspondence.S[0].grad is not None and model.image_encoder.fc.weight.grad is not None
     vse = VSEModel(model.config.replace(model_type="vse"), tokenizer=model.tokenizer)

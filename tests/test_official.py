@@ -65,15 +65,25 @@ def test_transcription_of_released_forward_matches_fixture(fixture_io):
     from eslmatch.compat.official import read_checkpoint
 
     d = fixture_io
-    sims = released_similarity(read_checkpoint(CKPT), torch.from_numpy(d["images"]),
-                               torch.from_numpy(d["captions"]), torch.from_numpy(d["cap_lens"]))
+    sims = released_similarity(
+        read_checkpoint(CKPT),
+        torch.from_numpy(d["images"]),
+        torch.from_numpy(d["captions"]),
+        torch.from_numpy(d["cap_lens"]),
+    )
     assert rel_err(sims, d["sims"]) <= 1e-5
 
 
-@pytest.mark.parametrize("strategy,embed,k,levels", [
-    ("heuristic", 512, 2, 8), ("heuristic", 64, 2, 3), ("heuristic", 81, 3, 4),
-    ("adaptive", 64, 2, 5), ("adaptive", 48, 4, 2),
-])
+@pytest.mark.parametrize(
+    "strategy,embed,k,levels",
+    [
+        ("heuristic", 512, 2, 8),
+        ("heuristic", 64, 2, 3),
+        ("heuristic", 81, 3, 4),
+        ("adaptive", 64, 2, 5),
+        ("adaptive", 48, 4, 2),
+    ],
+)
 def test_released_format_parity_both_strategies(tmp_path, strategy, embed, k, levels):
     path = tmp_path / "ckpt.pth.tar"
     ckpt = make_released_checkpoint(path, strategy, embed_size=embed, kernel_size=k, num_levels=levels)

@@ -42,8 +42,15 @@ def karpathy(tmp_path):
         name = f"im{i}.jpg"
         Image.new("RGB", (20, 16), (40 * i, 10, 200)).save(root / "val2014" / name)
         n_caps = 5 if i != 5 else 2
-        entries.append({"filepath": "val2014", "filename": name, "split": split, "imgid": i,
-                        "sentences": [{"raw": f"Image {i} Caption {j}."} for j in range(n_caps)]})
+        entries.append(
+            {
+                "filepath": "val2014",
+                "filename": name,
+                "split": split,
+                "imgid": i,
+                "sentences": [{"raw": f"Image {i} Caption {j}."} for j in range(n_caps)],
+            }
+        )
     path = tmp_path / "dataset_coco.json"
     path.write_text(json.dumps({"images": entries}))
     return path, root

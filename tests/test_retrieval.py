@@ -352,12 +352,32 @@ def test_cli_build_and_search_json(model, data, tmp_path):
     src = str(Path(__file__).parents[1] / "src")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
     cli = [sys.executable, "-m", "eslmatch.cli"]
-    build = subprocess.run([*cli, "index", "build", "--model", str(model_dir), "--features", str(data),
-                            "--out", str(tmp_path / "idx"), "--faiss", "hnsw"], capture_output=True, text=True, env=env)
+    build = subprocess.run(
+        [
+            *cli,
+            "index",
+            "build",
+            "--model",
+            str(model_dir),
+            "--features",
+            str(data),
+            "--out",
+            str(tmp_path / "idx"),
+            "--faiss",
+            "hnsw",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert build.returncode == 0, build.stderr
     assert "built image index" in build.stdout and "hnsw" in build.stdout
-    search = subprocess.run([*cli, "search", "--index", str(tmp_path / "idx"), QUERY, "-k", "4", "--rerank-k", "20", "--json"],
-                            capture_output=True, text=True, env=env)
+    search = subprocess.run(
+        [*cli, "search", "--index", str(tmp_path / "idx"), QUERY, "-k", "4", "--rerank-k", "20", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert search.returncode == 0, search.stderr
     result = json.loads(search.stdout)
     want = GalleryIndex.open(tmp_path / "idx", model=model).search_text(model, QUERY, k=4, rerank_k=20)
@@ -368,11 +388,27 @@ def test_cli_build_and_search_json(model, data, tmp_path):
 def test_cli_reverse_info_add_and_errors(model, data, image_index, tmp_path, capsys):
     model_dir = str(model.save_pretrained(tmp_path / "model"))
     caps = str(tmp_path / "caps")
-    assert main(["index", "build", "--model", model_dir, "--features", str(data), "--kind", "caption", "--out", caps]) == 0
+    assert (
+        main(["index", "build", "--model", model_dir, "--features", str(data), "--kind", "caption", "--out", caps]) == 0
+    )
     capsys.readouterr()
     split = open_split(data, "test")
-    code = main(["search", "--index", caps, "--image-id", split.ids[2], "--image-index", str(image_index),
-                 "--model", model_dir, "-k", "3", "--json"])
+    code = main(
+        [
+            "search",
+            "--index",
+            caps,
+            "--image-id",
+            split.ids[2],
+            "--image-index",
+            str(image_index),
+            "--model",
+            model_dir,
+            "-k",
+            "3",
+            "--json",
+        ]
+    )
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and len(out["hits"]) == 3 and all("caption" in h for h in out["hits"])
     assert main(["index", "add", "--index", caps, "--features", str(data), "--split", "dev"]) == 1  # ids repeat

@@ -94,8 +94,18 @@ def tiny():
         cap = model.embed_captions(caps, cl)
         side = model.prepare_images(img)
     ref = reference_similarity(model, images, il, caps, cl)
-    return dict(model=model, images=images, il=il, caps=caps, cl=cl, img=img, cap=cap, side=side, ref=ref,
-                scale=model.pooling.scale().detach())
+    return dict(
+        model=model,
+        images=images,
+        il=il,
+        caps=caps,
+        cl=cl,
+        img=img,
+        cap=cap,
+        side=side,
+        ref=ref,
+        scale=model.pooling.scale().detach(),
+    )
 
 
 def engine(t, **kw):
@@ -214,9 +224,7 @@ def test_pool_kernels_agree_with_pair_pooling(scale):
     wb = padding_bias(wv, a.dtype)[:, :, None, None]
     rb = padding_bias(rv, a.dtype)[None, None]
     s = torch.tensor(scale, dtype=a.dtype)
-    expect = torch.stack(
-        [torch.stack([pool_pair(a[i, : wl[i], j, : rl[j]], s) for j in range(n)]) for i in range(m)]
-    )
+    expect = torch.stack([torch.stack([pool_pair(a[i, : wl[i], j, : rl[j]], s) for j in range(n)]) for i in range(m)])
     wlf, rlf = wl[:, None].to(a.dtype), rl[None, :].to(a.dtype)
     inplace = pool_tile_(a, torch.empty_like(a), torch.empty_like(a), wlf, rlf, scale, 0.1, 1e-8, wb, rb)
     outplace = pool_tile(a, wlf, rlf, s, 0.1, 1e-8, wb, rb)
@@ -274,7 +282,11 @@ def test_gradient_reaches_every_trainable_parameter_float32():
     diag[torch.arange(4), torch.arange(4)] = True
     loss = (0.2 - scores[diag][:, None] + scores).clamp_min(0).sum()
     loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
+    missing = [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())
+    ]
     assert not missing, f"no finite gradient for {missing}"
     assert any(float(p.grad.abs().max()) > 0 for n, p in model.named_parameters() if n.startswith("correspondence"))
 

@@ -88,8 +88,9 @@ def make_gallery(root: Path, n: int = 12, odd_id: bool = False, broken: bool = F
         ids += ["text-file", "gone"]
         paths += [str(images / "notes.txt"), str(images / "gone.png")]
     feats = np.random.default_rng(0).standard_normal((len(ids), 9, 16)).astype(np.float32)
-    index_dir = build_image_index(model, feats, root / "index", ids=ids, paths=paths, grid=(3, 3),
-                                  progress=False, model_path=model_dir)
+    index_dir = build_image_index(
+        model, feats, root / "index", ids=ids, paths=paths, grid=(3, 3), progress=False, model_path=model_dir
+    )
     return Gallery(root, Path(index_dir), model_dir, ids, paths)
 
 
@@ -178,8 +179,9 @@ def test_search_matches_the_library(client, library):
         assert [r["rank"] for r in body["results"]] == list(range(1, len(hits) + 1))
         assert [r["id"] for r in body["results"]] == [h.id for h in hits]
         np.testing.assert_allclose([r["score"] for r in body["results"]], [h.score for h in hits], rtol=1e-6)
-        np.testing.assert_allclose([r["first_stage_score"] for r in body["results"]],
-                                   [h.first_stage_score for h in hits], rtol=1e-6)
+        np.testing.assert_allclose(
+            [r["first_stage_score"] for r in body["results"]], [h.first_stage_score for h in hits], rtol=1e-6
+        )
 
 
 def test_search_defaults_and_small_gallery(client, gallery):
@@ -205,8 +207,10 @@ def test_attention_get_and_post(client, library, gallery):
     index, model = library
     item = gallery.ids[4]
     words, weights, grid = index.attention(model, "a big red circle", item)
-    for resp in (client.get("/attention", params={"text": "a big red circle", "id": item}),
-                 client.post("/attention", json={"text": "a big red circle", "id": item})):
+    for resp in (
+        client.get("/attention", params={"text": "a big red circle", "id": item}),
+        client.post("/attention", json={"text": "a big red circle", "id": item}),
+    ):
         assert resp.status_code == 200, resp.text
         body = resp.json()
         assert body["words"] == words
@@ -267,7 +271,8 @@ def test_bad_search_requests(client, body, fragment):
 
 def test_not_json_and_wrong_method(client):
     assert "not valid JSON" in assert_error(
-        client.post("/search", content=b"{text: red", headers={"content-type": "application/json"}), 422)
+        client.post("/search", content=b"{text: red", headers={"content-type": "application/json"}), 422
+    )
     assert_error(client.get("/search"), 405)
     assert_error(client.get("/no/such/page"), 404)
 
@@ -290,15 +295,17 @@ def test_huge_bodies_are_refused_before_parsing(client, monkeypatch):
         for _ in range(4):
             yield b"x" * 30_000
 
-    assert "too large" in assert_error(client.post("/search", content=chunks(),
-                                                   headers={"content-type": "application/json"}), 413)
+    assert "too large" in assert_error(
+        client.post("/search", content=chunks(), headers={"content-type": "application/json"}), 413
+    )
 
 
 def test_body_just_under_the_limit_is_parsed(client):
     body = json.dumps({"text": "a" * 60_000}).encode()
     assert len(body) < ServeConfig().max_body_bytes
-    assert "too long" in assert_error(client.post("/search", content=body,
-                                                  headers={"content-type": "application/json"}), 422)
+    assert "too long" in assert_error(
+        client.post("/search", content=body, headers={"content-type": "application/json"}), 422
+    )
 
 
 def test_limits_are_configurable(gallery):
@@ -346,11 +353,21 @@ def test_image_unknown_unservable_ids(client, gallery):
     assert client.get(image_url(gallery.ids[1])).status_code == 200
 
 
-@pytest.mark.parametrize("text, status", [("!!!", 422), ("\u200b", 422), ("\u00e9t\u00e9 \u2603 \U0001F600", 200),
-                                          ("<script>alert(1)</script>", 200), ("RED circle", 200)])
+@pytest.mark.parametrize(
+    "text, status",
+    [
+        ("!!!", 422),
+        ("\u200b", 422),
+        ("\u00e9t\u00e9 \u2603 \U0001f600", 200),
+        ("<script>alert(1)</script>", 200),
+        ("RED circle", 200),
+    ],
+)
 def test_odd_texts_are_answered_not_crashed(client, gallery, text, status):
-    for resp in (client.post("/search", json={"text": text, "k": 3}),
-                 client.get("/attention", params={"text": text, "id": gallery.ids[1]})):
+    for resp in (
+        client.post("/search", json={"text": text, "k": 3}),
+        client.get("/attention", params={"text": text, "id": gallery.ids[1]}),
+    ):
         if status == 200:
             assert resp.status_code == 200, resp.text
         else:
@@ -370,8 +387,11 @@ def test_lone_surrogates_in_text_are_422(client, gallery, monkeypatch, text):
 
     monkeypatch.setattr(app_module.Gallery, "infer", lambda *a, **k: pytest.fail("the model ran"))
     quoted = '"' + text + '"'  # the JSON escape as sent: ASCII bytes, backslash and all
-    bodies = [("/search", f'{{"text": {quoted}}}'), ("/search", f'{{"text": {quoted}, "k": 3, "rerank_k": 0}}'),
-              ("/attention", f'{{"text": {quoted}, "id": "{gallery.ids[1]}"}}')]
+    bodies = [
+        ("/search", f'{{"text": {quoted}}}'),
+        ("/search", f'{{"text": {quoted}, "k": 3, "rerank_k": 0}}'),
+        ("/attention", f'{{"text": {quoted}, "id": "{gallery.ids[1]}"}}'),
+    ]
     for url, body in bodies:
         resp = client.post(url, content=body.encode("ascii"), headers=JSON)
         assert assert_error(resp, 422) == "text is not valid Unicode (lone surrogate)", (url, body)
@@ -393,11 +413,11 @@ def test_surrogate_pairs_are_fine(client, gallery):
     """A proper pair (here U+1F600, escaped as two surrogates) is valid text."""
     resp = client.post("/search", content=b'{"text": "red circle \\ud83d\\ude00", "k": 2}', headers=JSON)
     assert resp.status_code == 200, resp.text
-    assert resp.json()["query"] == "red circle \U0001F600"
+    assert resp.json()["query"] == "red circle \U0001f600"
 
 
 def test_check_unicode():
-    assert check_unicode("caf\u00e9 \U0001F600", "text") == "caf\u00e9 \U0001F600"
+    assert check_unicode("caf\u00e9 \U0001f600", "text") == "caf\u00e9 \U0001f600"
     with pytest.raises(Exception, match=r"^id is not valid Unicode \(lone surrogate\)$") as info:
         check_unicode("x\udc80", "id", status=400)
     assert info.value.status == 400
@@ -405,11 +425,26 @@ def test_check_unicode():
 
 # --------------------------------------------------------------------------- Host header (DNS rebinding)
 
-LOCAL_HOSTS = ["127.0.0.1", "127.0.0.1:8000", "localhost", "LocalHost:1", "[::1]", "[::1]:8000",
-               "[0:0:0:0:0:0:0:1]:80"]
-FOREIGN_HOSTS = ["testserver", "evil.example", "evil.example:8000", "127.0.0.1.evil.example", "localhost.evil",
-                 "evil.example#127.0.0.1", "127.0.0.1:80@evil.example", "localhost:abc", "[::1", "[::1]x",
-                 "0.0.0.0", "0.0.0.0:8000", "192.168.1.5", "127.0.0.2", "[fe80::1]", "", " "]
+LOCAL_HOSTS = ["127.0.0.1", "127.0.0.1:8000", "localhost", "LocalHost:1", "[::1]", "[::1]:8000", "[0:0:0:0:0:0:0:1]:80"]
+FOREIGN_HOSTS = [
+    "testserver",
+    "evil.example",
+    "evil.example:8000",
+    "127.0.0.1.evil.example",
+    "localhost.evil",
+    "evil.example#127.0.0.1",
+    "127.0.0.1:80@evil.example",
+    "localhost:abc",
+    "[::1",
+    "[::1]x",
+    "0.0.0.0",
+    "0.0.0.0:8000",
+    "192.168.1.5",
+    "127.0.0.2",
+    "[fe80::1]",
+    "",
+    " ",
+]
 
 
 def get_with_host(client: TestClient, url: str, host: str):
@@ -427,8 +462,11 @@ def test_other_host_names_are_421(client, host, monkeypatch):
     from eslmatch.serve import app as app_module
 
     monkeypatch.setattr(app_module, "check_text", lambda *a, **k: pytest.fail("the endpoint ran"))
-    for resp in (get_with_host(client, "/healthz", host), get_with_host(client, "/", host),
-                 client.post("/search", json={"text": "red"}, headers={"host": host})):
+    for resp in (
+        get_with_host(client, "/healthz", host),
+        get_with_host(client, "/", host),
+        client.post("/search", json={"text": "red"}, headers={"host": host}),
+    ):
         message = assert_error(resp, 421)
         assert "Host not allowed" in message and "--allowed-host" in message
         assert host.strip() == "" or host not in message  # the header is not echoed
@@ -438,8 +476,16 @@ def test_host_rules():
     rules = HostRules(["127.0.0.1", "localhost", "::1", "Search.Example.org", "[2001:db8::7]:443", "10.0.0.7"])
     for ok in [b"search.example.org", b"SEARCH.example.org:8443", b"[2001:DB8:0::7]", b"10.0.0.7:80", b"[::1]:1"]:
         assert rules.allows(ok), ok
-    for bad in [None, b"", b"example.org", b"www.search.example.org", b"10.0.0.8", b"search.example.org.",
-                b"search.example.org:", b"search.example.org:8x"]:
+    for bad in [
+        None,
+        b"",
+        b"example.org",
+        b"www.search.example.org",
+        b"10.0.0.8",
+        b"search.example.org.",
+        b"search.example.org:",
+        b"search.example.org:8x",
+    ]:
         assert not rules.allows(bad), bad
     everywhere = HostRules(["127.0.0.1", "0.0.0.0"])  # bound to every interface: address literals pass
     assert everywhere.allows(b"192.168.1.5:8000") and everywhere.allows(b"[fe80::1]") and everywhere.allows(b"0.0.0.0")
@@ -451,7 +497,12 @@ def test_host_rules():
         with pytest.raises(EslmatchError, match="is not a host name or IP address"):
             HostRules([entry])
     assert [normalize_host(h) for h in ("LOCALHOST:8000", "[0:0::1]:80", "::1", "10.0.0.7:80", "a b")] == [
-        "localhost", "::1", "::1", "10.0.0.7", None]
+        "localhost",
+        "::1",
+        "::1",
+        "10.0.0.7",
+        None,
+    ]
 
 
 def test_allowed_hosts_option(library):
@@ -480,8 +531,11 @@ def test_real_server_checks_the_host_header(library):
         status, body = raw_request(base, b"GET /healthz HTTP/1.0\r\n\r\n")  # no Host header at all
         assert status == 421 and "missing Host header" in json.loads(body)["error"]
         payload = b'{"text": "\\ud800 circle"}'  # the bytes an outside probe sent
-        status, body = raw_request(base, b"POST /search HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
-                                   b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(payload), payload))
+        status, body = raw_request(
+            base,
+            b"POST /search HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
+            b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(payload), payload),
+        )
         assert status == 422 and json.loads(body) == {"error": "text is not valid Unicode (lone surrogate)"}
         assert httpx.get(f"{base}/healthz", timeout=30).status_code == 200
 
@@ -560,8 +614,11 @@ def test_burst_against_a_real_server(app, gallery, library):
                 q = QUERIES[i % len(QUERIES)]
                 r = client.post("/search", json={"text": q, "k": 5})
                 got = [(x["id"], x["score"]) for x in r.json()["results"]] if r.status_code == 200 else None
-                ok = got is not None and [g[0] for g in got] == [e[0] for e in expected[q]] and np.allclose(
-                    [g[1] for g in got], [e[1] for e in expected[q]], rtol=1e-6)
+                ok = (
+                    got is not None
+                    and [g[0] for g in got] == [e[0] for e in expected[q]]
+                    and np.allclose([g[1] for g in got], [e[1] for e in expected[q]], rtol=1e-6)
+                )
             return ok, time.perf_counter() - start, "" if ok else f"{r.status_code} {r.text[:120]}"
         except httpx.HTTPError as exc:
             return False, time.perf_counter() - start, repr(exc)
@@ -575,8 +632,10 @@ def test_burst_against_a_real_server(app, gallery, library):
     errors = [o[2] for o in outcomes if not o[0]]
     lat = sorted(o[1] for o in outcomes)
     p95 = lat[int(0.95 * len(lat)) - 1]
-    print(f"burst: 1000 requests, concurrency 8, {wall:.2f} s, {1000 / wall:.0f} req/s, "
-          f"median {statistics.median(lat) * 1000:.1f} ms, p95 {p95 * 1000:.1f} ms, errors {len(errors)}")
+    print(
+        f"burst: 1000 requests, concurrency 8, {wall:.2f} s, {1000 / wall:.0f} req/s, "
+        f"median {statistics.median(lat) * 1000:.1f} ms, p95 {p95 * 1000:.1f} ms, errors {len(errors)}"
+    )
     assert errors == [], errors[:5]
 
 
@@ -625,8 +684,22 @@ def test_cli_serve_allowed_hosts(gallery, monkeypatch, capsys):
     with local_client(calls["app"]) as c:
         assert_error(get_with_host(c, "/healthz", "search.example.org"), 421)
         assert_error(get_with_host(c, "/healthz", "myhost.lan"), 421)
-    assert main(["serve", "--index", str(gallery.index_dir), "--host", "myhost.lan",
-                 "--allowed-host", "search.example.org", "--allowed-host", "10.0.0.7"]) == 0
+    assert (
+        main(
+            [
+                "serve",
+                "--index",
+                str(gallery.index_dir),
+                "--host",
+                "myhost.lan",
+                "--allowed-host",
+                "search.example.org",
+                "--allowed-host",
+                "10.0.0.7",
+            ]
+        )
+        == 0
+    )
     with local_client(calls["app"], "search.example.org") as c:
         for host in ("search.example.org", "search.example.org:443", "myhost.lan:8000", "10.0.0.7", "localhost"):
             assert get_with_host(c, "/healthz", host).status_code == 200, host

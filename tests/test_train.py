@@ -26,14 +26,31 @@ from eslmatch.training import fit as train
 from eslmatch.training.state import STATE_NAME, load_state_file, rng_state, set_rng_state
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-TINY_MODEL = {"model_type": "esl", "text_encoder": "gru", "text_model": None, "embed_size": 32,
-              "num_levels": 3, "img_dim": 16, "word_dim": 16}
+TINY_MODEL = {
+    "model_type": "esl",
+    "text_encoder": "gru",
+    "text_model": None,
+    "embed_size": 32,
+    "num_levels": 3,
+    "img_dim": 16,
+    "word_dim": 16,
+}
 
 
 def write_config(path: Path, **values) -> Path:
-    base = {"model": dict(TINY_MODEL), "epochs": 3, "batch_size": 20, "lr": 2e-3, "lr_decay_epoch": 2,
-            "workers": 0, "log_every": 2, "save_every_steps": 4, "progress": False, "tensorboard": False,
-            "eval_batch_size": 64}
+    base = {
+        "model": dict(TINY_MODEL),
+        "epochs": 3,
+        "batch_size": 20,
+        "lr": 2e-3,
+        "lr_decay_epoch": 2,
+        "workers": 0,
+        "log_every": 2,
+        "save_every_steps": 4,
+        "progress": False,
+        "tensorboard": False,
+        "eval_batch_size": 64,
+    }
     model = values.pop("model", {})
     base.update(values)
     base["model"].update(model)
@@ -77,8 +94,12 @@ def assert_same_weights(a: Path, b: Path) -> float:
 
 # ---------------------------------------------------------------------- configuration
 def test_shipped_configs_hold_the_released_recipe():
-    expected = {"f30k_bert": (30, 15, "bert"), "coco_bert": (20, 10, "bert"),
-                "f30k_bigru": (30, 15, "gru"), "coco_bigru": (20, 10, "gru")}
+    expected = {
+        "f30k_bert": (30, 15, "bert"),
+        "coco_bert": (20, 10, "bert"),
+        "f30k_bigru": (30, 15, "gru"),
+        "coco_bigru": (20, 10, "gru"),
+    }
     for name, (epochs, decay, text) in expected.items():
         cfg = load_train_config(CONFIGS / f"{name}.yaml")
         assert (cfg.epochs, cfg.lr_decay_epoch, cfg.model.text_encoder) == (epochs, decay, text)
@@ -93,9 +114,18 @@ def test_shipped_configs_hold_the_released_recipe():
 
 
 def test_overrides_and_types(tmp_path):
-    cfg = load_train_config(CONFIGS / "f30k_bert.yaml",
-                            ["epochs=2", "model.embed_size=256", "batch_size=32", "lr=1e-3", "max_steps=null",
-                             "model.strategy=heuristic", "bf16=false"])
+    cfg = load_train_config(
+        CONFIGS / "f30k_bert.yaml",
+        [
+            "epochs=2",
+            "model.embed_size=256",
+            "batch_size=32",
+            "lr=1e-3",
+            "max_steps=null",
+            "model.strategy=heuristic",
+            "bf16=false",
+        ],
+    )
     assert (cfg.epochs, cfg.model.embed_size, cfg.batch_size, cfg.lr, cfg.bf16) == (2, 256, 32, 1e-3, False)
     assert cfg.model.strategy == "heuristic" and cfg.model.text_encoder == "bert"
     with pytest.raises(EslmatchError, match="epochs must be int"):
@@ -203,8 +233,10 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, small_data
     assert seen is not None, (tmp_path / "cut.log").read_text()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     state = load_state_file(cut / STATE_NAME)
-    print(f"killed after the save at step {seen['step']}; state on disk: epoch {state['epoch']} "
-          f"step_in_epoch {state['step_in_epoch']} global_step {state['global_step']}")
+    print(
+        f"killed after the save at step {seen['step']}; state on disk: epoch {state['epoch']} "
+        f"step_in_epoch {state['step_in_epoch']} global_step {state['global_step']}"
+    )
     assert state["epoch"] == 1 and 0 < state["step_in_epoch"] < 15  # 300 captions / 20 = 15 steps
 
     t0 = time.time()
@@ -218,11 +250,15 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, small_data
     epochs = [(r["rsum"], r["train_loss"]) for r in read_records(full / "metrics.jsonl", "epoch")]
     assert [(r["rsum"], r["train_loss"]) for r in read_records(cut / "metrics.jsonl", "epoch")] == epochs
     rsums = [e[0] for e in epochs]
-    assert load_state_file(cut / STATE_NAME)["optimizer"]["state"].keys() == \
-        load_state_file(full / STATE_NAME)["optimizer"]["state"].keys()
+    assert (
+        load_state_file(cut / STATE_NAME)["optimizer"]["state"].keys()
+        == load_state_file(full / STATE_NAME)["optimizer"]["state"].keys()
+    )
     assert list((full / "tensorboard").glob("events.out.tfevents.*"))
-    print(f"uninterrupted {t_full:.1f}s, resumed part {t_resume:.1f}s, dev rsum per epoch {rsums}, "
-          f"max weight difference {worst:.1e}")
+    print(
+        f"uninterrupted {t_full:.1f}s, resumed part {t_resume:.1f}s, dev rsum per epoch {rsums}, "
+        f"max weight difference {worst:.1e}"
+    )
 
 
 def test_resume_with_bert_dropout_is_exact(tmp_path, small_data):
@@ -233,8 +269,7 @@ def test_resume_with_bert_dropout_is_exact(tmp_path, small_data):
     tok = tiny_bert_tokenizer(bert_dir)
     BertModel(tiny_bert_config(vocab_size=len(tok)), add_pooling_layer=False).save_pretrained(bert_dir)
     model = {"text_encoder": "bert", "text_model": str(bert_dir)}
-    config = write_config(tmp_path / "cfg.yaml", data_path=str(small_data), epochs=2, save_every_steps=100,
-                          model=model)
+    config = write_config(tmp_path / "cfg.yaml", data_path=str(small_data), epochs=2, save_every_steps=100, model=model)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -279,12 +314,22 @@ def test_training_learns_to_match(tmp_path):
     from eslmatch.evaluate import recall_metrics, score_split
     from eslmatch.factory import build_model
 
-    data = make_precomp(tmp_path / "data", splits=("train", "dev"), n_images={"train": 200, "dev": 50},
-                        regions=6, dim=16, seed=1)
+    data = make_precomp(
+        tmp_path / "data", splits=("train", "dev"), n_images={"train": 200, "dev": 50}, regions=6, dim=16, seed=1
+    )
     # warm-up (sum over negatives) for 3 epochs, then hardest negatives at lr x 0.1
-    config = write_config(tmp_path / "cfg.yaml", data_path=str(data), output_dir=str(tmp_path / "out"),
-                          epochs=4, batch_size=50, lr=2e-3, vse_mean_warmup_epochs=3, lr_decay_epoch=3,
-                          log_every=5, save_every_steps=1000)
+    config = write_config(
+        tmp_path / "cfg.yaml",
+        data_path=str(data),
+        output_dir=str(tmp_path / "out"),
+        epochs=4,
+        batch_size=50,
+        lr=2e-3,
+        vse_mean_warmup_epochs=3,
+        lr_decay_epoch=3,
+        log_every=5,
+        save_every_steps=1000,
+    )
     cfg = load_train_config(config)
     torch.manual_seed(cfg.seed)
     vocab = build_vocab(open_split(data, "train"))
@@ -295,13 +340,15 @@ def test_training_learns_to_match(tmp_path):
     seconds = time.time() - t0
     rsums = [h["rsum"] for h in result.history]
     chance = chance_rsum(50)
-    print(f"dev rsum: chance {chance:.1f}, untrained {before:.1f}, after each epoch {rsums} "
-          f"({seconds:.1f}s for {result.global_step} steps)")
+    print(
+        f"dev rsum: chance {chance:.1f}, untrained {before:.1f}, after each epoch {rsums} "
+        f"({seconds:.1f}s for {result.global_step} steps)"
+    )
     losses = [h["train_loss"] for h in result.history]
     assert losses[2] < 0.7 * losses[0]  # the VSE0 loss falls
     assert result.best_rsum == max(rsums)
     assert result.best_rsum > 3 * chance and result.best_rsum > before + 100
-    best = (tmp_path / "out" / "best")
+    best = tmp_path / "out" / "best"
     from eslmatch.factory import load_pretrained
 
     reloaded = load_pretrained(best)
@@ -316,8 +363,16 @@ def test_vse_model_is_mean_pooled_cosine(tmp_path):
     from eslmatch.factory import ESLModel, VSEModel, build_model, load_pretrained
 
     vocab = tiny_vocab()
-    cfg = ESLConfig(model_type="vse", embed_size=32, num_levels=3, img_dim=16, text_encoder="gru",
-                    text_model=None, vocab_size=len(vocab), word_dim=16)
+    cfg = ESLConfig(
+        model_type="vse",
+        embed_size=32,
+        num_levels=3,
+        img_dim=16,
+        text_encoder="gru",
+        text_model=None,
+        vocab_size=len(vocab),
+        word_dim=16,
+    )
     torch.manual_seed(0)
     model = build_model(cfg, vocab).eval()
     assert isinstance(model, VSEModel)
@@ -348,8 +403,9 @@ def test_vse_model_is_mean_pooled_cosine(tmp_path):
 def test_vse_trains_through_the_command(tmp_path, small_data, capsys):
     from eslmatch.factory import VSEModel, load_pretrained
 
-    config = write_config(tmp_path / "cfg.yaml", data_path=str(small_data), output_dir=str(tmp_path / "out"),
-                          model={"model_type": "vse"})
+    config = write_config(
+        tmp_path / "cfg.yaml", data_path=str(small_data), output_dir=str(tmp_path / "out"), model={"model_type": "vse"}
+    )
     assert cli_main(["train", "--config", str(config), "max_steps=5", "global_loss_weight=1"]) == 1
     assert "index vectors are its score already" in capsys.readouterr().err
     assert cli_main(["train", "--config", str(config), "max_steps=5"]) == 0

@@ -50,9 +50,21 @@ def test_trainer_equals_the_released_training_step(tmp_path, strategy):
     ref = ReleasedTrainer(released, lr=5e-4, grad_clip=2.0, margin=0.2, lr_update=2, vse_mean_warmup_epochs=1)
     ours_model = eslmatch.load_official_checkpoint(tmp_path / "released.pth.tar")
     no_dropout(ours_model)
-    cfg = TrainConfig(lr=5e-4, margin=0.2, global_loss_weight=0.0, region_drop=0.0, word_mask=0.0, bf16=False,
-                      weight_decay=1e-4, grad_clip=2.0, bert_lr_factor=0.1, lr_decay_epoch=2, lr_decay_factor=0.1,
-                      vse_mean_warmup_epochs=1, epochs=EPOCHS)
+    cfg = TrainConfig(
+        lr=5e-4,
+        margin=0.2,
+        global_loss_weight=0.0,
+        region_drop=0.0,
+        word_mask=0.0,
+        bf16=False,
+        weight_decay=1e-4,
+        grad_clip=2.0,
+        bert_lr_factor=0.1,
+        lr_decay_epoch=2,
+        lr_decay_factor=0.1,
+        vse_mean_warmup_epochs=1,
+        epochs=EPOCHS,
+    )
     trainer = Trainer(ours_model, cfg)
     data = batches(seed=1, n=STEPS)
     losses_ref, losses_ours = [], []
@@ -71,8 +83,10 @@ def test_trainer_equals_the_released_training_step(tmp_path, strategy):
     score_err = rel(s_ours, s_ref)
     print(f"{strategy}: losses released {[round(x, 4) for x in losses_ref]}")
     print(f"{strategy}: losses ours     {[round(x, 4) for x in losses_ours]}")
-    print(f"{strategy}: max loss relative difference {max(errors):.2e} (first step {errors[0]:.2e}); "
-          f"trained-model scores relative difference {score_err:.2e}")
+    print(
+        f"{strategy}: max loss relative difference {max(errors):.2e} (first step {errors[0]:.2e}); "
+        f"trained-model scores relative difference {score_err:.2e}"
+    )
     assert losses_ref[STEPS - 1] != losses_ref[STEPS]  # the switch to hardest negatives happened
     assert errors[0] <= 1e-5  # same weights, same batch: the same loss
     assert max(errors) <= 1e-3

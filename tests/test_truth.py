@@ -147,19 +147,39 @@ def test_large_random_matrix_with_ties_equals_the_loop():
 
 # ---------------------------------------------------------------------- hand-made cases
 def test_hand_made_small_case():
-    sims = np.array([
-        [0.9, 0.1],  # image 0
-        [0.5, 0.8],  # image 1
-        [0.7, 0.8],  # image 2
-    ])
+    sims = np.array(
+        [
+            [0.9, 0.1],  # image 0
+            [0.5, 0.8],  # image 1
+            [0.7, 0.8],  # image 2
+        ]
+    )
     truth = [[1, 2], []]  # caption 0 is true of images 1 and 2; caption 1 of none
     res = tr.truth_metrics(sims, truth, ks=(1, 2, 3))
     # t2i: caption 0 ranks images 0, 2, 1 -> hits at positions 2 and 3; caption 1 is left out
-    assert res["t2i"] == {"p1": 0.0, "p2": 50.0, "p3": pytest.approx(200 / 3), "r1": 0.0, "r2": 100.0, "r3": 100.0,
-                          "queries": 1, "no_truth": 1, "mean_true": 2.0}
+    assert res["t2i"] == {
+        "p1": 0.0,
+        "p2": 50.0,
+        "p3": pytest.approx(200 / 3),
+        "r1": 0.0,
+        "r2": 100.0,
+        "r3": 100.0,
+        "queries": 1,
+        "no_truth": 1,
+        "mean_true": 2.0,
+    }
     # i2t: image 0 has no true caption (left out); images 1 and 2 rank caption 1 (untrue) first
-    assert res["i2t"] == {"p1": 0.0, "p2": 50.0, "p3": 50.0, "r1": 0.0, "r2": 100.0, "r3": 100.0,
-                          "queries": 2, "no_truth": 1, "mean_true": 1.0}
+    assert res["i2t"] == {
+        "p1": 0.0,
+        "p2": 50.0,
+        "p3": 50.0,
+        "r1": 0.0,
+        "r2": 100.0,
+        "r3": 100.0,
+        "queries": 2,
+        "no_truth": 1,
+        "mean_true": 1.0,
+    }
     assert res["true_pairs"] == 2
 
 
@@ -233,8 +253,9 @@ def test_evaluate_truth_protocols():
     truth = random_truth(rng, n, k * n, k=k)
     whole = tr.evaluate_truth(sims, truth, "f30k")
     assert whole["protocol"] == "f30k" and whole["own_image_missing"] == sum(1 for t in truth if not t)
-    assert {key: whole[key] for key in ("i2t", "t2i")} == {key: tr.truth_metrics(sims, truth)[key]
-                                                            for key in ("i2t", "t2i")}
+    assert {key: whole[key] for key in ("i2t", "t2i")} == {
+        key: tr.truth_metrics(sims, truth)[key] for key in ("i2t", "t2i")
+    }
     res = tr.evaluate_truth(sims, truth, "coco1k", fold_size=fold)
     assert res["protocol"] == "coco1k" and len(res["folds"]) == 5 and res["fold_size"] == fold
     for f in range(5):
@@ -265,8 +286,10 @@ def write(path, obj) -> str:
 
 
 def test_load_truth_valid(tmp_path):
-    path = write(tmp_path / "test_truth.json",
-                 {"captions": [[2, 0, 2], [], [1]], "images_per_caption": [2, 0, 1], "note": "extra keys are fine"})
+    path = write(
+        tmp_path / "test_truth.json",
+        {"captions": [[2, 0, 2], [], [1]], "images_per_caption": [2, 0, 1], "note": "extra keys are fine"},
+    )
     truth = tr.load_truth(path, 3, 3)
     assert [t.tolist() for t in truth] == [[0, 2], [], [1]]  # sorted, duplicates once
     assert all(t.dtype == np.int64 for t in truth)
@@ -274,21 +297,24 @@ def test_load_truth_valid(tmp_path):
     assert tr.truth_path(tmp_path, "test") == tmp_path / "test_truth.json"
 
 
-@pytest.mark.parametrize("content, fragment", [
-    ("{not json", "not valid JSON"),
-    ([[0], [1]], "expected a JSON object"),
-    ({"images": [[0]]}, "expected a JSON object"),
-    ({"captions": {"0": [0]}}, "expected a JSON object"),
-    ({"captions": [[0], 1, [2]]}, "caption 1: expected a list of image indices, got int"),
-    ({"captions": [[0], [[1]]]}, "caption 1: image index [1] is not an integer"),
-    ({"captions": [[0], [1, 2.0]]}, "caption 1: image index 2.0 is not an integer"),
-    ({"captions": [[0], [True]]}, "caption 1: image index True is not an integer"),
-    ({"captions": [[0], ["1"]]}, "caption 1: image index '1' is not an integer"),
-    ({"captions": [[0], [1], [3]]}, "caption 2: image index 3 out of range (the split has 3 images)"),
-    ({"captions": [[0], [-1], [2]]}, "caption 1: image index -1 out of range"),
-    ({"captions": [[0], [1]]}, "holds 2 caption lists; the split has 3 captions"),
-    ({"captions": [[0], [1], [2], []]}, "holds 4 caption lists; the split has 3 captions"),
-])
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ("{not json", "not valid JSON"),
+        ([[0], [1]], "expected a JSON object"),
+        ({"images": [[0]]}, "expected a JSON object"),
+        ({"captions": {"0": [0]}}, "expected a JSON object"),
+        ({"captions": [[0], 1, [2]]}, "caption 1: expected a list of image indices, got int"),
+        ({"captions": [[0], [[1]]]}, "caption 1: image index [1] is not an integer"),
+        ({"captions": [[0], [1, 2.0]]}, "caption 1: image index 2.0 is not an integer"),
+        ({"captions": [[0], [True]]}, "caption 1: image index True is not an integer"),
+        ({"captions": [[0], ["1"]]}, "caption 1: image index '1' is not an integer"),
+        ({"captions": [[0], [1], [3]]}, "caption 2: image index 3 out of range (the split has 3 images)"),
+        ({"captions": [[0], [-1], [2]]}, "caption 1: image index -1 out of range"),
+        ({"captions": [[0], [1]]}, "holds 2 caption lists; the split has 3 captions"),
+        ({"captions": [[0], [1], [2], []]}, "holds 4 caption lists; the split has 3 captions"),
+    ],
+)
 def test_load_truth_errors_name_the_file_and_entry(tmp_path, content, fragment):
     path = write(tmp_path / "test_truth.json", content)
     with pytest.raises(EslmatchError) as info:
@@ -352,8 +378,9 @@ def test_eval_truth_json(scores_and_truth, capsys):
     assert res["truth"]["file"] == str(t) and res["truth"]["protocol"] == "f30k"
     assert_matches_loop(res["truth"], loop_truth(sims, truth))
     assert res["truth"]["t2i"]["no_truth"] == sum(1 for x in truth if not x)
-    code, out, _ = run_cli(capsys, "eval", "--scores", s, "--protocol", "coco1k", "--fold-size", 2,
-                           "--truth", t, "--json")
+    code, out, _ = run_cli(
+        capsys, "eval", "--scores", s, "--protocol", "coco1k", "--fold-size", 2, "--truth", t, "--json"
+    )
     assert code == 0
     res = json.loads(out)
     assert len(res["folds"]) == 5 and len(res["truth"]["folds"]) == 5
@@ -371,7 +398,8 @@ def test_eval_truth_text(scores_and_truth, capsys):
     res = tr.evaluate_truth(sims, truth, "coco5k")
     t2i = next(ln for ln in lines if ln.startswith("t2i") and "P@" not in ln and len(ln.split()) == 8)
     assert t2i.split()[1:] == [f"{res['t2i'][key]:.1f}" for key in ("p1", "p5", "p10", "r1", "r5", "r10")] + [
-        str(res["t2i"]["queries"])]
+        str(res["t2i"]["queries"])
+    ]
     assert f"{res['t2i']['no_truth']} captions true of no image" in out
 
 
@@ -389,6 +417,16 @@ def test_eval_truth_errors_are_one_line(scores_and_truth, tmp_path, capsys):
         assert code == 1 and out == "" and len(lines) == 1, err
         assert lines[0].startswith("eslmatch: error: ") and path in lines[0] and fragment in lines[0], lines[0]
     # a bad file is refused before any model is loaded or data read
-    code, _, err = run_cli(capsys, "eval", "--checkpoint", tmp_path / "no-model", "--data", tmp_path / "no-data",
-                           "--protocol", "f30k", "--truth", tmp_path / "bad.json")
+    code, _, err = run_cli(
+        capsys,
+        "eval",
+        "--checkpoint",
+        tmp_path / "no-model",
+        "--data",
+        tmp_path / "no-data",
+        "--protocol",
+        "f30k",
+        "--truth",
+        tmp_path / "bad.json",
+    )
     assert code == 1 and "bad.json" in err and "caption 1" in err

@@ -26,8 +26,36 @@ TEXT_ENCODERS = ("bert", "gru")
 MODEL_TYPES = ("esl", "vse")
 
 
+class ConfigData:
+    """What every model configuration dataclass shares: JSON round trip, unknown keys named."""
+
+    LEGACY: frozenset[str] = frozenset()
+
+    def validate(self) -> None:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        """Build a config from a mapping; unknown keys are an error that names them."""
+        data = {k: v for k, v in data.items() if k not in cls.LEGACY}
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise EslmatchError(f"unknown {getattr(cls, 'KIND', 'model')} configuration key(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> Any:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
 @dataclass
-class ESLConfig:
+class ESLConfig(ConfigData):
     """Every hyper-parameter of an ESL model (spec sections 1-4).
 
     Attributes:
@@ -78,6 +106,8 @@ class ESLConfig:
     l2_eps: float = 1e-8
     extra: dict[str, Any] = field(default_factory=dict)
 
+    LEGACY = LEGACY_KEYS
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -100,9 +130,7 @@ class ESLConfig:
         if self.strategy not in STRATEGIES:
             raise EslmatchError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.text_encoder not in TEXT_ENCODERS:
-            raise EslmatchError(
-                f"text_encoder must be one of {TEXT_ENCODERS}, got {self.text_encoder!r}"
-            )
+            raise EslmatchError(f"text_encoder must be one of {TEXT_ENCODERS}, got {self.text_encoder!r}")
         for name in ("embed_size", "kernel_size", "img_dim", "word_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -111,9 +139,7 @@ class ESLConfig:
             raise EslmatchError(f"num_levels must be an integer >= 0, got {self.num_levels!r}")
         if self.kernel_size < 2 and self.num_levels > 0:
             raise EslmatchError("kernel_size must be >= 2 when num_levels > 0")
-        if self.num_levels > 0 and (
-            self.embed_size % self.kernel_size**self.num_levels != 0
-        ):
+        if self.num_levels > 0 and (self.embed_size % self.kernel_size**self.num_levels != 0):
             raise EslmatchError(
                 f"embed_size {self.embed_size} must be divisible by kernel_size**num_levels = "
                 f"{self.kernel_size}**{self.num_levels} (E / k^L >= 1, integer at every level)"
@@ -126,23 +152,3 @@ class ESLConfig:
             raise EslmatchError("heuristic_channels must be >= 1")
         if not math.isfinite(self.temperature_init) or self.temperature_init <= 0:
             raise EslmatchError("temperature_init must be a positive number")
-
-    # ------------------------------------------------------------------ (de)serialisation
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ESLConfig:
-        """Build a config from a mapping; unknown keys are an error that names them."""
-        data = {k: v for k, v in data.items() if k not in LEGACY_KEYS}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise EslmatchError(f"unknown model configuration key(s): {', '.join(unknown)}")
-        return cls(**data)
-
-    def replace(self, **changes: Any) -> ESLConfig:
-        return dataclasses.replace(self, **changes)

@@ -184,9 +184,7 @@ def mean_metrics(results: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def evaluate_protocol(
-    sims: Any, protocol: str, fold_size: int = 1000, captions_per_image: int = 5
-) -> dict[str, Any]:
+def evaluate_protocol(sims: Any, protocol: str, fold_size: int = 1000, captions_per_image: int = 5) -> dict[str, Any]:
     """Metrics of ``sims`` ``(N, k N)`` under ``protocol`` (``f30k``, ``coco1k``, ``coco5k``).
 
     ``coco1k`` needs exactly ``5 * fold_size`` images: fold ``f`` is images
@@ -287,7 +285,9 @@ def score_image_split(
     model.to(dev)
     with eval_mode(model):
         img = encode_image_files(model, split, batch_size, workers)
-        ids = tokenize_each(model.tokenize, split.captions, lambda i: f"{split.source}: caption {i} of split {split.name}")
+        ids = tokenize_each(
+            model.tokenize, split.captions, lambda i: f"{split.source}: caption {i} of split {split.name}"
+        )
         caps = []
         for c0 in range(0, len(ids), batch_size):
             tokens, lens = pad_ids([t.tolist() for t in ids[c0 : c0 + batch_size]])
@@ -339,7 +339,9 @@ def format_metrics(result: dict[str, Any]) -> str:
         lines.append("models: " + ", ".join(str(m) for m in result["models"]))
     lines.append("")
     for f, fold in enumerate(result.get("folds", [])):
-        lines.append(f"fold {f + 1}: i2t R@1 {fold['i2t']['r1']:.1f}  t2i R@1 {fold['t2i']['r1']:.1f}  rsum {fold['rsum']:.1f}")
+        lines.append(
+            f"fold {f + 1}: i2t R@1 {fold['i2t']['r1']:.1f}  t2i R@1 {fold['t2i']['r1']:.1f}  rsum {fold['rsum']:.1f}"
+        )
     if result.get("folds"):
         lines.append("mean over folds:")
     lines.append(head)

@@ -38,7 +38,9 @@ def hinge_rows(scores: Tensor, positives: Tensor, margin: float = 0.2, max_viola
         scalar: the sum over rows.
     """
     if scores.dim() != 2 or positives.shape != scores.shape[:1]:
-        raise ValueError(f"scores (Q, K) and positives (Q,) expected, got {tuple(scores.shape)} and {tuple(positives.shape)}")
+        raise ValueError(
+            f"scores (Q, K) and positives (Q,) expected, got {tuple(scores.shape)} and {tuple(positives.shape)}"
+        )
     rows = torch.arange(scores.shape[0], device=scores.device)
     positives = positives.to(scores.device)
     pos = scores[rows, positives].unsqueeze(1)  # (Q, 1)
@@ -82,7 +84,9 @@ def clip_loss(scores: Tensor, logit_scale: Tensor) -> Tensor:
     """The symmetric InfoNCE of a square batch (positives on the diagonal): the mean of the
     image-to-text and text-to-image cross-entropies, each averaged over the batch."""
     diag = torch.arange(scores.shape[0], device=scores.device)
-    return (infonce_rows(scores, diag, logit_scale) + infonce_rows(scores.t(), diag, logit_scale)) / (2 * scores.shape[0])
+    return (infonce_rows(scores, diag, logit_scale) + infonce_rows(scores.t(), diag, logit_scale)) / (
+        2 * scores.shape[0]
+    )
 
 
 LOSS_KINDS = ("hinge", "infonce")
@@ -135,7 +139,9 @@ class MatchingLoss(nn.Module):
                 "index vectors are its score already; set it to 0"
             )
 
-    def forward(self, images: Tensor, image_lengths: Tensor, captions: Tensor, caption_lengths: Tensor) -> dict[str, Tensor]:
+    def forward(
+        self, images: Tensor, image_lengths: Tensor, captions: Tensor, caption_lengths: Tensor
+    ) -> dict[str, Tensor]:
         """This process's share of the batch: ``(b, R, D)``, ``(b,)``, ``(b, W)``, ``(b,)``.
 
         Returns:

@@ -10,14 +10,10 @@ ORDER = 81
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser(
-        "convert", help="convert a released .pth.tar to our format (safetensors + JSON)"
-    )
+    s = sub.add_parser("convert", help="convert a released .pth.tar to our format (safetensors + JSON)")
     s.add_argument("checkpoint")
     s.add_argument("out_dir")
-    s.add_argument(
-        "--text-model", help="BERT directory or name whose tokenizer is saved alongside"
-    )
+    s.add_argument("--text-model", help="BERT directory or name whose tokenizer is saved alongside")
     s.set_defaults(func=run)
 
 
@@ -25,7 +21,5 @@ def run(args: argparse.Namespace) -> int:
     model = load_official_checkpoint(args.checkpoint, text_model=args.text_model)
     out = model.save_pretrained(args.out_dir)
     total = model.parameter_counts()["total"]
-    print(
-        f"converted {args.checkpoint} -> {out} ({model.config.strategy}, {total:,} parameters)"
-    )
+    print(f"converted {args.checkpoint} -> {out} ({model.config.strategy}, {total:,} parameters)")
     return 0

@@ -29,9 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="dataset cache (default $ESLMATCH_CACHE or ~/.cache/eslmatch)",
     )
-    s.add_argument(
-        "--train", type=int, default=d.n_train, help="training images (5 captions each)"
-    )
+    s.add_argument("--train", type=int, default=d.n_train, help="training images (5 captions each)")
     s.add_argument("--dev", type=int, default=d.n_dev, help="validation images")
     s.add_argument(
         "--test",

@@ -38,12 +38,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "meanr and rsum under the f30k, coco1k or coco5k protocol.",
     )
     src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", action="append", metavar="MODEL",
-                     help="model directory or released .pth.tar (repeat for an ensemble)")
-    src.add_argument("--scores", action="append", metavar="FILE.npy",
-                     help="saved (N x 5N) score matrix (repeat for an ensemble)")
-    s.add_argument("--data", help="precomp folder or its parent (needed with --checkpoint); for models that take "
-                   "pixels (ESL-CLIP): a Karpathy-split JSON or a captions TSV ({split} in the name is replaced)")
+    src.add_argument(
+        "--checkpoint",
+        action="append",
+        metavar="MODEL",
+        help="model directory or released .pth.tar (repeat for an ensemble)",
+    )
+    src.add_argument(
+        "--scores", action="append", metavar="FILE.npy", help="saved (N x 5N) score matrix (repeat for an ensemble)"
+    )
+    s.add_argument(
+        "--data",
+        help="precomp folder or its parent (needed with --checkpoint); for models that take "
+        "pixels (ESL-CLIP): a Karpathy-split JSON or a captions TSV ({split} in the name is replaced)",
+    )
     s.add_argument("--image-root", help="folder of the raw images (models that take pixels, e.g. ESL-CLIP)")
     s.add_argument("--data-name", help="dataset folder under --data when it holds several (e.g. coco_precomp)")
     s.add_argument("--protocol", required=True, choices=["f30k", "coco1k", "coco5k"])
@@ -52,9 +60,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--captions-per-image", type=int, default=5, help="for --scores (default 5)")
     s.add_argument("--text-model", help="tokenizer directory or name (released checkpoints store none)")
     s.add_argument("--json", action="store_true", help="print the results as JSON")
-    s.add_argument("--truth", metavar="FILE.json",
-                   help="also report truth-based P@K/R@K from a {split}_truth.json file listing, for every "
-                   "caption, the images it is true of (coco1k: per fold, truth restricted to the fold)")
+    s.add_argument(
+        "--truth",
+        metavar="FILE.json",
+        help="also report truth-based P@K/R@K from a {split}_truth.json file listing, for every "
+        "caption, the images it is true of (coco1k: per fold, truth restricted to the fold)",
+    )
     s.add_argument("--save-scores", metavar="FILE.npy", help="write the (ensemble) score matrix, float32")
     s.add_argument("--batch-size", type=int, default=128, help="encoding batch size (default 128)")
     s.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (default: cuda if available)")
@@ -100,7 +111,9 @@ def run(args: argparse.Namespace) -> int:
         matrices, cpi, meta = _score_with_models(args, protocol.default_split)
     for name, m in zip(meta["models"], matrices):
         if m.shape != matrices[0].shape:
-            raise EslmatchError(f"{name}: shape {m.shape} differs from that of {meta['models'][0]}: {matrices[0].shape}")
+            raise EslmatchError(
+                f"{name}: shape {m.shape} differs from that of {meta['models'][0]}: {matrices[0].shape}"
+            )
     sims = matrices[0] if len(matrices) == 1 else ensemble(matrices)
     result = evaluate_protocol(sims, protocol.name, fold_size=args.fold_size, captions_per_image=cpi)
     result.update(meta)
@@ -147,8 +160,10 @@ def _score_with_models(args: argparse.Namespace, default_split: str):
             raise EslmatchError("an ensemble must take one kind of input: pixels (ESL-CLIP) or region features")
         return _score_raw_images(args, models, split_name, device, options)
     if args.image_root:
-        raise EslmatchError(f"{args.checkpoint[0]} scores region features, not images: drop --image-root and give "
-                            "--data a precomp folder (eslmatch extract makes one from images)")
+        raise EslmatchError(
+            f"{args.checkpoint[0]} scores region features, not images: drop --image-root and give "
+            "--data a precomp folder (eslmatch extract makes one from images)"
+        )
     dims = {m.config.img_dim for m in models}
     if len(dims) > 1:
         raise EslmatchError(f"the models expect different image feature widths: {sorted(dims)}")
@@ -156,8 +171,9 @@ def _score_with_models(args: argparse.Namespace, default_split: str):
     check_protocol_size(args.protocol, split.n_images, args.fold_size)  # before any encoding
     matrices = []
     for model in models:
-        matrices.append(score_split(model, split, args.batch_size, device, progress=not args.no_progress,
-                                    options=options))
+        matrices.append(
+            score_split(model, split, args.batch_size, device, progress=not args.no_progress, options=options)
+        )
     meta = {"models": list(args.checkpoint), "split": split_name, "data": str(split.root)}
     return matrices, split.captions_per_image, meta
 
@@ -165,8 +181,10 @@ def _score_with_models(args: argparse.Namespace, default_split: str):
 def _score_raw_images(args: argparse.Namespace, models: list, split_name: str, device, options):
     """Score models that take pixels on a raw-image split (images and captions encoded once)."""
     if not args.image_root:
-        raise EslmatchError("this model takes images: pass --image-root (the folder of the images) with --data "
-                            "(a Karpathy-split JSON or a captions TSV)")
+        raise EslmatchError(
+            "this model takes images: pass --image-root (the folder of the images) with --data "
+            "(a Karpathy-split JSON or a captions TSV)"
+        )
     split = open_image_split(args.data, args.image_root, split_name, args.captions_per_image)
     split.require_complete()
     check_protocol_size(args.protocol, split.n_images, args.fold_size)

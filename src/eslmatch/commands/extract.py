@@ -19,9 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "are skipped and listed; an interrupted run resumes from its finished chunks.",
     )
     s.add_argument("--images", required=True, metavar="DIR", help="folder of images")
-    s.add_argument(
-        "--out", required=True, metavar="DATASET_DIR", help="dataset folder to write"
-    )
+    s.add_argument("--out", required=True, metavar="DATASET_DIR", help="dataset folder to write")
     s.add_argument(
         "--captions",
         metavar="FILE",
@@ -40,30 +38,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="efficientnet-lite0 (default, offline ImageNet weights), resnet152 (needs "
         "torchvision and --weights), efficientnet-lite0-boxes (needs --boxes)",
     )
-    s.add_argument(
-        "--split", default="test", help="split name of the written files (default test)"
-    )
+    s.add_argument("--split", default="test", help="split name of the written files (default test)")
     s.add_argument(
         "--batch-size",
         type=int,
         default=16,
         help="images per backbone call (default 16)",
     )
-    s.add_argument(
-        "--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N"
-    )
-    s.add_argument(
-        "--weights", metavar="PATH", help="backbone state dict (required for resnet152)"
-    )
+    s.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    s.add_argument("--weights", metavar="PATH", help="backbone state dict (required for resnet152)")
     s.add_argument(
         "--image-size",
         type=int,
         metavar="S",
         help="images are resized to SxS (default 224 for EfficientNet: 7x7=49 regions; 512 for resnet152)",
     )
-    s.add_argument(
-        "--chunk", type=int, default=256, help="files per resumable chunk (default 256)"
-    )
+    s.add_argument("--chunk", type=int, default=256, help="files per resumable chunk (default 256)")
     s.add_argument(
         "--boxes",
         metavar="FILE.json",
@@ -85,9 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="write {split}_images.txt relative to --out (default absolute paths)",
     )
-    s.add_argument(
-        "--workers", type=int, default=2, help="threads reading images (default 2)"
-    )
+    s.add_argument("--workers", type=int, default=2, help="threads reading images (default 2)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=run)
 
@@ -120,9 +108,7 @@ def run(args: argparse.Namespace) -> int:
         f"at {summary['image_size']}x{summary['image_size']} on {summary['device']}{rate}"
     )
     if summary["reused_chunks"]:
-        print(
-            f"resumed: {summary['reused_chunks']} chunks reused, {summary['computed_images']} files processed now"
-        )
+        print(f"resumed: {summary['reused_chunks']} chunks reused, {summary['computed_images']} files processed now")
     if "captions" in summary["files"]:
         print(
             f"captions: {summary['n_captions']} ({summary['captions_per_image']} per image) -> {summary['files']['captions']}"

@@ -37,9 +37,7 @@ def _faiss_args(p: argparse.ArgumentParser, default: str | None) -> None:
         type=int,
         help="IVF clusters searched per query (default: max(16, nlist/4))",
     )
-    p.add_argument(
-        "--hnsw-m", type=int, default=32, help="HNSW graph degree (default 32)"
-    )
+    p.add_argument("--hnsw-m", type=int, default=32, help="HNSW graph degree (default 32)")
     p.add_argument(
         "--ef-construction",
         type=int,
@@ -55,33 +53,28 @@ def _faiss_args(p: argparse.ArgumentParser, default: str | None) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser(
-        "index", help="build, extend or describe a gallery index for 'eslmatch search'"
-    )
+    s = sub.add_parser("index", help="build, extend or describe a gallery index for 'eslmatch search'")
     s.set_defaults(func=run, index_command=None, index_parser=s)
     isub = s.add_subparsers(dest="index_command", metavar="ACTION")
 
-    b = isub.add_parser(
-        "build", help="encode a gallery (images or captions) into an index directory"
-    )
-    b.add_argument(
-        "--model", required=True, help="model directory or released .pth.tar"
-    )
+    b = isub.add_parser("build", help="encode a gallery (images or captions) into an index directory")
+    b.add_argument("--model", required=True, help="model directory or released .pth.tar")
     b.add_argument(
         "--features",
         help="precomp dataset folder, an .npy of region features (N, R, D), or (captions) a .txt",
     )
-    b.add_argument(
-        "--split", default="test", help="split of the dataset folder (default: test)"
-    )
+    b.add_argument("--split", default="test", help="split of the dataset folder (default: test)")
     b.add_argument(
         "--kind",
         choices=("image", "caption"),
         default="image",
         help="image index (text -> image search, default) or caption index (image -> text)",
     )
-    b.add_argument("--images", help="folder of the image files, to record their paths; for a model that takes "
-                   "pixels (ESL-CLIP), the folder of photos to index (then no --features)")
+    b.add_argument(
+        "--images",
+        help="folder of the image files, to record their paths; for a model that takes "
+        "pixels (ESL-CLIP), the folder of photos to index (then no --features)",
+    )
     b.add_argument(
         "--out",
         required=True,
@@ -138,9 +131,7 @@ def _options(args: argparse.Namespace) -> Any:
     )
 
 
-def load_index_model(
-    model: str | None, manifest: dict[str, Any], device: str, text_model: str | None
-) -> Any:
+def load_index_model(model: str | None, manifest: dict[str, Any], device: str, text_model: str | None) -> Any:
     """The model given, else the one recorded in the index's manifest."""
     path = model or manifest["model"].get("path")
     if not path:
@@ -159,9 +150,7 @@ def run(args: argparse.Namespace) -> int:
     if action is None:
         args.index_parser.print_help()
         return 2
-    return {"build": _build, "add": _add, "info": _info, "reindex": _reindex}[action](
-        args
-    )
+    return {"build": _build, "add": _add, "info": _info, "reindex": _reindex}[action](args)
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -189,9 +178,7 @@ def _build(args: argparse.Namespace) -> int:
             out = build_image_index(model, args.features, args.out, images_dir=args.images, **common)
     else:
         if args.images:
-            raise EslmatchError(
-                "--images applies to image indexes (caption paths come from the dataset)"
-            )
+            raise EslmatchError("--images applies to image indexes (caption paths come from the dataset)")
         if not args.features:
             raise EslmatchError("give the captions with --features (a precomp folder or a .txt, one caption a line)")
         out = build_caption_index(model, args.features, args.out, **common)
@@ -201,9 +188,7 @@ def _build(args: argparse.Namespace) -> int:
 
 def _add(args: argparse.Namespace) -> int:
     manifest = read_manifest(Path(args.index))
-    model = load_index_model(
-        args.model, manifest, str(resolve_device(args.device)), args.text_model
-    )
+    model = load_index_model(args.model, manifest, str(resolve_device(args.device)), args.text_model)
     before = manifest["count"]
     add_to_index(
         args.index,
@@ -233,9 +218,7 @@ def _info(args: argparse.Namespace) -> int:
     faiss = m["faiss"]
     opts = index.faiss_options.relevant(index.faiss_kind)
     print(f"faiss      {faiss['kind']}" + "".join(f" {k}={v}" for k, v in opts.items()))
-    print(
-        f"model      {m['model'].get('path') or '(not recorded)'} fingerprint {index.fingerprint[:16]}"
-    )
+    print(f"model      {m['model'].get('path') or '(not recorded)'} fingerprint {index.fingerprint[:16]}")
     print(f"grid       {'x'.join(map(str, index.grid)) if index.grid else 'none'}")
     print(f"size       {size / 2**20:.1f} MiB")
     for src in m.get("sources", []):
@@ -248,9 +231,7 @@ def _info(args: argparse.Namespace) -> int:
 
 def _reindex(args: argparse.Namespace) -> int:
     if args.faiss is None:
-        raise EslmatchError(
-            "choose the new first-stage index with --faiss flat|ivf|hnsw"
-        )
+        raise EslmatchError("choose the new first-stage index with --faiss flat|ivf|hnsw")
     out = rebuild_faiss(args.index, args.faiss, _options(args), args.out)
     print(f"rebuilt the {args.faiss} FAISS index of {out}")
     return 0

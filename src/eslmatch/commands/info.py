@@ -12,9 +12,7 @@ ORDER = 80
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser(
-        "info", help="describe a model (our directory format or a released .pth.tar)"
-    )
+    s = sub.add_parser("info", help="describe a model (our directory format or a released .pth.tar)")
     s.add_argument("checkpoint")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=run)
@@ -57,9 +55,7 @@ def run(args: argparse.Namespace) -> int:
             text += f" (vocab {c.vocab_size}, word_dim {c.word_dim})"
         print(f"text       {text}")
         print(f"image      region features of width {c.img_dim}")
-    print(
-        f"tokenizer  {'yes' if model.tokenizer is not None else 'none (score token ids, or pass --text-model)'}"
-    )
+    print(f"tokenizer  {'yes' if model.tokenizer is not None else 'none (score token ids, or pass --text-model)'}")
     print("parameters")
     for part, n in model.parameter_counts().items():
         print(f"  {part:<15} {n:>13,}")

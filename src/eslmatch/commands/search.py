@@ -28,9 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="search a gallery index with a sentence (or an image, on a caption index)",
     )
     s.add_argument("text", nargs="?", help="the query sentence (image index)")
-    s.add_argument(
-        "--index", required=True, help="index directory ('eslmatch index build')"
-    )
+    s.add_argument("--index", required=True, help="index directory ('eslmatch index build')")
     s.add_argument(
         "-k",
         "--top-k",
@@ -50,9 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="model directory or .pth.tar (default: the one recorded in the index)",
     )
     s.add_argument("--text-model", help="tokenizer for released checkpoints")
-    s.add_argument(
-        "--image-id", help="query image id (reverse search on a caption index)"
-    )
+    s.add_argument("--image-id", help="query image id (reverse search on a caption index)")
     s.add_argument("--image-index", help="image index holding --image-id")
     s.add_argument(
         "--image-features",
@@ -82,22 +78,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
 
     index = GalleryIndex.open(args.index, verify=args.verify)
-    model = load_index_model(
-        args.model, index.manifest, str(resolve_device(args.device)), args.text_model
-    )
+    model = load_index_model(args.model, index.manifest, str(resolve_device(args.device)), args.text_model)
     index.check_model(model)
     index.set_search_params(nprobe=args.nprobe, ef_search=args.ef_search)
     image_query = args.image_id is not None or args.image_features is not None or args.image_file is not None
     start = time.perf_counter()
     if index.kind == "image":
         if image_query:
-            raise EslmatchError(
-                f"{args.index} is an image index: image queries need a caption index"
-            )
+            raise EslmatchError(f"{args.index} is an image index: image queries need a caption index")
         if not args.text:
-            raise EslmatchError(
-                'give the query sentence (eslmatch search --index INDEX "a red circle")'
-            )
+            raise EslmatchError('give the query sentence (eslmatch search --index INDEX "a red circle")')
         hits = index.search_text(model, args.text, k=args.k, rerank_k=args.rerank_k)
         query = {"text": args.text}
     else:
@@ -107,9 +97,7 @@ def run(args: argparse.Namespace) -> int:
             )
         if args.image_id is not None:
             if not args.image_index:
-                raise EslmatchError(
-                    "--image-id needs --image-index (the image index holding that id)"
-                )
+                raise EslmatchError("--image-id needs --image-index (the image index holding that id)")
             image_index = GalleryIndex.open(args.image_index)
             hits = index.search_image(
                 model,
@@ -135,9 +123,7 @@ def run(args: argparse.Namespace) -> int:
             try:
                 feats = np.load(args.image_features, allow_pickle=False)
             except (OSError, ValueError) as exc:
-                raise EslmatchError(
-                    f"{args.image_features}: not a readable .npy array ({exc})"
-                ) from exc
+                raise EslmatchError(f"{args.image_features}: not a readable .npy array ({exc})") from exc
             hits = index.search_image(model, feats, k=args.k, rerank_k=args.rerank_k)
             query = {"image_features": args.image_features}
         else:
@@ -165,8 +151,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'rank':>4}  {'score':>9}  {'first':>9}  {'id':<16} {label}")
     for h in hits:
         shown = h.caption if index.kind == "caption" else (h.path or "")
-        print(
-            f"{h.rank:>4}  {h.score:>9.4f}  {h.first_stage_score:>9.4f}  {h.id:<16} {shown}"
-        )
+        print(f"{h.rank:>4}  {h.score:>9.4f}  {h.first_stage_score:>9.4f}  {h.id:<16} {shown}")
     print(f"({len(hits)} of {index.count}, {elapsed * 1000:.0f} ms)")
     return 0

@@ -21,10 +21,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-text", type=int, default=1000, help="longest query in characters (default 1000)")
     s.add_argument("--max-k", type=int, default=1000, help="most results per search (default 1000)")
     s.add_argument("--max-rerank-k", type=int, default=2000, help="largest rerank_k allowed (default 2000)")
-    s.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
-                   help="also answer requests whose Host header names NAME (repeatable; e.g. behind a reverse "
-                   "proxy). By default only 127.0.0.1, localhost, [::1] and --host are answered (DNS rebinding); "
-                   "'*' answers any")
+    s.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests whose Host header names NAME (repeatable; e.g. behind a reverse "
+        "proxy). By default only 127.0.0.1, localhost, [::1] and --host are answered (DNS rebinding); "
+        "'*' answers any",
+    )
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=run)
 
@@ -67,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     app = load_app(args.index, args.model, config=config, device=args.device, allowed_hosts=allowed_hosts)
     where = f"http://{args.host}:{args.port}/" if args.port else f"{args.host}, a free port (uvicorn prints it)"
     print(f"eslmatch: serving {args.index} on {where} (Ctrl-C to stop)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, server_header=False,
-                timeout_graceful_shutdown=5)
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level=args.log_level, server_header=False, timeout_graceful_shutdown=5
+    )
     return 0

@@ -19,12 +19,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Run it under torchrun for several processes or machines (docs/distributed.md).",
     )
     t.add_argument("--config", help="YAML training configuration")
-    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="override configuration keys, e.g. epochs=2 batch_size=32 model.embed_size=64")
-    t.add_argument("--resume", action="store_true",
-                   help="continue the run saved in output_dir (exactly where it stopped)")
-    t.add_argument("--init-from", metavar="MODEL",
-                   help="fine-tune: start from a released .pth.tar or one of our model folders (init_from=...)")
+    t.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="override configuration keys, e.g. epochs=2 batch_size=32 model.embed_size=64",
+    )
+    t.add_argument(
+        "--resume", action="store_true", help="continue the run saved in output_dir (exactly where it stopped)"
+    )
+    t.add_argument(
+        "--init-from",
+        metavar="MODEL",
+        help="fine-tune: start from a released .pth.tar or one of our model folders (init_from=...)",
+    )
     t.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     t.set_defaults(func=run)
 
@@ -39,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
     if result.rank != 0:
         return 0
     best = "n/a" if result.best_rsum is None else f"{result.best_rsum:.2f}"
-    print(f"done: {result.global_step} steps, {result.epochs_done} epochs, best dev rsum {best}, "
-          f"output {result.output_dir}")
+    print(
+        f"done: {result.global_step} steps, {result.epochs_done} epochs, best dev rsum {best}, "
+        f"output {result.output_dir}"
+    )
     return 0

@@ -17,15 +17,20 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError
-from ..model.base import few, load_state_strict
+from ..model.base import load_mapped_state
 from ..model.esl_clip import ClipArchitecture, ESLClipConfig, ESLClipModel
 
 _HEAD = "pool_frames.cross_attn."
 _LEVELS = _HEAD + "plus_encoder.encoders_1."
 _SIMS = _HEAD + "sims.calculator_1."
 _BLOCK = re.compile(r"^(?:visual\.)?transformer\.resblocks\.(\d+)\.")
-_LAYER_PARTS = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
-                "attn.out_proj": "self_attn.out_proj"}
+_LAYER_PARTS = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+    "attn.out_proj": "self_attn.out_proj",
+}
 
 
 def is_clip_release(ckpt: Any) -> bool:
@@ -46,6 +51,7 @@ def release_state(ckpt: dict[str, Any], source: str) -> dict[str, Tensor]:
 
 def infer_config(state: dict[str, Tensor], source: str) -> ESLClipConfig:
     """Strategy, levels and the CLIP architecture from the tensors' names and shapes."""
+
     def need(key: str) -> Tensor:
         if key not in state:
             raise CheckpointError(f"{source}: not an ESL-CLIP checkpoint (no {key})")
@@ -58,12 +64,15 @@ def infer_config(state: dict[str, Tensor], source: str) -> ESLClipConfig:
     text_width = need("clip.ln_final.weight").shape[0]
     arch = ClipArchitecture(
         embed_dim=int(need("clip.text_projection").shape[1]),
-        image_size=int(patch * grid), patch_size=int(patch),
-        vision_width=int(width), vision_layers=_count(state, r"^clip\.visual\.transformer\.resblocks\.(\d+)\."),
+        image_size=int(patch * grid),
+        patch_size=int(patch),
+        vision_width=int(width),
+        vision_layers=_count(state, r"^clip\.visual\.transformer\.resblocks\.(\d+)\."),
         vision_heads=int(width) // 64,
         context_length=int(need("clip.positional_embedding").shape[0]),
         vocab_size=int(need("clip.token_embedding.weight").shape[0]),
-        text_width=int(text_width), text_layers=_count(state, r"^clip\.transformer\.resblocks\.(\d+)\."),
+        text_width=int(text_width),
+        text_layers=_count(state, r"^clip\.transformer\.resblocks\.(\d+)\."),
         text_heads=int(text_width) // 64,
     )
     heuristic = any(k.startswith(_LEVELS + "image_levels.kernel_img_") for k in state)
@@ -76,8 +85,14 @@ def infer_config(state: dict[str, Tensor], source: str) -> ESLClipConfig:
         kernel, channels = int(first.shape[2]), int(first.shape[0])
     else:
         kernel, channels = int(first.shape[1]) // max(1, int(first.shape[0])), 4
-    return ESLClipConfig(strategy="heuristic" if heuristic else "adaptive", kernel_size=kernel, num_levels=levels,
-                         heuristic_channels=channels, clip=arch, extra={"source": "released CLIP-based checkpoint"})
+    return ESLClipConfig(
+        strategy="heuristic" if heuristic else "adaptive",
+        kernel_size=kernel,
+        num_levels=levels,
+        heuristic_channels=channels,
+        clip=arch,
+        extra={"source": "released CLIP-based checkpoint"},
+    )
 
 
 def _count(state: dict[str, Tensor], pattern: str) -> int:
@@ -97,20 +112,20 @@ def map_state(state: dict[str, Tensor], config: ESLClipConfig) -> tuple[dict[str
     for key in list(state):
         if not key.startswith("clip."):
             continue
-        rel = key[len("clip."):]
+        rel = key[len("clip.") :]
         tower = "vision_model" if rel.startswith("visual.") else "text_model"
         m = _BLOCK.match(rel)
         if m:
             layer = f"clip.{tower}.encoder.layers.{m.group(1)}."
-            rest = rel[m.end():]
+            rest = rel[m.end() :]
             if rest.startswith("attn.in_proj_"):
-                kind = rest[len("attn.in_proj_"):]  # weight | bias
+                kind = rest[len("attn.in_proj_") :]  # weight | bias
                 for name, part in zip(("q_proj", "k_proj", "v_proj"), take(key).chunk(3, dim=0)):
                     out[f"{layer}self_attn.{name}.{kind}"] = part.clone()
                 continue
             for theirs, ours in _LAYER_PARTS.items():
                 if rest.startswith(theirs + "."):
-                    out[layer + ours + rest[len(theirs):]] = take(key)
+                    out[layer + ours + rest[len(theirs) :]] = take(key)
                     break
             continue
         simple = {
@@ -144,8 +159,12 @@ def map_state(state: dict[str, Tensor], config: ESLClipConfig) -> tuple[dict[str
         key = f"{_SIMS}masks_{lvl}.weight"
         if key in state:
             out[f"measuring.M.{lvl}"] = take(key)
-    for theirs, ours in (("sim_eval.weight", "measuring.w"), ("temp_scale.weight", "measuring.temperature"),
-                         ("temp_scale_1.weight", "measuring.sigma"), ("temp_scale_2.weight", "measuring.t2")):
+    for theirs, ours in (
+        ("sim_eval.weight", "measuring.w"),
+        ("temp_scale.weight", "measuring.temperature"),
+        ("temp_scale_1.weight", "measuring.sigma"),
+        ("temp_scale_2.weight", "measuring.t2"),
+    ):
         if _SIMS + theirs in state:
             t = take(_SIMS + theirs)
             out[ours] = t.reshape(-1) if ours == "measuring.w" else t.reshape(())
@@ -159,18 +178,5 @@ def load_clip_release(ckpt: dict[str, Any], source: str, map_location: str | tor
     config.extra["epoch"] = ckpt.get("epoch") if isinstance(ckpt.get("epoch"), (int, float)) else None
     model = ESLClipModel(config)
     mapped, left = map_state(state, config)
-    own = model.state_dict()
-    for k in own:  # buffers transformers registers (position ids) are not in OpenAI's files
-        if k not in mapped and k.endswith("position_ids"):
-            mapped[k] = own[k]
-    missing = sorted(set(own) - set(mapped))
-    if left or missing:
-        problems = []
-        if missing:
-            problems.append(f"missing keys (our names): {few(missing)}")
-        if left:
-            problems.append(f"unexpected keys: {few(left)}")
-        raise CheckpointError(f"{source} does not match the ESL-CLIP model: " + "; ".join(problems))
-    load_state_strict(model, mapped, source)
+    load_mapped_state(model, mapped, left, source, "ESL-CLIP")
     return model.to(map_location).eval()
-

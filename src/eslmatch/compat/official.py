@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..config import ESLConfig
 from ..errors import CheckpointError
-from ..model.base import few, load_state_strict
+from ..model.base import load_mapped_state
 from ..model.encoders import bert_from_config
 from ..model.esl import ESLModel
 from ..model.esl_clip import ESLClipModel
@@ -66,15 +66,15 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def check_outline(ckpt: Any, p: Path) -> dict[str, Any]:
     """``ckpt`` if it has the released ESL layout, else an error naming what is wrong."""
     if is_clip_release(ckpt):
-        raise CheckpointError(f"{p}: a CLIP-based ESL checkpoint, not the BERT + regions one (load it with "
-                              "load_official_checkpoint / eslmatch convert)")
+        raise CheckpointError(
+            f"{p}: a CLIP-based ESL checkpoint, not the BERT + regions one (load it with "
+            "load_official_checkpoint / eslmatch convert)"
+        )
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{p}: not a released ESL checkpoint (no 'model' entry)")
     parts = ckpt["model"]
     if not isinstance(parts, (list, tuple)) or len(parts) != 3 or not all(isinstance(s, dict) for s in parts):
-        raise CheckpointError(
-            f"{p}: 'model' must be a list of 3 state dicts [image encoder, text encoder, similarity]"
-        )
+        raise CheckpointError(f"{p}: 'model' must be a list of 3 state dicts [image encoder, text encoder, similarity]")
     return ckpt
 
 
@@ -137,7 +137,9 @@ def config_from_checkpoint(ckpt: dict[str, Any]) -> ESLConfig:
     get = (lambda k, d: getattr(opt, k, d)) if opt is not None else (lambda k, d: d)
     img, _, sim = (_strip(s) for s in ckpt["model"])
     strategy = detect_strategy(sim)
-    level_pat = _LEVELS_PREFIX + (r"image_levels\.masks_\d+\.weight$" if strategy == "adaptive" else r"image_levels\.kernel_img_\d+\.weight$")
+    level_pat = _LEVELS_PREFIX + (
+        r"image_levels\.masks_\d+\.weight$" if strategy == "adaptive" else r"image_levels\.kernel_img_\d+\.weight$"
+    )
     num_levels = _level_count(sim, level_pat)
     fc = img.get("fc.weight")
     if fc is None:
@@ -158,8 +160,12 @@ def config_from_checkpoint(ckpt: dict[str, Any]) -> ESLConfig:
         text_encoder="bert",
         text_model=None,
         heuristic_channels=channels,
-        extra={"source": "released checkpoint", "epoch": ckpt.get("epoch"), "best_rsum": _num(ckpt.get("best_rsum")),
-               "margin": _num(get("margin", 0.2))},
+        extra={
+            "source": "released checkpoint",
+            "epoch": ckpt.get("epoch"),
+            "best_rsum": _num(ckpt.get("best_rsum")),
+            "margin": _num(get("margin", 0.2)),
+        },
     )
 
 
@@ -180,8 +186,14 @@ def map_state(ckpt: dict[str, Any], num_levels: int) -> tuple[dict[str, Tensor],
         (r"^image\.mlp\.bns\.0\.(.+)$", r"image_encoder.mlp.bn.\1"),
         (r"^text\.bert\.(.+)$", r"text_encoder.backbone.\1"),
         (r"^text\.linear\.(weight|bias)$", r"text_encoder.proj.\1"),
-        (r"^sim\.plus_encoder\.encoders_1\.image_levels\.(?:masks|kernel_img)_(\d+)\.weight$", "image_levels.levels.{0}.weight"),
-        (r"^sim\.plus_encoder\.encoders_1\.text_levels\.(?:masks|kernel_txt)_(\d+)\.weight$", "text_levels.levels.{0}.weight"),
+        (
+            r"^sim\.plus_encoder\.encoders_1\.image_levels\.(?:masks|kernel_img)_(\d+)\.weight$",
+            "image_levels.levels.{0}.weight",
+        ),
+        (
+            r"^sim\.plus_encoder\.encoders_1\.text_levels\.(?:masks|kernel_txt)_(\d+)\.weight$",
+            "text_levels.levels.{0}.weight",
+        ),
         (r"^sim\.sims\.calculator_1\.masks_(\d+)\.weight$", "correspondence.S.{1}"),
         (r"^sim\.sims\.calculator_1\.lynorm_(\d+)\.weight$", "correspondence.ln_weight.{1}"),
         (r"^sim\.sims\.calculator_1\.lynorm_(\d+)\.bias$", "correspondence.ln_bias.{1}"),
@@ -241,18 +253,5 @@ def load_official_checkpoint(
         config.text_model = str(text_model)
     model = ESLModel(config, bert_from_config(bert_config), tokenizer)
     state, left = map_state(ckpt, config.num_levels)
-    own = model.state_dict()
-    # Buffers that transformers may or may not register persistently.
-    for k in list(own):
-        if k not in state and k.endswith("position_ids"):
-            state[k] = own[k]
-    missing = sorted(set(own) - set(state))
-    if left or missing:
-        problems = []
-        if missing:
-            problems.append(f"missing keys (our names): {few(missing)}")
-        if left:
-            problems.append(f"unexpected keys: {few(left)}")
-        raise CheckpointError(f"{path} does not match the ESL model: " + "; ".join(problems))
-    load_state_strict(model, state, str(path))
+    load_mapped_state(model, state, left, str(path), "ESL")
     return model.to(map_location).eval()

@@ -66,7 +66,9 @@ def find_precomp_folder(path: str | Path, split: str, data_name: str | None = No
         return root
     if data_name is not None:
         for cand in (root / data_name, root / data_name / "precomp", root / f"{data_name}_precomp"):
-            if cand.is_dir() and (split_files(cand, split)["images"].exists() or split_files(cand, split)["captions"].exists()):
+            if cand.is_dir() and (
+                split_files(cand, split)["images"].exists() or split_files(cand, split)["captions"].exists()
+            ):
                 return cand
         if (root / data_name).is_dir():
             return root / data_name  # the missing-file check names what it looked for
@@ -78,8 +80,7 @@ def find_precomp_folder(path: str | Path, split: str, data_name: str | None = No
         return root / found[0]
     if not found:
         raise EslmatchError(
-            f"{root}: no {split}_ims.npy / {split}_caps.txt here and none of the folders "
-            f"{', '.join(DATA_FOLDERS)}"
+            f"{root}: no {split}_ims.npy / {split}_caps.txt here and none of the folders {', '.join(DATA_FOLDERS)}"
         )
     raise EslmatchError(
         f"{root} holds several datasets ({', '.join(found)}): choose one with "
@@ -339,9 +340,7 @@ def open_split(
     if mm.shape[1] == 0 or mm.shape[2] == 0:
         raise EslmatchError(f"{files['images']}: empty feature array of shape {mm.shape}")
     if img_dim is not None and mm.shape[2] != img_dim:
-        raise EslmatchError(
-            f"{files['images']}: features have width {mm.shape[2]}, the model expects {img_dim}"
-        )
+        raise EslmatchError(f"{files['images']}: features have width {mm.shape[2]}, the model expects {img_dim}")
     captions = read_lines(files["captions"], "captions")
     n_rows = int(mm.shape[0])
     declared = _declared_captions_per_image(files["images"].parent, split)

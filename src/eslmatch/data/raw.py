@@ -78,8 +78,12 @@ class ImageCaptionSplit:
     def require_complete(self) -> None:
         """Refuse a split with missing images (an evaluation protocol needs every one)."""
         if self.missing:
-            shown = ", ".join(self.missing[:_SHOW]) + (f" (and {len(self.missing) - _SHOW} more)" if len(self.missing) > _SHOW else "")
-            raise EslmatchError(f"{self.source}: {len(self.missing)} image file(s) of split {self.name!r} are missing: {shown}")
+            shown = ", ".join(self.missing[:_SHOW]) + (
+                f" (and {len(self.missing) - _SHOW} more)" if len(self.missing) > _SHOW else ""
+            )
+            raise EslmatchError(
+                f"{self.source}: {len(self.missing)} image file(s) of split {self.name!r} are missing: {shown}"
+            )
 
 
 def open_karpathy(
@@ -138,12 +142,17 @@ def open_karpathy(
         ids.append(str(entry.get("cocoid", entry.get("imgid", rel.stem))))
         captions.extend(fit_captions(texts, captions_per_image))
     if not paths:
-        raise EslmatchError(f"{path}: split {split!r} has no image under {root}" + (f" ({len(missing)} missing)" if missing else ""))
+        raise EslmatchError(
+            f"{path}: split {split!r} has no image under {root}" + (f" ({len(missing)} missing)" if missing else "")
+        )
     return ImageCaptionSplit(split, path, paths, ids, captions, captions_per_image, missing)
 
 
 def open_caption_tsv(
-    tsv_path: str | Path, image_root: str | Path, split: str = "train", captions_per_image: int = 5,
+    tsv_path: str | Path,
+    image_root: str | Path,
+    split: str = "train",
+    captions_per_image: int = 5,
     lowercase: bool = True,
 ) -> ImageCaptionSplit:
     """A split from ``image_name<TAB>caption`` lines and the folder holding the images
@@ -159,9 +168,12 @@ def open_caption_tsv(
     kept = [e for e in entries if e.id in table.by_id]
     if not kept:
         raise EslmatchError(f"{tsv_path}: no caption names an image in {root}")
-    captions = [c.lower() if lowercase else c for e in kept for c in fit_captions(table.by_id[e.id], captions_per_image)]
-    return ImageCaptionSplit(split, Path(tsv_path), [e.path for e in kept], [e.id for e in kept], captions,
-                             captions_per_image)
+    captions = [
+        c.lower() if lowercase else c for e in kept for c in fit_captions(table.by_id[e.id], captions_per_image)
+    ]
+    return ImageCaptionSplit(
+        split, Path(tsv_path), [e.path for e in kept], [e.id for e in kept], captions, captions_per_image
+    )
 
 
 def open_image_split(
@@ -251,15 +263,20 @@ class PixelBatch:
     indices: Tensor  # (B,) caption indices
 
     def to(self, device: str | torch.device, non_blocking: bool = False) -> PixelBatch:
-        return PixelBatch(*(t.to(device, non_blocking=non_blocking) for t in
-                            (self.images, self.image_lengths, self.captions, self.caption_lengths, self.indices)))
+        return PixelBatch(
+            *(
+                t.to(device, non_blocking=non_blocking)
+                for t in (self.images, self.image_lengths, self.captions, self.caption_lengths, self.indices)
+            )
+        )
 
 
 def collate_pixels(items: Sequence[dict[str, Any]]) -> PixelBatch:
     ids, lens = pad_ids([it["ids"].tolist() for it in items])
     images = torch.stack([it["image"] for it in items])
-    return PixelBatch(images, torch.ones(len(items), dtype=torch.long), ids, lens,
-                      torch.tensor([int(it["index"]) for it in items]))
+    return PixelBatch(
+        images, torch.ones(len(items), dtype=torch.long), ids, lens, torch.tensor([int(it["index"]) for it in items])
+    )
 
 
 def encode_image_files(model: Any, split: ImageCaptionSplit, batch_size: int = 64, workers: int = 0) -> Tensor:

@@ -259,10 +259,8 @@ def _article(next_word: str) -> str:
     return "an" if next_word[0] in "aeiou" else "a"
 
 
-def noun_phrase(
-    desc: Desc, count: int, rng: random.Random, definite: bool = False, allow_one: bool = True
-) -> str:
-    """"a small red circle", "two blue boxes", "the star" for a description and a count."""
+def noun_phrase(desc: Desc, count: int, rng: random.Random, definite: bool = False, allow_one: bool = True) -> str:
+    """ "a small red circle", "two blue boxes", "the star" for a description and a count."""
     words: list[str] = []
     if desc.size is not None:
         words.append(rng.choice(SIZE_WORDS[desc.size]))
@@ -286,7 +284,7 @@ def _join(items: Sequence[str]) -> str:
 
 
 def _counted_objects(count: int, rng: random.Random) -> str:
-    """"three objects", "one shape"."""
+    """ "three objects", "one shape"."""
     singular, plural = rng.choice(SHAPE_WORDS[None])
     return f"{NUMBER_WORDS[count]} {singular if count == 1 else plural}"
 
@@ -491,9 +489,7 @@ FAMILIES = {
 }
 
 
-def caption_candidates(
-    scene: Scene, rng: random.Random, count: int, focus: Sequence[int] = ()
-) -> list[Caption]:
+def caption_candidates(scene: Scene, rng: random.Random, count: int, focus: Sequence[int] = ()) -> list[Caption]:
     """Up to ``count`` captions true of ``scene`` (strict reading), families drawn at random.
 
     ``focus``: object indices every candidate should involve (hard pairs use the swapped

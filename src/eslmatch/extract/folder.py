@@ -281,11 +281,21 @@ def extract_folder(
     log = log or _log_stderr
     started = time.perf_counter()
     cfg = ExtractConfig(
-        backbone=backbone if isinstance(backbone, str) else backbone.name, split=split,
-        captions=None if captions is None else str(captions), captions_per_image=captions_per_image,
-        batch_size=batch_size, device=device, weights=weights, image_size=image_size, chunk=chunk,
-        boxes=boxes, max_boxes=max_boxes, recursive=recursive, relative_paths=relative_paths,
-        workers=workers, progress=progress,
+        backbone=backbone if isinstance(backbone, str) else backbone.name,
+        split=split,
+        captions=None if captions is None else str(captions),
+        captions_per_image=captions_per_image,
+        batch_size=batch_size,
+        device=device,
+        weights=weights,
+        image_size=image_size,
+        chunk=chunk,
+        boxes=boxes,
+        max_boxes=max_boxes,
+        recursive=recursive,
+        relative_paths=relative_paths,
+        workers=workers,
+        progress=progress,
     )
     _check_config(cfg)
     src = Path(images_dir)
@@ -300,7 +310,9 @@ def extract_folder(
     exclude += [Path(f) for f in (captions, boxes) if f is not None]  # inputs kept beside the images
     entries, refused = list_images(src, recursive, exclude)
     if not entries:
-        raise InputError(f"{src}: no image files found (the folder is empty{'' if recursive else '; sub-folders need --recursive'})")
+        raise InputError(
+            f"{src}: no image files found (the folder is empty{'' if recursive else '; sub-folders need --recursive'})"
+        )
 
     # Captions first: images without one are not worth extracting.
     table: CaptionTable | None = None
@@ -313,16 +325,29 @@ def extract_folder(
         if not entries:
             raise InputError(f"{captions}: no caption matches an image file in {src} ({table.n_lines} lines read)")
 
-    model = backbone if isinstance(backbone, Backbone) else build_backbone(
-        backbone, BackboneOptions(image_size=image_size, weights=weights, device=device, boxes=boxes, max_boxes=max_boxes)
+    model = (
+        backbone
+        if isinstance(backbone, Backbone)
+        else build_backbone(
+            backbone,
+            BackboneOptions(image_size=image_size, weights=weights, device=device, boxes=boxes, max_boxes=max_boxes),
+        )
     )
     out.mkdir(parents=True, exist_ok=True)
-    fingerprint = {"format": META_FORMAT, "split": split, "chunk": chunk, "files": _files_digest(entries),
-                   "n_files": len(entries), **model.fingerprint()}
+    fingerprint = {
+        "format": META_FORMAT,
+        "split": split,
+        "chunk": chunk,
+        "files": _files_digest(entries),
+        "n_files": len(entries),
+        **model.fingerprint(),
+    }
     store = ChunkStore(out / PARTIAL_DIR / split, fingerprint)
     store.open(model.regions, model.dim)
     if store.discarded:
-        log(f"eslmatch: note: partial results in {store.folder} are from a different file list or backbone; starting over")
+        log(
+            f"eslmatch: note: partial results in {store.folder} are from a different file list or backbone; starting over"
+        )
     n_chunks = (len(entries) + chunk - 1) // chunk
     reused = sorted(i for i in store.chunks if i < n_chunks)
     reused_files = sum(len(entries[i * chunk : (i + 1) * chunk]) for i in reused)
@@ -331,8 +356,15 @@ def extract_folder(
 
     computed = 0
     compute_seconds = 0.0
-    bar = tqdm(total=len(entries), initial=reused_files, unit="img", desc="extract", disable=not progress,
-               file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(entries),
+        initial=reused_files,
+        unit="img",
+        desc="extract",
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     try:
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, _deterministic(model.device):
             for index in range(n_chunks):
@@ -376,8 +408,11 @@ def extract_folder(
     )
     _write_meta(out, summary, log)
     if no_caption:
-        log(f"eslmatch: warning: {len(no_caption)} file(s) have no caption and were left out: "
-            + ", ".join(no_caption[:_PRINT_LIMIT]) + (" ..." if len(no_caption) > _PRINT_LIMIT else ""))
+        log(
+            f"eslmatch: warning: {len(no_caption)} file(s) have no caption and were left out: "
+            + ", ".join(no_caption[:_PRINT_LIMIT])
+            + (" ..." if len(no_caption) > _PRINT_LIMIT else "")
+        )
     return summary
 
 
@@ -396,13 +431,26 @@ def _report_bad_lines(table: CaptionTable, path: Path, log: Callable[[str], None
     if not table.bad_lines:
         return
     shown = "; ".join(f"line {n}: {why}" for n, why in table.bad_lines[:_PRINT_LIMIT])
-    more = f"; ... {len(table.bad_lines) - _PRINT_LIMIT} more in {META_NAME}" if len(table.bad_lines) > _PRINT_LIMIT else ""
+    more = (
+        f"; ... {len(table.bad_lines) - _PRINT_LIMIT} more in {META_NAME}"
+        if len(table.bad_lines) > _PRINT_LIMIT
+        else ""
+    )
     log(f"eslmatch: warning: {path}: {len(table.bad_lines)} caption lines ignored: {shown}{more}")
 
 
 def _write_dataset(
-    out: Path, split: str, model: Backbone, store: ChunkStore, entries: Sequence[ImageEntry], chunk: int,
-    n_chunks: int, rows: Sequence[ImageEntry], table: CaptionTable | None, cfg: ExtractConfig, src: Path,
+    out: Path,
+    split: str,
+    model: Backbone,
+    store: ChunkStore,
+    entries: Sequence[ImageEntry],
+    chunk: int,
+    n_chunks: int,
+    rows: Sequence[ImageEntry],
+    table: CaptionTable | None,
+    cfg: ExtractConfig,
+    src: Path,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """Write the split's files (features streamed from the chunks), each atomically."""
@@ -419,8 +467,10 @@ def _write_dataset(
         if repeated:
             log(f"eslmatch: warning: {repeated} image(s) have fewer than {k} captions; theirs were repeated cyclically")
         if k == 1 and len(rows) % 5 == 0:
-            log("eslmatch: warning: 1 caption per image with a multiple of 5 images looks like the repeated "
-                "SCAN layout to precomp readers; consider --captions-per-image 5")
+            log(
+                "eslmatch: warning: 1 caption per image with a multiple of 5 images looks like the repeated "
+                "SCAN layout to precomp readers; consider --captions-per-image 5"
+            )
 
     ims_path = out / f"{split}_ims.npy"
     with atomic_path(ims_path) as tmp:
@@ -445,7 +495,11 @@ def _write_dataset(
         caps_path.unlink()  # from an earlier run: it would not match these rows
         log(f"eslmatch: note: removed {caps_path} from an earlier run (no --captions given this time)")
 
-    files = {"images": str(ims_path), "ids": str(out / f"{split}_ids.txt"), "image_paths": str(out / f"{split}_images.txt")}
+    files = {
+        "images": str(ims_path),
+        "ids": str(out / f"{split}_ids.txt"),
+        "image_paths": str(out / f"{split}_images.txt"),
+    }
     if caps is not None:
         files["captions"] = str(caps_path)
     bad = table.bad_lines if table is not None else []
@@ -492,9 +546,14 @@ def _write_meta(out: Path, summary: dict[str, Any], log: Callable[[str], None]) 
     record["no_caption_total"] = len(summary["no_caption"])
     record["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     for name, other in splits.items():
-        if name != summary["split"] and (other.get("backbone"), other.get("dim")) != (summary["backbone"], summary["dim"]):
-            log(f"eslmatch: warning: split {name!r} in {out} was extracted with {other.get('backbone')} "
-                f"(dim {other.get('dim')}); {summary['split']!r} now uses {summary['backbone']} (dim {summary['dim']})")
+        if name != summary["split"] and (other.get("backbone"), other.get("dim")) != (
+            summary["backbone"],
+            summary["dim"],
+        ):
+            log(
+                f"eslmatch: warning: split {name!r} in {out} was extracted with {other.get('backbone')} "
+                f"(dim {other.get('dim')}); {summary['split']!r} now uses {summary['backbone']} (dim {summary['dim']})"
+            )
     splits[summary["split"]] = record
     meta = {
         "format": META_FORMAT,

@@ -357,6 +357,28 @@ def load_state_strict(model: nn.Module, state: dict[str, Tensor], source: str) -
     model.load_state_dict(state, strict=True)
 
 
+def load_mapped_state(model: nn.Module, mapped: dict[str, Tensor], left: list[str], source: str, what: str) -> None:
+    """Load a released checkpoint's state, already mapped onto our names, strictly.
+
+    ``left`` are the released keys no mapping used. Buffers transformers registers (position
+    ids) are taken from the model when the release lacks them. Missing (our names) and
+    unexpected (theirs) keys are one error naming them.
+    """
+    own = model.state_dict()
+    for k in own:
+        if k not in mapped and k.endswith("position_ids"):
+            mapped[k] = own[k]
+    missing = sorted(set(own) - set(mapped))
+    if left or missing:
+        problems = []
+        if missing:
+            problems.append(f"missing keys (our names): {few(missing)}")
+        if left:
+            problems.append(f"unexpected keys: {few(left)}")
+        raise CheckpointError(f"{source} does not match the {what} model: " + "; ".join(problems))
+    load_state_strict(model, mapped, source)
+
+
 def few(items: list[str], n: int = 6) -> str:
     """The first ``n`` items, comma-separated, with a count of the rest."""
     shown = ", ".join(items[:n])

@@ -107,8 +107,9 @@ class ESLModel(RegionTextModel):
     ) -> Tensor:
         """Scores ``(N, M)`` from cached level features (:meth:`embed_images`, :meth:`embed_captions`)."""
         self._check_levels(image_emb, "image_emb")
-        return self.score_prepared(self.prepare_images(image_emb.to(self.device)), image_lengths, caption_emb,
-                                   caption_lengths, options)
+        return self.score_prepared(
+            self.prepare_images(image_emb.to(self.device)), image_lengths, caption_emb, caption_lengths, options
+        )
 
     def score_prepared(
         self,
@@ -158,7 +159,9 @@ class ESLModel(RegionTextModel):
         img_len = [r] * n if image_lengths is None else [int(x) for x in image_lengths]
         cap_len = [int(x) for x in caption_lengths]
         img_feats = [self.embed_images(images[i : i + 1, : img_len[i]])[0] for i in range(n)]
-        cap_feats = [self.embed_captions(captions[j : j + 1, : cap_len[j]], [cap_len[j]])[0] for j in range(len(cap_len))]
+        cap_feats = [
+            self.embed_captions(captions[j : j + 1, : cap_len[j]], [cap_len[j]])[0] for j in range(len(cap_len))
+        ]
         p = self.pooling_params()
         out = torch.zeros(n, len(cap_len), dtype=img_feats[0].dtype)
         for i, y in enumerate(img_feats):
@@ -171,8 +174,10 @@ class ESLModel(RegionTextModel):
         level by level: ``sum_l X_l @ D_l @ Y_l^T``."""
         xs = self.text_levels.split(caption_levels)
         ys = self.image_levels.split(image_levels)
-        return sum((x @ d @ y.t() for x, d, y in zip(xs, self.correspondence.matrices(), ys)),
-                   torch.zeros((), dtype=caption_levels.dtype, device=caption_levels.device))
+        return sum(
+            (x @ d @ y.t() for x, d, y in zip(xs, self.correspondence.matrices(), ys)),
+            torch.zeros((), dtype=caption_levels.dtype, device=caption_levels.device),
+        )
 
     def _check_levels(self, t: Tensor, name: str) -> None:
         dt = self.config.total_dim

@@ -47,7 +47,9 @@ class FaissOptions:
 
     def relevant(self, kind: str) -> dict[str, Any]:
         """The settings that matter for ``kind``."""
-        keys = {"flat": (), "ivf": ("nlist", "nprobe", "seed"), "hnsw": ("hnsw_m", "ef_construction", "ef_search")}[kind]
+        keys = {"flat": (), "ivf": ("nlist", "nprobe", "seed"), "hnsw": ("hnsw_m", "ef_construction", "ef_search")}[
+            kind
+        ]
         return {k: getattr(self, k) for k in keys}
 
     @classmethod

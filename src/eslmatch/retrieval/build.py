@@ -52,7 +52,9 @@ def _check_batch(batch_size: int) -> None:
         raise EslmatchError(f"batch size must be a positive integer, got {batch_size!r}")
 
 
-def _ids(given: Sequence[Any] | None, found: list[str] | None, n: int, start: int, taken: Sequence[str] = ()) -> list[str]:
+def _ids(
+    given: Sequence[Any] | None, found: list[str] | None, n: int, start: int, taken: Sequence[str] = ()
+) -> list[str]:
     """Item ids: given, else from the data, else ``str(start + i)``; all unique."""
     if given is not None:
         ids = [clean_line(v, "id", i) for i, v in enumerate(given)]
@@ -103,7 +105,9 @@ def _alloc(tmp: Path, n: int, width: int, dt: int, dtype: str) -> tuple[np.ndarr
     return side, lengths, glob
 
 
-def _store_rows(arrays: tuple, rows: slice | np.ndarray, feats: torch.Tensor, g: torch.Tensor, lens: torch.Tensor) -> None:
+def _store_rows(
+    arrays: tuple, rows: slice | np.ndarray, feats: torch.Tensor, g: torch.Tensor, lens: torch.Tensor
+) -> None:
     """Write encoded items to ``rows`` of the new arrays (beyond each width stays zero)."""
     side, lengths, glob = arrays
     w = feats.shape[1]
@@ -112,7 +116,9 @@ def _store_rows(arrays: tuple, rows: slice | np.ndarray, feats: torch.Tensor, g:
     glob[rows] = g.detach().to(torch.float32).cpu().numpy()
 
 
-def _encode_image_rows(model: Any, src: ImageSource, arrays: tuple, start: int, batch_size: int, progress: bool) -> None:
+def _encode_image_rows(
+    model: Any, src: ImageSource, arrays: tuple, start: int, batch_size: int, progress: bool
+) -> None:
     with eval_mode(model), _progress(src.count, progress, "images") as bar:
         for i0 in range(0, src.count, batch_size):
             i1 = min(i0 + batch_size, src.count)
@@ -152,14 +158,23 @@ def _model_record(model: Any, model_path: Any, text_model: Any) -> dict[str, Any
         "path": None if model_path is None else str(Path(model_path).resolve()),
         "text_model": None if text_model is None else str(text_model),
         "fingerprint": model_fingerprint(model),
-        "config": {key: getattr(c, key, None) for key in (
-            "model_type", "strategy", "embed_size", "kernel_size", "num_levels", "img_dim", "text_encoder")},
+        "config": {
+            key: getattr(c, key, None)
+            for key in ("model_type", "strategy", "embed_size", "kernel_size", "num_levels", "img_dim", "text_encoder")
+        },
         "stages": 1 if is_one_stage(model) else 2,
     }
 
 
-def _finish(tmp: Path, manifest: dict[str, Any], arrays: tuple, ids: list[str], paths: list[str],
-            captions: list[str] | None, faiss_index: Any) -> None:
+def _finish(
+    tmp: Path,
+    manifest: dict[str, Any],
+    arrays: tuple,
+    ids: list[str],
+    paths: list[str],
+    captions: list[str] | None,
+    faiss_index: Any,
+) -> None:
     for arr in arrays:
         arr.flush()
     del arrays
@@ -231,9 +246,17 @@ def build_image_index(
         _encode_image_rows(model, src, arrays, 0, batch_size, progress)
         opts = ann.resolve_options(faiss_kind, src.count, faiss_options)
         manifest = {
-            "format": FORMAT, "version": VERSION, "kind": "image", "created": _now(), "eslmatch_version": __version__,
-            "model": _model_record(model, model_path, text_model), "total_dim": dt, "width": src.regions,
-            "count": src.count, "dtype": dtype, "grid": list(src.grid) if src.grid else None,
+            "format": FORMAT,
+            "version": VERSION,
+            "kind": "image",
+            "created": _now(),
+            "eslmatch_version": __version__,
+            "model": _model_record(model, model_path, text_model),
+            "total_dim": dt,
+            "width": src.regions,
+            "count": src.count,
+            "dtype": dtype,
+            "grid": list(src.grid) if src.grid else None,
             "faiss": {"kind": faiss_kind, "options": opts.to_dict(), "trained_on": src.count},
             "sources": [{**src.description, "count": src.count}],
         }
@@ -290,9 +313,17 @@ def build_caption_index(
         _encode_caption_rows(model, tokens, arrays, 0, batch_size, progress)
         opts = ann.resolve_options(faiss_kind, m, faiss_options)
         manifest = {
-            "format": FORMAT, "version": VERSION, "kind": "caption", "created": _now(), "eslmatch_version": __version__,
-            "model": _model_record(model, model_path, text_model), "total_dim": dt, "width": width,
-            "count": m, "dtype": dtype, "grid": None,
+            "format": FORMAT,
+            "version": VERSION,
+            "kind": "caption",
+            "created": _now(),
+            "eslmatch_version": __version__,
+            "model": _model_record(model, model_path, text_model),
+            "total_dim": dt,
+            "width": width,
+            "count": m,
+            "dtype": dtype,
+            "grid": None,
             "faiss": {"kind": faiss_kind, "options": opts.to_dict(), "trained_on": m},
             "sources": [{**src.description, "count": m}],
         }
@@ -363,7 +394,11 @@ def add_to_index(
         )
         manifest = dict(old.manifest)
         manifest.update(
-            count=n, width=width, grid=list(grid) if grid else None, modified=_now(), eslmatch_version=__version__,
+            count=n,
+            width=width,
+            grid=list(grid) if grid else None,
+            modified=_now(),
+            eslmatch_version=__version__,
             faiss={"kind": old.faiss_kind, "options": opts.to_dict(), "trained_on": trained_on},
             sources=[*old.manifest.get("sources", []), {**description, "count": n_new}],
         )
@@ -405,4 +440,3 @@ def rebuild_faiss(
         write_manifest(tmp, manifest)
         old.close()
     return target
-

@@ -49,7 +49,9 @@ def zero_padding(x: Tensor, lengths: Tensor) -> Tensor:
     return x * mask[..., None].to(x.dtype)
 
 
-def encode_images(model: Any, regions: np.ndarray | Tensor, lengths: np.ndarray | Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+def encode_images(
+    model: Any, regions: np.ndarray | Tensor, lengths: np.ndarray | Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Region features ``(B, R, D)`` -> ``(image side (B, R, Dt), global (B, Dt), lengths (B,))``.
 
     Call inside ``eval_mode(model)``; padded regions of the side are zeroed.

@@ -238,8 +238,12 @@ class GalleryIndex:
         row = self.row_of(item_id)
         n = int(self.lengths[row])
         return ImageEntry(
-            self.ids[row], self._paths[row] or None, row, np.array(self.side[row, :n], dtype=np.float32),
-            np.array(self.global_vectors[row], dtype=np.float32), self.fingerprint,
+            self.ids[row],
+            self._paths[row] or None,
+            row,
+            np.array(self.side[row, :n], dtype=np.float32),
+            np.array(self.global_vectors[row], dtype=np.float32),
+            self.fingerprint,
         )
 
     def _need(self, kind: str, what: str) -> None:
@@ -309,8 +313,13 @@ class GalleryIndex:
         return self.search_texts(model, [text], k, rerank_k, timings=timings)[0]
 
     def search_texts(
-        self, model: Any, texts: Sequence[str], k: int = 10, rerank_k: int | None = 100,
-        batch_size: int = QUERY_BATCH, timings: dict[str, float] | None = None,
+        self,
+        model: Any,
+        texts: Sequence[str],
+        k: int = 10,
+        rerank_k: int | None = 100,
+        batch_size: int = QUERY_BATCH,
+        timings: dict[str, float] | None = None,
     ) -> list[list[Hit]]:
         """:meth:`search_text` for many sentences (encoded and shortlisted in batches)."""
         self._need("image", "text search")
@@ -337,7 +346,12 @@ class GalleryIndex:
 
     # ------------------------------------------------------------------ image -> captions
     def search_image(
-        self, model: Any, query: Any, k: int = 10, rerank_k: int | None = 100, image_index: GalleryIndex | None = None,
+        self,
+        model: Any,
+        query: Any,
+        k: int = 10,
+        rerank_k: int | None = 100,
+        image_index: GalleryIndex | None = None,
         timings: dict[str, float] | None = None,
     ) -> list[Hit]:
         """Captions of this caption index for one image, best first.
@@ -349,8 +363,13 @@ class GalleryIndex:
         return self.search_images(model, [query], k, rerank_k, image_index, timings)[0]
 
     def search_images(
-        self, model: Any, queries: Sequence[Any], k: int = 10, rerank_k: int | None = 100,
-        image_index: GalleryIndex | None = None, timings: dict[str, float] | None = None,
+        self,
+        model: Any,
+        queries: Sequence[Any],
+        k: int = 10,
+        rerank_k: int | None = 100,
+        image_index: GalleryIndex | None = None,
+        timings: dict[str, float] | None = None,
     ) -> list[list[Hit]]:
         """:meth:`search_image` for many images."""
         self._need("caption", "image search")
@@ -392,7 +411,9 @@ class GalleryIndex:
         if regions.dim() == 2:
             regions = regions[None]
         if regions.dim() != 3 or regions.shape[0] != 1:
-            raise EslmatchError(f"a query image must be region features (R, D) or (1, R, D), got {tuple(regions.shape)}")
+            raise EslmatchError(
+                f"a query image must be region features (R, D) or (1, R, D), got {tuple(regions.shape)}"
+            )
         side, glob, _ = encode_images(model, regions, None)
         return side, glob[0].float().cpu().numpy()
 
@@ -408,10 +429,17 @@ class GalleryIndex:
         out = []
         for rank, j in enumerate(order, start=1):
             r = int(rows[j])
-            out.append(Hit(
-                rank, self.ids[r], self._paths[r] or None, float(scores[j]), float(fs[j]), r,
-                None if self.captions is None else self.captions[r],
-            ))
+            out.append(
+                Hit(
+                    rank,
+                    self.ids[r],
+                    self._paths[r] or None,
+                    float(scores[j]),
+                    float(fs[j]),
+                    r,
+                    None if self.captions is None else self.captions[r],
+                )
+            )
         return out
 
     def _gather(self, rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
@@ -440,7 +468,9 @@ class GalleryIndex:
         return out
 
     # ------------------------------------------------------------------ explanation
-    def attention(self, model: Any, text: str, item_id: str | int) -> tuple[list[str], np.ndarray, tuple[int, int] | None]:
+    def attention(
+        self, model: Any, text: str, item_id: str | int
+    ) -> tuple[list[str], np.ndarray, tuple[int, int] | None]:
         """Word-by-region attention of ``text`` over the stored image ``item_id``.
 
         Returns ``(words, weights (W, R_i), grid)``: ``weights[w]`` is the text-to-image

@@ -193,14 +193,25 @@ def image_source(
         desc = {"features": str(Path(s.root).resolve()), "split": s.name}
         found = check_grid(grid, s.n_regions) if grid is not None else read_grid(Path(s.root), s.n_regions, s.name)
         return ImageSource(
-            s.n_images, s.n_regions, s.img_dim, lambda i0, i1: s.read_images(slice(i0, i1)),
-            _lengths(lengths, s.n_images, s.n_regions), ids, paths, found, desc,
+            s.n_images,
+            s.n_regions,
+            s.img_dim,
+            lambda i0, i1: s.read_images(slice(i0, i1)),
+            _lengths(lengths, s.n_images, s.n_regions),
+            ids,
+            paths,
+            found,
+            desc,
         )
     return _array_source(features, img_dim, lengths, grid, {"features": "array"})
 
 
-def photo_source(folder: str | Path, preprocess: Callable[[Any], Any], recursive: bool = True,
-                 report: Callable[[str], None] | None = None) -> ImageSource:
+def photo_source(
+    folder: str | Path,
+    preprocess: Callable[[Any], Any],
+    recursive: bool = True,
+    report: Callable[[str], None] | None = None,
+) -> ImageSource:
     """A folder of photos for a model that takes pixels: every readable image, in sorted
     relative-path order (ids without extension, absolute paths). Unreadable files (not an
     image, truncated, corrupt) are skipped and each is reported by name; none is fatal."""
@@ -231,7 +242,9 @@ def photo_source(folder: str | Path, preprocess: Callable[[Any], Any], recursive
     return ImageSource(len(good), 1, 3, read, None, [e.id for e in good], [str(e.path) for e in good], None, desc)
 
 
-def _array_source(arr: Any, img_dim: int, lengths: Any, grid: Sequence[int] | None, desc: dict[str, Any]) -> ImageSource:
+def _array_source(
+    arr: Any, img_dim: int, lengths: Any, grid: Sequence[int] | None, desc: dict[str, Any]
+) -> ImageSource:
     try:
         import torch
 
@@ -250,8 +263,15 @@ def _array_source(arr: Any, img_dim: int, lengths: Any, grid: Sequence[int] | No
     if d != img_dim:
         raise EslmatchError(f"region features have width {d}, the model expects {img_dim}")
     return ImageSource(
-        n, r, d, lambda i0, i1: np.array(arr[i0:i1], dtype=np.float32), _lengths(lengths, n, r), None, None,
-        check_grid(grid, r), desc,
+        n,
+        r,
+        d,
+        lambda i0, i1: np.array(arr[i0:i1], dtype=np.float32),
+        _lengths(lengths, n, r),
+        None,
+        None,
+        check_grid(grid, r),
+        desc,
     )
 
 
@@ -292,7 +312,9 @@ def caption_source(captions: Any, *, split: str = "test") -> CaptionSource:
         paths = [img_paths[c // k] for c in range(s.n_captions)] if img_paths is not None else None
         return CaptionSource(list(s.captions), ids, paths, {"features": str(Path(s.root).resolve()), "split": s.name})
     if isinstance(captions, str) or not isinstance(captions, Sequence):
-        raise EslmatchError(f"captions must be a list of strings, a .txt file or a dataset split, got {type(captions).__name__}")
+        raise EslmatchError(
+            f"captions must be a list of strings, a .txt file or a dataset split, got {type(captions).__name__}"
+        )
     out = []
     for i, c in enumerate(captions):
         if not isinstance(c, str) or not c.strip():

@@ -89,7 +89,9 @@ def check_files(directory: Path, manifest: dict[str, Any], verify: bool) -> None
             raise GalleryIndexError(f"{path}: missing file of the index (rebuild it with 'eslmatch index build')")
         size = path.stat().st_size
         if size != rec["bytes"]:
-            raise GalleryIndexError(f"{path}: {size} bytes, the manifest records {rec['bytes']} (truncated or modified)")
+            raise GalleryIndexError(
+                f"{path}: {size} bytes, the manifest records {rec['bytes']} (truncated or modified)"
+            )
         if verify and sha256_file(path) != rec["sha256"]:
             raise GalleryIndexError(f"{path}: sha256 differs from the manifest (the file was modified or corrupted)")
 
@@ -179,7 +181,14 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         )
     if manifest.get("kind") not in KINDS:
         raise GalleryIndexError(f"{path}: kind {manifest.get('kind')!r} is not one of {', '.join(KINDS)}")
-    for key, typ in (("count", int), ("total_dim", int), ("width", int), ("dtype", str), ("model", dict), ("faiss", dict)):
+    for key, typ in (
+        ("count", int),
+        ("total_dim", int),
+        ("width", int),
+        ("dtype", str),
+        ("model", dict),
+        ("faiss", dict),
+    ):
         if not isinstance(manifest.get(key), typ) or isinstance(manifest.get(key), bool):
             raise GalleryIndexError(f"{path}: missing or invalid {key!r}")
     if manifest["dtype"] not in DTYPES:
@@ -187,7 +196,9 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     if manifest["count"] < 1 or manifest["total_dim"] < 1 or manifest["width"] < 1:
         raise GalleryIndexError(f"{path}: count, total_dim and width must be positive")
     if manifest["faiss"].get("kind") not in FAISS_KINDS:
-        raise GalleryIndexError(f"{path}: faiss kind {manifest['faiss'].get('kind')!r} is not one of {', '.join(FAISS_KINDS)}")
+        raise GalleryIndexError(
+            f"{path}: faiss kind {manifest['faiss'].get('kind')!r} is not one of {', '.join(FAISS_KINDS)}"
+        )
     grid = manifest.get("grid")
     if grid is not None and not (
         isinstance(grid, list) and len(grid) == 2 and all(isinstance(v, int) and v > 0 for v in grid)

@@ -418,7 +418,9 @@ def _guarded(compiled: Callable[..., Tensor], key: str) -> Callable[..., Tensor]
             try:
                 return compiled(*args)
             except Exception as exc:  # noqa: BLE001 - compiler/toolchain failures are not user errors
-                warnings.warn(f"compiled pooling failed ({type(exc).__name__}: {exc}); using the plain pooling", stacklevel=2)
+                warnings.warn(
+                    f"compiled pooling failed ({type(exc).__name__}: {exc}); using the plain pooling", stacklevel=2
+                )
                 state["failed"] = True
                 _COMPILED[key] = None
         return pool_tile(*args)

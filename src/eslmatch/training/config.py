@@ -21,8 +21,21 @@ SCHEDULES = ("step", "cosine")
 # Settings that may differ between a run and its resume without changing what is computed.
 # (data_path, output_dir and device may move: same data, same run, another disk or GPU.)
 RESUME_MAY_CHANGE = frozenset(
-    {"epochs", "max_steps", "workers", "log_every", "save_every_steps", "progress", "tensorboard",
-     "eval_batch_size", "dist_timeout_minutes", "data_path", "output_dir", "device", "image_root"}
+    {
+        "epochs",
+        "max_steps",
+        "workers",
+        "log_every",
+        "save_every_steps",
+        "progress",
+        "tensorboard",
+        "eval_batch_size",
+        "dist_timeout_minutes",
+        "data_path",
+        "output_dir",
+        "device",
+        "image_root",
+    }
 )
 
 
@@ -129,8 +142,15 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`EslmatchError` naming the first bad value."""
-        positive = ("epochs", "batch_size", "log_every", "save_every_steps", "eval_batch_size", "vocab_min_count",
-                    "captions_per_image")
+        positive = (
+            "epochs",
+            "batch_size",
+            "log_every",
+            "save_every_steps",
+            "eval_batch_size",
+            "vocab_min_count",
+            "captions_per_image",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise EslmatchError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -337,8 +357,11 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     """Keys (``model.x`` for model keys) whose values differ, except those resume may change."""
     defaults = {k: v for k, v in TrainConfig().to_dict().items() if k != "model"}
     saved = {**defaults, **migrate(saved)}  # keys added since the run was saved take their defaults
-    diffs = [k for k in sorted(set(saved) | set(current))
-             if k not in RESUME_MAY_CHANGE and k != "model" and saved.get(k) != current.get(k)]
+    diffs = [
+        k
+        for k in sorted(set(saved) | set(current))
+        if k not in RESUME_MAY_CHANGE and k != "model" and saved.get(k) != current.get(k)
+    ]
     sm, cm = saved.get("model", {}), current.get("model", {})
     diffs += [f"model.{k}" for k in sorted(set(sm) | set(cm)) if sm.get(k) != cm.get(k)]
     return diffs

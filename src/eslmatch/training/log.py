@@ -23,8 +23,11 @@ class RunLog:
             return
         if resume_step is not None and self.path.is_file():
             # Records past the resumed step come from the interrupted run: drop them.
-            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and _record_step(line) <= resume_step]
+            kept = [
+                line
+                for line in self.path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and _record_step(line) <= resume_step
+            ]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         self.file = self.path.open("a", encoding="utf-8")
         if tensorboard:

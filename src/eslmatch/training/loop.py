@@ -85,12 +85,19 @@ class Run:
         if with_model_dir:
             model.save_pretrained(self.output / LAST_DIR)
         save_state_file(
-            {**self.state.to_record(), **self.trainer.state_dict(), "rng": rngs, "config": self.cfg.to_dict(),
-             "model_config": model.config.to_dict(), "vocab": self.vocab},
+            {
+                **self.state.to_record(),
+                **self.trainer.state_dict(),
+                "rng": rngs,
+                "config": self.cfg.to_dict(),
+                "model_config": model.config.to_dict(),
+                "vocab": self.vocab,
+            },
             self.output / STATE_NAME,
         )
-        self.log.record("save", epoch=self.state.epoch, step=self.state.global_step,
-                        step_in_epoch=self.state.step_in_epoch)
+        self.log.record(
+            "save", epoch=self.state.epoch, step=self.state.global_step, step_in_epoch=self.state.step_in_epoch
+        )
 
 
 def train_one_epoch(run: Run) -> bool:
@@ -102,10 +109,18 @@ def train_one_epoch(run: Run) -> bool:
     cfg, ctx, st, trainer = run.cfg, run.ctx, run.state, run.trainer
     base_lr = trainer.start_epoch(st.epoch)
     run.dataset.set_epoch(st.epoch)
-    sampler = EpochBatchSampler(run.dataset.split.n_captions, cfg.batch_size, cfg.seed, st.epoch,
-                                start=st.step_in_epoch, share=rank_slice(cfg.batch_size, ctx))
+    sampler = EpochBatchSampler(
+        run.dataset.split.n_captions,
+        cfg.batch_size,
+        cfg.seed,
+        st.epoch,
+        start=st.step_in_epoch,
+        share=rank_slice(cfg.batch_size, ctx),
+    )
     loader = torch.utils.data.DataLoader(
-        run.dataset, batch_sampler=sampler, num_workers=cfg.workers,
+        run.dataset,
+        batch_sampler=sampler,
+        num_workers=cfg.workers,
         collate_fn=collate_pixels if isinstance(run.dataset, ImageCaptionDataset) else collate,
         pin_memory=ctx.device.type == "cuda",
         # An own generator: creating the loader never draws from the global RNG, which a
@@ -130,9 +145,16 @@ def train_one_epoch(run: Run) -> bool:
             st.epoch_loss += mean_loss * window_n
             st.epoch_batches += window_n
             window, window_n = torch.zeros((), device=ctx.device), 0
-            run.log.record("step", epoch=st.epoch, step=st.global_step, step_in_epoch=st.step_in_epoch,
-                           loss=mean_loss, lr=base_lr, max_violation=trainer.max_violation,
-                           seconds=round(time.time() - run.started, 3))
+            run.log.record(
+                "step",
+                epoch=st.epoch,
+                step=st.global_step,
+                step_in_epoch=st.step_in_epoch,
+                loss=mean_loss,
+                lr=base_lr,
+                max_violation=trainer.max_violation,
+                seconds=round(time.time() - run.started, 3),
+            )
             run.log.scalars("train", {"loss": mean_loss, "lr": base_lr}, st.global_step)
             if bar is not None:
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{base_lr:.2e}")
@@ -173,16 +195,26 @@ def end_epoch(run: Run) -> None:
     is_best = st.best_rsum is None or rsum > st.best_rsum
     if is_best:
         st.best_rsum = rsum
-    record = {"epoch": st.epoch, "step": st.global_step, "train_loss": st.epoch_loss / max(st.epoch_batches, 1),
-              "rsum": rsum, "best_rsum": st.best_rsum, "is_best": is_best, "val": metrics,
-              "seconds": round(time.time() - run.started, 3)}
+    record = {
+        "epoch": st.epoch,
+        "step": st.global_step,
+        "train_loss": st.epoch_loss / max(st.epoch_batches, 1),
+        "rsum": rsum,
+        "best_rsum": st.best_rsum,
+        "is_best": is_best,
+        "val": metrics,
+        "seconds": round(time.time() - run.started, 3),
+    }
     st.history.append(record)
     if ctx.is_main:
         run.log.record("epoch", **record)
         flat = {"rsum": rsum, **{f"{side}_{k}": v for side in ("i2t", "t2i") for k, v in metrics.get(side, {}).items()}}
         run.log.scalars("val", flat, st.global_step)
-        print(f"epoch {st.epoch + 1}/{run.cfg.epochs}: loss {record['train_loss']:.4f}, {run.cfg.val_split} rsum "
-              f"{rsum:.2f} (best {st.best_rsum:.2f})", flush=True)
+        print(
+            f"epoch {st.epoch + 1}/{run.cfg.epochs}: loss {record['train_loss']:.4f}, {run.cfg.val_split} rsum "
+            f"{rsum:.2f} (best {st.best_rsum:.2f})",
+            flush=True,
+        )
         if is_best:
             run.trainer.model.save_pretrained(run.output / BEST_DIR)
     st.finish_epoch()
@@ -236,7 +268,9 @@ def _start(cfg: TrainConfig, ctx: DistContext, resume: bool) -> Run:
     train_split, val_split = _open_splits(cfg)
     steps = steps_per_epoch(train_split.n_captions, cfg.batch_size)
     if steps < 1:
-        raise EslmatchError(f"batch_size {cfg.batch_size} is larger than the {train_split.n_captions} training captions")
+        raise EslmatchError(
+            f"batch_size {cfg.batch_size} is larger than the {train_split.n_captions} training captions"
+        )
     rank_slice(cfg.batch_size, ctx)  # the global batch must split evenly
 
     seed_all(cfg.seed)
@@ -258,18 +292,27 @@ def _start(cfg: TrainConfig, ctx: DistContext, resume: bool) -> Run:
     if isinstance(train_split, ImageCaptionSplit):
         dataset = ImageCaptionDataset(train_split, cast(Any, model).preprocess, model.tokenize)
     else:
-        dataset = CaptionDataset(train_split, model.tokenizer, train=True, seed=cfg.seed,
-                                 region_drop=cfg.region_drop, word_mask=cfg.word_mask)
+        dataset = CaptionDataset(
+            train_split,
+            model.tokenizer,
+            train=True,
+            seed=cfg.seed,
+            region_drop=cfg.region_drop,
+            word_mask=cfg.word_mask,
+        )
     if ctx.is_main:
         output.mkdir(parents=True, exist_ok=True)
         atomic_write_text(output / CONFIG_COPY_NAME, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         counts = model.parameter_counts()
         mc = model.config
         text = getattr(mc, "text_encoder", mc.model_type)
-        print(f"eslmatch: {'resuming' if saved is not None else 'training'} {mc.model_type} ({text} text "
-              f"encoder, {counts['total']:,} parameters) on {ctx.device} x{ctx.world_size}: "
-              f"{train_split.n_captions} captions, {steps} steps/epoch, epochs {state.epoch + 1}..{cfg.epochs}, "
-              f"output {output}", flush=True)
+        print(
+            f"eslmatch: {'resuming' if saved is not None else 'training'} {mc.model_type} ({text} text "
+            f"encoder, {counts['total']:,} parameters) on {ctx.device} x{ctx.world_size}: "
+            f"{train_split.n_captions} captions, {steps} steps/epoch, epochs {state.epoch + 1}..{cfg.epochs}, "
+            f"output {output}",
+            flush=True,
+        )
     log = RunLog(output, ctx.is_main, cfg.tensorboard, state.global_step if saved is not None else None)
     return Run(cfg, ctx, trainer, dataset, val_split, state, log, output, vocab, steps, time.time())
 
@@ -291,8 +334,9 @@ def _open_splits(cfg: TrainConfig) -> tuple[Any, Any]:
     return train, val
 
 
-def _make_model(cfg: TrainConfig, train_split: Any, vocab: list[str] | None,
-                saved_config: dict[str, Any] | None) -> MatchingModel:
+def _make_model(
+    cfg: TrainConfig, train_split: Any, vocab: list[str] | None, saved_config: dict[str, Any] | None
+) -> MatchingModel:
     """New weights, or ``init_from``'s (fine-tuning), with the tokenizer the config asks for."""
     mc = cfg.model
     text_encoder = getattr(mc, "text_encoder", None)
@@ -319,8 +363,11 @@ def _make_model(cfg: TrainConfig, train_split: Any, vocab: list[str] | None,
 def _check_same_architecture(have: Any, want: Any, source: str) -> None:
     """``init_from``'s model must be the one the configuration describes (names the keys)."""
     keys = ("model_type", "strategy", "embed_size", "kernel_size", "num_levels", "img_dim", "text_encoder")
-    diffs = [f"{k} {getattr(have, k, None)!r} (config: {getattr(want, k, None)!r})" for k in keys
-             if getattr(have, k, None) != getattr(want, k, None)]
+    diffs = [
+        f"{k} {getattr(have, k, None)!r} (config: {getattr(want, k, None)!r})"
+        for k in keys
+        if getattr(have, k, None) != getattr(want, k, None)
+    ]
     if diffs:
         raise EslmatchError(f"init_from={source}: its model differs from model.* in {'; '.join(diffs)}")
 
@@ -338,5 +385,11 @@ def _progress_bar(cfg: TrainConfig, ctx: DistContext, steps: int, start: int, ep
     if not (cfg.progress and ctx.is_main):
         return None
     # disable=None: a bar on a terminal only, so redirected logs stay clean
-    return tqdm(total=steps, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}", dynamic_ncols=True,
-                leave=False, disable=None)
+    return tqdm(
+        total=steps,
+        initial=start,
+        desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        dynamic_ncols=True,
+        leave=False,
+        disable=None,
+    )

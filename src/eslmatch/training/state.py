@@ -46,8 +46,11 @@ class TrainState:
     def to_record(self) -> dict[str, Any]:
         """The fields as the state file stores them (history as JSON text)."""
         return {
-            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-            "best_rsum": self.best_rsum, "history": json.dumps(self.history),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "best_rsum": self.best_rsum,
+            "history": json.dumps(self.history),
             "epoch_loss": self.epoch_loss if self.step_in_epoch else 0.0,
             "epoch_batches": self.epoch_batches if self.step_in_epoch else 0,
         }
@@ -55,9 +58,12 @@ class TrainState:
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> TrainState:
         return cls(
-            epoch=int(record["epoch"]), step_in_epoch=int(record["step_in_epoch"]),
-            global_step=int(record["global_step"]), best_rsum=record["best_rsum"],
-            epoch_loss=float(record["epoch_loss"]), epoch_batches=int(record["epoch_batches"]),
+            epoch=int(record["epoch"]),
+            step_in_epoch=int(record["step_in_epoch"]),
+            global_step=int(record["global_step"]),
+            best_rsum=record["best_rsum"],
+            epoch_loss=float(record["epoch_loss"]),
+            epoch_batches=int(record["epoch_batches"]),
             history=json.loads(record.get("history", "[]")),
         )
 
@@ -73,8 +79,12 @@ def rng_state() -> dict[str, Any]:
     np_state: Any = np.random.get_state()
     return {
         "python": {"version": int(py[0]), "state": torch.tensor(py[1], dtype=torch.int64), "gauss": py[2]},
-        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "numpy": {
+            "key": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }

@@ -157,8 +157,12 @@ class Trainer:
         return {
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": {"base_lr": self.base_lr, "max_violation": self.max_violation, "global_step": self.global_step,
-                          "epoch": self.epoch},
+            "scheduler": {
+                "base_lr": self.base_lr,
+                "max_violation": self.max_violation,
+                "global_step": self.global_step,
+                "epoch": self.epoch,
+            },
         }
 
     def load_state_dict(self, state: dict[str, Any], source: str = "training state") -> None:

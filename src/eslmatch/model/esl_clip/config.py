@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ...config import ConfigData
 from ...errors import EslmatchError
 
 STRATEGIES = ("adaptive", "heuristic")
@@ -44,7 +44,10 @@ class ClipArchitecture:
                 raise EslmatchError(f"clip.{f.name} must be a positive integer, got {value!r}")
         if self.image_size % self.patch_size:
             raise EslmatchError(f"clip.image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
-        for width, heads, name in ((self.vision_width, self.vision_heads, "vision"), (self.text_width, self.text_heads, "text")):
+        for width, heads, name in (
+            (self.vision_width, self.vision_heads, "vision"),
+            (self.text_width, self.text_heads, "text"),
+        ):
             if width % heads:
                 raise EslmatchError(f"clip.{name}_width {width} must be divisible by {name}_heads {heads}")
 
@@ -52,23 +55,45 @@ class ClipArchitecture:
         """The equivalent ``transformers.CLIPConfig`` (quick_gelu, layer-norm eps 1e-5)."""
         from transformers import CLIPConfig  # heavy: only when a CLIP tower is built
 
-        text = {"vocab_size": self.vocab_size, "hidden_size": self.text_width, "intermediate_size": 4 * self.text_width,
-                "num_hidden_layers": self.text_layers, "num_attention_heads": self.text_heads,
-                "max_position_embeddings": self.context_length, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
-                "projection_dim": self.embed_dim, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 0,
-                "attention_dropout": 0.0}
-        vision = {"hidden_size": self.vision_width, "intermediate_size": 4 * self.vision_width,
-                  "num_hidden_layers": self.vision_layers, "num_attention_heads": self.vision_heads,
-                  "image_size": self.image_size, "patch_size": self.patch_size, "hidden_act": "quick_gelu",
-                  "layer_norm_eps": 1e-5, "projection_dim": self.embed_dim, "attention_dropout": 0.0}
-        cfg = CLIPConfig(text_config=text, vision_config=vision, projection_dim=self.embed_dim,
-                         logit_scale_init_value=math.log(1 / 0.07))
+        text = {
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.text_width,
+            "intermediate_size": 4 * self.text_width,
+            "num_hidden_layers": self.text_layers,
+            "num_attention_heads": self.text_heads,
+            "max_position_embeddings": self.context_length,
+            "hidden_act": "quick_gelu",
+            "layer_norm_eps": 1e-5,
+            "projection_dim": self.embed_dim,
+            "bos_token_id": 49406,
+            "eos_token_id": 49407,
+            "pad_token_id": 0,
+            "attention_dropout": 0.0,
+        }
+        vision = {
+            "hidden_size": self.vision_width,
+            "intermediate_size": 4 * self.vision_width,
+            "num_hidden_layers": self.vision_layers,
+            "num_attention_heads": self.vision_heads,
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "hidden_act": "quick_gelu",
+            "layer_norm_eps": 1e-5,
+            "projection_dim": self.embed_dim,
+            "attention_dropout": 0.0,
+        }
+        cfg = CLIPConfig(
+            text_config=text,
+            vision_config=vision,
+            projection_dim=self.embed_dim,
+            logit_scale_init_value=math.log(1 / 0.07),
+        )
         cfg._attn_implementation = "eager"
         return cfg
 
 
 @dataclass
-class ESLClipConfig:
+class ESLClipConfig(ConfigData):
     """Every hyper-parameter of an ESL-CLIP model (the CLIP-based ESL branch).
 
     Attributes:
@@ -103,6 +128,8 @@ class ESLClipConfig:
     clip: ClipArchitecture = field(default_factory=ClipArchitecture)
     clip_model: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    KIND = "esl-clip"
 
     def __post_init__(self) -> None:
         if isinstance(self.clip, dict):
@@ -143,20 +170,3 @@ class ESLClipConfig:
             raise EslmatchError("heuristic_channels and adaptive_select must be >= 1")
         if not math.isfinite(self.logit_scale_max) or self.logit_scale_max <= 0:
             raise EslmatchError(f"logit_scale_max must be a positive number, got {self.logit_scale_max}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ESLClipConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise EslmatchError(f"unknown esl-clip configuration key(s): {', '.join(unknown)}")
-        return cls(**data)
-
-    def replace(self, **changes: Any) -> ESLClipConfig:
-        return dataclasses.replace(self, **changes)

@@ -42,8 +42,9 @@ class WeightedMeasuring(nn.Module):
     DistributedDataParallel finds no unused parameter.
     """
 
-    def __init__(self, dims: list[int], contribution_init: float = 0.1, sigma_init: float = -1.0,
-                 t2_init: float = 4.0) -> None:
+    def __init__(
+        self, dims: list[int], contribution_init: float = 0.1, sigma_init: float = -1.0, t2_init: float = 4.0
+    ) -> None:
         super().__init__()
         self.dims = list(dims)
         self.M = nn.ParameterList([nn.Parameter(torch.eye(n)) for n in dims])

@@ -57,8 +57,12 @@ class ESLClipModel(MatchingModel):
         self.config = config
         c = config
         self.clip: Any = clip if clip is not None else clip_towers(config)
-        stack = dict(kernel_size=c.kernel_size, heuristic_channels=c.heuristic_channels,
-                     adaptive_select=c.adaptive_select, eps=c.l2_eps)
+        stack = dict(
+            kernel_size=c.kernel_size,
+            heuristic_channels=c.heuristic_channels,
+            adaptive_select=c.adaptive_select,
+            eps=c.l2_eps,
+        )
         self.image_levels = LevelStack(c.level_dims, c.strategy, feed_normalized=True, **stack)  # type: ignore[arg-type]
         self.text_levels = LevelStack(c.level_dims, c.strategy, feed_normalized=False, **stack)  # type: ignore[arg-type]
         self.measuring = WeightedMeasuring(c.level_dims, c.contribution_init, c.sigma_init, c.t2_init)
@@ -88,8 +92,12 @@ class ESLClipModel(MatchingModel):
 
     # ------------------------------------------------------------------ protocol
     def parts(self) -> dict[str, nn.Module]:
-        return {"clip": self.clip, "image_levels": self.image_levels, "text_levels": self.text_levels,
-                "measuring": self.measuring}
+        return {
+            "clip": self.clip,
+            "image_levels": self.image_levels,
+            "text_levels": self.text_levels,
+            "measuring": self.measuring,
+        }
 
     def pretrained_backbone(self) -> nn.Module | None:
         return self.clip
@@ -111,7 +119,9 @@ class ESLClipModel(MatchingModel):
             shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             raise InputError(f"images must be preprocessed pixels (N, 3, {size}, {size}), got {shape}")
         if images.shape[-2:] != (size, size):
-            raise InputError(f"images are {images.shape[-2]}x{images.shape[-1]} pixels, this model expects {size}x{size}")
+            raise InputError(
+                f"images are {images.shape[-2]}x{images.shape[-1]} pixels, this model expects {size}x{size}"
+            )
         if not images.is_floating_point():
             raise InputError(f"images must be floating point, got {images.dtype}")
         return images.to(self.device)
@@ -127,7 +137,11 @@ class ESLClipModel(MatchingModel):
             raise InputError(f"token ids must lie in [0, {self.config.clip.vocab_size})")
         if caption_lengths is not None:
             lengths = torch.as_tensor(caption_lengths).long().reshape(-1)
-            if lengths.numel() != captions.shape[0] or bool((lengths < 1).any()) or bool((lengths > captions.shape[1]).any()):
+            if (
+                lengths.numel() != captions.shape[0]
+                or bool((lengths < 1).any())
+                or bool((lengths > captions.shape[1]).any())
+            ):
                 raise InputError(f"caption lengths must be {captions.shape[0]} values in 1..{captions.shape[1]}")
         return captions.to(self.device).long()
 
@@ -195,11 +209,12 @@ class ESLClipModel(MatchingModel):
     def save_extra(self, directory: Path) -> None:
         (directory / "tokenizer.txt").write_text(
             "CLIP BPE (bpe_simple_vocab_16e6), eslmatch.model.esl_clip.tokenizer.ClipTokenizer, "
-            f"context {self.config.clip.context_length}\n", encoding="utf-8")
+            f"context {self.config.clip.context_length}\n",
+            encoding="utf-8",
+        )
 
     @classmethod
     def build_for_loading(cls, config: Any, directory: Path) -> ESLClipModel:
         if not isinstance(config, ESLClipConfig):
             raise CheckpointError(f"{directory}: not an esl-clip configuration")
         return cls(config)  # the weights come from model.safetensors, never from clip_model
-

@@ -298,33 +298,8 @@ def extract_folder(
         progress=progress,
     )
     _check_config(cfg)
-    src = Path(images_dir)
-    if not src.exists():
-        raise InputError(f"{src}: no such image folder")
-    if not src.is_dir():
-        raise InputError(f"{src}: not a folder (--images takes a folder of images)")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder")
-    exclude = [out / name for name in output_names(split)] + [out / PARTIAL_DIR]
-    exclude += [Path(f) for f in (captions, boxes) if f is not None]  # inputs kept beside the images
-    entries, refused = list_images(src, recursive, exclude)
-    if not entries:
-        raise InputError(
-            f"{src}: no image files found (the folder is empty{'' if recursive else '; sub-folders need --recursive'})"
-        )
-
-    # Captions first: images without one are not worth extracting.
-    table: CaptionTable | None = None
-    no_caption: list[str] = []
-    if captions is not None:
-        table = parse_captions(captions, caption_lookup(entries))
-        no_caption = [e.rel for e in entries if e.id not in table.by_id]
-        entries = [e for e in entries if e.id in table.by_id]
-        _report_bad_lines(table, Path(captions), log)
-        if not entries:
-            raise InputError(f"{captions}: no caption matches an image file in {src} ({table.n_lines} lines read)")
-
+    src, out = Path(images_dir), Path(out_dir)
+    entries, refused, table, no_caption = _list_inputs(src, out, cfg, log)
     model = (
         backbone
         if isinstance(backbone, Backbone)
@@ -334,61 +309,9 @@ def extract_folder(
         )
     )
     out.mkdir(parents=True, exist_ok=True)
-    fingerprint = {
-        "format": META_FORMAT,
-        "split": split,
-        "chunk": chunk,
-        "files": _files_digest(entries),
-        "n_files": len(entries),
-        **model.fingerprint(),
-    }
-    store = ChunkStore(out / PARTIAL_DIR / split, fingerprint)
-    store.open(model.regions, model.dim)
-    if store.discarded:
-        log(
-            f"eslmatch: note: partial results in {store.folder} are from a different file list or backbone; starting over"
-        )
-    n_chunks = (len(entries) + chunk - 1) // chunk
-    reused = sorted(i for i in store.chunks if i < n_chunks)
-    reused_files = sum(len(entries[i * chunk : (i + 1) * chunk]) for i in reused)
-    if reused:
-        log(f"eslmatch: resuming: {len(reused)} of {n_chunks} chunks ({reused_files} files) already extracted")
-
-    computed = 0
-    compute_seconds = 0.0
-    bar = tqdm(
-        total=len(entries),
-        initial=reused_files,
-        unit="img",
-        desc="extract",
-        disable=not progress,
-        file=sys.stderr,
-        dynamic_ncols=True,
-    )
-    try:
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, _deterministic(model.device):
-            for index in range(n_chunks):
-                if index in store.chunks:
-                    continue
-                part = entries[index * chunk : (index + 1) * chunk]
-                t0 = time.perf_counter()
-                feats, kept, skipped = _extract_chunk(model, part, batch_size, pool, bar.update)
-                compute_seconds += time.perf_counter() - t0
-                computed += len(part)
-                store.save(index, feats, kept, skipped)
-                if on_chunk is not None:
-                    on_chunk(index, n_chunks)
-    finally:
-        bar.close()
-
-    # Assemble rows in file order from the chunks.
-    rows: list[ImageEntry] = []
-    skipped_all: list[tuple[str, str]] = list(refused)
-    for index in range(n_chunks):
-        rec = store.chunks[index]
-        part = entries[index * chunk : (index + 1) * chunk]
-        rows.extend(part[i] for i in rec["kept"])
-        skipped_all.extend((s[0], s[1]) for s in rec["skipped"])
+    store, n_chunks, reused, reused_files = _open_store(out, cfg, entries, model, log)
+    computed, compute_seconds = _run_chunks(model, store, entries, cfg, n_chunks, reused_files, on_chunk)
+    rows, skipped_all = _assemble_rows(store, entries, chunk, n_chunks, refused)
     if not rows:
         store.remove()
         first = f" (first: {skipped_all[0][0]}: {skipped_all[0][1]})" if skipped_all else ""
@@ -414,6 +337,116 @@ def extract_folder(
             + (" ..." if len(no_caption) > _PRINT_LIMIT else "")
         )
     return summary
+
+
+def _list_inputs(
+    src: Path, out: Path, cfg: ExtractConfig, log: Callable[[str], None]
+) -> tuple[list[ImageEntry], list[tuple[str, str]], CaptionTable | None, list[str]]:
+    """The image files to extract (captioned ones only, with ``cfg.captions``), the files
+    refused up front, the parsed captions and the files left out for want of a caption."""
+    if not src.exists():
+        raise InputError(f"{src}: no such image folder")
+    if not src.is_dir():
+        raise InputError(f"{src}: not a folder (--images takes a folder of images)")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder")
+    exclude = [out / name for name in output_names(cfg.split)] + [out / PARTIAL_DIR]
+    exclude += [Path(f) for f in (cfg.captions, cfg.boxes) if f is not None]  # inputs kept beside the images
+    entries, refused = list_images(src, cfg.recursive, exclude)
+    if not entries:
+        raise InputError(
+            f"{src}: no image files found (the folder is empty{'' if cfg.recursive else '; sub-folders need --recursive'})"
+        )
+    # Captions first: images without one are not worth extracting.
+    table: CaptionTable | None = None
+    no_caption: list[str] = []
+    if cfg.captions is not None:
+        table = parse_captions(cfg.captions, caption_lookup(entries))
+        no_caption = [e.rel for e in entries if e.id not in table.by_id]
+        entries = [e for e in entries if e.id in table.by_id]
+        _report_bad_lines(table, Path(cfg.captions), log)
+        if not entries:
+            raise InputError(f"{cfg.captions}: no caption matches an image file in {src} ({table.n_lines} lines read)")
+    return entries, refused, table, no_caption
+
+
+def _open_store(
+    out: Path, cfg: ExtractConfig, entries: list[ImageEntry], model: Backbone, log: Callable[[str], None]
+) -> tuple[ChunkStore, int, list[int], int]:
+    """The resumable chunk store: ``(store, n_chunks, reused chunk indices, files they hold)``."""
+    fingerprint = {
+        "format": META_FORMAT,
+        "split": cfg.split,
+        "chunk": cfg.chunk,
+        "files": _files_digest(entries),
+        "n_files": len(entries),
+        **model.fingerprint(),
+    }
+    store = ChunkStore(out / PARTIAL_DIR / cfg.split, fingerprint)
+    store.open(model.regions, model.dim)
+    if store.discarded:
+        log(
+            f"eslmatch: note: partial results in {store.folder} are from a different file list or backbone; starting over"
+        )
+    chunk = cfg.chunk
+    n_chunks = (len(entries) + chunk - 1) // chunk
+    reused = sorted(i for i in store.chunks if i < n_chunks)
+    reused_files = sum(len(entries[i * chunk : (i + 1) * chunk]) for i in reused)
+    if reused:
+        log(f"eslmatch: resuming: {len(reused)} of {n_chunks} chunks ({reused_files} files) already extracted")
+    return store, n_chunks, reused, reused_files
+
+
+def _run_chunks(
+    model: Backbone,
+    store: ChunkStore,
+    entries: list[ImageEntry],
+    cfg: ExtractConfig,
+    n_chunks: int,
+    reused_files: int,
+    on_chunk: Callable[[int, int], None] | None,
+) -> tuple[int, float]:
+    """Extract every chunk not done yet, saving each; returns (files computed, seconds)."""
+    computed, compute_seconds, chunk = 0, 0.0, cfg.chunk
+    bar = tqdm(
+        total=len(entries),
+        initial=reused_files,
+        unit="img",
+        desc="extract",
+        disable=not cfg.progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool, _deterministic(model.device):
+            for index in range(n_chunks):
+                if index in store.chunks:
+                    continue
+                part = entries[index * chunk : (index + 1) * chunk]
+                t0 = time.perf_counter()
+                feats, kept, skipped = _extract_chunk(model, part, cfg.batch_size, pool, bar.update)
+                compute_seconds += time.perf_counter() - t0
+                computed += len(part)
+                store.save(index, feats, kept, skipped)
+                if on_chunk is not None:
+                    on_chunk(index, n_chunks)
+    finally:
+        bar.close()
+    return computed, compute_seconds
+
+
+def _assemble_rows(
+    store: ChunkStore, entries: list[ImageEntry], chunk: int, n_chunks: int, refused: list[tuple[str, str]]
+) -> tuple[list[ImageEntry], list[tuple[str, str]]]:
+    """The kept rows in file order and every skipped file with its reason."""
+    rows: list[ImageEntry] = []
+    skipped_all: list[tuple[str, str]] = list(refused)
+    for index in range(n_chunks):
+        rec = store.chunks[index]
+        part = entries[index * chunk : (index + 1) * chunk]
+        rows.extend(part[i] for i in rec["kept"])
+        skipped_all.extend((s[0], s[1]) for s in rec["skipped"])
+    return rows, skipped_all
 
 
 def _check_config(cfg: ExtractConfig) -> None:

@@ -158,3 +158,29 @@ def test_preprocess_matches_the_clip_transform():
     assert x.shape == (3, 224, 224)
     expect = torch.tensor([(1 - 0.48145466) / 0.26862954, (0 - 0.4578275) / 0.26130258, (0 - 0.40821073) / 0.27577711])
     assert torch.allclose(x[:, 100, 100], expect, atol=1e-5)
+
+
+def test_a_release_with_the_branch_config_object_loads(tmp_path, monkeypatch):
+    """The branch's checkpoints also hold ``'config'``: a pickled ``config.all_config.AllConfig``.
+    It loads as inert data (the branch's module is not importable here, and nothing runs)."""
+    import sys
+    import types
+
+    module = types.ModuleType("config.all_config")
+
+    class AllConfig:
+        def __init__(self):
+            self.clip_lr, self.noclip_lr, self.dataset_name = 1e-6, 3e-5, "MS-COCO"
+
+    AllConfig.__module__ = "config.all_config"
+    AllConfig.__qualname__ = "AllConfig"
+    module.AllConfig = AllConfig
+    monkeypatch.setitem(sys.modules, "config", types.ModuleType("config"))
+    monkeypatch.setitem(sys.modules, "config.all_config", module)
+    ckpt = random_release("heuristic", embed=64, levels=3)
+    ckpt["config"] = AllConfig()
+    torch.save(ckpt, tmp_path / "release.pth")
+    monkeypatch.delitem(sys.modules, "config.all_config")
+    monkeypatch.delitem(sys.modules, "config")
+    model = eslmatch.load_official_checkpoint(tmp_path / "release.pth")
+    assert isinstance(model, ESLClipModel) and model.config.num_levels == 3

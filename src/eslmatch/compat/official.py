@@ -27,7 +27,18 @@ from ..model.esl_clip import ESLClipModel
 from ..text import load_tokenizer
 from .clip import is_clip_release, load_clip_release
 
-ALLOWED_GLOBALS: list[Any] = [argparse.Namespace]
+
+class ReleasedClipConfig:
+    """An inert stand-in for the CLIP-based branch's pickled ``config.all_config.AllConfig``
+    (its ``_save_checkpoint`` stores the run's configuration object in the checkpoint): it
+    only receives the object's attribute values; nothing of the branch's code is imported or
+    run."""
+
+
+ReleasedClipConfig.__module__ = "config.all_config"
+ReleasedClipConfig.__name__ = ReleasedClipConfig.__qualname__ = "AllConfig"
+
+ALLOWED_GLOBALS: list[Any] = [argparse.Namespace, ReleasedClipConfig]
 
 # Present in released checkpoints but never used by their forward pass: loaded, ignored.
 _UNUSED = (re.compile(r"^image\.mlp\.bns\.1\."), re.compile(r"^text\.bert\.pooler\."))
@@ -51,8 +62,8 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any
         match = re.search(r"GLOBAL ([\w.]+)", str(exc))
         what = f"it needs {match.group(1)}, which is not allowed" if match else first
         raise CheckpointError(
-            f"{p}: refused to load: {what} (only tensors, plain containers and argparse.Namespace "
-            "are allowed; nothing in the file was executed)"
+            f"{p}: refused to load: {what} (only tensors, plain containers, argparse.Namespace and the "
+            "CLIP branch's config record are allowed; nothing in the file was executed)"
         ) from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{p}: not a readable checkpoint (truncated or corrupt?): {_first_line(exc)}") from exc

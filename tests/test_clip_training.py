@@ -198,3 +198,30 @@ def test_two_processes_equal_one_with_the_global_batch(tmp_path):
         f"worst gradient relative difference {worst:.1e}"
     )
     assert worst <= 1e-5
+
+
+def test_gradient_checkpointing_gives_the_same_step():
+    from eslmatch.training import TrainConfig, Trainer
+
+    pixels, img_len, ids, lens = make_batch()
+    results = []
+    for checkpointing in (False, True):
+        model = make_model()
+        cfg = TrainConfig(
+            lr=1e-3,
+            optimizer="bert-adamw",
+            schedule="cosine",
+            grad_clip=1.0,
+            vse_mean_warmup_epochs=0,
+            region_drop=0.0,
+            word_mask=0.0,
+            gradient_checkpointing=checkpointing,
+        )
+        trainer = Trainer(model, cfg, steps_per_epoch=4)
+        trainer.start_epoch(0)
+        trainer.step(pixels, img_len, ids, lens)
+        loss = float(trainer.step(pixels, img_len, ids, lens))
+        results.append((loss, {k: v.clone() for k, v in model.state_dict().items()}))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
+    worst = max(float((results[1][1][k] - v).abs().max()) for k, v in results[0][1].items())
+    assert worst <= 1e-5

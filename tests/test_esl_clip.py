@@ -184,3 +184,21 @@ def test_a_release_with_the_branch_config_object_loads(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "config")
     model = eslmatch.load_official_checkpoint(tmp_path / "release.pth")
     assert isinstance(model, ESLClipModel) and model.config.num_levels == 3
+
+
+def test_pretrained_towers_load_from_a_transformers_clip_folder(tmp_path):
+    """``clip_model`` names a transformers CLIP folder (e.g. openai/clip-vit-base-patch16): its
+    towers are loaded as they are (here a small random one saved by transformers)."""
+    from transformers import CLIPModel
+
+    from _models import TINY_CLIP
+
+    cfg = ESLClipConfig(num_levels=2, clip=TINY_CLIP)
+    towers = CLIPModel(cfg.clip.to_transformers())
+    towers.save_pretrained(tmp_path / "clip")
+    model = eslmatch.build_model(cfg.replace(clip_model=str(tmp_path / "clip")))
+    for name, t in towers.state_dict().items():
+        assert torch.equal(model.clip.state_dict()[name], t), name
+    bigger = ESLClipConfig(num_levels=2, clip={**TINY_CLIP, "vision_layers": 2})
+    with pytest.raises(Exception, match="vision_config.num_hidden_layers differs"):
+        eslmatch.build_model(bigger.replace(clip_model=str(tmp_path / "clip")))

@@ -100,6 +100,12 @@ def test_bad_inputs_are_one_clear_line(capsys, data, tmp_path):
     assert_one_line(*run(capsys, *base_bad)[::2], f"{names[0]}: not an image")
     (images / names[0]).write_bytes((data / "images" / names[0]).read_bytes()[:300])  # truncated PNG
     assert_one_line(*run(capsys, *base_bad)[::2], f"{names[0]}: unreadable image")
+    from PIL import Image
+
+    jpeg = tmp_path / "photo.jpg"
+    Image.open(data / "images" / names[0]).convert("RGB").save(jpeg, format="JPEG")
+    (images / names[0]).write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])  # truncated JPEG
+    assert_one_line(*run(capsys, *base_bad)[::2], f"{names[0]}: unreadable image.*(?i:truncated)")
     # a checkpoint of the other family
     from _models import make_released_checkpoint
 

@@ -1,9 +1,11 @@
-"""``eslmatch index build|add|info|reindex``: gallery indexes for two-stage retrieval."""
+"""``eslmatch index build|add|info|reindex``: gallery indexes (two-stage for ESL, one-stage
+and exact for single-vector models: VSE, ESL-CLIP)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,9 @@ from ..retrieval import (
     add_to_index,
     build_caption_index,
     build_image_index,
+    is_one_stage,
     rebuild_faiss,
+    takes_pixels,
 )
 from ..retrieval.store import read_manifest
 from ..utils import resolve_device
@@ -63,7 +67,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--features",
         help="precomp dataset folder, an .npy of region features (N, R, D), or (captions) a .txt",
     )
-    b.add_argument("--split", default="test", help="split of the dataset folder (default: test)")
+    b.add_argument(
+        "--split-file",
+        help="a Karpathy-split .json or an image<TAB>caption .tsv naming the images under --images "
+        "(models that take pixels) and their captions (--kind caption); {split} in the name is replaced",
+    )
+    b.add_argument("--split", default="test", help="split of the dataset folder or split file (default: test)")
     b.add_argument(
         "--kind",
         choices=("image", "caption"),
@@ -73,7 +82,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument(
         "--images",
         help="folder of the image files, to record their paths; for a model that takes "
-        "pixels (ESL-CLIP), the folder of photos to index (then no --features)",
+        "pixels (ESL-CLIP), the folder of photos to index (then no --features; unreadable "
+        "files are skipped and named), or the folder of --split-file's images",
     )
     b.add_argument(
         "--out",
@@ -83,7 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument(
         "--fp16",
         action="store_true",
-        help="store the per-region tensors in float16 (half the disk)",
+        help="store the per-region tensors in float16 (half the disk; two-stage indexes only)",
     )
     _faiss_args(b, "flat")
     b.add_argument("--batch-size", type=int, default=256)
@@ -96,9 +106,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     a = isub.add_parser("add", help="append images or captions to an index (atomic)")
     a.add_argument("--index", required=True, help="index directory")
     a.add_argument("--model", help="model (default: the one recorded in the index)")
-    a.add_argument("--features", required=True, help="as for 'index build'")
+    a.add_argument("--features", help="as for 'index build'")
+    a.add_argument("--split-file", help="as for 'index build'")
     a.add_argument("--split", default="test")
-    a.add_argument("--images", help="folder of the new image files")
+    a.add_argument(
+        "--images",
+        help="folder of the new image files (for a model that takes pixels: the photos to add, "
+        "or the folder of --split-file's images)",
+    )
     a.add_argument("--batch-size", type=int, default=256)
     a.add_argument("--device", default="cpu")
     a.add_argument("--text-model", help="tokenizer for released checkpoints")
@@ -153,10 +168,53 @@ def run(args: argparse.Namespace) -> int:
     return {"build": _build, "add": _add, "info": _info, "reindex": _reindex}[action](args)
 
 
-def _build(args: argparse.Namespace) -> int:
+def _inputs(args: argparse.Namespace, model: Any, kind: str) -> tuple[Any, Any]:
+    """``(what to index, images_dir)`` from ``--features`` / ``--split-file`` / ``--images``."""
+    split_file = args.split_file
+    if split_file and args.features:
+        raise EslmatchError("give --features or --split-file, not both")
+    if kind == "image" and takes_pixels(model):
+        if args.features:
+            raise EslmatchError(
+                "this model takes images, not region features: give the folder of photos with --images "
+                "(or a split: --split-file FILE --images FOLDER)"
+            )
+        if not args.images:
+            raise EslmatchError("this model takes images: give the folder of photos with --images")
+        return (split_file, args.images) if split_file else (args.images, None)
+    if split_file:
+        if kind == "image":
+            raise EslmatchError(
+                "--split-file names raw images, for models that take pixels; this model reads region features: "
+                "give --features"
+            )
+        if not args.images:
+            raise EslmatchError("--split-file needs --images, the folder of its images")
+        return split_file, args.images
+    if kind == "image":
+        if not args.features:
+            raise EslmatchError("give the region features with --features (a precomp folder or an .npy)")
+        return args.features, args.images
+    if args.images:
+        raise EslmatchError(
+            "--images applies to image indexes, or to captions from --split-file (caption paths come from the dataset)"
+        )
+    if not args.features:
+        raise EslmatchError(
+            "give the captions with --features (a precomp folder or a .txt, one caption a line) or --split-file"
+        )
+    return args.features, None
 
+
+def _build(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model = load_model(args.model, map_location=device, text_model=args.text_model)
+    features, images_dir = _inputs(args, model, args.kind)
+    if args.fp16 and is_one_stage(model):
+        print(
+            "eslmatch: note: --fp16 has no effect on a one-stage index (it stores float32 vectors only)",
+            file=sys.stderr,
+        )
     start = time.perf_counter()
     common = dict(
         split=args.split,
@@ -168,20 +226,9 @@ def _build(args: argparse.Namespace) -> int:
         text_model=args.text_model,
     )
     if args.kind == "image":
-        if hasattr(model, "preprocess"):  # a model that takes pixels indexes the photos themselves
-            if not args.images:
-                raise EslmatchError("this model takes images: give the folder of photos with --images")
-            out = build_image_index(model, args.images, args.out, **common)
-        else:
-            if not args.features:
-                raise EslmatchError("give the region features with --features (a precomp folder or an .npy)")
-            out = build_image_index(model, args.features, args.out, images_dir=args.images, **common)
+        out = build_image_index(model, features, args.out, images_dir=images_dir, **common)
     else:
-        if args.images:
-            raise EslmatchError("--images applies to image indexes (caption paths come from the dataset)")
-        if not args.features:
-            raise EslmatchError("give the captions with --features (a precomp folder or a .txt, one caption a line)")
-        out = build_caption_index(model, args.features, args.out, **common)
+        out = build_caption_index(model, features, args.out, images_dir=images_dir, **common)
     print(f"built {args.kind} index {out} in {time.perf_counter() - start:.1f} s")
     return _info(argparse.Namespace(index=str(out), verify=False, json=False))
 
@@ -189,13 +236,14 @@ def _build(args: argparse.Namespace) -> int:
 def _add(args: argparse.Namespace) -> int:
     manifest = read_manifest(Path(args.index))
     model = load_index_model(args.model, manifest, str(resolve_device(args.device)), args.text_model)
+    features, images_dir = _inputs(args, model, manifest["kind"])
     before = manifest["count"]
     add_to_index(
         args.index,
         model,
-        args.features,
+        features,
         split=args.split,
-        images_dir=args.images,
+        images_dir=images_dir,
         batch_size=args.batch_size,
     )
     after = read_manifest(Path(args.index))["count"]
@@ -212,9 +260,15 @@ def _info(args: argparse.Namespace) -> int:
     size = sum(rec["bytes"] for rec in m["files"].values())
     what = "regions" if index.kind == "image" else "words"
     print(f"index      {index.path}")
-    print(
-        f"kind       {index.kind} ({index.count} items, up to {index.width} {what}, Dt={index.total_dim}, {index.dtype})"
-    )
+    if index.one_stage:
+        print(f"kind       {index.kind} ({index.count} items, one vector of {index.total_dim} each, {index.dtype})")
+        print("stages     1 (exact: the inner product of the vectors is the model's score; no re-rank)")
+    else:
+        print(
+            f"kind       {index.kind} ({index.count} items, up to {index.width} {what}, Dt={index.total_dim}, "
+            f"{index.dtype})"
+        )
+        print("stages     2 (FAISS shortlist, then the full ESL score re-ranks it)")
     faiss = m["faiss"]
     opts = index.faiss_options.relevant(index.faiss_kind)
     print(f"faiss      {faiss['kind']}" + "".join(f" {k}={v}" for k, v in opts.items()))
@@ -223,7 +277,9 @@ def _info(args: argparse.Namespace) -> int:
     print(f"size       {size / 2**20:.1f} MiB")
     for src in m.get("sources", []):
         split = f" split {src['split']}" if src.get("split") else ""
-        print(f"source     {src.get('features')}{split} ({src.get('count')} items)")
+        where = src.get("features") or src.get("images") or src.get("split_file")
+        skipped = f", {src['skipped']} unreadable files skipped" if src.get("skipped") else ""
+        print(f"source     {where}{split} ({src.get('count')} items{skipped})")
     if args.verify:
         print("verified   every file's sha256 matches the manifest")
     return 0

@@ -1,7 +1,9 @@
-"""``eslmatch search --index INDEX "TEXT"``: two-stage retrieval over a gallery index.
+"""``eslmatch search --index INDEX "TEXT"``: retrieval over a gallery index (two-stage for
+ESL, one-stage and exact for single-vector models).
 
 Text -> images on an image index; image -> captions on a caption index with ``--image-id ID
---image-index IMAGE_INDEX`` (or ``--image-features FILE.npy``).
+--image-index IMAGE_INDEX``, ``--image-features FILE.npy`` (models of region features) or
+``--image-file PHOTO`` (models that take pixels).
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.files import SkipImage, open_image
 from ..errors import EslmatchError
 from ..retrieval import GalleryIndex
 from ..utils import resolve_device
@@ -41,7 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--rerank-k",
         type=int,
         default=100,
-        help="first-stage candidates re-scored with ESL (default 100; 0: first stage only)",
+        help="first-stage candidates re-scored with ESL (default 100; 0: first stage only); "
+        "ignored by one-stage indexes, whose first stage is exact",
     )
     s.add_argument(
         "--model",
@@ -93,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.text:
             raise EslmatchError(
-                f"{args.index} is a caption index: query it with --image-id/--image-index or --image-features"
+                f"{args.index} is a caption index: query it with --image-id/--image-index, --image-features or --image-file"
             )
         if args.image_id is not None:
             if not args.image_index:
@@ -112,12 +114,11 @@ def run(args: argparse.Namespace) -> int:
             }
         elif args.image_file is not None:
             if not hasattr(model, "preprocess"):
-                raise EslmatchError("--image-file needs a model that takes images (ESL-CLIP); give --image-features")
-            try:
-                pixels = model.preprocess(open_image(Path(args.image_file)))
-            except SkipImage as exc:
-                raise EslmatchError(f"{args.image_file}: {exc}") from None
-            hits = index.search_image(model, pixels, k=args.k, rerank_k=args.rerank_k)
+                raise EslmatchError(
+                    "--image-file needs a model that takes images (e.g. ESL-CLIP); this one reads region "
+                    "features: give --image-features"
+                )
+            hits = index.search_image(model, Path(args.image_file), k=args.k, rerank_k=args.rerank_k)
             query = {"image_file": args.image_file}
         elif args.image_features is not None:
             try:
@@ -128,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
             query = {"image_features": args.image_features}
         else:
             raise EslmatchError(
-                "a caption index is queried with --image-id ID --image-index INDEX or --image-features FILE.npy"
+                "a caption index is queried with --image-id ID --image-index INDEX, --image-features FILE.npy "
+                "or --image-file PHOTO"
             )
     elapsed = time.perf_counter() - start
     if args.json:
@@ -138,8 +140,9 @@ def run(args: argparse.Namespace) -> int:
                     "query": query,
                     "index": str(index.path),
                     "kind": index.kind,
+                    "stages": index.stages,
                     "k": args.k,
-                    "rerank_k": args.rerank_k,
+                    "rerank_k": None if index.one_stage else args.rerank_k,
                     "seconds": round(elapsed, 4),
                     "hits": [h.to_dict() for h in hits],
                 },
@@ -152,5 +155,6 @@ def run(args: argparse.Namespace) -> int:
     for h in hits:
         shown = h.caption if index.kind == "caption" else (h.path or "")
         print(f"{h.rank:>4}  {h.score:>9.4f}  {h.first_stage_score:>9.4f}  {h.id:<16} {shown}")
-    print(f"({len(hits)} of {index.count}, {elapsed * 1000:.0f} ms)")
+    exact = ", one-stage: exact scores, no re-rank" if index.one_stage else ""
+    print(f"({len(hits)} of {index.count}, {elapsed * 1000:.0f} ms{exact})")
     return 0

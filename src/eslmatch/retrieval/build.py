@@ -1,9 +1,15 @@
-"""Building, extending and re-indexing gallery indexes (always atomically)."""
+"""Building, extending and re-indexing gallery indexes (always atomically).
+
+A two-stage model (ESL) gets the side, lengths and first-stage vectors of every item; a
+one-stage model (``exact_index``: VSE, ESL-CLIP) only its index vectors (``global.npy``).
+"""
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Sequence
+import os
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +22,27 @@ from ..data import eval_mode, length_batches
 from ..errors import EslmatchError
 from ..utils import atomic_dir, resolve_device
 from . import ann
-from .encode import encode_images, encode_token_batch, is_one_stage, require_two_stage, takes_pixels, tokenize_all
+from .encode import (
+    caption_vectors,
+    encode_images,
+    encode_token_batch,
+    image_vectors,
+    is_one_stage,
+    require_two_stage,
+    takes_pixels,
+    tokenize_all,
+)
 from .index import GalleryIndex
-from .sources import CaptionSource, ImageSource, caption_source, image_source, paths_from_dir, photo_source
+from .sources import (
+    CaptionSource,
+    ImageSource,
+    PhotoSource,
+    caption_source,
+    image_source,
+    load_pixels,
+    paths_from_dir,
+    photo_source,
+)
 from .store import (
     CAPTIONS,
     FAISS,
@@ -26,6 +50,7 @@ from .store import (
     GLOBAL,
     IDS,
     LENGTHS,
+    ONE_STAGE_VERSION,
     PATHS,
     SIDE,
     VERSION,
@@ -34,12 +59,18 @@ from .store import (
     data_files,
     file_records,
     link_or_copy,
+    manifest_has_side,
     model_fingerprint,
+    open_array,
     write_lines,
     write_manifest,
 )
 
 _COPY_ROWS_BYTES = 64 << 20
+_PARTIAL = "global.partial.npy"
+_LISTED_SKIPS = 1000  # skipped files named in the manifest (all are reported while building)
+
+Report = Callable[[str], None]
 
 
 # ---------------------------------------------------------------------- small helpers
@@ -84,12 +115,12 @@ def _paths(given: Sequence[Any] | None, found: list[str] | None, n: int, images_
 
 
 def _image_items(model: Any, features: Any, split: str, lengths: Any, grid: Any) -> ImageSource:
-    """What to embed: photos for a model that takes pixels, else region features."""
-    if takes_pixels(model):
-        if not isinstance(features, (str, Path)) or not Path(features).is_dir():
-            raise EslmatchError(f"{features}: this model takes images: give a folder of photos")
-        return photo_source(features, model.preprocess)
+    """Region features to embed (two-stage indexes and one-stage models of region features)."""
     return image_source(features, img_dim=model.config.img_dim, split=split, lengths=lengths, grid=grid)
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _device(model: Any, device: Any) -> None:
@@ -154,7 +185,7 @@ def _copy_rows(src: Any, dst: tuple, n: int) -> None:
 
 def _model_record(model: Any, model_path: Any, text_model: Any) -> dict[str, Any]:
     c = model.config
-    return {
+    record = {
         "path": None if model_path is None else str(Path(model_path).resolve()),
         "text_model": None if text_model is None else str(text_model),
         "fingerprint": model_fingerprint(model),
@@ -164,6 +195,9 @@ def _model_record(model: Any, model_path: Any, text_model: Any) -> dict[str, Any
         },
         "stages": 1 if is_one_stage(model) else 2,
     }
+    if is_one_stage(model):
+        record["inputs"] = "pixels" if takes_pixels(model) else "regions"
+    return record
 
 
 def _finish(
@@ -183,8 +217,210 @@ def _finish(
     write_lines(tmp / PATHS, paths)
     if captions is not None:
         write_lines(tmp / CAPTIONS, captions)
-    manifest["files"] = file_records(tmp, data_files(manifest["kind"]))
+    manifest["files"] = file_records(tmp, data_files(manifest["kind"], manifest_has_side(manifest)))
     write_manifest(tmp, manifest)
+
+
+# ---------------------------------------------------------------------- one-stage: vectors only
+class _Vectors:
+    """``global.npy`` of a one-stage index, written by rows; its width is learnt from the first
+    rows written (the model's index vectors), and :meth:`finish` keeps the first ``n`` rows
+    (files that could not be read leave the end unused)."""
+
+    def __init__(self, tmp: Path, capacity: int, dim: int | None = None) -> None:
+        self.tmp, self.capacity, self.dim = tmp, capacity, dim
+        self.array: np.memmap | None = None
+        if dim is not None:
+            self._alloc(dim)
+
+    def _alloc(self, dim: int) -> None:
+        self.dim = dim
+        shape = (self.capacity, dim)
+        self.array = np.lib.format.open_memmap(self.tmp / _PARTIAL, mode="w+", dtype=np.float32, shape=shape)
+
+    def write(self, rows: slice | np.ndarray, vectors: torch.Tensor | np.ndarray) -> None:
+        if isinstance(vectors, torch.Tensor):
+            vectors = vectors.detach().to(torch.float32).cpu().numpy()
+        v = np.asarray(vectors, dtype=np.float32)
+        if v.ndim != 2:
+            raise EslmatchError(f"index vectors must be (B, K), the model gave {v.shape}")
+        if self.array is None:
+            self._alloc(v.shape[1])
+        elif v.shape[1] != self.dim:
+            raise EslmatchError(
+                f"the model gives index vectors of width {v.shape[1]}, the index holds width {self.dim}"
+            )
+        assert self.array is not None
+        self.array[rows] = v
+
+    def finish(self, n: int) -> np.ndarray:
+        """Write ``global.npy`` (the first ``n`` rows) and return it memory-mapped."""
+        if self.array is None or self.dim is None:
+            raise EslmatchError("nothing to index")
+        part, final = self.tmp / _PARTIAL, self.tmp / GLOBAL
+        self.array.flush()
+        if n == self.capacity:
+            self.array = None
+            os.replace(part, final)
+        else:
+            out = np.lib.format.open_memmap(final, mode="w+", dtype=np.float32, shape=(n, self.dim))
+            step = max(1, _COPY_ROWS_BYTES // max(1, self.dim * 4))
+            for i0 in range(0, n, step):
+                out[i0 : min(i0 + step, n)] = self.array[i0 : min(i0 + step, n)]
+            out.flush()
+            del out
+            self.array = None
+            part.unlink()
+        return open_array(final)
+
+
+def _vector_image_rows(
+    model: Any, src: ImageSource, sink: _Vectors, start: int, batch_size: int, progress: bool
+) -> None:
+    with eval_mode(model), _progress(src.count, progress, "images") as bar:
+        for i0 in range(0, src.count, batch_size):
+            i1 = min(i0 + batch_size, src.count)
+            lens = None if src.lengths is None else src.lengths[i0:i1]
+            sink.write(slice(start + i0, start + i1), image_vectors(model, src.read(i0, i1), lens))
+            bar.update(i1 - i0)
+
+
+def _vector_photo_rows(
+    model: Any, src: PhotoSource, sink: _Vectors, start: int, batch_size: int, progress: bool, report: Report
+) -> tuple[list[int], list[tuple[str, str]]]:
+    """Encode the readable files of ``src`` into rows ``start, start + 1, ...``; returns the
+    kept files' positions in ``src`` and ``(name, reason)`` of every file left out."""
+    skipped = list(src.refused)
+    for name, why in src.refused:
+        report(f"eslmatch: warning: skipping {name}: {why}")
+    kept: list[int] = []
+    with eval_mode(model), _progress(src.count, progress, "images") as bar:
+        for i0 in range(0, src.count, batch_size):
+            i1 = min(i0 + batch_size, src.count)
+            pixels, ok, bad = load_pixels(src, i0, i1, model.preprocess)
+            for name, why in bad:
+                report(f"eslmatch: warning: skipping {name}: {why}")
+            skipped += bad
+            if pixels:
+                row = start + len(kept)
+                sink.write(slice(row, row + len(ok)), image_vectors(model, torch.stack(pixels)))
+                kept += ok
+            bar.update(i1 - i0)
+    if not kept:
+        first = f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        raise EslmatchError(f"no readable image among the {src.count} files{first}")
+    return kept, skipped
+
+
+def _vector_caption_rows(
+    model: Any, tokens: list[torch.Tensor], sink: _Vectors, start: int, batch_size: int, progress: bool
+) -> None:
+    batches = length_batches([int(t.numel()) for t in tokens], batch_size)
+    with eval_mode(model), _progress(len(tokens), progress, "captions") as bar:
+        for idx in batches:
+            sink.write(start + np.asarray(idx, dtype=np.int64), caption_vectors(model, [tokens[int(i)] for i in idx]))
+            bar.update(len(idx))
+
+
+def _skip_record(skipped: list[tuple[str, str]]) -> dict[str, Any]:
+    listed = [{"file": f, "reason": r} for f, r in skipped[:_LISTED_SKIPS]]
+    return {"skipped": len(skipped), "skipped_files": listed}
+
+
+class _NewImages:
+    """The images an image index is built from or extended with, for a one-stage model:
+    photos for a model that takes pixels, else region features; ids and paths per candidate."""
+
+    def __init__(
+        self,
+        model: Any,
+        features: Any,
+        *,
+        split: str,
+        lengths: Any,
+        ids: Sequence[Any] | None,
+        paths: Sequence[Any] | None,
+        images_dir: Any,
+        start: int,
+        taken: Sequence[str] = (),
+    ) -> None:
+        self.photos: PhotoSource | None = None
+        self.regions: ImageSource | None = None
+        if takes_pixels(model):
+            self.photos = photo_source(features, images_dir=images_dir, split=split)
+            self.count = self.photos.count
+            self.ids = _ids(ids, self.photos.ids, self.count, start, taken)
+            self.paths = _paths(paths, [str(f) for f in self.photos.files], self.count, None, self.ids)
+            self.description = self.photos.description
+        else:
+            self.regions = _image_items(model, features, split, lengths, None)
+            self.count = self.regions.count
+            self.ids = _ids(ids, self.regions.ids, self.count, start, taken)
+            self.paths = _paths(paths, self.regions.paths, self.count, images_dir, self.ids)
+            self.description = self.regions.description
+
+    def encode(
+        self, model: Any, sink: _Vectors, start: int, batch_size: int, progress: bool, report: Report
+    ) -> dict[str, Any]:
+        """Write the vectors from row ``start``; keep the ids and paths of what was indexed;
+        returns the manifest's record of this source."""
+        if self.photos is None:
+            assert self.regions is not None
+            _vector_image_rows(model, self.regions, sink, start, batch_size, progress)
+            return {**self.description, "count": self.count}
+        kept, skipped = _vector_photo_rows(model, self.photos, sink, start, batch_size, progress, report)
+        self.ids = [self.ids[i] for i in kept]
+        self.paths = [self.paths[i] for i in kept]
+        self.count = len(kept)
+        return {**self.description, "count": self.count, **_skip_record(skipped)}
+
+
+def _one_stage_manifest(
+    kind: str, model: Any, model_path: Any, text_model: Any, vectors: np.ndarray, faiss_kind: str, opts: Any
+) -> dict[str, Any]:
+    n, dim = vectors.shape
+    return {
+        "format": FORMAT,
+        "version": ONE_STAGE_VERSION,
+        "stages": 1,
+        "kind": kind,
+        "created": _now(),
+        "eslmatch_version": __version__,
+        "model": _model_record(model, model_path, text_model),
+        "total_dim": int(dim),
+        "width": 1,
+        "count": int(n),
+        "dtype": "float32",
+        "grid": None,
+        "faiss": {"kind": faiss_kind, "options": opts.to_dict(), "trained_on": int(n)},
+    }
+
+
+def _build_one_stage_images(
+    model: Any,
+    features: Any,
+    out: Path,
+    *,
+    faiss_kind: str,
+    faiss_options: Any,
+    batch_size: int,
+    progress: bool,
+    model_path: Any,
+    text_model: Any,
+    report: Report,
+    **source: Any,
+) -> Path:
+    items = _NewImages(model, features, start=0, **source)
+    with atomic_dir(out) as tmp:
+        sink = _Vectors(tmp, items.count)
+        record = items.encode(model, sink, 0, batch_size, progress, report)
+        vectors = sink.finish(items.count)
+        opts = ann.resolve_options(faiss_kind, items.count, faiss_options)
+        manifest = _one_stage_manifest("image", model, model_path, text_model, vectors, faiss_kind, opts)
+        manifest["sources"] = [record]
+        faiss_index = ann.build(vectors, faiss_kind, opts)
+        _finish(tmp, manifest, (), items.ids, items.paths, None, faiss_index)
+    return out
 
 
 def _now() -> str:
@@ -211,22 +447,35 @@ def build_image_index(
     model_path: str | Path | None = None,
     text_model: str | None = None,
     device: Any = None,
+    report: Report | None = None,
 ) -> Path:
-    """Build an image index at ``out`` from region features.
+    """Build an image index at ``out``.
+
+    A two-stage model (ESL) gets a two-stage index (side, lengths, first-stage vectors); a
+    one-stage model (``model.exact_index``: VSE, ESL-CLIP) an exact one-stage index holding
+    only its index vectors.
 
     Args:
-        model: the ESL model (eval mode is used; its mode is restored after).
-        features: a precomp dataset folder (``split`` of it), a :class:`PrecompSplit`, an
-            ``.npy`` file or an array/tensor of region features ``(N, R, D)``.
+        model: the model (eval mode is used; its mode is restored after).
+        features: for a model of region features: a precomp dataset folder (``split`` of it),
+            a :class:`PrecompSplit`, an ``.npy`` file or an array/tensor of region features
+            ``(N, R, D)``, or an :class:`ImageSource`. For a model that takes pixels (it has
+            ``preprocess``): a folder of photos, a Karpathy-split ``.json`` or captions
+            ``.tsv`` (``split`` of it, its images under ``images_dir``), an
+            :class:`~eslmatch.data.raw.ImageCaptionSplit` or a :class:`PhotoSource`.
         lengths: ``(N,)`` real regions per image (default: all ``R``).
         ids / paths: one per image (default: the split's ``{split}_ids.txt`` /
-            ``{split}_images.txt``, else ``"0".."N-1"`` / empty).
-        images_dir: folder of the image files, to resolve paths (see ``docs/retrieval.md``).
+            ``{split}_images.txt``, else ``"0".."N-1"`` / empty; photos: their relative path
+            without extension, or the split's image ids / the files).
+        images_dir: folder of the image files, to resolve paths (see ``docs/retrieval.md``);
+            for a split file of a model that takes pixels, the folder of its images.
         grid: ``(h, w)`` region grid (default: from ``extract_meta.json`` if present).
         fp16: store the image side ``(N, R, Dt)`` in float16 (half the disk; the global
-            vectors stay float32).
+            vectors stay float32). A one-stage index stores no side: ignored.
         faiss_kind: ``"flat"`` (exact), ``"ivf"`` or ``"hnsw"``.
         model_path: the model's directory or checkpoint, recorded so searches can load it.
+        report: receives one line per photo that could not be read and is skipped (default:
+            printed on stderr); every skipped file is also named in the manifest.
     Returns:
         ``out``.
     """
@@ -236,6 +485,24 @@ def build_image_index(
     out = Path(out)
     check_target(out)
     _device(model, device)
+    if is_one_stage(model):
+        return _build_one_stage_images(
+            model,
+            features,
+            out,
+            faiss_kind=faiss_kind,
+            faiss_options=faiss_options,
+            batch_size=batch_size,
+            progress=progress,
+            model_path=model_path,
+            text_model=text_model,
+            report=report or _warn,
+            split=split,
+            lengths=lengths,
+            ids=ids,
+            paths=paths,
+            images_dir=images_dir,
+        )
     src = _image_items(model, features, split, lengths, grid)
     item_ids = _ids(ids, src.ids, src.count, 0)
     item_paths = _paths(paths, src.paths, src.count, images_dir, item_ids)
@@ -273,6 +540,7 @@ def build_caption_index(
     split: str = "test",
     ids: Sequence[Any] | None = None,
     paths: Sequence[Any] | None = None,
+    images_dir: str | Path | None = None,
     fp16: bool = False,
     faiss_kind: str = "flat",
     faiss_options: ann.FaissOptions | None = None,
@@ -285,13 +553,16 @@ def build_caption_index(
     """Build a caption index at ``out`` (for image -> text search).
 
     Args:
-        captions: a list of strings, a ``.txt`` file (one caption per line), or a precomp
-            dataset folder (``split`` of it) / :class:`PrecompSplit`.
+        captions: a list of strings, a ``.txt`` file (one caption per line), a precomp
+            dataset folder (``split`` of it) / :class:`PrecompSplit`, or a raw-image split: a
+            Karpathy-split ``.json`` / captions ``.tsv`` (with ``images_dir``, the folder of
+            its images) or an :class:`~eslmatch.data.raw.ImageCaptionSplit`.
         ids: one per caption (default: ``IMAGEID#j`` when the split has image ids, else
             ``"0".."M-1"``).
         paths: one per caption, the image it describes (default: from the split, else empty).
-    The stored side is the caption level features ``(M, W, Dt)``; see
-    :func:`build_image_index` for the other arguments.
+    A two-stage index stores the caption level features ``(M, W, Dt)``; a one-stage index
+    (``model.exact_index``) only the captions' index vectors (``fp16`` is then ignored).
+    See :func:`build_image_index` for the other arguments.
     """
     require_two_stage(model)
     ann.check_kind(faiss_kind)
@@ -299,12 +570,23 @@ def build_caption_index(
     out = Path(out)
     check_target(out)
     _device(model, device)
-    src = caption_source(captions, split=split)
+    src = caption_source(captions, split=split, images_dir=images_dir)
     m = len(src.captions)
     item_ids = _ids(ids, src.ids, m, 0)
     item_paths = _paths(paths, src.paths, m, None, item_ids)
     texts = [clean_line(" ".join(c.split()), "caption", i) for i, c in enumerate(src.captions)]
     tokens = tokenize_all(model, texts)
+    if is_one_stage(model):
+        with atomic_dir(out) as tmp:
+            sink = _Vectors(tmp, m)
+            _vector_caption_rows(model, tokens, sink, 0, batch_size, progress)
+            vectors = sink.finish(m)
+            opts = ann.resolve_options(faiss_kind, m, faiss_options)
+            manifest = _one_stage_manifest("caption", model, model_path, text_model, vectors, faiss_kind, opts)
+            manifest["sources"] = [{**src.description, "count": m}]
+            faiss_index = ann.build(vectors, faiss_kind, opts)
+            _finish(tmp, manifest, (), item_ids, item_paths, texts, faiss_index)
+        return out
     width = max(int(t.numel()) for t in tokens)
     dt = model.config.total_dim
     dtype = "float16" if fp16 else "float32"
@@ -345,19 +627,26 @@ def add_to_index(
     batch_size: int = 256,
     progress: bool = True,
     device: Any = None,
+    report: Report | None = None,
 ) -> Path:
-    """Append items to an index (region features to an image index, captions to a caption
-    index), atomically.
+    """Append items to an index (images to an image index, captions to a caption index),
+    atomically.
 
-    The index is first verified in full (sha256 of every file) and must have been built by
-    ``model``. Default ids continue the numbering (``str(count + i)``). Arrays are rewritten
-    wider when the new items have more regions / words; the FAISS index grows in place
-    (flat, HNSW) or is retrained (IVF, once the gallery is 4x what its clusters saw).
+    ``features`` is what :func:`build_image_index` / :func:`build_caption_index` take (for
+    a model that takes pixels: a folder of photos or a split file, unreadable files skipped
+    and named). The index is first verified in full (sha256 of every file) and must have
+    been built by ``model``. Default ids continue the numbering (``str(count + i)``). Arrays
+    are rewritten wider when the new items have more regions / words; the FAISS index grows
+    in place (flat, HNSW) or is retrained (IVF, once the gallery is 4x what its clusters saw).
     """
     _check_batch(batch_size)
     target = Path(index_dir)
     _device(model, device)
     old = GalleryIndex.open(target, model=model, verify=True)
+    if old.one_stage:
+        return _add_one_stage(
+            old, target, model, features, split, lengths, ids, paths, images_dir, batch_size, progress, report or _warn
+        )
     n_old, dt, dtype = old.count, old.total_dim, old.dtype
     grid = old.grid
     if old.kind == "image":
@@ -370,7 +659,7 @@ def add_to_index(
         description = src.description
         texts = None
     else:
-        csrc: CaptionSource = caption_source(features, split=split)
+        csrc: CaptionSource = caption_source(features, split=split, images_dir=images_dir)
         n_new = len(csrc.captions)
         new_ids = _ids(ids, csrc.ids, n_new, n_old, old.ids)
         new_paths = _paths(paths, csrc.paths, n_new, None, new_ids)
@@ -386,12 +675,7 @@ def add_to_index(
             _encode_image_rows(model, src, arrays, n_old, batch_size, progress)
         else:
             _encode_caption_rows(model, tokens, arrays, n_old, batch_size, progress)
-        faiss_meta = old.manifest["faiss"]
-        opts = ann.FaissOptions.from_dict(faiss_meta.get("options", {}))
-        current = ann.faiss_module().read_index(str(target / FAISS))  # in memory: it grows
-        faiss_index, opts, trained_on = ann.extend(
-            current, old.faiss_kind, opts, arrays[2], n_old, int(faiss_meta.get("trained_on", n_old))
-        )
+        faiss_index, faiss_record = _grown_faiss(old, target, arrays[2], n_old)
         manifest = dict(old.manifest)
         manifest.update(
             count=n,
@@ -399,7 +683,7 @@ def add_to_index(
             grid=list(grid) if grid else None,
             modified=_now(),
             eslmatch_version=__version__,
-            faiss={"kind": old.faiss_kind, "options": opts.to_dict(), "trained_on": trained_on},
+            faiss=faiss_record,
             sources=[*old.manifest.get("sources", []), {**description, "count": n_new}],
         )
         ids_all = old.ids + new_ids
@@ -410,13 +694,98 @@ def add_to_index(
     return target
 
 
+def _grown_faiss(old: GalleryIndex, target: Path, vectors: np.ndarray, n_old: int) -> tuple[Any, dict[str, Any]]:
+    """The index's FAISS index with ``vectors[n_old:]`` added (or retrained), and its record."""
+    faiss_meta = old.manifest["faiss"]
+    opts = ann.FaissOptions.from_dict(faiss_meta.get("options", {}))
+    current = ann.faiss_module().read_index(str(target / FAISS))  # in memory: it grows
+    faiss_index, opts, trained_on = ann.extend(
+        current, old.faiss_kind, opts, vectors, n_old, int(faiss_meta.get("trained_on", n_old))
+    )
+    return faiss_index, {"kind": old.faiss_kind, "options": opts.to_dict(), "trained_on": trained_on}
+
+
+def _add_one_stage(
+    old: GalleryIndex,
+    target: Path,
+    model: Any,
+    features: Any,
+    split: str,
+    lengths: Any,
+    ids: Sequence[Any] | None,
+    paths: Sequence[Any] | None,
+    images_dir: Any,
+    batch_size: int,
+    progress: bool,
+    report: Report,
+) -> Path:
+    """:func:`add_to_index` for a one-stage index: the old vectors, then the new ones (an
+    index of an earlier eslmatch, version 1 with a side of one vector per item, is written
+    anew in the current layout)."""
+    n_old = old.count
+    texts: list[str] | None = None
+    if old.kind == "image":
+        items = _NewImages(
+            model,
+            features,
+            split=split,
+            lengths=lengths,
+            ids=ids,
+            paths=paths,
+            images_dir=images_dir,
+            start=n_old,
+            taken=old.ids,
+        )
+        capacity = n_old + items.count
+    else:
+        csrc = caption_source(features, split=split, images_dir=images_dir)
+        new_ids = _ids(ids, csrc.ids, len(csrc.captions), n_old, old.ids)
+        new_paths = _paths(paths, csrc.paths, len(csrc.captions), None, new_ids)
+        texts = [clean_line(" ".join(c.split()), "caption", i) for i, c in enumerate(csrc.captions)]
+        tokens = tokenize_all(model, texts)
+        capacity = n_old + len(texts)
+    with atomic_dir(target) as tmp:
+        sink = _Vectors(tmp, capacity, old.total_dim)
+        step = max(1, _COPY_ROWS_BYTES // max(1, old.total_dim * 4))
+        for i0 in range(0, n_old, step):
+            i1 = min(i0 + step, n_old)
+            sink.write(slice(i0, i1), old.global_vectors[i0:i1])
+        if texts is None:
+            record = items.encode(model, sink, n_old, batch_size, progress, report)
+            new_ids, new_paths, n = items.ids, items.paths, n_old + items.count
+        else:
+            _vector_caption_rows(model, tokens, sink, n_old, batch_size, progress)
+            record, n = {**csrc.description, "count": len(texts)}, capacity
+        vectors = sink.finish(n)
+        faiss_index, faiss_record = _grown_faiss(old, target, vectors, n_old)
+        manifest = dict(old.manifest)
+        manifest.update(
+            version=ONE_STAGE_VERSION,
+            stages=1,
+            count=n,
+            width=1,
+            dtype="float32",
+            grid=None,
+            modified=_now(),
+            eslmatch_version=__version__,
+            faiss=faiss_record,
+            sources=[*old.manifest.get("sources", []), record],
+        )
+        caps_all = None if texts is None else (old.captions or []) + texts
+        ids_all, paths_all = old.ids + new_ids, old._paths + new_paths
+        old.close()
+        _finish(tmp, manifest, (), ids_all, paths_all, caps_all, faiss_index)
+    return target
+
+
 def rebuild_faiss(
     index_dir: str | Path,
     faiss_kind: str,
     faiss_options: ann.FaissOptions | None = None,
     out: str | Path | None = None,
 ) -> Path:
-    """Rebuild only the first-stage FAISS index (e.g. ``flat`` -> ``hnsw``), atomically.
+    """Rebuild only the FAISS index (e.g. ``flat`` -> ``hnsw``), atomically, of a two-stage
+    or a one-stage index.
 
     The arrays are not re-encoded: they are hard-linked (or copied) into the new index, at
     ``out`` or in place of ``index_dir``.
@@ -428,7 +797,7 @@ def rebuild_faiss(
     if target != src:
         check_target(target)
     with atomic_dir(target) as tmp:
-        for name in data_files(old.kind):
+        for name in data_files(old.kind, manifest_has_side(old.manifest)):
             if name != FAISS:
                 link_or_copy(src / name, tmp / name)
         opts = ann.resolve_options(faiss_kind, old.count, faiss_options)

@@ -1,4 +1,5 @@
-"""Opening a gallery index and searching it: a FAISS shortlist, then ESL re-ranking.
+"""Opening a gallery index and searching it: a FAISS shortlist, then ESL re-ranking; or, for
+a one-stage index, FAISS alone.
 
 Two-stage retrieval (as ALBEF/BLIP): the first stage ranks the whole gallery by the exact
 inner product of the global vectors (the mean word-region affinity of each pair, spec
@@ -6,7 +7,11 @@ section 3); the ``rerank_k`` best are then scored with the full ESL score (atten
 spec section 4, through :func:`eslmatch.scoring.score_tiles`) and the ``k`` best by that
 score are returned.
 
-Rules for ``k`` and ``rerank_k`` (gallery of ``N`` items):
+One-stage retrieval (models with ``exact_index``: VSE, ESL-CLIP): the inner product of the
+index vectors IS the model's score, so FAISS's ranking is the answer (exact with ``flat``);
+``rerank_k`` is ignored and ``Hit.score == Hit.first_stage_score``.
+
+Rules for ``k`` and ``rerank_k`` (gallery of ``N`` items, two-stage):
 
 - ``k`` must be >= 1; ``k > N`` returns all ``N``;
 - ``rerank_k <= 0`` (or ``None``): first stage only, ``Hit.score`` is the first-stage score;
@@ -27,14 +32,18 @@ import numpy as np
 import torch
 
 from ..data import eval_mode
+from ..data.files import SkipImage, open_image, to_rgb
 from ..errors import EslmatchError
 from ..scoring import ScoringOptions
 from . import ann
 from .encode import (
+    caption_vectors,
     caption_words,
     encode_images,
     encode_token_batch,
+    image_vectors,
     is_one_stage,
+    model_kind,
     require_two_stage,
     takes_pixels,
     tokenize_all,
@@ -49,6 +58,8 @@ from .store import (
     SIDE,
     GalleryIndexError,
     check_files,
+    manifest_has_side,
+    manifest_stages,
     model_fingerprint,
     open_array,
     read_lines,
@@ -66,8 +77,10 @@ class Hit:
         rank: 1-based position in the result list.
         id: the item's id (``ids.txt``).
         path: image path (of the image, or of the caption's image), ``None`` when unknown.
-        score: the ESL score (the first-stage score when re-ranking is off).
-        first_stage_score: the global inner product (mean word-region affinity).
+        score: the ESL score (the first-stage score when re-ranking is off); for a one-stage
+            index the inner product of the index vectors, which is the model's score.
+        first_stage_score: the global inner product (mean word-region affinity; for a
+            one-stage index the same as ``score``).
         index: the item's row in the index.
         caption: the caption text (caption indexes only).
     """
@@ -92,14 +105,16 @@ class ImageEntry:
     """A stored image of an image index, usable as a query on a caption index.
 
     Attributes:
-        side: engine-ready image side ``(R_i, Dt)`` float32 (real regions only).
-        global_vector: first-stage vector ``(Dt,)`` float32.
+        side: engine-ready image side ``(R_i, Dt)`` float32 (real regions only); ``None`` for
+            a one-stage index, which stores only vectors.
+        global_vector: first-stage vector ``(Dt,)`` float32 (a one-stage index: the image's
+            index vector).
     """
 
     id: str
     path: str | None
     row: int
-    side: np.ndarray
+    side: np.ndarray | None
     global_vector: np.ndarray
     fingerprint: str
 
@@ -132,13 +147,16 @@ class GalleryIndex:
     """A gallery index opened from disk; arrays are memory-mapped (opening reads no data).
 
     Use :meth:`open`. Attributes of note: :attr:`kind` (``"image"`` or ``"caption"``),
-    :attr:`ids`, :attr:`count`, :attr:`grid`, :attr:`manifest`.
+    :attr:`stages` (1: one-stage, exact; 2: shortlist + ESL re-rank), :attr:`ids`,
+    :attr:`count`, :attr:`grid`, :attr:`manifest`. A one-stage index has no :attr:`side` and
+    no :attr:`lengths` (``None``).
     """
 
     def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
         self.path = path
         self.manifest = manifest
         self.kind: str = manifest["kind"]
+        self.stages: int = manifest_stages(manifest)
         self.count: int = manifest["count"]
         self.total_dim: int = manifest["total_dim"]
         self.width: int = manifest["width"]
@@ -147,8 +165,9 @@ class GalleryIndex:
         self.faiss_options = ann.FaissOptions.from_dict(manifest["faiss"].get("options", {}))
         grid = manifest.get("grid")
         self.grid: tuple[int, int] | None = (int(grid[0]), int(grid[1])) if grid else None
-        self.side = open_array(path / SIDE)
-        self.lengths = open_array(path / LENGTHS)
+        has_side = manifest_has_side(manifest)
+        self.side: np.ndarray | None = open_array(path / SIDE) if has_side else None
+        self.lengths: np.ndarray | None = open_array(path / LENGTHS) if has_side else None
         self.global_vectors = open_array(path / GLOBAL)
         self.ids: list[str] = read_lines(path / IDS, self.count)
         self._paths: list[str] = read_lines(path / PATHS, self.count)
@@ -178,15 +197,29 @@ class GalleryIndex:
             index.check_model(model)
         return index
 
+    @property
+    def one_stage(self) -> bool:
+        """True for a one-stage index (exact inner product, no re-rank)."""
+        return self.stages == 1
+
     def _check_shapes(self) -> None:
         n, w, dt = self.count, self.width, self.total_dim
         want = {SIDE: ((n, w, dt), self.dtype), LENGTHS: ((n,), None), GLOBAL: ((n, dt), "float32")}
-        for name, arr in ((SIDE, self.side), (LENGTHS, self.lengths), (GLOBAL, self.global_vectors)):
+        arrays: tuple[tuple[str, np.ndarray], ...]
+        if self.side is None or self.lengths is None:
+            if w != 1:
+                raise GalleryIndexError(f"{self.path}: a one-stage index has width 1 (one vector per item), not {w}")
+            arrays = ((GLOBAL, self.global_vectors),)
+        else:
+            arrays = ((SIDE, self.side), (LENGTHS, self.lengths), (GLOBAL, self.global_vectors))
+        for name, arr in arrays:
             shape, dtype = want[name]
             if tuple(arr.shape) != shape:
                 raise GalleryIndexError(f"{self.path / name}: shape {tuple(arr.shape)}, the manifest implies {shape}")
             if dtype is not None and arr.dtype != np.dtype(dtype):
                 raise GalleryIndexError(f"{self.path / name}: dtype {arr.dtype}, the manifest says {dtype}")
+        if self.lengths is None:
+            return
         if not np.issubdtype(self.lengths.dtype, np.integer):
             raise GalleryIndexError(f"{self.path / LENGTHS}: lengths must be integers, got {self.lengths.dtype}")
         lo, hi = int(self.lengths.min()), int(self.lengths.max())
@@ -211,7 +244,10 @@ class GalleryIndex:
         return self.count
 
     def __repr__(self) -> str:
-        return f"GalleryIndex({str(self.path)!r}, kind={self.kind}, count={self.count}, faiss={self.faiss_kind})"
+        return (
+            f"GalleryIndex({str(self.path)!r}, kind={self.kind}, stages={self.stages}, count={self.count}, "
+            f"faiss={self.faiss_kind})"
+        )
 
     def row_of(self, item_id: str | int) -> int:
         """Row of the item with id ``item_id``."""
@@ -236,12 +272,14 @@ class GalleryIndex:
         """A stored image (image index) by id, ready to query a caption index."""
         self._need("image", "lookup")
         row = self.row_of(item_id)
-        n = int(self.lengths[row])
+        side = None
+        if self.side is not None and self.lengths is not None and not self.one_stage:
+            side = np.array(self.side[row, : int(self.lengths[row])], dtype=np.float32)
         return ImageEntry(
             self.ids[row],
             self._paths[row] or None,
             row,
-            np.array(self.side[row, :n], dtype=np.float32),
+            side,
             np.array(self.global_vectors[row], dtype=np.float32),
             self.fingerprint,
         )
@@ -250,17 +288,31 @@ class GalleryIndex:
         if self.kind != kind:
             raise EslmatchError(f"{self.path}: {what} needs an {kind} index, this is a {self.kind} index")
 
+    def _need_two_stage(self, what: str) -> None:
+        if self.one_stage:
+            raise EslmatchError(
+                f"{self.path}: {what} needs a two-stage (ESL) index; this one is one-stage: it stores one "
+                "vector per item, whose inner product is the score"
+            )
+
     # ------------------------------------------------------------------ model check
     def check_model(self, model: Any) -> None:
         """Refuse a model other than the one the index was built with (checked once per model)."""
         if model in self._checked:
             return
-        require_two_stage(model)
-        dt = model.config.total_dim
-        if dt != self.total_dim:
+        if is_one_stage(model) != self.one_stage:
+            built = "a single-vector model (one-stage)" if self.one_stage else "an ESL model (two-stage)"
             raise GalleryIndexError(
-                f"{self.path}: built by a model with Dt={self.total_dim}, the given model has Dt={dt} (a different model)"
+                f"{self.path}: built by {built}, the given model is {model_kind(model)} (a different model)"
             )
+        require_two_stage(model)
+        if not self.one_stage:  # one-stage: the width of the vectors is checked on each query
+            dt = model.config.total_dim
+            if dt != self.total_dim:
+                raise GalleryIndexError(
+                    f"{self.path}: built by a model with Dt={self.total_dim}, the given model has Dt={dt} "
+                    "(a different model)"
+                )
         if model_fingerprint(model) != self.fingerprint:
             where = f" ({self.model_path})" if self.model_path else ""
             raise GalleryIndexError(
@@ -298,8 +350,25 @@ class GalleryIndex:
         Returns ``(scores (Q, n), rows (Q, n))``; rows are -1 where an approximate index
         found fewer than ``n`` candidates.
         """
-        q = np.asarray(queries, dtype=np.float32).reshape(-1, self.total_dim)
+        q = np.asarray(queries, dtype=np.float32)
+        if q.ndim == 1:
+            q = q[None]
+        if q.ndim != 2 or q.shape[1] != self.total_dim:
+            raise GalleryIndexError(
+                f"{self.path}: holds vectors of width {self.total_dim}, the query vectors are {tuple(q.shape)} "
+                "(a different model)"
+            )
         return ann.search(self._ann(), self.faiss_kind, self.faiss_options, q, min(int(n), self.count))
+
+    def _top(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """One-stage search: the first stage deep enough that every item tied with the
+        ``k``-th best is among the candidates (ties go to the lower row, as everywhere)."""
+        depth = min(k + 1, self.count)
+        while True:
+            fs, rows = self.first_stage(queries, depth)
+            if depth >= self.count or not np.any(fs[:, depth - 1] >= fs[:, k - 1]):
+                return fs, rows
+            depth = min(2 * depth, self.count)
 
     # ------------------------------------------------------------------ text -> images
     def search_text(
@@ -307,6 +376,7 @@ class GalleryIndex:
     ) -> list[Hit]:
         """Images of this image index for the sentence ``text``, best first.
 
+        ``rerank_k`` is ignored by a one-stage index (its first stage is exact).
         ``timings``: a dict that receives the seconds spent in ``"encode"``,
         ``"first_stage"`` and ``"rerank"`` (added to any values already there).
         """
@@ -326,12 +396,19 @@ class GalleryIndex:
         self.check_model(model)
         if isinstance(texts, str):
             texts = [texts]
-        k, depth, rerank = plan_depth(k, rerank_k, self.count)
+        k, depth, rerank = plan_depth(k, None if self.one_stage else rerank_k, self.count)
         clock = _Clock(timings)
         ids = tokenize_all(model, list(texts), "query")
         results: list[list[Hit]] = []
         with eval_mode(model):
             for b0 in range(0, len(ids), batch_size):
+                if self.one_stage:  # the inner product is the score: FAISS's answer is the result
+                    vectors = caption_vectors(model, ids[b0 : b0 + batch_size]).float().cpu().numpy()
+                    clock.lap("encode")
+                    fs, rows = self._top(vectors, k)
+                    clock.lap("first_stage")
+                    results.extend(self._hits(model, None, fs[j], rows[j], k, False) for j in range(fs.shape[0]))
+                    continue
                 feats, glob, lens = encode_token_batch(model, ids[b0 : b0 + batch_size])
                 glob_np = glob.float().cpu().numpy()
                 clock.lap("encode")
@@ -358,7 +435,10 @@ class GalleryIndex:
 
         ``query`` is an image id of ``image_index`` (an image index built with the same
         model), an :class:`ImageEntry` from ``image_index.lookup(id)``, or region features
-        ``(R, D)`` / ``(1, R, D)`` (array or tensor). ``timings`` as for :meth:`search_text`.
+        ``(R, D)`` / ``(1, R, D)`` (array or tensor). For a model that takes pixels it may
+        also be an image file (a :class:`pathlib.Path`; a ``str`` is an id), a PIL image, or
+        preprocessed pixels ``(3, H, W)``. ``rerank_k`` is ignored by a one-stage index;
+        ``timings`` as for :meth:`search_text`.
         """
         return self.search_images(model, [query], k, rerank_k, image_index, timings)[0]
 
@@ -374,7 +454,7 @@ class GalleryIndex:
         """:meth:`search_image` for many images."""
         self._need("caption", "image search")
         self.check_model(model)
-        k, depth, rerank = plan_depth(k, rerank_k, self.count)
+        k, depth, rerank = plan_depth(k, None if self.one_stage else rerank_k, self.count)
         clock = _Clock(timings)
         results: list[list[Hit]] = []
         with eval_mode(model):
@@ -385,15 +465,19 @@ class GalleryIndex:
                 globs.append(glob)
             clock.lap("encode")
             for b0 in range(0, len(sides), QUERY_BATCH):
-                fs, rows = self.first_stage(np.stack(globs[b0 : b0 + QUERY_BATCH]), depth)
+                qmat = np.stack(globs[b0 : b0 + QUERY_BATCH])
+                fs, rows = self._top(qmat, k) if self.one_stage else self.first_stage(qmat, depth)
                 clock.lap("first_stage")
                 for j, side in enumerate(sides[b0 : b0 + QUERY_BATCH]):
                     results.append(self._hits(model, side, fs[j], rows[j], k, rerank))
                 clock.lap("rerank")
         return results
 
-    def _image_query(self, model: Any, query: Any, image_index: GalleryIndex | None) -> tuple[torch.Tensor, np.ndarray]:
-        """``(image side (1, R, Dt) on the model's device, global (Dt,))`` of a query."""
+    def _image_query(
+        self, model: Any, query: Any, image_index: GalleryIndex | None
+    ) -> tuple[torch.Tensor | None, np.ndarray]:
+        """``(image side (1, R, Dt) on the model's device, global (Dt,))`` of a query (the side
+        is ``None`` for a one-stage index)."""
         if isinstance(query, (str, int, np.integer)) and not isinstance(query, bool):
             if image_index is None:
                 raise EslmatchError("an image id as query needs image_index= (the image index holding it)")
@@ -403,11 +487,31 @@ class GalleryIndex:
                 raise GalleryIndexError(
                     f"image {query.id!r} comes from an index built with another model than {self.path}"
                 )
+            if self.one_stage:
+                return None, query.global_vector
+            if query.side is None:
+                raise GalleryIndexError(f"image {query.id!r} comes from a one-stage index: it has no image side")
             return torch.from_numpy(query.side).to(model.device)[None], query.global_vector
+        if takes_pixels(model):
+            pixels = self._pixels(model, query)
+            if not self.one_stage:
+                side, glob, _ = encode_images(model, pixels, None)
+                return side, glob[0].float().cpu().numpy()
+            return None, image_vectors(model, pixels)[0].float().cpu().numpy()
+        if isinstance(query, Path) or type(query).__module__.startswith("PIL"):
+            raise EslmatchError(
+                f"this model ({model_kind(model)}) takes region features, not image files: give the image's "
+                "region features (R, D)"
+            )
         regions = torch.as_tensor(np.asarray(query) if not isinstance(query, torch.Tensor) else query)
-        if takes_pixels(model):  # preprocessed pixels (3, H, W) of a query image
-            side, glob, _ = encode_images(model, regions if regions.dim() == 4 else regions[None], None)
-            return side, glob[0].float().cpu().numpy()
+        if self.one_stage:
+            if regions.dim() == 2:
+                regions = regions[None]
+            if regions.dim() != 3 or regions.shape[0] != 1:
+                raise EslmatchError(
+                    f"a query image must be region features (R, D) or (1, R, D), got {tuple(regions.shape)}"
+                )
+            return None, image_vectors(model, regions)[0].float().cpu().numpy()
         if regions.dim() == 2:
             regions = regions[None]
         if regions.dim() != 3 or regions.shape[0] != 1:
@@ -417,11 +521,32 @@ class GalleryIndex:
         side, glob, _ = encode_images(model, regions, None)
         return side, glob[0].float().cpu().numpy()
 
+    @staticmethod
+    def _pixels(model: Any, query: Any) -> torch.Tensor:
+        """``(1, 3, H, W)`` pixels of an image file, a PIL image or preprocessed pixels."""
+        if isinstance(query, Path):
+            try:
+                query = open_image(query)
+            except SkipImage as exc:
+                raise EslmatchError(f"{query}: {exc}") from None
+        elif type(query).__module__.startswith("PIL"):
+            query = to_rgb(query)
+        if type(query).__module__.startswith("PIL"):
+            query = model.preprocess(query)
+        pixels = torch.as_tensor(np.asarray(query) if not isinstance(query, torch.Tensor) else query)
+        if pixels.dim() == 3:
+            pixels = pixels[None]
+        if pixels.dim() != 4 or pixels.shape[0] != 1 or pixels.shape[1] != 3:
+            raise EslmatchError(
+                f"a query image must be an image file, a PIL image or pixels (3, H, W), got {tuple(pixels.shape)}"
+            )
+        return pixels
+
     # ------------------------------------------------------------------ re-ranking
     def _hits(self, model: Any, query: Any, fs: np.ndarray, rows: np.ndarray, k: int, rerank: bool) -> list[Hit]:
         keep = rows >= 0
         fs, rows = fs[keep], rows[keep].astype(np.int64)
-        if rerank and rows.size and not is_one_stage(model):
+        if rerank and rows.size and not self.one_stage:
             scores = self._esl_scores(model, query, rows)
         else:
             scores = fs.astype(np.float64)
@@ -444,6 +569,8 @@ class GalleryIndex:
 
     def _gather(self, rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         """Stored side rows (sorted for locality), trimmed to their longest real length."""
+        self._need_two_stage("re-ranking")
+        assert self.side is not None and self.lengths is not None
         order = np.argsort(rows, kind="stable")
         srt = rows[order]
         lens = np.asarray(self.lengths[srt], dtype=np.int64)
@@ -479,9 +606,13 @@ class GalleryIndex:
         ``eslmatch extract``), else ``None``.
         """
         self._need("image", "attention")
+        if self.one_stage:
+            raise EslmatchError(
+                f"{self.path}: word-by-region attention needs a two-stage index of an ESL model; this index is "
+                "one-stage: it stores one vector per image"
+            )
         self.check_model(model)
-        if is_one_stage(model):
-            raise EslmatchError("word-by-region attention needs an ESL model: this one scores one vector per image")
+        assert self.side is not None and self.lengths is not None
         row = self.row_of(item_id)
         n = int(self.lengths[row])
         ids, lens = model.tokenize([text])

@@ -1,9 +1,9 @@
-"""What an index is built from: region features or captions, with ids, paths and a grid."""
+"""What an index is built from: region features, photos (models that take pixels) or
+captions, with ids, paths and a grid."""
 
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +14,7 @@ import numpy as np
 from ..data import open_split
 from ..data.files import SkipImage, list_images, open_image
 from ..data.precomp import read_lines
+from ..data.raw import ImageCaptionSplit, open_image_split
 from ..errors import EslmatchError
 from .store import open_array
 
@@ -206,40 +207,115 @@ def image_source(
     return _array_source(features, img_dim, lengths, grid, {"features": "array"})
 
 
+@dataclass
+class PhotoSource:
+    """Image files to index with a model that takes pixels (``model.preprocess``).
+
+    The files are opened and preprocessed while they are encoded (:func:`load_pixels`): one
+    that cannot be read is skipped then and named, never fatal.
+
+    Attributes:
+        files: absolute paths of the candidate files, in order.
+        ids: one per file (its path relative to the folder without extension, or the
+            split's image id).
+        names: how each file is named in messages and the manifest (relative to the folder,
+            or the absolute path for a split).
+        refused: ``(name, reason)`` of files left out before reading (an image a split names
+            that is missing, a second file with the same id).
+        description: where the files came from (for the manifest).
+    """
+
+    files: list[Path]
+    ids: list[str]
+    names: list[str]
+    refused: list[tuple[str, str]]
+    description: dict[str, Any]
+
+    @property
+    def count(self) -> int:
+        return len(self.files)
+
+
+def is_split_file(path: Path) -> bool:
+    """A Karpathy-split JSON or a captions TSV (``{split}`` in the name picks a file per split)."""
+    return "{split}" in str(path) or (path.is_file() and path.suffix.lower() in (".json", ".tsv"))
+
+
+def _split_file(path: Path, images_dir: str | Path | None, split: str, captions_per_image: int) -> ImageCaptionSplit:
+    if images_dir is None:
+        raise EslmatchError(f"{path}: a split file needs the folder of its images (images_dir= / --images)")
+    if not Path(str(path).replace("{split}", split)).is_file():
+        raise EslmatchError(f"{str(path).replace('{split}', split)}: no such split file")
+    return open_image_split(path, images_dir, split, captions_per_image)
+
+
 def photo_source(
-    folder: str | Path,
-    preprocess: Callable[[Any], Any],
+    source: Any,
+    *,
+    images_dir: str | Path | None = None,
+    split: str = "test",
     recursive: bool = True,
-    report: Callable[[str], None] | None = None,
-) -> ImageSource:
-    """A folder of photos for a model that takes pixels: every readable image, in sorted
-    relative-path order (ids without extension, absolute paths). Unreadable files (not an
-    image, truncated, corrupt) are skipped and each is reported by name; none is fatal."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise EslmatchError(f"{root}: no such folder of images")
+    captions_per_image: int = 5,
+) -> PhotoSource:
+    """The images to index for a model that takes pixels.
+
+    ``source``: a folder of photos (every regular file in it, recursively, in sorted
+    relative-path order; ids are relative paths without extension), a Karpathy-split JSON or
+    an ``image<TAB>caption`` TSV (``split`` of it, images under ``images_dir``), an
+    :class:`~eslmatch.data.raw.ImageCaptionSplit`, or a :class:`PhotoSource`.
+    """
+    if isinstance(source, PhotoSource):
+        return source
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.is_dir():
+            return _folder_photos(path, recursive)
+        if is_split_file(path):
+            source = _split_file(path, images_dir, split, captions_per_image)
+        elif not path.exists():
+            raise EslmatchError(f"{path}: no such folder of photos or split file")
+        else:
+            raise EslmatchError(
+                f"{path}: this model takes images: give a folder of photos, or a Karpathy-split .json / "
+                "captions .tsv with the folder of its images"
+            )
+    if isinstance(source, ImageCaptionSplit):
+        files = [Path(p) for p in source.image_paths]
+        desc = {"split_file": str(Path(source.source).resolve()), "split": source.name}
+        refused = [(m, "missing: the split names it, the image folder lacks it") for m in source.missing]
+        return PhotoSource(files, list(source.ids), [str(p) for p in files], refused, desc)
+    raise EslmatchError(
+        f"this model takes images: give a folder of photos or a split file, not {type(source).__name__}"
+    )
+
+
+def _folder_photos(root: Path, recursive: bool) -> PhotoSource:
     entries, refused = list_images(root, recursive=recursive)
-    say = report or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    good = []
-    for rel, why in refused:
-        say(f"eslmatch: warning: skipping {root / rel}: {why}")
-    for e in entries:
+    if not entries:
+        raise EslmatchError(f"{root}: no file to index in the folder")
+    desc = {"images": str(root.resolve())}
+    return PhotoSource([e.path for e in entries], [e.id for e in entries], [e.rel for e in entries], refused, desc)
+
+
+def load_pixels(
+    src: PhotoSource, i0: int, i1: int, preprocess: Callable[[Any], Any]
+) -> tuple[list[Any], list[int], list[tuple[str, str]]]:
+    """Preprocessed pixels of files ``[i0, i1)`` of ``src``: ``(pixels, kept rows, skipped)``,
+    ``skipped`` being ``(name, reason)`` of the files that could not be read."""
+    pixels, kept, skipped = [], [], []
+    for i in range(i0, i1):
         try:
-            open_image(e.path)
+            image = open_image(src.files[i])
         except SkipImage as exc:
-            say(f"eslmatch: warning: skipping {e.path}: {exc}")
+            skipped.append((src.names[i], str(exc)))
             continue
-        good.append(e)
-    if not good:
-        raise EslmatchError(f"{root}: no readable image in the folder")
-
-    def read(i0: int, i1: int) -> Any:
-        import torch
-
-        return torch.stack([preprocess(open_image(e.path)) for e in good[i0:i1]])
-
-    desc = {"images": str(root.resolve()), "skipped": len(entries) + len(refused) - len(good)}
-    return ImageSource(len(good), 1, 3, read, None, [e.id for e in good], [str(e.path) for e in good], None, desc)
+        try:
+            pixels.append(preprocess(image))
+        except (OSError, ValueError, RuntimeError) as exc:  # PIL's lazy decoding, odd sizes
+            skipped.append((src.names[i], f"cannot preprocess ({type(exc).__name__}: {exc})"))
+            continue
+        kept.append(i)
+    return pixels, kept, skipped
 
 
 def _array_source(
@@ -291,19 +367,36 @@ def _lengths(lengths: Any, n: int, r: int) -> np.ndarray | None:
     return arr.astype(np.int64)
 
 
-def caption_source(captions: Any, *, split: str = "test") -> CaptionSource:
-    """Captions from a list of strings, a ``.txt`` file (one per line), or a precomp split
-    (folder or :class:`PrecompSplit`: ids ``IMAGEID#j`` when the split has image ids)."""
+def caption_source(
+    captions: Any, *, split: str = "test", images_dir: str | Path | None = None, captions_per_image: int = 5
+) -> CaptionSource:
+    """Captions from a list of strings, a ``.txt`` file (one per line), a precomp split
+    (folder or :class:`PrecompSplit`: ids ``IMAGEID#j`` when the split has image ids), or a
+    raw-image split: a Karpathy-split ``.json`` / captions ``.tsv`` with ``images_dir`` the
+    folder of its images, or an :class:`~eslmatch.data.raw.ImageCaptionSplit` (ids
+    ``IMAGEID#j``, paths the image files)."""
     if isinstance(captions, (str, Path)):
         path = Path(captions)
         if path.is_dir():
             captions = _open_split(path, split, None)
+        elif is_split_file(path):
+            captions = _split_file(path, images_dir, split, captions_per_image)
         elif path.is_file() and path.suffix == ".txt":
             return CaptionSource(read_lines(path, "captions"), None, None, {"features": str(path.resolve())})
         elif not path.exists():
-            raise EslmatchError(f"{path}: no such dataset folder or captions .txt file")
+            raise EslmatchError(f"{path}: no such dataset folder, split file or captions .txt file")
         else:
-            raise EslmatchError(f"{path}: captions must come from a precomp dataset folder or a .txt file")
+            raise EslmatchError(
+                f"{path}: captions must come from a precomp dataset folder, a .txt file (one caption a line), "
+                "or a Karpathy-split .json / captions .tsv"
+            )
+    if isinstance(captions, ImageCaptionSplit):
+        r = captions
+        k = r.captions_per_image
+        ids: list[str] | None = [f"{r.ids[c // k]}#{c % k}" for c in range(r.n_captions)]
+        paths: list[str] | None = [str(r.image_paths[c // k]) for c in range(r.n_captions)]
+        desc = {"split_file": str(Path(r.source).resolve()), "split": r.name}
+        return CaptionSource(list(r.captions), ids, paths, desc)
     if _is_split(captions):
         s = captions
         k = s.captions_per_image

@@ -2,15 +2,23 @@
 
 An index is a directory (see ``docs/retrieval.md``)::
 
-    manifest.json   format, version, kind, model path + fingerprint, shapes, dtype, faiss
-                    settings, grid, and the size + sha256 of every file below
+    manifest.json   format, version, stages, kind, model path + fingerprint, shapes, dtype,
+                    faiss settings, grid, and the size + sha256 of every file below
     side.npy        engine-ready tensors: image side (N, R, Dt) or caption features (M, W, Dt)
-    lengths.npy     (N,) int64 real regions / words of each item
-    global.npy      (N, Dt) float32 first-stage vectors
+                    (two-stage indexes only)
+    lengths.npy     (N,) int64 real regions / words of each item (two-stage indexes only)
+    global.npy      (N, Dt) float32 index vectors: the first stage of a two-stage index, the
+                    whole content of a one-stage index
     faiss.index     the FAISS index over global.npy
     ids.txt         one id per line
     paths.txt       one image path per line (empty lines when unknown)
     captions.txt    the caption texts (caption index only)
+
+Two-stage indexes (ESL: shortlist, then re-rank with the stored sides) are format version 1.
+One-stage indexes (models whose score IS the inner product of their index vectors:
+``exact_index``) are version 2 with ``"stages": 1`` and hold no side or lengths; a version 1
+manifest whose model record says ``"stages": 1`` (written by eslmatch before version 2)
+is a one-stage index that still carries a side of one vector per item.
 
 It is always written into a temporary directory beside the target and renamed into place,
 so readers never see a half-written index.
@@ -32,8 +40,9 @@ from ..errors import EslmatchError
 from .ann import FAISS_KINDS
 
 FORMAT = "eslmatch-gallery-index"
-VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+VERSION = 1  # two-stage indexes (and every index written before one-stage ones had their own layout)
+ONE_STAGE_VERSION = 2  # one-stage indexes: vectors only
+SUPPORTED_VERSIONS = (1, 2)
 KINDS = ("image", "caption")
 DTYPES = ("float32", "float16")
 
@@ -48,10 +57,24 @@ CAPTIONS = "captions.txt"
 ARRAY_FILES = (SIDE, LENGTHS, GLOBAL)
 
 
-def data_files(kind: str) -> tuple[str, ...]:
-    """Every file of an index of ``kind`` except the manifest."""
-    files = (*ARRAY_FILES, FAISS, IDS, PATHS)
+def data_files(kind: str, side: bool = True) -> tuple[str, ...]:
+    """Every file of an index of ``kind`` except the manifest (``side=False``: a one-stage
+    index, which stores no side and no lengths)."""
+    files = (*(ARRAY_FILES if side else (GLOBAL,)), FAISS, IDS, PATHS)
     return (*files, CAPTIONS) if kind == "caption" else files
+
+
+def manifest_stages(manifest: dict[str, Any]) -> int:
+    """1 (one-stage, exact) or 2 (shortlist + re-rank) for a checked manifest."""
+    if manifest.get("version") == VERSION:
+        model = manifest.get("model")
+        return 1 if isinstance(model, dict) and model.get("stages") == 1 else 2
+    return int(manifest["stages"])
+
+
+def manifest_has_side(manifest: dict[str, Any]) -> bool:
+    """Whether the index stores ``side.npy`` and ``lengths.npy`` (every version 1 index does)."""
+    return manifest.get("version") == VERSION or manifest_stages(manifest) == 2
 
 
 class GalleryIndexError(EslmatchError):
@@ -80,7 +103,7 @@ def check_files(directory: Path, manifest: dict[str, Any], verify: bool) -> None
     records = manifest.get("files")
     if not isinstance(records, dict):
         raise GalleryIndexError(f"{directory / MANIFEST}: no 'files' table")
-    for name in data_files(manifest["kind"]):
+    for name in data_files(manifest["kind"], manifest_has_side(manifest)):
         path = directory / name
         rec = records.get(name)
         if not isinstance(rec, dict) or "bytes" not in rec or "sha256" not in rec:
@@ -179,6 +202,9 @@ def read_manifest(directory: Path) -> dict[str, Any]:
             f"{path}: index format version {version!r} is not supported by this eslmatch "
             f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))}); rebuild the index"
         )
+    stages = manifest.get("stages")
+    if version == ONE_STAGE_VERSION and (isinstance(stages, bool) or stages not in (1, 2)):
+        raise GalleryIndexError(f"{path}: 'stages' must be 1 or 2, got {stages!r}")
     if manifest.get("kind") not in KINDS:
         raise GalleryIndexError(f"{path}: kind {manifest.get('kind')!r} is not one of {', '.join(KINDS)}")
     for key, typ in (

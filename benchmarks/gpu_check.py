@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scoring import build_model, embed, make_batch, released_loop, rel_err, timed  # noqa: E402
+from scoring import build_model, embed, make_batch, rel_err, released_loop, timed  # noqa: E402
 
 from eslmatch.scoring import ScoringOptions  # noqa: E402
 from eslmatch.training import TrainConfig, Trainer  # noqa: E402

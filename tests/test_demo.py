@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,6 +43,13 @@ def test_tiny_demo_end_to_end(tmp_path, monkeypatch):
         assert (report / name).is_file()
     for png in ("curves.png", "attention.png"):
         assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the test images stay at their final paths and the demo leaves a browsable gallery index
+    from eslmatch.factory import load_model
+    from eslmatch.retrieval import GalleryIndex
+
+    index = GalleryIndex.open(report / "index", model=load_model(report / "run_esl" / "best"))
+    assert index.count == 12 and all(p is not None and Path(p).is_file() for p in index.paths)
+    assert any("eslmatch serve --index" in line for line in lines)
     saved = json.loads((report / "metrics.json").read_text())
     assert set(saved["models"]) == {"ESL", "VSE"}
     for m in saved["models"].values():
@@ -55,6 +63,11 @@ def test_tiny_demo_end_to_end(tmp_path, monkeypatch):
     again: list[str] = []
     build_dataset(s, log=again.append)
     assert any("reusing" in ln for ln in again)
+    # the images moved (the cache folder renamed): serving says which path is missing
+    from eslmatch.cli import main
+
+    (tmp_path / "cache").rename(tmp_path / "cache-moved")
+    assert main(["serve", "--index", str(report / "index")]) == 1
 
 
 def test_demo_refuses_a_foreign_output_folder(tmp_path):

@@ -30,6 +30,7 @@ from ..errors import EslmatchError
 from ..evaluate import evaluate_protocol, format_metrics, score_split
 from ..extract import extract_folder
 from ..factory import load_model
+from ..retrieval import build_image_index
 from ..training import TrainConfig, fit
 from ..utils import atomic_write_text
 from .scenes import (
@@ -42,7 +43,7 @@ from .scenes import (
     write_demo_dataset,
 )
 
-DATASET_VERSION = 1
+DATASET_VERSION = 2  # 2: the test split's PNGs are kept, paths relative to the precomp folder
 SPLITS = ("train", "dev", "test")
 
 
@@ -129,6 +130,7 @@ def build_dataset(s: DemoSettings, log: Callable[[str], None] = print) -> Path:
             split=split,
             image_size=s.feature_size,
             progress=s.progress,
+            relative_paths=True,  # the folder is renamed into place: paths must survive it
             log=lambda m: None,
         )
         shutil.copyfile(raw / f"{split}_hard_pairs.json", tmp / "precomp" / f"{split}_hard_pairs.json")
@@ -136,7 +138,8 @@ def build_dataset(s: DemoSettings, log: Callable[[str], None] = print) -> Path:
             f"[data] {split}: {summary['n_images']} images x {summary['regions']} regions x {summary['dim']} "
             f"({time.time() - t1:.0f} s)"
         )
-    shutil.rmtree(raw / "images")  # features are all the demo needs; PNGs of the test split are kept below
+    for split in ("train", "dev"):  # features are all training needs; the test PNGs stay for search
+        shutil.rmtree(raw / "images" / split, ignore_errors=True)
     (tmp / "ready.json").write_text(json.dumps({"version": DATASET_VERSION, "settings": _jsonable(s)}, indent=2))
     if root.exists():
         shutil.rmtree(root)
@@ -340,12 +343,20 @@ def run_demo(s: DemoSettings, log: Callable[[str], None] = print) -> dict[str, A
         )
         if name == "ESL":
             results["attention"] = plot_attention(model, test, s, out / "attention.png")
+            t2 = time.time()
+            build_image_index(model, data, out / "index", split="test", progress=False, model_path=run / "best")
+            results["index"] = {"path": str(out / "index"), "seconds": round(time.time() - t2, 1)}
+            log(
+                f"[search] gallery index of the {test.n_images} test images in {out / 'index'} "
+                f"({time.time() - t2:.0f} s)"
+            )
     plot_curves(runs, out / "curves.png")
     results["seconds"] = round(time.time() - started, 1)
     atomic_write_text(out / "metrics.json", json.dumps(results, indent=2, default=float))
     (out / "README.md").write_text(summary_table(results) + "\n")
     log("\n" + summary_table(results))
     log(f"\nreport written to {out}/ (metrics.json, curves.png, attention.png) in {results['seconds']:.0f} s")
+    log(f"search the test images in your browser: eslmatch serve --index {out / 'index'}")
     return results
 
 

@@ -576,10 +576,28 @@ def load_app(
         model_path = recorded_model(index)
         if not model_path:
             raise EslmatchError(f"{index_path}: the index records no model; pass --model")
+    check_image_files(index, Path(index_path))
     model = load_model(model_path, map_location=device)
     model.eval()
     index.check_model(model)  # a model other than the index's fails here, not on the first query
     return create_app(index, model, config, model_name=Path(str(model_path)).name, allowed_hosts=allowed_hosts)
+
+
+def check_image_files(index: Any, where: Path, sample: int = 200) -> None:
+    """Refuse an index whose recorded image files are all gone (moved?), naming one (a few
+    missing files are served as missing pictures). Up to ``sample`` evenly spaced paths are
+    looked at."""
+    paths = [p for p in getattr(index, "paths", []) if p]
+    if not paths:
+        return
+    step = max(1, len(paths) // sample)
+    checked = paths[::step][:sample]
+    missing = [p for p in checked if not Path(p).is_file()]
+    if missing and len(missing) == len(checked):
+        raise EslmatchError(
+            f"{where}: the index's image files are missing, e.g. {missing[0]} (moved or deleted? rebuild the "
+            "index where the images are now)"
+        )
 
 
 def recorded_model(index: Any) -> str | None:

@@ -54,8 +54,39 @@ class ConfigData:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
 
+class LevelGeometry:
+    """The level widths every ESL family derives from ``embed_size``, ``kernel_size`` and
+    ``num_levels`` (``E / k**l`` for ``l = 0..L``), and their check."""
+
+    embed_size: int
+    kernel_size: int
+    num_levels: int
+
+    @property
+    def level_dims(self) -> list[int]:
+        """Widths ``n_l = E / k**l`` for ``l = 0..L``."""
+        return [self.embed_size // self.kernel_size**lvl for lvl in range(self.num_levels + 1)]
+
+    @property
+    def total_dim(self) -> int:
+        """``Dt``, the width of the concatenated level features."""
+        return sum(self.level_dims)
+
+    def check_levels(self, embed_name: str = "embed_size") -> None:
+        """Raise :class:`EslmatchError` unless every level has an integer width >= 1."""
+        if not isinstance(self.num_levels, int) or self.num_levels < 0:
+            raise EslmatchError(f"num_levels must be an integer >= 0, got {self.num_levels!r}")
+        if self.kernel_size < 2 and self.num_levels > 0:
+            raise EslmatchError("kernel_size must be >= 2 when num_levels > 0")
+        if self.num_levels > 0 and (self.embed_size % self.kernel_size**self.num_levels != 0):
+            raise EslmatchError(
+                f"{embed_name} {self.embed_size} must be divisible by kernel_size**num_levels = "
+                f"{self.kernel_size}**{self.num_levels} (E / k^L >= 1, integer at every level)"
+            )
+
+
 @dataclass
-class ESLConfig(ConfigData):
+class ESLConfig(ConfigData, LevelGeometry):
     """Every hyper-parameter of an ESL model (spec sections 1-4).
 
     Attributes:
@@ -111,17 +142,6 @@ class ESLConfig(ConfigData):
     def __post_init__(self) -> None:
         self.validate()
 
-    # ------------------------------------------------------------------ derived values
-    @property
-    def level_dims(self) -> list[int]:
-        """Widths ``n_l = E / k**l`` for ``l = 0..L``."""
-        return [self.embed_size // self.kernel_size**lvl for lvl in range(self.num_levels + 1)]
-
-    @property
-    def total_dim(self) -> int:
-        """``Dt``, the width of the concatenated level features."""
-        return sum(self.level_dims)
-
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
         """Raise :class:`EslmatchError` naming the first inconsistent field."""
@@ -135,15 +155,7 @@ class ESLConfig(ConfigData):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise EslmatchError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.num_levels, int) or self.num_levels < 0:
-            raise EslmatchError(f"num_levels must be an integer >= 0, got {self.num_levels!r}")
-        if self.kernel_size < 2 and self.num_levels > 0:
-            raise EslmatchError("kernel_size must be >= 2 when num_levels > 0")
-        if self.num_levels > 0 and (self.embed_size % self.kernel_size**self.num_levels != 0):
-            raise EslmatchError(
-                f"embed_size {self.embed_size} must be divisible by kernel_size**num_levels = "
-                f"{self.kernel_size}**{self.num_levels} (E / k^L >= 1, integer at every level)"
-            )
+        self.check_levels()
         if self.text_encoder == "gru" and self.vocab_size is not None and self.vocab_size < 4:
             raise EslmatchError("vocab_size must be >= 4 for the GRU encoder")
         if self.adaptive_select < 1:

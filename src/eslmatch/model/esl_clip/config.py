@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...config import ConfigData
+from ...config import ConfigData, LevelGeometry
 from ...errors import EslmatchError
 
 STRATEGIES = ("adaptive", "heuristic")
@@ -93,7 +93,7 @@ class ClipArchitecture:
 
 
 @dataclass
-class ESLClipConfig(ConfigData):
+class ESLClipConfig(ConfigData, LevelGeometry):
     """Every hyper-parameter of an ESL-CLIP model (the CLIP-based ESL branch).
 
     Attributes:
@@ -141,17 +141,9 @@ class ESLClipConfig(ConfigData):
         self.validate()
 
     @property
-    def embed_size(self) -> int:
+    def embed_size(self) -> int:  # type: ignore[override]  # derived here, a field in ESLConfig
+        """``E``: the CLIP projection width."""
         return self.clip.embed_dim
-
-    @property
-    def level_dims(self) -> list[int]:
-        """Widths ``E / k**l`` for ``l = 0..L``."""
-        return [self.embed_size // self.kernel_size**lvl for lvl in range(self.num_levels + 1)]
-
-    @property
-    def total_dim(self) -> int:
-        return sum(self.level_dims)
 
     def validate(self) -> None:
         if self.model_type != "esl-clip":
@@ -159,13 +151,7 @@ class ESLClipConfig(ConfigData):
         if self.strategy not in STRATEGIES:
             raise EslmatchError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         self.clip.validate()
-        if not isinstance(self.num_levels, int) or self.num_levels < 0:
-            raise EslmatchError(f"num_levels must be an integer >= 0, got {self.num_levels!r}")
-        if self.num_levels and (self.kernel_size < 2 or self.embed_size % self.kernel_size**self.num_levels):
-            raise EslmatchError(
-                f"clip.embed_dim {self.embed_size} must be divisible by kernel_size**num_levels = "
-                f"{self.kernel_size}**{self.num_levels} (kernel_size >= 2)"
-            )
+        self.check_levels("clip.embed_dim")
         if self.heuristic_channels < 1 or self.adaptive_select < 1:
             raise EslmatchError("heuristic_channels and adaptive_select must be >= 1")
         if not math.isfinite(self.logit_scale_max) or self.logit_scale_max <= 0:

@@ -322,3 +322,30 @@ def test_write_demo_dataset_layout(tmp_path):
     train = (tmp_path / "train_captions.txt").read_text(encoding="utf-8").splitlines()
     test = (tmp_path / "test_captions.txt").read_text(encoding="utf-8").splitlines()
     assert [t.split("\t")[1] for t in train[:15]] != [t.split("\t")[1] for t in test]
+
+
+def test_split_truth_equals_the_literal_loop(big):
+    from eslmatch.demo.grammar import caption_is_true, split_truth
+
+    scenes = big.scenes[:400]
+    captions = [c for caps in big.captions[:400] for c in caps]
+    fast = split_truth(scenes, captions)
+    literal = [[k for k, s in enumerate(scenes) if caption_is_true(s, c)] for c in captions]
+    assert fast == literal
+    assert all(c // 5 in t for c, t in enumerate(fast))  # every caption is true of its own image
+    assert max(len(t) for t in fast) > 20 and min(len(t) for t in fast) == 1  # broad and narrow ones
+
+
+def test_write_split_writes_the_truth(tmp_path):
+    from eslmatch.truth import load_truth
+
+    spec = generate_split(15, seed=5, hard_fraction=0.4, name="test")
+    files = write_split(spec, tmp_path / "images", tmp_path / "test_caps.txt")
+    assert files.truth_file == tmp_path / "test_truth.json"
+    truth = load_truth(files.truth_file, 15, 75)
+    record = json.loads(files.truth_file.read_text(encoding="utf-8"))
+    assert record["image_names"] == spec.image_names() and record["reading"] == "strict"
+    from eslmatch.demo.grammar import caption_is_true
+
+    for c, cap in enumerate(c for caps in spec.captions for c in caps):
+        assert truth[c].tolist() == [k for k, s in enumerate(spec.scenes) if caption_is_true(s, cap)]

@@ -413,3 +413,28 @@ def test_vse_trains_through_the_command(tmp_path, small_data, capsys):
     assert [r["step"] for r in records] == [2, 4, 5]
     assert records[-1]["loss"] < records[0]["loss"]
     assert isinstance(load_pretrained(tmp_path / "out" / "last"), VSEModel)
+
+
+def test_mask_true_pairs_reads_the_training_truth(tmp_path):
+    from eslmatch.errors import EslmatchError
+
+    data = make_precomp(
+        tmp_path / "data", splits=("train", "dev"), n_images={"train": 40, "dev": 20}, regions=6, dim=16
+    )
+    common = dict(data_path=str(data), epochs=1, batch_size=20, max_steps=2, mask_true_pairs=True)
+    cfg = load_train_config(write_config(tmp_path / "a.yaml", output_dir=str(tmp_path / "a"), **common))
+    with pytest.raises(EslmatchError, match="train_truth.json does not exist"):
+        train(cfg)
+    # every caption true of its own image; caption 0 also of every image: never a negative
+    truth = [[c // 5] for c in range(200)]
+    truth[0] = list(range(40))
+    (data / "train_truth.json").write_text(json.dumps({"captions": truth}), encoding="utf-8")
+    masked = train(load_train_config(write_config(tmp_path / "b.yaml", output_dir=str(tmp_path / "b"), **common)))
+    plain_cfg = dict(common, mask_true_pairs=False)
+    plain = train(load_train_config(write_config(tmp_path / "c.yaml", output_dir=str(tmp_path / "c"), **plain_cfg)))
+    assert masked.global_step == plain.global_step == 2
+    wb, wc = weights(tmp_path / "b" / "last"), weights(tmp_path / "c" / "last")
+    assert max(float((wb[k] - wc[k]).abs().max()) for k in wb) > 1e-6  # the mask changed the updates
+    (data / "train_truth.json").write_text(json.dumps({"captions": truth[:-1]}), encoding="utf-8")
+    with pytest.raises(EslmatchError, match="199"):
+        train(load_train_config(write_config(tmp_path / "d.yaml", output_dir=str(tmp_path / "d"), **common)))

@@ -25,7 +25,13 @@ from .distributed import DistContext, gather_lengths, gather_padded
 from .errors import EslmatchError
 
 
-def hinge_rows(scores: Tensor, positives: Tensor, margin: float = 0.2, max_violation: bool = False) -> Tensor:
+def hinge_rows(
+    scores: Tensor,
+    positives: Tensor,
+    margin: float = 0.2,
+    max_violation: bool = False,
+    exclude: Tensor | None = None,
+) -> Tensor:
     """Hinge loss of each row's positive against the other entries of that row.
 
     Args:
@@ -34,6 +40,8 @@ def hinge_rows(scores: Tensor, positives: Tensor, margin: float = 0.2, max_viola
         margin: hinge margin.
         max_violation: keep only the hardest negative of each row (VSE++); otherwise sum
             the hinge over every negative (VSE0).
+        exclude: ``(Q, K)`` bool, entries that are not negatives although they are not the
+            row's positive (pairs known to be true: a dataset's truth); ``None``: none.
     Returns:
         scalar: the sum over rows.
     """
@@ -47,6 +55,8 @@ def hinge_rows(scores: Tensor, positives: Tensor, margin: float = 0.2, max_viola
     cost = (margin + scores - pos).clamp(min=0)
     is_pos = torch.zeros_like(cost, dtype=torch.bool)
     is_pos[rows, positives] = True
+    if exclude is not None:
+        is_pos = is_pos | exclude.to(device=scores.device, dtype=torch.bool)
     cost = cost.masked_fill(is_pos, 0.0)
     if max_violation:
         return cost.max(dim=1).values.sum()
@@ -69,15 +79,22 @@ def triplet_loss(scores: Tensor, margin: float = 0.2, max_violation: bool = Fals
     return hinge_rows(scores, diag, margin, max_violation) + hinge_rows(scores.t(), diag, margin, max_violation)
 
 
-def infonce_rows(scores: Tensor, positives: Tensor, logit_scale: Tensor) -> Tensor:
+def infonce_rows(scores: Tensor, positives: Tensor, logit_scale: Tensor, exclude: Tensor | None = None) -> Tensor:
     """Cross-entropy of each row's positive among the row's scores times ``exp(logit_scale)``.
 
     Args:
-        scores: ``(Q, K)``; positives: ``(Q,)`` long; logit_scale: the learned log-scale.
+        scores: ``(Q, K)``; positives: ``(Q,)`` long; logit_scale: the learned log-scale;
+        exclude: ``(Q, K)`` bool, entries left out of the softmax (never the positive).
     Returns:
         scalar: the sum over rows (divide by the row count for the mean).
     """
-    return F.cross_entropy(scores * logit_scale.exp(), positives.to(scores.device), reduction="sum")
+    logits = scores * logit_scale.exp()
+    positives = positives.to(scores.device)
+    if exclude is not None:
+        keep = ~exclude.to(device=scores.device, dtype=torch.bool)
+        keep[torch.arange(scores.shape[0], device=scores.device), positives] = True
+        logits = logits.masked_fill(~keep, float("-inf"))
+    return F.cross_entropy(logits, positives, reduction="sum")
 
 
 def clip_loss(scores: Tensor, logit_scale: Tensor) -> Tensor:
@@ -121,13 +138,19 @@ class MatchingLoss(nn.Module):
         model: any :class:`~eslmatch.model.base.MatchingModel`.
         settings: margin, auxiliary weight, VSE0/VSE++.
         ctx: the process's place in the job (``DistContext()``: alone).
+        truth: the training split's true pairs (:class:`~eslmatch.truth.TruthPairs`): a
+            pair it calls true is never a negative (``None``: every other pair of the batch
+            is one, as in the released code).
     """
 
-    def __init__(self, model: nn.Module, settings: LossSettings, ctx: DistContext | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, settings: LossSettings, ctx: DistContext | None = None, truth: Any = None
+    ) -> None:
         super().__init__()
         self.model: Any = model
         self.settings = settings
         self.ctx = ctx or DistContext()
+        self.truth = truth
         if settings.kind not in LOSS_KINDS:
             raise EslmatchError(f"loss kind must be one of {', '.join(LOSS_KINDS)}, got {settings.kind!r}")
         if settings.kind == "infonce" and not isinstance(getattr(model, "logit_scale", None), torch.Tensor):
@@ -140,9 +163,17 @@ class MatchingLoss(nn.Module):
             )
 
     def forward(
-        self, images: Tensor, image_lengths: Tensor, captions: Tensor, caption_lengths: Tensor
+        self,
+        images: Tensor,
+        image_lengths: Tensor,
+        captions: Tensor,
+        caption_lengths: Tensor,
+        image_index: Tensor | None = None,
+        caption_index: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """This process's share of the batch: ``(b, R, D)``, ``(b,)``, ``(b, W)``, ``(b,)``.
+        """This process's share of the batch: ``(b, R, D)``, ``(b,)``, ``(b, W)``, ``(b,)``;
+        ``image_index``, ``caption_index`` ``(b,)``: where each item sits in the split (needed
+        with ``truth``).
 
         Returns:
             ``{"loss": the weighted sum, "match": the matching term, "global": the auxiliary
@@ -155,18 +186,30 @@ class MatchingLoss(nn.Module):
         cap_len = caption_lengths.to(cap.device)
         img_all, cap_all = gather_padded(img, ctx), gather_padded(cap, ctx)
         img_len_all, cap_len_all = gather_lengths(img_len, ctx), gather_lengths(cap_len, ctx)
-        positives = torch.arange(img.shape[0], device=img.device) + ctx.rank * img.shape[0]
+        b = img.shape[0]
+        positives = torch.arange(b, device=img.device) + ctx.rank * b
+        ex_rows = ex_cols = None
+        if self.truth is not None:
+            if image_index is None or caption_index is None:
+                raise EslmatchError("a loss with a truth needs the batch's image_index and caption_index")
+            true = self.truth.mask(
+                gather_lengths(image_index.to(img.device), ctx).cpu(),
+                gather_lengths(caption_index.to(img.device), ctx).cpu(),
+            )
+            mine = slice(ctx.rank * b, (ctx.rank + 1) * b)
+            ex_rows = torch.from_numpy(true[mine]).to(img.device)  # my images x all captions
+            ex_cols = torch.from_numpy(true[:, mine].T.copy()).to(img.device)  # my captions x all images
 
         def term(score: object) -> Tensor:
             rows = _fp32_scores(score, img, img_len, cap_all, cap_len_all)  # my images x all captions
             cols = rows if not ctx.distributed else _fp32_scores(score, img_all, img_len_all, cap, cap_len)
             if s.kind == "infonce":
                 scale = model.logit_scale.float()
-                return (infonce_rows(rows, positives, scale) + infonce_rows(cols.t(), positives, scale)) / (
-                    2 * img_all.shape[0]
-                )
-            return hinge_rows(rows, positives, s.margin, s.max_violation) + hinge_rows(
-                cols.t(), positives, s.margin, s.max_violation
+                return (
+                    infonce_rows(rows, positives, scale, ex_rows) + infonce_rows(cols.t(), positives, scale, ex_cols)
+                ) / (2 * img_all.shape[0])
+            return hinge_rows(rows, positives, s.margin, s.max_violation, ex_rows) + hinge_rows(
+                cols.t(), positives, s.margin, s.max_violation, ex_cols
             )
 
         out = {"match": term(model.score)}

@@ -51,6 +51,38 @@ _CHUNK_BYTES = 128 << 20
 _BYTES_PER_CELL = 40  # float64 copy, partition, masks, cumulative counts: temporaries per ranked score
 
 
+class TruthPairs:
+    """The true (image, caption) pairs of a split, for masking a batch's false negatives.
+
+    Args:
+        truth: ``M`` arrays, ``truth[c]`` the images caption ``c`` is true of
+            (:func:`load_truth`).
+        n_images: images in the split.
+    """
+
+    def __init__(self, truth: Sequence[np.ndarray], n_images: int) -> None:
+        self.n_images = int(n_images)
+        self.n_captions = len(truth)
+        sizes = truth_sizes(truth)
+        caps = np.repeat(np.arange(len(truth), dtype=np.int64), sizes)
+        imgs = np.concatenate([np.asarray(t, dtype=np.int64) for t in truth]) if len(truth) else np.zeros(0, np.int64)
+        self._keys = np.unique(caps * self.n_images + imgs)
+
+    def mask(self, image_index: Any, caption_index: Any) -> np.ndarray:
+        """``(n, m)`` bool: caption ``caption_index[j]`` is true of image ``image_index[i]``."""
+        img = np.asarray(image_index, dtype=np.int64).reshape(-1)
+        cap = np.asarray(caption_index, dtype=np.int64).reshape(-1)
+        if img.size and (img.min() < 0 or img.max() >= self.n_images):
+            raise EslmatchError(f"image index out of range for a truth of {self.n_images} images")
+        if cap.size and (cap.min() < 0 or cap.max() >= self.n_captions):
+            raise EslmatchError(f"caption index out of range for a truth of {self.n_captions} captions")
+        keys = cap[None, :] * self.n_images + img[:, None]
+        if not self._keys.size:
+            return np.zeros(keys.shape, dtype=bool)
+        pos = np.minimum(np.searchsorted(self._keys, keys), self._keys.size - 1)
+        return self._keys[pos] == keys
+
+
 def truth_path(root: str | Path, split: str) -> Path:
     """``root/{split}_truth.json``, where a dataset keeps the truth of a split."""
     return Path(root) / f"{split}_truth.json"

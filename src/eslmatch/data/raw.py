@@ -248,7 +248,12 @@ class ImageCaptionDataset(Dataset):
                 self.bad.add(path, str(exc))
                 continue
             ids, lens = self.tokenize([self.split.captions[j]])
-            return {"image": image, "ids": ids[0, : int(lens[0])], "index": j}
+            return {
+                "image": image,
+                "ids": ids[0, : int(lens[0])],
+                "index": j,
+                "image_index": self.split.image_of_caption(j),
+            }
         raise EslmatchError(f"{self.split.source}: no readable image found near caption {c} (see the warnings above)")
 
 
@@ -261,12 +266,24 @@ class PixelBatch:
     captions: Tensor  # (B, W)
     caption_lengths: Tensor  # (B,)
     indices: Tensor  # (B,) caption indices
+    image_index: Tensor  # (B,) image of each caption
+
+    @property
+    def caption_index(self) -> Tensor:
+        return self.indices
 
     def to(self, device: str | torch.device, non_blocking: bool = False) -> PixelBatch:
         return PixelBatch(
             *(
                 t.to(device, non_blocking=non_blocking)
-                for t in (self.images, self.image_lengths, self.captions, self.caption_lengths, self.indices)
+                for t in (
+                    self.images,
+                    self.image_lengths,
+                    self.captions,
+                    self.caption_lengths,
+                    self.indices,
+                    self.image_index,
+                )
             )
         )
 
@@ -275,7 +292,12 @@ def collate_pixels(items: Sequence[dict[str, Any]]) -> PixelBatch:
     ids, lens = pad_ids([it["ids"].tolist() for it in items])
     images = torch.stack([it["image"] for it in items])
     return PixelBatch(
-        images, torch.ones(len(items), dtype=torch.long), ids, lens, torch.tensor([int(it["index"]) for it in items])
+        images,
+        torch.ones(len(items), dtype=torch.long),
+        ids,
+        lens,
+        torch.tensor([int(it["index"]) for it in items]),
+        torch.tensor([int(it["image_index"]) for it in items]),
     )
 
 

@@ -544,3 +544,71 @@ def describe(scene: Scene, rng: random.Random, n: int = 5, keep: Sequence[Captio
     while len(chosen) < n:
         chosen.append(_family_mention(scene, rng, ()))
     return chosen
+
+
+# ----------------------------------------------------------------------------- truth of a split
+
+
+def _descs_of(o: Obj) -> list[Desc]:
+    """The 8 descriptions an object matches (each attribute given or left out)."""
+    return [
+        Desc(shape if s else None, color if c else None, size if z else None)
+        for shape, color, size in [(o.shape, o.color, o.size)]
+        for s in (False, True)
+        for c in (False, True)
+        for z in (False, True)
+    ]
+
+
+class SceneIndex:
+    """Which scenes hold how many objects of each description, to find a caption's candidate
+    scenes without checking every scene (the candidates are then checked with
+    :func:`caption_is_true`, so the result is the same as the literal loop's)."""
+
+    def __init__(self, scenes: Sequence[Scene]) -> None:
+        self.scenes = list(scenes)
+        self.by_total: dict[int, set[int]] = {}
+        self.by_desc: dict[tuple[Desc, int], set[int]] = {}
+        for k, scene in enumerate(self.scenes):
+            self.by_total.setdefault(len(scene.objects), set()).add(k)
+            counts: dict[Desc, int] = {}
+            for o in scene.objects:
+                for d in _descs_of(o):
+                    counts[d] = counts.get(d, 0) + 1
+            for d, n in counts.items():
+                self.by_desc.setdefault((d, n), set()).add(k)
+
+    def candidates(self, m: Meaning) -> set[int]:
+        """Scenes where the strict reading of ``m`` may hold (a superset of where it does)."""
+        if isinstance(m, Total):
+            return self.by_total.get(m.count, set())
+        if isinstance(m, Mention):
+            return self.by_desc.get((m.desc, m.count), set())
+        if isinstance(m, Relation):
+            return self.by_desc.get((m.a, 1), set()) & self.by_desc.get((m.b, 1), set())
+        if isinstance(m, Conj):
+            out: set[int] | None = None
+            for p in m.parts:
+                c = self.candidates(p)
+                out = set(c) if out is None else out & c
+            return out if out is not None else set(range(len(self.scenes)))
+        raise TypeError(f"not a caption meaning: {type(m).__name__}")
+
+    def true_of(self, caption: Caption | Meaning) -> list[int]:
+        """Indices of the scenes ``caption`` is true of (strict reading), ascending."""
+        m = caption.meaning if isinstance(caption, Caption) else caption
+        return sorted(k for k in self.candidates(m) if caption_is_true(self.scenes[k], m))
+
+
+def split_truth(scenes: Sequence[Scene], captions: Sequence[Caption]) -> list[list[int]]:
+    """For each caption, the scenes it is true of (strict reading), as
+    ``{split}_truth.json`` stores them (:mod:`eslmatch.truth`)."""
+    index = SceneIndex(scenes)
+    memo: dict[object, list[int]] = {}
+    out = []
+    for cap in captions:
+        key = meaning_key(cap.meaning)
+        if key not in memo:
+            memo[key] = index.true_of(cap)
+        out.append(memo[key])
+    return out

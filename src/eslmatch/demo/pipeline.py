@@ -43,7 +43,7 @@ from .scenes import (
     write_demo_dataset,
 )
 
-DATASET_VERSION = 2  # 2: the test split's PNGs are kept, paths relative to the precomp folder
+DATASET_VERSION = 3  # 2: the test PNGs are kept, relative paths; 3: {split}_truth.json
 SPLITS = ("train", "dev", "test")
 
 
@@ -133,7 +133,8 @@ def build_dataset(s: DemoSettings, log: Callable[[str], None] = print) -> Path:
             relative_paths=True,  # the folder is renamed into place: paths must survive it
             log=lambda m: None,
         )
-        shutil.copyfile(raw / f"{split}_hard_pairs.json", tmp / "precomp" / f"{split}_hard_pairs.json")
+        for extra in ("hard_pairs", "truth"):
+            shutil.copyfile(raw / f"{split}_{extra}.json", tmp / "precomp" / f"{split}_{extra}.json")
         log(
             f"[data] {split}: {summary['n_images']} images x {summary['regions']} regions x {summary['dim']} "
             f"({time.time() - t1:.0f} s)"

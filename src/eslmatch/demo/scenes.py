@@ -38,6 +38,7 @@ from .grammar import (
     describe,
     meaning_key,
     relation_holds,
+    split_truth,
 )
 
 COLOR_RGB: dict[str, tuple[int, int, int]] = {
@@ -433,6 +434,7 @@ class SplitFiles:
     captions_file: Path
     hard_pairs_file: Path
     image_names: tuple[str, ...]
+    truth_file: Path | None = None
 
 
 def hard_pairs_record(spec: SplitSpec) -> dict[str, Any]:
@@ -472,8 +474,9 @@ def write_split(
     progress: bool = False,
 ) -> SplitFiles:
     """Write ``{split}_{i:05d}.png`` images, an ``image_name<TAB>caption`` file (one line per
-    caption, images in order) and the hard pairs as JSON (default: ``{split}_hard_pairs.json``
-    next to the captions file).
+    caption, images in order), the hard pairs as JSON (default: ``{split}_hard_pairs.json``
+    next to the captions file) and the truth of every caption (``{split}_truth.json`` next to
+    the captions file: the images each caption is true of, :mod:`eslmatch.truth`).
 
     Images are rendered into a temporary folder first and moved in only when all succeeded;
     the text files are replaced atomically.
@@ -504,7 +507,18 @@ def write_split(
         shutil.rmtree(tmp_dir, ignore_errors=True)
     atomic_write_text(captions_file, "".join(lines))
     atomic_write_text(hard_path, record)
-    return SplitFiles(images_dir, captions_file, hard_path, tuple(names))
+    truth_file = captions_file.with_name(f"{spec.name}_truth.json")
+    atomic_write_text(truth_file, truth_record(spec))
+    return SplitFiles(images_dir, captions_file, hard_path, tuple(names), truth_file)
+
+
+def truth_record(spec: SplitSpec) -> str:
+    """``{split}_truth.json`` of a split: ``{"captions": [[image indices], ...]}`` in caption
+    order (strict reading of each caption), plus the image names and the reading."""
+    truth = split_truth(spec.scenes, [c for caps in spec.captions for c in caps])
+    lines = ",\n  ".join(json.dumps(t) for t in truth)
+    head = {"split": spec.name, "reading": "strict", "n_images": spec.n_images, "image_names": spec.image_names()}
+    return json.dumps(head)[:-1] + ',\n "captions": [\n  ' + lines + "\n ]\n}\n"
 
 
 def load_hard_cases(path: str | Path, ids: Sequence[str] | None = None) -> list[HardCase]:

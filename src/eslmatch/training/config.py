@@ -58,6 +58,10 @@ class TrainConfig:
         margin: hinge margin of the triplet loss.
         global_loss_weight: weight of the auxiliary first-stage loss (the same hinge on the
             index vectors' inner products; two-stage search). 0 in the released recipe.
+        mask_true_pairs: read the training split's truth (``{train_split}_truth.json`` beside
+            its captions, see :mod:`eslmatch.truth`) and never use a pair it calls true as a
+            negative (false negatives: "three objects" is true of many images). False in the
+            released recipe (every other pair of a batch is a negative).
         epochs: training epochs.
         batch_size: GLOBAL batch (split over the processes under torchrun).
         lr: AdamW learning rate; ``bert_lr_factor`` multiplies it for the pretrained backbone
@@ -108,6 +112,7 @@ class TrainConfig:
     init_from: str | None = None
     margin: float = 0.2
     global_loss_weight: float = 0.0
+    mask_true_pairs: bool = False
     epochs: int = 30
     batch_size: int = 128
     lr: float = 5e-4

@@ -36,6 +36,7 @@ from ..evaluate import recall_metrics, score_image_split, score_split
 from ..factory import build_model, config_from_dict, load_model
 from ..model.base import MatchingModel
 from ..text import WordVocab, load_tokenizer
+from ..truth import TruthPairs, load_truth, truth_path
 from ..utils import atomic_write_text
 from .config import RESUME_MAY_CHANGE, TrainConfig, config_differences
 from .log import METRICS_NAME, RunLog
@@ -131,7 +132,14 @@ def train_one_epoch(run: Run) -> bool:
     bar = _progress_bar(cfg, ctx, run.steps, st.step_in_epoch, st.epoch)
     for batch in loader:
         batch = batch.to(ctx.device, non_blocking=True)
-        window = window + trainer.step(batch.images, batch.image_lengths, batch.captions, batch.caption_lengths)
+        window = window + trainer.step(
+            batch.images,
+            batch.image_lengths,
+            batch.captions,
+            batch.caption_lengths,
+            batch.image_index,
+            batch.caption_index,
+        )
         window_n += 1
         st.global_step += 1
         st.step_in_epoch += 1
@@ -278,7 +286,7 @@ def _start(cfg: TrainConfig, ctx: DistContext, resume: bool) -> Run:
     model = _make_model(cfg, train_split, vocab, saved["model_config"] if saved else None).to(ctx.device)
     if isinstance(model.tokenizer, WordVocab):
         vocab = list(model.tokenizer.tokens)
-    trainer = Trainer(model, cfg, ctx, steps_per_epoch=steps)
+    trainer = Trainer(model, cfg, ctx, steps_per_epoch=steps, truth=_train_truth(cfg, train_split))
     state = TrainState()
     if saved is not None:
         trainer.load_state_dict(saved, str(output / STATE_NAME))
@@ -332,6 +340,17 @@ def _open_splits(cfg: TrainConfig) -> tuple[Any, Any]:
     if cfg.val_images is not None and cfg.val_images < val.n_images:
         val = val.head(cfg.val_images)
     return train, val
+
+
+def _train_truth(cfg: TrainConfig, split: Any) -> TruthPairs | None:
+    """The training split's true pairs when ``mask_true_pairs`` asks for them."""
+    if not cfg.mask_true_pairs:
+        return None
+    folder = split.root if isinstance(split, PrecompSplit) else Path(cfg.data_path).parent
+    path = truth_path(folder, cfg.train_split)
+    if not path.is_file():
+        raise EslmatchError(f"mask_true_pairs is on but {path} does not exist (the truth of the training split)")
+    return TruthPairs(load_truth(path, split.n_images, split.n_captions), split.n_images)
 
 
 def _make_model(

@@ -78,10 +78,18 @@ class Trainer:
         ctx: the process's place in a torchrun job (``None``: alone).
         steps_per_epoch: optimiser steps per epoch (needed by ``schedule: cosine``, whose
             length is ``epochs * steps_per_epoch``).
+        truth: the training split's true pairs (:class:`~eslmatch.truth.TruthPairs`), never
+            used as negatives; :meth:`step` then needs each item's ``image_index`` and
+            ``caption_index``.
     """
 
     def __init__(
-        self, model: nn.Module, config: TrainConfig, ctx: DistContext | None = None, steps_per_epoch: int = 1
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        ctx: DistContext | None = None,
+        steps_per_epoch: int = 1,
+        truth: Any = None,
     ) -> None:
         config.validate()
         self.model: Any = model
@@ -96,7 +104,9 @@ class Trainer:
                 raise EslmatchError(f"gradient_checkpointing is not supported by {type(model).__name__}")
             cast(Any, model).set_gradient_checkpointing(True)
         kind = getattr(model, "loss_kind", "hinge")
-        self.loss = MatchingLoss(model, LossSettings(config.margin, config.global_loss_weight, kind=kind), self.ctx)
+        self.loss = MatchingLoss(
+            model, LossSettings(config.margin, config.global_loss_weight, kind=kind), self.ctx, truth=truth
+        )
         self._step_module: nn.Module = self.loss
         if self.ctx.distributed:
             ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
@@ -127,8 +137,17 @@ class Trainer:
     def max_violation(self) -> bool:
         return self.loss.settings.max_violation
 
-    def step(self, images: Tensor, image_lengths: Tensor, captions: Tensor, caption_lengths: Tensor) -> Tensor:
-        """One optimiser step on this process's share of a batch.
+    def step(
+        self,
+        images: Tensor,
+        image_lengths: Tensor,
+        captions: Tensor,
+        caption_lengths: Tensor,
+        image_index: Tensor | None = None,
+        caption_index: Tensor | None = None,
+    ) -> Tensor:
+        """One optimiser step on this process's share of a batch (``image_index`` and
+        ``caption_index``: the items' places in the split, needed with a ``truth``).
 
         Returns:
             the batch loss (this process's share; detached, 0-d), computed before the update.
@@ -137,7 +156,14 @@ class Trainer:
         if self.config.schedule != "step":
             self._set_lr()
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.bf16):
-            terms = self._step_module(images.to(dev), image_lengths.to(dev), captions.to(dev), caption_lengths.to(dev))
+            terms = self._step_module(
+                images.to(dev),
+                image_lengths.to(dev),
+                captions.to(dev),
+                caption_lengths.to(dev),
+                image_index,
+                caption_index,
+            )
         self.optimizer.zero_grad(set_to_none=True)
         # DDP averages gradients over ranks; the loss is a sum over the global batch, so each
         # rank's share is scaled back up.

@@ -253,6 +253,40 @@ def test_frozen_bert_backbone_is_cached_and_equal():
     assert not frozen.text_encoder.backbone.training
 
 
+def test_top_layers_train_on_cached_lower_layers():
+    cfg = tiny_bert_config(vocab_size=40)
+    cfg.num_hidden_layers = 3
+    config = ESLConfig(embed_size=32, num_levels=3, img_dim=16, text_model=None)
+    live = ESLModel(config, bert_from_config(cfg))
+    randomize(live)
+    part = ESLModel(config.replace(text_train_layers=1), bert_from_config(cfg))
+    part.load_state_dict(live.state_dict())
+    live.eval()
+    part.eval()
+    _, _, caps, cap_len = random_inputs(live, 1, 5, 4, 6, seed=13)
+    caps = caps.clamp(max=39)
+    mask = torch.arange(6)[None, :] < cap_len[:, None]
+    a = live.encode_captions(caps, cap_len)
+    b = part.encode_captions(caps, cap_len)
+    assert torch.allclose(a[mask], b[mask], atol=1e-5)  # the split forward is the same function
+    enc = part.text_encoder
+    assert len(enc._cache) == len({tuple(r[:n].tolist()) for r, n in zip(caps, cap_len)})
+    part.train()
+    assert not enc.backbone.embeddings.training and not enc.backbone.encoder.layer[1].training
+    assert enc.backbone.encoder.layer[2].training
+    part.encode_captions(caps, cap_len)[mask].sum().backward()
+    named = dict(enc.backbone.named_parameters())
+    top = [n for n in named if n.startswith("encoder.layer.2.")]
+    assert top and all(named[n].grad is not None for n in top)
+    assert all(p.grad is None for n, p in named.items() if n not in top)
+    with pytest.raises(EslmatchError, match="text_train_layers must be >= 0"):
+        ESLModel(config.replace(text_train_layers=-1), bert_from_config(cfg))
+    # 0 is frozen, k >= the depth trains everything
+    assert ESLModel(config.replace(text_train_layers=0), bert_from_config(cfg)).text_encoder.frozen
+    whole = ESLModel(config.replace(text_train_layers=5), bert_from_config(cfg)).text_encoder
+    assert whole.split == 0 and all(p.requires_grad for p in whole.backbone.parameters())
+
+
 def test_frozen_cache_is_shared_by_content_and_rekeyed_on_load():
     cfg = tiny_bert_config(vocab_size=40)
     config = ESLConfig(embed_size=32, num_levels=3, img_dim=16, text_model=None, freeze_text_backbone=True)

@@ -101,6 +101,10 @@ class ESLConfig(ConfigData, LevelGeometry):
         text_model: local directory or Hub name of the BERT-family model (``"bert"`` only).
         freeze_text_backbone: keep the BERT-family backbone fixed (no gradient, eval mode,
             hidden states cached per distinct caption); its projection still trains.
+        text_train_layers: train only the top ``k`` transformer layers of the BERT-family
+            backbone (the embeddings and the layers below are frozen and their output
+            cached per caption); ``null``: every layer trains (unless
+            ``freeze_text_backbone``); 0: the same as ``freeze_text_backbone``.
         vocab_size: word vocabulary size (``"gru"`` only; BERT reads its own).
         word_dim: word embedding width of the GRU encoder.
         heuristic_channels: output channels of each heuristic Conv1d, summed.
@@ -124,6 +128,7 @@ class ESLConfig(ConfigData, LevelGeometry):
     text_encoder: str = "bert"
     text_model: str | None = "bert-base-uncased"
     freeze_text_backbone: bool = False
+    text_train_layers: int | None = None
     vocab_size: int | None = None
     word_dim: int = 300
     heuristic_channels: int = 4

@@ -134,43 +134,100 @@ class BertTextEncoder(nn.Module):
     ``backbone`` is a transformers model whose first output is the last hidden state.
     With ``frozen=True`` the backbone gets no gradient, stays in eval mode, and its hidden
     states are cached per distinct caption (captions repeat across epochs), so training only
-    pays for the projection and the rest of ESL.
+    pays for the projection and the rest of ESL. With ``train_layers=k`` (a BERT-like model
+    with ``embeddings`` and ``encoder.layer``) only the top ``k`` transformer layers train:
+    the embeddings and the layers below are frozen the same way (eval mode, their output
+    cached per caption), and each step runs just the top ``k`` layers.
     """
 
-    def __init__(self, backbone: nn.Module, embed_size: int, eps: float = 1e-8, frozen: bool = False) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        embed_size: int,
+        eps: float = 1e-8,
+        frozen: bool = False,
+        train_layers: int | None = None,
+    ) -> None:
         super().__init__()
         self.backbone: Any = backbone  # a transformers model
         hidden = int(cast(Any, backbone).config.hidden_size)
         self.proj = nn.Linear(hidden, embed_size)
         self.eps = eps
-        self.frozen = frozen
+        n_layers = _layer_count(backbone) if train_layers is not None and not frozen else None
+        if train_layers is not None and train_layers < 0:
+            raise EslmatchError(f"text_train_layers must be >= 0, got {train_layers}")
+        if frozen or train_layers == 0:
+            self.split: int | None = None  # everything frozen
+        elif train_layers is None or n_layers is None or train_layers >= n_layers:
+            self.split = 0  # everything trains
+        else:
+            self.split = n_layers - train_layers  # layers below this index are frozen
+        self.frozen = self.split is None
         self._cache: dict[tuple[int, ...], Tensor] = {}
-        if frozen:
-            for p in self.backbone.parameters():
-                p.requires_grad_(False)
-            self.backbone.eval()
-            self._cache = _shared_cache(self.backbone)
+        frozen_params = self._frozen_parameters()
+        for p in frozen_params:
+            p.requires_grad_(False)
+        if frozen_params:
+            self._cache = _shared_cache(self.backbone, self._frozen_names(), self.split)
             self.register_load_state_dict_post_hook(lambda module, incompatible: module.refresh_cache())
+        self.train(self.training)
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        if self.split is None:
+            return [self.backbone]
+        if self.split == 0:
+            return []
+        return [self.backbone.embeddings, *list(self.backbone.encoder.layer)[: self.split]]
+
+    def _frozen_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self._frozen_modules() for p in m.parameters()]
+
+    def _frozen_names(self) -> tuple[str, ...] | None:
+        """State-dict prefixes of the frozen part (``None``: the whole backbone)."""
+        if self.split is None:
+            return None
+        return ("embeddings.", *(f"encoder.layer.{i}." for i in range(self.split)))
 
     def train(self, mode: bool = True) -> BertTextEncoder:
         super().train(mode)
-        if self.frozen:
-            self.backbone.eval()
+        for m in self._frozen_modules():
+            m.eval()
         return self
 
     def refresh_cache(self) -> None:
         """Re-key the hidden-state cache after the backbone's weights were replaced."""
-        if self.frozen:
-            self._cache = _shared_cache(self.backbone)
+        if self._frozen_modules():
+            self._cache = _shared_cache(self.backbone, self._frozen_names(), self.split)
 
     def _hidden(self, ids: Tensor) -> Tensor:
         attention = (ids != 0).to(torch.long)
         return self.backbone(input_ids=ids, attention_mask=attention)[0]
 
+    def _lower(self, ids: Tensor) -> Tensor:
+        """The frozen part's output: the last hidden state, or the input of layer ``split``."""
+        if self.split is None:
+            return self._hidden(ids)
+        attention = (ids != 0).to(torch.long)
+        out = self.backbone(input_ids=ids, attention_mask=attention, output_hidden_states=True)
+        return out.hidden_states[self.split]
+
+    def _upper(self, hidden: Tensor, ids: Tensor) -> Tensor:
+        """The trainable top layers on the cached ``(M, W, H)`` input of layer ``split``."""
+        from transformers.masking_utils import create_bidirectional_mask
+
+        mask = create_bidirectional_mask(
+            config=self.backbone.config, inputs_embeds=hidden, attention_mask=(ids != 0).to(torch.long)
+        )
+        for layer in list(self.backbone.encoder.layer)[cast(int, self.split) :]:
+            out = layer(hidden, mask)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
     def _cached_hidden(self, ids: Tensor) -> Tensor:
         lengths = (ids != 0).sum(1).tolist()
         keys = [tuple(row[:n]) for row, n in zip(ids.tolist(), lengths)]
         todo = sorted({k for k in keys if k not in self._cache}, key=len)
+        fresh: dict[tuple[int, ...], Tensor] = {}
         for start in range(0, len(todo), 256):
             chunk = todo[start : start + 256]
             width = max(len(k) for k in chunk)
@@ -178,33 +235,67 @@ class BertTextEncoder(nn.Module):
             for i, k in enumerate(chunk):
                 batch[i, : len(k)] = torch.tensor(k, device=ids.device)
             with torch.no_grad():
-                hidden = self._hidden(batch)
+                hidden = self._lower(batch)
             for i, k in enumerate(chunk):
-                self._cache[k] = hidden[i, : len(k)].clone()
+                fresh[k] = hidden[i, : len(k)].clone()
+        _remember(self._cache, fresh)
         out = torch.zeros(ids.shape[0], ids.shape[1], int(self.backbone.config.hidden_size), device=ids.device)
         for i, k in enumerate(keys):
-            out[i, : len(k)] = self._cache[k].to(ids.device)
+            out[i, : len(k)] = (fresh[k] if k in fresh else self._cache[k]).to(ids.device)
         return out
 
     def forward(self, ids: Tensor, lengths: Tensor) -> Tensor:
-        hidden = self._cached_hidden(ids) if self.frozen else self._hidden(ids)
+        if self.split == 0:
+            hidden = self._hidden(ids)
+        else:
+            hidden = self._cached_hidden(ids)
+            if self.split is not None:
+                hidden = self._upper(hidden, ids)
         return l2n(self.proj(hidden), eps=self.eps)
 
 
+def _layer_count(backbone: nn.Module) -> int:
+    layers = getattr(getattr(backbone, "encoder", None), "layer", None)
+    if getattr(backbone, "embeddings", None) is None or not isinstance(layers, nn.ModuleList):
+        raise EslmatchError(
+            f"text_train_layers needs a BERT-like model (embeddings + encoder.layer); {type(backbone).__name__} is not"
+        )
+    return len(layers)
+
+
+# At most this many bytes of cached hidden states per process (beyond it captions are
+# encoded each time they are seen): a bound for very large caption sets.
+CACHE_BYTES = 4 << 30
 _SHARED_CACHES: dict[str, dict[tuple[int, ...], Tensor]] = {}
+_CACHE_SIZES: dict[int, int] = {}
 
 
-def _shared_cache(backbone: nn.Module) -> dict[tuple[int, ...], Tensor]:
-    """One hidden-state cache per distinct frozen backbone in this process.
+def _remember(cache: dict[tuple[int, ...], Tensor], fresh: dict[tuple[int, ...], Tensor]) -> None:
+    used = _CACHE_SIZES.get(id(cache), 0)
+    for k, v in fresh.items():
+        size = v.numel() * v.element_size()
+        if used + size > CACHE_BYTES:
+            break
+        cache[k] = v
+        used += size
+    _CACHE_SIZES[id(cache)] = used
 
-    Keyed by the backbone's content (every tensor's name, shape and sum), so two models built
-    from the same frozen weights (say ESL and its VSE baseline) encode each caption once.
-    Weights loaded later (``load_state_dict``) must call :meth:`BertTextEncoder.refresh_cache`.
+
+def _shared_cache(
+    backbone: nn.Module, prefixes: tuple[str, ...] | None = None, split: int | None = None
+) -> dict[tuple[int, ...], Tensor]:
+    """One hidden-state cache per distinct frozen part of a backbone in this process.
+
+    Keyed by the frozen part's content (every tensor's name, shape and sum, only names under
+    ``prefixes`` when given) and ``split``, so two models built from the same frozen weights
+    (say ESL and its VSE baseline) encode each caption once. Weights loaded later
+    (``load_state_dict``) must call :meth:`BertTextEncoder.refresh_cache`.
     """
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(f"split={split}".encode())
     with torch.no_grad():
         for name, t in backbone.state_dict().items():
-            digest.update(f"{name}{tuple(t.shape)}{float(t.double().sum()):.17g}".encode())
+            if prefixes is None or name.startswith(prefixes):
+                digest.update(f"{name}{tuple(t.shape)}{float(t.double().sum()):.17g}".encode())
     return _SHARED_CACHES.setdefault(digest.hexdigest(), {})
 
 
@@ -236,7 +327,7 @@ def build_text_encoder(config: Any, text_backbone: nn.Module | None) -> nn.Modul
     if c.text_encoder == "bert":
         if text_backbone is None:
             raise EslmatchError("a BERT text encoder needs its transformers model")
-        return BertTextEncoder(text_backbone, c.embed_size, c.l2_eps, c.freeze_text_backbone)
+        return BertTextEncoder(text_backbone, c.embed_size, c.l2_eps, c.freeze_text_backbone, c.text_train_layers)
     if not c.vocab_size:
         raise EslmatchError("the GRU text encoder needs vocab_size")
     return GRUTextEncoder(c.vocab_size, c.word_dim, c.embed_size, c.l2_eps)

@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,9 +32,11 @@ from ..extract import extract_folder
 from ..factory import load_model
 from ..retrieval import build_image_index
 from ..training import TrainConfig, fit
+from ..truth import load_truth, truth_metrics, truth_path, truth_sizes
 from ..utils import atomic_write_text
 from .scenes import (
     DemoConfig,
+    HardCase,
     generate_split,
     hard_case_scores,
     load_hard_cases,
@@ -67,6 +69,8 @@ class DemoSettings:
     # 4-epoch budget learns better without the switch (it is the released recipe's warm-up).
     warmup_epochs: int = 6
     global_loss_weight: float = 0.1  # ESL's auxiliary first-stage loss (two-stage search)
+    text_train_layers: int = 2  # MiniLM's top layers fine-tuned, the lower ones frozen and cached
+    mask_true_pairs: bool = True  # the training truth: a pair it calls true is never a negative
     region_drop: float = 0.2
     cache_dir: Path = field(default_factory=lambda: default_cache_dir())
     out_dir: Path = Path("demo_report")
@@ -172,9 +176,11 @@ def train_config(s: DemoSettings, data: Path, model_type: str, out: Path) -> Any
                 "img_dim": 1280,
                 "text_encoder": "bert",
                 "text_model": text_model_path(),
-                "freeze_text_backbone": True,
+                "freeze_text_backbone": s.text_train_layers == 0,
+                "text_train_layers": s.text_train_layers,
             },
             "global_loss_weight": s.global_loss_weight if model_type == "esl" else 0.0,
+            "mask_true_pairs": s.mask_true_pairs,
             "epochs": s.epochs,
             "lr_decay_epoch": max(1, s.epochs - 1),
             "batch_size": s.batch_size,
@@ -292,6 +298,73 @@ def plot_attention(model: Any, split: Any, s: DemoSettings, path: Path, image_in
     return {"image": image_index, "caption": caption, "grid": [side, side]}
 
 
+def example_cases(cases: Sequence[HardCase], kinds: Sequence[str] = ("color", "size", "position")) -> list[HardCase]:
+    """The first hard case of each kind, in caption order (a fixed rule, not a choice of
+    flattering examples)."""
+    chosen = []
+    for kind in kinds:
+        of_kind = sorted((c for c in cases if c.kind == kind), key=lambda c: c.caption)
+        if of_kind:
+            chosen.append(of_kind[0])
+    return chosen
+
+
+def plot_examples(
+    sims: dict[str, np.ndarray],
+    truth: Sequence[np.ndarray],
+    cases: Sequence[HardCase],
+    split: Any,
+    s: DemoSettings,
+    path: Path,
+    k: int = 5,
+) -> list[dict[str, Any]]:
+    """Top-``k`` test images of three hard-case captions for each model, each marked right
+    (green) or wrong (red) by the truth; returns what was drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen = example_cases(cases)
+    names = list(sims)
+    spec = generate_split(s.n_test, split_seed(s.seed, "test"), name="test")
+    fig, axes = plt.subplots(
+        len(chosen) * len(names), k, figsize=(1.9 * k, 2.05 * len(chosen) * len(names)), squeeze=False
+    )
+    drawn = []
+    for q, case in enumerate(chosen):
+        caption = split.captions[case.caption]
+        true = set(int(i) for i in truth[case.caption])
+        record: dict[str, Any] = {"caption": caption, "kind": case.kind, "image": case.image, "partner": case.partner}
+        for m, name in enumerate(names):
+            top = np.argsort(-sims[name][:, case.caption], kind="stable")[:k]
+            record[name] = [{"image": int(i), "right": int(i) in true} for i in top]
+            for j, i in enumerate(top):
+                ax = axes[q * len(names) + m, j]
+                ax.imshow(render_scene(spec.scenes[int(i)], size=s.image_size))
+                right = int(i) in true
+                for side in ax.spines.values():
+                    side.set_edgecolor("#2ca02c" if right else "#d62728")
+                    side.set_linewidth(4)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.set_xlabel(
+                    ("right" if right else "wrong") + (" (its image)" if int(i) == case.image else ""), fontsize=8
+                )
+                if j == 0:
+                    ax.set_ylabel(name, fontsize=11, rotation=0, labelpad=22)
+            axes[q * len(names), 0].set_title(f"\u201c{caption}\u201d", loc="left", fontsize=9)
+        drawn.append(record)
+    fig.suptitle(
+        f"Top {k} test images for the first hard case of each kind (green: the caption is true of it, red: it is not)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return drawn
+
+
 def _jsonable(s: DemoSettings) -> dict[str, Any]:
     return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(s).items()}
 
@@ -310,6 +383,8 @@ def run_demo(s: DemoSettings, log: Callable[[str], None] = print) -> dict[str, A
     data = build_dataset(s, log)
     test = open_split(data, "test")
     cases = load_hard_cases(data / "test_hard_pairs.json", ids=test.ids)
+    truth = load_truth(truth_path(data, "test"), test.n_images, test.n_captions)
+    all_sims: dict[str, np.ndarray] = {}
     results: dict[str, Any] = {
         "settings": _jsonable(s),
         "dataset": str(data),
@@ -329,9 +404,14 @@ def run_demo(s: DemoSettings, log: Callable[[str], None] = print) -> dict[str, A
         sims = score_split(model, test, progress=s.progress)
         metrics = evaluate_protocol(sims, "f30k")
         hard = hard_case_scores(sims, cases)
+        all_sims[name] = sims
+        semantic = truth_metrics(sims, truth)
+        narrow = truth_metrics(sims, truth, caption_mask=truth_sizes(truth) <= 3)
         results["models"][name] = {
             "test": metrics,
             "hard_cases": hard,
+            "truth": semantic,
+            "truth_narrow": narrow,
             "train_seconds": round(t1 - t0, 1),
             "eval_seconds": round(time.time() - t1, 1),
             "best_dev_rsum": result.best_rsum,
@@ -341,6 +421,11 @@ def run_demo(s: DemoSettings, log: Callable[[str], None] = print) -> dict[str, A
         log(
             f"[eval] {name} attribute-swap hard cases: R@1 {100 * hard['r1']:.1f}% "
             f"(right image above its partner: {100 * hard['pairwise']:.1f}%, {int(hard['count'])} captions)"
+        )
+        log(
+            f"[eval] {name} judged by the truth (any true image counts): t2i P@1 {semantic['t2i']['p1']:.1f}%, "
+            f"P@5 {semantic['t2i']['p5']:.1f}%; captions true of <= 3 images: P@1 {narrow['t2i']['p1']:.1f}%; "
+            f"i2t P@1 {semantic['i2t']['p1']:.1f}%"
         )
         if name == "ESL":
             results["attention"] = plot_attention(model, test, s, out / "attention.png")
@@ -352,11 +437,14 @@ def run_demo(s: DemoSettings, log: Callable[[str], None] = print) -> dict[str, A
                 f"({time.time() - t2:.0f} s)"
             )
     plot_curves(runs, out / "curves.png")
+    results["examples"] = plot_examples(all_sims, truth, cases, test, s, out / "examples.png")
     results["seconds"] = round(time.time() - started, 1)
     atomic_write_text(out / "metrics.json", json.dumps(results, indent=2, default=float))
     (out / "README.md").write_text(summary_table(results) + "\n")
     log("\n" + summary_table(results))
-    log(f"\nreport written to {out}/ (metrics.json, curves.png, attention.png) in {results['seconds']:.0f} s")
+    log(
+        f"\nreport written to {out}/ (metrics.json, curves.png, examples.png, attention.png) in {results['seconds']:.0f} s"
+    )
     log(f"search the test images in your browser: eslmatch serve --index {out / 'index'}")
     return results
 
@@ -376,5 +464,19 @@ def summary_table(results: dict[str, Any]) -> str:
             f"| {name} | {t['i2t']['r1']:.1f} | {t['i2t']['r5']:.1f} | {t['i2t']['r10']:.1f} | "
             f"{t['t2i']['r1']:.1f} | {t['t2i']['r5']:.1f} | {t['t2i']['r10']:.1f} | {t['rsum']:.1f} | "
             f"{100 * h['r1']:.1f} | {100 * h['pairwise']:.1f} |"
+        )
+    lines += [
+        "",
+        "Judged by the truth (`test_truth.json`: a result is right when the caption is true of the image,",
+        "whichever image it came from); P@K: share of the top K that is right, R@K: any right in the top K.",
+        "",
+        "| model | t2i P@1 | P@5 | P@10 | R@5 | t2i P@1, captions true of <= 3 images | i2t P@1 | P@5 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, m in results["models"].items():
+        t, n = m["truth"], m["truth_narrow"]
+        lines.append(
+            f"| {name} | {t['t2i']['p1']:.1f} | {t['t2i']['p5']:.1f} | {t['t2i']['p10']:.1f} | {t['t2i']['r5']:.1f} | "
+            f"{n['t2i']['p1']:.1f} | {t['i2t']['p1']:.1f} | {t['i2t']['p5']:.1f} |"
         )
     return "\n".join(lines)

@@ -49,6 +49,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--levels", type=int, default=d.num_levels)
     s.add_argument("--strategy", choices=["adaptive", "heuristic"], default=d.strategy)
     s.add_argument("--seed", type=int, default=d.seed)
+    s.add_argument(
+        "--text-layers",
+        type=int,
+        default=d.text_train_layers,
+        help=f"MiniLM layers fine-tuned, from the top (default {d.text_train_layers}; 0: frozen)",
+    )
+    s.add_argument(
+        "--no-truth-mask",
+        action="store_true",
+        help="treat every other pair of a batch as a negative (the released recipe), even pairs the truth calls true",
+    )
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(func=run)
 
@@ -65,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
     ):
         if getattr(args, name) < 1:
             raise EslmatchError(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 <= args.text_layers <= 6:
+        raise EslmatchError(f"--text-layers must lie in 0..6 (MiniLM has 6 layers), got {args.text_layers}")
     settings = DemoSettings(
         n_train=args.train,
         n_dev=args.dev,
@@ -76,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         embed_size=args.embed_size,
         num_levels=args.levels,
         strategy=args.strategy,
+        text_train_layers=args.text_layers,
+        mask_true_pairs=not args.no_truth_mask,
         cache_dir=args.cache or default_cache_dir(),
         out_dir=args.out,
         progress=not args.no_progress,

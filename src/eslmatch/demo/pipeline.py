@@ -59,7 +59,7 @@ class DemoSettings:
     seed: int = 0
     image_size: int = 128  # rendered scenes
     feature_size: int = 192  # the extractor's input: a 6 x 6 grid of regions, ~21 px each
-    epochs: int = 6
+    epochs: int = 3
     batch_size: int = 128
     lr: float = 1e-3
     embed_size: int = 256
@@ -395,7 +395,9 @@ def run_demo(s: DemoSettings, log: Callable[[str], None] = print) -> dict[str, A
     for name, model_type in (("ESL", "esl"), ("VSE", "vse")):
         t0 = time.time()
         run = out / f"run_{model_type}"
-        log(f"[train] {name}: {s.epochs} epochs, batch {s.batch_size}, E={s.embed_size}, frozen MiniLM text encoder")
+        text = f"MiniLM, top {s.text_train_layers} layers trained" if s.text_train_layers else "frozen MiniLM"
+        masked = ", true pairs never negatives" if s.mask_true_pairs else ""
+        log(f"[train] {name}: {s.epochs} epochs, batch {s.batch_size}, E={s.embed_size}, {text}{masked}")
         result = fit(train_config(s, data, model_type, run))
         runs[name] = run
         log(f"[train] {name} done in {time.time() - t0:.0f} s (best dev rsum {result.best_rsum:.1f})")

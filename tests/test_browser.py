@@ -145,3 +145,55 @@ def test_search_page_in_chromium(tmp_path):
     assert failed == []
     assert console_errors == []
     assert foreign == []  # offline page: every request went to this server
+
+
+def test_demo_index_shows_pictures_in_chromium(tmp_path, monkeypatch):
+    """The gallery index the demo leaves behind, served and searched in the browser: the
+    results carry the rendered test images and a clicked result opens its picture."""
+    from eslmatch.demo.pipeline import DemoSettings, run_demo
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    s = DemoSettings(
+        n_train=40,
+        n_dev=10,
+        n_test=12,
+        epochs=1,
+        batch_size=16,
+        embed_size=64,
+        num_levels=3,
+        feature_size=128,
+        cache_dir=tmp_path / "cache",
+        out_dir=tmp_path / "report",
+        progress=False,
+    )
+    run_demo(s, log=lambda m: None)
+    app = load_app(tmp_path / "report" / "index")
+    failed: list[str] = []
+    console_errors: list[str] = []
+    with running_server(app) as base, sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 860})
+            page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+            page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+            page.goto(base + "/")
+            page.wait_for_function("() => document.getElementById('health').textContent.includes('12 images')")
+            page.get_by_label("Describe the image you are looking for").fill("a red circle left of a blue square")
+            page.select_option("#k", "10")
+            page.press("#query", "Enter")
+            page.wait_for_selector(".result >> nth=9")
+            assert page.locator(".result img").count() == 10  # every result has its picture
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('.result img')].every(i => i.complete && i.naturalWidth > 0)"
+            )
+            page.locator(".result").nth(0).click()
+            page.wait_for_function(
+                "() => { const i = document.getElementById('detail-image');"
+                " return !i.hidden && i.complete && i.naturalWidth === 128; }"
+            )
+            src = page.get_attribute("#detail-image", "src")
+            response = page.request.get(base + src if src.startswith("/") else src)
+            assert response.status == 200 and response.body()[:8] == b"\x89PNG\r\n\x1a\n"
+        finally:
+            browser.close()
+    assert failed == [] and console_errors == []

@@ -21,7 +21,7 @@ def test_chance_rsum_matches_random_scores():
     assert abs(mean - chance_rsum(n)) < 0.08 * chance_rsum(n)
 
 
-def test_tiny_demo_end_to_end(tmp_path, monkeypatch):
+def test_tiny_demo_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     s = DemoSettings(
         n_train=40,
@@ -39,9 +39,9 @@ def test_tiny_demo_end_to_end(tmp_path, monkeypatch):
     lines: list[str] = []
     results = run_demo(s, log=lines.append)
     report = tmp_path / "report"
-    for name in ("metrics.json", "curves.png", "attention.png", "README.md"):
+    for name in ("metrics.json", "curves.png", "attention.png", "examples.png", "README.md"):
         assert (report / name).is_file()
-    for png in ("curves.png", "attention.png"):
+    for png in ("curves.png", "attention.png", "examples.png"):
         assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the test images stay at their final paths and the demo leaves a browsable gallery index
     from eslmatch.factory import load_model
@@ -56,6 +56,19 @@ def test_tiny_demo_end_to_end(tmp_path, monkeypatch):
         assert m["test"]["n_images"] == 12 and m["test"]["n_captions"] == 60
         assert 0 <= m["test"]["rsum"] <= 600
         assert m["hard_cases"]["count"] >= 0
+        assert 0 <= m["truth"]["t2i"]["p1"] <= 100 and m["truth"]["t2i"]["queries"] == 60
+        assert m["truth"]["n_images"] == 12 and m["truth_narrow"]["caption_subset"] <= 60
+    # the examples are marked by the truth file the demo wrote
+    truth = json.loads((Path(saved["dataset"]) / "test_truth.json").read_text())["captions"]
+    for ex in saved["examples"]:
+        c = next(
+            i
+            for i, t in enumerate(open(Path(saved["dataset"]) / "test_caps.txt").read().splitlines())
+            if t == ex["caption"]
+        )
+        for name in ("ESL", "VSE"):
+            assert [r["right"] for r in ex[name]] == [r["image"] in truth[c] for r in ex[name]]
+    assert "Judged by the truth" in (report / "README.md").read_text()
     assert saved["chance_rsum"] == pytest.approx(chance_rsum(12))
     assert results["attention"]["grid"] == [4, 4]
     assert any("ESL" in ln for ln in lines) and "| ESL |" in (report / "README.md").read_text()
@@ -68,6 +81,10 @@ def test_tiny_demo_end_to_end(tmp_path, monkeypatch):
 
     (tmp_path / "cache").rename(tmp_path / "cache-moved")
     assert main(["serve", "--index", str(report / "index")]) == 1
+    capsys.readouterr()
+    assert main(["search", "--index", str(report / "index"), "a red circle"]) == 0  # features still search
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the result images are missing, e.g." in err[0] and str(tmp_path / "cache") in err[0]
 
 
 def test_demo_refuses_a_foreign_output_folder(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -92,6 +93,14 @@ def run(args: argparse.Namespace) -> int:
             raise EslmatchError('give the query sentence (eslmatch search --index INDEX "a red circle")')
         hits = index.search_text(model, args.text, k=args.k, rerank_k=args.rerank_k)
         query = {"text": args.text}
+        recorded = [h.path for h in hits if h.path]
+        missing = [p for p in recorded if not Path(p).is_file()]
+        if recorded and len(missing) == len(recorded):  # a warning: features without images still search
+            print(
+                f"eslmatch: warning: {args.index}: the result images are missing, e.g. {missing[0]} (moved or "
+                "deleted? rebuild the index where the images are now)",
+                file=sys.stderr,
+            )
     else:
         if args.text:
             raise EslmatchError(

@@ -1,10 +1,15 @@
-"""``eslmatch extract --images DIR --out DATASET_DIR``: region features from raw images."""
+"""``eslmatch extract --images DIR --out DATASET_DIR``: region features from raw images.
+
+Runs unchanged under ``torchrun`` (``torchrun --nproc_per_node=N -m eslmatch.cli extract ...``):
+the processes share the chunks and rank 0 writes the same files as one process would.
+"""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-from ..extract import extract_folder
+from ..extract import JobFailed, extract_folder
 
 ORDER = 10
 _SHOW = 50  # skipped files printed; all are in extract_meta.json
@@ -77,11 +82,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--workers", type=int, default=2, help="threads reading images (default 2)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=60.0,
+        metavar="MINUTES",
+        help="under torchrun: longest wait for the other processes (default 60)",
+    )
     s.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    summary = extract_folder(
+def _extract(args: argparse.Namespace) -> dict[str, Any]:
+    return extract_folder(
         args.images,
         args.out,
         backbone=args.backbone,
@@ -99,10 +111,24 @@ def run(args: argparse.Namespace) -> int:
         relative_paths=args.relative_paths,
         workers=args.workers,
         progress=not args.no_progress,
+        dist_timeout_minutes=args.dist_timeout,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        summary = _extract(args)
+    except JobFailed as exc:
+        if exc.reported and not args.debug:
+            return 1  # rank 0 printed the one error line; every rank exits non-zero
+        raise
+    if "shape" not in summary:
+        return 0  # a torchrun rank other than 0: rank 0 wrote the files and reports
     n, r, d = summary["shape"]
     speed = summary["images_per_second"]
     rate = f", {speed:.1f} images/s" if speed else ""
+    if summary.get("processes", 1) > 1:
+        rate += f" ({summary['processes']} processes)"
     print(
         f"extracted {n} images -> {summary['files']['images']} ({n}, {r}, {d}) with {summary['backbone']} "
         f"at {summary['image_size']}x{summary['image_size']} on {summary['device']}{rate}"

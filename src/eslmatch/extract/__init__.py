@@ -20,6 +20,7 @@ from .backbones import (
     register_backbone,
     roi_pool,
 )
+from .distributed import JobFailed
 from .folder import (
     CaptionTable,
     ExtractConfig,
@@ -41,6 +42,7 @@ __all__ = [
     "EfficientNetLite0",
     "ExtractConfig",
     "ImageEntry",
+    "JobFailed",
     "JsonBoxes",
     "RegionDetector",
     "ResNet152Grid",

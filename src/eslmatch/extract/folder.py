@@ -9,9 +9,14 @@ Writes into ``out_dir``:
 - ``extract_meta.json``: backbone, sizes, counts, skipped files with reasons.
 
 Extraction is resumable: features are written every ``chunk`` files to
-``out_dir/.extract_partial/{split}/chunk_XXXXX.npy`` plus ``progress.json`` (each file
-atomically); a rerun with the same file list, backbone and sizes reuses the finished
-chunks. The final files are assembled atomically and the partial folder is removed.
+``out_dir/.extract_partial/{split}/chunk_XXXXX.npy`` with its record ``chunk_XXXXX.json``,
+beside ``progress.json`` (the fingerprint), each file atomically; a rerun with the same file
+list, backbone and sizes reuses the finished chunks. The final files are assembled
+atomically and the partial folder is removed.
+
+Under ``torchrun`` the chunks are shared out among the processes (see
+:mod:`eslmatch.extract.distributed`); rank 0 assembles the same files, byte for byte, as
+one process would.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from ..data.files import (
 from ..errors import EslmatchError, InputError
 from ..utils import atomic_path, atomic_save_npy, atomic_write_text
 from .backbones import Backbone, BackboneOptions, build_backbone
+from .distributed import ExtractJob, deal, stop_hook_for_tests
 
 META_NAME = "extract_meta.json"
 PARTIAL_DIR = ".extract_partial"
@@ -106,8 +112,13 @@ def _files_digest(entries: Sequence[ImageEntry]) -> str:
 
 
 class ChunkStore:
-    """The partial folder: ``chunk_XXXXX.npy`` plus ``progress.json`` listing, per finished
-    chunk, which of its files gave a feature row and which were skipped (and why)."""
+    """The partial folder: ``chunk_XXXXX.npy`` (features ``(n_kept, R, D)``) with its
+    ``chunk_XXXXX.json`` (which of the chunk's files gave a row, which were skipped and why),
+    plus ``progress.json`` holding the fingerprint every chunk of the folder was made with.
+
+    Each chunk is two files of its own (the record written after the features), so several
+    processes can fill one store, each writing whole chunks.
+    """
 
     def __init__(self, folder: Path, fingerprint: dict[str, Any]) -> None:
         self.folder = folder
@@ -122,34 +133,91 @@ class ChunkStore:
     def chunk_path(self, index: int) -> Path:
         return self.folder / f"chunk_{index:05d}.npy"
 
+    def record_path(self, index: int) -> Path:
+        return self.folder / f"chunk_{index:05d}.json"
+
+    def _valid(self, index: int, rec: Any, regions: int, dim: int) -> bool:
+        """``rec`` is a chunk record whose features file is complete."""
+        if (
+            not isinstance(rec, dict)
+            or not isinstance(rec.get("kept"), list)
+            or not isinstance(rec.get("skipped"), list)
+        ):
+            return False
+        try:
+            arr = np.load(self.chunk_path(index), mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            return False
+        return arr.shape == (len(rec["kept"]), regions, dim) and arr.dtype == np.float32
+
+    def _read_record(self, index: int) -> Any:
+        try:
+            return json.loads(self.record_path(index).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
     def open(self, regions: int, dim: int) -> None:
-        """Load the records of an earlier run when its fingerprint matches; else start clean."""
+        """Load the chunks of an earlier run when its fingerprint matches; else start clean.
+        Writes ``progress.json`` (the fingerprint) for this run."""
+        found: dict[int, Any] = {}
         if self.progress_path.is_file():
             try:
                 data = json.loads(self.progress_path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 data = {}
+            if not isinstance(data, dict):
+                data = {}
+            legacy: dict[str, Any] = data["chunks"] if isinstance(data.get("chunks"), dict) else {}
+            records = sorted(self.folder.glob("chunk_*.json"))
             if data.get("fingerprint") == self.fingerprint:
-                for key, rec in data.get("chunks", {}).items():
-                    index = int(key)
+                found.update((int(k), v) for k, v in legacy.items())  # stores of earlier versions
+                for path in records:
                     try:
-                        arr = np.load(self.chunk_path(index), mmap_mode="r", allow_pickle=False)
-                    except (OSError, ValueError, EOFError):
+                        index = int(path.stem.split("_")[1])
+                    except (IndexError, ValueError):
                         continue
-                    if arr.shape == (len(rec["kept"]), regions, dim) and arr.dtype == np.float32:
-                        self.chunks[index] = rec
-            else:
+                    found[index] = self._read_record(index)
+            elif legacy or records:
                 self.discarded = True
-        if self.discarded or not self.chunks:
+        self.chunks = {i: rec for i, rec in sorted(found.items()) if self._valid(i, rec, regions, dim)}
+        if not self.chunks:
             shutil.rmtree(self.folder, ignore_errors=True)
-            self.chunks = {}
         self.folder.mkdir(parents=True, exist_ok=True)
+        for index, rec in self.chunks.items():
+            if not self.record_path(index).is_file():
+                atomic_write_text(self.record_path(index), json.dumps(rec))
+        atomic_write_text(self.progress_path, json.dumps({"fingerprint": self.fingerprint}))
+
+    def attached(self) -> bool:
+        """This process sees the ``progress.json`` of this fingerprint (written by whoever
+        opened the store: the folder is shared)."""
+        try:
+            data = json.loads(self.progress_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(data, dict) and data.get("fingerprint") == self.fingerprint
 
     def save(self, index: int, features: np.ndarray, kept: list[int], skipped: list[tuple[str, str]]) -> None:
+        """Write chunk ``index``: features ``(len(kept), R, D)``, then its record."""
         atomic_save_npy(self.chunk_path(index), features)
-        self.chunks[index] = {"kept": kept, "skipped": [list(s) for s in skipped]}
-        payload = {"fingerprint": self.fingerprint, "chunks": {str(k): v for k, v in sorted(self.chunks.items())}}
-        atomic_write_text(self.progress_path, json.dumps(payload))
+        rec = {"kept": kept, "skipped": [list(s) for s in skipped]}
+        atomic_write_text(self.record_path(index), json.dumps(rec))
+        self.chunks[index] = rec
+
+    def collect(self, indices: Sequence[int], regions: int, dim: int, wait_seconds: float = 30.0) -> list[int]:
+        """Load the records of ``indices`` written by other processes; returns those still
+        missing after ``wait_seconds`` (files of another node may take a moment to show)."""
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            for index in indices:
+                if index not in self.chunks:
+                    rec = self._read_record(index)
+                    if self._valid(index, rec, regions, dim):
+                        self.chunks[index] = rec
+            missing = [i for i in indices if i not in self.chunks]
+            if not missing or time.monotonic() >= deadline:
+                return missing
+            time.sleep(0.5)
 
     def load(self, index: int) -> np.ndarray:
         return np.load(self.chunk_path(index), mmap_mode="r", allow_pickle=False)
@@ -252,6 +320,8 @@ def extract_folder(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     on_chunk: Callable[[int, int], None] | None = None,
+    distributed: bool | None = None,
+    dist_timeout_minutes: float = 60.0,
 ) -> dict[str, Any]:
     """Extract region features of every image in ``images_dir`` into a precomp split.
 
@@ -266,17 +336,26 @@ def extract_folder(
             (first ``K`` kept, fewer repeated cyclically). Without it only features are written.
         split: split name of the output files.
         batch_size: images per backbone call.
-        device: ``auto`` / ``cpu`` / ``cuda[:N]`` (for a backbone given by name).
+        device: ``auto`` / ``cpu`` / ``cuda[:N]`` (for a backbone given by name; under
+            torchrun ``auto``/``cuda`` mean ``cuda:LOCAL_RANK``).
         weights, image_size, boxes, max_boxes: see :class:`BackboneOptions`.
         chunk: files per resumable chunk.
         recursive: also list sub-folders (ids then keep the sub-folder: ``sub/name``).
         relative_paths: write ``{split}_images.txt`` relative to ``out_dir`` (else absolute).
         workers: threads reading and resizing images.
-        progress: show a tqdm progress bar (stderr).
-        log: receives warnings and notes (default: printed to stderr).
-        on_chunk: called as ``on_chunk(index, n_chunks)`` after each chunk is saved.
+        progress: show a tqdm progress bar (stderr; rank 0 only under torchrun).
+        log: receives warnings and notes (default: printed to stderr; rank 0 only under torchrun).
+        on_chunk: called as ``on_chunk(index, n_chunks)`` after each chunk this process saved.
+        distributed: ``None`` (default): join torchrun's job when ``WORLD_SIZE > 1``; each
+            process extracts its share of the chunks into the shared chunk store and rank 0
+            writes the final files, identical to one process's. ``False``: never.
+        dist_timeout_minutes: how long a rank waits for the others at most.
     Returns:
         a summary dict (what ``extract_meta.json`` records for the split, plus ``files``).
+        On a torchrun rank other than 0 only ``{"rank", "processes", "computed_images"}``.
+    Raises:
+        InputError, EslmatchError: as one process; under torchrun a failure on any rank
+        raises :class:`~eslmatch.extract.distributed.JobFailed` on every rank.
     """
     log = log or _log_stderr
     started = time.perf_counter()
@@ -297,39 +376,121 @@ def extract_folder(
         workers=workers,
         progress=progress,
     )
-    _check_config(cfg)
-    src, out = Path(images_dir), Path(out_dir)
-    entries, refused, table, no_caption = _list_inputs(src, out, cfg, log)
-    model = (
-        backbone
-        if isinstance(backbone, Backbone)
-        else build_backbone(
-            backbone,
-            BackboneOptions(image_size=image_size, weights=weights, device=device, boxes=boxes, max_boxes=max_boxes),
-        )
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    store, n_chunks, reused, reused_files = _open_store(out, cfg, entries, model, log)
-    computed, compute_seconds = _run_chunks(model, store, entries, cfg, n_chunks, reused_files, on_chunk)
-    rows, skipped_all = _assemble_rows(store, entries, chunk, n_chunks, refused)
-    if not rows:
-        store.remove()
-        first = f" (first: {skipped_all[0][0]}: {skipped_all[0][1]})" if skipped_all else ""
-        raise InputError(f"{src}: no usable image: all {len(skipped_all)} files were skipped{first}")
+    job = ExtractJob.join(distributed, dist_timeout_minutes)
+    if not job.is_main:
+        log = _quiet  # rank 0 says everything worth saying (the ranks see the same inputs)
+    try:
+        return _extract(job, cfg, Path(images_dir), Path(out_dir), backbone, log, on_chunk, started)
+    finally:
+        job.close()
 
-    summary = _write_dataset(out, split, model, store, entries, chunk, n_chunks, rows, table, cfg, src, log)
-    store.remove()
-    elapsed = time.perf_counter() - started
-    summary.update(
-        skipped=[{"file": f, "reason": r} for f, r in skipped_all],
-        no_caption=no_caption,
-        computed_images=computed,
-        reused_chunks=len(reused),
-        seconds=round(elapsed, 3),
-        images_per_second=round(computed / compute_seconds, 3) if compute_seconds > 0 else None,
-        device=str(model.device),
-    )
-    _write_meta(out, summary, log)
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+def _extract(
+    job: ExtractJob,
+    cfg: ExtractConfig,
+    src: Path,
+    out: Path,
+    backbone: str | Backbone,
+    log: Callable[[str], None],
+    on_chunk: Callable[[int, int], None] | None,
+    started: float,
+) -> dict[str, Any]:
+    """:func:`extract_folder`'s work, stage by stage (each stage agreed by every rank)."""
+    with job.stage("setup", log):
+        _check_config(cfg)
+        entries, refused, table, no_caption = _list_inputs(src, out, cfg, log)
+        model = (
+            backbone
+            if isinstance(backbone, Backbone)
+            else build_backbone(
+                backbone,
+                BackboneOptions(
+                    image_size=cfg.image_size,
+                    weights=cfg.weights,
+                    device=job.device(cfg.device),
+                    boxes=cfg.boxes,
+                    max_boxes=cfg.max_boxes,
+                ),
+            )
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        fingerprint = _fingerprint(cfg, entries, model)
+    with job.stage("setup", log):
+        firsts = job.gather(fingerprint)
+        differ = [r for r, f in enumerate(firsts) if f != firsts[0]]
+        if differ:
+            raise EslmatchError(
+                f"rank {differ[0]} sees other inputs than rank 0 (file list, sizes, modification times or "
+                f"backbone differ): every process must read the same --images folder"
+            )
+
+    store = ChunkStore(out / PARTIAL_DIR / cfg.split, fingerprint)
+    n_chunks = (len(entries) + cfg.chunk - 1) // cfg.chunk
+    reused: list[int] = []
+    with job.stage("resume", log):
+        if job.is_main:
+            reused = _open_store(store, entries, cfg.chunk, n_chunks, model, log)
+    reused = job.broadcast(reused)
+    with job.stage("resume", log):
+        if not job.is_main and not store.attached():
+            raise EslmatchError(
+                f"{store.progress_path} written by rank 0 is not visible here: --out must be one folder "
+                "shared by every process (a shared filesystem for several nodes)"
+            )
+
+    done = set(reused)
+    pending = [i for i in range(n_chunks) if i not in done]
+    mine = deal(pending, job.rank, job.world)
+    computed, compute_seconds = 0, 0.0
+    with job.stage("extract", log):
+        if job.distributed:
+            bar = {"total": sum(_chunk_len(entries, cfg.chunk, i) for i in mine), "initial": 0}
+            desc = f"extract (rank 0 of {job.world})"
+        else:
+            bar = {"total": len(entries), "initial": sum(_chunk_len(entries, cfg.chunk, i) for i in reused)}
+            desc = "extract"
+        computed, compute_seconds = _run_chunks(
+            model, store, entries, cfg, mine, n_chunks, on_chunk, desc, cfg.progress and job.is_main, job.rank, **bar
+        )
+    stats = job.gather((computed, compute_seconds))
+    if not job.is_main:
+        with job.stage("write", log):
+            pass  # wait for rank 0's outcome: every rank exits non-zero if writing fails
+        return {"rank": job.rank, "processes": job.world, "computed_images": computed}
+
+    with job.stage("write", log):
+        missing = store.collect(pending, model.regions, model.dim)
+        if missing:
+            raise EslmatchError(
+                f"{len(missing)} chunk(s) reported done are missing from {store.folder} (first: "
+                f"{store.chunk_path(missing[0]).name}): --out must be one folder shared by every process"
+            )
+        rows, skipped_all = _assemble_rows(store, entries, cfg.chunk, n_chunks, refused)
+        if not rows:
+            store.remove()
+            first = f" (first: {skipped_all[0][0]}: {skipped_all[0][1]})" if skipped_all else ""
+            raise InputError(f"{src}: no usable image: all {len(skipped_all)} files were skipped{first}")
+
+        summary = _write_dataset(out, cfg.split, model, store, entries, cfg.chunk, n_chunks, rows, table, cfg, src, log)
+        store.remove()
+        computed = sum(c for c, _ in stats)
+        compute_seconds = max(s for _, s in stats)  # the ranks ran side by side
+        elapsed = time.perf_counter() - started
+        summary.update(
+            skipped=[{"file": f, "reason": r} for f, r in skipped_all],
+            no_caption=no_caption,
+            computed_images=computed,
+            reused_chunks=len(reused),
+            seconds=round(elapsed, 3),
+            images_per_second=round(computed / compute_seconds, 3) if compute_seconds > 0 else None,
+            device=str(model.device),
+            processes=job.world,
+        )
+        _write_meta(out, summary, log)
     if no_caption:
         log(
             f"eslmatch: warning: {len(no_caption)} file(s) have no caption and were left out: "
@@ -337,6 +498,10 @@ def extract_folder(
             + (" ..." if len(no_caption) > _PRINT_LIMIT else "")
         )
     return summary
+
+
+def _chunk_len(entries: Sequence[ImageEntry], chunk: int, index: int) -> int:
+    return len(entries[index * chunk : (index + 1) * chunk])
 
 
 def _list_inputs(
@@ -370,11 +535,9 @@ def _list_inputs(
     return entries, refused, table, no_caption
 
 
-def _open_store(
-    out: Path, cfg: ExtractConfig, entries: list[ImageEntry], model: Backbone, log: Callable[[str], None]
-) -> tuple[ChunkStore, int, list[int], int]:
-    """The resumable chunk store: ``(store, n_chunks, reused chunk indices, files they hold)``."""
-    fingerprint = {
+def _fingerprint(cfg: ExtractConfig, entries: list[ImageEntry], model: Backbone) -> dict[str, Any]:
+    """What finished chunks must match to be reused (and every rank must agree on)."""
+    return {
         "format": META_FORMAT,
         "split": cfg.split,
         "chunk": cfg.chunk,
@@ -382,19 +545,22 @@ def _open_store(
         "n_files": len(entries),
         **model.fingerprint(),
     }
-    store = ChunkStore(out / PARTIAL_DIR / cfg.split, fingerprint)
+
+
+def _open_store(
+    store: ChunkStore, entries: list[ImageEntry], chunk: int, n_chunks: int, model: Backbone, log: Callable[[str], None]
+) -> list[int]:
+    """Open the resumable chunk store; returns the indices of the chunks reused."""
     store.open(model.regions, model.dim)
     if store.discarded:
         log(
             f"eslmatch: note: partial results in {store.folder} are from a different file list or backbone; starting over"
         )
-    chunk = cfg.chunk
-    n_chunks = (len(entries) + chunk - 1) // chunk
     reused = sorted(i for i in store.chunks if i < n_chunks)
-    reused_files = sum(len(entries[i * chunk : (i + 1) * chunk]) for i in reused)
+    reused_files = sum(_chunk_len(entries, chunk, i) for i in reused)
     if reused:
         log(f"eslmatch: resuming: {len(reused)} of {n_chunks} chunks ({reused_files} files) already extracted")
-    return store, n_chunks, reused, reused_files
+    return reused
 
 
 def _run_chunks(
@@ -402,26 +568,33 @@ def _run_chunks(
     store: ChunkStore,
     entries: list[ImageEntry],
     cfg: ExtractConfig,
+    indices: Sequence[int],
     n_chunks: int,
-    reused_files: int,
     on_chunk: Callable[[int, int], None] | None,
+    desc: str,
+    progress: bool,
+    rank: int,
+    total: int,
+    initial: int,
 ) -> tuple[int, float]:
-    """Extract every chunk not done yet, saving each; returns (files computed, seconds)."""
+    """Extract the chunks ``indices``, saving each; returns (files computed, seconds).
+
+    A chunk is read in groups of ``cfg.batch_size`` files from its own first file, whoever
+    extracts it, so its features are those of a single-process run.
+    """
     computed, compute_seconds, chunk = 0, 0.0, cfg.chunk
     bar = tqdm(
-        total=len(entries),
-        initial=reused_files,
+        total=total,
+        initial=initial,
         unit="img",
-        desc="extract",
-        disable=not cfg.progress,
+        desc=desc,
+        disable=not progress,
         file=sys.stderr,
         dynamic_ncols=True,
     )
     try:
         with ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool, _deterministic(model.device):
-            for index in range(n_chunks):
-                if index in store.chunks:
-                    continue
+            for saved, index in enumerate(indices, 1):
                 part = entries[index * chunk : (index + 1) * chunk]
                 t0 = time.perf_counter()
                 feats, kept, skipped = _extract_chunk(model, part, cfg.batch_size, pool, bar.update)
@@ -430,6 +603,7 @@ def _run_chunks(
                 store.save(index, feats, kept, skipped)
                 if on_chunk is not None:
                     on_chunk(index, n_chunks)
+                stop_hook_for_tests(rank, saved)
     finally:
         bar.close()
     return computed, compute_seconds

@@ -31,11 +31,12 @@ ORDER = 60
 def _faiss_args(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument(
         "--faiss",
-        choices=("flat", "ivf", "hnsw"),
+        choices=("flat", "ivf", "hnsw", "ivfpq"),
         default=default,
-        help="first-stage index: flat (exact inner product, default), ivf or hnsw (large galleries)",
+        help="first-stage index: flat (exact inner product, default), ivf or hnsw (large galleries), ivfpq "
+        "(IVF + product codes re-scored exactly: millions of items; see docs/retrieval.md)",
     )
-    p.add_argument("--nlist", type=int, help="IVF clusters (default: sqrt(N))")
+    p.add_argument("--nlist", type=int, help="IVF clusters (default: sqrt(N); ivfpq: 4 sqrt(N) to a power of two)")
     p.add_argument(
         "--nprobe",
         type=int,
@@ -54,6 +55,30 @@ def _faiss_args(p: argparse.ArgumentParser, default: str | None) -> None:
         default=256,
         help="HNSW search beam width (default 256)",
     )
+
+
+def milvus_args(p: argparse.ArgumentParser, what: str) -> None:
+    """``--milvus URI --collection NAME --milvus-timeout S``: use a Milvus gallery (docs/milvus.md)."""
+    p.add_argument("--milvus", metavar="URI", help=f"{what} a gallery in Milvus at URI (e.g. http://127.0.0.1:19530)")
+    p.add_argument("--collection", help="the Milvus collection (with --milvus)")
+    p.add_argument(
+        "--milvus-timeout", type=float, default=30.0, help="seconds a Milvus call may take, retries included (30)"
+    )
+
+
+def need_collection(args: argparse.Namespace, place: str) -> bool:
+    """True for a Milvus gallery (``--milvus``); refuses a half-given or doubly-given place."""
+    if args.milvus is None:
+        if args.collection is not None:
+            raise EslmatchError("--collection needs --milvus URI")
+        if not getattr(args, place, None):
+            raise EslmatchError(f"give --{place} (an index directory) or --milvus URI --collection NAME")
+        return False
+    if not args.collection:
+        raise EslmatchError("--milvus needs --collection NAME")
+    if getattr(args, place, None):
+        raise EslmatchError(f"give --{place} or --milvus, not both")
+    return True
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -85,15 +110,29 @@ def register(sub: argparse._SubParsersAction) -> None:
         "pixels (ESL-CLIP), the folder of photos to index (then no --features; unreadable "
         "files are skipped and named), or the folder of --split-file's images",
     )
+    b.add_argument("--out", help="index directory to write (replaced atomically if an index)")
+    milvus_args(b, "build")
     b.add_argument(
-        "--out",
-        required=True,
-        help="index directory to write (replaced atomically if an index)",
+        "--overwrite", action="store_true", help="with --milvus: replace a collection holding another gallery"
     )
+    b.add_argument("--milvus-shards", type=int, help="with --milvus: shards of the new collections")
+    b.add_argument("--milvus-replicas", type=int, help="with --milvus: in-memory replicas to load them with")
     b.add_argument(
         "--fp16",
         action="store_true",
         help="store the per-region tensors in float16 (half the disk; two-stage indexes only)",
+    )
+    b.add_argument(
+        "--side-dtype",
+        choices=("float32", "float16", "int8"),
+        help="how an image index stores its per-region tensors: float32, float16 (= --fp16; the default of "
+        "sharded indexes) or int8 with a scale per region (sharded only; see docs/retrieval.md)",
+    )
+    b.add_argument(
+        "--shard-rows",
+        type=int,
+        help="images per shard (a sharded index is resumable and grows by shards; default 65536 for galleries "
+        "larger than that, else one file per array; 0: never shard)",
     )
     _faiss_args(b, "flat")
     b.add_argument("--batch-size", type=int, default=256)
@@ -104,7 +143,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
 
     a = isub.add_parser("add", help="append images or captions to an index (atomic)")
-    a.add_argument("--index", required=True, help="index directory")
+    a.add_argument("--index", help="index directory")
+    milvus_args(a, "extend")
     a.add_argument("--model", help="model (default: the one recorded in the index)")
     a.add_argument("--features", help="as for 'index build'")
     a.add_argument("--split-file", help="as for 'index build'")
@@ -119,7 +159,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--text-model", help="tokenizer for released checkpoints")
 
     i = isub.add_parser("info", help="describe an index (and check it)")
-    i.add_argument("index", help="index directory")
+    i.add_argument("index", nargs="?", help="index directory")
+    milvus_args(i, "describe")
     i.add_argument(
         "--verify",
         action="store_true",
@@ -207,9 +248,36 @@ def _inputs(args: argparse.Namespace, model: Any, kind: str) -> tuple[Any, Any]:
 
 
 def _build(args: argparse.Namespace) -> int:
+    milvus = need_collection(args, "out")
+    if milvus and args.kind != "image":
+        raise EslmatchError("--milvus holds image galleries (text -> image search); build caption indexes with --out")
     device = resolve_device(args.device)
     model = load_model(args.model, map_location=device, text_model=args.text_model)
     features, images_dir = _inputs(args, model, args.kind)
+    if milvus:
+        from ..retrieval.milvus import build_milvus_image_index
+
+        start = time.perf_counter()
+        rep = build_milvus_image_index(
+            model,
+            features,
+            args.milvus,
+            args.collection,
+            split=args.split,
+            images_dir=images_dir,
+            fp16=args.fp16,
+            index_kind=args.faiss,
+            index_options=_options(args),
+            batch_size=args.batch_size,
+            model_path=args.model,
+            text_model=args.text_model,
+            overwrite=args.overwrite,
+            shards=args.milvus_shards,
+            replicas=args.milvus_replicas,
+            timeout=args.milvus_timeout,
+        )
+        _print_milvus(rep, "built", time.perf_counter() - start)
+        return 0
     if args.fp16 and is_one_stage(model):
         print(
             "eslmatch: note: --fp16 has no effect on a one-stage index (it stores float32 vectors only)",
@@ -226,14 +294,51 @@ def _build(args: argparse.Namespace) -> int:
         text_model=args.text_model,
     )
     if args.kind == "image":
-        out = build_image_index(model, features, args.out, images_dir=images_dir, **common)
+        out = build_image_index(
+            model,
+            features,
+            args.out,
+            images_dir=images_dir,
+            side_dtype=args.side_dtype,
+            shard_rows=args.shard_rows,
+            **common,
+        )
     else:
         out = build_caption_index(model, features, args.out, images_dir=images_dir, **common)
     print(f"built {args.kind} index {out} in {time.perf_counter() - start:.1f} s")
     return _info(argparse.Namespace(index=str(out), verify=False, json=False))
 
 
+def _print_milvus(rep: Any, verb: str, seconds: float) -> None:
+    if rep.up_to_date:
+        print(f"collection {rep.collection} already holds this gallery ({rep.count} items): nothing to do")
+        return
+    resumed = f", resumed: {rep.present} were stored already" if rep.present else ""
+    print(
+        f"{verb} collection {rep.collection}: wrote {rep.written} items{resumed} ({rep.count} in all, {seconds:.1f} s)"
+    )
+
+
 def _add(args: argparse.Namespace) -> int:
+    if need_collection(args, "index"):
+        from ..retrieval.milvus import add_to_milvus_index, describe_collection
+
+        recorded = describe_collection(args.milvus, args.collection, args.milvus_timeout)
+        model = load_index_model(args.model, recorded, str(resolve_device(args.device)), args.text_model)
+        features, images_dir = _inputs(args, model, "image")
+        start = time.perf_counter()
+        rep = add_to_milvus_index(
+            args.milvus,
+            args.collection,
+            model,
+            features,
+            split=args.split,
+            images_dir=images_dir,
+            batch_size=args.batch_size,
+            timeout=args.milvus_timeout,
+        )
+        _print_milvus(rep, "extended", time.perf_counter() - start)
+        return 0
     manifest = read_manifest(Path(args.index))
     model = load_index_model(args.model, manifest, str(resolve_device(args.device)), args.text_model)
     features, images_dir = _inputs(args, model, manifest["kind"])
@@ -252,12 +357,29 @@ def _add(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
+    if getattr(args, "milvus", None) is not None:
+        from ..retrieval.milvus import describe_collection
+
+        if not args.collection or args.index:
+            raise EslmatchError("give INDEX or --milvus URI --collection NAME")
+        m = describe_collection(args.milvus, args.collection, args.milvus_timeout)
+        if args.json:
+            print(json.dumps(m, indent=2, sort_keys=True))
+            return 0
+        print(f"collection {args.collection} at {args.milvus} ({m['state']})")
+        print(f"kind       {m['kind']} ({m['count']} items, stages {m['stages']}, Dt={m['total_dim']}, {m['dtype']})")
+        print(f"first      Milvus {m['index']['milvus']} (inner product)")
+        print(f"model      {m['model'].get('path') or '(not recorded)'} fingerprint {m['model']['fingerprint'][:16]}")
+        return 0
+    if not args.index:
+        raise EslmatchError("give the index directory (or --milvus URI --collection NAME)")
     index = GalleryIndex.open(args.index, verify=args.verify)
     m = index.manifest
     if args.json:
         print(json.dumps(m, indent=2, sort_keys=True))
         return 0
     size = sum(rec["bytes"] for rec in m["files"].values())
+    size += sum(rec["bytes"] for shard in m.get("shards", []) for rec in shard["files"].values())
     what = "regions" if index.kind == "image" else "words"
     print(f"index      {index.path}")
     if index.one_stage:
@@ -275,6 +397,8 @@ def _info(args: argparse.Namespace) -> int:
     print(f"model      {m['model'].get('path') or '(not recorded)'} fingerprint {index.fingerprint[:16]}")
     print(f"grid       {'x'.join(map(str, index.grid)) if index.grid else 'none'}")
     print(f"size       {size / 2**20:.1f} MiB")
+    if m.get("shards"):
+        print(f"shards     {len(m['shards'])} (up to {m.get('shard_rows')} items each, format version 3)")
     for src in m.get("sources", []):
         split = f" split {src['split']}" if src.get("split") else ""
         where = src.get("features") or src.get("images") or src.get("split_file")

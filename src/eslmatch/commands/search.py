@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import EslmatchError
 from ..retrieval import GalleryIndex
 from ..utils import resolve_device
-from .index import load_index_model
+from .index import load_index_model, milvus_args, need_collection
 
 ORDER = 61
 
@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="search a gallery index with a sentence (or an image, on a caption index)",
     )
     s.add_argument("text", nargs="?", help="the query sentence (image index)")
-    s.add_argument("--index", required=True, help="index directory ('eslmatch index build')")
+    s.add_argument("--index", help="index directory ('eslmatch index build')")
+    milvus_args(s, "search")
     s.add_argument(
         "-k",
         "--top-k",
@@ -79,8 +80,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    index: GalleryIndex
+    if need_collection(args, "index"):
+        from ..retrieval.milvus import MilvusGallery
 
-    index = GalleryIndex.open(args.index, verify=args.verify)
+        index = MilvusGallery.open(args.milvus, args.collection, timeout=args.milvus_timeout)
+        args.index = str(index.path)
+    else:
+        index = GalleryIndex.open(args.index, verify=args.verify)
     model = load_index_model(args.model, index.manifest, str(resolve_device(args.device)), args.text_model)
     index.check_model(model)
     index.set_search_params(nprobe=args.nprobe, ef_search=args.ef_search)

@@ -7,13 +7,15 @@ import ipaddress
 import sys
 
 from ..errors import EslmatchError
+from .index import milvus_args, need_collection
 
 ORDER = 60
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="serve a search page and JSON API over a gallery index")
-    s.add_argument("--index", required=True, help="gallery index directory (eslmatch index)")
+    s.add_argument("--index", help="gallery index directory (eslmatch index)")
+    milvus_args(s, "serve")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     s.add_argument("--model", help="model directory or released .pth.tar (default: the one the index records)")
@@ -55,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
             f"eslmatch serve needs FastAPI and uvicorn: pip install 'eslmatch[serve]' ({exc.name} missing)"
         ) from exc
 
+    milvus = need_collection(args, "index")
     if not 0 <= args.port <= 65535:
         raise EslmatchError(f"--port must be between 0 and 65535 (got {args.port})")
     try:
@@ -69,7 +72,21 @@ def run(args: argparse.Namespace) -> int:
         )
     allowed_hosts = [args.host, *args.allowed_host]
     HostRules(allowed_hosts)  # a bad --allowed-host fails before the index and model load
-    app = load_app(args.index, args.model, config=config, device=args.device, allowed_hosts=allowed_hosts)
+    if milvus:
+        from ..serve.app import load_milvus_app
+
+        app = load_milvus_app(
+            args.milvus,
+            args.collection,
+            args.model,
+            config=config,
+            device=args.device,
+            allowed_hosts=allowed_hosts,
+            timeout=args.milvus_timeout,
+        )
+        args.index = f"collection {args.collection} at {args.milvus}"
+    else:
+        app = load_app(args.index, args.model, config=config, device=args.device, allowed_hosts=allowed_hosts)
     where = f"http://{args.host}:{args.port}/" if args.port else f"{args.host}, a free port (uvicorn prints it)"
     print(f"eslmatch: serving {args.index} on {where} (Ctrl-C to stop)", file=sys.stderr)
     uvicorn.run(

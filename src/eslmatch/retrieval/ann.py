@@ -2,7 +2,13 @@
 
 ``flat`` (``IndexFlatIP``) is exact. ``ivf`` (``IndexIVFFlat``, ``nlist ~ sqrt(N)`` clusters,
 ``nprobe`` of them searched) and ``hnsw`` (``IndexHNSWFlat`` with the inner-product metric)
-trade a little recall of the shortlist for speed on large galleries.
+trade a little recall of the shortlist for speed on large galleries. ``ivfpq``
+(``IndexIVFPQ``: a trained coarse quantiser of ``nlist`` clusters and 8-bit product codes of
+~4 dimensions each, ``Dt / 4`` bytes per item) is sized for millions of items on a small
+machine (1M x Dt=496: 124 MB in memory instead of 2 GB): its
+candidates (``refine`` times the shortlist) are re-scored with the exact inner products of
+the stored global vectors (:func:`refine_exact`), so the returned scores are exact. The size
+rules are :func:`resolve_options`'s (documented in ``docs/retrieval.md``).
 """
 
 from __future__ import annotations
@@ -16,10 +22,12 @@ import numpy as np
 
 from ..errors import EslmatchError
 
-FAISS_KINDS = ("flat", "ivf", "hnsw")
+FAISS_KINDS = ("flat", "ivf", "hnsw", "ivfpq")
 _ADD_CHUNK = 65536
 _IVF_TRAIN_PER_LIST = 64
 _IVF_RETRAIN_GROWTH = 4  # retrain the IVF clusters once the gallery is 4x what they saw
+_IVFPQ_TRAIN_MIN = 65536  # training sample of the coarse quantiser and the product codes (at least)
+_PQ_SUB_DIM = 4  # dimensions per product-code sub-quantiser (8 bits each): Dt / 4 bytes per item
 
 
 @dataclass
@@ -27,12 +35,18 @@ class FaissOptions:
     """Settings of the first-stage index (``None``: chosen from the gallery size).
 
     Attributes:
-        nlist: IVF clusters (default ``round(sqrt(N))``).
+        nlist: IVF clusters (default ``ivf``: ``round(sqrt(N))``; ``ivfpq``: ``4 sqrt(N)``
+            rounded to a power of two).
         nprobe: IVF clusters searched per query (default ``max(16, nlist // 4)``, at most nlist).
         hnsw_m: HNSW graph degree.
         ef_construction: HNSW build-time beam width.
         ef_search: HNSW search beam width (raised to the shortlist size when smaller).
         seed: seed of the IVF training sample.
+        pq_m: ``ivfpq`` product-code sub-quantisers (default: the divisor of ``Dt`` nearest
+            ``Dt / 4``).
+        pq_bits: bits per sub-quantiser code (default 8; fewer for galleries under 256 items,
+            ``floor(log2 N)``: a code needs as many training points as values).
+        refine: ``ivfpq`` candidates per shortlisted item re-scored exactly (default 10).
     """
 
     nlist: int | None = None
@@ -41,15 +55,21 @@ class FaissOptions:
     ef_construction: int = 80
     ef_search: int = 256
     seed: int = 0
+    pq_m: int | None = None
+    pq_bits: int | None = None
+    refine: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def relevant(self, kind: str) -> dict[str, Any]:
         """The settings that matter for ``kind``."""
-        keys = {"flat": (), "ivf": ("nlist", "nprobe", "seed"), "hnsw": ("hnsw_m", "ef_construction", "ef_search")}[
-            kind
-        ]
+        keys = {
+            "flat": (),
+            "ivf": ("nlist", "nprobe", "seed"),
+            "hnsw": ("hnsw_m", "ef_construction", "ef_search"),
+            "ivfpq": ("nlist", "nprobe", "pq_m", "pq_bits", "refine", "seed"),
+        }[kind]
         return {k: getattr(self, k) for k in keys}
 
     @classmethod
@@ -72,26 +92,57 @@ def check_kind(kind: str) -> str:
     return kind
 
 
-def resolve_options(kind: str, n: int, options: FaissOptions | None) -> FaissOptions:
-    """Fill the size-dependent defaults for a gallery of ``n`` vectors."""
+def ivfpq_nlist(n: int) -> int:
+    """IVF-PQ clusters for ``n`` items: ``4 sqrt(n)`` rounded to the nearest power of two,
+    at most ``n // 39`` (FAISS wants 39 training points per cluster), at least 1
+    (1,000,000 -> 4,096; 100,000 -> 1,024; 20,000 -> 512)."""
+    if n < 1:
+        return 1
+    nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
+    return int(max(1, min(nlist, n // 39)))
+
+
+def pq_subquantizers(dim: int) -> int:
+    """Product-code sub-quantisers for vectors of width ``dim``: the divisor of ``dim``
+    nearest ``dim / 4`` (in ratio; ties go to the larger), so each codes ~4 dimensions in
+    8 bits (496 -> 124: 124 bytes per item)."""
+    target = dim / _PQ_SUB_DIM
+    divisors = [m for m in range(1, dim + 1) if dim % m == 0]
+    return min(divisors, key=lambda m: (abs(math.log(m / target)), -m))
+
+
+def resolve_options(kind: str, n: int, options: FaissOptions | None, dim: int | None = None) -> FaissOptions:
+    """Fill the size-dependent defaults for a gallery of ``n`` vectors (of width ``dim``,
+    needed by ``ivfpq``)."""
     opts = replace(options) if options is not None else FaissOptions()
-    if kind == "ivf":
+    if kind in ("ivf", "ivfpq"):
         if opts.nlist is None:
-            opts.nlist = max(1, round(math.sqrt(n)))
+            opts.nlist = max(1, round(math.sqrt(n))) if kind == "ivf" else ivfpq_nlist(n)
         opts.nlist = max(1, min(int(opts.nlist), n))
         if opts.nprobe is None:
             opts.nprobe = max(16, opts.nlist // 4)
         opts.nprobe = max(1, min(int(opts.nprobe), opts.nlist))
+    if kind == "ivfpq":
+        if opts.pq_m is None:
+            if dim is None:
+                raise EslmatchError("ivfpq options need the vector width")
+            opts.pq_m = pq_subquantizers(dim)
+        if dim is not None and dim % int(opts.pq_m):
+            raise EslmatchError(f"pq_m={opts.pq_m} does not divide the vector width {dim}")
+        if opts.pq_bits is None:
+            opts.pq_bits = max(1, min(8, int(math.log2(max(n, 1)))))
+        opts.refine = 10 if opts.refine is None else max(1, int(opts.refine))
     return opts
 
 
-def _add_chunks(index: Any, vectors: np.ndarray, start: int = 0) -> None:
+def _add_chunks(index: Any, vectors: Any, start: int = 0) -> None:
     for i in range(start, vectors.shape[0], _ADD_CHUNK):
         index.add(np.ascontiguousarray(vectors[i : i + _ADD_CHUNK], dtype=np.float32))
 
 
-def build(vectors: np.ndarray, kind: str, options: FaissOptions) -> Any:
-    """A FAISS index of ``kind`` over ``vectors (N, Dt)`` (inner product)."""
+def build(vectors: Any, kind: str, options: FaissOptions) -> Any:
+    """A FAISS index of ``kind`` over ``vectors (N, Dt)`` (inner product; an array or a
+    :class:`~eslmatch.retrieval.store.ShardedArray`, read in chunks)."""
     faiss = faiss_module()
     check_kind(kind)
     n, d = vectors.shape
@@ -104,10 +155,20 @@ def build(vectors: np.ndarray, kind: str, options: FaissOptions) -> Any:
     else:
         quantizer = faiss.IndexFlatIP(d)
         assert options.nlist is not None  # resolve_options fills it
-        index = faiss.IndexIVFFlat(quantizer, d, int(options.nlist), faiss.METRIC_INNER_PRODUCT)
+        nlist = int(options.nlist)
+        if kind == "ivfpq":
+            assert options.pq_m is not None
+            assert options.pq_bits is not None
+            index = faiss.IndexIVFPQ(
+                quantizer, d, nlist, int(options.pq_m), int(options.pq_bits), faiss.METRIC_INNER_PRODUCT
+            )
+            index.pq.cp.min_points_per_centroid = 1
+            n_train = min(n, max(nlist * _IVF_TRAIN_PER_LIST // 2, _IVFPQ_TRAIN_MIN))
+        else:
+            index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+            n_train = min(n, max(nlist * _IVF_TRAIN_PER_LIST, 1))
         index.cp.min_points_per_centroid = 1  # small galleries: no warning, clusters still fine
         rng = np.random.default_rng(options.seed)
-        n_train = min(n, max(int(options.nlist) * _IVF_TRAIN_PER_LIST, 1))
         rows = np.sort(rng.choice(n, size=n_train, replace=False))
         index.train(np.ascontiguousarray(vectors[rows], dtype=np.float32))
     _add_chunks(index, vectors)
@@ -115,17 +176,21 @@ def build(vectors: np.ndarray, kind: str, options: FaissOptions) -> Any:
 
 
 def extend(
-    index: Any, kind: str, options: FaissOptions, vectors: np.ndarray, n_old: int, trained_on: int
+    index: Any, kind: str, options: FaissOptions, vectors: Any, n_old: int, trained_on: int
 ) -> tuple[Any, FaissOptions, int]:
     """Add ``vectors[n_old:]`` to ``index``, rebuilding where its structure is outgrown.
 
-    Returns ``(index, options, trained_on)``: an IVF index is retrained (new ``nlist`` from
-    the new size unless it was set) once the gallery is 4x the size its clusters were
-    trained on; flat and HNSW indexes grow in place.
+    Returns ``(index, options, trained_on)``: an IVF or IVF-PQ index is retrained (new
+    ``nlist`` and ``nprobe`` from the new size by the rules of :func:`resolve_options`) once
+    the gallery is more than 4x the size its clusters were trained on (its ``nlist`` would
+    double: ``nlist`` grows as ``sqrt(N)``); until then new items are added to the trained
+    clusters. Flat and HNSW indexes grow in place.
     """
     n = vectors.shape[0]
-    if kind == "ivf" and n > _IVF_RETRAIN_GROWTH * max(trained_on, 1):
-        fresh = resolve_options(kind, n, FaissOptions(**{**options.to_dict(), "nlist": None, "nprobe": None}))
+    if kind in ("ivf", "ivfpq") and n > _IVF_RETRAIN_GROWTH * max(trained_on, 1):
+        fresh = resolve_options(
+            kind, n, FaissOptions(**{**options.to_dict(), "nlist": None, "nprobe": None}), int(vectors.shape[1])
+        )
         return build(vectors, kind, fresh), fresh, n
     _add_chunks(index, vectors, n_old)
     return index, options, trained_on
@@ -151,11 +216,57 @@ def read(path: Path) -> Any:
 def search(index: Any, kind: str, options: FaissOptions, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Top ``n`` inner products of each query ``(Q, Dt)`` -> ``(scores (Q, n), rows (Q, n))``.
 
-    Rows are -1 where an approximate index found fewer than ``n`` candidates.
+    Rows are -1 where an approximate index found fewer than ``n`` candidates. An IVF index
+    searches ``nprobe`` clusters, or more where those would hold fewer than ``2 n`` vectors on
+    average (``ceil(2 n nlist / N)``: small galleries, deep shortlists).
     """
-    if kind == "ivf":
-        index.nprobe = int(options.nprobe or 1)
+    if kind in ("ivf", "ivfpq"):
+        # at least enough clusters to hold twice the candidates asked, on average (small galleries)
+        nlist, total = int(index.nlist), max(1, int(index.ntotal))
+        index.nprobe = min(nlist, max(int(options.nprobe or 1), math.ceil(2 * n * nlist / total)))
     elif kind == "hnsw":
         index.hnsw.efSearch = max(int(options.ef_search), n)
     scores, rows = index.search(np.ascontiguousarray(queries, dtype=np.float32), n)
     return scores, rows
+
+
+def candidates(kind: str, options: FaissOptions, n: int, count: int) -> int:
+    """How many candidates the FAISS search returns for a shortlist of ``n`` (``ivfpq``:
+    ``refine * n``, re-scored exactly by :func:`refine_exact`; others: ``n``)."""
+    if kind == "ivfpq":
+        return min(count, n * int(options.refine or 1))
+    return min(count, n)
+
+
+def refine_exact(queries: np.ndarray, rows: np.ndarray, vectors: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Re-score candidates with exact inner products and keep the best ``n`` of each query.
+
+    Args:
+        queries: ``(Q, Dt)`` float32.
+        rows: ``(Q, C)`` candidate rows (-1: none).
+        vectors: the gallery's vectors, indexable by an array of rows (``(N, Dt)``, e.g. a
+            memory map: only the candidates' rows are read).
+        n: results per query.
+    Returns:
+        ``(scores (Q, n) float32, rows (Q, n) int64)``, best first, ties by row; -1 rows
+        (score ``-inf``) where fewer than ``n`` candidates exist.
+    """
+    q = np.asarray(queries, dtype=np.float32)
+    scores_out = np.full((q.shape[0], n), -np.inf, dtype=np.float32)
+    rows_out = np.full((q.shape[0], n), -1, dtype=np.int64)
+    valid = rows[rows >= 0]
+    if valid.size == 0:
+        return scores_out, rows_out
+    unique = np.unique(valid)  # sorted: one pass over the memory map
+    table = np.asarray(vectors[unique], dtype=np.float32)  # (U, Dt)
+    exact = q @ table.T  # (Q, U)
+    for j in range(q.shape[0]):
+        cand = rows[j][rows[j] >= 0]
+        if cand.size == 0:
+            continue
+        cand = np.unique(cand)
+        s = exact[j, np.searchsorted(unique, cand)]
+        order = np.lexsort((cand, -s))[:n]
+        scores_out[j, : order.size] = s[order]
+        rows_out[j, : order.size] = cand[order]
+    return scores_out, rows_out

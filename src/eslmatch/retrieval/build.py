@@ -2,14 +2,26 @@
 
 A two-stage model (ESL) gets the side, lengths and first-stage vectors of every item; a
 one-stage model (``exact_index``: VSE, ESL-CLIP) only its index vectors (``global.npy``).
+
+Large two-stage image galleries (more than one shard of 65,536 items, or an int8 side) are
+written sharded (format version 3) into a staging folder ``.NAME.building`` beside the index
+that survives a kill: each shard appears whole (written under a temporary name, synced,
+renamed) with its sizes and checksums, so building again with the same inputs resumes after
+the last complete shard; the finished folder replaces ``NAME`` at the end. ``index add`` to
+a sharded index links the existing shards (no copy) and appends new ones the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import hashlib
+import json
+import math
 import os
+import shutil
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +32,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..data import eval_mode, length_batches
 from ..errors import EslmatchError
-from ..utils import atomic_dir, resolve_device
+from ..utils import atomic_dir, atomic_write_text, replace_dir, resolve_device
 from . import ann
 from .encode import (
     caption_vectors,
@@ -50,18 +62,32 @@ from .store import (
     GLOBAL,
     IDS,
     LENGTHS,
+    MANIFEST,
     ONE_STAGE_VERSION,
     PATHS,
+    SCALE,
+    SHARD_DTYPES,
+    SHARD_RECORD,
+    SHARDED_VERSION,
+    SHARDS,
     SIDE,
     VERSION,
+    GalleryIndexError,
+    ShardedArray,
+    check_records,
     check_target,
     clean_line,
     data_files,
     file_records,
+    is_sharded,
     link_or_copy,
     manifest_has_side,
     model_fingerprint,
     open_array,
+    quantize_int8,
+    read_manifest,
+    shard_files,
+    shard_name,
     write_lines,
     write_manifest,
 )
@@ -415,7 +441,7 @@ def _build_one_stage_images(
         sink = _Vectors(tmp, items.count)
         record = items.encode(model, sink, 0, batch_size, progress, report)
         vectors = sink.finish(items.count)
-        opts = ann.resolve_options(faiss_kind, items.count, faiss_options)
+        opts = ann.resolve_options(faiss_kind, items.count, faiss_options, vectors.shape[1])
         manifest = _one_stage_manifest("image", model, model_path, text_model, vectors, faiss_kind, opts)
         manifest["sources"] = [record]
         faiss_index = ann.build(vectors, faiss_kind, opts)
@@ -425,6 +451,436 @@ def _build_one_stage_images(
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+
+
+# ---------------------------------------------------------------------- sharded (version 3) indexes
+DEFAULT_SHARD_ROWS = 65536
+BUILD_RECORD = "build.json"
+# Test hook: called with the shard number after each shard is complete (e.g. to simulate a kill).
+AFTER_SHARD: Callable[[int], None] | None = None
+
+
+def staging_dir(out: Path) -> Path:
+    """Where a sharded build or add of ``out`` is written (kept when interrupted, to resume)."""
+    return out.with_name(f".{out.name}.building")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_path(path: Path) -> None:
+    """Flush a file (or a folder's entries) to disk; best effort where the OS refuses."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _digest(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            h.update(np.ascontiguousarray(part).tobytes())
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+class _ShardArrays:
+    """The arrays of one shard being written: side ``(n, R, Dt)`` (float16/float32, or int8
+    with ``scale (n, R)`` float32), lengths ``(n,)`` int64, global ``(n, Dt)`` float32."""
+
+    def __init__(self, folder: Path, n: int, width: int, dt: int, dtype: str) -> None:
+        fmt = np.lib.format
+        self.names = shard_files(dtype)
+        self.int8 = dtype == "int8"
+        self.side = fmt.open_memmap(folder / SIDE, mode="w+", dtype=np.dtype(dtype), shape=(n, width, dt))
+        self.scale = (
+            fmt.open_memmap(folder / SCALE, mode="w+", dtype=np.float32, shape=(n, width)) if self.int8 else None
+        )
+        self.lengths = fmt.open_memmap(folder / LENGTHS, mode="w+", dtype=np.int64, shape=(n,))
+        self.glob = fmt.open_memmap(folder / GLOBAL, mode="w+", dtype=np.float32, shape=(n, dt))
+
+    def store(self, rows: slice, feats: torch.Tensor, g: torch.Tensor, lens: torch.Tensor) -> None:
+        """Encoded items ``feats (B, w, Dt)`` (w <= R; beyond stays zero), ``g (B, Dt)``, ``lens (B,)``."""
+        w = feats.shape[1]
+        x = feats.detach().to(torch.float32).cpu().numpy()
+        if self.scale is not None:
+            q, scale = quantize_int8(x)
+            self.side[rows, :w] = q
+            self.scale[rows, :w] = scale
+        else:
+            self.side[rows, :w] = x.astype(self.side.dtype, copy=False)
+        self.lengths[rows] = lens.cpu().numpy()
+        self.glob[rows] = g.detach().to(torch.float32).cpu().numpy()
+
+    def close(self) -> None:
+        for arr in (self.side, self.scale, self.lengths, self.glob):
+            if arr is not None:
+                arr.flush()
+        self.side = self.scale = self.lengths = self.glob = None  # type: ignore[assignment]
+
+
+class _ShardWriter:
+    """Writes the shards of a version 3 index into a staging folder that survives a kill.
+
+    ``build.json`` in the folder holds what is being built (``spec``) and the writer's pid.
+    Shard ``i`` is written into ``shards/.NNNNN.tmp-PID``, synced, given its ``shard.json``
+    (rows, sizes, sha256) and renamed to ``shards/NNNNN``: it exists complete or not at all.
+    A later writer with the same spec keeps the complete shards (never rewritten) and resumes
+    after them; one with another spec starts anew. :attr:`records` lists the complete shards
+    as the manifest records them.
+    """
+
+    def __init__(self, staging: Path, spec: dict[str, Any], report: Report) -> None:
+        self.staging = staging
+        self.spec = json.loads(json.dumps(spec, default=str))
+        self.records: list[dict[str, Any]] = []
+        if staging.exists():
+            prior = self._prior()
+            pid = prior.get("pid") if prior else None
+            if isinstance(pid, int) and pid != os.getpid() and _pid_alive(pid):
+                raise EslmatchError(f"{staging}: another eslmatch process (pid {pid}) is writing this index")
+            if prior is not None and prior.get("spec") == self.spec:
+                self.records = self._complete()
+            else:
+                report(f"eslmatch: note: discarding {staging}, an unfinished build of other inputs")
+                shutil.rmtree(staging)
+        (staging / SHARDS).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(staging / BUILD_RECORD, json.dumps({"spec": self.spec, "pid": os.getpid()}, indent=2))
+
+    def _prior(self) -> dict[str, Any] | None:
+        try:
+            prior = json.loads((self.staging / BUILD_RECORD).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return prior if isinstance(prior, dict) else None
+
+    def _complete(self) -> list[dict[str, Any]]:
+        """The complete shards ``0..k-1`` already written; anything after them is removed."""
+        records: list[dict[str, Any]] = []
+        shards = self.staging / SHARDS
+        while True:
+            folder = self.staging / shard_name(len(records))
+            try:
+                rec = json.loads((folder / SHARD_RECORD).read_text(encoding="utf-8"))
+                files = rec["files"]
+                check_records(folder, files, shard_files(self.spec["dtype"]), False, folder / SHARD_RECORD, "shard")
+                rows = int(rec["rows"])
+            except (OSError, ValueError, KeyError, TypeError, GalleryIndexError):
+                break
+            records.append({"dir": shard_name(len(records)), "rows": rows, "files": files})
+        keep = {Path(r["dir"]).name for r in records}
+        for entry in shards.iterdir() if shards.is_dir() else ():
+            if entry.name not in keep:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        return records
+
+    @contextlib.contextmanager
+    def shard(self, i: int, n: int, width: int, dt: int) -> Iterator[_ShardArrays]:
+        """Yield the arrays of shard ``i`` (``n`` rows); on success it is sealed and recorded."""
+        if i != len(self.records):
+            raise AssertionError(f"shard {i} written out of order (next is {len(self.records)})")
+        tmp = self.staging / SHARDS / f".{i:05d}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        try:
+            arrays = _ShardArrays(tmp, n, width, dt, self.spec["dtype"])
+            yield arrays
+            arrays.close()
+            self._seal(tmp, i, n, file_records(tmp, arrays.names), fsync=True)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def adopt(self, i: int, source: Path, record: dict[str, Any]) -> None:
+        """Take shard ``i`` of an existing index (``source``, its manifest ``record``) by
+        hard links (a copy across file systems)."""
+        tmp = self.staging / SHARDS / f".{i:05d}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        try:
+            for name in shard_files(self.spec["dtype"]):
+                link_or_copy(source / record["dir"] / name, tmp / name)
+            if (source / record["dir"] / SHARD_RECORD).is_file():
+                link_or_copy(source / record["dir"] / SHARD_RECORD, tmp / SHARD_RECORD)
+            self._seal(tmp, i, int(record["rows"]), record["files"], fsync=False)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _seal(self, tmp: Path, i: int, n: int, files: dict[str, Any], fsync: bool) -> None:
+        if fsync:
+            for name in files:
+                _fsync_path(tmp / name)
+        rec = {"rows": n, "files": files}
+        text = json.dumps(rec, indent=2, sort_keys=True) + "\n"
+        record = tmp / SHARD_RECORD
+        if not record.is_file() or record.read_text(encoding="utf-8") != text:
+            record.unlink(missing_ok=True)  # never write through a link into another index
+            record.write_text(text, encoding="utf-8")
+            _fsync_path(record)
+        os.replace(tmp, self.staging / shard_name(i))
+        _fsync_path(self.staging / SHARDS)
+        self.records.append({"dir": shard_name(i), **rec})
+
+    def vectors(self) -> ShardedArray:
+        """The global vectors ``(N, Dt)`` of the complete shards, memory-mapped."""
+        return ShardedArray([open_array(self.staging / r["dir"] / GLOBAL) for r in self.records])
+
+    def finish(self, target: Path) -> None:
+        """Replace ``target`` with the finished staging folder (the manifest is written)."""
+        _fsync_path(self.staging)
+        replace_dir(self.staging, target)
+        (target / BUILD_RECORD).unlink(missing_ok=True)  # after the rename: a kill before it can still resume
+
+
+def _encode_shards(
+    model: Any,
+    src: ImageSource,
+    writer: _ShardWriter,
+    base: int,
+    shard_rows: int,
+    width: int,
+    batch_size: int,
+    progress: bool,
+) -> None:
+    """Encode ``src`` into shards ``base, base + 1, ...`` (``shard_rows`` items each), after
+    those :attr:`_ShardWriter.records` already holds."""
+    total = base + math.ceil(src.count / shard_rows)
+    dt = model.config.total_dim
+    done = min(src.count, (len(writer.records) - base) * shard_rows)
+    with eval_mode(model), _progress(src.count, progress, "images") as bar:
+        bar.update(done)
+        for i in range(len(writer.records), total):
+            j0 = (i - base) * shard_rows
+            j1 = min(src.count, j0 + shard_rows)
+            with writer.shard(i, j1 - j0, width, dt) as arrays:
+                for b0 in range(j0, j1, batch_size):
+                    b1 = min(b0 + batch_size, j1)
+                    lens = None if src.lengths is None else src.lengths[b0:b1]
+                    feats, g, lens_t = encode_images(model, src.read(b0, b1), lens)
+                    arrays.store(slice(b0 - j0, b1 - j0), feats, g, lens_t)
+                    bar.update(b1 - b0)
+            if AFTER_SHARD is not None:
+                AFTER_SHARD(i)
+
+
+def _source_spec(src: ImageSource, ids: list[str], paths: list[str]) -> dict[str, Any]:
+    """What identifies the items being encoded, for resuming: the source's description and
+    shape, a digest of its first item, its lengths, ids and paths."""
+    probe = np.asarray(src.read(0, 1), dtype=np.float32) if src.count else np.zeros(0, dtype=np.float32)
+    lengths = None if src.lengths is None else np.asarray(src.lengths, dtype=np.int64)
+    return {
+        "source": src.description,
+        "count": src.count,
+        "regions": src.regions,
+        "dim": src.dim,
+        "digest": _digest(probe, lengths if lengths is not None else "all", ids, paths),
+    }
+
+
+def _side_dtype(fp16: bool, side_dtype: str | None) -> str:
+    if side_dtype is None:
+        return "float16" if fp16 else "float32"
+    if side_dtype not in SHARD_DTYPES:
+        raise EslmatchError(f"side dtype must be one of {', '.join(SHARD_DTYPES)}, got {side_dtype!r}")
+    if fp16 and side_dtype != "float16":
+        raise EslmatchError(f"fp16=True contradicts side_dtype={side_dtype!r}")
+    return side_dtype
+
+
+def _shard_rows(shard_rows: int | None, count: int, dtype: str) -> int:
+    """Rows per shard, 0 for the single-file (version 1) layout: ``None`` shards galleries of
+    more than one shard (:data:`DEFAULT_SHARD_ROWS`) and int8 sides (which only version 3 stores)."""
+    if shard_rows is None:
+        return DEFAULT_SHARD_ROWS if count > DEFAULT_SHARD_ROWS or dtype == "int8" else 0
+    if not isinstance(shard_rows, int) or isinstance(shard_rows, bool) or shard_rows < 0:
+        raise EslmatchError(f"shard_rows must be a non-negative integer, got {shard_rows!r}")
+    if shard_rows == 0 and dtype == "int8":
+        raise EslmatchError("an int8 side needs the sharded layout (shard_rows > 0)")
+    return shard_rows
+
+
+def _build_sharded(
+    model: Any,
+    src: ImageSource,
+    out: Path,
+    ids: list[str],
+    paths: list[str],
+    *,
+    dtype: str,
+    shard_rows: int,
+    faiss_kind: str,
+    faiss_options: ann.FaissOptions | None,
+    batch_size: int,
+    progress: bool,
+    model_path: Any,
+    text_model: Any,
+    report: Report,
+) -> Path:
+    """A version 3 (sharded) image index at ``out``, resumable (see the module doc)."""
+    dt = model.config.total_dim
+    record = _model_record(model, model_path, text_model)
+    spec = {
+        "action": "build",
+        "version": SHARDED_VERSION,
+        "fingerprint": record["fingerprint"],
+        "dtype": dtype,
+        "shard_rows": shard_rows,
+        "width": src.regions,
+        "total_dim": dt,
+        **_source_spec(src, ids, paths),
+    }
+    staging = staging_dir(out)
+    writer = _ShardWriter(staging, spec, report)
+    if writer.records:
+        report(f"eslmatch: resuming the build of {out} after {len(writer.records)} complete shards")
+    try:
+        _encode_shards(model, src, writer, 0, shard_rows, src.regions, batch_size, progress)
+    except BaseException:
+        if writer.records:
+            report(f"eslmatch: note: {len(writer.records)} complete shards kept in {staging}: build again to resume")
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    vectors = writer.vectors()
+    opts = ann.resolve_options(faiss_kind, src.count, faiss_options, dt)
+    faiss_index = ann.build(vectors, faiss_kind, opts)
+    del vectors
+    manifest = {
+        "format": FORMAT,
+        "version": SHARDED_VERSION,
+        "stages": 2,
+        "kind": "image",
+        "created": _now(),
+        "eslmatch_version": __version__,
+        "model": record,
+        "total_dim": dt,
+        "width": src.regions,
+        "count": src.count,
+        "dtype": dtype,
+        "grid": list(src.grid) if src.grid else None,
+        "faiss": {"kind": faiss_kind, "options": opts.to_dict(), "trained_on": src.count},
+        "sources": [{**src.description, "count": src.count}],
+        "shard_rows": shard_rows,
+        "shards": writer.records,
+    }
+    _write_top_files(staging, manifest, faiss_index, ids, paths)
+    check_target(out)
+    writer.finish(out)
+    return out
+
+
+def _write_top_files(
+    folder: Path, manifest: dict[str, Any], faiss_index: Any, ids: list[str], paths: list[str]
+) -> None:
+    """FAISS index, ids, paths and (last) the manifest of a version 3 index."""
+    ann.write(faiss_index, folder / FAISS)
+    write_lines(folder / IDS, ids)
+    write_lines(folder / PATHS, paths)
+    manifest["files"] = file_records(folder, data_files("image", True, sharded=True))
+    for name in manifest["files"]:
+        _fsync_path(folder / name)
+    write_manifest(folder, manifest)
+    _fsync_path(folder / MANIFEST)
+
+
+def _add_sharded(
+    old: GalleryIndex,
+    target: Path,
+    model: Any,
+    src: ImageSource,
+    new_ids: list[str],
+    new_paths: list[str],
+    batch_size: int,
+    progress: bool,
+    report: Report,
+) -> Path:
+    """:func:`add_to_index` for a version 3 index: its shards are linked (not copied) into
+    the staging folder, the new items appended as new shards (resumable), the FAISS index
+    extended (or retrained: :func:`eslmatch.retrieval.ann.extend`), and the result replaces
+    the index at the end."""
+    m = old.manifest
+    if src.regions > old.width:
+        raise EslmatchError(
+            f"the new images have {src.regions} regions, the sharded index {old.path} holds {old.width}: "
+            "build a new index for them"
+        )
+    shard_rows = int(m.get("shard_rows") or DEFAULT_SHARD_ROWS)
+    base = len(m["shards"])
+    spec = {
+        "action": "add",
+        "to": _digest((target / MANIFEST).read_text(encoding="utf-8")),
+        "fingerprint": old.fingerprint,
+        "dtype": old.dtype,
+        "shard_rows": shard_rows,
+        "width": old.width,
+        "total_dim": old.total_dim,
+        **_source_spec(src, new_ids, new_paths),
+    }
+    staging = staging_dir(target)
+    writer = _ShardWriter(staging, spec, report)
+    for i in range(len(writer.records), base):
+        writer.adopt(i, target, m["shards"][i])
+    try:
+        _encode_shards(model, src, writer, base, shard_rows, old.width, batch_size, progress)
+    except BaseException:
+        if len(writer.records) > base:
+            report(f"eslmatch: note: {len(writer.records) - base} new shards kept in {staging}: add again to resume")
+        raise
+    n = old.count + src.count
+    vectors = writer.vectors()
+    faiss_index, faiss_record = _grown_faiss(old, target, vectors, old.count)
+    del vectors
+    manifest = dict(m)
+    manifest.update(
+        count=n,
+        modified=_now(),
+        eslmatch_version=__version__,
+        faiss=faiss_record,
+        sources=[*m.get("sources", []), {**src.description, "count": src.count}],
+        shards=writer.records,
+    )
+    if src.regions != old.width:
+        manifest["grid"] = None
+    ids_all, paths_all = old.ids + new_ids, old._paths + new_paths
+    old.close()
+    _write_top_files(staging, manifest, faiss_index, ids_all, paths_all)
+    writer.finish(target)
+    return target
+
+
+def _link_index(src: Path, tmp: Path, manifest: dict[str, Any], skip: Sequence[str]) -> None:
+    """Hard-link (or copy) every file of the index at ``src`` but ``skip`` into ``tmp``."""
+    sharded = is_sharded(manifest)
+    for name in data_files(manifest["kind"], manifest_has_side(manifest), sharded):
+        if name not in skip:
+            link_or_copy(src / name, tmp / name)
+    if sharded:
+        for shard in manifest["shards"]:
+            (tmp / shard["dir"]).mkdir(parents=True)
+            for name in (*shard_files(manifest["dtype"]), SHARD_RECORD):
+                if (src / shard["dir"] / name).is_file():
+                    link_or_copy(src / shard["dir"] / name, tmp / shard["dir"] / name)
 
 
 # ---------------------------------------------------------------------- public API
@@ -448,6 +904,8 @@ def build_image_index(
     text_model: str | None = None,
     device: Any = None,
     report: Report | None = None,
+    side_dtype: str | None = None,
+    shard_rows: int | None = None,
 ) -> Path:
     """Build an image index at ``out``.
 
@@ -474,8 +932,15 @@ def build_image_index(
             vectors stay float32). A one-stage index stores no side: ignored.
         faiss_kind: ``"flat"`` (exact), ``"ivf"`` or ``"hnsw"``.
         model_path: the model's directory or checkpoint, recorded so searches can load it.
-        report: receives one line per photo that could not be read and is skipped (default:
-            printed on stderr); every skipped file is also named in the manifest.
+        report: receives one line per photo that could not be read and is skipped, and the
+            notes of a sharded build (default: printed on stderr); every skipped file is also
+            named in the manifest.
+        side_dtype: how the image side is stored: ``"float32"``, ``"float16"`` (= ``fp16``)
+            or ``"int8"`` (a float32 scale per region vector; sharded layout only). Default:
+            ``"float16"`` in the sharded layout, else from ``fp16``.
+        shard_rows: items per shard of the sharded layout (format version 3, resumable
+            build; :data:`DEFAULT_SHARD_ROWS`); ``0``: the single-file layout (version 1);
+            ``None``: sharded when the gallery exceeds one shard or the side is int8.
     Returns:
         ``out``.
     """
@@ -503,15 +968,33 @@ def build_image_index(
             paths=paths,
             images_dir=images_dir,
         )
+    dtype = _side_dtype(fp16, side_dtype)
     src = _image_items(model, features, split, lengths, grid)
     item_ids = _ids(ids, src.ids, src.count, 0)
     item_paths = _paths(paths, src.paths, src.count, images_dir, item_ids)
+    rows = _shard_rows(shard_rows, src.count, dtype)
+    if rows:
+        return _build_sharded(
+            model,
+            src,
+            out,
+            item_ids,
+            item_paths,
+            dtype="float16" if side_dtype is None else dtype,  # sharded: compact by default
+            shard_rows=rows,
+            faiss_kind=faiss_kind,
+            faiss_options=faiss_options,
+            batch_size=batch_size,
+            progress=progress,
+            model_path=model_path,
+            text_model=text_model,
+            report=report or _warn,
+        )
     dt = model.config.total_dim
-    dtype = "float16" if fp16 else "float32"
     with atomic_dir(out) as tmp:
         arrays = _alloc(tmp, src.count, src.regions, dt, dtype)
         _encode_image_rows(model, src, arrays, 0, batch_size, progress)
-        opts = ann.resolve_options(faiss_kind, src.count, faiss_options)
+        opts = ann.resolve_options(faiss_kind, src.count, faiss_options, dt)
         manifest = {
             "format": FORMAT,
             "version": VERSION,
@@ -581,7 +1064,7 @@ def build_caption_index(
             sink = _Vectors(tmp, m)
             _vector_caption_rows(model, tokens, sink, 0, batch_size, progress)
             vectors = sink.finish(m)
-            opts = ann.resolve_options(faiss_kind, m, faiss_options)
+            opts = ann.resolve_options(faiss_kind, m, faiss_options, vectors.shape[1])
             manifest = _one_stage_manifest("caption", model, model_path, text_model, vectors, faiss_kind, opts)
             manifest["sources"] = [{**src.description, "count": m}]
             faiss_index = ann.build(vectors, faiss_kind, opts)
@@ -593,7 +1076,7 @@ def build_caption_index(
     with atomic_dir(out) as tmp:
         arrays = _alloc(tmp, m, width, dt, dtype)
         _encode_caption_rows(model, tokens, arrays, 0, batch_size, progress)
-        opts = ann.resolve_options(faiss_kind, m, faiss_options)
+        opts = ann.resolve_options(faiss_kind, m, faiss_options, dt)
         manifest = {
             "format": FORMAT,
             "version": VERSION,
@@ -634,15 +1117,26 @@ def add_to_index(
 
     ``features`` is what :func:`build_image_index` / :func:`build_caption_index` take (for
     a model that takes pixels: a folder of photos or a split file, unreadable files skipped
-    and named). The index is first verified in full (sha256 of every file) and must have
-    been built by ``model``. Default ids continue the numbering (``str(count + i)``). Arrays
-    are rewritten wider when the new items have more regions / words; the FAISS index grows
-    in place (flat, HNSW) or is retrained (IVF, once the gallery is 4x what its clusters saw).
+    and named). The index is first verified in full (sha256 of every file; a sharded index:
+    the sizes of its files) and must have been built by ``model``. Default ids continue the
+    numbering (``str(count + i)``). Arrays are rewritten wider when the new items have more
+    regions / words; the FAISS index grows in place (flat, HNSW) or is retrained (IVF,
+    IVF-PQ: once the gallery is more than 4x what its clusters saw).
+
+    A sharded (version 3) index keeps its shards (hard-linked into the new version, not
+    copied) and gets the new items as new shards, written resumably like a sharded build:
+    adding the same items again after a kill resumes. New images may have fewer regions than
+    the index (padded), not more.
     """
     _check_batch(batch_size)
     target = Path(index_dir)
     _device(model, device)
-    old = GalleryIndex.open(target, model=model, verify=True)
+    old = GalleryIndex.open(target, model=model, verify=not is_sharded(read_manifest(target)))
+    if is_sharded(old.manifest):
+        src = _image_items(model, features, split, lengths, None)
+        new_ids = _ids(ids, src.ids, src.count, old.count, old.ids)
+        new_paths = _paths(paths, src.paths, src.count, images_dir, new_ids)
+        return _add_sharded(old, target, model, src, new_ids, new_paths, batch_size, progress, report or _warn)
     if old.one_stage:
         return _add_one_stage(
             old, target, model, features, split, lengths, ids, paths, images_dir, batch_size, progress, report or _warn
@@ -694,7 +1188,7 @@ def add_to_index(
     return target
 
 
-def _grown_faiss(old: GalleryIndex, target: Path, vectors: np.ndarray, n_old: int) -> tuple[Any, dict[str, Any]]:
+def _grown_faiss(old: GalleryIndex, target: Path, vectors: Any, n_old: int) -> tuple[Any, dict[str, Any]]:
     """The index's FAISS index with ``vectors[n_old:]`` added (or retrained), and its record."""
     faiss_meta = old.manifest["faiss"]
     opts = ann.FaissOptions.from_dict(faiss_meta.get("options", {}))
@@ -797,10 +1291,8 @@ def rebuild_faiss(
     if target != src:
         check_target(target)
     with atomic_dir(target) as tmp:
-        for name in data_files(old.kind, manifest_has_side(old.manifest)):
-            if name != FAISS:
-                link_or_copy(src / name, tmp / name)
-        opts = ann.resolve_options(faiss_kind, old.count, faiss_options)
+        _link_index(src, tmp, old.manifest, skip=(FAISS,))
+        opts = ann.resolve_options(faiss_kind, old.count, faiss_options, old.total_dim)
         index = ann.build(old.global_vectors, faiss_kind, opts)
         ann.write(index, tmp / FAISS)
         manifest = dict(old.manifest)

@@ -55,9 +55,12 @@ from .store import (
     IDS,
     LENGTHS,
     PATHS,
+    SCALE,
     SIDE,
     GalleryIndexError,
+    ShardedArray,
     check_files,
+    is_sharded,
     manifest_has_side,
     manifest_stages,
     model_fingerprint,
@@ -149,7 +152,15 @@ class GalleryIndex:
     Use :meth:`open`. Attributes of note: :attr:`kind` (``"image"`` or ``"caption"``),
     :attr:`stages` (1: one-stage, exact; 2: shortlist + ESL re-rank), :attr:`ids`,
     :attr:`count`, :attr:`grid`, :attr:`manifest`. A one-stage index has no :attr:`side` and
-    no :attr:`lengths` (``None``).
+    no :attr:`lengths` (``None``). In a sharded (version 3) index :attr:`side`,
+    :attr:`lengths`, :attr:`global_vectors` (and :attr:`side_scale`, ``(N, R)`` float32 for an
+    int8 side, else ``None``) are :class:`~eslmatch.retrieval.store.ShardedArray` views over
+    the memory-mapped shards.
+
+    Memory: opening maps the arrays without reading them, and a search reads only the rows
+    it re-ranks (``rerank_k`` sides, and for ``ivfpq`` the global vectors of its candidates):
+    those pages are file-backed (the page cache, reclaimable), so the process's own
+    (anonymous) memory is the model, the FAISS index, the ids and paths and the lengths.
     """
 
     def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
@@ -166,9 +177,21 @@ class GalleryIndex:
         grid = manifest.get("grid")
         self.grid: tuple[int, int] | None = (int(grid[0]), int(grid[1])) if grid else None
         has_side = manifest_has_side(manifest)
-        self.side: np.ndarray | None = open_array(path / SIDE) if has_side else None
-        self.lengths: np.ndarray | None = open_array(path / LENGTHS) if has_side else None
-        self.global_vectors = open_array(path / GLOBAL)
+        self.sharded = is_sharded(manifest)
+        self.side: Any = None
+        self.lengths: Any = None
+        self.side_scale: Any = None
+        if self.sharded:
+            folders = [path / shard["dir"] for shard in manifest["shards"]]
+            self.side = ShardedArray([open_array(f / SIDE) for f in folders])
+            self.lengths = ShardedArray([open_array(f / LENGTHS) for f in folders])
+            self.global_vectors: Any = ShardedArray([open_array(f / GLOBAL) for f in folders])
+            if self.dtype == "int8":
+                self.side_scale = ShardedArray([open_array(f / SCALE) for f in folders])
+        else:
+            self.side = open_array(path / SIDE) if has_side else None
+            self.lengths = open_array(path / LENGTHS) if has_side else None
+            self.global_vectors = open_array(path / GLOBAL)
         self.ids: list[str] = read_lines(path / IDS, self.count)
         self._paths: list[str] = read_lines(path / PATHS, self.count)
         self.captions: list[str] | None = read_lines(path / CAPTIONS, self.count) if self.kind == "caption" else None
@@ -202,7 +225,37 @@ class GalleryIndex:
         """True for a one-stage index (exact inner product, no re-rank)."""
         return self.stages == 1
 
+    def _check_shard_shapes(self) -> None:
+        """Each shard's arrays have the shapes and dtypes its manifest record implies."""
+        w, dt = self.width, self.total_dim
+        for i, shard in enumerate(self.manifest["shards"]):
+            n = int(shard["rows"])
+            want: list[tuple[str, Any, tuple[int, ...], str]] = [
+                (SIDE, self.side.parts[i], (n, w, dt), self.dtype),
+                (LENGTHS, self.lengths.parts[i], (n,), ""),
+                (GLOBAL, self.global_vectors.parts[i], (n, dt), "float32"),
+            ]
+            if self.side_scale is not None:
+                want.append((SCALE, self.side_scale.parts[i], (n, w), "float32"))
+            for name, arr, shape, dtype in want:
+                where = self.path / shard["dir"] / name
+                if tuple(arr.shape) != shape:
+                    raise GalleryIndexError(f"{where}: shape {tuple(arr.shape)}, the manifest implies {shape}")
+                if dtype and arr.dtype != np.dtype(dtype):
+                    raise GalleryIndexError(f"{where}: dtype {arr.dtype}, the manifest says {dtype}")
+                if not dtype and not np.issubdtype(arr.dtype, np.integer):
+                    raise GalleryIndexError(f"{where}: lengths must be integers, got {arr.dtype}")
+            lens = self.lengths.parts[i]
+            lo, hi = int(lens.min()), int(lens.max())
+            if lo < 1 or hi > w:
+                raise GalleryIndexError(
+                    f"{self.path / shard['dir'] / LENGTHS}: lengths span {lo}..{hi}, outside 1..{w}"
+                )
+
     def _check_shapes(self) -> None:
+        if self.sharded:
+            self._check_shard_shapes()
+            return
         n, w, dt = self.count, self.width, self.total_dim
         want = {SIDE: ((n, w, dt), self.dtype), LENGTHS: ((n,), None), GLOBAL: ((n, dt), "float32")}
         arrays: tuple[tuple[str, np.ndarray], ...]
@@ -274,7 +327,7 @@ class GalleryIndex:
         row = self.row_of(item_id)
         side = None
         if self.side is not None and self.lengths is not None and not self.one_stage:
-            side = np.array(self.side[row, : int(self.lengths[row])], dtype=np.float32)
+            side = self._side_row(row)
         return ImageEntry(
             self.ids[row],
             self._paths[row] or None,
@@ -283,6 +336,14 @@ class GalleryIndex:
             np.array(self.global_vectors[row], dtype=np.float32),
             self.fingerprint,
         )
+
+    def _side_row(self, row: int) -> np.ndarray:
+        """The stored side of one item, real regions only: ``(R_i, Dt)`` float32."""
+        n = int(self.lengths[row])
+        side = np.array(self.side[row, :n], dtype=np.float32)
+        if self.side_scale is not None:
+            side *= np.asarray(self.side_scale[row, :n], dtype=np.float32)[:, None]
+        return side
 
     def _need(self, kind: str, what: str) -> None:
         if self.kind != kind:
@@ -322,12 +383,18 @@ class GalleryIndex:
         self._checked.add(model)
 
     # ------------------------------------------------------------------ first stage
-    def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
-        """Override the IVF ``nprobe`` / HNSW ``efSearch`` used by later searches."""
+    def set_search_params(
+        self, nprobe: int | None = None, ef_search: int | None = None, refine: int | None = None
+    ) -> None:
+        """Override the IVF ``nprobe`` / HNSW ``efSearch`` / IVF-PQ ``refine`` used by later searches."""
         if nprobe is not None:
             if nprobe < 1:
                 raise EslmatchError(f"nprobe must be >= 1, got {nprobe}")
             self.faiss_options.nprobe = int(nprobe)
+        if refine is not None:
+            if refine < 1:
+                raise EslmatchError(f"refine must be >= 1, got {refine}")
+            self.faiss_options.refine = int(refine)
         if ef_search is not None:
             if ef_search < 1:
                 raise EslmatchError(f"ef_search must be >= 1, got {ef_search}")
@@ -348,7 +415,9 @@ class GalleryIndex:
         """Top ``n`` of the gallery for each query vector ``(Q, Dt)`` by inner product.
 
         Returns ``(scores (Q, n), rows (Q, n))``; rows are -1 where an approximate index
-        found fewer than ``n`` candidates.
+        found fewer than ``n`` candidates. ``ivfpq``: the ``refine * n`` candidates of the
+        product codes are re-scored with the exact inner products of the stored global
+        vectors, so the scores are exact (ties by row).
         """
         q = np.asarray(queries, dtype=np.float32)
         if q.ndim == 1:
@@ -358,7 +427,12 @@ class GalleryIndex:
                 f"{self.path}: holds vectors of width {self.total_dim}, the query vectors are {tuple(q.shape)} "
                 "(a different model)"
             )
-        return ann.search(self._ann(), self.faiss_kind, self.faiss_options, q, min(int(n), self.count))
+        n = min(int(n), self.count)
+        depth = ann.candidates(self.faiss_kind, self.faiss_options, n, self.count)
+        scores, rows = ann.search(self._ann(), self.faiss_kind, self.faiss_options, q, depth)
+        if self.faiss_kind == "ivfpq":  # approximate codes: re-score the candidates exactly
+            return ann.refine_exact(q, rows, self.global_vectors, n)
+        return scores, rows
 
     def _top(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """One-stage search: the first stage deep enough that every item tied with the
@@ -576,8 +650,12 @@ class GalleryIndex:
         lens = np.asarray(self.lengths[srt], dtype=np.int64)
         w = int(lens.max())
         block = np.ascontiguousarray(self.side[srt, :w])  # fancy indexing: a fresh, writable copy
-        # torch widens float16 several times faster than numpy
-        return torch.from_numpy(block).to(device, torch.float32), torch.from_numpy(lens).to(device), order
+        # torch widens float16 / int8 several times faster than numpy
+        items = torch.from_numpy(block).to(device, torch.float32)
+        if self.side_scale is not None:
+            scale = np.ascontiguousarray(self.side_scale[srt, :w], dtype=np.float32)
+            items *= torch.from_numpy(scale).to(device)[..., None]
+        return items, torch.from_numpy(lens).to(device), order
 
     def _esl_scores(self, model: Any, query: Any, rows: np.ndarray) -> np.ndarray:
         """ESL scores ``(len(rows),)`` of the query against the stored rows."""
@@ -619,7 +697,7 @@ class GalleryIndex:
         w = int(lens[0])
         with eval_mode(model):
             feats, _, _ = encode_token_batch(model, [ids[0, :w]])
-            z = torch.from_numpy(np.array(self.side[row, :n], dtype=np.float32)).to(feats.device)
+            z = torch.from_numpy(self._side_row(row)).to(feats.device)
             weights = model.attention(feats[0, :w], z)
         grid = self.grid if self.grid is not None and self.grid[0] * self.grid[1] == n else None
         return caption_words(model, text, ids[0, :w]), weights.double().cpu().numpy(), grid
@@ -627,4 +705,4 @@ class GalleryIndex:
     def close(self) -> None:
         """Drop the memory maps and the FAISS index."""
         self._faiss = None
-        self.side = self.lengths = self.global_vectors = None  # type: ignore[assignment]
+        self.side = self.lengths = self.global_vectors = self.side_scale = None

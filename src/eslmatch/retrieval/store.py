@@ -15,6 +15,10 @@ An index is a directory (see ``docs/retrieval.md``)::
     captions.txt    the caption texts (caption index only)
 
 Two-stage indexes (ESL: shortlist, then re-rank with the stored sides) are format version 1.
+Sharded two-stage image indexes (large galleries) are version 3: ``side``, ``lengths`` and
+``global`` live in ``shards/NNNNN/`` (each shard written whole, then renamed into place, and
+recorded with its own sizes and checksums), the side in float16, float32 or int8 with a
+float32 scale per region vector (``scale.npy (n, R)``); see :class:`ShardedArray`.
 One-stage indexes (models whose score IS the inner product of their index vectors:
 ``exact_index``) are version 2 with ``"stages": 1`` and hold no side or lengths; a version 1
 manifest whose model record says ``"stages": 1`` (written by eslmatch before version 2)
@@ -42,9 +46,11 @@ from .ann import FAISS_KINDS
 FORMAT = "eslmatch-gallery-index"
 VERSION = 1  # two-stage indexes (and every index written before one-stage ones had their own layout)
 ONE_STAGE_VERSION = 2  # one-stage indexes: vectors only
-SUPPORTED_VERSIONS = (1, 2)
+SHARDED_VERSION = 3  # two-stage image indexes whose arrays live in shards
+SUPPORTED_VERSIONS = (1, 2, 3)
 KINDS = ("image", "caption")
 DTYPES = ("float32", "float16")
+SHARD_DTYPES = ("float32", "float16", "int8")
 
 MANIFEST = "manifest.json"
 SIDE = "side.npy"
@@ -55,13 +61,33 @@ IDS = "ids.txt"
 PATHS = "paths.txt"
 CAPTIONS = "captions.txt"
 ARRAY_FILES = (SIDE, LENGTHS, GLOBAL)
+SCALE = "scale.npy"
+SHARDS = "shards"
+SHARD_RECORD = "shard.json"
 
 
-def data_files(kind: str, side: bool = True) -> tuple[str, ...]:
-    """Every file of an index of ``kind`` except the manifest (``side=False``: a one-stage
-    index, which stores no side and no lengths)."""
-    files = (*(ARRAY_FILES if side else (GLOBAL,)), FAISS, IDS, PATHS)
+def data_files(kind: str, side: bool = True, sharded: bool = False) -> tuple[str, ...]:
+    """Every top-level file of an index of ``kind`` except the manifest (``side=False``: a
+    one-stage index, which stores no side and no lengths; ``sharded``: a version 3 index, whose
+    arrays are in its shards, see :func:`shard_files`)."""
+    arrays: tuple[str, ...] = () if sharded else ARRAY_FILES if side else (GLOBAL,)
+    files = (*arrays, FAISS, IDS, PATHS)
     return (*files, CAPTIONS) if kind == "caption" else files
+
+
+def shard_files(dtype: str) -> tuple[str, ...]:
+    """The array files of one shard of a version 3 index (``scale.npy`` with an int8 side)."""
+    return (SIDE, SCALE, LENGTHS, GLOBAL) if dtype == "int8" else ARRAY_FILES
+
+
+def shard_name(i: int) -> str:
+    """``shards/00007``: the folder of shard ``i`` (relative to the index)."""
+    return f"{SHARDS}/{i:05d}"
+
+
+def is_sharded(manifest: dict[str, Any]) -> bool:
+    """Whether a checked manifest describes a sharded (version 3) index."""
+    return manifest.get("version") == SHARDED_VERSION
 
 
 def manifest_stages(manifest: dict[str, Any]) -> int:
@@ -103,13 +129,49 @@ def check_files(directory: Path, manifest: dict[str, Any], verify: bool) -> None
     records = manifest.get("files")
     if not isinstance(records, dict):
         raise GalleryIndexError(f"{directory / MANIFEST}: no 'files' table")
-    for name in data_files(manifest["kind"], manifest_has_side(manifest)):
+    sharded = is_sharded(manifest)
+    check_records(
+        directory,
+        records,
+        data_files(manifest["kind"], manifest_has_side(manifest), sharded),
+        verify,
+        directory / MANIFEST,
+    )
+    if not sharded:
+        return
+    shards = manifest["shards"]
+    for i, shard in enumerate(shards):
+        folder = directory / shard["dir"]
+        if not folder.is_dir():
+            raise GalleryIndexError(
+                f"{folder}: missing shard {i + 1} of {len(shards)} of the index ({shard['rows']} items; "
+                "rebuild it with 'eslmatch index build')"
+            )
+        check_records(
+            folder, shard["files"], shard_files(manifest["dtype"]), verify, directory / MANIFEST, "shard", shard["dir"]
+        )
+
+
+def check_records(
+    directory: Path,
+    records: Any,
+    names: Iterable[str],
+    verify: bool,
+    manifest_path: Path,
+    where: str = "index",
+    prefix: str = "",
+) -> None:
+    """Each of ``names`` exists in ``directory`` with the size recorded in ``records`` (and
+    its sha256 when ``verify``); failures are one line naming the file (``prefix``: the
+    folder of ``directory`` in the index, for messages)."""
+    for name in names:
         path = directory / name
-        rec = records.get(name)
+        rec = records.get(name) if isinstance(records, dict) else None
         if not isinstance(rec, dict) or "bytes" not in rec or "sha256" not in rec:
-            raise GalleryIndexError(f"{directory / MANIFEST}: no size/checksum recorded for {name}")
+            label = f"{prefix}/{name}" if prefix else name
+            raise GalleryIndexError(f"{manifest_path}: no size/checksum recorded for {label}")
         if not path.is_file():
-            raise GalleryIndexError(f"{path}: missing file of the index (rebuild it with 'eslmatch index build')")
+            raise GalleryIndexError(f"{path}: missing file of the {where} (rebuild it with 'eslmatch index build')")
         size = path.stat().st_size
         if size != rec["bytes"]:
             raise GalleryIndexError(
@@ -205,6 +267,8 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     stages = manifest.get("stages")
     if version == ONE_STAGE_VERSION and (isinstance(stages, bool) or stages not in (1, 2)):
         raise GalleryIndexError(f"{path}: 'stages' must be 1 or 2, got {stages!r}")
+    if version == SHARDED_VERSION and (isinstance(stages, bool) or stages != 2 or manifest.get("kind") != "image"):
+        raise GalleryIndexError(f"{path}: a version 3 (sharded) index is a two-stage image index")
     if manifest.get("kind") not in KINDS:
         raise GalleryIndexError(f"{path}: kind {manifest.get('kind')!r} is not one of {', '.join(KINDS)}")
     for key, typ in (
@@ -217,8 +281,9 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     ):
         if not isinstance(manifest.get(key), typ) or isinstance(manifest.get(key), bool):
             raise GalleryIndexError(f"{path}: missing or invalid {key!r}")
-    if manifest["dtype"] not in DTYPES:
-        raise GalleryIndexError(f"{path}: dtype {manifest['dtype']!r} is not one of {', '.join(DTYPES)}")
+    dtypes = SHARD_DTYPES if version == SHARDED_VERSION else DTYPES
+    if manifest["dtype"] not in dtypes:
+        raise GalleryIndexError(f"{path}: dtype {manifest['dtype']!r} is not one of {', '.join(dtypes)}")
     if manifest["count"] < 1 or manifest["total_dim"] < 1 or manifest["width"] < 1:
         raise GalleryIndexError(f"{path}: count, total_dim and width must be positive")
     if manifest["faiss"].get("kind") not in FAISS_KINDS:
@@ -230,7 +295,32 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         isinstance(grid, list) and len(grid) == 2 and all(isinstance(v, int) and v > 0 for v in grid)
     ):
         raise GalleryIndexError(f"{path}: grid must be null or [h, w], got {grid!r}")
+    if version == SHARDED_VERSION:
+        check_shard_table(path, manifest)
     return manifest
+
+
+def check_shard_table(path: Path, manifest: dict[str, Any]) -> None:
+    """The ``shards`` list of a version 3 manifest: ``{"dir": "shards/NNNNN", "rows", "files"}``
+    in order, rows adding up to ``count``."""
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not shards:
+        raise GalleryIndexError(f"{path}: a version 3 index needs a non-empty 'shards' list")
+    total = 0
+    for i, shard in enumerate(shards):
+        rows = shard.get("rows") if isinstance(shard, dict) else None
+        if (
+            not isinstance(shard, dict)
+            or shard.get("dir") != shard_name(i)
+            or not isinstance(rows, int)
+            or isinstance(rows, bool)
+            or rows < 1
+            or not isinstance(shard.get("files"), dict)
+        ):
+            raise GalleryIndexError(f"{path}: shard {i} must be {{'dir': {shard_name(i)!r}, 'rows' > 0, 'files'}}")
+        total += rows
+    if total != manifest["count"]:
+        raise GalleryIndexError(f"{path}: the shards hold {total} items, 'count' says {manifest['count']}")
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
@@ -261,3 +351,95 @@ def link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copyfile(src, dst)
+
+
+# ---------------------------------------------------------------------- sharded arrays
+class ShardedArray:
+    """The rows of several arrays (the memory-mapped shards of a version 3 index, same
+    trailing shape and dtype) read as one ``(N, ...)`` array; reading copies only the rows asked.
+
+    Supports what the index reads: ``a[i]``, ``a[i0:i1]`` (step 1), ``a[rows]`` (an integer
+    array, any order), each optionally followed by indices of the other axes
+    (``a[rows, :w]``), ``len(a)``, ``.shape``, ``.dtype`` and ``np.asarray(a)`` (reads all).
+    """
+
+    def __init__(self, parts: Sequence[np.ndarray]) -> None:
+        if not parts:
+            raise ValueError("a ShardedArray needs at least one part")
+        self.parts = list(parts)
+        self.offsets = np.cumsum([0, *(int(p.shape[0]) for p in self.parts)])
+        self.shape: tuple[int, ...] = (int(self.offsets[-1]), *self.parts[0].shape[1:])
+        self.dtype = self.parts[0].dtype
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"ShardedArray(shape={self.shape}, dtype={self.dtype}, parts={len(self.parts)})"
+
+    def _tail(self, rest: tuple) -> tuple[int, ...]:
+        index = (slice(None), *rest)
+        return tuple(np.empty((0, *self.shape[1:]), dtype=np.uint8)[index].shape[1:])
+
+    def __getitem__(self, key: Any) -> Any:
+        rest: tuple = ()
+        if isinstance(key, tuple):
+            key, rest = key[0], key[1:]
+        n = self.shape[0]
+        if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+            i = int(key) + (n if key < 0 else 0)
+            if not 0 <= i < n:
+                raise IndexError(f"row {int(key)} out of range for {n} rows")
+            s = int(np.searchsorted(self.offsets, i, side="right")) - 1
+            index = (i - int(self.offsets[s]), *rest)
+            return self.parts[s][index]
+        if isinstance(key, slice):
+            i0, i1, step = key.indices(n)
+            if step != 1:
+                raise IndexError("a ShardedArray is sliced with step 1 only")
+            pieces = []
+            for s, part in enumerate(self.parts):
+                o0, o1 = int(self.offsets[s]), int(self.offsets[s + 1])
+                lo, hi = max(i0, o0), min(i1, o1)
+                if lo < hi:
+                    index = (slice(lo - o0, hi - o0), *rest)
+                    pieces.append(part[index])
+            if not pieces:
+                return np.empty((0, *self._tail(rest)), dtype=self.dtype)
+            return np.array(pieces[0]) if len(pieces) == 1 else np.concatenate(pieces)
+        rows = np.asarray(key)
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        rows = rows.astype(np.int64).reshape(-1)
+        rows = np.where(rows < 0, rows + n, rows)
+        if rows.size and (rows.min() < 0 or rows.max() >= n):
+            raise IndexError(f"rows out of range for {n} rows")
+        out = np.empty((rows.size, *self._tail(rest)), dtype=self.dtype)
+        which = np.searchsorted(self.offsets, rows, side="right") - 1
+        for s in np.unique(which):
+            sel = which == s
+            index = (rows[sel] - int(self.offsets[s]), *rest)
+            out[sel] = self.parts[int(s)][index]
+        return out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = np.concatenate([np.asarray(p) for p in self.parts])
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
+# ---------------------------------------------------------------------- int8 side
+def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``x (..., Dt)`` float -> ``(q (..., Dt) int8, scale (...) float32)`` with
+    ``x ~= q * scale``: symmetric, one scale per vector (``max |x| / 127``; 0 for a zero vector,
+    e.g. padding). The rounding error of each value is at most ``scale / 2``."""
+    x = np.asarray(x, dtype=np.float32)
+    scale = (np.abs(x).max(axis=-1) / 127.0).astype(np.float32)
+    inv = np.divide(np.float32(1), scale, out=np.zeros_like(scale), where=scale > 0)
+    q = np.clip(np.rint(x * inv[..., None]), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``q (..., Dt) int8`` and ``scale (...)`` -> float32 ``(..., Dt)``."""
+    return q.astype(np.float32) * np.asarray(scale, dtype=np.float32)[..., None]

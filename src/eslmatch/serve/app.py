@@ -384,7 +384,9 @@ class Gallery:
         self.model = model
         self.model_name = model_name
         self.config = config
-        self.ids: list[str] = [str(i) for i in index.ids]
+        # A remote gallery (Milvus) answers membership itself; a file index lists its ids here.
+        self._contains: Callable[[str], bool] | None = getattr(index, "contains", None)
+        self.ids: list[str] = [] if self._contains else [str(i) for i in index.ids]
         self._known = set(self.ids)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eslmatch-infer")
         self._pending = 0  # touched only from the event loop thread
@@ -392,8 +394,13 @@ class Gallery:
     def close(self) -> None:
         self._worker.shutdown(wait=True, cancel_futures=True)
 
+    @property
+    def count(self) -> int:
+        """Items in the gallery (a remote one's current count)."""
+        return int(self.index.count) if self._contains else len(self.ids)
+
     def known(self, item_id: str) -> bool:
-        return item_id in self._known
+        return self._contains(item_id) if self._contains else item_id in self._known
 
     async def infer(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the inference thread; 503 when too many jobs already wait."""
@@ -437,7 +444,8 @@ def create_app(
 
     ``index`` needs ``ids``, ``search_text(model, text, k, rerank_k) -> list[Hit]``,
     ``attention(model, text, id) -> (words, weights (W, R), grid (h, w) | None)`` and
-    ``image_path(id) -> str | None`` (the :class:`eslmatch.retrieval.GalleryIndex` API).
+    ``image_path(id) -> str | None`` (the :class:`eslmatch.retrieval.GalleryIndex` API); an
+    index with ``contains(id) -> bool`` and ``count`` (a Milvus gallery) is not asked for ``ids``.
 
     Requests must carry a ``Host`` header naming ``127.0.0.1``, ``localhost``, ``[::1]`` or
     one of ``allowed_hosts`` (names or IP addresses, any port; ``"*"``: every host;
@@ -472,7 +480,8 @@ def create_app(
     async def _library_error(request: Request, exc: EslmatchError) -> JSONResponse:
         # The library refuses this query (e.g. a text the tokenizer cannot encode).
         lines = str(exc).strip().splitlines()
-        return JSONResponse({"error": lines[0] if lines else type(exc).__name__}, status_code=422)
+        status = int(getattr(exc, "http_status", 422))  # 503: a backing store (Milvus) is unreachable
+        return JSONResponse({"error": lines[0] if lines else type(exc).__name__}, status_code=status)
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -484,7 +493,7 @@ def create_app(
 
     @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "items": len(gallery.ids), "model": gallery.model_name}
+        return {"status": "ok", "items": gallery.count, "model": gallery.model_name}
 
     @app.post("/search")
     async def search(req: SearchRequest) -> dict[str, Any]:
@@ -583,11 +592,35 @@ def load_app(
     return create_app(index, model, config, model_name=Path(str(model_path)).name, allowed_hosts=allowed_hosts)
 
 
-def check_image_files(index: Any, where: Path, sample: int = 200) -> None:
+def load_milvus_app(
+    uri: str,
+    collection: str,
+    model_path: str | Path | None = None,
+    config: ServeConfig | None = None,
+    device: str = "cpu",
+    allowed_hosts: Iterable[str] = (),
+    timeout: float = 30.0,
+) -> FastAPI:
+    """:func:`load_app` for an image gallery in Milvus (``collection`` at ``uri``; see
+    ``docs/milvus.md``): the server keeps no gallery data, so any number can serve it."""
+    from ..retrieval.milvus import MilvusGallery
+
+    index = MilvusGallery.open(uri, collection, timeout=timeout)
+    model_path = model_path or recorded_model(index)
+    if not model_path:
+        raise EslmatchError(f"{index.path}: the collection records no model; pass --model")
+    check_image_files(index, Path(collection), paths=index.sample_paths())
+    model = load_model(model_path, map_location=device)
+    model.eval()
+    index.check_model(model)
+    return create_app(index, model, config, model_name=Path(str(model_path)).name, allowed_hosts=allowed_hosts)
+
+
+def check_image_files(index: Any, where: Path, sample: int = 200, paths: list[str] | None = None) -> None:
     """Refuse an index whose recorded image files are all gone (moved?), naming one (a few
     missing files are served as missing pictures). Up to ``sample`` evenly spaced paths are
     looked at."""
-    paths = [p for p in getattr(index, "paths", []) if p]
+    paths = [p for p in (getattr(index, "paths", []) if paths is None else paths) if p]
     if not paths:
         return
     step = max(1, len(paths) // sample)

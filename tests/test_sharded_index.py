@@ -1,0 +1,359 @@
+"""Sharded (format version 3) gallery indexes: equal to the single-file layout, a killed build
+resumes without rewriting complete shards, ``index add`` appends shards, damaged shards are
+refused in one line, the int8 side, and the IVF-PQ first stage and its size rules."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from _models import tiny_gru_model
+from eslmatch.cli import main
+from eslmatch.retrieval import (
+    FaissOptions,
+    GalleryIndex,
+    GalleryIndexError,
+    add_to_index,
+    ann,
+    build_image_index,
+    rebuild_faiss,
+)
+from eslmatch.retrieval import build as build_module
+from eslmatch.retrieval.store import ShardedArray, dequantize_int8, quantize_int8
+
+N, R, D = 44, 6, 16
+SHARD = 8  # 44 images -> shards of 8, 8, 8, 8, 8, 4
+QUERIES = (
+    "the red circle left of the blue square",
+    "a big green square",
+    "the small blue circle above the red square",
+    "a red square and a green circle",
+)
+# An int8 side moves ESL scores by at most this much on the test model (measured: ~3e-3; the
+# benchmark model, Dt = 496: mean 5e-4, see docs/retrieval.md).
+INT8_TOLERANCE = 1.5e-2
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_gru_model(seed=3).eval()
+
+
+@pytest.fixture(scope="module")
+def features():
+    rng = np.random.default_rng(11)
+    return rng.random((N, R, D), dtype=np.float32) * 2
+
+
+@pytest.fixture(scope="module")
+def model_dir(model, tmp_path_factory):
+    return model.save_pretrained(tmp_path_factory.mktemp("model") / "m")
+
+
+@pytest.fixture(scope="module")
+def single(model, features, tmp_path_factory):
+    """The same gallery in the single-file layout (format version 1)."""
+    return build_image_index(model, features, tmp_path_factory.mktemp("v1") / "idx", shard_rows=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def sharded(model, features, model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("v3") / "idx"
+    return build_image_index(
+        model, features, out, shard_rows=SHARD, side_dtype="float32", progress=False, model_path=model_dir
+    )
+
+
+def results(model, path, k=N, rerank_k=N, **params):
+    idx = GalleryIndex.open(path, model=model)
+    if params:
+        idx.set_search_params(**params)
+    return [[(h.id, h.score, h.first_stage_score) for h in idx.search_text(model, q, k, rerank_k)] for q in QUERIES]
+
+
+def assert_same(a, b, atol=1e-6):
+    for hits_a, hits_b in zip(a, b, strict=True):
+        assert [h[0] for h in hits_a] == [h[0] for h in hits_b]
+        np.testing.assert_allclose([h[1:] for h in hits_a], [h[1:] for h in hits_b], rtol=0, atol=atol)
+
+
+def file_stamps(folder: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(folder)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()
+    }
+
+
+# ---------------------------------------------------------------------- layout and equality
+def test_sharded_equals_single_file(model, single, sharded):
+    manifest = json.loads((sharded / "manifest.json").read_text())
+    assert manifest["version"] == 3 and manifest["stages"] == 2 and manifest["shard_rows"] == SHARD
+    assert [s["rows"] for s in manifest["shards"]] == [8, 8, 8, 8, 8, 4]
+    assert [s["dir"] for s in manifest["shards"]] == [f"shards/{i:05d}" for i in range(6)]
+    assert set(manifest["files"]) == {"faiss.index", "ids.txt", "paths.txt"}
+    assert set(manifest["shards"][0]["files"]) == {"side.npy", "lengths.npy", "global.npy"}
+    assert not (sharded.parent / ".idx.building").exists()
+    idx = GalleryIndex.open(sharded, model=model, verify=True)
+    one = GalleryIndex.open(single)
+    assert idx.sharded and isinstance(idx.side, ShardedArray) and idx.side.shape == (N, R, idx.total_dim)
+    np.testing.assert_array_equal(np.asarray(idx.global_vectors), np.asarray(one.global_vectors))
+    np.testing.assert_array_equal(np.asarray(idx.side), np.asarray(one.side))
+    assert_same(results(model, sharded), results(model, single))  # full re-rank: the exhaustive ranking
+    assert_same(results(model, sharded, 5, 12), results(model, single, 5, 12))  # shortlist across shards
+    assert idx.lookup("17").side is not None
+    np.testing.assert_array_equal(idx.lookup("17").side, one.lookup("17").side)
+    words, weights, _ = idx.attention(model, QUERIES[0], "41")
+    np.testing.assert_allclose(weights, one.attention(model, QUERIES[0], "41")[1], atol=1e-6)
+
+
+def test_large_galleries_are_sharded_by_default(model, tmp_path):
+    assert build_module._shard_rows(None, 65536, "float16") == 0  # one shard's worth: single files
+    assert build_module._shard_rows(None, 65537, "float16") == build_module.DEFAULT_SHARD_ROWS
+    assert build_module._shard_rows(None, 10, "int8") == build_module.DEFAULT_SHARD_ROWS
+    with pytest.raises(Exception, match="int8 side needs the sharded layout"):
+        build_image_index(model, np.ones((3, R, D), np.float32), tmp_path / "x", side_dtype="int8", shard_rows=0)
+
+
+def test_sharded_array_reads_like_one_array():
+    rng = np.random.default_rng(0)
+    parts = [rng.random((n, 3, 2)) for n in (4, 1, 5)]
+    whole = np.concatenate(parts)
+    a = ShardedArray(parts)
+    assert a.shape == whole.shape and len(a) == 10 and a.dtype == whole.dtype
+    rows = np.array([9, 0, 4, 4, 5, 3])
+    for key in (3, -1, slice(2, 8), slice(0, 10), slice(6, 6), rows, (rows, slice(0, 2)), (slice(1, 9), 1), (7, 2)):
+        np.testing.assert_array_equal(a[key], whole[key])
+    np.testing.assert_array_equal(np.asarray(a), whole)
+    with pytest.raises(IndexError):
+        a[10]
+
+
+# ---------------------------------------------------------------------- kill and resume
+def test_killed_build_resumes_after_complete_shards(model, features, single, tmp_path, monkeypatch):
+    out = tmp_path / "idx"
+    staging = tmp_path / ".idx.building"
+
+    def crash(i: int) -> None:
+        if i == 2:
+            raise KeyboardInterrupt  # as a kill after shard 2 was sealed
+
+    notes: list[str] = []
+    monkeypatch.setattr(build_module, "AFTER_SHARD", crash)
+    with pytest.raises(KeyboardInterrupt):
+        build_image_index(
+            model, features, out, shard_rows=SHARD, side_dtype="float32", progress=False, report=notes.append
+        )
+    assert not out.exists() and staging.is_dir()
+    assert sorted(p.name for p in (staging / "shards").iterdir()) == ["00000", "00001", "00002"]
+    assert any("kept in" in line for line in notes)
+    before = file_stamps(staging / "shards")
+    # a half-written shard from a killed process is cleaned up on resume
+    litter = staging / "shards" / ".00003.tmp-999999"
+    litter.mkdir()
+    (litter / "side.npy").write_bytes(b"partial")
+    written: list[int] = []
+    monkeypatch.setattr(build_module, "AFTER_SHARD", written.append)
+    notes.clear()
+    build_image_index(model, features, out, shard_rows=SHARD, side_dtype="float32", progress=False, report=notes.append)
+    assert written == [3, 4, 5]  # only the missing shards were encoded
+    assert any("resuming" in line and "3 complete shards" in line for line in notes)
+    after = file_stamps(out / "shards")
+    assert {k: after[k] for k in before} == before  # complete shards kept as they were (same inode, mtime)
+    assert not staging.exists() and not litter.exists()
+    GalleryIndex.open(out, verify=True)
+    assert_same(results(model, out), results(model, single))
+
+
+def test_resume_with_other_inputs_starts_anew(model, features, tmp_path, monkeypatch):
+    out = tmp_path / "idx"
+
+    def crash(i: int) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_module, "AFTER_SHARD", crash)
+    with pytest.raises(KeyboardInterrupt):
+        build_image_index(model, features, out, shard_rows=SHARD, progress=False, report=lambda s: None)
+    monkeypatch.setattr(build_module, "AFTER_SHARD", None)
+    notes: list[str] = []
+    other = features[::-1].copy()  # same shape and source kind, other content
+    build_image_index(model, other, out, shard_rows=SHARD, progress=False, report=notes.append)
+    assert any("discarding" in line for line in notes)
+    idx = GalleryIndex.open(out, verify=True)
+    np.testing.assert_allclose(np.asarray(idx.side[0], dtype=np.float32), GalleryIndex.open(out).side[0], atol=0)
+    with torch.no_grad():
+        want = model.index_vectors_images(model.embed_images(torch.from_numpy(other[:1])))
+    np.testing.assert_allclose(idx.global_vectors[0], want[0].numpy(), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- add
+def test_add_appends_shards_and_equals_a_full_build(model, features, single, tmp_path):
+    out = build_image_index(
+        model, features[:20], tmp_path / "idx", shard_rows=SHARD, side_dtype="float32", progress=False
+    )
+    first = file_stamps(out / "shards")
+    add_to_index(out, model, features[20:], progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["rows"] for s in manifest["shards"]] == [8, 8, 4, 8, 8, 8]  # old shards kept, new ones appended
+    assert manifest["count"] == N and len(manifest["sources"]) == 2
+    after = file_stamps(out / "shards")
+    assert {k: after[k][0] for k in first} == {k: v[0] for k, v in first.items()}  # linked, not copied
+    idx = GalleryIndex.open(out, model=model, verify=True)
+    assert idx.ids == [str(i) for i in range(N)]
+    assert_same(results(model, out), results(model, single))
+    hits = idx.search_text(model, QUERIES[0], k=N, rerank_k=N)
+    assert {str(i) for i in range(20, N)} <= {h.id for h in hits}
+
+
+def test_cli_add_and_info_on_a_sharded_index(model, features, model_dir, tmp_path, capsys):
+    out = build_image_index(
+        model, features[:30], tmp_path / "idx", shard_rows=SHARD, progress=False, model_path=model_dir
+    )
+    np.save(tmp_path / "more.npy", features[30:])
+    assert main(["index", "add", "--index", str(out), "--features", str(tmp_path / "more.npy")]) == 0
+    assert "added 14 items" in capsys.readouterr().out
+    assert main(["index", "info", str(out), "--verify"]) == 0
+    text = capsys.readouterr().out
+    assert "shards     6 (up to 8 items each" in text and "float16" in text and "verified" in text
+    assert main(["search", "--index", str(out), QUERIES[1], "-k", "3", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["hits"]) == 3
+
+
+def test_ivfpq_retrained_when_the_gallery_grows(model, features, tmp_path):
+    out = build_image_index(model, features[:8], tmp_path / "idx", shard_rows=4, faiss_kind="ivfpq", progress=False)
+    add_to_index(out, model, features[8:30], progress=False)  # 30 <= 4 x 8: added to the trained clusters
+    assert json.loads((out / "manifest.json").read_text())["faiss"]["trained_on"] == 8
+    add_to_index(out, model, features[30:], progress=False)  # 44 > 4 x 8: retrained
+    meta = json.loads((out / "manifest.json").read_text())["faiss"]
+    assert meta["trained_on"] == N and meta["options"]["nlist"] == ann.ivfpq_nlist(N)
+    idx = GalleryIndex.open(out, model=model, verify=True)
+    assert idx.count == N
+
+
+# ---------------------------------------------------------------------- damage
+@pytest.fixture()
+def damaged(sharded, tmp_path):
+    target = tmp_path / "damaged"
+    shutil.copytree(sharded, target)
+    return target
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("eslmatch: error:"), err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+def test_missing_shard_refused_in_one_line(damaged, capsys):
+    shutil.rmtree(damaged / "shards" / "00002")
+    with pytest.raises(GalleryIndexError, match=r"shards/00002: missing shard 3 of 6 of the index"):
+        GalleryIndex.open(damaged)
+    assert main(["index", "info", str(damaged)]) == 1
+    assert "missing shard 3 of 6" in one_error_line(capsys)
+    assert main(["search", "--index", str(damaged), QUERIES[0]]) == 1
+    assert "missing shard 3 of 6" in one_error_line(capsys)
+    assert main(["serve", "--index", str(damaged), "--port", "0"]) == 1  # refused before serving anything
+    assert "missing shard 3 of 6" in one_error_line(capsys)
+
+
+def test_truncated_shard_refused_in_one_line(damaged, capsys):
+    path = damaged / "shards" / "00004" / "side.npy"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+    with pytest.raises(GalleryIndexError, match=r"shards/00004/side.npy: \d+ bytes, the manifest records \d+"):
+        GalleryIndex.open(damaged)
+    assert main(["search", "--index", str(damaged), QUERIES[0]]) == 1
+    assert "truncated or modified" in one_error_line(capsys)
+    os.remove(damaged / "shards" / "00001" / "global.npy")
+    with pytest.raises(GalleryIndexError, match=r"shards/00001/global.npy: missing file of the shard"):
+        GalleryIndex.open(damaged)
+
+
+def test_modified_shard_found_by_verify(damaged):
+    path = damaged / "shards" / "00003" / "global.npy"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    GalleryIndex.open(damaged)  # same size: only the checksum tells
+    with pytest.raises(GalleryIndexError, match=r"shards/00003/global.npy: sha256 differs"):
+        GalleryIndex.open(damaged, verify=True)
+
+
+def test_edited_shard_table_refused(damaged):
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    manifest["shards"][1]["dir"] = "../elsewhere"
+    (damaged / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(GalleryIndexError, match="shard 1 must be"):
+        GalleryIndex.open(damaged)
+    manifest["shards"][1]["dir"] = "shards/00001"
+    manifest["count"] = N + 1
+    (damaged / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(GalleryIndexError, match=f"the shards hold {N} items"):
+        GalleryIndex.open(damaged)
+
+
+# ---------------------------------------------------------------------- int8 side
+def test_quantize_int8_error_bound():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((50, 7, 33)).astype(np.float32) * rng.random((50, 7, 1)).astype(np.float32)
+    x[0, 0] = 0  # padding stays exactly zero
+    q, scale = quantize_int8(x)
+    assert q.dtype == np.int8 and scale.shape == (50, 7) and scale[0, 0] == 0
+    err = np.abs(dequantize_int8(q, scale) - x)
+    assert np.all(err <= scale[..., None] / 2 + 1e-7) and np.all(dequantize_int8(q, scale)[0, 0] == 0)
+
+
+def test_int8_scores_within_tolerance_of_fp16(model, features, tmp_path):
+    fp16 = build_image_index(model, features, tmp_path / "fp16", shard_rows=SHARD, progress=False)
+    int8 = build_image_index(model, features, tmp_path / "int8", shard_rows=SHARD, side_dtype="int8", progress=False)
+    manifest = json.loads((int8 / "manifest.json").read_text())
+    assert manifest["dtype"] == "int8" and "scale.npy" in manifest["shards"][0]["files"]
+    side16 = (fp16 / "shards" / "00000" / "side.npy").stat().st_size
+    side8 = (int8 / "shards" / "00000" / "side.npy").stat().st_size
+    assert side8 < 0.55 * side16
+    a, b = results(model, fp16), results(model, int8)
+    diffs = []
+    for hits_a, hits_b in zip(a, b, strict=True):
+        by_id = {h[0]: h[1] for h in hits_b}
+        diffs += [abs(score - by_id[i]) for i, score, _ in hits_a]
+        assert hits_a[0][0] == hits_b[0][0]  # the best image is unchanged
+    assert max(diffs) < INT8_TOLERANCE
+    first_b = {h[0]: h[2] for h in b[0]}
+    np.testing.assert_allclose([h[2] for h in a[0]], [first_b[h[0]] for h in a[0]], atol=1e-6)  # float32 globals
+
+
+# ---------------------------------------------------------------------- IVF-PQ
+def test_ivfpq_size_rules():
+    assert ann.ivfpq_nlist(1_000_000) == 4096
+    assert ann.ivfpq_nlist(100_000) == 1024
+    assert ann.ivfpq_nlist(20_000) == 512
+    assert ann.ivfpq_nlist(1000) == 25  # 4 sqrt(1000) -> 128, but at most 1000 // 39
+    assert ann.ivfpq_nlist(10) == 1
+    assert ann.pq_subquantizers(496) == 124 and ann.pq_subquantizers(60) == 15 and ann.pq_subquantizers(61) == 61
+    opts = ann.resolve_options("ivfpq", 1_000_000, None, 496)
+    assert (opts.nlist, opts.nprobe, opts.pq_m, opts.pq_bits, opts.refine) == (4096, 1024, 124, 8, 10)
+    small = ann.resolve_options("ivfpq", 100, FaissOptions(nprobe=500), 60)
+    assert small.nlist == 2 and small.nprobe == 2 and small.pq_bits == 6  # 2**6 <= 100 training points
+    with pytest.raises(Exception, match="does not divide"):
+        ann.resolve_options("ivfpq", 1000, FaissOptions(pq_m=7), 60)
+    assert ann.candidates("ivfpq", opts, 100, 10**6) == 1000 and ann.candidates("flat", opts, 100, 50) == 50
+
+
+def test_ivfpq_first_stage_is_exactly_rescored(model, sharded, single, tmp_path):
+    pq = rebuild_faiss(sharded, "ivfpq", out=tmp_path / "pq")
+    idx = GalleryIndex.open(pq, model=model)
+    flat = GalleryIndex.open(single)
+    q = np.random.default_rng(4).standard_normal((6, idx.total_dim)).astype(np.float32)
+    scores, rows = idx.first_stage(q, 10)
+    exact = q @ np.asarray(flat.global_vectors).T
+    np.testing.assert_allclose(scores, np.take_along_axis(exact, rows, 1), rtol=1e-5, atol=1e-6)  # exact scores
+    assert np.all(np.diff(scores, axis=1) <= 0)
+    idx.set_search_params(nprobe=idx.faiss_options.nlist, refine=100)  # every cluster, every candidate
+    _, rows = idx.first_stage(q, 10)
+    np.testing.assert_array_equal(rows, flat.first_stage(q, 10)[1])
+    assert_same(results(model, pq, nprobe=idx.faiss_options.nlist, refine=100), results(model, single))

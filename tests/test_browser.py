@@ -150,22 +150,11 @@ def test_search_page_in_chromium(tmp_path):
 def test_demo_index_shows_pictures_in_chromium(tmp_path, monkeypatch):
     """The gallery index the demo leaves behind, served and searched in the browser: the
     results carry the rendered test images and a clicked result opens its picture."""
-    from eslmatch.demo.pipeline import DemoSettings, run_demo
+    from eslmatch.demo.pipeline import run_demo
+    from test_demo import tiny_demo_settings
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    s = DemoSettings(
-        n_train=40,
-        n_dev=10,
-        n_test=12,
-        epochs=1,
-        batch_size=16,
-        embed_size=64,
-        num_levels=3,
-        feature_size=128,
-        cache_dir=tmp_path / "cache",
-        out_dir=tmp_path / "report",
-        progress=False,
-    )
+    s = tiny_demo_settings(tmp_path, epochs=1)
     run_demo(s, log=lambda m: None)
     app = load_app(tmp_path / "report" / "index")
     failed: list[str] = []

@@ -21,9 +21,9 @@ def test_chance_rsum_matches_random_scores():
     assert abs(mean - chance_rsum(n)) < 0.08 * chance_rsum(n)
 
 
-def test_tiny_demo_end_to_end(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    s = DemoSettings(
+def tiny_demo_settings(tmp_path: Path, **changes) -> DemoSettings:
+    """A demo small enough for the test suite (seconds), cache and report under ``tmp_path``."""
+    values = dict(
         n_train=40,
         n_dev=10,
         n_test=12,
@@ -36,6 +36,13 @@ def test_tiny_demo_end_to_end(tmp_path, monkeypatch, capsys):
         out_dir=tmp_path / "report",
         progress=False,
     )
+    values.update(changes)
+    return DemoSettings(**values)
+
+
+def test_tiny_demo_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    s = tiny_demo_settings(tmp_path)
     lines: list[str] = []
     results = run_demo(s, log=lines.append)
     report = tmp_path / "report"

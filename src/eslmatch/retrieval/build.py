@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..data import eval_mode, length_batches
 from ..errors import EslmatchError
-from ..utils import atomic_dir, atomic_write_text, replace_dir, resolve_device
+from ..utils import atomic_dir, atomic_write_text, pid_alive, replace_dir, resolve_device
 from . import ann
 from .encode import (
     caption_vectors,
@@ -465,18 +465,6 @@ def staging_dir(out: Path) -> Path:
     return out.with_name(f".{out.name}.building")
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _fsync_path(path: Path) -> None:
     """Flush a file (or a folder's entries) to disk; best effort where the OS refuses."""
     try:
@@ -555,7 +543,7 @@ class _ShardWriter:
         if staging.exists():
             prior = self._prior()
             pid = prior.get("pid") if prior else None
-            if isinstance(pid, int) and pid != os.getpid() and _pid_alive(pid):
+            if isinstance(pid, int) and pid != os.getpid() and pid_alive(pid):
                 raise EslmatchError(f"{staging}: another eslmatch process (pid {pid}) is writing this index")
             if prior is not None and prior.get("spec") == self.spec:
                 self.records = self._complete()

@@ -1,7 +1,16 @@
 """Small utilities shared by every layer: atomic files, devices, masks. One home each."""
 
 from .device import resolve_device
-from .io import atomic_dir, atomic_file, atomic_path, atomic_save_npy, atomic_write_text, clean_stale, replace_dir
+from .io import (
+    atomic_dir,
+    atomic_file,
+    atomic_path,
+    atomic_save_npy,
+    atomic_write_text,
+    clean_stale,
+    pid_alive,
+    replace_dir,
+)
 from .tensors import l2n, lengths_to_mask, masked_mean
 
 __all__ = [
@@ -11,6 +20,7 @@ __all__ = [
     "atomic_save_npy",
     "atomic_write_text",
     "clean_stale",
+    "pid_alive",
     "l2n",
     "lengths_to_mask",
     "masked_mean",

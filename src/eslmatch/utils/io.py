@@ -34,7 +34,7 @@ def clean_stale(path: str | Path) -> list[Path]:
     for kind in ("tmp", "old"):
         for entry in p.parent.glob(f".{p.name}.{kind}-*"):
             pid = entry.name.rsplit("-", 1)[-1].split(".")[0]
-            if pid.isdigit() and _alive(int(pid)):
+            if pid.isdigit() and pid_alive(int(pid)):
                 continue
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
@@ -44,7 +44,8 @@ def clean_stale(path: str | Path) -> list[Path]:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs (ours counts as running)."""
     if pid == os.getpid():
         return True
     try:

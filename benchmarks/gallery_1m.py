@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -178,6 +179,7 @@ def tree_bytes(path: Path) -> dict[str, int]:
 def step_build(args: argparse.Namespace) -> dict[str, Any]:
     """Build the index (resuming an interrupted build); every run's wall time is recorded."""
     from eslmatch.retrieval import ann, build_image_index
+    from eslmatch.retrieval import build as build_module
 
     work = Path(args.workdir)
     index = work / "index"
@@ -200,10 +202,19 @@ def step_build(args: argparse.Namespace) -> dict[str, Any]:
 
     ann.build = timed_build  # type: ignore[assignment]
     runs = record.setdefault("runs", [])
+    for old in runs:
+        old.setdefault("killed", "wall_seconds" not in old)  # a run that never recorded its end was killed
     run: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine()}
     runs.append(run)
     save_json(work / "build.json", record)
     t0 = time.perf_counter()
+
+    def heartbeat(i: int) -> None:  # after each shard: what a kill would lose is at most one shard
+        run.update(shards_done=i + 1, seconds_at_last_shard=round(time.perf_counter() - t0, 1))
+        run["generation_seconds_at_last_shard"] = round(gallery.seconds, 1)
+        save_json(work / "build.json", record)
+
+    build_module.AFTER_SHARD = heartbeat
     try:
         build_image_index(
             model,
@@ -233,23 +244,45 @@ def step_build(args: argparse.Namespace) -> dict[str, Any]:
         shard_rows=manifest["shard_rows"],
         bytes=tree_bytes(index),
         wall_seconds=round(sum(r["wall_seconds"] for r in runs), 1),
-        feature_generation_seconds=round(sum(r["feature_generation_seconds"] for r in runs), 1),
-        faiss_seconds=round(sum(r["faiss_seconds"] for r in runs), 1),
+        faiss_seconds=round(sum(r.get("faiss_seconds", 0.0) for r in runs), 1),
     )
+    # killed runs never recorded their feature-making time: estimated at the last run's share
+    share = run["feature_generation_seconds"] / max(run["wall_seconds"], 1e-9)
+    gen = sum(r.get("feature_generation_seconds", share * r["wall_seconds"]) for r in runs)
+    record["feature_generation_seconds"] = round(gen, 1)
     record["build_seconds"] = round(record["wall_seconds"] - record["feature_generation_seconds"], 1)
+    # a clean build: the runs' work without what the kills lost (their unfinished shard)
+    kept = sum(r.get("seconds_at_last_shard", 0.0) if r.get("killed") else r["wall_seconds"] for r in runs)
+    kept_gen = sum(
+        r.get("generation_seconds_at_last_shard", share * r.get("seconds_at_last_shard", 0.0))
+        if r.get("killed")
+        else r["feature_generation_seconds"]
+        for r in runs
+    )
+    record["clean_build_seconds_estimate"] = round(kept - kept_gen, 1)
     save_json(work / "build.json", record)
     print(f"build: {record['build_seconds']} s (+ {record['feature_generation_seconds']} s making features)")
     return record
 
 
 # ---------------------------------------------------------------------- (2) serve
-def proc_memory(pid: int) -> dict[str, float]:
-    """VmRSS / RssAnon / RssFile / VmHWM of a process in MiB (``/proc/PID/status``)."""
+def proc_memory(pid: int, index: Path | None = None) -> dict[str, float]:
+    """VmRSS / RssAnon / RssFile / VmHWM of a process in MiB (``/proc/PID/status``), and with
+    ``index`` the resident pages of its maps of files under ``index`` (``/proc/PID/smaps``)."""
     out: dict[str, float] = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
         if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM"):
             out[key] = round(int(value.split()[0]) / 1024, 1)
+    if index is not None:
+        inside, path = 0, ""
+        for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+            head = line.split()
+            if head and "-" in head[0] and ":" not in head[0]:  # a mapping's first line
+                path = head[5] if len(head) > 5 else ""
+            elif head and head[0] == "Rss:" and path.startswith(str(index)):
+                inside += int(head[1])
+        out["RssIndexMaps"] = round(inside / 1024, 1)
     return out
 
 
@@ -303,12 +336,12 @@ def step_serve(args: argparse.Namespace) -> dict[str, Any]:
                 time.sleep(0.5)
         record["startup_seconds"] = round(time.perf_counter() - t0, 1)
         record["health"] = health
-        record["memory_after_start_mib"] = proc_memory(server.pid)
+        record["memory_after_start_mib"] = proc_memory(server.pid, index.resolve())
         sentences = query_sentences(args.warmup + args.queries, seed=7)
         payload = {"k": args.k, "rerank_k": args.rerank_k}
         for text in sentences[: args.warmup]:
             post(base + "/search", {"text": text, **payload})
-        record["memory_after_warmup_mib"] = proc_memory(server.pid)
+        record["memory_after_warmup_mib"] = proc_memory(server.pid, index.resolve())
         client, server_ms = [], []
         for text in sentences[args.warmup :]:
             t1 = time.perf_counter()
@@ -316,7 +349,7 @@ def step_serve(args: argparse.Namespace) -> dict[str, Any]:
             client.append(1000 * (time.perf_counter() - t1))
             server_ms.append(float(answer["took_ms"]))
             assert len(answer["results"]) == args.k
-        record["memory_after_queries_mib"] = proc_memory(server.pid)
+        record["memory_after_queries_mib"] = proc_memory(server.pid, index.resolve())
         record.update(
             queries=args.queries,
             warmup=args.warmup,
@@ -461,78 +494,116 @@ def step_recall(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     pq_sub = ann.build(g_sub, "ivfpq", opts)
     build_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    _, cand = ann.search(pq_sub, "ivfpq", opts, qv, ann.candidates("ivfpq", opts, k_short, sub))
-    _, short = ann.refine_exact(qv, cand, g_sub, k_short)
+
+    def shortlist(depth: int) -> tuple[np.ndarray, float]:
+        t1 = time.perf_counter()
+        _, cand = ann.search(pq_sub, "ivfpq", opts, qv, ann.candidates("ivfpq", opts, depth, sub))
+        rows = ann.refine_exact(qv, cand, g_sub, depth)[1]
+        return rows, 1000 * (time.perf_counter() - t1) / len(tests)
+
+    short, ms = shortlist(k_short)
     fs["subset"] = {
         "n": sub,
         "options": opts.relevant("ivfpq"),
         "recall": overlap(short, subset[1]),
-        "ms_per_query": round(1000 * (time.perf_counter() - t0) / len(tests), 2),
+        "ms_per_query": round(ms, 2),
         "faiss_build_seconds": round(build_s, 1),
     }
-    del pq_sub
     record["first_stage"] = fs
     save_json(work / "recall.json", record)
     print(f"recall: first stage {fs}", flush=True)
 
-    # two-stage vs exhaustive ESL on the subset; int8 (stored) vs fp16 (re-encoded) sides
+    # two-stage (K re-ranked) vs exhaustive ESL on the subset; int8 (stored) vs fp16 (re-encoded)
     nq = min(args.exhaustive_queries, len(tests))
+    ks = sorted({k_short, *args.ks})
+    exact_deep = empty_top(len(tests))  # the exact first-stage top max(K) of the subset
+    for p, part in enumerate(g_sub.parts):
+        o0 = int(g_sub.offsets[p])
+        exact_deep = merge_top(
+            exact_deep, qv @ np.asarray(part, dtype=np.float32).T, np.arange(o0, o0 + part.shape[0]), max(ks)
+        )
     with torch.no_grad(), eval_mode(model):
-        two_stage = []
-        for j in range(nq):
-            w = int(qlens[j])
-            sc = index._esl_scores(model, (feats[j : j + 1, :w], qlens[j : j + 1]), short[j])
-            two_stage.append(short[j][np.lexsort((short[j], -sc))[: args.k]])
-        two = np.array(two_stage)
-        exact_first = []  # the same with the exact shortlist: what the two stages lose without the ANN
-        for j in range(nq):
-            w = int(qlens[j])
-            rows_j = subset[1][j]
-            sc = index._esl_scores(model, (feats[j : j + 1, :w], qlens[j : j + 1]), rows_j)
-            exact_first.append(rows_j[np.lexsort((rows_j, -sc))[: args.k]])
-        two_exact = np.array(exact_first)
-        gallery = Gallery(0)
-        ex8, ex16 = empty_top(nq), empty_top(nq)
-        diffs_sum, diffs_n, diffs_max, diff_hist = 0.0, 0, 0.0, []
-        cap, cap_len = feats[:nq], qlens[:nq]
-        t0 = time.perf_counter()
-        chunk = 1024
-        for c0 in range(0, sub, chunk):
-            c1 = min(sub, c0 + chunk)
-            rows = np.arange(c0, c1)
-            items, lens, order = index._gather(rows, model.device)  # stored (int8) side, rows sorted already
-            s8 = model.score_prepared(items, lens, cap, cap_len, index.scoring).double().numpy().T  # (Q, C)
-            side, _, lens16 = encode_images(model, gallery.read(c0, c1), None)
-            side16 = side.to(torch.float16).to(torch.float32)
-            s16 = model.score_prepared(side16, lens16, cap, cap_len, index.scoring).double().numpy().T
-            d = np.abs(s8 - s16)
-            diffs_sum += float(d.sum())
-            diffs_n += d.size
-            diffs_max = max(diffs_max, float(d.max()))
-            diff_hist.append(np.percentile(d, 99))
-            ex8 = merge_top(ex8, s8, rows, args.k)
-            ex16 = merge_top(ex16, s16, rows, args.k)
-            if (c0 // chunk) % 10 == 0:
-                print(f"recall: exhaustive {c1}/{sub} ({time.perf_counter() - t0:.0f} s)", flush=True)
-        record["exhaustive_seconds"] = round(time.perf_counter() - t0, 1)
+
+        def rerank(rows_q: np.ndarray) -> np.ndarray:
+            """ESL top-k of each query's candidate rows (Q, K) -> (Q, k)."""
+            out = []
+            for j in range(nq):
+                w = int(qlens[j])
+                rows_j = rows_q[j][rows_q[j] >= 0]
+                sc = index._esl_scores(model, (feats[j : j + 1, :w], qlens[j : j + 1]), rows_j)
+                out.append(rows_j[np.lexsort((rows_j, -sc))[: args.k]])
+            return np.array(out)
+
+        by_k = {}
+        for depth in ks:
+            rows_pq = short if depth == k_short else shortlist(depth)[0]
+            by_k[depth] = (rerank(rows_pq), rerank(exact_deep[1][:, :depth]))
+        cache = work / "exhaustive.npz"
+        meta = np.array([sub, nq, args.k])
+        if cache.is_file() and np.array_equal(np.load(cache)["meta"], meta):
+            z = np.load(cache)
+            ex8, ex16 = (z["ex8_s"], z["ex8_r"]), (z["ex16_s"], z["ex16_r"])
+            stats = json.loads(str(z["stats"]))
+            print("recall: exhaustive scores from exhaustive.npz", flush=True)
+        else:
+            gallery = Gallery(0)
+            ex8, ex16 = empty_top(nq), empty_top(nq)
+            diffs_sum, diffs_n, diffs_max = 0.0, 0, 0.0
+            cap, cap_len = feats[:nq], qlens[:nq]
+            t0 = time.perf_counter()
+            chunk = 1024
+            for c0 in range(0, sub, chunk):
+                c1 = min(sub, c0 + chunk)
+                rows = np.arange(c0, c1)
+                items, lens, _ = index._gather(rows, model.device)  # the stored (int8) side
+                s8 = model.score_prepared(items, lens, cap, cap_len, index.scoring).double().numpy().T  # (Q, C)
+                side, _, lens16 = encode_images(model, gallery.read(c0, c1), None)
+                side16 = side.to(torch.float16).to(torch.float32)
+                s16 = model.score_prepared(side16, lens16, cap, cap_len, index.scoring).double().numpy().T
+                d = np.abs(s8 - s16)
+                diffs_sum += float(d.sum())
+                diffs_n += d.size
+                diffs_max = max(diffs_max, float(d.max()))
+                ex8 = merge_top(ex8, s8, rows, args.k)
+                ex16 = merge_top(ex16, s16, rows, args.k)
+                if (c0 // chunk) % 10 == 0:
+                    print(f"recall: exhaustive {c1}/{sub} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            stats = {
+                "mean_abs_score_diff": diffs_sum / diffs_n,
+                "max_abs_score_diff": diffs_max,
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+            np.savez(
+                cache, meta=meta, ex8_s=ex8[0], ex8_r=ex8[1], ex16_s=ex16[0], ex16_r=ex16[1], stats=json.dumps(stats)
+            )
+        record["exhaustive_seconds"] = stats["seconds"]
+    sweep_k = []
+    for depth in ks:
+        two, two_exact = by_k[depth]
+        sweep_k.append(
+            {
+                "rerank_k": depth,
+                "top_k_overlap": overlap(two, ex8[1]),
+                "top1_same": round(float(np.mean(two[:, 0] == ex8[1][:, 0])), 4),
+                "exact_shortlist_top_k_overlap": overlap(two_exact, ex8[1]),
+                "exact_shortlist_top1_same": round(float(np.mean(two_exact[:, 0] == ex8[1][:, 0])), 4),
+            }
+        )
+    main_k = next(x for x in sweep_k if x["rerank_k"] == k_short)
     record["two_stage_vs_exhaustive"] = {
         "n": sub,
         "queries": nq,
         "k": args.k,
-        "rerank_k": k_short,
-        "top_k_overlap": overlap(two, ex8[1]),
-        "top1_same": round(float(np.mean(two[:, 0] == ex8[1][:, 0])), 4),
-        "exact_shortlist_top_k_overlap": overlap(two_exact, ex8[1]),
-        "exact_shortlist_top1_same": round(float(np.mean(two_exact[:, 0] == ex8[1][:, 0])), 4),
+        **main_k,
         "side": index.dtype,
+        "by_rerank_k": sweep_k,
     }
+    two = by_k[k_short][0]
     record["int8_vs_fp16"] = {
         "n": sub,
         "queries": nq,
-        "mean_abs_score_diff": diffs_sum / diffs_n,
-        "max_abs_score_diff": diffs_max,
-        "p99_abs_score_diff_mean_over_chunks": float(np.mean(diff_hist)),
+        "mean_abs_score_diff": stats["mean_abs_score_diff"],
+        "max_abs_score_diff": stats["max_abs_score_diff"],
         "exhaustive_top_k_overlap": overlap(ex8[1], ex16[1]),
         "exhaustive_top1_same": round(float(np.mean(ex8[1][:, 0] == ex16[1][:, 0])), 4),
         "two_stage_int8_vs_exhaustive_fp16_top_k_overlap": overlap(two, ex16[1]),
@@ -547,6 +618,117 @@ def step_recall(args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
+# ---------------------------------------------------------------------- (3b) add
+class OffsetSource:
+    """Gallery rows ``[start, start + n)`` as a source of ``n`` new images."""
+
+    def __init__(self, gallery: Gallery, start: int, n: int) -> None:
+        self.gallery, self.start, self.n = gallery, start, n
+
+    def source(self) -> Any:
+        from eslmatch.retrieval import ImageSource
+
+        def read(i0: int, i1: int) -> np.ndarray:
+            return self.gallery.read(self.start + i0, self.start + i1)
+
+        desc = {"features": f"synthetic rows {self.start}..{self.start + self.n - 1} (benchmarks/gallery_1m.py)"}
+        return ImageSource(self.n, REGIONS, IMG_DIM, read, None, None, None, None, desc)
+
+
+def step_add(args: argparse.Namespace) -> dict[str, Any]:
+    """``add_to_index`` of ``--add`` new images to a hard-linked copy of the index (the
+    benchmark's index stays as it is): time, disk, and the new items found by a search."""
+    from eslmatch.factory import load_model
+    from eslmatch.retrieval import GalleryIndex, add_to_index
+
+    work = Path(args.workdir)
+    copy = work / "index-add"
+    if copy.exists():
+        shutil.rmtree(copy)
+    subprocess.run(["cp", "-al", str(work / "index"), str(copy)], check=True)  # hard links: no extra disk
+    set_threads(args.threads)
+    model = load_model(model_dir(work)).eval()
+    before = load_json(copy / "manifest.json")
+    gallery = Gallery(0)
+    t0 = time.perf_counter()
+    add_to_index(copy, model, OffsetSource(gallery, before["count"], args.add).source(), progress=False)
+    wall = time.perf_counter() - t0
+    after = load_json(copy / "manifest.json")
+    index = GalleryIndex.open(copy, model=model)
+    new_rows = np.arange(before["count"], before["count"] + 20)
+    probe = np.asarray(index.global_vectors[new_rows[0] : new_rows[-1] + 1])
+    _, rows = index.first_stage(probe, 10)  # each new image's own vector: is it found?
+    exact = empty_top(len(probe))  # and the index's best hit is the exact best (brute force)
+    for p, part in enumerate(index.global_vectors.parts):
+        o0 = int(index.global_vectors.offsets[p])
+        exact = merge_top(exact, probe @ np.asarray(part, dtype=np.float32).T, np.arange(o0, o0 + part.shape[0]), 1)
+    record = {
+        "added": args.add,
+        "count_before": before["count"],
+        "count_after": after["count"],
+        "shards_before": len(before["shards"]),
+        "shards_after": len(after["shards"]),
+        "wall_seconds": round(wall, 1),
+        "feature_generation_seconds": round(gallery.seconds, 1),
+        "seconds": round(wall - gallery.seconds, 1),
+        "faiss": after["faiss"],
+        "new_shard_bytes": sum(
+            r["bytes"] for sh in after["shards"][len(before["shards"]) :] for r in sh["files"].values()
+        ),
+        "new_items_in_own_top10": int(sum(r in set(row.tolist()) for r, row in zip(new_rows.tolist(), rows))),
+        "top1_equals_exact_top1": int(np.sum(rows[:, 0] == exact[1][:, 0])),
+        "machine": machine(),
+    }
+    index.close()
+    shutil.rmtree(copy)
+    save_json(work / "add.json", record)
+    print(f"add: {record}")
+    return record
+
+
+# ---------------------------------------------------------------------- (3c) damage
+def step_damage(args: argparse.Namespace) -> dict[str, Any]:
+    """On hard-linked copies of the index (the original untouched): a missing shard and a
+    truncated shard file, as ``eslmatch search`` sees them (exit code, stderr lines, seconds),
+    and ``eslmatch index info --verify`` of the intact index (every sha256)."""
+    work = Path(args.workdir)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
+    mdir = str(model_dir(work))
+
+    def cli(*argv: str) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "eslmatch.cli", *argv], env=env, capture_output=True, text=True)
+        lines = done.stderr.strip().splitlines()
+        return {
+            "exit": done.returncode,
+            "stderr_lines": len(lines),
+            "stderr": lines[:3],
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+
+    record: dict[str, Any] = {}
+    damaged = work / "index-damaged"
+    for case in ("missing shard", "truncated shard file"):
+        if damaged.exists():
+            shutil.rmtree(damaged)
+        subprocess.run(["cp", "-al", str(work / "index"), str(damaged)], check=True)
+        if case == "missing shard":
+            shutil.rmtree(damaged / "shards" / "00007")
+        else:
+            target = damaged / "shards" / "00003" / "global.npy"
+            data = target.read_bytes()
+            target.unlink()  # only this link: the original file is untouched
+            target.write_bytes(data[: len(data) - 4096])
+        record[case] = cli("search", "--index", str(damaged), "--model", mdir, "a red circle left of a blue square")
+        print(f"damage: {case}: {record[case]}", flush=True)
+    shutil.rmtree(damaged)
+    record["verify"] = cli("index", "info", str(work / "index"), "--verify")
+    print(f"damage: verify: {record['verify']}", flush=True)
+    save_json(work / "damage.json", record)
+    return record
+
+
 # ---------------------------------------------------------------------- (4) report
 def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
@@ -555,7 +737,9 @@ def gib(n: float) -> str:
 def step_report(args: argparse.Namespace) -> dict[str, Any]:
     """``benchmarks/results/TAG.{json,md}`` from the step records."""
     work = Path(args.workdir)
-    build, serve, recall = (load_json(work / f"{x}.json") for x in ("build", "serve", "recall"))
+    build, serve, recall, add, damage = (
+        load_json(work / f"{x}.json") for x in ("build", "serve", "recall", "add", "damage")
+    )
     manifest = load_json(work / "index" / "manifest.json")
     n, width, dt = manifest["count"], manifest["width"], manifest["total_dim"]
     fp16_side = n * width * dt * 2
@@ -574,10 +758,14 @@ def step_report(args: argparse.Namespace) -> dict[str, Any]:
         "shards": len(manifest["shards"]),
         "shard_rows": manifest["shard_rows"],
         "faiss": manifest["faiss"],
-        "command": f"nice -n 10 python benchmarks/gallery_1m.py --workdir WORK --gallery {n} --side-dtype {manifest['dtype']}",
+        "command": (
+            f"nice -n 10 python benchmarks/gallery_1m.py --workdir WORK --gallery {n} --side-dtype {manifest['dtype']}"
+        ),
         "build": build,
         "serve": serve,
         "recall": recall,
+        "add": add,
+        "damage": damage,
         "fp16_side_bytes_at_this_size": fp16_side,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -605,26 +793,35 @@ def report_markdown(p: dict[str, Any]) -> str:
         f"{q8.get('score_scale', {}).get('mean_top1_minus_top2', float('nan')):.4f}), which makes approximate search "
         "and quantisation look worse than they would with a trained model.",
         "",
-        f"Command: `{p['command']}` (steps build, serve, recall, report; `nice -n 10`, other jobs sharing the CPUs).",
+        f"Command: `{p['command']}` (steps build, serve, recall, add, damage, report, each resumable; `nice -n 10`, other jobs sharing the CPUs). The int8 side was chosen for this run because the machine's disk is shared (a float16 side would take 45 GiB of the 65 GB free); float16 stays the default (its cost is measured below).",
         "",
         "## Build and disk",
         "",
         f"Index format 3: {p['shards']} shards of up to {p['shard_rows']:,} images, image side stored as "
         f"**{p['side_dtype']}** (a float32 scale per region vector), first stage FAISS **{p['faiss']['kind']}** "
         + ", ".join(f"{k}={v}" for k, v in opts.items() if k in ("nlist", "nprobe", "pq_m", "pq_bits", "refine"))
-        + ".",
+        + "."
+        + (f" Note: {b['nprobe_note']}." if b.get("nprobe_note") else ""),
         "",
         "| | |",
         "| --- | ---: |",
-        f"| build (encoding, writing and checksumming the shards, FAISS) | {b.get('build_seconds')} s |",
+        f"| build, a clean run (encoding, writing and checksumming the shards, FAISS) | "
+        f"{b.get('clean_build_seconds_estimate')} s |",
+        f"| build, all {len(runs)} runs (with the work lost to the kill, below) | {b.get('build_seconds')} s |",
         f"| of which FAISS (training on a sample + adding every vector) | {b.get('faiss_seconds')} s |",
         f"| making the synthetic features (not counted above) | {b.get('feature_generation_seconds')} s |",
-        f"| runs (a resumed build has several) | {len(runs)} |",
         f"| on disk, all | {gib(by.get('total', 0))} |",
         f"| side ({p['side_dtype']}) + scales | {gib(by.get('side', 0))} + {gib(by.get('scale', 0))} |",
         f"| global vectors (float32) | {gib(by.get('global', 0))} |",
         f"| faiss.index | {by.get('faiss', 0) / 2**20:.0f} MiB |",
         f"| a float16 side at this size would be | {gib(p['fp16_side_bytes_at_this_size'])} |",
+        "",
+        "Runs: "
+        + "; ".join(f"{r['started']}: {r.get('note') or 'completed'} ({r['wall_seconds']} s)" for r in runs)
+        + ". "
+        + (b.get("resume_check", "") + "." if b.get("resume_check") else "")
+        + " Killed runs' feature-making time is estimated at the completed run's share of its wall time."
+        + (f" Code: {b['code_note']}." if b.get("code_note") else ""),
         "",
         "## Serving",
         "",
@@ -639,16 +836,31 @@ def report_markdown(p: dict[str, Any]) -> str:
     ]
     lib = r.get("library_ms", {})
     if lib:
-        lines.append(f"| library `search_text`, in-process | {lib['p50']} | {lib['p95']} |")
+        lines.append(
+            f"| library `search_text`, in-process (the recall step, another run) | {lib['p50']} | {lib['p95']} |"
+        )
         for key in ("encode", "first_stage", "rerank"):
             lines.append(f"| - {key} | {lib['stage_p50'][key]} | {lib['stage_p95'][key]} |")
     lines += [
         "",
         f"Server memory after the queries: VmRSS {mem.get('VmRSS')} MiB = anonymous {mem.get('RssAnon')} MiB "
-        f"(model, FAISS index, ids, lengths) + file-backed {mem.get('RssFile')} MiB (pages of the memory-mapped "
-        "shards the queries touched: page cache, shared and reclaimable); peak VmHWM "
-        f"{mem.get('VmHWM')} MiB. After start-up: {s.get('memory_after_start_mib')}; after the warm-up: "
-        f"{s.get('memory_after_warmup_mib')}.",
+        f"(model, FAISS index, ids and the id table, Python) + file-backed {mem.get('RssFile')} MiB, of which "
+        f"{mem.get('RssIndexMaps')} MiB are pages mapped from the index (the shards the queries touched, and the "
+        "part of faiss.index FAISS maps): clean page cache, unmapped by `GalleryIndex.release_pages()` whenever "
+        "the file-backed memory grew by more than `mapped_budget` = 256 MiB; the rest are the shared libraries "
+        f"(torch, FAISS). Peak VmHWM {mem.get('VmHWM')} MiB.",
+        "",
+        "| MiB | VmRSS | anonymous | file-backed | of which the index | peak |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        *(
+            f"| {label} | {m.get('VmRSS')} | {m.get('RssAnon')} | {m.get('RssFile')} | {m.get('RssIndexMaps')} | "
+            f"{m.get('VmHWM')} |"
+            for label, m in (
+                ("after start-up", s.get("memory_after_start_mib", {})),
+                (f"after {s.get('warmup')} warm-up queries", s.get("memory_after_warmup_mib", {})),
+                (f"after {s.get('queries')} more", mem),
+            )
+        ),
         "",
         "## Recall",
         "",
@@ -680,7 +892,16 @@ def report_markdown(p: dict[str, Any]) -> str:
             f"overlap **{ts['top_k_overlap']:.4f}**, same top-1 {ts['top1_same']:.4f}. With the exact top-"
             f"{ts['rerank_k']} shortlist instead (flat first stage): {ts['exact_shortlist_top_k_overlap']:.4f} / "
             f"{ts['exact_shortlist_top1_same']:.4f}: the rest of the gap is the two-stage scheme with a random-weight "
-            "model, whose global vectors (mean word-region affinity) say little about its ESL score.",
+            "model, whose global vectors (mean word-region affinity) say little about its ESL score (a trained "
+            "model's global loss makes them agree). Deeper re-ranking closes it:",
+            "",
+            "| K re-ranked | top-10 overlap | same top-1 | with the exact shortlist: overlap | same top-1 |",
+            "| ---: | ---: | ---: | ---: | ---: |",
+            *(
+                f"| {x['rerank_k']} | {x['top_k_overlap']:.4f} | {x['top1_same']:.4f} | "
+                f"{x['exact_shortlist_top_k_overlap']:.4f} | {x['exact_shortlist_top1_same']:.4f} |"
+                for x in ts.get("by_rerank_k", [])
+            ),
         ]
     if q8:
         lines += [
@@ -689,6 +910,34 @@ def report_markdown(p: dict[str, Any]) -> str:
             f"every pair): mean |score difference| {q8['mean_abs_score_diff']:.2e}, max {q8['max_abs_score_diff']:.2e}; "
             f"exhaustive top-10 overlap {q8['exhaustive_top_k_overlap']:.4f}, same top-1 {q8['exhaustive_top1_same']:.4f}; "
             f"two-stage int8 vs exhaustive float16 top-10 overlap {q8['two_stage_int8_vs_exhaustive_fp16_top_k_overlap']:.4f}.",
+        ]
+    add = p.get("add") or {}
+    if add:
+        lines += [
+            "",
+            "## Adding to it",
+            "",
+            f"`add_to_index` of {add['added']:,} new images to a hard-linked copy of the index: "
+            f"{add['seconds']} s (+ {add['feature_generation_seconds']} s making features), {add['shards_before']} -> "
+            f"{add['shards_after']} shards (the old ones linked, not copied; {add['new_shard_bytes'] / 2**20:.0f} MiB "
+            f"written), FAISS extended in place (trained on {add['faiss']['trained_on']:,}: no retraining below 4x); "
+            f"queried with their own global vectors, {add['new_items_in_own_top10']} of 20 new images are in their "
+            f"first-stage top 10, and the first hit equals the exact (brute-force) best in "
+            f"{add['top1_equals_exact_top1']} of 20 (an inner product can rank a longer vector above the query's own).",
+        ]
+    damage = p.get("damage") or {}
+    if damage:
+        lines += ["", "## Damage", "", "| on a linked copy | exit | stderr | seconds |", "| --- | ---: | --- | ---: |"]
+        for case in ("missing shard", "truncated shard file"):
+            d = damage[case]
+            lines.append(
+                f"| {case} | {d['exit']} | {d['stderr_lines']} line: `{d['stderr'][0] if d['stderr'] else ''}` | {d['seconds']} |"
+            )
+        v = damage["verify"]
+        lines += [
+            "",
+            f"`eslmatch index info --verify` of the intact index (sha256 of every file, {gib(by.get('total', 0))}): exit "
+            f"{v['exit']} in {v['seconds']} s.",
         ]
     mb = runs[0]["machine"] if runs else {}
     lines += [
@@ -706,7 +955,9 @@ def report_markdown(p: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------- CLI
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("steps", nargs="*", default=["all"], help="build, serve, recall, report or all (default)")
+    p.add_argument(
+        "steps", nargs="*", default=["all"], help="build, serve, recall, add, damage, report or all (default)"
+    )
     p.add_argument("--workdir", required=True, help="where the index and the step records go (kept)")
     p.add_argument("--gallery", type=int, default=1_000_000)
     p.add_argument("--subset", type=int, default=100_000, help="the subset for exhaustive ESL and recall")
@@ -718,7 +969,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--rerank-k", type=int, default=100)
+    p.add_argument(
+        "--ks", type=lambda v: [int(x) for x in v.split(",")], default=[100, 200, 500, 1000], help="re-rank depths"
+    )
     p.add_argument("--exhaustive-queries", type=int, default=200, help="queries scored exhaustively on the subset")
+    p.add_argument("--add", type=int, default=10_000, help="images appended by the add step (to a linked copy)")
     p.add_argument("--progress", action="store_true", help="progress bars")
     p.add_argument("--tag", default="gallery-1m-cpu", help="results file name")
     return p.parse_args(argv)
@@ -729,9 +984,16 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(SRC))
     args = parse(argv)
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    steps = ["build", "serve", "recall", "report"] if "all" in args.steps else args.steps
+    steps = ["build", "serve", "recall", "add", "damage", "report"] if "all" in args.steps else args.steps
     for step in steps:
-        {"build": step_build, "serve": step_serve, "recall": step_recall, "report": step_report}[step](args)
+        steps_by_name = {
+            "build": step_build,
+            "serve": step_serve,
+            "recall": step_recall,
+            "add": step_add,
+            "damage": step_damage,
+        }
+        {**steps_by_name, "report": step_report}[step](args)
     return 0
 
 

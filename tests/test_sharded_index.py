@@ -25,7 +25,7 @@ from eslmatch.retrieval import (
     rebuild_faiss,
 )
 from eslmatch.retrieval import build as build_module
-from eslmatch.retrieval.store import ShardedArray, dequantize_int8, quantize_int8
+from eslmatch.retrieval.store import ShardedArray, dequantize_int8, quantize_int8, read_rows
 
 N, R, D = 44, 6, 16
 SHARD = 8  # 44 images -> shards of 8, 8, 8, 8, 8, 4
@@ -104,6 +104,11 @@ def test_sharded_equals_single_file(model, single, sharded):
     np.testing.assert_array_equal(np.asarray(idx.global_vectors), np.asarray(one.global_vectors))
     np.testing.assert_array_equal(np.asarray(idx.side), np.asarray(one.side))
     assert_same(results(model, sharded), results(model, single))  # full re-rank: the exhaustive ranking
+    idx.mapped_budget = 0  # release the maps after every read: same results
+    assert_same(
+        [[(h.id, h.score, h.first_stage_score) for h in idx.search_text(model, q, N, N)] for q in QUERIES],
+        results(model, single),
+    )
     assert_same(results(model, sharded, 5, 12), results(model, single, 5, 12))  # shortlist across shards
     assert idx.lookup("17").side is not None
     np.testing.assert_array_equal(idx.lookup("17").side, one.lookup("17").side)
@@ -131,6 +136,14 @@ def test_sharded_array_reads_like_one_array():
     np.testing.assert_array_equal(np.asarray(a), whole)
     with pytest.raises(IndexError):
         a[10]
+
+
+def test_rows_read_without_mapping_them(sharded):
+    idx = GalleryIndex.open(sharded)
+    rows = np.array([43, 0, 9, 8, 17, 17])
+    np.testing.assert_array_equal(read_rows(idx.global_vectors, rows), np.asarray(idx.global_vectors)[rows])
+    np.testing.assert_array_equal(read_rows(idx.side.parts[1], np.array([7, 0])), idx.side.parts[1][[7, 0]])
+    np.testing.assert_array_equal(read_rows(np.arange(12.0).reshape(4, 3), np.array([2])), [[6.0, 7.0, 8.0]])
 
 
 # ---------------------------------------------------------------------- kill and resume
@@ -336,7 +349,8 @@ def test_ivfpq_size_rules():
     assert ann.ivfpq_nlist(10) == 1
     assert ann.pq_subquantizers(496) == 124 and ann.pq_subquantizers(60) == 15 and ann.pq_subquantizers(61) == 61
     opts = ann.resolve_options("ivfpq", 1_000_000, None, 496)
-    assert (opts.nlist, opts.nprobe, opts.pq_m, opts.pq_bits, opts.refine) == (4096, 1024, 124, 8, 10)
+    assert (opts.nlist, opts.nprobe, opts.pq_m, opts.pq_bits, opts.refine) == (4096, 512, 124, 8, 10)
+    assert ann.ivfpq_nprobe(1024) == 256 and ann.ivfpq_nprobe(2) == 2 and ann.ivfpq_nprobe(64) == 64
     small = ann.resolve_options("ivfpq", 100, FaissOptions(nprobe=500), 60)
     assert small.nlist == 2 and small.nprobe == 2 and small.pq_bits == 6  # 2**6 <= 100 training points
     with pytest.raises(Exception, match="does not divide"):

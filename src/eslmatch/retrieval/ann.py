@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..errors import EslmatchError
 
@@ -37,7 +38,8 @@ class FaissOptions:
     Attributes:
         nlist: IVF clusters (default ``ivf``: ``round(sqrt(N))``; ``ivfpq``: ``4 sqrt(N)``
             rounded to a power of two).
-        nprobe: IVF clusters searched per query (default ``max(16, nlist // 4)``, at most nlist).
+        nprobe: IVF clusters searched per query (default ``ivf``: ``max(16, nlist // 4)``;
+            ``ivfpq``: :func:`ivfpq_nprobe`, ``8 sqrt(nlist)``; at most nlist).
         hnsw_m: HNSW graph degree.
         ef_construction: HNSW build-time beam width.
         ef_search: HNSW search beam width (raised to the shortlist size when smaller).
@@ -102,6 +104,14 @@ def ivfpq_nlist(n: int) -> int:
     return int(max(1, min(nlist, n // 39)))
 
 
+def ivfpq_nprobe(nlist: int) -> int:
+    """IVF-PQ clusters searched per query: ``8 sqrt(nlist)``, at least 16, at most ``nlist``
+    (4,096 -> 512; 1,024 -> 256). Measured on the synthetic benchmark gallery (random
+    weights): recall@100 0.984 at 122,880 images and 0.961 at 100,000 (nlist 1,024), 0.983 at
+    1,000,000 (nlist 4,096); half as many probes gave 0.935 (122,880) and 0.947 (1,000,000)."""
+    return int(min(nlist, max(16, round(8 * math.sqrt(nlist)))))
+
+
 def pq_subquantizers(dim: int) -> int:
     """Product-code sub-quantisers for vectors of width ``dim``: the divisor of ``dim``
     nearest ``dim / 4`` (in ratio; ties go to the larger), so each codes ~4 dimensions in
@@ -120,7 +130,7 @@ def resolve_options(kind: str, n: int, options: FaissOptions | None, dim: int | 
             opts.nlist = max(1, round(math.sqrt(n))) if kind == "ivf" else ivfpq_nlist(n)
         opts.nlist = max(1, min(int(opts.nlist), n))
         if opts.nprobe is None:
-            opts.nprobe = max(16, opts.nlist // 4)
+            opts.nprobe = max(16, opts.nlist // 4) if kind == "ivf" else ivfpq_nprobe(opts.nlist)
         opts.nprobe = max(1, min(int(opts.nprobe), opts.nlist))
     if kind == "ivfpq":
         if opts.pq_m is None:
@@ -259,7 +269,9 @@ def refine_exact(queries: np.ndarray, rows: np.ndarray, vectors: Any, n: int) ->
         return scores_out, rows_out
     unique = np.unique(valid)  # sorted: one pass over the memory map
     table = np.asarray(vectors[unique], dtype=np.float32)  # (U, Dt)
-    exact = q @ table.T  # (Q, U)
+    # torch's matmul, not numpy's: numpy's BLAS has its own thread pool, whose spinning
+    # threads slow down the torch threads that encode the next query (measured: 2x)
+    exact = (torch.from_numpy(q) @ torch.from_numpy(table).T).numpy()  # (Q, U)
     for j in range(q.shape[0]):
         cand = rows[j][rows[j] >= 0]
         if cand.size == 0:

@@ -1150,6 +1150,7 @@ def add_to_index(
         width = max(old.width, max(int(t.numel()) for t in tokens))
         description = csrc.description
     n = n_old + n_new
+    old.advise(random_access=False)  # copied in order
     with atomic_dir(target) as tmp:
         arrays = _alloc(tmp, n, width, dt, dtype)
         _copy_rows(old, arrays, n_old)
@@ -1226,6 +1227,7 @@ def _add_one_stage(
         texts = [clean_line(" ".join(c.split()), "caption", i) for i, c in enumerate(csrc.captions)]
         tokens = tokenize_all(model, texts)
         capacity = n_old + len(texts)
+    old.advise(random_access=False)  # copied in order
     with atomic_dir(target) as tmp:
         sink = _Vectors(tmp, capacity, old.total_dim)
         step = max(1, _COPY_ROWS_BYTES // max(1, old.total_dim * 4))
@@ -1275,6 +1277,7 @@ def rebuild_faiss(
     ann.check_kind(faiss_kind)
     src = Path(index_dir)
     old = GalleryIndex.open(src)
+    old.advise(random_access=False)  # read in order
     target = src if out is None else Path(out)
     if target != src:
         check_target(target)

@@ -59,17 +59,26 @@ from .store import (
     SIDE,
     GalleryIndexError,
     ShardedArray,
+    advise,
     check_files,
     is_sharded,
     manifest_has_side,
     manifest_stages,
     model_fingerprint,
     open_array,
+    prefetch,
     read_lines,
     read_manifest,
+    read_rows,
+    release,
 )
 
 QUERY_BATCH = 64
+# Bytes of memory-mapped rows a search may leave mapped in the process before the maps are
+# released (their pages stay in the page cache): bounds the file-backed part of its RSS.
+MAPPED_BUDGET = 256 << 20
+_PAGE = 4096
+_FAULT_AROUND = 65536  # Linux maps up to 64 KB of cached pages around each page fault
 
 
 @dataclass(frozen=True)
@@ -132,6 +141,25 @@ def plan_depth(k: int, rerank_k: int | None, n: int) -> tuple[int, int, bool]:
     return k, min(max(int(rerank_k), k), n), True
 
 
+class _RowReader:
+    """``reader[rows]``: rows of an on-disk array read with ``pread`` (:func:`read_rows`)."""
+
+    def __init__(self, arr: Any) -> None:
+        self.arr = arr
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        return read_rows(self.arr, rows)
+
+
+def _file_resident() -> int | None:
+    """Bytes of file-backed memory resident in this process (``/proc/self/statm``), or ``None``."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[2]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class _Clock:
     """Adds the seconds since the last lap to ``timings[name]`` (no-op without a dict)."""
 
@@ -159,8 +187,9 @@ class GalleryIndex:
 
     Memory: opening maps the arrays without reading them, and a search reads only the rows
     it re-ranks (``rerank_k`` sides, and for ``ivfpq`` the global vectors of its candidates):
-    those pages are file-backed (the page cache, reclaimable), so the process's own
-    (anonymous) memory is the model, the FAISS index, the ids and paths and the lengths.
+    the side, scale and global maps are advised ``MADV_RANDOM`` (no read-ahead; see
+    :meth:`advise`). Those pages are file-backed (the page cache, reclaimable), so the
+    process's own (anonymous) memory is the model, the FAISS index, the ids and paths.
     """
 
     def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
@@ -183,15 +212,15 @@ class GalleryIndex:
         self.side_scale: Any = None
         if self.sharded:
             folders = [path / shard["dir"] for shard in manifest["shards"]]
-            self.side = ShardedArray([open_array(f / SIDE) for f in folders])
+            self.side = ShardedArray([open_array(f / SIDE, True) for f in folders])
             self.lengths = ShardedArray([open_array(f / LENGTHS) for f in folders])
-            self.global_vectors: Any = ShardedArray([open_array(f / GLOBAL) for f in folders])
+            self.global_vectors: Any = ShardedArray([open_array(f / GLOBAL, True) for f in folders])
             if self.dtype == "int8":
-                self.side_scale = ShardedArray([open_array(f / SCALE) for f in folders])
+                self.side_scale = ShardedArray([open_array(f / SCALE, True) for f in folders])
         else:
-            self.side = open_array(path / SIDE) if has_side else None
+            self.side = open_array(path / SIDE, True) if has_side else None
             self.lengths = open_array(path / LENGTHS) if has_side else None
-            self.global_vectors = open_array(path / GLOBAL)
+            self.global_vectors = open_array(path / GLOBAL, True)
         self.ids: list[str] = read_lines(path / IDS, self.count)
         self._paths: list[str] = read_lines(path / PATHS, self.count)
         self.captions: list[str] | None = read_lines(path / CAPTIONS, self.count) if self.kind == "caption" else None
@@ -201,6 +230,10 @@ class GalleryIndex:
         # How the re-rank's engine runs (budget, precision, workers); set it to change them.
         self.scoring = ScoringOptions()
         self._checked: weakref.WeakSet = weakref.WeakSet()
+        # Bytes of mapped rows read before release_pages() runs (None: never); see MAPPED_BUDGET.
+        self.mapped_budget: int | None = MAPPED_BUDGET
+        self._mapped = 0
+        self._resident_base: int | None = _file_resident()
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -337,6 +370,40 @@ class GalleryIndex:
             self.fingerprint,
         )
 
+    def advise(self, random_access: bool) -> None:
+        """Read-ahead of the side, scale and global maps: off (``True``, the default after
+        :meth:`open`: searches read scattered rows) or on (``False``: before reading them in order)."""
+        for arr in (self.side, self.side_scale, self.global_vectors):
+            if arr is not None:
+                advise(arr, random_access)
+
+    def release_pages(self) -> None:
+        """Unmap the pages of the side, scale and global maps that searches touched (they
+        stay in the page cache). Runs by itself once ``mapped_budget`` bytes of rows were read."""
+        for arr in (self.side, self.side_scale, self.global_vectors):
+            if arr is not None:
+                release(arr)
+        self._mapped = 0
+        self._resident_base = _file_resident()
+
+    def _touched(self, rows: int, row_bytes: int) -> None:
+        """After reading ``rows`` scattered rows of ``row_bytes`` from the maps: release them once
+        the process's file-backed resident memory grew by more than ``mapped_budget`` since the
+        last release (Linux: ``/proc/self/statm``; a fault maps up to a whole page-cache folio,
+        so rows say little). Elsewhere the rows read are counted, 64 KB more each."""
+        if self.mapped_budget is None:
+            return
+        now = _file_resident()
+        if now is None:
+            self._mapped += rows * (-(-row_bytes // _PAGE) * _PAGE + _FAULT_AROUND)
+            grown = self._mapped
+        else:
+            if self._resident_base is None:
+                self._resident_base = now
+            grown = now - self._resident_base
+        if grown > self.mapped_budget:
+            self.release_pages()
+
     def _side_row(self, row: int) -> np.ndarray:
         """The stored side of one item, real regions only: ``(R_i, Dt)`` float32."""
         n = int(self.lengths[row])
@@ -431,7 +498,7 @@ class GalleryIndex:
         depth = ann.candidates(self.faiss_kind, self.faiss_options, n, self.count)
         scores, rows = ann.search(self._ann(), self.faiss_kind, self.faiss_options, q, depth)
         if self.faiss_kind == "ivfpq":  # approximate codes: re-score the candidates exactly
-            return ann.refine_exact(q, rows, self.global_vectors, n)
+            return ann.refine_exact(q, rows, _RowReader(self.global_vectors), n)  # read, not mapped
         return scores, rows
 
     def _top(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -649,12 +716,17 @@ class GalleryIndex:
         srt = rows[order]
         lens = np.asarray(self.lengths[srt], dtype=np.int64)
         w = int(lens.max())
+        prefetch(self.side, srt)  # one read request per row, all in flight at once
+        if self.side_scale is not None:
+            prefetch(self.side_scale, srt)
         block = np.ascontiguousarray(self.side[srt, :w])  # fancy indexing: a fresh, writable copy
         # torch widens float16 / int8 several times faster than numpy
         items = torch.from_numpy(block).to(device, torch.float32)
         if self.side_scale is not None:
             scale = np.ascontiguousarray(self.side_scale[srt, :w], dtype=np.float32)
             items *= torch.from_numpy(scale).to(device)[..., None]
+            self._touched(len(srt), scale[0].nbytes if len(srt) else 0)
+        self._touched(len(srt), block[0].nbytes if len(srt) else 0)
         return items, torch.from_numpy(lens).to(device), order
 
     def _esl_scores(self, model: Any, query: Any, rows: np.ndarray) -> np.ndarray:

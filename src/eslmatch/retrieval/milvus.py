@@ -940,6 +940,7 @@ class MilvusGallery(GalleryIndex):
         self.captions = None
         self.sharded = False  # file-layout attributes of GalleryIndex: not a sharded file index,
         self.side_scale = None  # no int8 scales (the level features are float16/float32)
+        self.mapped_budget = None  # nothing memory-mapped: Milvus holds the data
         self._apply(manifest)
         self.ids = cast(list[str], _Column(self, 0))
         self._paths = cast(list[str], _Column(self, 1))

@@ -1,5 +1,8 @@
 """``eslmatch index build|add|info|reindex``: gallery indexes (two-stage for ESL, one-stage
-and exact for single-vector models: VSE, ESL-CLIP)."""
+and exact for single-vector models: VSE, ESL-CLIP).
+
+``index build`` of a sharded image index also runs under ``torchrun`` (every process encodes
+its share of the shards, rank 0 writes the rest; see docs/retrieval.md)."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EslmatchError
+from ..extract.distributed import ExtractJob, JobFailed
 from ..factory import load_model
 from ..retrieval import (
     FaissOptions,
@@ -136,10 +140,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     _faiss_args(b, "flat")
     b.add_argument("--batch-size", type=int, default=256)
-    b.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    b.add_argument(
+        "--device", default="cpu", help="cpu, cuda, cuda:N or auto (under torchrun, cuda: each process cuda:LOCAL_RANK)"
+    )
     b.add_argument(
         "--text-model",
         help="tokenizer for released checkpoints (recorded for searches)",
+    )
+    b.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=60.0,
+        help="under torchrun: longest wait in minutes for the other processes (rank 0 builds the FAISS "
+        "index while they wait; default 60)",
     )
 
     a = isub.add_parser("add", help="append images or captions to an index (atomic)")
@@ -248,6 +261,76 @@ def _inputs(args: argparse.Namespace, model: Any, kind: str) -> tuple[Any, Any]:
 
 
 def _build(args: argparse.Namespace) -> int:
+    job = ExtractJob.join(timeout_minutes=args.dist_timeout)  # alone without torchrun
+    try:
+        return _build_ranks(args, job) if job.distributed else _build_alone(args)
+    except JobFailed as exc:
+        if exc.reported and not args.debug:
+            return 1  # rank 0 printed the one error line; every rank exits non-zero
+        raise
+    finally:
+        job.close()
+
+
+def _build_ranks(args: argparse.Namespace, job: ExtractJob) -> int:
+    """``index build`` under torchrun: a sharded image index, each rank encoding its shards."""
+    report = _warn if job.is_main else _quiet
+    with job.stage("setup", report):
+        if args.milvus is not None or args.collection is not None:
+            raise EslmatchError(
+                "under torchrun, index build writes sharded index folders (--out), not Milvus collections: "
+                "build those in one process (without torchrun)"
+            )
+        need_collection(args, "out")
+        if args.kind != "image":
+            raise EslmatchError(
+                "under torchrun, index build writes sharded image indexes only: build caption indexes in one process"
+            )
+        model = load_model(args.model, map_location=job.device(args.device), text_model=args.text_model)
+        features, images_dir = _inputs(args, model, "image")
+    start = time.perf_counter()
+    out = _image_index(args, model, features, images_dir, report=report, job=job)
+    if not job.is_main:
+        return 0  # rank 0 wrote the index and reports
+    print(f"built image index {out} in {time.perf_counter() - start:.1f} s ({job.world} processes)")
+    return _info(argparse.Namespace(index=str(out), verify=False, json=False))
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+def _image_index(args: argparse.Namespace, model: Any, features: Any, images_dir: Any, **more: Any) -> Path:
+    return build_image_index(
+        model,
+        features,
+        args.out,
+        images_dir=images_dir,
+        side_dtype=args.side_dtype,
+        shard_rows=args.shard_rows,
+        **_common(args),
+        **more,
+    )
+
+
+def _common(args: argparse.Namespace) -> dict[str, Any]:
+    """The arguments of every image or caption index build (not in Milvus)."""
+    return dict(
+        split=args.split,
+        fp16=args.fp16,
+        faiss_kind=args.faiss,
+        faiss_options=_options(args),
+        batch_size=args.batch_size,
+        model_path=args.model,
+        text_model=args.text_model,
+    )
+
+
+def _build_alone(args: argparse.Namespace) -> int:
     milvus = need_collection(args, "out")
     if milvus and args.kind != "image":
         raise EslmatchError("--milvus holds image galleries (text -> image search); build caption indexes with --out")
@@ -284,27 +367,10 @@ def _build(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     start = time.perf_counter()
-    common = dict(
-        split=args.split,
-        fp16=args.fp16,
-        faiss_kind=args.faiss,
-        faiss_options=_options(args),
-        batch_size=args.batch_size,
-        model_path=args.model,
-        text_model=args.text_model,
-    )
     if args.kind == "image":
-        out = build_image_index(
-            model,
-            features,
-            args.out,
-            images_dir=images_dir,
-            side_dtype=args.side_dtype,
-            shard_rows=args.shard_rows,
-            **common,
-        )
+        out = _image_index(args, model, features, images_dir)
     else:
-        out = build_caption_index(model, features, args.out, images_dir=images_dir, **common)
+        out = build_caption_index(model, features, args.out, images_dir=images_dir, **_common(args))
     print(f"built {args.kind} index {out} in {time.perf_counter() - start:.1f} s")
     return _info(argparse.Namespace(index=str(out), verify=False, json=False))
 

@@ -7,8 +7,15 @@ Large two-stage image galleries (more than one shard of 65,536 items, or an int8
 written sharded (format version 3) into a staging folder ``.NAME.building`` beside the index
 that survives a kill: each shard appears whole (written under a temporary name, synced,
 renamed) with its sizes and checksums, so building again with the same inputs resumes after
-the last complete shard; the finished folder replaces ``NAME`` at the end. ``index add`` to
-a sharded index links the existing shards (no copy) and appends new ones the same way.
+every complete shard (in any order); the finished folder replaces ``NAME`` at the end.
+``index add`` to a sharded index links the existing shards (no copy) and appends new ones
+the same way.
+
+Under ``torchrun`` (a :class:`~eslmatch.extract.distributed.ExtractJob` passed as ``job``),
+a sharded build is shared by the processes: shard ``i`` is encoded and written by rank
+``i % N`` (on a resume, the missing shards are dealt round-robin), every rank into the same
+staging folder; after they all finished, rank 0 checks that every shard is complete, builds
+the FAISS first stage and writes the manifest: the same bytes as one process.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import math
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +39,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..data import eval_mode, length_batches
 from ..errors import EslmatchError
+from ..extract.distributed import ExtractJob, JobFailed, deal, stop_hook_for_tests
 from ..utils import atomic_dir, atomic_write_text, pid_alive, replace_dir, resolve_device
 from . import ann
 from .encode import (
@@ -149,9 +157,25 @@ def _warn(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _quiet(message: str) -> None:
+    """The report of a torchrun rank other than 0 (rank 0 says everything worth saying)."""
+
+
 def _device(model: Any, device: Any) -> None:
     if device is not None:
         model.to(resolve_device(device, model))
+
+
+def _begin(model: Any, out: str | Path, faiss_kind: str, batch_size: int, device: Any) -> Path:
+    """The checks a new index starts with (``out`` free, arguments valid); the model moved to
+    ``device``; returns ``out`` as a path."""
+    require_two_stage(model)
+    ann.check_kind(faiss_kind)
+    _check_batch(batch_size)
+    out = Path(out)
+    check_target(out)
+    _device(model, device)
+    return out
 
 
 def _alloc(tmp: Path, n: int, width: int, dt: int, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -456,7 +480,9 @@ def _now() -> str:
 # ---------------------------------------------------------------------- sharded (version 3) indexes
 DEFAULT_SHARD_ROWS = 65536
 BUILD_RECORD = "build.json"
-# Test hook: called with the shard number after each shard is complete (e.g. to simulate a kill).
+# Test hooks: called with the shard number after each shard is complete (e.g. to simulate a
+# kill); under torchrun, the environment hook of eslmatch.extract.distributed.stop_hook_for_tests
+# (``ESLMATCH_TEST_STOP_AFTER_CHUNKS=N``: a rank stops after writing N shards).
 AFTER_SHARD: Callable[[int], None] | None = None
 
 
@@ -531,27 +557,44 @@ class _ShardWriter:
     ``build.json`` in the folder holds what is being built (``spec``) and the writer's pid.
     Shard ``i`` is written into ``shards/.NNNNN.tmp-PID``, synced, given its ``shard.json``
     (rows, sizes, sha256) and renamed to ``shards/NNNNN``: it exists complete or not at all.
-    A later writer with the same spec keeps the complete shards (never rewritten) and resumes
-    after them; one with another spec starts anew. :attr:`records` lists the complete shards
-    as the manifest records them.
+    A later writer with the same spec keeps every complete shard (never rewritten; shards may
+    have been completed in any order, e.g. by the ranks of a torchrun job) and the caller
+    writes the missing ones; one with another spec starts anew. :attr:`done` maps the
+    numbers of the complete shards to their records; :attr:`records` lists them in order, as
+    the manifest records them.
+
+    ``attach=True``: the writer of a torchrun rank other than 0, in the folder rank 0's
+    writer opened (nothing is cleaned or recorded; the folder must be visible here).
     """
 
-    def __init__(self, staging: Path, spec: dict[str, Any], report: Report) -> None:
+    def __init__(self, staging: Path, spec: dict[str, Any], report: Report, attach: bool = False) -> None:
         self.staging = staging
         self.spec = json.loads(json.dumps(spec, default=str))
-        self.records: list[dict[str, Any]] = []
+        self.done: dict[int, dict[str, Any]] = {}
+        if attach:
+            prior = self._prior()
+            if prior is None or prior.get("spec") != self.spec:
+                raise EslmatchError(
+                    f"{staging / BUILD_RECORD} written by rank 0 is not visible here: --out must be in one folder "
+                    "shared by every process (a shared filesystem for several nodes)"
+                )
+            return
         if staging.exists():
             prior = self._prior()
             pid = prior.get("pid") if prior else None
             if isinstance(pid, int) and pid != os.getpid() and pid_alive(pid):
                 raise EslmatchError(f"{staging}: another eslmatch process (pid {pid}) is writing this index")
             if prior is not None and prior.get("spec") == self.spec:
-                self.records = self._complete()
+                self.done = self._complete()
             else:
                 report(f"eslmatch: note: discarding {staging}, an unfinished build of other inputs")
                 shutil.rmtree(staging)
         (staging / SHARDS).mkdir(parents=True, exist_ok=True)
         atomic_write_text(staging / BUILD_RECORD, json.dumps({"spec": self.spec, "pid": os.getpid()}, indent=2))
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        return [self.done[i] for i in sorted(self.done)]
 
     def _prior(self) -> dict[str, Any] | None:
         try:
@@ -560,31 +603,49 @@ class _ShardWriter:
             return None
         return prior if isinstance(prior, dict) else None
 
-    def _complete(self) -> list[dict[str, Any]]:
-        """The complete shards ``0..k-1`` already written; anything after them is removed."""
-        records: list[dict[str, Any]] = []
+    def _read(self, i: int) -> dict[str, Any] | None:
+        """The record of shard ``i`` if it is complete (its ``shard.json`` and files of the
+        recorded sizes), else ``None``."""
+        folder = self.staging / shard_name(i)
+        try:
+            rec = json.loads((folder / SHARD_RECORD).read_text(encoding="utf-8"))
+            files = rec["files"]
+            check_records(folder, files, shard_files(self.spec["dtype"]), False, folder / SHARD_RECORD, "shard")
+            rows = int(rec["rows"])
+        except (OSError, ValueError, KeyError, TypeError, GalleryIndexError):
+            return None
+        return {"dir": shard_name(i), "rows": rows, "files": files}
+
+    def _complete(self) -> dict[int, dict[str, Any]]:
+        """The complete shards already written; anything else in ``shards/`` (half-written
+        or damaged) is removed."""
+        done: dict[int, dict[str, Any]] = {}
         shards = self.staging / SHARDS
-        while True:
-            folder = self.staging / shard_name(len(records))
-            try:
-                rec = json.loads((folder / SHARD_RECORD).read_text(encoding="utf-8"))
-                files = rec["files"]
-                check_records(folder, files, shard_files(self.spec["dtype"]), False, folder / SHARD_RECORD, "shard")
-                rows = int(rec["rows"])
-            except (OSError, ValueError, KeyError, TypeError, GalleryIndexError):
-                break
-            records.append({"dir": shard_name(len(records)), "rows": rows, "files": files})
-        keep = {Path(r["dir"]).name for r in records}
-        for entry in shards.iterdir() if shards.is_dir() else ():
-            if entry.name not in keep:
+        for entry in sorted(shards.iterdir()) if shards.is_dir() else ():
+            rec = self._read(int(entry.name)) if entry.name.isdigit() and entry.is_dir() else None
+            if rec is None:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-        return records
+            else:
+                done[int(entry.name)] = rec
+        return done
+
+    def collect(self, shards: Iterable[int]) -> list[int]:
+        """Record those of ``shards`` other writers (ranks) completed; returns the missing ones."""
+        missing = []
+        for i in shards:
+            if i not in self.done:
+                rec = self._read(i)
+                if rec is None:
+                    missing.append(i)
+                else:
+                    self.done[i] = rec
+        return missing
 
     @contextlib.contextmanager
     def shard(self, i: int, n: int, width: int, dt: int) -> Iterator[_ShardArrays]:
         """Yield the arrays of shard ``i`` (``n`` rows); on success it is sealed and recorded."""
-        if i != len(self.records):
-            raise AssertionError(f"shard {i} written out of order (next is {len(self.records)})")
+        if i in self.done:
+            raise AssertionError(f"shard {i} is complete already")
         tmp = self.staging / SHARDS / f".{i:05d}.tmp-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -628,7 +689,7 @@ class _ShardWriter:
             _fsync_path(record)
         os.replace(tmp, self.staging / shard_name(i))
         _fsync_path(self.staging / SHARDS)
-        self.records.append({"dir": shard_name(i), **rec})
+        self.done[i] = {"dir": shard_name(i), **rec}
 
     def vectors(self) -> ShardedArray:
         """The global vectors ``(N, Dt)`` of the complete shards, memory-mapped."""
@@ -645,31 +706,39 @@ def _encode_shards(
     model: Any,
     src: ImageSource,
     writer: _ShardWriter,
+    shards: Sequence[int],
     base: int,
     shard_rows: int,
     width: int,
     batch_size: int,
     progress: bool,
+    job: ExtractJob,
 ) -> None:
-    """Encode ``src`` into shards ``base, base + 1, ...`` (``shard_rows`` items each), after
-    those :attr:`_ShardWriter.records` already holds."""
-    total = base + math.ceil(src.count / shard_rows)
+    """Encode shards ``shards`` (shard ``i`` holds items ``(i - base) * shard_rows ...`` of
+    ``src``), each written whole by ``writer``."""
     dt = model.config.total_dim
-    done = min(src.count, (len(writer.records) - base) * shard_rows)
-    with eval_mode(model), _progress(src.count, progress, "images") as bar:
-        bar.update(done)
-        for i in range(len(writer.records), total):
-            j0 = (i - base) * shard_rows
-            j1 = min(src.count, j0 + shard_rows)
-            with writer.shard(i, j1 - j0, width, dt) as arrays:
-                for b0 in range(j0, j1, batch_size):
-                    b1 = min(b0 + batch_size, j1)
+
+    def rows(i: int) -> range:
+        j0 = (i - base) * shard_rows
+        return range(j0, min(src.count, j0 + shard_rows))
+
+    mine = sum(len(rows(i)) for i in shards)
+    # alone: the whole gallery (complete shards counted done); a rank: its own share
+    total, desc = (mine, f"images (rank {job.rank} of {job.world})") if job.distributed else (src.count, "images")
+    with eval_mode(model), _progress(total, progress, desc) as bar:
+        bar.update(total - mine)
+        for written, i in enumerate(shards, 1):
+            r = rows(i)
+            with writer.shard(i, len(r), width, dt) as arrays:
+                for b0 in range(r.start, r.stop, batch_size):
+                    b1 = min(b0 + batch_size, r.stop)
                     lens = None if src.lengths is None else src.lengths[b0:b1]
                     feats, g, lens_t = encode_images(model, src.read(b0, b1), lens)
-                    arrays.store(slice(b0 - j0, b1 - j0), feats, g, lens_t)
+                    arrays.store(slice(b0 - r.start, b1 - r.start), feats, g, lens_t)
                     bar.update(b1 - b0)
             if AFTER_SHARD is not None:
                 AFTER_SHARD(i)
+            stop_hook_for_tests(job.rank, written)
 
 
 def _source_spec(src: ImageSource, ids: list[str], paths: list[str]) -> dict[str, Any]:
@@ -724,32 +793,85 @@ def _build_sharded(
     model_path: Any,
     text_model: Any,
     report: Report,
+    job: ExtractJob,
 ) -> Path:
-    """A version 3 (sharded) image index at ``out``, resumable (see the module doc)."""
-    dt = model.config.total_dim
-    record = _model_record(model, model_path, text_model)
-    spec = {
-        "action": "build",
-        "version": SHARDED_VERSION,
-        "fingerprint": record["fingerprint"],
-        "dtype": dtype,
-        "shard_rows": shard_rows,
-        "width": src.regions,
-        "total_dim": dt,
-        **_source_spec(src, ids, paths),
-    }
+    """A version 3 (sharded) image index at ``out``, resumable, by one process or by the
+    ranks of ``job`` together (see the module doc). Every stage is agreed by every rank
+    (:meth:`ExtractJob.stage`): an error on one rank stops them all, reported once."""
+    with job.stage("setup", report):  # (what can fail comes before any collective of a stage)
+        record = _model_record(model, model_path, text_model)
+        spec = {
+            "action": "build",
+            "version": SHARDED_VERSION,
+            "fingerprint": record["fingerprint"],
+            "dtype": dtype,
+            "shard_rows": shard_rows,
+            "width": src.regions,
+            "total_dim": model.config.total_dim,
+            **_source_spec(src, ids, paths),
+        }
     staging = staging_dir(out)
-    writer = _ShardWriter(staging, spec, report)
-    if writer.records:
-        report(f"eslmatch: resuming the build of {out} after {len(writer.records)} complete shards")
+    total = math.ceil(src.count / shard_rows)
+    with job.stage("setup", report):
+        digests = job.gather(_digest(spec))
+        differ = [r for r, d in enumerate(digests) if d != digests[0]]
+        if differ:
+            raise EslmatchError(
+                f"rank {differ[0]} sees other inputs than rank 0 (model, features, ids, paths or options differ): "
+                "every process must read the same files"
+            )
+    writer: _ShardWriter | None = None
+    with job.stage("resume", report):
+        if job.is_main:
+            writer = _ShardWriter(staging, spec, report)
+            if writer.done:
+                report(f"eslmatch: resuming the build of {out}: {len(writer.done)} complete shards of {total} kept")
+    done = set(job.broadcast(sorted(writer.done) if writer is not None else None))
+    with job.stage("resume", report):
+        if not job.is_main:
+            writer = _ShardWriter(staging, spec, report, attach=True)
+    assert writer is not None
+    mine = deal([i for i in range(total) if i not in done], job.rank, job.world)
     try:
-        _encode_shards(model, src, writer, 0, shard_rows, src.regions, batch_size, progress)
-    except BaseException:
-        if writer.records:
-            report(f"eslmatch: note: {len(writer.records)} complete shards kept in {staging}: build again to resume")
-        else:
-            shutil.rmtree(staging, ignore_errors=True)
+        with job.stage("encode", report):
+            _encode_shards(model, src, writer, mine, 0, shard_rows, src.regions, batch_size, progress, job)
+    except BaseException as exc:
+        if job.is_main:
+            writer.collect(range(total))  # those the other ranks completed
+            if writer.done:
+                report(f"eslmatch: note: {len(writer.done)} complete shards kept in {staging}: build again to resume")
+            else:
+                shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, JobFailed):
+            job.gather(None)  # every rank is here: the others wait for rank 0's note
         raise
+    with job.stage("write", report):
+        if job.is_main:
+            _finish_sharded(writer, out, src, ids, paths, record, total, shard_rows, faiss_kind, faiss_options)
+    return out
+
+
+def _finish_sharded(
+    writer: _ShardWriter,
+    out: Path,
+    src: ImageSource,
+    ids: list[str],
+    paths: list[str],
+    record: dict[str, Any],
+    total: int,
+    shard_rows: int,
+    faiss_kind: str,
+    faiss_options: ann.FaissOptions | None,
+) -> None:
+    """Rank 0 (or the one process) once every shard was written: the FAISS first stage, ids,
+    paths and manifest, then the staging folder replaces ``out``."""
+    missing = writer.collect(range(total))
+    if missing:
+        raise EslmatchError(
+            f"{len(missing)} shard(s) reported written are missing from {writer.staging} (first: "
+            f"{shard_name(missing[0])}): --out must be in one folder shared by every process"
+        )
+    dt = int(writer.spec["total_dim"])
     vectors = writer.vectors()
     opts = ann.resolve_options(faiss_kind, src.count, faiss_options, dt)
     faiss_index = ann.build(vectors, faiss_kind, opts)
@@ -765,17 +887,16 @@ def _build_sharded(
         "total_dim": dt,
         "width": src.regions,
         "count": src.count,
-        "dtype": dtype,
+        "dtype": writer.spec["dtype"],
         "grid": list(src.grid) if src.grid else None,
         "faiss": {"kind": faiss_kind, "options": opts.to_dict(), "trained_on": src.count},
         "sources": [{**src.description, "count": src.count}],
         "shard_rows": shard_rows,
         "shards": writer.records,
     }
-    _write_top_files(staging, manifest, faiss_index, ids, paths)
+    _write_top_files(writer.staging, manifest, faiss_index, ids, paths)
     check_target(out)
     writer.finish(out)
-    return out
 
 
 def _write_top_files(
@@ -827,13 +948,16 @@ def _add_sharded(
     }
     staging = staging_dir(target)
     writer = _ShardWriter(staging, spec, report)
-    for i in range(len(writer.records), base):
-        writer.adopt(i, target, m["shards"][i])
+    for i in range(base):
+        if i not in writer.done:
+            writer.adopt(i, target, m["shards"][i])
+    total = base + math.ceil(src.count / shard_rows)
+    todo = [i for i in range(base, total) if i not in writer.done]
     try:
-        _encode_shards(model, src, writer, base, shard_rows, old.width, batch_size, progress)
+        _encode_shards(model, src, writer, todo, base, shard_rows, old.width, batch_size, progress, ExtractJob())
     except BaseException:
-        if len(writer.records) > base:
-            report(f"eslmatch: note: {len(writer.records) - base} new shards kept in {staging}: add again to resume")
+        if len(writer.done) > base:
+            report(f"eslmatch: note: {len(writer.done) - base} new shards kept in {staging}: add again to resume")
         raise
     n = old.count + src.count
     vectors = writer.vectors()
@@ -894,6 +1018,7 @@ def build_image_index(
     report: Report | None = None,
     side_dtype: str | None = None,
     shard_rows: int | None = None,
+    job: ExtractJob | None = None,
 ) -> Path:
     """Build an image index at ``out``.
 
@@ -929,15 +1054,25 @@ def build_image_index(
         shard_rows: items per shard of the sharded layout (format version 3, resumable
             build; :data:`DEFAULT_SHARD_ROWS`); ``0``: the single-file layout (version 1);
             ``None``: sharded when the gallery exceeds one shard or the side is int8.
+        job: the processes building the index together under torchrun
+            (:meth:`ExtractJob.join() <eslmatch.extract.distributed.ExtractJob.join>`; every
+            rank calls this function with the same arguments): each rank encodes its share
+            of the shards, rank 0 writes the rest; sharded layout of a two-stage model only.
+            An error on any rank raises :class:`~eslmatch.extract.distributed.JobFailed` on
+            every rank (reported once, by rank 0). Default: this process alone.
     Returns:
         ``out``.
     """
-    require_two_stage(model)
-    ann.check_kind(faiss_kind)
-    _check_batch(batch_size)
-    out = Path(out)
-    check_target(out)
-    _device(model, device)
+    job = job if job is not None else ExtractJob()
+    report = (report or _warn) if job.is_main else _quiet
+    progress = progress and job.is_main
+    with job.stage("setup", report):
+        out = _begin(model, out, faiss_kind, batch_size, device)
+        if job.distributed and is_one_stage(model):
+            raise EslmatchError(
+                "under torchrun, index build writes sharded indexes of two-stage models only; this one-stage "
+                "model's index is built in one process (without torchrun)"
+            )
     if is_one_stage(model):
         return _build_one_stage_images(
             model,
@@ -949,18 +1084,24 @@ def build_image_index(
             progress=progress,
             model_path=model_path,
             text_model=text_model,
-            report=report or _warn,
+            report=report,
             split=split,
             lengths=lengths,
             ids=ids,
             paths=paths,
             images_dir=images_dir,
         )
-    dtype = _side_dtype(fp16, side_dtype)
-    src = _image_items(model, features, split, lengths, grid)
-    item_ids = _ids(ids, src.ids, src.count, 0)
-    item_paths = _paths(paths, src.paths, src.count, images_dir, item_ids)
-    rows = _shard_rows(shard_rows, src.count, dtype)
+    with job.stage("setup", report):
+        dtype = _side_dtype(fp16, side_dtype)
+        src = _image_items(model, features, split, lengths, grid)
+        item_ids = _ids(ids, src.ids, src.count, 0)
+        item_paths = _paths(paths, src.paths, src.count, images_dir, item_ids)
+        rows = _shard_rows(shard_rows, src.count, dtype)
+        if job.distributed and not rows:
+            raise EslmatchError(
+                f"under torchrun, index build writes the sharded layout only, and these {src.count} images would "
+                "be written unsharded: give --shard-rows N (N > 0), or build in one process"
+            )
     if rows:
         return _build_sharded(
             model,
@@ -976,7 +1117,8 @@ def build_image_index(
             progress=progress,
             model_path=model_path,
             text_model=text_model,
-            report=report or _warn,
+            report=report,
+            job=job,
         )
     dt = model.config.total_dim
     with atomic_dir(out) as tmp:
@@ -1035,12 +1177,7 @@ def build_caption_index(
     (``model.exact_index``) only the captions' index vectors (``fp16`` is then ignored).
     See :func:`build_image_index` for the other arguments.
     """
-    require_two_stage(model)
-    ann.check_kind(faiss_kind)
-    _check_batch(batch_size)
-    out = Path(out)
-    check_target(out)
-    _device(model, device)
+    out = _begin(model, out, faiss_kind, batch_size, device)
     src = caption_source(captions, split=split, images_dir=images_dir)
     m = len(src.captions)
     item_ids = _ids(ids, src.ids, m, 0)

@@ -8,7 +8,7 @@ import torch
 from _models import randomize, tiny_bert_config, tiny_bert_tokenizer, tiny_gru_model
 from eslmatch import ESLConfig, EslmatchError, ESLModel, InputError, VSEModel
 from eslmatch.losses import LossSettings, MatchingLoss, triplet_loss
-from eslmatch.model.encoders import bert_from_config
+from eslmatch.model.encoders import bert_from_config, length_groups
 
 
 def random_inputs(model, n_images, n_caps, regions, words, seed=0, pad_regions=True):
@@ -285,6 +285,32 @@ def test_top_layers_train_on_cached_lower_layers():
     assert ESLModel(config.replace(text_train_layers=0), bert_from_config(cfg)).text_encoder.frozen
     whole = ESLModel(config.replace(text_train_layers=5), bert_from_config(cfg)).text_encoder
     assert whole.split == 0 and all(p.requires_grad for p in whole.backbone.parameters())
+
+
+def test_top_layers_run_in_length_groups_as_one_padded_batch():
+    cfg = tiny_bert_config(vocab_size=40)
+    cfg.num_hidden_layers = 3
+    config = ESLConfig(embed_size=32, num_levels=3, img_dim=16, text_model=None)
+    live = ESLModel(config, bert_from_config(cfg))
+    randomize(live)
+    part = ESLModel(config.replace(text_train_layers=2), bert_from_config(cfg))
+    part.load_state_dict(live.state_dict())
+    live.eval()
+    part.eval()
+    gen = torch.Generator().manual_seed(3)
+    cap_len = torch.randint(2, 13, (50,), generator=gen)
+    caps = torch.randint(1, 40, (50, 12), generator=gen) * (torch.arange(12)[None, :] < cap_len[:, None])
+    groups = length_groups(cap_len, 16)
+    assert len(groups) == 3 and sorted(torch.cat(groups).tolist()) == list(range(50))
+    assert all(cap_len[a].max() <= cap_len[b].min() for a, b in zip(groups, groups[1:]))
+    mask = torch.arange(12)[None, :] < cap_len[:, None]
+    a = live.encode_captions(caps, cap_len)
+    b = part.encode_captions(caps, cap_len)
+    assert torch.allclose(a[mask], b[mask], atol=1e-5)
+    part.train()
+    part.encode_captions(caps, cap_len)[mask].sum().backward()
+    assert part.text_encoder.backbone.encoder.layer[1].attention.self.query.weight.grad is not None
+    assert part.text_encoder.backbone.encoder.layer[0].attention.self.query.weight.grad is None
 
 
 def test_frozen_cache_is_shared_by_content_and_rekeyed_on_load():

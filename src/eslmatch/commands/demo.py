@@ -56,6 +56,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"MiniLM layers fine-tuned, from the top (default {d.text_train_layers}; 0: frozen)",
     )
     s.add_argument(
+        "--warmup-epochs",
+        type=int,
+        default=d.warmup_epochs,
+        help=f"epochs of the hinge summed over all negatives before the hardest negatives (default {d.warmup_epochs})",
+    )
+    s.add_argument(
         "--no-truth-mask",
         action="store_true",
         help="treat every other pair of a batch as a negative (the released recipe), even pairs the truth calls true",
@@ -78,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
             raise EslmatchError(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 <= args.text_layers <= 6:
         raise EslmatchError(f"--text-layers must lie in 0..6 (MiniLM has 6 layers), got {args.text_layers}")
+    if args.warmup_epochs < 0:
+        raise EslmatchError(f"--warmup-epochs must be at least 0, got {args.warmup_epochs}")
     settings = DemoSettings(
         n_train=args.train,
         n_dev=args.dev,
@@ -90,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         num_levels=args.levels,
         strategy=args.strategy,
         text_train_layers=args.text_layers,
+        warmup_epochs=args.warmup_epochs,
         mask_true_pairs=not args.no_truth_mask,
         cache_dir=args.cache or default_cache_dir(),
         out_dir=args.out,

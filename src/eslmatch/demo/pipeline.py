@@ -59,17 +59,19 @@ class DemoSettings:
     seed: int = 0
     image_size: int = 128  # rendered scenes
     feature_size: int = 192  # the extractor's input: a 6 x 6 grid of regions, ~21 px each
-    epochs: int = 3
-    batch_size: int = 128
+    epochs: int = 4
+    batch_size: int = 64
     lr: float = 1e-3
+    text_lr_factor: float = 0.5  # MiniLM's trained layers learn at lr * this
     embed_size: int = 256
     num_levels: int = 4
     strategy: str = "adaptive"
-    # Hinge summed over all negatives for this many epochs, hardest negatives after; a
-    # 4-epoch budget learns better without the switch (it is the released recipe's warm-up).
-    warmup_epochs: int = 6
+    # Hinge summed over all negatives for this many epochs, hardest negatives after (the
+    # released recipe's warm-up). With false negatives masked, the hardest negative is a real
+    # one: switching after 1 epoch took truth P@1 from 35% to 45% (no warm-up collapses).
+    warmup_epochs: int = 1
     global_loss_weight: float = 0.1  # ESL's auxiliary first-stage loss (two-stage search)
-    text_train_layers: int = 2  # MiniLM's top layers fine-tuned, the lower ones frozen and cached
+    text_train_layers: int = 3  # MiniLM's top layers fine-tuned, the lower ones frozen and cached
     mask_true_pairs: bool = True  # the training truth: a pair it calls true is never a negative
     region_drop: float = 0.2
     cache_dir: Path = field(default_factory=lambda: default_cache_dir())
@@ -185,6 +187,7 @@ def train_config(s: DemoSettings, data: Path, model_type: str, out: Path) -> Any
             "lr_decay_epoch": max(1, s.epochs - 1),
             "batch_size": s.batch_size,
             "lr": s.lr,
+            "bert_lr_factor": s.text_lr_factor,
             "vse_mean_warmup_epochs": min(s.warmup_epochs, s.epochs),
             "region_drop": s.region_drop,
             "word_mask": 0.0,
@@ -397,7 +400,9 @@ def run_demo(s: DemoSettings, log: Callable[[str], None] = print) -> dict[str, A
         run = out / f"run_{model_type}"
         text = f"MiniLM, top {s.text_train_layers} layers trained" if s.text_train_layers else "frozen MiniLM"
         masked = ", true pairs never negatives" if s.mask_true_pairs else ""
-        log(f"[train] {name}: {s.epochs} epochs, batch {s.batch_size}, E={s.embed_size}, {text}{masked}")
+        hardest = min(s.warmup_epochs, s.epochs)
+        loss = f"hardest negatives after epoch {hardest}" if hardest < s.epochs else "hinge over all negatives"
+        log(f"[train] {name}: {s.epochs} epochs, batch {s.batch_size}, E={s.embed_size}, {text}, {loss}{masked}")
         result = fit(train_config(s, data, model_type, run))
         runs[name] = run
         log(f"[train] {name} done in {time.time() - t0:.0f} s (best dev rsum {result.best_rsum:.1f})")

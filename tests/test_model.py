@@ -253,16 +253,20 @@ def test_frozen_bert_backbone_is_cached_and_equal():
     assert not frozen.text_encoder.backbone.training
 
 
-def test_top_layers_train_on_cached_lower_layers():
+def _whole_and_top_layers(train_layers: int):
+    """A 3-layer BERT ESL model and a copy training only its top ``train_layers`` layers (eval mode)."""
     cfg = tiny_bert_config(vocab_size=40)
     cfg.num_hidden_layers = 3
     config = ESLConfig(embed_size=32, num_levels=3, img_dim=16, text_model=None)
     live = ESLModel(config, bert_from_config(cfg))
     randomize(live)
-    part = ESLModel(config.replace(text_train_layers=1), bert_from_config(cfg))
+    part = ESLModel(config.replace(text_train_layers=train_layers), bert_from_config(cfg))
     part.load_state_dict(live.state_dict())
-    live.eval()
-    part.eval()
+    return cfg, config, live.eval(), part.eval()
+
+
+def test_top_layers_train_on_cached_lower_layers():
+    cfg, config, live, part = _whole_and_top_layers(1)
     _, _, caps, cap_len = random_inputs(live, 1, 5, 4, 6, seed=13)
     caps = caps.clamp(max=39)
     mask = torch.arange(6)[None, :] < cap_len[:, None]
@@ -288,15 +292,7 @@ def test_top_layers_train_on_cached_lower_layers():
 
 
 def test_top_layers_run_in_length_groups_as_one_padded_batch():
-    cfg = tiny_bert_config(vocab_size=40)
-    cfg.num_hidden_layers = 3
-    config = ESLConfig(embed_size=32, num_levels=3, img_dim=16, text_model=None)
-    live = ESLModel(config, bert_from_config(cfg))
-    randomize(live)
-    part = ESLModel(config.replace(text_train_layers=2), bert_from_config(cfg))
-    part.load_state_dict(live.state_dict())
-    live.eval()
-    part.eval()
+    _, _, live, part = _whole_and_top_layers(2)
     gen = torch.Generator().manual_seed(3)
     cap_len = torch.randint(2, 13, (50,), generator=gen)
     caps = torch.randint(1, 40, (50, 12), generator=gen) * (torch.arange(12)[None, :] < cap_len[:, None])

@@ -105,3 +105,19 @@ def test_demo_refuses_a_foreign_output_folder(tmp_path):
     )
     assert code == 1
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--text-layers", "7", "--text-layers must lie in 0..6"),
+        ("--warmup-epochs", "-1", "--warmup-epochs must be at least 0"),
+    ],
+)
+def test_demo_bad_recipe_flags_are_one_line(tmp_path, capsys, flag, value, message):
+    from eslmatch.cli import main
+
+    code = main(["demo", "--out", str(tmp_path / "r"), "--cache", str(tmp_path / "c"), flag, value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "c").exists()  # refused before any work

@@ -377,9 +377,9 @@ def _skip_record(skipped: list[tuple[str, str]]) -> dict[str, Any]:
     return {"skipped": len(skipped), "skipped_files": listed}
 
 
-class _NewImages:
-    """The images an image index is built from or extended with, for a one-stage model:
-    photos for a model that takes pixels, else region features; ids and paths per candidate."""
+class _SourceItems:
+    """The images an index is built from or extended with: photos for a model that takes
+    pixels, else region features; ids and paths per candidate (the Milvus writer's too)."""
 
     def __init__(
         self,
@@ -392,6 +392,7 @@ class _NewImages:
         paths: Sequence[Any] | None,
         images_dir: Any,
         start: int,
+        grid: Any = None,
         taken: Sequence[str] = (),
     ) -> None:
         self.photos: PhotoSource | None = None
@@ -403,11 +404,15 @@ class _NewImages:
             self.paths = _paths(paths, [str(f) for f in self.photos.files], self.count, None, self.ids)
             self.description = self.photos.description
         else:
-            self.regions = _image_items(model, features, split, lengths, None)
+            self.regions = _image_items(model, features, split, lengths, grid)
             self.count = self.regions.count
             self.ids = _ids(ids, self.regions.ids, self.count, start, taken)
             self.paths = _paths(paths, self.regions.paths, self.count, images_dir, self.ids)
             self.description = self.regions.description
+
+
+class _NewImages(_SourceItems):
+    """The images of a one-stage index (a model of one vector per image)."""
 
     def encode(
         self, model: Any, sink: _Vectors, start: int, batch_size: int, progress: bool, report: Report

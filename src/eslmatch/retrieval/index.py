@@ -478,14 +478,8 @@ class GalleryIndex:
             self._faiss = index
         return self._faiss
 
-    def first_stage(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top ``n`` of the gallery for each query vector ``(Q, Dt)`` by inner product.
-
-        Returns ``(scores (Q, n), rows (Q, n))``; rows are -1 where an approximate index
-        found fewer than ``n`` candidates. ``ivfpq``: the ``refine * n`` candidates of the
-        product codes are re-scored with the exact inner products of the stored global
-        vectors, so the scores are exact (ties by row).
-        """
+    def _query_matrix(self, queries: np.ndarray) -> np.ndarray:
+        """Query vectors as float32 ``(Q, Dt)``; one of the wrong width is a clear error."""
         q = np.asarray(queries, dtype=np.float32)
         if q.ndim == 1:
             q = q[None]
@@ -494,6 +488,17 @@ class GalleryIndex:
                 f"{self.path}: holds vectors of width {self.total_dim}, the query vectors are {tuple(q.shape)} "
                 "(a different model)"
             )
+        return q
+
+    def first_stage(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``n`` of the gallery for each query vector ``(Q, Dt)`` by inner product.
+
+        Returns ``(scores (Q, n), rows (Q, n))``; rows are -1 where an approximate index
+        found fewer than ``n`` candidates. ``ivfpq``: the ``refine * n`` candidates of the
+        product codes are re-scored with the exact inner products of the stored global
+        vectors, so the scores are exact (ties by row).
+        """
+        q = self._query_matrix(queries)
         n = min(int(n), self.count)
         depth = ann.candidates(self.faiss_kind, self.faiss_options, n, self.count)
         scores, rows = ann.search(self._ann(), self.faiss_kind, self.faiss_options, q, depth)

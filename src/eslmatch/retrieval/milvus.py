@@ -58,10 +58,10 @@ from ..data import eval_mode
 from ..errors import EslmatchError
 from ..scoring import ScoringOptions
 from . import ann
-from .build import _ids, _model_record, _paths
-from .encode import encode_images, image_vectors, is_one_stage, model_kind, require_two_stage, takes_pixels
+from .build import _model_record, _SourceItems
+from .encode import encode_images, image_vectors, is_one_stage, model_kind, require_two_stage
 from .index import GalleryIndex
-from .sources import ImageSource, PhotoSource, image_source, load_pixels, photo_source
+from .sources import load_pixels
 from .store import GalleryIndexError, model_fingerprint
 
 FORMAT = "eslmatch-milvus-gallery"
@@ -246,39 +246,17 @@ def _index_params(kind: str, n: int, opts: ann.FaissOptions | None) -> tuple[str
 
 
 # ---------------------------------------------------------------------- items to write
-class _Items:
-    """Images to write: region features (any model of regions) or photos (a model that takes
-    pixels), with their ids, paths and a signature identifying this gallery source."""
+class _Items(_SourceItems):
+    """Images to write (see :class:`_SourceItems`), with the width and grid of their level
+    features and a signature identifying this gallery source."""
 
-    def __init__(
-        self,
-        model: Any,
-        features: Any,
-        *,
-        split: str,
-        lengths: Any,
-        ids: Sequence[Any] | None,
-        paths: Sequence[Any] | None,
-        images_dir: Any,
-        grid: Any,
-        start: int,
-    ) -> None:
-        self.regions: ImageSource | None = None
-        self.photos: PhotoSource | None = None
-        if takes_pixels(model):
-            self.photos = photo_source(features, images_dir=images_dir, split=split)
-            self.count = self.photos.count
-            self.ids = _ids(ids, self.photos.ids, self.count, start)
-            self.paths = _paths(paths, [str(f) for f in self.photos.files], self.count, None, self.ids)
-            self.description = self.photos.description
+    def __init__(self, model: Any, features: Any, **source: Any) -> None:
+        super().__init__(model, features, **source)
+        if self.photos is not None:
             self.width, self.grid = 1, None
             sample = "\n".join(str(f) for f in self.photos.files).encode()
         else:
-            self.regions = image_source(features, img_dim=model.config.img_dim, split=split, lengths=lengths, grid=grid)
-            self.count = self.regions.count
-            self.ids = _ids(ids, self.regions.ids, self.count, start)
-            self.paths = _paths(paths, self.regions.paths, self.count, images_dir, self.ids)
-            self.description = self.regions.description
+            assert self.regions is not None
             self.width, self.grid = self.regions.regions, self.regions.grid
             n = self.count
             sample = b"".join(
@@ -1210,14 +1188,7 @@ class MilvusGallery(GalleryIndex):
 
         Returns ``(scores (Q, n) float32, rows (Q, n) int64)``, rows -1 where fewer were
         found (an approximate index, or ``n`` beyond Milvus's :data:`MAX_TOPK`)."""
-        q = np.asarray(queries, dtype=np.float32)
-        if q.ndim == 1:
-            q = q[None]
-        if q.ndim != 2 or q.shape[1] != self.total_dim:
-            raise GalleryIndexError(
-                f"{self.path}: holds vectors of width {self.total_dim}, the query vectors are {tuple(q.shape)} "
-                "(a different model)"
-            )
+        q = self._query_matrix(queries)
         n = max(1, min(int(n), self.count))
         limit = min(n, MAX_TOPK)
         params: dict[str, Any] = {}

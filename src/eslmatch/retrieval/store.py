@@ -403,18 +403,7 @@ def release(arr: Any) -> None:
     """Drop the pages of the memory map(s) behind ``arr`` from this process (``MADV_DONTNEED``
     on a read-only file mapping: they stay in the page cache, and the next read of them is a
     cheap minor fault). Bounds the resident memory of a process that reads scattered rows."""
-    if isinstance(arr, ShardedArray):
-        for part in arr.parts:
-            release(part)
-        return
-    mapping = getattr(arr, "_mmap", None)
-    flag = getattr(mmap, "MADV_DONTNEED", None)
-    if mapping is None or flag is None or not hasattr(mapping, "madvise"):
-        return
-    try:
-        mapping.madvise(flag)
-    except (OSError, ValueError):
-        pass
+    _madvise(arr, "MADV_DONTNEED")
 
 
 def advise(arr: Any, random_access: bool) -> None:
@@ -422,12 +411,17 @@ def advise(arr: Any, random_access: bool) -> None:
     ``MADV_RANDOM`` (no read-ahead: a query that reads 100 scattered rows of 24 KB reads about
     that much, not ~100 x the kernel's read-ahead window) or ``MADV_NORMAL`` (read-ahead, for
     scans). A no-op where the platform has no ``madvise``."""
+    _madvise(arr, "MADV_RANDOM" if random_access else "MADV_NORMAL")
+
+
+def _madvise(arr: Any, name: str) -> None:
+    """``madvise(mmap.<name>)`` on every memory map behind ``arr``; a no-op without one."""
     if isinstance(arr, ShardedArray):
         for part in arr.parts:
-            advise(part, random_access)
+            _madvise(part, name)
         return
     mapping = getattr(arr, "_mmap", None)
-    flag = getattr(mmap, "MADV_RANDOM" if random_access else "MADV_NORMAL", None)
+    flag = getattr(mmap, name, None)
     if mapping is None or flag is None or not hasattr(mapping, "madvise"):
         return
     try:

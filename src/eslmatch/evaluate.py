@@ -19,6 +19,7 @@ sorting).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -285,20 +286,34 @@ def score_image_split(
     model.to(dev)
     with eval_mode(model):
         img = encode_image_files(model, split, batch_size, workers)
-        ids = tokenize_each(
-            model.tokenize, split.captions, lambda i: f"{split.source}: caption {i} of split {split.name}"
+        cap, lens = embed_caption_texts(
+            model, split.captions, batch_size, dev, lambda i: f"{split.source}: caption {i} of split {split.name}"
         )
-        caps = []
-        for c0 in range(0, len(ids), batch_size):
-            tokens, lens = pad_ids([t.tolist() for t in ids[c0 : c0 + batch_size]])
-            caps.append((model.embed_captions(tokens.to(dev), lens.to(dev)), lens.to(dev)))
-        width = max(c.shape[1] for c, _ in caps) if caps[0][0].dim() == 3 else None
-        if width is not None:  # per-token features: pad to one width
-            cap = torch.cat([torch.nn.functional.pad(c, (0, 0, 0, width - c.shape[1])) for c, _ in caps])
-        else:
-            cap = torch.cat([c for c, _ in caps])
-        lens = torch.cat([n for _, n in caps])
         return model.score(img, None, cap, lens, options).float().cpu().numpy()
+
+
+def embed_caption_texts(
+    model: Any, texts: Sequence[str], batch_size: int, device: torch.device, where: Callable[[int], str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``model.embed_captions`` of ``texts``, in order, ``batch_size`` at a time (call in eval mode).
+
+    Args:
+        where: caption index -> where it comes from, naming a text the tokenizer refuses.
+    Returns:
+        ``(features, lengths (M,))`` on ``device``: per-token features ``(M, W, Dt)``
+        zero-padded to the longest caption, or one vector per caption ``(M, Dt)``.
+    """
+    ids = tokenize_each(model.tokenize, texts, where)
+    caps = []
+    for c0 in range(0, len(ids), batch_size):
+        tokens, lens = pad_ids([t.tolist() for t in ids[c0 : c0 + batch_size]])
+        caps.append((model.embed_captions(tokens.to(device), lens.to(device)), lens.to(device)))
+    width = max(c.shape[1] for c, _ in caps) if caps[0][0].dim() == 3 else None
+    if width is not None:  # per-token features: pad to one width
+        cap = torch.cat([torch.nn.functional.pad(c, (0, 0, 0, width - c.shape[1])) for c, _ in caps])
+    else:
+        cap = torch.cat([c for c, _ in caps])
+    return cap, torch.cat([n for _, n in caps])
 
 
 def ensemble(matrices: list[np.ndarray]) -> np.ndarray:

@@ -293,7 +293,8 @@ def _summary(
     return out
 
 
-def _check_sims(sims: Any) -> np.ndarray:
+def check_sims(sims: Any) -> np.ndarray:
+    """``sims`` as an array after checking it is a non-empty 2-D matrix of finite numbers (any ``(N, M)``)."""
     arr = np.asarray(sims)
     if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise EslmatchError(f"scores: expected a non-empty 2-D (images x captions) matrix, got shape {arr.shape}")
@@ -342,7 +343,7 @@ def truth_metrics(
         at least one true answer); ``no_truth``: those left out for having none;
         ``mean_true``: their mean number of true answers.
     """
-    arr = _check_sims(sims)
+    arr = check_sims(sims)
     n, m = arr.shape
     ks_t = tuple(int(k) for k in ks)
     if not ks_t or any(k < 1 for k in ks_t):

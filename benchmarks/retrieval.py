@@ -188,7 +188,7 @@ def run_recall(args: argparse.Namespace) -> dict[str, Any]:
     from eslmatch.data import open_split
     from eslmatch.evaluate import recall_metrics, score_split
     from eslmatch.factory import load_model
-    from eslmatch.retrieval import GalleryIndex, build_caption_index, build_image_index
+    from eslmatch.retrieval import BuildOptions, build_gallery
 
     set_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="eslmatch-recall-"))
@@ -220,11 +220,10 @@ def run_recall(args: argparse.Namespace) -> dict[str, Any]:
         if m != 5 * n:
             raise SystemExit(f"the split must hold 5 captions per image (N x 5N), got {n} x {m}")
         t0 = time.perf_counter()
-        img_dir = build_image_index(model, split, work / "images", progress=False)
-        cap_dir = build_caption_index(model, split, work / "captions", progress=False)
+        opts = BuildOptions(progress=False, faiss_kind="flat")
+        images = build_gallery(model, split, work / "images", options=opts)
+        captions = build_gallery(model, split, work / "captions", options=opts, kind="caption")
         info["index_build_seconds"] = round(time.perf_counter() - t0, 2)
-        images = GalleryIndex.open(img_dir, model=model)
-        captions = GalleryIndex.open(cap_dir, model=model)
 
         t0 = time.perf_counter()
         sims = score_split(model, split, progress=False)
@@ -232,21 +231,21 @@ def run_recall(args: argparse.Namespace) -> dict[str, Any]:
         info["exhaustive_seconds"] = round(time.perf_counter() - t0, 2)
 
         # shortlist recall: is the ground truth inside the first-stage top K at all?
-        fs = np.asarray(captions.global_vectors) @ np.asarray(images.global_vectors).T  # (5N, N)
+        fs = captions.store.vectors(range(m)) @ images.store.vectors(range(n)).T  # (5N, N)
         gt_t2i = fs[np.arange(m), np.arange(m) // 5]
         t2i_pos = (fs > gt_t2i[:, None]).sum(1)
         fs_i = fs.T  # (N, 5N)
         i2t_pos = np.stack([(fs_i > fs_i[np.arange(n), np.arange(n) * 5 + j][:, None]).sum(1) for j in range(5)]).min(0)
 
-        queries = [images.lookup(i) for i in images.ids]
+        queries = [images.searcher.stored(i) for i in images.ids()]
         rows = []
         for K in [0, *args.ks]:
             label = "first stage only" if K == 0 else f"two-stage K={K}"
             t0 = time.perf_counter()
-            t_hits = images.search_texts(model, split.captions, k=10, rerank_k=K)
+            t_hits = images.search_texts(split.captions, k=10, rerank_k=K)
             t_time = time.perf_counter() - t0
             t0 = time.perf_counter()
-            i_hits = captions.search_images(model, queries, k=10, rerank_k=K)
+            i_hits = captions.searcher.images(queries, k=10, rerank_k=K)
             i_time = time.perf_counter() - t0
             t_fill = {(h.index, c): 1000 - h.rank for c, hs in enumerate(t_hits) for h in hs}
             i_fill = {(i, h.index): 1000 - h.rank for i, hs in enumerate(i_hits) for h in hs}
@@ -354,13 +353,13 @@ def latency_model(args: argparse.Namespace) -> Any:
 
 
 def random_gallery(n: int, regions: int, dim: int, seed: int, topics: int = 1024) -> Any:
-    """An :class:`ImageSource` of synthetic non-negative region features, made chunk by chunk.
+    """A :class:`RegionSource` of synthetic non-negative region features, made chunk by chunk.
 
     Each image mixes 3 of ``topics`` random "concepts" (each region is one of them plus
     noise, through a ReLU), so the gallery has the clustered structure of real features
     (uniform noise would make every global vector nearly the same and defeat any ANN index).
     """
-    from eslmatch.retrieval import ImageSource
+    from eslmatch.retrieval import RegionSource
 
     centers = np.random.default_rng([seed, 10**9]).standard_normal((topics, dim)).astype(np.float32)
 
@@ -375,7 +374,7 @@ def random_gallery(n: int, regions: int, dim: int, seed: int, topics: int = 1024
         GENERATION_SECONDS[0] += time.perf_counter() - start
         return out
 
-    return ImageSource(n, regions, dim, read, None, None, None, None, {"features": f"synthetic {n}x{regions}x{dim}"})
+    return RegionSource.stream(n, regions, dim, read, {"features": f"synthetic {n}x{regions}x{dim}"})
 
 
 def query_sentences(n: int, seed: int) -> list[str]:
@@ -387,12 +386,15 @@ def query_sentences(n: int, seed: int) -> list[str]:
     return out
 
 
-def dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+def dir_bytes(path: Path, name: str | None = None) -> int:
+    """Bytes of every file below ``path`` (only those called ``name``, when given)."""
+    return sum(p.stat().st_size for p in path.rglob(name or "*") if p.is_file())
 
 
 def run_latency(args: argparse.Namespace) -> dict[str, Any]:
-    from eslmatch.retrieval import FaissOptions, GalleryIndex, build_image_index, rebuild_faiss
+    from eslmatch.retrieval import BuildOptions, FaissOptions, FileStore, build_gallery, open_gallery
+    from eslmatch.retrieval.encode import encode_texts
+    from eslmatch.retrieval.filecompact import copy_gallery
 
     set_threads(args.threads)
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="eslmatch-latency-"))
@@ -420,26 +422,21 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
         else:
             print(f"building a {args.gallery}-image gallery index in {base} ...", flush=True)
             t0 = time.perf_counter()
-            build_image_index(
-                model,
-                random_gallery(args.gallery, args.regions, args.img_dim, 0),
-                base,
-                fp16=not args.fp32,
-                batch_size=args.batch_size,
-                progress=True,
+            opts = BuildOptions(
+                faiss_kind="flat", side_dtype="float32" if args.fp32 else "float16", batch_size=args.batch_size
             )
+            build_gallery(
+                model, random_gallery(args.gallery, args.regions, args.img_dim, 0), base, options=opts
+            ).close()
             info["build_seconds"] = round(time.perf_counter() - t0 - GENERATION_SECONDS[0], 1)
             info["feature_generation_seconds"] = round(GENERATION_SECONDS[0], 1)
             info["build_threads"] = args.threads
             keys = ("build_seconds", "feature_generation_seconds", "build_threads")
             (work / "build.json").write_text(json.dumps({k: info[k] for k in keys}))
         info["index_bytes"] = dir_bytes(base)
-        info["side_bytes"] = (base / "side.npy").stat().st_size
+        info["side_bytes"] = dir_bytes(base, "side.npy")
         sentences = query_sentences(args.queries + args.warmup, seed=7)
-        from eslmatch.retrieval.encode import encode_token_batch, tokenize_all
-
-        with torch.no_grad():
-            query_vectors = encode_token_batch(model, tokenize_all(model, sentences[args.warmup :]))[1].numpy()
+        query_vectors = encode_texts(model, sentences[args.warmup :]).vectors
         flat_shortlists = None
         for kind in args.faiss:
             path = base
@@ -447,19 +444,18 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
             if kind != "flat":
                 path = work / kind
                 t0 = time.perf_counter()
-                rebuild_faiss(base, kind, FaissOptions(), out=path)
+                copy_gallery(base, path)
+                FileStore.open(path).reindex(kind, FaissOptions())
                 kind_info["faiss_build_seconds"] = round(time.perf_counter() - t0, 1)
             t0 = time.perf_counter()
-            index = GalleryIndex.open(path, model=model)
+            index = open_gallery(path, model=model)
             kind_info["open_seconds"] = round(time.perf_counter() - t0, 3)
             exact_top: list[list[str]] = []
-            if kind == "flat":
-                ref = GalleryIndex.open(base)
             totals, stages = [], {"encode": [], "first_stage": [], "rerank": []}
             for i, text in enumerate(sentences):
                 t: dict[str, float] = {}
                 t0 = time.perf_counter()
-                hits = index.search_text(model, text, k=args.k, rerank_k=args.rerank_k, timings=t)
+                hits = index.search_texts([text], k=args.k, rerank_k=args.rerank_k, timings=t)[0]
                 dt = time.perf_counter() - t0
                 if i >= args.warmup:
                     totals.append(dt)
@@ -472,7 +468,7 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
                 mean_ms=round(1000 * float(np.mean(totals)), 2),
                 stage_median_ms={k: round(1000 * float(np.median(v)), 2) for k, v in stages.items()},
             )
-            shortlists = index.first_stage(query_vectors, args.rerank_k)[1]
+            shortlists = index.store.first_stage(query_vectors, args.rerank_k)[1]
             if kind == "flat":
                 info["_flat_top"] = exact_top
                 flat_shortlists = shortlists
@@ -481,10 +477,8 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
                 kind_info["top_k_overlap_with_flat"] = round(float(np.mean(same)), 4)
                 found = [len(set(a) & set(b)) / len(b) for a, b in zip(shortlists, flat_shortlists, strict=True)]
                 kind_info["shortlist_recall_vs_flat"] = round(float(np.mean(found)), 4)
-                kind_info["options"] = index.faiss_options.relevant(kind)
-                kind_info["bytes"] = (path / "faiss.index").stat().st_size
-            if kind == "flat":
-                ref.close()
+                kind_info["options"] = index.store.faiss_options.relevant(kind)
+                kind_info["bytes"] = int(index.store.layout()["faiss"]["bytes"])
             index.close()
             info["kinds"][kind] = kind_info
             print(

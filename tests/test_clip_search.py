@@ -16,7 +16,7 @@ from eslmatch.data.files import open_image
 from eslmatch.demo.scenes import generate_split, write_split
 from eslmatch.factory import load_pretrained
 from eslmatch.model.esl_clip import ESLClipConfig, ESLClipModel
-from eslmatch.retrieval import GalleryIndex, build_caption_index, build_image_index
+from eslmatch.retrieval import BuildOptions, build_gallery
 
 N_IMAGES, N_QUERIES, K = 2000, 50, 10
 
@@ -43,25 +43,24 @@ def brute_force_top(scores: np.ndarray, k: int) -> np.ndarray:
 
 def test_text_to_image_and_image_to_text_are_exact(tmp_path, gallery, capsys):
     root, model, captions = gallery
-    images = build_image_index(model, root / "photos", tmp_path / "img", progress=False)
+    index = build_gallery(model, root / "photos", tmp_path / "img", options=BuildOptions(progress=False))
     captured = capsys.readouterr().err
     assert "notes.txt" in captured and "broken.png" in captured  # skipped and named
-    index = GalleryIndex.open(images, model=model)
-    assert index.count == N_IMAGES and index.manifest["model"]["stages"] == 1
-    pixels = torch.stack([model.preprocess(open_image(p)) for p in index.paths])
+    assert len(index) == N_IMAGES and index.store.manifest["model"]["stages"] == 1
+    recs = index.store.records(range(N_IMAGES))
+    pixels = torch.stack([model.preprocess(open_image(recs[i].path)) for i in range(N_IMAGES)])
     queries = captions[:: len(captions) // N_QUERIES][:N_QUERIES]
     ids, lens = model.tokenize(queries)
     with torch.no_grad():
         exact = model.similarity(pixels, None, ids, lens).t().double().numpy()  # (queries, images)
     top = brute_force_top(exact, K)
-    hits = index.search_texts(model, queries, k=K)
+    hits = index.search_texts(queries, k=K)
     for q, row in enumerate(hits):
         assert [h.index for h in row] == top[q].tolist()
         assert np.allclose([h.score for h in row], exact[q, top[q]], rtol=1e-5, atol=1e-7)
     # image -> text on a caption index, queried by the image's stored vector
-    cap_index = GalleryIndex.open(
-        build_caption_index(model, root / "captions.txt", tmp_path / "cap", progress=False), model=model
-    )
+    opts = BuildOptions(progress=False)
+    cap_index = build_gallery(model, root / "captions.txt", tmp_path / "cap", options=opts, kind="caption")
     cap_ids, cap_lens = model.tokenize(captions)
     with torch.no_grad():
         img_emb = model.embed_images(pixels[:N_QUERIES])
@@ -71,7 +70,7 @@ def test_text_to_image_and_image_to_text_are_exact(tmp_path, gallery, capsys):
         i2t = model.score(img_emb, None, cap_emb, cap_lens).double().numpy()
     top = brute_force_top(i2t, K)
     for i in range(N_QUERIES):
-        row = cap_index.search_image(model, index.ids[i], k=K, image_index=index)
+        row = cap_index.searcher.images([index.searcher.stored(recs[i].id)], k=K)[0]
         assert [h.index for h in row] == top[i].tolist()
         assert np.allclose([h.score for h in row], i2t[i, top[i]], rtol=1e-5, atol=1e-7)
 
@@ -133,7 +132,8 @@ def test_serve_shows_photos_from_a_one_stage_index(tmp_path, gallery):
     from test_serve import local_client
 
     root, model, _ = gallery
-    build_image_index(model, root / "photos", tmp_path / "idx", progress=False, model_path=root / "model")
+    opts = BuildOptions(progress=False)
+    build_gallery(model, root / "photos", tmp_path / "idx", options=opts, model_path=root / "model").close()
     client = local_client(load_app(tmp_path / "idx"))
     r = client.post("/search", json={"text": "two green squares", "k": 5})
     assert r.status_code == 200, r.text
@@ -143,3 +143,5 @@ def test_serve_shows_photos_from_a_one_stage_index(tmp_path, gallery):
     assert img.status_code == 200 and img.headers["content-type"] == "image/png"
     r = client.get("/attention", params={"text": "a circle", "id": results[0]["id"]})
     assert r.status_code == 422 and "one vector per image" in r.json()["error"]
+    info = client.get("/info").json()
+    assert info["stages"] == 1 and info["takes_images"] and not info["writable"]  # the page shows pictures

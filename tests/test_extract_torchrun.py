@@ -20,14 +20,14 @@ import pytest
 import torch
 from PIL import Image
 
-from eslmatch.extract import extract_folder
-from eslmatch.extract.distributed import (
+from eslmatch.distributed import (
     STOP_AFTER_ENV,
     STOP_MODE_ENV,
     STOP_RANK_ENV,
     combine_errors,
     deal,
 )
+from eslmatch.extract import extract_folder
 
 skdata = pytest.importorskip("skimage.data")
 
@@ -95,7 +95,8 @@ def baseline(photos, tmp_path_factory) -> Path:
 def torchrun(folder: Path, captions: Path, out: Path, **env: str) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("ESLMATCH_TEST_")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd += ["-m", "eslmatch.cli", "extract", "--images", str(folder), "--out", str(out)]
+    # fp32 as the baseline: the CLI default (auto) is bf16 on a CPU with AMX / AVX512-BF16
+    cmd += ["-m", "eslmatch.cli", "extract", "--images", str(folder), "--out", str(out), "--precision", "fp32"]
     cmd += ["--captions", str(captions), "--no-progress", "--dist-timeout", "2", *OPTIONS]
     return subprocess.run(
         cmd, env={**clean, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True, timeout=180

@@ -1,7 +1,7 @@
-"""``eslmatch index build`` of a sharded index under torchrun (2 gloo CPU processes).
+"""``eslmatch index build`` of a gallery under torchrun (2 gloo CPU processes).
 
-- 2 processes write the same index folder as 1 process, byte for byte (the manifest: every
-  field but ``created``);
+- 2 processes write the same gallery folder as 1 process, byte for byte (the manifest: every
+  field but ``created``; the catalogue: every item's every field but ``added``);
 - killed on one rank, then failing on one rank, then rerun: complete shards are reused (same
   inode and mtime), only the missing ones are encoded, and the result is still 1 process's;
 - a bad argument, or a build torchrun cannot share: one error line, every rank exits
@@ -25,13 +25,14 @@ import pytest
 import torch
 
 from _models import tiny_gru_model
-from eslmatch.extract.distributed import STOP_AFTER_ENV, STOP_MODE_ENV, STOP_RANK_ENV, deal
+from eslmatch.distributed import STOP_AFTER_ENV, STOP_MODE_ENV, STOP_RANK_ENV, deal
 
 N, R, D = 52, 6, 16
 SHARD = 8  # 52 images -> 7 shards (6 x 8, 4): rank 0 writes 0, 2, 4, 6; rank 1 writes 1, 3, 5
 N_SHARDS = 7
 OPTIONS = ["--shard-rows", str(SHARD), "--faiss", "ivf", "--batch-size", "3", "--device", "cpu"]
 RUN_SPECIFIC = {"created"}  # the one manifest field that differs between two builds
+CATALOG = "catalog.sqlite"
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +76,29 @@ def failed_ranks(proc: subprocess.CompletedProcess) -> set[int]:
     return {int(m) for m in re.findall(r"rank\s*:\s*(\d+)", proc.stderr)}
 
 
+def catalog_rows(folder: Path) -> list[tuple]:
+    """The catalogue's content: every item (but its ``added`` time), fields and layout."""
+    import sqlite3
+
+    with sqlite3.connect(folder / CATALOG) as db:
+        items = db.execute("SELECT row, id, path, caption, deleted FROM items ORDER BY row").fetchall()
+        state = db.execute("SELECT key, value FROM state ORDER BY key").fetchall()
+        fields = db.execute("SELECT * FROM fields ORDER BY name").fetchall()
+    return [*items, *state, *fields]
+
+
 def assert_same_index(one: Path, two: Path) -> int:
     """Every file of ``two`` equals ``one``'s byte for byte (``manifest.json``: every field but
-    :data:`RUN_SPECIFIC`); returns the number of files compared."""
-    names = sorted(str(p.relative_to(one)) for p in one.rglob("*") if p.is_file())
-    assert names == sorted(str(p.relative_to(two)) for p in two.rglob("*") if p.is_file())
-    assert len(names) == 4 + 4 * N_SHARDS  # manifest, faiss.index, ids, paths; 3 arrays + shard.json a shard
+    :data:`RUN_SPECIFIC`; the catalogue by content); returns the number of files compared."""
+
+    def files(root: Path) -> list[str]:
+        return sorted(
+            str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and not p.name.startswith(CATALOG)
+        )
+
+    names = files(one)
+    assert names == files(two)
+    assert len(names) == 2 + 4 * N_SHARDS  # manifest, the FAISS file; 3 arrays + shard.json a shard
     for name in names:
         if name != "manifest.json":
             assert (one / name).read_bytes() == (two / name).read_bytes(), name
@@ -90,8 +108,9 @@ def assert_same_index(one: Path, two: Path) -> int:
         for key in RUN_SPECIFIC:
             m.pop(key)
     assert manifests[0] == manifests[1]
+    assert catalog_rows(one) == catalog_rows(two)
     assert not staging(two).exists()
-    return len(names)
+    return len(names) + 1
 
 
 def staging(out: Path) -> Path:
@@ -113,11 +132,12 @@ def test_two_processes_equal_one_byte_for_byte(inputs, baseline, tmp_path):
     t0 = time.perf_counter()
     proc = index_build(inputs, out, 2)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("built image index") == 1 and "(2 processes)" in proc.stdout  # rank 0 alone
-    assert f"shards     {N_SHARDS} (up to {SHARD} items each" in proc.stdout
+    assert proc.stdout.count("built image gallery") == 1 and "(2 processes)" in proc.stdout  # rank 0 alone
+    assert f"in {N_SHARDS} shard(s)" in proc.stdout and f"({N} items" in proc.stdout
     n = assert_same_index(baseline, out)
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["faiss"]["kind"] == "ivf" and manifest["count"] == N
+    from eslmatch.retrieval import FileStore
+
+    assert FileStore.open(out).faiss_kind == "ivf" and FileStore.open(out).count() == N
     print(f"2 processes == 1 process: all {n} files identical ({time.perf_counter() - t0:.1f} s)")
 
 
@@ -170,12 +190,12 @@ def test_bad_argument_stops_every_rank(inputs, tmp_path):
     assert "Traceback" not in proc.stdout and proc.stderr.count("Traceback") == 1  # torchrun's own report
     assert "ChildFailedError" in proc.stderr
     assert not (tmp_path / "idx").exists() and not staging(tmp_path / "idx").exists()
-    # a build torchrun does not share (here: unsharded) is refused the same way
-    unsharded = index_build(inputs, tmp_path / "idx", 2, "--shard-rows", "0")
-    assert unsharded.returncode != 0 and failed_ranks(unsharded) == {0, 1}, unsharded.stderr
-    assert error_lines(unsharded) == [
-        f"eslmatch: error: under torchrun, index build writes the sharded layout only, and these {N} images "
-        "would be written unsharded: give --shard-rows N (N > 0), or build in one process"
+    # a build torchrun does not share (a Milvus collection) is refused the same way
+    milvus = index_build(inputs, tmp_path / "idx", 2, "--milvus", "http://127.0.0.1:9", "--collection", "c")
+    assert milvus.returncode != 0 and failed_ranks(milvus) == {0, 1}, milvus.stderr
+    assert error_lines(milvus) == [
+        "eslmatch: error: under torchrun, index build writes gallery folders (--out), not Milvus collections: "
+        "build those in one process"
     ]
     print(f"bad argument: one error line, both ranks exit 1, {elapsed:.1f} s")
 
@@ -184,8 +204,7 @@ def test_one_process_resumes_around_missing_shards(inputs, baseline, tmp_path, m
     """What a torchrun job leaves (complete shards with holes: not only the first ones) is
     resumed by any number of processes; here one: only the holes and the rest are encoded."""
     from eslmatch.factory import load_model
-    from eslmatch.retrieval import build as build_module
-    from eslmatch.retrieval import build_image_index
+    from eslmatch.retrieval import BuildOptions, build_gallery, writer
 
     model_dir, features = inputs
     out = tmp_path / "idx"
@@ -199,21 +218,19 @@ def test_one_process_resumes_around_missing_shards(inputs, baseline, tmp_path, m
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            build_image_index(
-                model, features, out, shard_rows=SHARD, faiss_kind="ivf", batch_size=3, model_path=model_dir,
-                progress=False, report=lambda line: None,
-            )  # fmt: skip
+            opts = BuildOptions(faiss_kind="ivf", shard_rows=SHARD, batch_size=3, progress=False)
+            build_gallery(model, features, out, options=opts, model_path=model_dir, report=lambda line: None).close()
         finally:
             torch.set_num_threads(threads)
 
-    monkeypatch.setattr(build_module, "AFTER_SHARD", crash)
+    monkeypatch.setattr(writer, "AFTER_CHUNK", crash)
     with pytest.raises(KeyboardInterrupt):
         build()
     shutil.rmtree(staging(out) / "shards" / "00001")  # a hole, as another rank would leave it
     kept = shard_state(staging(out))
     assert set(kept) == {0, 2, 3}
     written: list[int] = []
-    monkeypatch.setattr(build_module, "AFTER_SHARD", written.append)
+    monkeypatch.setattr(writer, "AFTER_CHUNK", written.append)
     build()
     assert written == [1, 4, 5, 6]
     assert {i: shard_state(out)[i] for i in kept} == kept

@@ -1,6 +1,6 @@
-"""The Milvus backend: a local Milvus server (milvus-lite's gRPC server on 127.0.0.1, started
-by the fixtures), the same answers as the FAISS file index, resuming a build after the server
-died, stateless servers, and one clear line for each bad input."""
+"""The Milvus store: a local Milvus server (milvus-lite's gRPC server on 127.0.0.1, started by
+the fixtures), the same answers as the file store, resuming a build after the server died,
+stateless servers, and one clear line for each bad input."""
 
 from __future__ import annotations
 
@@ -23,17 +23,14 @@ if not has_grpc_server():
         raise RuntimeError("CI needs pymilvus and milvus-lite >= 3 (pip install -e '.[test]')")
     pytest.skip("pymilvus / milvus-lite (>= 3, with 'milvus-lite server') not installed", allow_module_level=True)
 
-import eslmatch.retrieval.milvus as milvus_mod  # noqa: E402
 from eslmatch.cli import main  # noqa: E402
 from eslmatch.errors import EslmatchError  # noqa: E402
-from eslmatch.retrieval import GalleryIndex, GalleryIndexError, add_to_index, build_image_index  # noqa: E402
-from eslmatch.retrieval.milvus import (  # noqa: E402
-    MilvusError,
-    MilvusGallery,
-    add_to_milvus_index,
-    build_milvus_image_index,
-    describe_collection,
-)
+from eslmatch.retrieval import BuildOptions, GalleryIndexError, build_gallery, open_gallery  # noqa: E402
+from eslmatch.retrieval import regions as region_source  # noqa: E402
+from eslmatch.retrieval import writer as writer_mod  # noqa: E402
+from eslmatch.retrieval.milvus_conn import MilvusConnection, MilvusError  # noqa: E402
+from eslmatch.retrieval.milvus_store import MilvusStore  # noqa: E402
+from eslmatch.retrieval.milvus_write import MilvusSink  # noqa: E402
 
 N_BIG, N_QUERIES, REGIONS, IMG_DIM = 10_000, 100, 6, 16
 
@@ -47,6 +44,25 @@ def regions(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     feats = np.maximum(rng.standard_normal((n, REGIONS, IMG_DIM)), 0).astype(np.float32)
     return feats, rng.integers(2, REGIONS + 1, size=n)
+
+
+def files_gallery(model, feats, out, lens=None, model_path=None, **options):
+    src = region_source(feats, img_dim=IMG_DIM, lengths=lens) if not isinstance(feats, Path) else feats
+    opts = BuildOptions(progress=False, **options)
+    return build_gallery(model, src, out, options=opts, model_path=model_path, report=lambda line: None)
+
+
+def milvus_gallery(model, feats, uri, name, lens=None, model_path=None, report=None, milvus=None, **options):
+    src = region_source(
+        feats, img_dim=IMG_DIM, lengths=lens, ids=options.pop("ids", None), paths=options.pop("paths", None)
+    )
+    if isinstance(feats, Path):
+        src = feats
+    opts = BuildOptions(progress=False, **options)
+    g = build_gallery(
+        model, src, uri, name, options=opts, model_path=model_path, report=report or (lambda line: None), milvus=milvus
+    )
+    return g, g.store.last_write
 
 
 def one_line_error(capsys, code: int, *needles: str) -> str:
@@ -82,21 +98,19 @@ def big(model, model_dir, server, tmp_path_factory):
     """10,000 images of random regions: a FAISS flat file index and a Milvus FLAT collection."""
     feats, lens = regions(N_BIG, seed=1)
     root = tmp_path_factory.mktemp("big")
-    files = build_image_index(model, feats, root / "index", lengths=lens, progress=False, model_path=model_dir)
-    rep = build_milvus_image_index(
-        model, feats, server.uri, "big", lengths=lens, progress=False, model_path=model_dir, batch_size=1000
-    )
+    files = files_gallery(model, feats, root / "index", lens, model_path=model_dir, faiss_kind="flat")
+    mil, rep = milvus_gallery(model, feats, server.uri, "big", lens, model_path=model_dir, batch_size=1000)
     assert (rep.written, rep.present, rep.count) == (N_BIG, 0, N_BIG)
-    return GalleryIndex.open(files, model=model), MilvusGallery.open(server.uri, "big", model=model), feats, lens
+    return files, open_gallery(server.uri, "big", model=model), feats, lens
 
 
 # ---------------------------------------------------------------------- same answers as FAISS
 def test_10k_same_top10_as_the_faiss_index(model, big):
     files, mil, _, _ = big
-    assert mil.count == files.count == N_BIG and mil.one_stage is False
+    assert len(mil) == len(files) == N_BIG and mil.stages == 2
     texts = queries(N_QUERIES)
-    want = files.search_texts(model, texts, k=10, rerank_k=100)
-    got = mil.search_texts(model, texts, k=10, rerank_k=100)
+    want = files.search_texts(texts, k=10, rerank_k=100)
+    got = mil.search_texts(texts, k=10, rerank_k=100)
     same = sum([h.id for h in a] == [h.id for h in b] for a, b in zip(want, got))
     diff = max(abs(h.score - g.score) for a, b in zip(want, got) for h, g in zip(a, b))
     first = max(abs(h.first_stage_score - g.first_stage_score) for a, b in zip(want, got) for h, g in zip(a, b))
@@ -110,26 +124,28 @@ def test_10k_same_top10_as_the_faiss_index(model, big):
         h.index for h in want[0]
     ]
     # the first stage alone (rerank_k=0) agrees too, and the full ranking of a shortlist of 500
-    a, b = files.search_text(model, texts[0], k=50, rerank_k=0), mil.search_text(model, texts[0], k=50, rerank_k=0)
+    a, b = files.search(texts[0], k=50, rerank_k=0), mil.search(texts[0], k=50, rerank_k=0)
     assert [h.id for h in a] == [h.id for h in b]
-    a, b = files.search_text(model, texts[1], k=30, rerank_k=500), mil.search_text(model, texts[1], k=30, rerank_k=500)
+    a, b = files.search(texts[1], k=30, rerank_k=500), mil.search(texts[1], k=30, rerank_k=500)
     assert [h.id for h in a] == [h.id for h in b]
 
 
 def test_stored_rows_equal_the_file_index(model, big):
     files, mil, _, lens = big
     rows = np.array([0, 17, 4242, N_BIG - 1])
-    np.testing.assert_array_equal(mil.lengths[rows], lens[rows])
-    np.testing.assert_array_equal(mil.side[rows], files.side[rows])  # float32 both: bit-equal
-    np.testing.assert_array_equal(mil.global_vectors[rows], files.global_vectors[rows])
-    assert [mil.ids[int(r)] for r in rows] == [files.ids[int(r)] for r in rows]
-    assert mil.row_of("4242") == 4242 and mil.contains("4242") and not mil.contains("no such id")
-    words, weights, _ = mil.attention(model, "a red circle", "17")
-    w2, weights2, _ = files.attention(model, "a red circle", "17")
+    side_m, lens_m = mil.store.sides(rows)
+    side_f, lens_f = files.store.sides(rows)
+    np.testing.assert_array_equal(lens_m, lens[rows])
+    np.testing.assert_array_equal(side_m, side_f)  # float32 both: bit-equal
+    np.testing.assert_array_equal(mil.store.vectors(rows), files.store.vectors(rows))
+    recs_m, recs_f = mil.store.records(rows), files.store.records(rows)
+    assert [recs_m[int(r)].id for r in rows] == [recs_f[int(r)].id for r in rows]
+    assert mil.store.row_of("4242") == 4242 and mil.store.contains("4242") and not mil.store.contains("no such id")
+    words, weights, _ = mil.attention("a red circle", "17")
+    w2, weights2, _ = files.attention("a red circle", "17")
     assert words == w2 and weights.shape == (len(words), lens[17])
     np.testing.assert_allclose(weights, weights2, rtol=1e-6, atol=1e-7)
-    entry = mil.lookup("17")
-    np.testing.assert_array_equal(entry.side, files.lookup("17").side)
+    np.testing.assert_array_equal(mil.searcher.stored("17").side.cpu(), files.searcher.stored("17").side.cpu())
 
 
 def test_one_stage_esl_clip_answered_by_milvus_alone(server, tmp_path):
@@ -142,19 +158,15 @@ def test_one_stage_esl_clip_answered_by_milvus_alone(server, tmp_path):
     torch.manual_seed(0)
     clip = ESLClipModel(ESLClipConfig(strategy="adaptive", num_levels=2, clip=TINY_CLIP)).eval()
     skipped: list[str] = []
-    files = GalleryIndex.open(
-        build_image_index(clip, tmp_path / "photos", tmp_path / "idx", progress=False, report=skipped.append),
-        model=clip,
-    )
-    rep = build_milvus_image_index(
-        clip, tmp_path / "photos", server.uri, "clip", progress=False, report=skipped.append, batch_size=64
-    )
-    assert rep.skipped == 1 and rep.count == files.count == 300 and any("broken.png" in s for s in skipped)
-    mil = MilvusGallery.open(server.uri, "clip", model=clip)
-    assert mil.one_stage and mil.side is None and mil.manifest["levels"] is None
-    assert not milvus_mod.MilvusConnection(server.uri).call("look", "has_collection", "clip_levels")
+    opts = BuildOptions(progress=False, batch_size=64, faiss_kind="flat")
+    files = build_gallery(clip, tmp_path / "photos", tmp_path / "idx", options=opts, report=skipped.append)
+    mil = build_gallery(clip, tmp_path / "photos", server.uri, "clip", options=opts, report=skipped.append)
+    rep = mil.store.last_write
+    assert rep.skipped == 1 and rep.count == len(files) == 300 and any("broken.png" in s for s in skipped)
+    assert mil.stages == 1 and mil.store.manifest["levels"] is None
+    assert not MilvusConnection(server.uri).call("look", "has_collection", "clip_levels")
     texts = [c.text for caps in spec.captions[:20] for c in caps[:1]]
-    want, got = files.search_texts(clip, texts, k=10), mil.search_texts(clip, texts, k=10)
+    want, got = files.search_texts(texts, k=10), mil.search_texts(texts, k=10)
     for a, b in zip(want, got):
         assert [h.id for h in a] == [h.id for h in b]
         np.testing.assert_allclose([h.score for h in a], [h.score for h in b], rtol=0, atol=1e-5)
@@ -169,7 +181,7 @@ def test_server_killed_mid_build_then_a_rerun_resumes(model, model_dir, tmp_path
     srv = MilvusServer(tmp_path / "data").start()
     try:
         calls = {"n": 0}
-        real = milvus_mod.encode_images
+        real = writer_mod.encode_items
 
         def dying(*args, **kwargs):
             calls["n"] += 1
@@ -177,7 +189,7 @@ def test_server_killed_mid_build_then_a_rerun_resumes(model, model_dir, tmp_path
                 srv.kill()
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(milvus_mod, "encode_images", dying)
+        monkeypatch.setattr(writer_mod, "encode_items", dying)
         cmd = ["index", "build", "--model", model_dir, "--features", str(tmp_path / "feats.npy")]
         cmd += ["--milvus", srv.uri, "--collection", "resumable", "--batch-size", "500", "--milvus-timeout", "3"]
         t0 = time.perf_counter()
@@ -189,16 +201,16 @@ def test_server_killed_mid_build_then_a_rerun_resumes(model, model_dir, tmp_path
 
         srv.start()
         with pytest.raises(GalleryIndexError, match="unfinished"):
-            MilvusGallery.open(srv.uri, "resumable")  # nothing served from a half-built collection
+            MilvusStore.open(srv.uri, "resumable")  # nothing served from a half-built collection
         calls["n"] = -(10**9)
         written: list[int] = []
-        real_upsert = milvus_mod._Writer.upsert
+        real_put = MilvusSink.put
 
-        def counting(self, rows, *args, **kwargs):
-            written.extend(rows)
-            return real_upsert(self, rows, *args, **kwargs)
+        def counting(self, items):
+            written.extend(self.start + p for p in items.positions)
+            return real_put(self, items)
 
-        monkeypatch.setattr(milvus_mod._Writer, "upsert", counting)
+        monkeypatch.setattr(MilvusSink, "put", counting)
         assert main(cmd) == 0
         out = capsys.readouterr().out
         assert "wrote 1500 items, resumed: 1500 were stored already (3000 in all" in out, out
@@ -209,17 +221,19 @@ def test_server_killed_mid_build_then_a_rerun_resumes(model, model_dir, tmp_path
         assert main(cmd) == 0  # a third run: complete, nothing to do
         assert "nothing to do" in capsys.readouterr().out and not written
 
-        clean = build_milvus_image_index(model, feats, srv.uri, "clean", progress=False, batch_size=700)
+        _, clean = milvus_gallery(model, feats, srv.uri, "clean", batch_size=700)
         assert clean.written == n
-        a, b = MilvusGallery.open(srv.uri, "resumable", model=model), MilvusGallery.open(srv.uri, "clean", model=model)
-        assert a.count == b.count == n
-        assert list(a.ids) == list(b.ids) == [str(i) for i in range(n)]
+        a, b = MilvusStore.open(srv.uri, "resumable"), MilvusStore.open(srv.uri, "clean")
+        assert a.count() == b.count() == n
+        assert a.ids() == b.ids() == [str(i) for i in range(n)]
         rows = np.arange(n)
-        np.testing.assert_array_equal(a.lengths[rows], b.lengths[rows])
-        np.testing.assert_array_equal(a.global_vectors[rows], b.global_vectors[rows])
+        np.testing.assert_array_equal(a.vectors(rows), b.vectors(rows))
         for r0 in range(0, n, 500):
-            np.testing.assert_array_equal(a.side[rows[r0 : r0 + 500]], b.side[rows[r0 : r0 + 500]])
-        conn = milvus_mod.MilvusConnection(srv.uri)
+            sa, la = a.sides(rows[r0 : r0 + 500])
+            sb, lb = b.sides(rows[r0 : r0 + 500])
+            np.testing.assert_array_equal(la, lb)
+            np.testing.assert_array_equal(sa, sb)
+        conn = MilvusConnection(srv.uri)
         counts = [
             conn.call("count", "query", name, filter="", output_fields=["count(*)"])[0]["count(*)"]
             for name in ("resumable", "clean", "resumable_levels", "clean_levels")
@@ -230,9 +244,9 @@ def test_server_killed_mid_build_then_a_rerun_resumes(model, model_dir, tmp_path
         pytest.importorskip("fastapi")
         from fastapi.testclient import TestClient
 
-        from eslmatch.serve.app import load_milvus_app
+        from eslmatch.serve.app import load_app
 
-        app = load_milvus_app(srv.uri, "resumable", model_dir, timeout=2, allowed_hosts=["testserver"])
+        app = load_app(srv.uri, model_dir, collection="resumable", timeout=2, allowed_hosts=["testserver"])
         with TestClient(app) as client:
             ok = client.post("/search", json={"text": "a red circle", "k": 3}).json()["results"]
             srv.kill()
@@ -266,8 +280,13 @@ def test_two_serve_processes_on_one_milvus_answer_the_same(model, model_dir, ser
         Image.new("RGB", (8, 8), (i * 6, 0, 0)).save(p)
         paths.append(str(p))
     ids = [f"photo {i}/a" for i in range(40)]
-    build_milvus_image_index(model, feats, server.uri, "served", lengths=lens, ids=ids, paths=paths, progress=False)
-    files = GalleryIndex.open(build_image_index(model, feats, tmp_path / "idx", lengths=lens, ids=ids, progress=False))
+    milvus_gallery(model, feats, server.uri, "served", lens, ids=ids, paths=paths)
+    files = build_gallery(
+        model,
+        region_source(feats, img_dim=IMG_DIM, lengths=lens, ids=ids),
+        tmp_path / "idx",
+        options=BuildOptions(progress=False),
+    )
     ports = [free_port(), free_port()]
     procs = [_serve(model_dir, server.uri, "served", p, tmp_path / f"serve{i}.log") for i, p in enumerate(ports)]
     try:
@@ -293,7 +312,7 @@ def test_two_serve_processes_on_one_milvus_answer_the_same(model, model_dir, ser
                 body.pop("took_ms")
                 answers.append(body)
             assert answers[0] == answers[1]
-            want = files.search_text(model, text, k=5, rerank_k=40)
+            want = files.search(text, k=5, rerank_k=40)
             assert [x["id"] for x in answers[0]["results"]] == [h.id for h in want]
             np.testing.assert_allclose([x["score"] for x in answers[0]["results"]], [h.score for h in want], atol=1e-5)
             assert all(x["image_url"] for x in answers[0]["results"])
@@ -320,7 +339,7 @@ def test_unreachable_milvus_is_one_clear_line(model_dir, tmp_path, capsys):
     one_line_error(capsys, main(["search", *args, "a red circle", "--model", model_dir]), "cannot reach Milvus", dead)
     build = ["index", "build", "--model", model_dir, "--features", str(tmp_path / "f.npy"), *args]
     one_line_error(capsys, main(build), "cannot reach Milvus")
-    one_line_error(capsys, main(["serve", *args, "--model", model_dir]), "cannot reach Milvus")
+    one_line_error(capsys, main(["serve", *args, "--model", model_dir, "--port", "0"]), "cannot reach Milvus")
     one_line_error(capsys, main(["index", "info", *args]), "cannot reach Milvus")
     one_line_error(
         capsys, main(["search", "--milvus", "localhost:19530", "--collection", "x", "q"]), "not a Milvus URI"
@@ -328,23 +347,23 @@ def test_unreachable_milvus_is_one_clear_line(model_dir, tmp_path, capsys):
     one_line_error(capsys, main(["search", "--milvus", dead, "--collection", "bad-name", "q"]), "not valid for Milvus")
     one_line_error(capsys, main(["search", "--milvus", dead, "q"]), "--milvus needs --collection")
     with pytest.raises(MilvusError, match="cannot reach Milvus"):
-        MilvusGallery.open(dead, "x", timeout=2)
+        MilvusStore.open(dead, "x", timeout=2)
 
 
 def test_a_collection_of_another_model_is_refused(model, model_dir, server, tmp_path, capsys):
     feats, lens = regions(30, seed=4)
     np.save(tmp_path / "f.npy", feats)
-    build_milvus_image_index(model, feats, server.uri, "mine", progress=False, model_path=model_dir)
+    milvus_gallery(model, feats, server.uri, "mine", model_path=model_dir)
     other = tiny_gru_model(seed=9).eval()
     other_dir = str(other.save_pretrained(tmp_path / "other"))
     with pytest.raises(GalleryIndexError, match="built with another model") as info:
-        MilvusGallery.open(server.uri, "mine", model=other)
-    from eslmatch.retrieval.store import model_fingerprint
+        open_gallery(server.uri, "mine", model=other).search("a red circle")
+    from eslmatch.retrieval import model_fingerprint
 
     assert model_fingerprint(model)[:12] in str(info.value) and model_fingerprint(other)[:12] in str(info.value)
     args = ["--milvus", server.uri, "--collection", "mine"]
     one_line_error(capsys, main(["search", *args, "a red circle", "--model", other_dir]), "built with another model")
-    one_line_error(capsys, main(["serve", *args, "--model", other_dir]), "built with another model")
+    one_line_error(capsys, main(["serve", *args, "--model", other_dir, "--port", "0"]), "built with another model")
     add = ["index", "add", *args, "--model", other_dir, "--features", str(tmp_path / "f.npy")]
     one_line_error(capsys, main(add), "built with another model")
     build = ["index", "build", "--model", other_dir, "--features", str(tmp_path / "f.npy"), *args]
@@ -354,51 +373,51 @@ def test_a_collection_of_another_model_is_refused(model, model_dir, server, tmp_
     body = json.loads(capsys.readouterr().out)
     assert len(body["hits"]) == 3 and body["stages"] == 2
     # another gallery under the same name is refused without --overwrite, replaced with it
-    again = build_milvus_image_index(model, feats, server.uri, "mine", progress=False, model_path=model_dir)
+    _, again = milvus_gallery(model, feats, server.uri, "mine", model_path=model_dir)
     assert again.up_to_date and again.written == 0
     np.save(tmp_path / "g.npy", regions(12, seed=5)[0])
     build_new = ["index", "build", "--model", model_dir, "--features", str(tmp_path / "g.npy"), *args]
     one_line_error(capsys, main(build_new), "already holds another gallery", "--overwrite")
-    before = MilvusGallery.open(server.uri, "mine", model=model)  # a server opened before the rebuild
-    assert before.search_text(model, "a red circle", k=3)[0].id in {str(i) for i in range(30)}
+    before = open_gallery(server.uri, "mine", model=model)  # a server opened before the rebuild
+    assert before.search("a red circle", k=3)[0].id in {str(i) for i in range(30)}
     assert main([*build_new, "--overwrite"]) == 0
-    assert describe_collection(server.uri, "mine")["count"] == 12
-    before.refresh(force=True)  # (done every 10 s) the rebuilt gallery, its caches dropped
-    after = MilvusGallery.open(server.uri, "mine", model=model)
-    assert before.count == 12 and [h.id for h in before.search_text(model, "a red circle", k=12)] == [
-        h.id for h in after.search_text(model, "a red circle", k=12)
+    assert MilvusStore.open(server.uri, "mine").count() == 12
+    time.sleep(2.1)  # a server re-reads the manifest every 2 s: the rebuilt gallery, its caches dropped
+    after = open_gallery(server.uri, "mine", model=model)
+    assert len(before) == 12 and [h.id for h in before.search("a red circle", k=12)] == [
+        h.id for h in after.search("a red circle", k=12)
     ]
     with pytest.raises(EslmatchError, match="not an eslmatch gallery"):
-        conn = milvus_mod.MilvusConnection(server.uri)
+        conn = MilvusConnection(server.uri)
         conn.call("x", "create_collection", "plain", dimension=4)
-        MilvusGallery.open(server.uri, "plain")
+        MilvusStore.open(server.uri, "plain")
 
 
 def test_add_extends_the_collection_like_the_file_index(model, model_dir, server, tmp_path, capsys):
     feats, lens = regions(200, seed=11)
     more = regions(60, seed=12)[0]
     np.save(tmp_path / "more.npy", more)
-    build_milvus_image_index(model, feats, server.uri, "grow", lengths=lens, progress=False, model_path=model_dir)
-    files = build_image_index(model, feats, tmp_path / "idx", lengths=lens, progress=False)
-    add_to_index(files, model, more, progress=False)
-    add_to_index(files, model, more, progress=False)
-    rep = add_to_milvus_index(server.uri, "grow", model, more, progress=False)
-    assert (rep.written, rep.count) == (60, 260)
-    with pytest.raises(EslmatchError, match="duplicate id '5'"):
-        add_to_milvus_index(server.uri, "grow", model, more[:2], ids=["new", "5"], progress=False)
-    serving = MilvusGallery.open(server.uri, "grow", model=model)
+    mil, _ = milvus_gallery(model, feats, server.uri, "grow", lens, model_path=model_dir)
+    files = files_gallery(model, feats, tmp_path / "idx", lens)
+    files.add(more, options=BuildOptions(progress=False))
+    files.add(more, options=BuildOptions(progress=False))  # new numbered ids: added again
+    rep = mil.add(more, options=BuildOptions(progress=False))
+    assert (rep.added, rep.count) == (60, 260)
+    with pytest.raises(EslmatchError, match="id '5' is in the gallery already"):
+        mil.add(region_source(more[:2], img_dim=IMG_DIM, ids=["new", "5"]), on_duplicate="error")
+    serving = open_gallery(server.uri, "grow", model=model)
     add = ["index", "add", "--milvus", server.uri, "--collection", "grow", "--features", str(tmp_path / "more.npy")]
     assert main(add) == 0  # the model recorded at build time; ids continue the numbering
-    assert "wrote 60 items (320 in all" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "added 60 items" in out and "(320 in all" in out
     lens_all = np.concatenate([lens, np.full(120, REGIONS)])
-    assert serving.count == 260
-    serving.refresh(force=True)
-    assert serving.count == 320 and serving.search_text(model, "x", k=1)  # a running server sees the new items
-    a, b = GalleryIndex.open(files, model=model), MilvusGallery.open(server.uri, "grow", model=model)
-    assert b.count == a.count == 320 and b.ids[319] == a.ids[319] == "319"
-    np.testing.assert_array_equal(b.lengths[np.arange(320)], lens_all)
+    time.sleep(1.1)
+    assert len(serving) == 320 and serving.search("x", k=1)  # a running server sees the new items
+    a, b = open_gallery(tmp_path / "idx", model=model), open_gallery(server.uri, "grow", model=model)
+    assert len(b) == len(a) == 320 and b.store.records([319])[319].id == a.store.records([319])[319].id == "319"
+    np.testing.assert_array_equal(b.store.sides(np.arange(320))[1], lens_all)
     for text in queries(10, seed=2):
-        x, y = a.search_text(model, text, k=10, rerank_k=320), b.search_text(model, text, k=10, rerank_k=320)
+        x, y = a.search(text, k=10, rerank_k=320), b.search(text, k=10, rerank_k=320)
         assert [h.id for h in x] == [h.id for h in y]
         np.testing.assert_allclose([h.score for h in x], [h.score for h in y], atol=1e-5)
     assert main(["index", "info", "--milvus", server.uri, "--collection", "grow"]) == 0
@@ -408,26 +427,15 @@ def test_add_extends_the_collection_like_the_file_index(model, model_dir, server
 def test_fp16_level_features_and_an_hnsw_first_stage(model, server, tmp_path):
     feats, lens = regions(300, seed=21)
     notes: list[str] = []
-    build_milvus_image_index(
-        model,
-        feats,
-        server.uri,
-        "half",
-        lengths=lens,
-        fp16=True,
-        index_kind="hnsw",
-        progress=False,
-        report=notes.append,
+    mil, _ = milvus_gallery(
+        model, feats, server.uri, "half", lens, report=notes.append, side_dtype="float16", faiss_kind="hnsw"
     )
     assert any("no FLOAT16_VECTOR" in n for n in notes)  # milvus-lite: float16 values in a float32 field
-    files = GalleryIndex.open(
-        build_image_index(model, feats, tmp_path / "idx", lengths=lens, fp16=True, faiss_kind="hnsw", progress=False)
-    )
-    mil = MilvusGallery.open(server.uri, "half", model=model)
-    assert mil.dtype == "float16" and mil.manifest["index"]["milvus"] == "HNSW"
+    files = files_gallery(model, feats, tmp_path / "idx", lens, side_dtype="float16", faiss_kind="hnsw")
+    assert mil.store.dtype == "float16" and mil.store.manifest["index"]["milvus"] == "HNSW"
     rows = np.arange(300)
-    np.testing.assert_array_equal(mil.side[rows], np.asarray(files.side[rows], dtype=np.float32))
+    np.testing.assert_array_equal(mil.store.sides(rows)[0], files.store.sides(rows)[0])
     for text in queries(5, seed=8):  # a shortlist of the whole gallery: HNSW's recall does not matter
-        a, b = files.search_text(model, text, k=10, rerank_k=300), mil.search_text(model, text, k=10, rerank_k=300)
+        a, b = files.search(text, k=10, rerank_k=300), mil.search(text, k=10, rerank_k=300)
         assert [h.id for h in a] == [h.id for h in b]
         np.testing.assert_allclose([h.score for h in a], [h.score for h in b], atol=1e-5)

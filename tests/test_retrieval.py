@@ -1,9 +1,10 @@
-"""Gallery indexes and two-stage retrieval: exactness, storage, damage, CLI."""
+"""Galleries and two-stage retrieval: exactness, storage, damage, CLI."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,18 +19,25 @@ from eslmatch.cli import main
 from eslmatch.data import open_split
 from eslmatch.errors import EslmatchError
 from eslmatch.retrieval import (
+    BuildOptions,
     FaissOptions,
-    GalleryIndex,
+    FileStore,
     GalleryIndexError,
-    add_to_index,
-    build_caption_index,
-    build_image_index,
+    build_gallery,
+    filecommit,
+    open_gallery,
     plan_depth,
-    rebuild_faiss,
 )
+from eslmatch.retrieval.filecompact import copy_gallery
 
 QUERY = "the red circle left of the blue square"
 N_IMAGES = 14
+
+
+def build(model, inputs, out, **kw):
+    """A file gallery (no progress bar); ``kw``: BuildOptions fields, then source options."""
+    fields = {k: kw.pop(k) for k in list(kw) if k in BuildOptions.__dataclass_fields__}
+    return build_gallery(model, inputs, out, options=BuildOptions(progress=False, **fields), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +54,15 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def image_index(model, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("idx") / "images"
-    return build_image_index(model, data, out, progress=False, model_path="/nowhere/model")
+    build(model, data, out, model_path="/nowhere/model").close()
+    return out
 
 
 @pytest.fixture(scope="module")
 def caption_index(model, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("idx") / "captions"
-    return build_caption_index(model, data, out, progress=False)
+    build(model, data, out, kind="caption").close()
+    return out
 
 
 def exhaustive_t2i(model, split, text, lengths=None, regions=None):
@@ -72,44 +82,49 @@ def ranking(scores):
 
 # ---------------------------------------------------------------------- round trip and exactness
 def test_round_trip(model, data, image_index):
-    idx = GalleryIndex.open(image_index, model=model, verify=True)
+    g = open_gallery(image_index, model=model, verify=True)
     split = open_split(data, "test")
-    assert idx.kind == "image" and idx.count == N_IMAGES == len(idx)
-    assert idx.ids == split.ids and idx.width == 6 and idx.total_dim == model.config.total_dim
-    assert idx.image_path(split.ids[3]) == split.image_paths[3]
-    assert idx.model_path == str(Path("/nowhere/model").resolve())
+    assert g.kind == "image" and len(g) == N_IMAGES and g.stages == 2
+    assert g.ids() == split.ids and g.store.total_dim == model.config.total_dim
+    assert g.store.image_path(split.ids[3]) == split.image_paths[3]
     manifest = json.loads((image_index / "manifest.json").read_text())
-    assert manifest["version"] == 1 and manifest["dtype"] == "float32" and manifest["faiss"]["kind"] == "flat"
-    assert set(manifest["files"]) >= {"side.npy", "lengths.npy", "global.npy", "faiss.index", "ids.txt", "paths.txt"}
-    assert isinstance(idx.side, np.memmap)
-    hits = idx.search_text(model, QUERY, k=5, rerank_k=50)
+    assert manifest["version"] == 4 and manifest["dtype"] == "float32"
+    assert manifest["model"]["path"] == str(Path("/nowhere/model").resolve())
+    layout = g.store.layout()
+    assert layout["faiss"]["kind"] == "flat" and layout["faiss"]["auto"] is True  # the size rule's choice
+    assert [s["dir"] for s in layout["shards"]] == ["shards/00000"]
+    assert set(layout["shards"][0]["files"]) == {"side.npy", "lengths.npy", "global.npy"}
+    hits = g.search(QUERY, k=5, rerank_k=50)
     assert [h.rank for h in hits] == [1, 2, 3, 4, 5]
     assert all(hits[i].score >= hits[i + 1].score for i in range(4))
     assert len({h.id for h in hits}) == 5 and all(h.path == split.image_paths[h.index] for h in hits)
+    meta = g.metadata(split.ids[3])
+    assert meta["id"] == split.ids[3] and meta["path"] == split.image_paths[3] and meta["added"]
 
 
 def test_two_stage_with_full_rerank_is_exhaustive_esl(model, data, image_index):
-    idx = GalleryIndex.open(image_index, model=model)
+    g = open_gallery(image_index, model=model)
     split = open_split(data, "test")
     for text in (QUERY, "a big green square", "the small blue circle above the red square"):
         exact = exhaustive_t2i(model, split, text)
-        hits = idx.search_text(model, text, k=N_IMAGES, rerank_k=N_IMAGES)
+        hits = g.search(text, k=N_IMAGES, rerank_k=N_IMAGES)
         assert [h.index for h in hits] == ranking(exact).tolist()
         np.testing.assert_allclose([h.score for h in hits], exact[[h.index for h in hits]], rtol=1e-5, atol=1e-6)
 
 
 def test_first_stage_score_is_the_mean_affinity(model, data, image_index):
-    idx = GalleryIndex.open(image_index, model=model)
+    g = open_gallery(image_index, model=model)
     split = open_split(data, "test")
     images = torch.from_numpy(split.read_images(slice(None)))
     with torch.no_grad():
         level = model.embed_images(images, None)
-        np.testing.assert_allclose(idx.global_vectors, model.index_vectors_images(level).numpy(), rtol=1e-5, atol=1e-6)
+        stored = g.store.vectors(range(N_IMAGES))
+        np.testing.assert_allclose(stored, model.index_vectors_images(level).numpy(), rtol=1e-5, atol=1e-6)
         ids, lens = model.tokenize([QUERY])
         x = model.embed_captions(ids, lens)[0]  # (W, Dt)
         z = model.prepare_images(level)  # (N, R, Dt)
         mean_affinity = torch.einsum("wd,nrd->nwr", x, z).mean(dim=(1, 2)).double().numpy()
-    hits = idx.search_text(model, QUERY, k=N_IMAGES, rerank_k=0)
+    hits = g.search(QUERY, k=N_IMAGES, rerank_k=0)
     got = np.array([h.first_stage_score for h in hits])
     np.testing.assert_allclose(got, mean_affinity[[h.index for h in hits]], rtol=1e-4, atol=1e-6)
     assert [h.index for h in hits] == ranking(mean_affinity).tolist()
@@ -129,36 +144,38 @@ def test_rerank_rules():
 
 def test_shortlist_then_rerank(model, data, image_index):
     """rerank_k < N: the hits are the shortlist re-ordered by ESL score."""
-    idx = GalleryIndex.open(image_index, model=model)
+    g = open_gallery(image_index, model=model)
     split = open_split(data, "test")
     exact = exhaustive_t2i(model, split, QUERY)
-    first = idx.search_text(model, QUERY, k=6, rerank_k=0)
-    two = idx.search_text(model, QUERY, k=6, rerank_k=6)
+    first = g.search(QUERY, k=6, rerank_k=0)
+    two = g.search(QUERY, k=6, rerank_k=6)
     assert {h.index for h in two} == {h.index for h in first}
     shortlist = np.array([h.index for h in first])
     assert [h.index for h in two] == shortlist[ranking(exact[shortlist])].tolist()
 
 
-def test_fp16_index_same_top_results(model, data, image_index, tmp_path):
-    half = build_image_index(model, data, tmp_path / "half", fp16=True, progress=False)
-    a, b = GalleryIndex.open(image_index, model=model), GalleryIndex.open(half, model=model)
-    assert b.side.dtype == np.float16 and b.global_vectors.dtype == np.float32
-    assert (half / "side.npy").stat().st_size < (image_index / "side.npy").stat().st_size
+def test_fp16_side_same_top_results(model, data, image_index, tmp_path):
+    half = build(model, data, tmp_path / "half", side_dtype="float16")
+    a = open_gallery(image_index, model=model)
+    assert half.store.dtype == "float16"
+    sizes = [(p / "shards/00000/side.npy").stat().st_size for p in (tmp_path / "half", image_index)]
+    assert sizes[0] < sizes[1]
     for text in (QUERY, "a big green square"):
-        ha, hb = a.search_text(model, text, k=3, rerank_k=N_IMAGES), b.search_text(model, text, k=3, rerank_k=N_IMAGES)
+        ha, hb = a.search(text, k=3, rerank_k=N_IMAGES), half.search(text, k=3, rerank_k=N_IMAGES)
         assert [h.id for h in ha] == [h.id for h in hb]
         np.testing.assert_allclose([h.score for h in ha], [h.score for h in hb], atol=5e-3)
 
 
 def test_approximate_kinds_match_flat_on_small_galleries(model, data, image_index, tmp_path):
-    flat = GalleryIndex.open(image_index, model=model)
-    want = [h.id for h in flat.search_text(model, QUERY, k=5, rerank_k=8)]
-    ivf = rebuild_faiss(image_index, "ivf", FaissOptions(nlist=3, nprobe=3), out=tmp_path / "ivf")
-    hnsw = build_image_index(model, data, tmp_path / "hnsw", faiss_kind="hnsw", progress=False)
-    for path, kind in ((ivf, "ivf"), (hnsw, "hnsw")):
-        idx = GalleryIndex.open(path, model=model, verify=True)
-        assert idx.faiss_kind == kind
-        assert [h.id for h in idx.search_text(model, QUERY, k=5, rerank_k=8)] == want
+    want = [h.id for h in open_gallery(image_index, model=model).search(QUERY, k=5, rerank_k=8)]
+    ivf = copy_gallery(image_index, tmp_path / "ivf")
+    FileStore.open(ivf).reindex("ivf", FaissOptions(nlist=3, nprobe=3))
+    build(model, data, tmp_path / "hnsw", faiss_kind="hnsw").close()
+    for path, kind in ((ivf, "ivf"), (tmp_path / "hnsw", "hnsw")):
+        g = open_gallery(path, model=model, verify=True)
+        assert g.store.faiss_kind == kind
+        assert [h.id for h in g.search(QUERY, k=5, rerank_k=8)] == want
+    assert open_gallery(image_index).store.faiss_kind == "flat"  # the copy was reindexed, not the original
 
 
 def test_variable_region_counts_from_npy(model, tmp_path):
@@ -166,43 +183,50 @@ def test_variable_region_counts_from_npy(model, tmp_path):
     regions = rng.random((7, 5, 16), dtype=np.float32)
     lengths = np.array([5, 3, 1, 4, 5, 2, 5])
     np.save(tmp_path / "feats.npy", regions)
-    out = build_image_index(model, tmp_path / "feats.npy", tmp_path / "idx", lengths=lengths, progress=False)
-    idx = GalleryIndex.open(out, model=model)
-    assert idx.ids == [str(i) for i in range(7)] and idx.paths == [None] * 7
-    np.testing.assert_array_equal(np.asarray(idx.lengths), lengths)
+    g = build(model, tmp_path / "feats.npy", tmp_path / "idx", lengths=lengths)
+    assert g.ids() == [str(i) for i in range(7)] and g.store.image_path("0") is None
+    _, lens = g.store.sides(np.arange(7))
+    np.testing.assert_array_equal(lens, lengths)
     exact = exhaustive_t2i(model, None, QUERY, torch.from_numpy(lengths), regions)
-    hits = idx.search_text(model, QUERY, k=7, rerank_k=7)
+    hits = g.search(QUERY, k=7, rerank_k=7)
     with torch.no_grad():
         level = model.embed_images(torch.from_numpy(regions), torch.from_numpy(lengths))
         want = model.index_vectors_images(level, torch.from_numpy(lengths)).numpy()
-    np.testing.assert_allclose(idx.global_vectors, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(g.store.vectors(range(7)), want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose([h.score for h in hits], exact[[h.index for h in hits]], rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_features_are_refused_naming_the_item(model, tmp_path):
+    feats = np.random.default_rng(0).random((5, 4, 16), dtype=np.float32)
+    feats[3, 1, 2] = np.nan
+    with pytest.raises(EslmatchError, match=r"image '3' \(item 3 of the source\): its region features hold NaN"):
+        build(model, feats, tmp_path / "nan")
+    assert not (tmp_path / "nan").exists()
 
 
 # ---------------------------------------------------------------------- reverse direction
 def test_reverse_direction_image_to_captions(model, data, image_index, caption_index):
-    caps = GalleryIndex.open(caption_index, model=model)
-    images = GalleryIndex.open(image_index, model=model)
+    caps = open_gallery(caption_index, model=model)
+    images = open_gallery(image_index, model=model)
     split = open_split(data, "test")
-    assert caps.kind == "caption" and caps.count == 5 * N_IMAGES
-    assert caps.captions == split.captions and caps.ids[7] == f"{split.ids[1]}#2"
-    assert caps.image_path(caps.ids[7]) == split.image_paths[1]
+    n = 5 * N_IMAGES
+    assert caps.kind == "caption" and len(caps) == n
+    recs = caps.store.records(range(n))
+    assert [recs[i].caption for i in range(n)] == split.captions and recs[7].id == f"{split.ids[1]}#2"
+    assert caps.store.image_path(recs[7].id) == split.image_paths[1]
     image_id = split.ids[4]
-    by_id = caps.search_image(model, image_id, k=caps.count, rerank_k=caps.count, image_index=images)
-    by_entry = caps.search_image(model, images.lookup(image_id), k=5, rerank_k=caps.count)
-    by_regions = caps.search_image(model, split.read_images(slice(4, 5))[0], k=5, rerank_k=caps.count)
+    by_id = caps.searcher.images([images.searcher.stored(image_id)], k=n, rerank_k=n)[0]
+    by_regions = caps.search(split.read_images(slice(4, 5))[0], k=5, rerank_k=n)
     with torch.no_grad():
         img = model.embed_images(torch.from_numpy(split.read_images(slice(4, 5))), None)
         ids, lens = model.tokenize(split.captions)
         exact = model.score(img, None, model.embed_captions(ids, lens), lens)[0].double().numpy()
     assert [h.index for h in by_id] == ranking(exact).tolist()
     np.testing.assert_allclose([h.score for h in by_id], exact[[h.index for h in by_id]], rtol=1e-5, atol=1e-6)
-    assert [h.id for h in by_entry] == [h.id for h in by_id[:5]] == [h.id for h in by_regions]
+    assert [h.id for h in by_id[:5]] == [h.id for h in by_regions]
     assert by_id[0].caption == split.captions[by_id[0].index]
-    with pytest.raises(EslmatchError, match="image_index"):
-        caps.search_image(model, image_id)
-    with pytest.raises(EslmatchError, match="needs an image index"):
-        caps.search_text(model, QUERY)
+    with pytest.raises(EslmatchError, match="text search needs an image gallery"):
+        caps.search(QUERY)
 
 
 # ---------------------------------------------------------------------- attention
@@ -210,10 +234,9 @@ def test_attention_weights(model, data, tmp_path):
     root = make_precomp(tmp_path / "grid", splits=("test",), n_images=3, regions=6, dim=16, ids=True)
     meta = {"format": "x", "regions": 6, "splits": {"test": {"backbone_info": {"grid": [2, 3], "weights": "w"}}}}
     (root / "extract_meta.json").write_text(json.dumps(meta))
-    out = build_image_index(model, root, tmp_path / "idx", progress=False)
-    idx = GalleryIndex.open(out, model=model)
-    assert idx.grid == (2, 3)
-    words, weights, grid = idx.attention(model, "a red circle", idx.ids[1])
+    g = build(model, root, tmp_path / "idx")
+    assert g.store.grid == (2, 3)
+    words, weights, grid = g.attention("a red circle", g.ids()[1])
     assert words == ["<start>", "a", "red", "circle", "<end>"]
     assert weights.shape == (5, 6) and grid == (2, 3)
     np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-6)
@@ -221,87 +244,90 @@ def test_attention_weights(model, data, tmp_path):
     # box-pooled regions are no grid, whatever their base backbone's map was
     meta["splits"]["test"]["backbone_info"]["boxes_file"] = "boxes.json"
     (root / "extract_meta.json").write_text(json.dumps(meta))
-    boxed = GalleryIndex.open(build_image_index(model, root, tmp_path / "boxed", progress=False), model=model)
-    assert boxed.grid is None and boxed.attention(model, "a red circle", boxed.ids[0])[2] is None
+    boxed = build(model, root, tmp_path / "boxed")
+    assert boxed.store.grid is None and boxed.attention("a red circle", boxed.ids()[0])[2] is None
 
 
 # ---------------------------------------------------------------------- add
 def test_add_then_search_finds_new_items(model, data, image_index, tmp_path):
-    import shutil
-
-    target = tmp_path / "grow"
-    shutil.copytree(image_index, target)
+    target = copy_gallery(image_index, tmp_path / "grow")
     rng = np.random.default_rng(5)
-    new = rng.random((3, 8, 16), dtype=np.float32) * 3  # more regions than the index: arrays widen
-    add_to_index(target, model, new, ids=["new-a", "new-b", "new-c"], paths=["a.png", "b.png", "c.png"], progress=False)
-    idx = GalleryIndex.open(target, model=model, verify=True)
-    assert idx.count == N_IMAGES + 3 and idx.width == 8 and idx.ids[-3:] == ["new-a", "new-b", "new-c"]
+    new = rng.random((3, 8, 16), dtype=np.float32) * 3  # more regions than the gallery: a wider shard
+    g = open_gallery(target, model=model)
+    from eslmatch.retrieval import regions
+
+    src = regions(new, img_dim=16, ids=["new-a", "new-b", "new-c"], paths=["a.png", "b.png", "c.png"])
+    rep = g.add(src, options=BuildOptions(progress=False))
+    assert rep.added == 3 and rep.count == N_IMAGES + 3 and g.ids()[-3:] == ["new-a", "new-b", "new-c"]
+    g = open_gallery(target, model=model, verify=True)
+    assert [s["width"] for s in g.store.layout()["shards"]] == [6, 8]
     split = open_split(data, "test")
     padded = np.zeros((N_IMAGES + 3, 8, 16), dtype=np.float32)
     padded[:N_IMAGES, :6] = split.read_images(slice(None))
     padded[N_IMAGES:] = new
     lengths = torch.tensor([6] * N_IMAGES + [8] * 3)
     exact = exhaustive_t2i(model, None, QUERY, lengths, padded)
-    hits = idx.search_text(model, QUERY, k=idx.count, rerank_k=idx.count)
+    hits = g.search(QUERY, k=len(g), rerank_k=len(g))
     assert [h.index for h in hits] == ranking(exact).tolist()
-    assert {"new-a", "new-b", "new-c"} <= {h.id for h in hits}
-    assert idx.image_path("new-b") == "b.png"
-    with pytest.raises(EslmatchError, match="duplicate id 'new-a'"):
-        add_to_index(target, model, new[:1], ids=["new-a"], progress=False)
+    np.testing.assert_allclose([h.score for h in hits], exact[[h.index for h in hits]], rtol=1e-5, atol=1e-6)
+    assert g.store.image_path("new-b") == "b.png"
+    again = g.add(regions(new[:1], img_dim=16, ids=["new-a"]), options=BuildOptions(progress=False))
+    assert again.added == 0 and again.duplicates == 1 and len(g) == N_IMAGES + 3  # skipped, not an error
+    with pytest.raises(EslmatchError, match="id 'new-a' is in the gallery already"):
+        g.add(regions(new[:1], img_dim=16, ids=["new-a"]), on_duplicate="error")
 
 
 def test_add_captions(model, caption_index, tmp_path):
-    import shutil
-
-    target = tmp_path / "caps"
-    shutil.copytree(caption_index, target)
-    add_to_index(target, model, ["a green circle above a big red square and a small blue circle"], progress=False)
-    idx = GalleryIndex.open(target, model=model, verify=True)
-    assert idx.count == 5 * N_IMAGES + 1 and idx.ids[-1] == str(5 * N_IMAGES)
-    assert idx.caption(idx.ids[-1]).startswith("a green circle above")
+    target = copy_gallery(caption_index, tmp_path / "caps")
+    g = open_gallery(target, model=model)
+    g.add(["a green circle above a big red square and a small blue circle"], options=BuildOptions(progress=False))
+    g = open_gallery(target, model=model, verify=True)
+    assert len(g) == 5 * N_IMAGES + 1 and g.ids()[-1] == str(5 * N_IMAGES)
+    assert g.metadata(g.ids()[-1])["id"] == str(5 * N_IMAGES)
+    last = g.store.records([5 * N_IMAGES])[5 * N_IMAGES]
+    assert last.caption.startswith("a green circle above")
 
 
 # ---------------------------------------------------------------------- damage and mismatches
 @pytest.fixture()
 def damaged(image_index, tmp_path):
-    import shutil
-
     target = tmp_path / "damaged"
     shutil.copytree(image_index, target)
     return target
 
 
 def test_missing_file_refused(damaged):
-    os.remove(damaged / "global.npy")
+    os.remove(damaged / "shards/00000/global.npy")
     with pytest.raises(GalleryIndexError, match="global.npy: missing"):
-        GalleryIndex.open(damaged)
+        FileStore.open(damaged)
 
 
 def test_truncated_array_refused(damaged):
-    data = (damaged / "side.npy").read_bytes()
-    (damaged / "side.npy").write_bytes(data[: len(data) - 100])
-    with pytest.raises(GalleryIndexError, match="side.npy: .* bytes, the manifest records"):
-        GalleryIndex.open(damaged)
+    side = damaged / "shards/00000/side.npy"
+    data = side.read_bytes()
+    side.write_bytes(data[: len(data) - 100])
+    with pytest.raises(GalleryIndexError, match="side.npy: .* bytes, .* records"):
+        FileStore.open(damaged)
 
 
 def test_modified_bytes_refused_with_verify(damaged):
-    data = bytearray((damaged / "side.npy").read_bytes())
+    side = damaged / "shards/00000/side.npy"
+    data = bytearray(side.read_bytes())
     data[-5] ^= 0xFF
-    (damaged / "side.npy").write_bytes(bytes(data))
-    GalleryIndex.open(damaged)  # sizes only: not detected
+    side.write_bytes(bytes(data))
+    FileStore.open(damaged)  # sizes only: not detected
     with pytest.raises(GalleryIndexError, match="sha256 differs"):
-        GalleryIndex.open(damaged, verify=True)
+        FileStore.open(damaged, verify=True)
 
 
 @pytest.mark.parametrize(
     "edit, message",
     [
         (lambda m: m.update(version=99), "version 99 is not supported"),
-        (lambda m: m.update(count=3), "lines, the index holds 3"),
-        (lambda m: m.update(width=4), "shape"),
-        (lambda m: m.update(kind="video"), "kind 'video'"),
-        (lambda m: m.pop("files"), "no 'files' table"),
-        (lambda m: m["faiss"].update(kind="annoy"), "faiss kind 'annoy'"),
+        (lambda m: m.update(total_dim=7), "shape"),
+        (lambda m: m.update(kind="video"), "kind, stages, dtype"),
+        (lambda m: m.pop("model"), "missing or invalid 'model'"),
+        (lambda m: m.update(dtype="int4"), "kind, stages, dtype"),
     ],
 )
 def test_edited_manifest_refused(damaged, edit, message):
@@ -309,41 +335,42 @@ def test_edited_manifest_refused(damaged, edit, message):
     edit(manifest)
     (damaged / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(GalleryIndexError, match=message):
-        GalleryIndex.open(damaged)
+        FileStore.open(damaged)
 
 
 def test_broken_manifest_and_non_index(damaged, tmp_path):
     (damaged / "manifest.json").write_text("{not json")
     with pytest.raises(GalleryIndexError, match="not valid JSON"):
-        GalleryIndex.open(damaged)
+        FileStore.open(damaged)
     with pytest.raises(GalleryIndexError, match="no such index"):
-        GalleryIndex.open(tmp_path / "absent")
+        FileStore.open(tmp_path / "absent")
+    (damaged / "catalog.sqlite").write_bytes(b"not a database at all" * 100)
+    (damaged / "manifest.json").write_text(json.dumps({"format": "eslmatch-gallery-index"}))
+    with pytest.raises(GalleryIndexError):
+        FileStore.open(damaged)
 
 
 def test_wrong_model_refused(image_index):
     other = tiny_gru_model(seed=11).eval()
-    with pytest.raises(GalleryIndexError, match="fingerprint mismatch"):
-        GalleryIndex.open(image_index, model=other)
-    idx = GalleryIndex.open(image_index)
-    with pytest.raises(GalleryIndexError, match="fingerprint mismatch"):
-        idx.search_text(other, QUERY)
+    with pytest.raises(GalleryIndexError, match="built with another model"):
+        open_gallery(image_index, model=other).search(QUERY)
     wider = tiny_gru_model(embed_size=64, seed=3).eval()
-    with pytest.raises(GalleryIndexError, match="Dt="):
-        idx.search_text(wider, QUERY)
+    with pytest.raises(GalleryIndexError, match="fingerprint"):
+        open_gallery(image_index, model=wider).search(QUERY)
 
 
 def test_failed_build_keeps_existing_index(model, damaged, tmp_path):
     before = (damaged / "manifest.json").read_text()
     np.save(tmp_path / "bad.npy", np.zeros((3, 4, 9), dtype=np.float32))  # wrong feature width
     with pytest.raises(EslmatchError, match="width 9"):
-        build_image_index(model, tmp_path / "bad.npy", damaged, progress=False)
+        build(model, tmp_path / "bad.npy", damaged)
     assert (damaged / "manifest.json").read_text() == before
-    GalleryIndex.open(damaged, verify=True)
+    FileStore.open(damaged, verify=True)
     assert not [p for p in damaged.parent.iterdir() if p.name.startswith(".damaged.")]
     (tmp_path / "keep").mkdir()
     (tmp_path / "keep" / "notes.txt").write_text("mine")
     with pytest.raises(EslmatchError, match="not an index"):
-        build_image_index(model, tmp_path / "bad.npy", tmp_path / "keep", progress=False)
+        build(model, np.zeros((3, 4, 16), dtype=np.float32), tmp_path / "keep")
 
 
 # ---------------------------------------------------------------------- CLI
@@ -352,26 +379,10 @@ def test_cli_build_and_search_json(model, data, tmp_path):
     src = str(Path(__file__).parents[1] / "src")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
     cli = [sys.executable, "-m", "eslmatch.cli"]
-    build = subprocess.run(
-        [
-            *cli,
-            "index",
-            "build",
-            "--model",
-            str(model_dir),
-            "--features",
-            str(data),
-            "--out",
-            str(tmp_path / "idx"),
-            "--faiss",
-            "hnsw",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    assert build.returncode == 0, build.stderr
-    assert "built image index" in build.stdout and "hnsw" in build.stdout
+    build_args = ["index", "build", "--model", str(model_dir), "--features", str(data), "--out", str(tmp_path / "idx")]
+    done = subprocess.run([*cli, *build_args, "--faiss", "hnsw"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "built image gallery" in done.stdout and "hnsw" in done.stdout
     search = subprocess.run(
         [*cli, "search", "--index", str(tmp_path / "idx"), QUERY, "-k", "4", "--rerank-k", "20", "--json"],
         capture_output=True,
@@ -380,9 +391,10 @@ def test_cli_build_and_search_json(model, data, tmp_path):
     )
     assert search.returncode == 0, search.stderr
     result = json.loads(search.stdout)
-    want = GalleryIndex.open(tmp_path / "idx", model=model).search_text(model, QUERY, k=4, rerank_k=20)
+    want = open_gallery(tmp_path / "idx", model=model).search(QUERY, k=4, rerank_k=20)
     assert [h["id"] for h in result["hits"]] == [h.id for h in want]
     np.testing.assert_allclose([h["score"] for h in result["hits"]], [h.score for h in want], rtol=1e-5)
+    assert all(set(h) >= {"id", "score", "path", "metadata"} for h in result["hits"])
 
 
 def test_cli_reverse_info_add_and_errors(model, data, image_index, tmp_path, capsys):
@@ -393,26 +405,17 @@ def test_cli_reverse_info_add_and_errors(model, data, image_index, tmp_path, cap
     )
     capsys.readouterr()
     split = open_split(data, "test")
-    code = main(
-        [
-            "search",
-            "--index",
-            caps,
-            "--image-id",
-            split.ids[2],
-            "--image-index",
-            str(image_index),
-            "--model",
-            model_dir,
-            "-k",
-            "3",
-            "--json",
-        ]
-    )
+    query = ["--image-id", split.ids[2], "--image-index", str(image_index), "--model", model_dir, "-k", "3", "--json"]
+    code = main(["search", "--index", caps, *query])
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and len(out["hits"]) == 3 and all("caption" in h for h in out["hits"])
-    assert main(["index", "add", "--index", caps, "--features", str(data), "--split", "dev"]) == 1  # ids repeat
-    assert "duplicate id" in capsys.readouterr().err
+    assert (
+        main(["index", "add", "--index", caps, "--features", str(data), "--split", "dev", "--on-duplicate", "error"])
+        == 1
+    )
+    assert "is in the gallery already" in capsys.readouterr().err
+    assert main(["index", "add", "--index", caps, "--features", str(data), "--split", "dev"]) == 0  # skipped
+    assert "added 0 items" in capsys.readouterr().out
     assert main(["index", "info", caps, "--verify"]) == 0
     text = capsys.readouterr().out
     assert "caption" in text and "verified" in text
@@ -421,21 +424,23 @@ def test_cli_reverse_info_add_and_errors(model, data, image_index, tmp_path, cap
     assert len(err) == 1 and err[0].startswith("eslmatch: error:") and "--model" in err[0]
     other = str(tiny_gru_model(seed=9).eval().save_pretrained(tmp_path / "other"))
     assert main(["search", "--index", str(image_index), QUERY, "--model", other]) == 1
-    assert "fingerprint mismatch" in capsys.readouterr().err
+    assert "built with another model" in capsys.readouterr().err
 
 
-def test_ivf_grows_then_retrains(model, tmp_path):
+def test_ivf_grows_then_retrains(model, tmp_path, monkeypatch):
+    monkeypatch.setattr(filecommit, "TAIL_MIN", 0)  # extend FAISS on every add (no exact tail)
     rng = np.random.default_rng(2)
     first, more = rng.random((4, 6, 16), dtype=np.float32), rng.random((20, 6, 16), dtype=np.float32)
-    out = build_image_index(model, first, tmp_path / "ivf", faiss_kind="ivf", progress=False)
-    assert json.loads((out / "manifest.json").read_text())["faiss"]["options"]["nlist"] == 2
-    add_to_index(out, model, more[:2], progress=False)  # 6 <= 4 x 4: grows in place
-    assert json.loads((out / "manifest.json").read_text())["faiss"]["trained_on"] == 4
-    add_to_index(out, model, more[2:], progress=False)  # 24 > 4 x 4: retrained
-    faiss_meta = json.loads((out / "manifest.json").read_text())["faiss"]
+    g = build(model, first, tmp_path / "ivf", faiss_kind="ivf")
+    assert g.store.layout()["faiss"]["options"]["nlist"] == 2
+    g.add(more[:2], options=BuildOptions(progress=False))  # 6 <= 4 x 4: grows in place
+    assert g.store.layout()["faiss"]["trained_on"] == 4 and g.store.layout()["faiss"]["rows"] == 6
+    g.add(more[2:], options=BuildOptions(progress=False))  # 24 > 4 x 4: retrained
+    faiss_meta = g.store.layout()["faiss"]
     assert faiss_meta["trained_on"] == 24 and faiss_meta["options"]["nlist"] == 5
-    idx = GalleryIndex.open(out, model=model, verify=True)
-    idx.set_search_params(nprobe=5)
+    g = open_gallery(tmp_path / "ivf", model=model, verify=True)
+    g.store.set_search_params(nprobe=5)
     exact = exhaustive_t2i(model, None, QUERY, None, np.concatenate([first, more]))
-    hits = idx.search_text(model, QUERY, k=24, rerank_k=24)
+    hits = g.search(QUERY, k=24, rerank_k=24)
     assert [h.index for h in hits] == ranking(exact).tolist()
+    assert len(list((tmp_path / "ivf" / "faiss").iterdir())) == 1  # the old FAISS files are gone

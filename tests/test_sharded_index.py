@@ -1,6 +1,6 @@
-"""Sharded (format version 3) gallery indexes: equal to the single-file layout, a killed build
-resumes without rewriting complete shards, ``index add`` appends shards, damaged shards are
-refused in one line, the int8 side, and the IVF-PQ first stage and its size rules."""
+"""Shards: a gallery cut in shards equals one of one shard, a killed build resumes without
+rewriting complete shards, ``index add`` appends shards, damaged shards are refused in one
+line, the int8 side, and the IVF-PQ first stage and its size rules."""
 
 from __future__ import annotations
 
@@ -16,16 +16,18 @@ import torch
 from _models import tiny_gru_model
 from eslmatch.cli import main
 from eslmatch.retrieval import (
+    BuildOptions,
     FaissOptions,
-    GalleryIndex,
+    FileStore,
     GalleryIndexError,
-    add_to_index,
     ann,
-    build_image_index,
-    rebuild_faiss,
+    build_gallery,
+    filecommit,
+    open_gallery,
+    writer,
 )
-from eslmatch.retrieval import build as build_module
-from eslmatch.retrieval.store import ShardedArray, dequantize_int8, quantize_int8, read_rows
+from eslmatch.retrieval.filecompact import copy_gallery
+from eslmatch.retrieval.layout import ShardedArray, dequantize_int8, quantize_int8, read_rows
 
 N, R, D = 44, 6, 16
 SHARD = 8  # 44 images -> shards of 8, 8, 8, 8, 8, 4
@@ -56,25 +58,31 @@ def model_dir(model, tmp_path_factory):
     return model.save_pretrained(tmp_path_factory.mktemp("model") / "m")
 
 
+def build(model, inputs, out, report=None, model_path=None, **options):
+    gallery = build_gallery(
+        model, inputs, out, options=BuildOptions(progress=False, **options), report=report, model_path=model_path
+    )
+    gallery.close()
+    return Path(out)
+
+
 @pytest.fixture(scope="module")
 def single(model, features, tmp_path_factory):
-    """The same gallery in the single-file layout (format version 1)."""
-    return build_image_index(model, features, tmp_path_factory.mktemp("v1") / "idx", shard_rows=0, progress=False)
+    """The same gallery in one shard."""
+    return build(model, features, tmp_path_factory.mktemp("one") / "idx", side_dtype="float32")
 
 
 @pytest.fixture(scope="module")
 def sharded(model, features, model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("v3") / "idx"
-    return build_image_index(
-        model, features, out, shard_rows=SHARD, side_dtype="float32", progress=False, model_path=model_dir
-    )
+    out = tmp_path_factory.mktemp("sharded") / "idx"
+    return build(model, features, out, shard_rows=SHARD, side_dtype="float32", model_path=model_dir)
 
 
 def results(model, path, k=N, rerank_k=N, **params):
-    idx = GalleryIndex.open(path, model=model)
+    g = open_gallery(path, model=model)
     if params:
-        idx.set_search_params(**params)
-    return [[(h.id, h.score, h.first_stage_score) for h in idx.search_text(model, q, k, rerank_k)] for q in QUERIES]
+        g.store.set_search_params(**params)
+    return [[(h.id, h.score, h.first_stage_score) for h in g.search(q, k, rerank_k=rerank_k)] for q in QUERIES]
 
 
 def assert_same(a, b, atol=1e-6):
@@ -92,36 +100,34 @@ def file_stamps(folder: Path) -> dict[str, tuple[int, int]]:
 # ---------------------------------------------------------------------- layout and equality
 def test_sharded_equals_single_file(model, single, sharded):
     manifest = json.loads((sharded / "manifest.json").read_text())
-    assert manifest["version"] == 3 and manifest["stages"] == 2 and manifest["shard_rows"] == SHARD
-    assert [s["rows"] for s in manifest["shards"]] == [8, 8, 8, 8, 8, 4]
-    assert [s["dir"] for s in manifest["shards"]] == [f"shards/{i:05d}" for i in range(6)]
-    assert set(manifest["files"]) == {"faiss.index", "ids.txt", "paths.txt"}
-    assert set(manifest["shards"][0]["files"]) == {"side.npy", "lengths.npy", "global.npy"}
+    assert manifest["version"] == 4 and manifest["stages"] == 2 and manifest["shard_rows"] == SHARD
+    g = open_gallery(sharded, model=model, verify=True)
+    layout = g.store.layout()
+    assert [s["rows"] for s in layout["shards"]] == [8, 8, 8, 8, 8, 4]
+    assert [s["dir"] for s in layout["shards"]] == [f"shards/{i:05d}" for i in range(6)]
+    assert set(layout["shards"][0]["files"]) == {"side.npy", "lengths.npy", "global.npy"}
     assert not (sharded.parent / ".idx.building").exists()
-    idx = GalleryIndex.open(sharded, model=model, verify=True)
-    one = GalleryIndex.open(single)
-    assert idx.sharded and isinstance(idx.side, ShardedArray) and idx.side.shape == (N, R, idx.total_dim)
-    np.testing.assert_array_equal(np.asarray(idx.global_vectors), np.asarray(one.global_vectors))
-    np.testing.assert_array_equal(np.asarray(idx.side), np.asarray(one.side))
+    one = open_gallery(single, model=model)
+    np.testing.assert_array_equal(g.store.vectors(range(N)), one.store.vectors(range(N)))
+    np.testing.assert_array_equal(g.store.sides(np.arange(N))[0], one.store.sides(np.arange(N))[0])
     assert_same(results(model, sharded), results(model, single))  # full re-rank: the exhaustive ranking
-    idx.mapped_budget = 0  # release the maps after every read: same results
+    g.store.mapped_budget = 0  # release the maps after every read: same results
     assert_same(
-        [[(h.id, h.score, h.first_stage_score) for h in idx.search_text(model, q, N, N)] for q in QUERIES],
+        [[(h.id, h.score, h.first_stage_score) for h in g.search(q, N, rerank_k=N)] for q in QUERIES],
         results(model, single),
     )
     assert_same(results(model, sharded, 5, 12), results(model, single, 5, 12))  # shortlist across shards
-    assert idx.lookup("17").side is not None
-    np.testing.assert_array_equal(idx.lookup("17").side, one.lookup("17").side)
-    words, weights, _ = idx.attention(model, QUERIES[0], "41")
-    np.testing.assert_allclose(weights, one.attention(model, QUERIES[0], "41")[1], atol=1e-6)
+    np.testing.assert_array_equal(g.searcher.stored("17").side, one.searcher.stored("17").side)
+    words, weights, _ = g.attention(QUERIES[0], "41")
+    np.testing.assert_allclose(weights, one.attention(QUERIES[0], "41")[1], atol=1e-6)
 
 
-def test_large_galleries_are_sharded_by_default(model, tmp_path):
-    assert build_module._shard_rows(None, 65536, "float16") == 0  # one shard's worth: single files
-    assert build_module._shard_rows(None, 65537, "float16") == build_module.DEFAULT_SHARD_ROWS
-    assert build_module._shard_rows(None, 10, "int8") == build_module.DEFAULT_SHARD_ROWS
-    with pytest.raises(Exception, match="int8 side needs the sharded layout"):
-        build_image_index(model, np.ones((3, R, D), np.float32), tmp_path / "x", side_dtype="int8", shard_rows=0)
+def test_side_dtype_follows_the_size(model, tmp_path):
+    assert filecommit._side_dtype(model, BuildOptions(), 65536) == "float32"  # up to one shard: float32
+    assert filecommit._side_dtype(model, BuildOptions(), 65537) == "float16"
+    assert filecommit._side_dtype(model, BuildOptions(shard_rows=8), 9) == "float16"
+    out = build(model, np.ones((3, R, D), np.float32), tmp_path / "x", side_dtype="int8")
+    assert json.loads((out / "manifest.json").read_text())["dtype"] == "int8"
 
 
 def test_sharded_array_reads_like_one_array():
@@ -139,10 +145,12 @@ def test_sharded_array_reads_like_one_array():
 
 
 def test_rows_read_without_mapping_them(sharded):
-    idx = GalleryIndex.open(sharded)
+    store = FileStore.open(sharded)
     rows = np.array([43, 0, 9, 8, 17, 17])
-    np.testing.assert_array_equal(read_rows(idx.global_vectors, rows), np.asarray(idx.global_vectors)[rows])
-    np.testing.assert_array_equal(read_rows(idx.side.parts[1], np.array([7, 0])), idx.side.parts[1][[7, 0]])
+    with store.snapshot() as s:
+        np.testing.assert_array_equal(read_rows(s.vectors, rows), np.asarray(s.vectors)[rows])
+        side = s.shards[1].side
+        np.testing.assert_array_equal(read_rows(side, np.array([7, 0])), side[[7, 0]])
     np.testing.assert_array_equal(read_rows(np.arange(12.0).reshape(4, 3), np.array([2])), [[6.0, 7.0, 8.0]])
 
 
@@ -156,11 +164,9 @@ def test_killed_build_resumes_after_complete_shards(model, features, single, tmp
             raise KeyboardInterrupt  # as a kill after shard 2 was sealed
 
     notes: list[str] = []
-    monkeypatch.setattr(build_module, "AFTER_SHARD", crash)
+    monkeypatch.setattr(writer, "AFTER_CHUNK", crash)
     with pytest.raises(KeyboardInterrupt):
-        build_image_index(
-            model, features, out, shard_rows=SHARD, side_dtype="float32", progress=False, report=notes.append
-        )
+        build(model, features, out, shard_rows=SHARD, side_dtype="float32", report=notes.append)
     assert not out.exists() and staging.is_dir()
     assert sorted(p.name for p in (staging / "shards").iterdir()) == ["00000", "00001", "00002"]
     assert any("kept in" in line for line in notes)
@@ -170,15 +176,15 @@ def test_killed_build_resumes_after_complete_shards(model, features, single, tmp
     litter.mkdir()
     (litter / "side.npy").write_bytes(b"partial")
     written: list[int] = []
-    monkeypatch.setattr(build_module, "AFTER_SHARD", written.append)
+    monkeypatch.setattr(writer, "AFTER_CHUNK", written.append)
     notes.clear()
-    build_image_index(model, features, out, shard_rows=SHARD, side_dtype="float32", progress=False, report=notes.append)
+    build(model, features, out, shard_rows=SHARD, side_dtype="float32", report=notes.append)
     assert written == [3, 4, 5]  # only the missing shards were encoded
     assert any("resuming" in line and "3 complete shards" in line for line in notes)
     after = file_stamps(out / "shards")
     assert {k: after[k] for k in before} == before  # complete shards kept as they were (same inode, mtime)
     assert not staging.exists() and not litter.exists()
-    GalleryIndex.open(out, verify=True)
+    FileStore.open(out, verify=True)
     assert_same(results(model, out), results(model, single))
 
 
@@ -188,63 +194,60 @@ def test_resume_with_other_inputs_starts_anew(model, features, tmp_path, monkeyp
     def crash(i: int) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(build_module, "AFTER_SHARD", crash)
+    monkeypatch.setattr(writer, "AFTER_CHUNK", crash)
     with pytest.raises(KeyboardInterrupt):
-        build_image_index(model, features, out, shard_rows=SHARD, progress=False, report=lambda s: None)
-    monkeypatch.setattr(build_module, "AFTER_SHARD", None)
+        build(model, features, out, shard_rows=SHARD, report=lambda s: None)
+    monkeypatch.setattr(writer, "AFTER_CHUNK", None)
     notes: list[str] = []
     other = features[::-1].copy()  # same shape and source kind, other content
-    build_image_index(model, other, out, shard_rows=SHARD, progress=False, report=notes.append)
+    build(model, other, out, shard_rows=SHARD, report=notes.append)
     assert any("discarding" in line for line in notes)
-    idx = GalleryIndex.open(out, verify=True)
-    np.testing.assert_allclose(np.asarray(idx.side[0], dtype=np.float32), GalleryIndex.open(out).side[0], atol=0)
+    store = FileStore.open(out, verify=True)
     with torch.no_grad():
         want = model.index_vectors_images(model.embed_images(torch.from_numpy(other[:1])))
-    np.testing.assert_allclose(idx.global_vectors[0], want[0].numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(store.vectors([0])[0], want[0].numpy(), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------- add
 def test_add_appends_shards_and_equals_a_full_build(model, features, single, tmp_path):
-    out = build_image_index(
-        model, features[:20], tmp_path / "idx", shard_rows=SHARD, side_dtype="float32", progress=False
-    )
+    out = build(model, features[:20], tmp_path / "idx", shard_rows=SHARD, side_dtype="float32")
     first = file_stamps(out / "shards")
-    add_to_index(out, model, features[20:], progress=False)
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert [s["rows"] for s in manifest["shards"]] == [8, 8, 4, 8, 8, 8]  # old shards kept, new ones appended
-    assert manifest["count"] == N and len(manifest["sources"]) == 2
+    g = open_gallery(out, model=model)
+    g.add(features[20:], options=BuildOptions(progress=False))
+    layout = g.store.layout()
+    assert [s["rows"] for s in layout["shards"]] == [8, 8, 4, 8, 8, 8]  # old shards kept, new ones appended
+    assert len(g) == N and len(layout["sources"]) == 2
     after = file_stamps(out / "shards")
-    assert {k: after[k][0] for k in first} == {k: v[0] for k, v in first.items()}  # linked, not copied
-    idx = GalleryIndex.open(out, model=model, verify=True)
-    assert idx.ids == [str(i) for i in range(N)]
+    assert {k: after[k] for k in first} == first  # untouched
+    g = open_gallery(out, model=model, verify=True)
+    assert g.ids() == [str(i) for i in range(N)]
     assert_same(results(model, out), results(model, single))
-    hits = idx.search_text(model, QUERIES[0], k=N, rerank_k=N)
+    hits = g.search(QUERIES[0], k=N, rerank_k=N)
     assert {str(i) for i in range(20, N)} <= {h.id for h in hits}
 
 
 def test_cli_add_and_info_on_a_sharded_index(model, features, model_dir, tmp_path, capsys):
-    out = build_image_index(
-        model, features[:30], tmp_path / "idx", shard_rows=SHARD, progress=False, model_path=model_dir
-    )
+    out = build(model, features[:30], tmp_path / "idx", shard_rows=SHARD, model_path=model_dir, side_dtype="float16")
     np.save(tmp_path / "more.npy", features[30:])
     assert main(["index", "add", "--index", str(out), "--features", str(tmp_path / "more.npy")]) == 0
     assert "added 14 items" in capsys.readouterr().out
     assert main(["index", "info", str(out), "--verify"]) == 0
     text = capsys.readouterr().out
-    assert "shards     6 (up to 8 items each" in text and "float16" in text and "verified" in text
+    assert "in 6 shard(s)" in text and "float16" in text and "verified" in text
     assert main(["search", "--index", str(out), QUERIES[1], "-k", "3", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["hits"]) == 3
 
 
-def test_ivfpq_retrained_when_the_gallery_grows(model, features, tmp_path):
-    out = build_image_index(model, features[:8], tmp_path / "idx", shard_rows=4, faiss_kind="ivfpq", progress=False)
-    add_to_index(out, model, features[8:30], progress=False)  # 30 <= 4 x 8: added to the trained clusters
-    assert json.loads((out / "manifest.json").read_text())["faiss"]["trained_on"] == 8
-    add_to_index(out, model, features[30:], progress=False)  # 44 > 4 x 8: retrained
-    meta = json.loads((out / "manifest.json").read_text())["faiss"]
+def test_ivfpq_retrained_when_the_gallery_grows(model, features, tmp_path, monkeypatch):
+    monkeypatch.setattr(filecommit, "TAIL_MIN", 0)  # extend FAISS on every add (no exact tail)
+    out = build(model, features[:8], tmp_path / "idx", shard_rows=4, faiss_kind="ivfpq")
+    g = open_gallery(out, model=model)
+    g.add(features[8:30], options=BuildOptions(progress=False))  # 30 <= 4 x 8: added to the trained clusters
+    assert g.store.layout()["faiss"]["trained_on"] == 8
+    g.add(features[30:], options=BuildOptions(progress=False))  # 44 > 4 x 8: retrained
+    meta = g.store.layout()["faiss"]
     assert meta["trained_on"] == N and meta["options"]["nlist"] == ann.ivfpq_nlist(N)
-    idx = GalleryIndex.open(out, model=model, verify=True)
-    assert idx.count == N
+    assert len(open_gallery(out, model=model, verify=True)) == N
 
 
 # ---------------------------------------------------------------------- damage
@@ -264,27 +267,27 @@ def one_error_line(capsys) -> str:
 
 def test_missing_shard_refused_in_one_line(damaged, capsys):
     shutil.rmtree(damaged / "shards" / "00002")
-    with pytest.raises(GalleryIndexError, match=r"shards/00002: missing shard 3 of 6 of the index"):
-        GalleryIndex.open(damaged)
+    with pytest.raises(GalleryIndexError, match=r"a file of the gallery is missing \(.*shards/00002\)"):
+        FileStore.open(damaged)
     assert main(["index", "info", str(damaged)]) == 1
-    assert "missing shard 3 of 6" in one_error_line(capsys)
+    assert "shards/00002" in one_error_line(capsys)
     assert main(["search", "--index", str(damaged), QUERIES[0]]) == 1
-    assert "missing shard 3 of 6" in one_error_line(capsys)
+    assert "shards/00002" in one_error_line(capsys)
     assert main(["serve", "--index", str(damaged), "--port", "0"]) == 1  # refused before serving anything
-    assert "missing shard 3 of 6" in one_error_line(capsys)
+    assert "shards/00002" in one_error_line(capsys)
 
 
 def test_truncated_shard_refused_in_one_line(damaged, capsys):
     path = damaged / "shards" / "00004" / "side.npy"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 100])
-    with pytest.raises(GalleryIndexError, match=r"shards/00004/side.npy: \d+ bytes, the manifest records \d+"):
-        GalleryIndex.open(damaged)
+    with pytest.raises(GalleryIndexError, match=r"shards/00004/side.npy: \d+ bytes, catalog.sqlite records \d+"):
+        FileStore.open(damaged)
     assert main(["search", "--index", str(damaged), QUERIES[0]]) == 1
     assert "truncated or modified" in one_error_line(capsys)
     os.remove(damaged / "shards" / "00001" / "global.npy")
     with pytest.raises(GalleryIndexError, match=r"shards/00001/global.npy: missing file of the shard"):
-        GalleryIndex.open(damaged)
+        FileStore.open(damaged)
 
 
 def test_modified_shard_found_by_verify(damaged):
@@ -292,22 +295,22 @@ def test_modified_shard_found_by_verify(damaged):
     data = bytearray(path.read_bytes())
     data[-3] ^= 0xFF
     path.write_bytes(bytes(data))
-    GalleryIndex.open(damaged)  # same size: only the checksum tells
+    FileStore.open(damaged)  # same size: only the checksum tells
     with pytest.raises(GalleryIndexError, match=r"shards/00003/global.npy: sha256 differs"):
-        GalleryIndex.open(damaged, verify=True)
+        FileStore.open(damaged, verify=True)
 
 
-def test_edited_shard_table_refused(damaged):
-    manifest = json.loads((damaged / "manifest.json").read_text())
-    manifest["shards"][1]["dir"] = "../elsewhere"
-    (damaged / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(GalleryIndexError, match="shard 1 must be"):
-        GalleryIndex.open(damaged)
-    manifest["shards"][1]["dir"] = "shards/00001"
-    manifest["count"] = N + 1
-    (damaged / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(GalleryIndexError, match=f"the shards hold {N} items"):
-        GalleryIndex.open(damaged)
+def test_edited_layout_refused(damaged):
+    import sqlite3
+
+    with sqlite3.connect(damaged / "catalog.sqlite") as db:
+        layout = json.loads(db.execute("SELECT value FROM state WHERE key = 'layout'").fetchone()[0])
+        layout["shards"][1]["rows"] = 9
+        db.execute("UPDATE state SET value = ? WHERE key = 'layout'", (json.dumps(layout),))
+    with pytest.raises(
+        GalleryIndexError, match=r"shards/00001/global.npy: shape \(8, \d+\), the catalogue implies \(9"
+    ):
+        FileStore.open(damaged)
 
 
 # ---------------------------------------------------------------------- int8 side
@@ -322,10 +325,10 @@ def test_quantize_int8_error_bound():
 
 
 def test_int8_scores_within_tolerance_of_fp16(model, features, tmp_path):
-    fp16 = build_image_index(model, features, tmp_path / "fp16", shard_rows=SHARD, progress=False)
-    int8 = build_image_index(model, features, tmp_path / "int8", shard_rows=SHARD, side_dtype="int8", progress=False)
+    fp16 = build(model, features, tmp_path / "fp16", shard_rows=SHARD, side_dtype="float16")
+    int8 = build(model, features, tmp_path / "int8", shard_rows=SHARD, side_dtype="int8")
     manifest = json.loads((int8 / "manifest.json").read_text())
-    assert manifest["dtype"] == "int8" and "scale.npy" in manifest["shards"][0]["files"]
+    assert manifest["dtype"] == "int8" and "scale.npy" in FileStore.open(int8).layout()["shards"][0]["files"]
     side16 = (fp16 / "shards" / "00000" / "side.npy").stat().st_size
     side8 = (int8 / "shards" / "00000" / "side.npy").stat().st_size
     assert side8 < 0.55 * side16
@@ -359,15 +362,17 @@ def test_ivfpq_size_rules():
 
 
 def test_ivfpq_first_stage_is_exactly_rescored(model, sharded, single, tmp_path):
-    pq = rebuild_faiss(sharded, "ivfpq", out=tmp_path / "pq")
-    idx = GalleryIndex.open(pq, model=model)
-    flat = GalleryIndex.open(single)
+    pq = copy_gallery(sharded, tmp_path / "pq")
+    FileStore.open(pq).reindex("ivfpq")
+    idx = FileStore.open(pq)
+    flat = FileStore.open(single)
     q = np.random.default_rng(4).standard_normal((6, idx.total_dim)).astype(np.float32)
     scores, rows = idx.first_stage(q, 10)
-    exact = q @ np.asarray(flat.global_vectors).T
+    exact = q @ flat.vectors(range(N)).T
     np.testing.assert_allclose(scores, np.take_along_axis(exact, rows, 1), rtol=1e-5, atol=1e-6)  # exact scores
     assert np.all(np.diff(scores, axis=1) <= 0)
-    idx.set_search_params(nprobe=idx.faiss_options.nlist, refine=100)  # every cluster, every candidate
+    nlist = idx.faiss_options.nlist
+    idx.set_search_params(nprobe=nlist, refine=100)  # every cluster, every candidate
     _, rows = idx.first_stage(q, 10)
     np.testing.assert_array_equal(rows, flat.first_stage(q, 10)[1])
-    assert_same(results(model, pq, nprobe=idx.faiss_options.nlist, refine=100), results(model, single))
+    assert_same(results(model, pq, nprobe=nlist, refine=100), results(model, single))

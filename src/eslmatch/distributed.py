@@ -1,19 +1,20 @@
-"""Distributed data-parallel training helpers (``torchrun``; see ``docs/distributed.md``).
+"""torchrun: the one distributed context of eslmatch (see ``docs/distributed.md``).
 
-The training command reads torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
-``MASTER_ADDR``, ``MASTER_PORT``); without it, training runs in one process and nothing
-here talks to other processes.
+Commands read torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR``, ``MASTER_PORT``); without it everything runs in one process and nothing here
+talks to other processes. A :class:`DistContext` is where this process stands in the job:
 
-What makes N ranks equal one process with the whole global batch:
-
-- every rank takes a contiguous slice of the same global batch (:func:`rank_slice`);
-- embeddings are all-gathered WITH gradients (:func:`gather_padded`), each rank scores its
-  images against every caption and every image against its captions, so the hinge loss and
-  its hardest negatives are those of the global batch;
-- each rank's share of the loss is multiplied by the world size, which DDP's gradient
-  averaging divides back out: the gradient is that of the global loss;
-- the region BatchNorm takes its statistics over every rank's valid rows
-  (:func:`eslmatch.model.encoders.enable_sync_batchnorm`).
+- training (:func:`init_distributed`) makes N ranks equal one process with the whole global
+  batch: every rank takes a contiguous slice of it (:func:`rank_slice`); embeddings are
+  all-gathered WITH gradients (:func:`gather_padded`), so the hinge loss and its hardest
+  negatives are the global batch's; each rank's share of the loss is multiplied by the world
+  size, which DDP's averaging divides back out; the region BatchNorm takes its statistics over
+  every rank's valid rows (:func:`eslmatch.model.encoders.enable_sync_batchnorm`);
+- jobs that deal work out (feature extraction, gallery builds; :meth:`DistContext.join`) talk
+  only through small object collectives on a gloo group: work is cut in units (chunks,
+  shards) dealt round-robin (:func:`deal`), and after each stage every rank reports success or
+  its error (:meth:`DistContext.stage`), so an error on one rank stops every rank with a
+  non-zero exit, reported once by rank 0.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +54,7 @@ class DistContext:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     group: Any = None
+    owned: bool = False  # this context created the default process group (and destroys it)
 
     @property
     def distributed(self) -> bool:
@@ -59,6 +63,80 @@ class DistContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @classmethod
+    def join(cls, distributed: bool | None = None, timeout_minutes: float = 60.0) -> DistContext:
+        """Join torchrun's job for dealt-out work (``WORLD_SIZE > 1`` and ``distributed`` not
+        ``False``), or run alone. The group is gloo whatever the device (only small objects
+        travel); ``timeout_minutes`` bounds every wait for the other ranks."""
+        world = env_world_size() if distributed is not False else 1
+        if world <= 1:
+            return cls()
+        if not dist.is_available():
+            raise EslmatchError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        owned = not dist.is_initialized()
+        if owned:
+            dist.init_process_group(backend="gloo", init_method="env://", world_size=world, rank=rank, timeout=timeout)
+        group = dist.new_group(backend="gloo", timeout=timeout)
+        return cls(world_size=world, rank=rank, local_rank=local_rank, group=group, owned=owned)
+
+    def device_for(self, name: str) -> str:
+        """The device this rank computes on: ``cuda:LOCAL_RANK`` for ``auto``/``cuda`` when CUDA
+        is present (CPU otherwise for ``auto``); an explicit ``cuda:N`` or ``cpu`` as given."""
+        if not self.distributed:
+            return name
+        return str(_train_device(name, self.local_rank))
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (small, trusted in-job data), in rank order; ``[obj]`` alone."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    @contextmanager
+    def stage(self, name: str, log: Callable[[str], None]) -> Iterator[None]:
+        """Run a stage on every rank, then agree on its outcome.
+
+        Alone: errors pass through untouched. In a job: every rank reports success or its
+        error line; if any failed, rank 0 prints the combined message with ``log`` and every
+        rank raises :class:`JobFailed` (after rank 0 printed, so torchrun stopping the
+        others cannot cut the message off).
+        """
+        if not self.distributed:
+            yield
+            return
+        mine: str | None = None
+        cause: BaseException | None = None
+        try:
+            yield
+        except Exception as exc:  # reported to every rank; KeyboardInterrupt passes through
+            mine, cause = error_text(exc), exc
+        message = combine_errors(self.gather(mine))
+        if message is None:
+            return
+        if self.is_main:
+            log(f"eslmatch: error: {message}")
+        dist.barrier(group=self.group)
+        raise JobFailed(message if self.is_main else f"rank {self.rank}: stopped ({name}): {message}", True) from cause
+
+    def close(self) -> None:
+        """Leave the process group if this context created it."""
+        if self.owned and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owned = False
 
 
 def env_world_size() -> int:
@@ -226,15 +304,6 @@ def gather_padded(x: Tensor, ctx: DistContext) -> Tensor:
     return _AllGatherRows.apply(x, ctx.group, ctx.world_size, ctx.rank)
 
 
-def gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
-    """Every rank's ``obj`` (trusted, in-job data), in rank order; ``[obj]`` when alone."""
-    if not ctx.distributed:
-        return [obj]
-    out: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(out, obj, group=ctx.group)
-    return out
-
-
 def gather_lengths(lengths: Tensor, ctx: DistContext) -> Tensor:
     """All-gather a ``(b,)`` tensor without gradients -> ``(world * b,)``."""
     if not ctx.distributed:
@@ -249,3 +318,76 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# ---------------------------------------------------------------------- dealt-out jobs
+# Test-only hooks: stop a process after it saved N chunks ("exit": hard exit as if killed;
+# "raise": an ordinary error). Used by tests/test_extract_torchrun.py.
+STOP_AFTER_ENV = "ESLMATCH_TEST_STOP_AFTER_CHUNKS"
+STOP_RANK_ENV = "ESLMATCH_TEST_STOP_RANK"
+STOP_MODE_ENV = "ESLMATCH_TEST_STOP_MODE"
+STOP_EXIT_CODE = 75
+
+
+class JobFailed(EslmatchError):
+    """A stage failed on at least one rank; every rank raises this.
+
+    Attributes:
+        reported: the message was already printed (by rank 0, through the extractor's
+            ``log``), so the command line exits 1 without printing it again.
+    """
+
+    def __init__(self, message: str, reported: bool = False) -> None:
+        super().__init__(message)
+        self.reported = reported
+
+
+def error_text(exc: BaseException) -> str:
+    """One line describing ``exc`` (the message alone for an :class:`EslmatchError`)."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    if isinstance(exc, EslmatchError):
+        return first
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def combine_errors(errors: Sequence[str | None]) -> str | None:
+    """The one message for every rank's outcome of a stage (``None``: all succeeded).
+
+    ``errors[r]`` is rank ``r``'s error line or ``None``. The same error on every rank is
+    given once, as is; otherwise each distinct error is prefixed with the ranks that hit it.
+    """
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if not failed:
+        return None
+    distinct = list(dict.fromkeys(e for _, e in failed))
+    if len(distinct) == 1 and len(failed) == len(errors):
+        return distinct[0]
+    parts = []
+    for msg in distinct:
+        ranks = [r for r, e in failed if e == msg]
+        who = f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+        parts.append(f"{who} of {len(errors)}: {msg}")
+    return "; ".join(parts)
+
+
+def deal(pending: Sequence[int], rank: int, world: int) -> list[int]:
+    """The chunks of ``pending`` (sorted indices not finished yet) that ``rank`` extracts:
+    every ``world``-th one, starting at its rank (chunk ``i`` -> rank ``i % world`` on a
+    fresh run; a resumed run balances what is left)."""
+    return list(pending[rank::world])
+
+
+def stop_hook_for_tests(rank: int, saved: int) -> None:
+    """Test-only: stop this process after it saved ``saved`` chunks when the environment
+    asks for it (``ESLMATCH_TEST_STOP_AFTER_CHUNKS=N``, optionally ``ESLMATCH_TEST_STOP_RANK``
+    and ``ESLMATCH_TEST_STOP_MODE=exit|raise``)."""
+    after = os.environ.get(STOP_AFTER_ENV)
+    if not after or saved != int(after):
+        return
+    only = os.environ.get(STOP_RANK_ENV)
+    if only is not None and int(only) != rank:
+        return
+    if os.environ.get(STOP_MODE_ENV, "exit") == "raise":
+        raise EslmatchError(f"test hook: rank {rank} stopped after {saved} chunk(s)")
+    os._exit(STOP_EXIT_CODE)  # as if killed: no cleanup, no goodbye to the other ranks

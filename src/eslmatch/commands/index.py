@@ -1,8 +1,10 @@
-"""``eslmatch index build|add|info|reindex``: gallery indexes (two-stage for ESL, one-stage
-and exact for single-vector models: VSE, ESL-CLIP).
+"""``eslmatch index build|add|delete|update|compact|info|reindex``: galleries (a folder, or a
+Milvus collection with ``--milvus URI --collection NAME``), the same operations on both.
 
-``index build`` of a sharded image index also runs under ``torchrun`` (every process encodes
-its share of the shards, rank 0 writes the rest; see docs/retrieval.md)."""
+``index build`` of a file gallery also runs under ``torchrun`` (every process encodes its share
+of the shards, rank 0 writes the rest; see docs/retrieval.md). Arguments, files and filters
+are checked before the model is loaded.
+"""
 
 from __future__ import annotations
 
@@ -14,204 +16,263 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EslmatchError
-from ..extract.distributed import ExtractJob, JobFailed
-from ..factory import load_model
-from ..retrieval import (
-    FaissOptions,
-    GalleryIndex,
-    add_to_index,
-    build_caption_index,
-    build_image_index,
-    is_one_stage,
-    rebuild_faiss,
-    takes_pixels,
-)
-from ..retrieval.store import read_manifest
-from ..utils import resolve_device
 
 ORDER = 60
+KINDS = ("auto", "flat", "ivf", "hnsw", "ivfpq")
+# eslmatch.utils.precision.PRECISIONS and retrieval.encode.RUNTIMES, named here so that
+# parsing and checking the arguments imports nothing heavy
+PRECISIONS = ("auto", "fp32", "bf16")
+RUNTIMES = ("torch", "onnxruntime")
+
+
+# ---------------------------------------------------------------------- shared arguments
+def gallery_args(p: argparse.ArgumentParser, what: str, positional: bool = False) -> None:
+    """``--index DIR`` or ``--milvus URI --collection NAME`` (and ``--milvus-timeout``)."""
+    if positional:
+        p.add_argument("index_pos", nargs="?", metavar="INDEX", help="gallery folder (or use --index / --milvus)")
+    p.add_argument("--index", help=f"the gallery folder to {what} (one of --index / --milvus)")
+    p.add_argument(
+        "--milvus",
+        metavar="URI",
+        help=f"{what} a gallery in Milvus at URI, e.g. http://127.0.0.1:19530 (instead of --index)",
+    )
+    p.add_argument("--collection", help="the Milvus collection (required with --milvus)")
+    p.add_argument(
+        "--milvus-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a Milvus call may take, retries included (default 30)",
+    )
+
+
+def gallery_target(args: argparse.Namespace, place: str = "index") -> tuple[str, str | None]:
+    """``(folder or URI, collection or None)``; refuses a half-given or doubly-given place."""
+    folder = getattr(args, place, None) or getattr(args, "index_pos", None)
+    if args.milvus is None:
+        if args.collection is not None:
+            raise EslmatchError("--collection needs --milvus URI")
+        if not folder:
+            raise EslmatchError(f"give --{place} (a gallery folder) or --milvus URI --collection NAME")
+        return folder, None
+    if not args.collection:
+        raise EslmatchError("--milvus needs --collection NAME")
+    if folder:
+        raise EslmatchError(f"give --{place} or --milvus, not both")
+    if args.milvus_timeout <= 0:
+        raise EslmatchError(f"--milvus-timeout must be positive, got {args.milvus_timeout}")
+    return args.milvus, args.collection
+
+
+def encoding_args(p: argparse.ArgumentParser, what: str, default: str | None) -> None:
+    """``--precision``, ``--runtime`` and ``--onnx``: how ``what`` is encoded."""
+    said = f"default {default}" if default else "default: the precision the gallery records, fp32 if none"
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=default,
+        help=f"precision of the encoders for {what}: fp32, bf16 (autocast) or auto = bf16 where the device "
+        f"computes it natively ({said}); scores keep the engine's precision",
+    )
+    p.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="torch",
+        help=f"run the encoders for {what} in torch (default) or onnxruntime: the model's ONNX export "
+        "(eslmatch export MODEL --format onnx --out MODEL/onnx, or --onnx DIR; pip install 'eslmatch[onnx]')",
+    )
+    p.add_argument("--onnx", metavar="DIR", help="the ONNX export for --runtime onnxruntime (default MODEL/onnx)")
+
+
+def check_encoding_args(args: argparse.Namespace) -> None:
+    """Refuse, before anything loads, what ``--runtime`` / ``--onnx`` cannot do here."""
+    runtime = getattr(args, "runtime", "torch")
+    onnx = getattr(args, "onnx", None)
+    if runtime != "onnxruntime":
+        if onnx is not None:
+            raise EslmatchError("--onnx applies to --runtime onnxruntime")
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise EslmatchError("--runtime onnxruntime needs onnxruntime: pip install 'eslmatch[onnx]'")
+    if getattr(args, "precision", None) == "bf16":
+        raise EslmatchError("--precision bf16 applies to --runtime torch; ONNX Runtime runs the exported fp32 graphs")
+    if onnx is not None and not (Path(onnx) / "encoders.json").is_file():
+        raise EslmatchError(f"{onnx}: not an eslmatch ONNX export (no encoders.json; see eslmatch export)")
+
+
+def open_from_args(args: argparse.Namespace, verify: bool = False) -> Any:
+    """The gallery the arguments name (its model is loaded on first use)."""
+    from ..retrieval import open_gallery
+
+    target, collection = gallery_target(args)
+    return open_gallery(
+        target,
+        collection,
+        model=getattr(args, "model", None),
+        text_model=getattr(args, "text_model", None),
+        device=str(_device(getattr(args, "device", "cpu"))),
+        verify=verify,
+        timeout=args.milvus_timeout,
+        precision=getattr(args, "precision", None),
+        runtime=getattr(args, "runtime", "torch"),
+        onnx=getattr(args, "onnx", None),
+    )
+
+
+def _device(name: str) -> Any:
+    from ..utils import resolve_device
+
+    return resolve_device(name)
+
+
+def _inputs_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--features",
+        help="region features: a precomp dataset folder or an .npy (N, R, D); captions (--kind caption): a .txt, "
+        "one caption a line, or a precomp folder (one of --features / --images / --split-file)",
+    )
+    p.add_argument(
+        "--images",
+        help="a folder of photos (models that take pixels, e.g. ESL-CLIP; sub-folders read, unreadable files skipped "
+        "and named), the folder of --split-file's images, or the folder of --features' image files to record their "
+        "paths (default: no paths recorded)",
+    )
+    p.add_argument(
+        "--split-file",
+        help="a Karpathy-split .json or an image<TAB>caption .tsv naming the images under --images; {split} in the "
+        "name is replaced (default: none; one of --features / --images / --split-file)",
+    )
+    p.add_argument("--split", default="test", help="split of the dataset folder or split file (default: test)")
+    p.add_argument(
+        "--metadata",
+        metavar="META",
+        help='metadata of the items: JSON Lines ({"id": ..., "field": value}) or CSV with an id column (default: none)',
+    )
+    p.add_argument("--batch-size", type=int, default=256, help="items encoded at once (default 256)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N or auto")
+    p.add_argument(
+        "--text-model", help="tokenizer of a released checkpoint, recorded for searches (default: the model's own)"
+    )
 
 
 def _faiss_args(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument(
         "--faiss",
-        choices=("flat", "ivf", "hnsw", "ivfpq"),
+        choices=KINDS,
         default=default,
-        help="first-stage index: flat (exact inner product, default), ivf or hnsw (large galleries), ivfpq "
-        "(IVF + product codes re-scored exactly: millions of items; see docs/retrieval.md)",
+        help="first stage: auto (default: flat, exact, up to 100,000 items; ivfpq above; re-chosen as the gallery "
+        "grows), flat, ivf, hnsw or ivfpq (IVF + product codes re-scored exactly; see docs/retrieval.md); "
+        "with --milvus: flat, ivf or hnsw",
     )
     p.add_argument("--nlist", type=int, help="IVF clusters (default: sqrt(N); ivfpq: 4 sqrt(N) to a power of two)")
     p.add_argument(
-        "--nprobe",
-        type=int,
-        help="IVF clusters searched per query (default: max(16, nlist/4))",
+        "--nprobe", type=int, help="IVF clusters searched per query (default: max(16, nlist/4); ivfpq: 8 sqrt(nlist))"
     )
     p.add_argument("--hnsw-m", type=int, default=32, help="HNSW graph degree (default 32)")
-    p.add_argument(
-        "--ef-construction",
-        type=int,
-        default=80,
-        help="HNSW build beam width (default 80)",
-    )
-    p.add_argument(
-        "--ef-search",
-        type=int,
-        default=256,
-        help="HNSW search beam width (default 256)",
-    )
-
-
-def milvus_args(p: argparse.ArgumentParser, what: str) -> None:
-    """``--milvus URI --collection NAME --milvus-timeout S``: use a Milvus gallery (docs/milvus.md)."""
-    p.add_argument("--milvus", metavar="URI", help=f"{what} a gallery in Milvus at URI (e.g. http://127.0.0.1:19530)")
-    p.add_argument("--collection", help="the Milvus collection (with --milvus)")
-    p.add_argument(
-        "--milvus-timeout", type=float, default=30.0, help="seconds a Milvus call may take, retries included (30)"
-    )
-
-
-def need_collection(args: argparse.Namespace, place: str) -> bool:
-    """True for a Milvus gallery (``--milvus``); refuses a half-given or doubly-given place."""
-    if args.milvus is None:
-        if args.collection is not None:
-            raise EslmatchError("--collection needs --milvus URI")
-        if not getattr(args, place, None):
-            raise EslmatchError(f"give --{place} (an index directory) or --milvus URI --collection NAME")
-        return False
-    if not args.collection:
-        raise EslmatchError("--milvus needs --collection NAME")
-    if getattr(args, place, None):
-        raise EslmatchError(f"give --{place} or --milvus, not both")
-    return True
+    p.add_argument("--ef-construction", type=int, default=80, help="HNSW build beam width (default 80)")
+    p.add_argument("--ef-search", type=int, default=256, help="HNSW search beam width (default 256)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("index", help="build, extend or describe a gallery index for 'eslmatch search'")
+    s = sub.add_parser("index", help="build a gallery and change it: add, delete, update, compact; describe it")
     s.set_defaults(func=run, index_command=None, index_parser=s)
     isub = s.add_subparsers(dest="index_command", metavar="ACTION")
 
-    b = isub.add_parser("build", help="encode a gallery (images or captions) into an index directory")
-    b.add_argument("--model", required=True, help="model directory or released .pth.tar")
-    b.add_argument(
-        "--features",
-        help="precomp dataset folder, an .npy of region features (N, R, D), or (captions) a .txt",
-    )
-    b.add_argument(
-        "--split-file",
-        help="a Karpathy-split .json or an image<TAB>caption .tsv naming the images under --images "
-        "(models that take pixels) and their captions (--kind caption); {split} in the name is replaced",
-    )
-    b.add_argument("--split", default="test", help="split of the dataset folder or split file (default: test)")
+    b = isub.add_parser("build", help="encode a gallery (images or captions) into a folder or a Milvus collection")
+    b.add_argument("--model", required=True, help="model directory or released checkpoint")
+    _inputs_args(b)
     b.add_argument(
         "--kind",
         choices=("image", "caption"),
         default="image",
-        help="image index (text -> image search, default) or caption index (image -> text)",
+        help="image gallery (text -> image search, default) or caption index (image -> text)",
     )
     b.add_argument(
-        "--images",
-        help="folder of the image files, to record their paths; for a model that takes "
-        "pixels (ESL-CLIP), the folder of photos to index (then no --features; unreadable "
-        "files are skipped and named), or the folder of --split-file's images",
+        "--out", help="the gallery folder to write, an existing one replaced atomically (one of --out / --milvus)"
     )
-    b.add_argument("--out", help="index directory to write (replaced atomically if an index)")
-    milvus_args(b, "build")
+    b.add_argument("--milvus", metavar="URI", help="build a gallery in Milvus at URI instead of --out")
+    b.add_argument("--collection", help="the Milvus collection (required with --milvus)")
+    b.add_argument("--milvus-timeout", type=float, default=30.0, help="seconds a Milvus call may take (default 30)")
     b.add_argument(
         "--overwrite", action="store_true", help="with --milvus: replace a collection holding another gallery"
     )
-    b.add_argument("--milvus-shards", type=int, help="with --milvus: shards of the new collections")
-    b.add_argument("--milvus-replicas", type=int, help="with --milvus: in-memory replicas to load them with")
+    b.add_argument("--milvus-shards", type=int, help="with --milvus: shards of the new collections (Milvus's default)")
     b.add_argument(
-        "--fp16",
-        action="store_true",
-        help="store the per-region tensors in float16 (half the disk; two-stage indexes only)",
+        "--milvus-replicas", type=int, help="with --milvus: in-memory replicas to load them with (default: Milvus's)"
+    )
+    b.add_argument(
+        "--fp16", action="store_true", help="store the per-region tensors in float16 (= --side-dtype float16)"
     )
     b.add_argument(
         "--side-dtype",
         choices=("float32", "float16", "int8"),
-        help="how an image index stores its per-region tensors: float32, float16 (= --fp16; the default of "
-        "sharded indexes) or int8 with a scale per region (sharded only; see docs/retrieval.md)",
+        help="how a two-stage gallery stores its per-region tensors (default float32 up to 65,536 items, float16 above; "
+        "int8: a scale per region vector, a quarter of float32)",
     )
     b.add_argument(
-        "--shard-rows",
-        type=int,
-        help="images per shard (a sharded index is resumable and grows by shards; default 65536 for galleries "
-        "larger than that, else one file per array; 0: never shard)",
+        "--shard-rows", type=int, help="items per shard (default 65536; shards are written and resumed whole)"
     )
-    _faiss_args(b, "flat")
-    b.add_argument("--batch-size", type=int, default=256)
-    b.add_argument(
-        "--device", default="cpu", help="cpu, cuda, cuda:N or auto (under torchrun, cuda: each process cuda:LOCAL_RANK)"
-    )
-    b.add_argument(
-        "--text-model",
-        help="tokenizer for released checkpoints (recorded for searches)",
-    )
+    _faiss_args(b, "auto")
+    encoding_args(b, "the gallery's items", "fp32")
     b.add_argument(
         "--dist-timeout",
         type=float,
         default=60.0,
-        help="under torchrun: longest wait in minutes for the other processes (rank 0 builds the FAISS "
-        "index while they wait; default 60)",
+        help="under torchrun: longest wait in minutes for the other processes (default 60)",
     )
 
-    a = isub.add_parser("add", help="append images or captions to an index (atomic)")
-    a.add_argument("--index", help="index directory")
-    milvus_args(a, "extend")
-    a.add_argument("--model", help="model (default: the one recorded in the index)")
-    a.add_argument("--features", help="as for 'index build'")
-    a.add_argument("--split-file", help="as for 'index build'")
-    a.add_argument("--split", default="test")
+    a = isub.add_parser("add", help="add images or captions to a gallery (atomic; ids already stored are skipped)")
+    gallery_args(a, "extend")
+    a.add_argument("--model", help="model (default: the one the gallery records)")
+    _inputs_args(a)
     a.add_argument(
-        "--images",
-        help="folder of the new image files (for a model that takes pixels: the photos to add, "
-        "or the folder of --split-file's images)",
+        "--on-duplicate",
+        choices=("skip", "replace", "error"),
+        default="skip",
+        help="an id the gallery holds already: skip the new item (default), replace the stored one, or stop",
     )
-    a.add_argument("--batch-size", type=int, default=256)
-    a.add_argument("--device", default="cpu")
-    a.add_argument("--text-model", help="tokenizer for released checkpoints")
+    encoding_args(a, "the new items", None)
 
-    i = isub.add_parser("info", help="describe an index (and check it)")
-    i.add_argument("index", nargs="?", help="index directory")
-    milvus_args(i, "describe")
+    d = isub.add_parser("delete", help="delete items by id or by filter (atomic)")
+    gallery_args(d, "change")
+    who = d.add_mutually_exclusive_group(required=True)
+    who.add_argument("--ids", nargs="+", metavar="ID", help="ids of the items to delete (one of --ids / --where)")
+    who.add_argument(
+        "--where",
+        metavar="EXPR",
+        help='a filter, e.g. \'folder == "trips" and taken < "2020"\' (one of --ids / --where)',
+    )
+
+    u = isub.add_parser("update", help="set metadata of items (atomic)")
+    gallery_args(u, "change")
+    u.add_argument(
+        "--metadata", metavar="META", required=True, help="JSON Lines or CSV with an id column (null clears)"
+    )
+
+    c = isub.add_parser("compact", help="reclaim the space of deleted items and merge small shards (atomic)")
+    gallery_args(c, "compact")
+
+    i = isub.add_parser("info", help="describe a gallery (and check it)")
+    gallery_args(i, "describe", positional=True)
+    i.add_argument("--verify", action="store_true", help="also check every file's sha256 (reads everything)")
+    i.add_argument("--json", action="store_true", help="print the manifest, counts and layout as JSON")
     i.add_argument(
-        "--verify",
-        action="store_true",
-        help="also check every file's sha256 (reads everything)",
+        "--precision",
+        choices=PRECISIONS,
+        help="the precision queries will be encoded in (default: the gallery's): a mismatch is stated",
     )
-    i.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    i.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="torch",
+        help="the runtime queries will be encoded in (default torch): a mismatch is stated",
+    )
 
-    r = isub.add_parser(
-        "reindex",
-        help="rebuild only the FAISS index (e.g. flat -> hnsw), no re-encoding",
-    )
-    r.add_argument("index", help="index directory")
+    r = isub.add_parser("reindex", help="rebuild only the first stage (e.g. flat -> hnsw), no re-encoding")
+    r.add_argument("index", help="gallery folder")
     _faiss_args(r, None)
-    r.add_argument("--out", help="write a new index here instead of replacing INDEX")
-
-
-def _options(args: argparse.Namespace) -> Any:
-    return FaissOptions(
-        nlist=args.nlist,
-        nprobe=args.nprobe,
-        hnsw_m=args.hnsw_m,
-        ef_construction=args.ef_construction,
-        ef_search=args.ef_search,
-    )
-
-
-def load_index_model(model: str | None, manifest: dict[str, Any], device: str, text_model: str | None) -> Any:
-    """The model given, else the one recorded in the index's manifest."""
-    path = model or manifest["model"].get("path")
-    if not path:
-        raise EslmatchError("the index records no model path: pass --model")
-    if model is None and not Path(path).exists():
-        raise EslmatchError(f"the index's model {path} no longer exists: pass --model")
-    return load_model(
-        path,
-        map_location=device,
-        text_model=text_model or manifest["model"].get("text_model"),
-    )
+    r.add_argument("--out", help="write a new gallery here (default: INDEX is changed in place, atomically)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -219,15 +280,68 @@ def run(args: argparse.Namespace) -> int:
     if action is None:
         args.index_parser.print_help()
         return 2
-    return {"build": _build, "add": _add, "info": _info, "reindex": _reindex}[action](args)
+    handlers = {
+        "build": _build,
+        "add": _add,
+        "delete": _delete,
+        "update": _update,
+        "compact": _compact,
+        "info": _info,
+        "reindex": _reindex,
+    }
+    return handlers[action](args)
 
 
-def _inputs(args: argparse.Namespace, model: Any, kind: str) -> tuple[Any, Any]:
-    """``(what to index, images_dir)`` from ``--features`` / ``--split-file`` / ``--images``."""
-    split_file = args.split_file
-    if split_file and args.features:
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _options(args: argparse.Namespace) -> Any:
+    from ..retrieval import BuildOptions, FaissOptions
+
+    if args.fp16 and args.side_dtype not in (None, "float16"):
+        raise EslmatchError(f"--fp16 contradicts --side-dtype {args.side_dtype}")
+    opts = BuildOptions(
+        faiss_kind=args.faiss,
+        faiss=FaissOptions(
+            nlist=args.nlist,
+            nprobe=args.nprobe,
+            hnsw_m=args.hnsw_m,
+            ef_construction=args.ef_construction,
+            ef_search=args.ef_search,
+        ),
+        side_dtype="float16" if args.fp16 else args.side_dtype,
+        shard_rows=args.shard_rows,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        runtime=args.runtime,
+        onnx=args.onnx,
+    )
+    opts.check()
+    return opts
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    """What can be refused before a model is loaded."""
+    if args.features and args.split_file:
         raise EslmatchError("give --features or --split-file, not both")
-    if kind == "image" and takes_pixels(model):
+    if not (args.features or args.images or args.split_file):
+        raise EslmatchError(
+            "give what to index: --features (region features or captions), --images (photos) or --split-file"
+        )
+    for name in ("features", "images", "split_file", "metadata"):
+        value = getattr(args, name, None)
+        if value and "{split}" not in value and not Path(value).exists():
+            raise EslmatchError(f"{value}: no such file or folder (--{name.replace('_', '-')})")
+    if args.batch_size < 1:
+        raise EslmatchError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    check_encoding_args(args)
+
+
+def _inputs(args: argparse.Namespace, model: Any, kind: str) -> tuple[Any, dict[str, Any]]:
+    """``(what to index, source options)`` from ``--features`` / ``--images`` / ``--split-file``."""
+    pixels = model.inputs == "pixels"
+    if kind == "image" and pixels:
         if args.features:
             raise EslmatchError(
                 "this model takes images, not region features: give the folder of photos with --images "
@@ -235,35 +349,43 @@ def _inputs(args: argparse.Namespace, model: Any, kind: str) -> tuple[Any, Any]:
             )
         if not args.images:
             raise EslmatchError("this model takes images: give the folder of photos with --images")
-        return (split_file, args.images) if split_file else (args.images, None)
-    if split_file:
+        if args.split_file:
+            return args.split_file, {"split": args.split, "images_dir": args.images}
+        return args.images, {"split": args.split}
+    if args.split_file:
         if kind == "image":
             raise EslmatchError(
-                "--split-file names raw images, for models that take pixels; this model reads region features: "
-                "give --features"
+                "--split-file names raw images, for models that take pixels; this model reads region features: give --features"
             )
         if not args.images:
             raise EslmatchError("--split-file needs --images, the folder of its images")
-        return split_file, args.images
-    if kind == "image":
-        if not args.features:
-            raise EslmatchError("give the region features with --features (a precomp folder or an .npy)")
-        return args.features, args.images
-    if args.images:
-        raise EslmatchError(
-            "--images applies to image indexes, or to captions from --split-file (caption paths come from the dataset)"
-        )
+        return args.split_file, {"split": args.split, "images_dir": args.images, "kind": kind}
     if not args.features:
-        raise EslmatchError(
-            "give the captions with --features (a precomp folder or a .txt, one caption a line) or --split-file"
+        what = (
+            "captions with --features (a .txt or a precomp folder)"
+            if kind == "caption"
+            else "region features with --features"
         )
-    return args.features, None
+        raise EslmatchError(f"give the {what} (a precomp folder or an .npy)")
+    if kind == "caption" and args.images:
+        raise EslmatchError("--images applies to image galleries, or to captions from --split-file")
+    return args.features, {"split": args.split, "images_dir": args.images, "kind": kind}
+
+
+def _read_meta(args: argparse.Namespace) -> Any:
+    if not getattr(args, "metadata", None):
+        return None
+    from ..retrieval import read_metadata
+
+    return read_metadata(args.metadata)
 
 
 def _build(args: argparse.Namespace) -> int:
-    job = ExtractJob.join(timeout_minutes=args.dist_timeout)  # alone without torchrun
+    from ..distributed import DistContext, JobFailed
+
+    job = DistContext.join(timeout_minutes=args.dist_timeout)  # alone without torchrun
     try:
-        return _build_ranks(args, job) if job.distributed else _build_alone(args)
+        return _build_in(args, job)
     except JobFailed as exc:
         if exc.reported and not args.debug:
             return 1  # rank 0 printed the one error line; every rank exits non-zero
@@ -272,212 +394,261 @@ def _build(args: argparse.Namespace) -> int:
         job.close()
 
 
-def _build_ranks(args: argparse.Namespace, job: ExtractJob) -> int:
-    """``index build`` under torchrun: a sharded image index, each rank encoding its shards."""
-    report = _warn if job.is_main else _quiet
+def _build_in(args: argparse.Namespace, job: Any) -> int:
+    from ..factory import load_model
+    from ..retrieval import build_gallery
+
+    report = _warn if job.is_main else (lambda line: None)
     with job.stage("setup", report):
-        if args.milvus is not None or args.collection is not None:
+        milvus = args.milvus is not None or args.collection is not None
+        if milvus and job.distributed:
             raise EslmatchError(
-                "under torchrun, index build writes sharded index folders (--out), not Milvus collections: "
-                "build those in one process (without torchrun)"
+                "under torchrun, index build writes gallery folders (--out), not Milvus collections: build those in one process"
             )
-        need_collection(args, "out")
-        if args.kind != "image":
-            raise EslmatchError(
-                "under torchrun, index build writes sharded image indexes only: build caption indexes in one process"
-            )
-        model = load_model(args.model, map_location=job.device(args.device), text_model=args.text_model)
-        features, images_dir = _inputs(args, model, "image")
+        if milvus:
+            gallery_target(args, "out")
+            if args.kind != "image":
+                raise EslmatchError(
+                    "--milvus holds image galleries (text -> image search); build caption indexes with --out"
+                )
+        elif not args.out:
+            raise EslmatchError("give --out (a gallery folder) or --milvus URI --collection NAME")
+        _check_inputs(args)
+        options = _options(args)
+        metadata = _read_meta(args)
+        device = job.device_for(args.device) if job.distributed else str(_device(args.device))
+        model = load_model(args.model, map_location=device, text_model=args.text_model)
+        inputs, source_options = _inputs(args, model, args.kind)
+        if options.side_dtype is not None and model.exact_index:
+            report("eslmatch: note: --fp16 / --side-dtype have no effect on a one-stage gallery (float32 vectors only)")
+    options.progress = job.is_main
     start = time.perf_counter()
-    out = _image_index(args, model, features, images_dir, report=report, job=job)
-    if not job.is_main:
-        return 0  # rank 0 wrote the index and reports
-    print(f"built image index {out} in {time.perf_counter() - start:.1f} s ({job.world} processes)")
-    return _info(argparse.Namespace(index=str(out), verify=False, json=False))
-
-
-def _warn(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def _quiet(message: str) -> None:
-    pass
-
-
-def _image_index(args: argparse.Namespace, model: Any, features: Any, images_dir: Any, **more: Any) -> Path:
-    return build_image_index(
+    target = args.milvus if milvus else args.out
+    extra = {}
+    if milvus:
+        extra = {
+            "overwrite": args.overwrite,
+            "shards": args.milvus_shards,
+            "replicas": args.milvus_replicas,
+            "timeout": args.milvus_timeout,
+        }
+    gallery = build_gallery(
         model,
-        features,
-        args.out,
-        images_dir=images_dir,
-        side_dtype=args.side_dtype,
-        shard_rows=args.shard_rows,
-        **_common(args),
-        **more,
-    )
-
-
-def _common(args: argparse.Namespace) -> dict[str, Any]:
-    """The arguments of every image or caption index build (not in Milvus)."""
-    return dict(
-        split=args.split,
-        fp16=args.fp16,
-        faiss_kind=args.faiss,
-        faiss_options=_options(args),
-        batch_size=args.batch_size,
+        inputs,
+        target,
+        args.collection if milvus else None,
+        metadata=metadata,
+        options=options,
         model_path=args.model,
         text_model=args.text_model,
+        report=report,
+        job=job,
+        milvus=extra,
+        **source_options,
     )
-
-
-def _build_alone(args: argparse.Namespace) -> int:
-    milvus = need_collection(args, "out")
-    if milvus and args.kind != "image":
-        raise EslmatchError("--milvus holds image galleries (text -> image search); build caption indexes with --out")
-    device = resolve_device(args.device)
-    model = load_model(args.model, map_location=device, text_model=args.text_model)
-    features, images_dir = _inputs(args, model, args.kind)
+    if gallery is None:
+        return 0  # a torchrun rank other than 0: rank 0 reports
+    seconds = time.perf_counter() - start
     if milvus:
-        from ..retrieval.milvus import build_milvus_image_index
-
-        start = time.perf_counter()
-        rep = build_milvus_image_index(
-            model,
-            features,
-            args.milvus,
-            args.collection,
-            split=args.split,
-            images_dir=images_dir,
-            fp16=args.fp16,
-            index_kind=args.faiss,
-            index_options=_options(args),
-            batch_size=args.batch_size,
-            model_path=args.model,
-            text_model=args.text_model,
-            overwrite=args.overwrite,
-            shards=args.milvus_shards,
-            replicas=args.milvus_replicas,
-            timeout=args.milvus_timeout,
-        )
-        _print_milvus(rep, "built", time.perf_counter() - start)
+        rep = gallery.store.last_write  # type: ignore[attr-defined]  # a MilvusStore just built
+        if rep.up_to_date:
+            print(f"collection {rep.collection} already holds this gallery ({rep.count} items): nothing to do")
+        else:
+            resumed = f", resumed: {rep.present} were stored already" if rep.present else ""
+            print(
+                f"built collection {rep.collection}: wrote {rep.written} items{resumed} ({rep.count} in all, {seconds:.1f} s)"
+            )
         return 0
-    if args.fp16 and is_one_stage(model):
-        print(
-            "eslmatch: note: --fp16 has no effect on a one-stage index (it stores float32 vectors only)",
-            file=sys.stderr,
-        )
-    start = time.perf_counter()
-    if args.kind == "image":
-        out = _image_index(args, model, features, images_dir)
-    else:
-        out = build_caption_index(model, features, args.out, images_dir=images_dir, **_common(args))
-    print(f"built {args.kind} index {out} in {time.perf_counter() - start:.1f} s")
-    return _info(argparse.Namespace(index=str(out), verify=False, json=False))
-
-
-def _print_milvus(rep: Any, verb: str, seconds: float) -> None:
-    if rep.up_to_date:
-        print(f"collection {rep.collection} already holds this gallery ({rep.count} items): nothing to do")
-        return
-    resumed = f", resumed: {rep.present} were stored already" if rep.present else ""
-    print(
-        f"{verb} collection {rep.collection}: wrote {rep.written} items{resumed} ({rep.count} in all, {seconds:.1f} s)"
-    )
+    procs = f" ({job.world_size} processes)" if job.distributed else ""
+    print(f"built {args.kind} gallery {args.out} in {seconds:.1f} s{procs}")
+    return _describe(gallery, verify=False, as_json=False)
 
 
 def _add(args: argparse.Namespace) -> int:
-    if need_collection(args, "index"):
-        from ..retrieval.milvus import add_to_milvus_index, describe_collection
+    gallery_target(args)
+    _check_inputs(args)
+    metadata = _read_meta(args)
+    gallery = open_from_args(args)
+    inputs, source_options = _inputs(args, gallery.model, gallery.kind)
+    source_options.pop("kind", None)
+    from ..retrieval import BuildOptions
 
-        recorded = describe_collection(args.milvus, args.collection, args.milvus_timeout)
-        model = load_index_model(args.model, recorded, str(resolve_device(args.device)), args.text_model)
-        features, images_dir = _inputs(args, model, "image")
-        start = time.perf_counter()
-        rep = add_to_milvus_index(
-            args.milvus,
-            args.collection,
-            model,
-            features,
-            split=args.split,
-            images_dir=images_dir,
-            batch_size=args.batch_size,
-            timeout=args.milvus_timeout,
-        )
-        _print_milvus(rep, "extended", time.perf_counter() - start)
-        return 0
-    manifest = read_manifest(Path(args.index))
-    model = load_index_model(args.model, manifest, str(resolve_device(args.device)), args.text_model)
-    features, images_dir = _inputs(args, model, manifest["kind"])
-    before = manifest["count"]
-    add_to_index(
-        args.index,
-        model,
-        features,
-        split=args.split,
-        images_dir=images_dir,
-        batch_size=args.batch_size,
+    start = time.perf_counter()
+    rep = gallery.add(
+        inputs,
+        metadata,
+        args.on_duplicate,
+        report=_warn,
+        options=BuildOptions(batch_size=args.batch_size, encoding=gallery.encoding),
+        **source_options,
     )
-    after = read_manifest(Path(args.index))["count"]
-    print(f"added {after - before} items to {args.index} ({after} in all)")
+    dup = {"skip": "skipped", "replace": "replaced", "error": "refused"}[args.on_duplicate]
+    extra = f", {rep.duplicates} already in the gallery ({dup})" if rep.duplicates else ""
+    bad = f", {len(rep.unreadable)} unreadable files skipped" if rep.unreadable else ""
+    print(
+        f"added {rep.added} items to {gallery.store.where}{extra}{bad} ({rep.count} in all, {time.perf_counter() - start:.1f} s)"
+    )
+    return 0
+
+
+def _delete(args: argparse.Namespace) -> int:
+    gallery_target(args)
+    from ..retrieval import parse_filter
+
+    where = parse_filter(args.where) if args.where else None
+    gallery = open_from_args(args)
+    n = gallery.delete(ids=args.ids, where=where)
+    print(f"deleted {n} items from {gallery.store.where} ({len(gallery)} left)")
+    return 0
+
+
+def _update(args: argparse.Namespace) -> int:
+    gallery_target(args)
+    gallery = open_from_args(args)
+    n = gallery.update(args.metadata)
+    print(f"updated the metadata of {n} items of {gallery.store.where}")
+    return 0
+
+
+def _compact(args: argparse.Namespace) -> int:
+    gallery_target(args)
+    gallery = open_from_args(args)
+    start = time.perf_counter()
+    rep = gallery.compact()
+    print(
+        f"compacted {gallery.store.where}: {rep['removed']} deleted items removed, {rep['count']} items ({time.perf_counter() - start:.1f} s)"
+    )
     return 0
 
 
 def _info(args: argparse.Namespace) -> int:
-    if getattr(args, "milvus", None) is not None:
-        from ..retrieval.milvus import describe_collection
+    gallery_target(args)
+    gallery = open_from_args(args, verify=args.verify)
+    return _describe(gallery, args.verify, args.json, (args.precision, args.runtime))
 
-        if not args.collection or args.index:
-            raise EslmatchError("give INDEX or --milvus URI --collection NAME")
-        m = describe_collection(args.milvus, args.collection, args.milvus_timeout)
-        if args.json:
-            print(json.dumps(m, indent=2, sort_keys=True))
-            return 0
-        print(f"collection {args.collection} at {args.milvus} ({m['state']})")
-        print(f"kind       {m['kind']} ({m['count']} items, stages {m['stages']}, Dt={m['total_dim']}, {m['dtype']})")
-        print(f"first      Milvus {m['index']['milvus']} (inner product)")
-        print(f"model      {m['model'].get('path') or '(not recorded)'} fingerprint {m['model']['fingerprint'][:16]}")
+
+def encodings(gallery: Any, asked: tuple[str | None, str] = (None, "torch")) -> dict[str, Any]:
+    """The gallery's recorded encoding(s) (one per source: a build and its adds may differ),
+    the one queries get (``asked``: ``(precision or None, runtime)``; default: the gallery's)
+    and whether they differ. Loads no model."""
+    from ..retrieval.encode import default_encoding, describe_encoding, recorded_encoding
+    from ..utils.precision import resolve_precision
+
+    store = gallery.store
+    base = recorded_encoding(store.manifest.get("encoding"))
+    layout = store.layout() if hasattr(store, "layout") else {}
+    sources = layout.get("sources") or store.manifest.get("sources") or []
+    used = [recorded_encoding(s.get("encoding")) if s.get("encoding") else base for s in sources] or [base]
+    precision, runtime = asked
+    device = getattr(gallery, "_device", "cpu")
+    if runtime == "onnxruntime":
+        query = {"runtime": "onnxruntime", "precision": "fp32"}
+    elif precision is None:
+        query = default_encoding(store.manifest.get("encoding"), device).record()
+    else:
+        query = {"runtime": "torch", "precision": resolve_precision(precision, device)}
+    names = sorted({describe_encoding(e) for e in used})
+    return {
+        "gallery": names,
+        "queries": describe_encoding(query),
+        "mismatch": any(e != query for e in used),
+        "recorded": bool(store.manifest.get("encoding")),
+    }
+
+
+def describe(gallery: Any) -> dict[str, Any]:
+    """The manifest with the live counts, fields and (file galleries) the layout."""
+    store = gallery.store
+    out = {k: v for k, v in store.manifest.items() if not k.startswith("_")}
+    out.update(store.counts())
+    out["fields"] = store.filter_fields()
+    if hasattr(store, "layout"):
+        layout = store.layout()
+        out["layout"] = {k: v for k, v in layout.items() if k != "sources"}
+        out["sources"] = layout.get("sources", [])
+        out["generation"] = store.generation
+    return out
+
+
+def _describe(gallery: Any, verify: bool, as_json: bool, asked: tuple[str | None, str] = (None, "torch")) -> int:
+    info = describe(gallery)
+    info["encodings"] = encodings(gallery, asked)
+    if as_json:
+        print(json.dumps(info, indent=2, sort_keys=True, default=str))
         return 0
-    if not args.index:
-        raise EslmatchError("give the index directory (or --milvus URI --collection NAME)")
-    index = GalleryIndex.open(args.index, verify=args.verify)
-    m = index.manifest
-    if args.json:
-        print(json.dumps(m, indent=2, sort_keys=True))
-        return 0
-    size = sum(rec["bytes"] for rec in m["files"].values())
-    size += sum(rec["bytes"] for shard in m.get("shards", []) for rec in shard["files"].values())
-    what = "regions" if index.kind == "image" else "words"
-    print(f"index      {index.path}")
-    if index.one_stage:
-        print(f"kind       {index.kind} ({index.count} items, one vector of {index.total_dim} each, {index.dtype})")
+    store = gallery.store
+    print(f"gallery    {store.where}")
+    what = "regions" if store.kind == "image" else "words"
+    deleted = f", {info['deleted']} deleted not yet compacted" if info.get("deleted") else ""
+    if store.stages == 1:
+        print(f"kind       {store.kind} ({info['count']} items{deleted}, one vector of {store.total_dim} each)")
         print("stages     1 (exact: the inner product of the vectors is the model's score; no re-rank)")
     else:
+        width = max((s["width"] for s in info.get("layout", {}).get("shards", [])), default=info.get("width", 0))
         print(
-            f"kind       {index.kind} ({index.count} items, up to {index.width} {what}, Dt={index.total_dim}, "
-            f"{index.dtype})"
+            f"kind       {store.kind} ({info['count']} items{deleted}, up to {width} {what}, Dt={store.total_dim}, {store.dtype})"
         )
-        print("stages     2 (FAISS shortlist, then the full ESL score re-ranks it)")
-    faiss = m["faiss"]
-    opts = index.faiss_options.relevant(index.faiss_kind)
-    print(f"faiss      {faiss['kind']}" + "".join(f" {k}={v}" for k, v in opts.items()))
-    print(f"model      {m['model'].get('path') or '(not recorded)'} fingerprint {index.fingerprint[:16]}")
-    print(f"grid       {'x'.join(map(str, index.grid)) if index.grid else 'none'}")
-    print(f"size       {size / 2**20:.1f} MiB")
-    if m.get("shards"):
-        print(f"shards     {len(m['shards'])} (up to {m.get('shard_rows')} items each, format version 3)")
-    for src in m.get("sources", []):
+        print("stages     2 (shortlist by the first stage, then the full ESL score re-ranks it)")
+    first = (info.get("layout") or {}).get("faiss") or info.get("index") or {}
+    auto = " (auto)" if first.get("auto") else ""
+    opts = {
+        k: v
+        for k, v in (first.get("options") or {}).items()
+        if v is not None and k in ("nlist", "nprobe", "pq_m", "refine")
+    }
+    print(f"first      {first.get('kind')}{auto}" + "".join(f" {k}={v}" for k, v in opts.items()))
+    model = store.manifest["model"]
+    print(f"model      {model.get('path') or '(not recorded)'} fingerprint {str(model.get('fingerprint'))[:16]}")
+    _print_encodings(info["encodings"])
+    print(f"fields     {', '.join(f'{k} ({v})' for k, v in info['fields'].items())}")
+    if store.grid:
+        print(f"grid       {'x'.join(map(str, store.grid))}")
+    if "layout" in info:
+        shards = info["layout"].get("shards", [])
+        size = sum(r["bytes"] for s in shards for r in s["files"].values()) + int(first.get("bytes") or 0)
+        print(f"size       {size / 2**20:.1f} MiB in {len(shards)} shard(s), generation {info['generation']}")
+    for src in info.get("sources", []):
         split = f" split {src['split']}" if src.get("split") else ""
         where = src.get("features") or src.get("images") or src.get("split_file")
         skipped = f", {src['skipped']} unreadable files skipped" if src.get("skipped") else ""
         print(f"source     {where}{split} ({src.get('count')} items{skipped})")
-    if args.verify:
-        print("verified   every file's sha256 matches the manifest")
+    if verify:
+        print("verified   every file's sha256 matches the catalogue, and the catalogue is sound")
     return 0
+
+
+def _print_encodings(enc: dict[str, Any]) -> None:
+    shown = " and ".join(enc["gallery"]) + ("" if enc["recorded"] else " (not recorded: written before eslmatch did)")
+    if len(enc["gallery"]) > 1:
+        shown = f"mixed: {shown} (its sources were encoded differently)"
+    print(f"encoded    {shown}")
+    if enc["mismatch"]:
+        print(
+            f"queries    {enc['queries']}: not the gallery's encoding (allowed; the scores differ slightly from "
+            "those of matching encoders; pass --precision to search to choose)"
+        )
+    else:
+        print(f"queries    {enc['queries']} (the gallery's)")
 
 
 def _reindex(args: argparse.Namespace) -> int:
     if args.faiss is None:
-        raise EslmatchError("choose the new first-stage index with --faiss flat|ivf|hnsw")
-    out = rebuild_faiss(args.index, args.faiss, _options(args), args.out)
-    print(f"rebuilt the {args.faiss} FAISS index of {out}")
+        raise EslmatchError("choose the new first stage with --faiss auto|flat|ivf|hnsw|ivfpq")
+    from ..retrieval import FaissOptions, FileStore
+    from ..retrieval.filecompact import copy_gallery
+
+    target = args.index
+    if args.out:
+        copy_gallery(Path(args.index), Path(args.out))
+        target = args.out
+    store = FileStore.open(target)
+    opts = FaissOptions(
+        nlist=args.nlist,
+        nprobe=args.nprobe,
+        hnsw_m=args.hnsw_m,
+        ef_construction=args.ef_construction,
+        ef_search=args.ef_search,
+    )
+    rec = store.reindex(args.faiss, opts)
+    print(f"rebuilt the first stage of {target}: {rec.get('kind')}")
     return 0

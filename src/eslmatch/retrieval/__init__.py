@@ -1,51 +1,65 @@
-"""Gallery indexes: two-stage retrieval for ESL, one-stage exact search for single-vector
-models (see ``docs/retrieval.md``).
+"""Galleries: a living collection searched with ESL (see ``docs/retrieval.md``).
 
-Two-stage (ESL). First stage: the exact bilinear global vectors (:meth:`ESLModel.global_images`
-/ :meth:`ESLModel.global_captions`, whose inner product is a pair's mean word-region
-affinity) searched with FAISS. Second stage: full ESL scores of the ``rerank_k`` best.
-
-One-stage (``model.exact_index``: VSE, ESL-CLIP). The index holds only the model's index
-vectors, whose inner product IS its score: FAISS's ranking is the answer (exact with
-``flat``). Models that take pixels (``model.preprocess``) index a folder of photos or a
-raw-image split; unreadable files are skipped and named.
-
-- :func:`build_image_index`, :func:`build_caption_index`, :func:`add_to_index`,
-  :func:`rebuild_faiss` write index directories atomically;
-- :meth:`GalleryIndex.open` opens one (memory-mapped, checked);
-- :meth:`GalleryIndex.search_text` (image index), :meth:`GalleryIndex.search_image`
-  (caption index) return :class:`Hit` lists; :meth:`GalleryIndex.attention` gives the
-  word-by-region attention of a pair for a heat-map (two-stage indexes).
+- :func:`open_gallery` / :func:`build_gallery` -> :class:`Gallery`: ``search``, ``similar``,
+  ``add``, ``delete``, ``update``, ``compact``, ``len``, ``metadata``; the same on both stores.
+- Stores (the :class:`GalleryStore` protocol): :class:`FileStore` (a folder: FAISS first
+  stage, memory-mapped shards, a SQLite catalogue) and
+  :class:`~eslmatch.retrieval.milvus_store.MilvusStore` (Milvus collections).
+- :class:`Searcher`: tokenise -> encode -> shortlist -> re-rank, for any store. Two-stage for
+  ESL (the first-stage vectors' inner product is a pair's mean word-region affinity, the full
+  ESL score re-ranks the shortlist); one-stage and exact for single-vector models (VSE,
+  ESL-CLIP: the inner product of the index vectors IS the score).
+- Sources (:func:`source_for`, :func:`regions`, :func:`photos`, :func:`captions`): what a
+  gallery is built from or extended with, with ids, paths and metadata.
+- Filters (:func:`parse_filter`): ``folder == "trips" and taken >= "2024-01-01"``.
 """
 
 from __future__ import annotations
 
-from .ann import FAISS_KINDS, FaissOptions
-from .build import add_to_index, build_caption_index, build_image_index, rebuild_faiss
-from .encode import is_one_stage, takes_pixels
-from .index import GalleryIndex, Hit, ImageEntry, plan_depth
-from .sources import ImageSource, PhotoSource, photo_source
-from .store import FORMAT, ONE_STAGE_VERSION, VERSION, GalleryIndexError, model_fingerprint
+from .ann import AUTO, AUTO_FLAT_MAX, FAISS_KINDS, FaissOptions
+from .catalog import Record
+from .filecommit import AddReport, BuildOptions
+from .filestore import FileStore
+from .filters import Filter, FilterError
+from .filters import parse as parse_filter
+from .gallery import Gallery, build_gallery, open_gallery
+from .layout import FORMAT, VERSION, GalleryIndexError
+from .metadata import MetadataError, read_metadata
+from .models import model_fingerprint
+from .search import GalleryStore, Hit, Searcher, plan_depth
+from .sources import CaptionSource, PhotoSource, RegionSource, Source, captions, photos, regions, source_for
 
 __all__ = [
+    "AUTO",
+    "AUTO_FLAT_MAX",
     "FAISS_KINDS",
     "FORMAT",
-    "ONE_STAGE_VERSION",
     "VERSION",
+    "AddReport",
+    "BuildOptions",
+    "CaptionSource",
     "FaissOptions",
-    "GalleryIndex",
+    "FileStore",
+    "Filter",
+    "FilterError",
+    "Gallery",
     "GalleryIndexError",
+    "GalleryStore",
     "Hit",
-    "ImageEntry",
-    "ImageSource",
+    "MetadataError",
     "PhotoSource",
-    "add_to_index",
-    "build_caption_index",
-    "build_image_index",
-    "is_one_stage",
+    "Record",
+    "RegionSource",
+    "Searcher",
+    "Source",
+    "build_gallery",
+    "captions",
     "model_fingerprint",
-    "photo_source",
+    "open_gallery",
+    "parse_filter",
+    "photos",
     "plan_depth",
-    "rebuild_faiss",
-    "takes_pixels",
+    "read_metadata",
+    "regions",
+    "source_for",
 ]

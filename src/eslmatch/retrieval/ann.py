@@ -24,6 +24,11 @@ import torch
 from ..errors import EslmatchError
 
 FAISS_KINDS = ("flat", "ivf", "hnsw", "ivfpq")
+AUTO = "auto"
+# The default first stage ("auto"): exact (flat) up to this many items, IVF-PQ above. Measured
+# on 2 cores (Dt 496): flat costs ~16 ms per query at 100,000 and 31.8 ms at 200,000 (a 52.8 ms
+# median search), IVF-PQ 5.7 ms at 200,000; docs/retrieval.md "Choosing the first stage".
+AUTO_FLAT_MAX = 100_000
 _ADD_CHUNK = 65536
 _IVF_TRAIN_PER_LIST = 64
 _IVF_RETRAIN_GROWTH = 4  # retrain the IVF clusters once the gallery is 4x what they saw
@@ -88,10 +93,26 @@ def faiss_module() -> Any:
     return faiss
 
 
-def check_kind(kind: str) -> str:
-    if kind not in FAISS_KINDS:
-        raise EslmatchError(f"unknown faiss index kind {kind!r}: choose one of {', '.join(FAISS_KINDS)}")
+def check_kind(kind: str, auto: bool = False) -> str:
+    if kind not in FAISS_KINDS and not (auto and kind == AUTO):
+        choices = (*FAISS_KINDS, AUTO) if auto else FAISS_KINDS
+        raise EslmatchError(f"unknown faiss index kind {kind!r}: choose one of {', '.join(choices)}")
     return kind
+
+
+def choose_kind(n: int) -> str:
+    """The default first stage for ``n`` items: ``flat`` (exact) while it is cheap, else ``ivfpq``."""
+    return "flat" if n <= AUTO_FLAT_MAX else "ivfpq"
+
+
+def selector(rows: np.ndarray, n: int) -> tuple[Any, np.ndarray]:
+    """A FAISS ID selector admitting ``rows`` (of ids ``0 .. n-1``), and the bitmap it reads
+    (keep it alive while the selector is used)."""
+    faiss = faiss_module()
+    bits = np.zeros(max(n, 1), dtype=bool)
+    bits[rows[(rows >= 0) & (rows < n)]] = True
+    packed = np.packbits(bits, bitorder="little")
+    return faiss.IDSelectorBitmap(int(n), faiss.swig_ptr(packed)), packed
 
 
 def ivfpq_nlist(n: int) -> int:
@@ -223,21 +244,81 @@ def read(path: Path) -> Any:
         raise EslmatchError(f"{path}: not a readable FAISS index ({str(exc).strip().splitlines()[-1]})") from exc
 
 
-def search(index: Any, kind: str, options: FaissOptions, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+def search(
+    index: Any,
+    kind: str,
+    options: FaissOptions,
+    queries: np.ndarray,
+    n: int,
+    allowed: np.ndarray | None = None,
+    share: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Top ``n`` inner products of each query ``(Q, Dt)`` -> ``(scores (Q, n), rows (Q, n))``.
 
-    Rows are -1 where an approximate index found fewer than ``n`` candidates. An IVF index
-    searches ``nprobe`` clusters, or more where those would hold fewer than ``2 n`` vectors on
-    average (``ceil(2 n nlist / N)``: small galleries, deep shortlists).
+    Rows are -1 where an approximate index found fewer than ``n`` candidates. ``allowed``: only
+    these rows may be returned (a FAISS ID selector: exact for ``flat``); ``share``: the
+    fraction of the index they are (an IVF search then probes enough clusters to hold ``2 n``
+    allowed vectors on average). An IVF index searches ``nprobe`` clusters, or more where
+    those would hold fewer than ``2 n`` vectors (``ceil(2 n nlist / (share N))``).
     """
+    faiss = faiss_module()
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    total = max(1, int(index.ntotal))
+    sel, keep = selector(allowed, total) if allowed is not None else (None, None)
     if kind in ("ivf", "ivfpq"):
-        # at least enough clusters to hold twice the candidates asked, on average (small galleries)
-        nlist, total = int(index.nlist), max(1, int(index.ntotal))
-        index.nprobe = min(nlist, max(int(options.nprobe or 1), math.ceil(2 * n * nlist / total)))
+        nlist = int(index.nlist)
+        nprobe = min(nlist, max(int(options.nprobe or 1), math.ceil(2 * n * nlist / max(1.0, share * total))))
+        params: Any = faiss.SearchParametersIVF(nprobe=nprobe)
     elif kind == "hnsw":
-        index.hnsw.efSearch = max(int(options.ef_search), n)
-    scores, rows = index.search(np.ascontiguousarray(queries, dtype=np.float32), n)
+        params = faiss.SearchParametersHNSW(efSearch=max(int(options.ef_search), n))
+    else:
+        params = faiss.SearchParameters()
+    if sel is not None:
+        params.sel = sel
+    scores, rows = index.search(q, n, params=params)
+    del keep  # the selector read it during the search
     return scores, rows
+
+
+def exact_top(queries: np.ndarray, vectors: np.ndarray, rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top ``n`` of ``rows`` by exact inner product: ``vectors (R, Dt)`` are those rows'
+    vectors. Returns ``(scores (Q, n), rows (Q, n))``, best first, ties by row, -1 padded."""
+    q = np.asarray(queries, dtype=np.float32)
+    out_s = np.full((q.shape[0], n), -np.inf, dtype=np.float32)
+    out_r = np.full((q.shape[0], n), -1, dtype=np.int64)
+    if rows.size == 0 or n == 0:
+        return out_s, out_r
+    exact = (torch.from_numpy(q) @ torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)).T).numpy()
+    m = min(n, rows.size)
+    for j in range(q.shape[0]):
+        s = exact[j]
+        if m < rows.size:
+            # every candidate at least as good as the m-th best (ties kept, then broken by row)
+            cut = np.partition(-s, m - 1)[m - 1]
+            cand = np.nonzero(-s <= cut)[0]
+        else:
+            cand = np.arange(rows.size)
+        order = cand[np.lexsort((rows[cand], -s[cand]))][:m]
+        out_s[j, :m] = s[order]
+        out_r[j, :m] = rows[order]
+    return out_s, out_r
+
+
+def merge_top(
+    a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``n`` of two candidate lists per query (scores desc, ties by row; -1 rows dropped)."""
+    scores = np.concatenate([a[0], b[0]], axis=1)
+    rows = np.concatenate([a[1], b[1]], axis=1).astype(np.int64)
+    out_s = np.full((scores.shape[0], n), -np.inf, dtype=np.float32)
+    out_r = np.full((scores.shape[0], n), -1, dtype=np.int64)
+    for j in range(scores.shape[0]):
+        ok = rows[j] >= 0
+        s, r = scores[j][ok], rows[j][ok]
+        order = np.lexsort((r, -s))[:n]
+        out_s[j, : order.size] = s[order]
+        out_r[j, : order.size] = r[order]
+    return out_s, out_r
 
 
 def candidates(kind: str, options: FaissOptions, n: int, count: int) -> int:

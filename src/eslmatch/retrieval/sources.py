@@ -1,11 +1,23 @@
-"""What an index is built from: region features, photos (models that take pixels) or
-captions, with ids, paths and a grid."""
+"""What a gallery is built from or extended with: a :class:`Source`.
+
+Three kinds, each with ids, paths and metadata per item:
+
+- :class:`RegionSource`: region features ``(N, R, D)`` (a precomp split, an ``.npy``, an array)
+  for models of region features (ESL, VSE);
+- :class:`PhotoSource`: image files (a folder, recursively, or a raw-image split) for models
+  that take pixels (ESL-CLIP); a file that cannot be read is skipped then and named;
+- :class:`CaptionSource`: captions (a caption index, for image -> text search).
+
+:func:`source_for` picks the kind from the model and the inputs (what the CLI calls);
+``Source.with_metadata`` attaches user metadata (checked against the source's ids).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,320 +26,219 @@ import numpy as np
 from ..data import open_split
 from ..data.files import SkipImage, list_images, open_image
 from ..data.precomp import read_lines
-from ..data.raw import ImageCaptionSplit, open_image_split
+from ..data.raw import ImageCaptionSplit
 from ..errors import EslmatchError
-from .store import open_array
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-EXTRACT_META = "extract_meta.json"
-
-
-@dataclass
-class ImageSource:
-    """Region features to index.
-
-    Attributes:
-        count: images ``N``.
-        regions: ``R`` (positions per image, padded).
-        read: rows ``[i0, i1)`` as float32 ``(i1 - i0, R, D)``.
-        lengths: ``(N,)`` real regions per image or ``None`` (all ``R``).
-        ids, paths: per image, or ``None``.
-        grid: ``(h, w)`` of the regions when they form a grid, else ``None``.
-        description: where the features came from (for the manifest).
-    """
-
-    count: int
-    regions: int
-    dim: int
-    read: Callable[[int, int], np.ndarray]
-    lengths: np.ndarray | None
-    ids: list[str] | None
-    paths: list[str] | None
-    grid: tuple[int, int] | None
-    description: dict[str, Any]
+from ..model.base import MatchingModel
+from .layout import open_array
+from .metadata import Metadata, MetadataError, exif_taken, folder_of, merge_types
+from .sourcefiles import (
+    check_grid,
+    check_lengths,
+    is_split_file,
+    paths_from_dir,
+    read_grid,
+    resolve_split_paths,
+    split_file,
+)
 
 
 @dataclass
-class CaptionSource:
-    """Captions to index (with the image path of each caption's image when known)."""
+class Source:
+    """Items to add: ``count`` of them with ``ids``, ``paths`` (``""`` when unknown) and
+    ``description`` (where they came from, for the manifest). ``given_ids``: the ids came from
+    the caller or the data (else they are numbers, renumbered by :meth:`number_from`)."""
 
-    captions: list[str]
-    ids: list[str] | None
-    paths: list[str] | None
-    description: dict[str, Any]
-
-
-def _is_split(obj: Any) -> bool:
-    return hasattr(obj, "captions") and hasattr(obj, "images") and hasattr(obj, "image_of_caption")
-
-
-def _open_split(path: Path, split: str, img_dim: int | None) -> Any:
-    return open_split(path, split, img_dim=img_dim)
-
-
-def read_grid(folder: Path, regions: int, split: str | None = None) -> tuple[int, int] | None:
-    """The region grid ``(h, w)`` recorded by ``eslmatch extract`` in ``extract_meta.json``.
-
-    Looks at ``splits[split].backbone_info.grid`` (what ``eslmatch extract`` writes; box-pooled
-    features, which name a ``boxes_file``, have no grid), then at a top-level ``grid`` /
-    ``grid_shape`` / ``grid_h`` + ``grid_w``. A grid is used only when ``h * w == R``.
-    """
-    path = folder / EXTRACT_META
-    if not path.is_file():
-        return None
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(meta, dict):
-        return None
-    candidates: list[Any] = []
-    splits = meta.get("splits")
-    if isinstance(splits, dict):
-        records = [splits.get(split)] if split in splits else list(splits.values())
-        for rec in records:
-            info = rec.get("backbone_info") if isinstance(rec, dict) else None
-            if isinstance(info, dict) and not info.get("boxes_file"):
-                candidates.append(info.get("grid"))
-    candidates.append(meta.get("grid", meta.get("grid_shape")))
-    if "grid_h" in meta and "grid_w" in meta:
-        candidates.append((meta["grid_h"], meta["grid_w"]))
-    for grid in candidates:
-        try:
-            h, w = (int(v) for v in grid)
-        except (TypeError, ValueError):
-            continue
-        if h > 0 and w > 0 and h * w == regions:
-            return (h, w)
-    return None
-
-
-def check_grid(grid: Sequence[int] | None, regions: int) -> tuple[int, int] | None:
-    if grid is None:
-        return None
-    try:
-        h, w = (int(v) for v in grid)
-    except (TypeError, ValueError):
-        raise EslmatchError(f"grid must be two integers (h, w), got {grid!r}") from None
-    if h < 1 or w < 1 or h * w != regions:
-        raise EslmatchError(f"grid {h}x{w} does not cover the {regions} regions per image")
-    return (h, w)
-
-
-def _resolve_split_paths(paths: list[str] | None, root: Path) -> list[str] | None:
-    """Relative image paths of a split, made absolute when they exist under its folder."""
-    if paths is None:
-        return None
-    out = []
-    for p in paths:
-        cand = Path(p)
-        if not cand.is_absolute() and (root / cand).is_file():
-            cand = root / cand
-        out.append(str(cand.resolve()) if cand.is_absolute() else p)
-    return out
-
-
-def paths_from_dir(images_dir: str | Path, count: int, known: list[str] | None, ids: list[str] | None) -> list[str]:
-    """Image paths under ``images_dir`` for ``count`` images.
-
-    Known relative paths are joined to the folder; else an image file named after each id
-    (``ID.jpg``, ``ID.png``...) is looked for; else the folder's image files, sorted by
-    name, must be exactly ``count``.
-    """
-    folder = Path(images_dir)
-    if not folder.is_dir():
-        raise EslmatchError(f"{folder}: no such image folder (--images)")
-    if known is not None:
-        return [p if Path(p).is_absolute() else str((folder / p).resolve()) for p in known]
-    if ids is not None:
-        found = []
-        for i in ids:
-            match = next((folder / f"{i}{s}" for s in IMAGE_SUFFIXES if (folder / f"{i}{s}").is_file()), None)
-            if match is None:
-                break
-            found.append(str(match.resolve()))
-        else:
-            return found
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if len(files) != count:
-        raise EslmatchError(
-            f"{folder}: {len(files)} image files for {count} indexed images; give image paths "
-            f"({{split}}_images.txt) or ids that name the files"
-        )
-    return [str(p.resolve()) for p in files]
-
-
-def image_source(
-    features: Any,
-    *,
-    img_dim: int,
-    split: str = "test",
-    lengths: Any = None,
-    grid: Sequence[int] | None = None,
-) -> ImageSource:
-    """Region features from a precomp split (folder or :class:`PrecompSplit`), an ``.npy``
-    file ``(N, R, D)``, an array / tensor ``(N, R, D)``, or an :class:`ImageSource` (e.g.
-    features produced chunk by chunk)."""
-    if isinstance(features, ImageSource):
-        if features.dim != img_dim:
-            raise EslmatchError(f"region features have width {features.dim}, the model expects {img_dim}")
-        return features
-    if isinstance(features, (str, Path)):
-        path = Path(features)
-        if path.is_dir():
-            features = _open_split(path, split, img_dim)
-        elif path.suffix == ".npy" and path.is_file():
-            src = _array_source(open_array(path), img_dim, lengths, grid, {"features": str(path.resolve())})
-            if src.grid is None:
-                src.grid = read_grid(path.parent, src.regions)
-            return src
-        elif not path.exists():
-            raise EslmatchError(f"{path}: no such features folder or .npy file")
-        else:
-            raise EslmatchError(f"{path}: features must be a precomp dataset folder or an .npy (N, R, D) array")
-    if _is_split(features):
-        s = features
-        if s.img_dim != img_dim:
-            raise EslmatchError(f"{s.images_path}: features have width {s.img_dim}, the model expects {img_dim}")
-        ids = list(s.ids) if s.ids is not None else None
-        paths = _resolve_split_paths(s.image_paths, Path(s.root))
-        desc = {"features": str(Path(s.root).resolve()), "split": s.name}
-        found = check_grid(grid, s.n_regions) if grid is not None else read_grid(Path(s.root), s.n_regions, s.name)
-        return ImageSource(
-            s.n_images,
-            s.n_regions,
-            s.img_dim,
-            lambda i0, i1: s.read_images(slice(i0, i1)),
-            _lengths(lengths, s.n_images, s.n_regions),
-            ids,
-            paths,
-            found,
-            desc,
-        )
-    return _array_source(features, img_dim, lengths, grid, {"features": "array"})
-
-
-@dataclass
-class PhotoSource:
-    """Image files to index with a model that takes pixels (``model.preprocess``).
-
-    The files are opened and preprocessed while they are encoded (:func:`load_pixels`): one
-    that cannot be read is skipped then and named, never fatal.
-
-    Attributes:
-        files: absolute paths of the candidate files, in order.
-        ids: one per file (its path relative to the folder without extension, or the
-            split's image id).
-        names: how each file is named in messages and the manifest (relative to the folder,
-            or the absolute path for a split).
-        refused: ``(name, reason)`` of files left out before reading (an image a split names
-            that is missing, a second file with the same id).
-        description: where the files came from (for the manifest).
-    """
-
-    files: list[Path]
+    kind: str
     ids: list[str]
-    names: list[str]
-    refused: list[tuple[str, str]]
+    paths: list[str]
     description: dict[str, Any]
+    given_ids: bool = True
+    root: Path | None = None  # the folder relative to which ``folder`` is recorded
+    user_metadata: dict[str, Metadata] = field(default_factory=dict)
 
     @property
     def count(self) -> int:
-        return len(self.files)
+        return len(self.ids)
 
+    def number_from(self, start: int) -> None:
+        """Give numbered ids ``str(start + i)`` when the data named none (``index add``)."""
+        if not self.given_ids:
+            self.ids = [str(start + i) for i in range(self.count)]
 
-def is_split_file(path: Path) -> bool:
-    """A Karpathy-split JSON or a captions TSV (``{split}`` in the name picks a file per split)."""
-    return "{split}" in str(path) or (path.is_file() and path.suffix.lower() in (".json", ".tsv"))
-
-
-def _split_file(path: Path, images_dir: str | Path | None, split: str, captions_per_image: int) -> ImageCaptionSplit:
-    if images_dir is None:
-        raise EslmatchError(f"{path}: a split file needs the folder of its images (images_dir= / --images)")
-    if not Path(str(path).replace("{split}", split)).is_file():
-        raise EslmatchError(f"{str(path).replace('{split}', split)}: no such split file")
-    return open_image_split(path, images_dir, split, captions_per_image)
-
-
-def photo_source(
-    source: Any,
-    *,
-    images_dir: str | Path | None = None,
-    split: str = "test",
-    recursive: bool = True,
-    captions_per_image: int = 5,
-) -> PhotoSource:
-    """The images to index for a model that takes pixels.
-
-    ``source``: a folder of photos (every regular file in it, recursively, in sorted
-    relative-path order; ids are relative paths without extension), a Karpathy-split JSON or
-    an ``image<TAB>caption`` TSV (``split`` of it, images under ``images_dir``), an
-    :class:`~eslmatch.data.raw.ImageCaptionSplit`, or a :class:`PhotoSource`.
-    """
-    if isinstance(source, PhotoSource):
-        return source
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if path.is_dir():
-            return _folder_photos(path, recursive)
-        if is_split_file(path):
-            source = _split_file(path, images_dir, split, captions_per_image)
-        elif not path.exists():
-            raise EslmatchError(f"{path}: no such folder of photos or split file")
-        else:
-            raise EslmatchError(
-                f"{path}: this model takes images: give a folder of photos, or a Karpathy-split .json / "
-                "captions .tsv with the folder of its images"
+    def with_metadata(self, metadata: Mapping[str, Metadata] | None) -> Source:
+        """Attach user metadata ``{id: {field: value}}``; an id not in this source is refused."""
+        if not metadata:
+            return self
+        known = set(self.ids)
+        unknown = [i for i in metadata if i not in known]
+        if unknown:
+            raise MetadataError(
+                f"metadata names {len(unknown)} id(s) not among the {self.count} items added, e.g. {unknown[0]!r}"
             )
-    if isinstance(source, ImageCaptionSplit):
-        files = [Path(p) for p in source.image_paths]
-        desc = {"split_file": str(Path(source.source).resolve()), "split": source.name}
-        refused = [(m, "missing: the split names it, the image folder lacks it") for m in source.missing]
-        return PhotoSource(files, list(source.ids), [str(p) for p in files], refused, desc)
-    raise EslmatchError(
-        f"this model takes images: give a folder of photos or a split file, not {type(source).__name__}"
-    )
+        merge_types({}, ({"id": k, **v} for k, v in metadata.items()))
+        self.user_metadata = {k: dict(v) for k, v in metadata.items()}
+        return self
 
-
-def _folder_photos(root: Path, recursive: bool) -> PhotoSource:
-    entries, refused = list_images(root, recursive=recursive)
-    if not entries:
-        raise EslmatchError(f"{root}: no file to index in the folder")
-    desc = {"images": str(root.resolve())}
-    return PhotoSource([e.path for e in entries], [e.id for e in entries], [e.rel for e in entries], refused, desc)
-
-
-def load_pixels(
-    src: PhotoSource, i0: int, i1: int, preprocess: Callable[[Any], Any]
-) -> tuple[list[Any], list[int], list[tuple[str, str]]]:
-    """Preprocessed pixels of files ``[i0, i1)`` of ``src``: ``(pixels, kept rows, skipped)``,
-    ``skipped`` being ``(name, reason)`` of the files that could not be read."""
-    pixels, kept, skipped = [], [], []
-    for i in range(i0, i1):
+    def auto_metadata(self, position: int) -> Metadata:
+        """What the item records by itself: ``folder`` (under :attr:`root`) and ``taken``."""
+        path = self.paths[position]
+        if self.root is None or not path:
+            return {}
         try:
-            image = open_image(src.files[i])
-        except SkipImage as exc:
-            skipped.append((src.names[i], str(exc)))
-            continue
-        try:
-            pixels.append(preprocess(image))
-        except (OSError, ValueError, RuntimeError) as exc:  # PIL's lazy decoding, odd sizes
-            skipped.append((src.names[i], f"cannot preprocess ({type(exc).__name__}: {exc})"))
-            continue
-        kept.append(i)
-    return pixels, kept, skipped
+            rel = Path(path).resolve().relative_to(self.root.resolve()).as_posix()
+        except ValueError:
+            return {}
+        out: Metadata = {"folder": folder_of(rel)}
+        taken = exif_taken(path)
+        if taken is not None:
+            out["taken"] = taken
+        return out
 
+    def metadata(self, positions: Sequence[int]) -> list[Metadata]:
+        """The metadata of items ``positions``: auto fields, then the user's on top."""
+        return [{**self.auto_metadata(i), **self.user_metadata.get(self.ids[i], {})} for i in positions]
 
-def _array_source(
-    arr: Any, img_dim: int, lengths: Any, grid: Sequence[int] | None, desc: dict[str, Any]
-) -> ImageSource:
-    try:
-        import torch
+    def identity(self) -> dict[str, Any]:
+        """What identifies these items (to resume an interrupted write of the same ones)."""
+        h = hashlib.sha256()
+        h.update(json.dumps([self.kind, self.description, self.count], sort_keys=True, default=str).encode())
+        h.update("\n".join(self.ids).encode() + b"\0" + "\n".join(self.paths).encode())
+        h.update(json.dumps(self.user_metadata, sort_keys=True).encode())
+        self._identity_more(h)
+        return {"source": self.description, "count": self.count, "digest": h.hexdigest()}
 
-        if isinstance(arr, torch.Tensor):
-            arr = arr.detach().cpu().numpy()
-    except ImportError:  # pragma: no cover
+    def _identity_more(self, h: Any) -> None:
         pass
+
+
+@dataclass
+class RegionSource(Source):
+    """Region features: ``read(i0, i1)`` -> float32 ``(i1 - i0, R, D)``; ``lengths (N,)`` real
+    regions or ``None`` (all ``regions``); ``grid`` (h, w) when the regions form one."""
+
+    regions: int = 0
+    dim: int = 0
+    read: Callable[[int, int], np.ndarray] = field(default=lambda i0, i1: np.zeros(0), repr=False)
+    lengths: np.ndarray | None = None
+    grid: tuple[int, int] | None = None
+
+    @classmethod
+    def stream(
+        cls, count: int, regions: int, dim: int, read: Callable[[int, int], np.ndarray], description: dict[str, Any]
+    ) -> RegionSource:
+        """Features made chunk by chunk (``read(i0, i1)`` -> ``(i1 - i0, regions, dim)``), numbered ids."""
+        return cls(
+            "image",
+            [str(i) for i in range(count)],
+            [""] * count,
+            description,
+            False,
+            None,
+            regions=regions,
+            dim=dim,
+            read=read,
+        )
+
+    def _identity_more(self, h: Any) -> None:
+        h.update(f"{self.regions}|{self.dim}".encode())
+        for i in (0, max(0, self.count - 1)):
+            h.update(np.ascontiguousarray(self.read(i, i + 1), dtype=np.float32).tobytes())
+        if self.lengths is not None:
+            h.update(np.asarray(self.lengths, dtype=np.int64).tobytes())
+
+
+@dataclass
+class PhotoSource(Source):
+    """Image files (absolute ``files``), named in messages by ``names``; ``refused``: files left
+    out before reading (missing from a split, a second file with the same id)."""
+
+    files: list[Path] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)
+
+    def load(
+        self, i0: int, i1: int, preprocess: Callable[[Any], Any]
+    ) -> tuple[list[Any], list[int], list[tuple[str, str]]]:
+        """Preprocessed pixels of files ``[i0, i1)``: ``(pixels, kept positions, skipped (name, reason))``."""
+        pixels, kept, skipped = [], [], []
+        for i in range(i0, i1):
+            try:
+                image = open_image(self.files[i])
+            except SkipImage as exc:
+                skipped.append((self.names[i], str(exc)))
+                continue
+            try:
+                pixels.append(preprocess(image))
+            except (OSError, ValueError, RuntimeError) as exc:  # PIL's lazy decoding, odd sizes
+                skipped.append((self.names[i], f"cannot preprocess ({type(exc).__name__}: {exc})"))
+                continue
+            kept.append(i)
+        return pixels, kept, skipped
+
+    def _identity_more(self, h: Any) -> None:
+        for f in self.files:
+            try:
+                st = f.stat()
+                h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{f}|missing\n".encode())
+
+
+@dataclass
+class CaptionSource(Source):
+    """Captions (one item each), with the path of each caption's image when known."""
+
+    texts: list[str] = field(default_factory=list)
+
+    def _identity_more(self, h: Any) -> None:
+        h.update("\n".join(self.texts).encode())
+
+
+# ---------------------------------------------------------------------- ids and paths
+def clean_line(value: Any, what: str, i: int) -> str:
+    s = "" if value is None else str(value)
+    if "\n" in s or "\r" in s:
+        raise EslmatchError(f"{what} {i} contains a line break: {s!r}")
+    return s
+
+
+def _ids(given: Sequence[Any] | None, found: list[str] | None, n: int) -> tuple[list[str], bool]:
+    """Item ids (given, else from the data, else numbers) and whether they were named."""
+    if given is not None:
+        ids = [clean_line(v, "id", i) for i, v in enumerate(given)]
+        if len(ids) != n:
+            raise EslmatchError(f"{len(ids)} ids given for {n} items")
+    elif found is not None:
+        ids = list(found)
+    else:
+        return [str(i) for i in range(n)], False
+    seen: set[str] = set()
+    for i, s in enumerate(ids):
+        if not s:
+            raise EslmatchError(f"id {i} is empty")
+        if s in seen:
+            raise EslmatchError(f"duplicate id {s!r} among the items (ids must be unique in a gallery; pass ids=)")
+        seen.add(s)
+    return ids, True
+
+
+def _paths(
+    given: Sequence[Any] | None, found: list[str] | None, n: int, images_dir: Any, ids: list[str] | None
+) -> list[str]:
+    if given is not None:
+        paths = [clean_line(v, "path", i) for i, v in enumerate(given)]
+        if len(paths) != n:
+            raise EslmatchError(f"{len(paths)} paths given for {n} items")
+        return paths
+    if images_dir is not None:
+        return paths_from_dir(images_dir, n, found, ids)
+    return [clean_line(v, "path", i) for i, v in enumerate(found)] if found is not None else [""] * n
+
+
+# ---------------------------------------------------------------------- region features
+def _as_features(arr: Any, img_dim: int) -> np.ndarray:
+    if hasattr(arr, "detach"):
+        arr = arr.detach().cpu().numpy()
     if not isinstance(arr, np.ndarray) or arr.ndim != 3:
         shape = getattr(arr, "shape", type(arr).__name__)
         raise EslmatchError(f"region features must be an array (N, R, {img_dim}), got {shape}")
@@ -338,51 +249,185 @@ def _array_source(
         raise EslmatchError(f"region features are empty: shape {arr.shape}")
     if d != img_dim:
         raise EslmatchError(f"region features have width {d}, the model expects {img_dim}")
-    return ImageSource(
-        n,
-        r,
-        d,
-        lambda i0, i1: np.array(arr[i0:i1], dtype=np.float32),
-        _lengths(lengths, n, r),
-        None,
-        None,
-        check_grid(grid, r),
+    return arr
+
+
+def regions(
+    features: Any,
+    *,
+    img_dim: int,
+    split: str = "test",
+    lengths: Any = None,
+    ids: Sequence[Any] | None = None,
+    paths: Sequence[Any] | None = None,
+    images_dir: str | Path | None = None,
+    grid: Sequence[int] | None = None,
+) -> RegionSource:
+    """Region features from a precomp split (folder or :class:`PrecompSplit`), an ``.npy``
+    ``(N, R, D)``, an array / tensor, or a :class:`RegionSource` (returned as it is)."""
+    if isinstance(features, RegionSource):
+        if features.dim != img_dim:
+            raise EslmatchError(f"region features have width {features.dim}, the model expects {img_dim}")
+        return features
+    found_ids: list[str] | None = None
+    found_paths: list[str] | None = None
+    root: Path | None = Path(images_dir) if images_dir is not None else None
+    if isinstance(features, (str, Path)):
+        path = Path(features)
+        if path.is_dir():
+            features = open_split(path, split, img_dim=img_dim)
+        elif path.suffix == ".npy" and path.is_file():
+            arr = _as_features(open_array(path), img_dim)
+            found_grid = check_grid(grid, arr.shape[1]) if grid is not None else read_grid(path.parent, arr.shape[1])
+            return _array_source(arr, lengths, ids, paths, images_dir, found_grid, {"features": str(path.resolve())})
+        elif not path.exists():
+            raise EslmatchError(f"{path}: no such features folder or .npy file")
+        else:
+            raise EslmatchError(f"{path}: features must be a precomp dataset folder or an .npy (N, R, D) array")
+    if hasattr(features, "read_images") and hasattr(features, "n_regions"):
+        s = features
+        if s.img_dim != img_dim:
+            raise EslmatchError(f"{s.images_path}: features have width {s.img_dim}, the model expects {img_dim}")
+        found_ids = list(s.ids) if s.ids is not None else None
+        found_paths = resolve_split_paths(s.image_paths, Path(s.root))
+        found = check_grid(grid, s.n_regions) if grid is not None else read_grid(Path(s.root), s.n_regions, s.name)
+        item_ids, named = _ids(ids, found_ids, s.n_images)
+        item_paths = _paths(paths, found_paths, s.n_images, images_dir, item_ids)
+        if root is None and found_paths is not None:
+            root = Path(s.root)
+        return RegionSource(
+            "image",
+            item_ids,
+            item_paths,
+            {"features": str(Path(s.root).resolve()), "split": s.name},
+            named,
+            root,
+            regions=s.n_regions,
+            dim=s.img_dim,
+            read=lambda i0, i1: s.read_images(slice(i0, i1)),
+            lengths=check_lengths(lengths, s.n_images, s.n_regions),
+            grid=found,
+        )
+    arr = _as_features(features, img_dim)
+    return _array_source(arr, lengths, ids, paths, images_dir, check_grid(grid, arr.shape[1]), {"features": "array"})
+
+
+def _array_source(
+    arr: np.ndarray, lengths: Any, ids: Any, paths: Any, images_dir: Any, grid: Any, desc: dict[str, Any]
+) -> RegionSource:
+    n, r, d = arr.shape
+    item_ids, named = _ids(ids, None, n)
+    return RegionSource(
+        "image",
+        item_ids,
+        _paths(paths, None, n, images_dir, item_ids if named else None),
         desc,
+        named,
+        Path(images_dir) if images_dir is not None else None,
+        regions=r,
+        dim=d,
+        read=lambda i0, i1: np.array(arr[i0:i1], dtype=np.float32),
+        lengths=check_lengths(lengths, n, r),
+        grid=grid,
     )
 
 
-def _lengths(lengths: Any, n: int, r: int) -> np.ndarray | None:
-    if lengths is None:
-        return None
-    if isinstance(lengths, (str, Path)):
-        lengths = np.load(lengths, allow_pickle=False)
-    arr = np.asarray(lengths.cpu() if hasattr(lengths, "cpu") else lengths).reshape(-1)
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise EslmatchError(f"image lengths must be integers, got {arr.dtype}")
-    if arr.shape[0] != n:
-        raise EslmatchError(f"{arr.shape[0]} image lengths given for {n} images")
-    bad = np.nonzero((arr < 1) | (arr > r))[0]
-    if bad.size:
-        raise EslmatchError(f"image {int(bad[0])} has length {int(arr[bad[0]])}, outside 1..{r}")
-    return arr.astype(np.int64)
-
-
-def caption_source(
-    captions: Any, *, split: str = "test", images_dir: str | Path | None = None, captions_per_image: int = 5
-) -> CaptionSource:
-    """Captions from a list of strings, a ``.txt`` file (one per line), a precomp split
-    (folder or :class:`PrecompSplit`: ids ``IMAGEID#j`` when the split has image ids), or a
-    raw-image split: a Karpathy-split ``.json`` / captions ``.tsv`` with ``images_dir`` the
-    folder of its images, or an :class:`~eslmatch.data.raw.ImageCaptionSplit` (ids
-    ``IMAGEID#j``, paths the image files)."""
-    if isinstance(captions, (str, Path)):
-        path = Path(captions)
+# ---------------------------------------------------------------------- photos
+def photos(
+    source: Any,
+    *,
+    images_dir: str | Path | None = None,
+    split: str = "test",
+    ids: Sequence[Any] | None = None,
+    captions_per_image: int = 5,
+) -> PhotoSource:
+    """Image files for a model that takes pixels: a folder of photos (every regular file in
+    it, recursively, in sorted relative-path order; ids are relative paths without extension),
+    a Karpathy-split JSON or an ``image<TAB>caption`` TSV (``split`` of it, images under
+    ``images_dir``), an :class:`~eslmatch.data.raw.ImageCaptionSplit`, or a :class:`PhotoSource`."""
+    if isinstance(source, PhotoSource):
+        return source
+    if isinstance(source, (str, Path)):
+        path = Path(source)
         if path.is_dir():
-            captions = _open_split(path, split, None)
+            return _folder_photos(path, ids)
+        if is_split_file(path):
+            source = split_file(path, images_dir, split, captions_per_image)
+        elif not path.exists():
+            raise EslmatchError(f"{path}: no such folder of photos or split file")
+        else:
+            raise EslmatchError(
+                f"{path}: this model takes images: give a folder of photos, or a Karpathy-split .json / "
+                "captions .tsv with the folder of its images"
+            )
+    if isinstance(source, ImageCaptionSplit):
+        files = [Path(p) for p in source.image_paths]
+        item_ids, _ = _ids(ids, list(source.ids), len(files))
+        desc = {"split_file": str(Path(source.source).resolve()), "split": source.name}
+        refused = [(m, "missing: the split names it, the image folder lacks it") for m in source.missing]
+        root = Path(images_dir) if images_dir is not None else None
+        return PhotoSource(
+            "image",
+            item_ids,
+            [str(f) for f in files],
+            desc,
+            True,
+            root,
+            files=files,
+            names=[str(p) for p in files],
+            refused=refused,
+        )
+    raise EslmatchError(
+        f"this model takes images: give a folder of photos or a split file, not {type(source).__name__}"
+    )
+
+
+def _folder_photos(root: Path, ids: Sequence[Any] | None) -> PhotoSource:
+    entries, refused = list_images(root, recursive=True)
+    if not entries:
+        raise EslmatchError(f"{root}: no file to index in the folder")
+    item_ids, _ = _ids(ids, [e.id for e in entries], len(entries))
+    files = [e.path for e in entries]
+    return PhotoSource(
+        "image",
+        item_ids,
+        [str(f) for f in files],
+        {"images": str(root.resolve())},
+        True,
+        root,
+        files=files,
+        names=[e.rel for e in entries],
+        refused=refused,
+    )
+
+
+# ---------------------------------------------------------------------- captions
+def captions(
+    texts: Any,
+    *,
+    split: str = "test",
+    images_dir: str | Path | None = None,
+    ids: Sequence[Any] | None = None,
+    paths: Sequence[Any] | None = None,
+    captions_per_image: int = 5,
+) -> CaptionSource:
+    """Captions from a list of strings, a ``.txt`` file (one per line), a precomp split (ids
+    ``IMAGEID#j`` when the split has image ids), or a raw-image split (a Karpathy-split
+    ``.json`` / captions ``.tsv`` with ``images_dir``, or an ``ImageCaptionSplit``)."""
+    if isinstance(texts, CaptionSource):
+        return texts
+    found_ids: list[str] | None = None
+    found_paths: list[str] | None = None
+    if isinstance(texts, (str, Path)):
+        path = Path(texts)
+        if path.is_dir():
+            texts = open_split(path, split, img_dim=None)
         elif is_split_file(path):
-            captions = _split_file(path, images_dir, split, captions_per_image)
+            texts = split_file(path, images_dir, split, captions_per_image)
         elif path.is_file() and path.suffix == ".txt":
-            return CaptionSource(read_lines(path, "captions"), None, None, {"features": str(path.resolve())})
+            return _caption_source(
+                read_lines(path, "captions"), ids, paths, None, None, {"features": str(path.resolve())}
+            )
         elif not path.exists():
             raise EslmatchError(f"{path}: no such dataset folder, split file or captions .txt file")
         else:
@@ -390,29 +435,103 @@ def caption_source(
                 f"{path}: captions must come from a precomp dataset folder, a .txt file (one caption a line), "
                 "or a Karpathy-split .json / captions .tsv"
             )
-    if isinstance(captions, ImageCaptionSplit):
-        r = captions
-        k = r.captions_per_image
-        ids: list[str] | None = [f"{r.ids[c // k]}#{c % k}" for c in range(r.n_captions)]
-        paths: list[str] | None = [str(r.image_paths[c // k]) for c in range(r.n_captions)]
+    if isinstance(texts, ImageCaptionSplit):
+        r, k = texts, texts.captions_per_image
+        found_ids = [f"{r.ids[c // k]}#{c % k}" for c in range(r.n_captions)]
+        found_paths = [str(r.image_paths[c // k]) for c in range(r.n_captions)]
         desc = {"split_file": str(Path(r.source).resolve()), "split": r.name}
-        return CaptionSource(list(r.captions), ids, paths, desc)
-    if _is_split(captions):
-        s = captions
-        k = s.captions_per_image
-        ids = [f"{s.ids[c // k]}#{c % k}" for c in range(s.n_captions)] if s.ids is not None else None
-        img_paths = _resolve_split_paths(s.image_paths, Path(s.root))
-        paths = [img_paths[c // k] for c in range(s.n_captions)] if img_paths is not None else None
-        return CaptionSource(list(s.captions), ids, paths, {"features": str(Path(s.root).resolve()), "split": s.name})
-    if isinstance(captions, str) or not isinstance(captions, Sequence):
+        return _caption_source(list(r.captions), ids, paths, found_ids, found_paths, desc)
+    if hasattr(texts, "captions") and hasattr(texts, "image_of_caption"):
+        s, k = texts, texts.captions_per_image
+        found_ids = [f"{s.ids[c // k]}#{c % k}" for c in range(s.n_captions)] if s.ids is not None else None
+        img_paths = resolve_split_paths(s.image_paths, Path(s.root))
+        found_paths = [img_paths[c // k] for c in range(s.n_captions)] if img_paths is not None else None
+        desc = {"features": str(Path(s.root).resolve()), "split": s.name}
+        return _caption_source(list(s.captions), ids, paths, found_ids, found_paths, desc)
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
         raise EslmatchError(
-            f"captions must be a list of strings, a .txt file or a dataset split, got {type(captions).__name__}"
+            f"captions must be a list of strings, a .txt file or a dataset split, got {type(texts).__name__}"
         )
-    out = []
-    for i, c in enumerate(captions):
+    return _caption_source(list(texts), ids, paths, None, None, {"features": "list"})
+
+
+def _caption_source(
+    texts: list[Any], ids: Any, paths: Any, found_ids: Any, found_paths: Any, desc: dict[str, Any]
+) -> CaptionSource:
+    clean = []
+    for i, c in enumerate(texts):
         if not isinstance(c, str) or not c.strip():
             raise EslmatchError(f"caption {i} is empty or not a string")
-        out.append(" ".join(c.split()))
-    if not out:
+        clean.append(clean_line(" ".join(c.split()), "caption", i))
+    if not clean:
         raise EslmatchError("no captions to index")
-    return CaptionSource(out, None, None, {"features": "list"})
+    item_ids, named = _ids(ids, found_ids, len(clean))
+    item_paths = _paths(paths, found_paths, len(clean), None, item_ids)
+    return CaptionSource("caption", item_ids, item_paths, desc, named, None, texts=clean)
+
+
+def subset(source: Source, positions: Sequence[int]) -> Source:
+    """The items ``positions`` of ``source`` (e.g. without the ids a gallery holds already)."""
+    pos = list(positions)
+    common: dict[str, Any] = dict(
+        kind=source.kind,
+        ids=[source.ids[i] for i in pos],
+        paths=[source.paths[i] for i in pos],
+        description=source.description,
+        given_ids=source.given_ids,
+        root=source.root,
+        user_metadata=dict(source.user_metadata),
+    )
+    if isinstance(source, RegionSource):
+        base, where = source, np.asarray(pos, dtype=np.int64)
+
+        def read(i0: int, i1: int) -> np.ndarray:
+            return np.stack([base.read(int(p), int(p) + 1)[0] for p in where[i0:i1]]).astype(np.float32)
+
+        lengths = None if source.lengths is None else source.lengths[where]
+        return RegionSource(
+            **common, regions=source.regions, dim=source.dim, read=read, lengths=lengths, grid=source.grid
+        )
+    if isinstance(source, PhotoSource):
+        return PhotoSource(
+            **common, files=[source.files[i] for i in pos], names=[source.names[i] for i in pos], refused=source.refused
+        )
+    if isinstance(source, CaptionSource):
+        return CaptionSource(**common, texts=[source.texts[i] for i in pos])
+    raise EslmatchError(f"not a gallery source: {type(source).__name__}")
+
+
+# ---------------------------------------------------------------------- choosing
+def source_for(
+    model: MatchingModel,
+    inputs: Any,
+    *,
+    kind: str = "image",
+    split: str = "test",
+    images_dir: str | Path | None = None,
+    lengths: Any = None,
+    ids: Sequence[Any] | None = None,
+    paths: Sequence[Any] | None = None,
+    grid: Sequence[int] | None = None,
+) -> Source:
+    """The source of ``inputs`` for ``model``: captions for ``kind="caption"``, photos for a
+    model that takes pixels, else region features (see :func:`regions`, :func:`photos`,
+    :func:`captions`)."""
+    if isinstance(inputs, Source):
+        return inputs
+    if kind == "caption":
+        return captions(inputs, split=split, images_dir=images_dir, ids=ids, paths=paths)
+    if kind != "image":
+        raise EslmatchError(f"kind must be 'image' or 'caption', got {kind!r}")
+    if model.inputs == "pixels":
+        return photos(inputs, images_dir=images_dir, split=split, ids=ids)
+    return regions(
+        inputs,
+        img_dim=int(model.config.img_dim),
+        split=split,
+        lengths=lengths,
+        ids=ids,
+        paths=paths,
+        images_dir=images_dir,
+        grid=grid,
+    )

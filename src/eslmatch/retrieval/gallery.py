@@ -1,0 +1,318 @@
+"""A living collection: :func:`open_gallery` / :func:`build_gallery` and the :class:`Gallery`.
+
+The same operations on both stores (a folder: :class:`~.filestore.FileStore`; a Milvus
+collection: :class:`~.milvus_store.MilvusStore`)::
+
+    import eslmatch
+    g = eslmatch.open_gallery("indexes/photos")                  # or (uri, collection="photos")
+    g.search("two dogs on a beach", k=10, where='folder == "trips" and taken >= "2024-01-01"')
+    g.similar("trips/IMG_0042", k=5)                             # image -> image
+    g.add("more_photos/", metadata="tags.jsonl", on_duplicate="skip")
+    g.delete(where='tag in ["blurry"]');  g.update({"trips/IMG_0042": {"starred": True}})
+    g.compact();  len(g);  g.metadata("trips/IMG_0042")
+
+A gallery loads the model its manifest records (or the one given) the first time it needs it
+(a search or an add); deletes, updates and compaction never load it. Changes made by another
+process are seen by the next call (a file gallery checks its catalogue's generation on every
+call; a Milvus gallery reads Milvus).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..distributed import DistContext
+from ..errors import EslmatchError
+from ..factory import load_recorded
+from ..model.base import MatchingModel
+from ..utils.precision import check_precision
+from .encode import Encoding, check_runtime, default_encoding, encoding_for, is_image_file
+from .filestore import AddReport, BuildOptions, FileStore, build_files
+from .filters import Filter, as_filter, check
+from .metadata import Metadata, read_metadata
+from .models import check_gallery_model, model_record
+from .search import GalleryStore, Hit, Searcher
+from .sourcefiles import IMAGE_SUFFIXES
+from .sources import Source, source_for
+from .writer import Report
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class Gallery:
+    """A gallery store with its model: search and the collection operations (module doc)."""
+
+    def __init__(
+        self,
+        store: GalleryStore,
+        model: MatchingModel | None = None,
+        *,
+        model_path: str | Path | None = None,
+        text_model: str | Path | None = None,
+        device: str = "cpu",
+        precision: str | None = None,
+        runtime: str = "torch",
+        onnx: str | Path | None = None,
+        encoding: Encoding | None = None,
+    ) -> None:
+        self.store = store
+        self._model = model
+        self._model_path, self._text_model, self._device = model_path, text_model, device
+        self._precision, self._runtime, self._onnx = precision, check_runtime(runtime), onnx
+        if precision is not None:
+            check_precision(precision)
+        self._searcher: Searcher | None = None
+        self._encoding: Encoding | None = encoding
+
+    # ------------------------------------------------------------------ model
+    @property
+    def model(self) -> MatchingModel:
+        """The gallery's model (loaded from the manifest's record on first use)."""
+        if self._model is None:
+            self._model = load_recorded(
+                self.store.manifest["model"], self._model_path, self._text_model, self._device, what=self.store.where
+            )
+            self._model.eval()
+        return self._model
+
+    @property
+    def encoding(self) -> Encoding:
+        """How queries (and added items) are encoded: the ``precision`` / ``runtime`` the
+        gallery was opened with, else the precision it records (loads the model)."""
+        if self._encoding is None:
+            model_path = self._model_path or self.store.manifest["model"].get("path")
+            self._encoding = encoding_for(
+                self.model,
+                self._precision,
+                self._runtime,
+                self._onnx,
+                model_path,
+                default_encoding(self.store.manifest.get("encoding"), self.model.device),
+            )
+        return self._encoding
+
+    @property
+    def searcher(self) -> Searcher:
+        if self._searcher is None:
+            self._searcher = Searcher(self.model, self.store, encoding=self.encoding)
+        return self._searcher
+
+    @property
+    def kind(self) -> str:
+        return self.store.kind
+
+    @property
+    def stages(self) -> int:
+        return self.store.stages
+
+    def __len__(self) -> int:
+        return self.store.count()
+
+    def __repr__(self) -> str:
+        return f"Gallery({self.store.where!r}, kind={self.kind}, stages={self.stages}, count={len(self)})"
+
+    # ------------------------------------------------------------------ search
+    def search(
+        self, query: Any, k: int = 10, where: str | Filter | None = None, rerank_k: int | None = 100
+    ) -> list[Hit]:
+        """Best items for one query: a sentence (``str``: text -> images), or an image (a
+        :class:`~pathlib.Path` to a photo, a PIL image, pixels or region features: image ->
+        images on an image gallery, image -> captions on a caption index)."""
+        if isinstance(query, str):
+            if Path(query).suffix.lower() in IMAGE_SUFFIXES and Path(query).is_file():
+                raise EslmatchError(
+                    f"{query!r} is an image file, but a str query is searched as text: pass Path({query!r}) to "
+                    "search with the photo"
+                )
+            return self.searcher.texts([query], k, rerank_k, where)[0]
+        return self.searcher.images([query], k, rerank_k, where)[0]
+
+    def search_texts(
+        self,
+        texts: Sequence[str],
+        k: int = 10,
+        where: str | Filter | None = None,
+        rerank_k: int | None = 100,
+        timings: dict[str, float] | None = None,
+    ) -> list[list[Hit]]:
+        """:meth:`search` for many sentences (encoded and shortlisted in batches)."""
+        return self.searcher.texts(texts, k, rerank_k, where, timings)
+
+    def similar(self, item_id: str, k: int = 10, where: str | Filter | None = None) -> list[Hit]:
+        """Items most like the stored item ``item_id`` (itself excluded)."""
+        return self.searcher.similar([item_id], k, where)[0]
+
+    def attention(self, text: str, item_id: str) -> tuple[list[str], Any, tuple[int, int] | None]:
+        """Word-by-region attention of ``text`` over item ``item_id`` (two-stage image galleries)."""
+        return self.searcher.attention(text, item_id)
+
+    # ------------------------------------------------------------------ items
+    def metadata(self, item_id: str) -> Metadata:
+        """``id``, ``path``, ``added`` and the metadata fields of a live item."""
+        return self.store.metadata(item_id)
+
+    def ids(self) -> list[str]:
+        return self.store.ids()
+
+    def fields(self) -> dict[str, str]:
+        """Fields a filter may name, with their types."""
+        return self.store.filter_fields()
+
+    def check_filter(self, where: str | Filter) -> Filter:
+        flt = as_filter(where)
+        assert flt is not None
+        return check(flt, self.store.filter_fields())
+
+    # ------------------------------------------------------------------ changes
+    def add(
+        self,
+        source: Any,
+        metadata: Mapping[str, Metadata] | str | Path | None = None,
+        on_duplicate: str = "skip",
+        *,
+        report: Report | None = None,
+        options: BuildOptions | None = None,
+        **source_options: Any,
+    ) -> AddReport:
+        """Add items (a :class:`Source`, or what :func:`~.sources.source_for` takes: a folder of
+        photos, features, captions); ``metadata``: ``{id: fields}`` or a JSON Lines / CSV file;
+        ``on_duplicate``: ``skip`` (default), ``replace`` or ``error`` for ids already stored."""
+        src = self._source(source, metadata, **source_options)
+        options = options or BuildOptions()
+        if options.encoding is None:
+            options.encoding = (
+                self.encoding
+                if options.precision is None and options.runtime == "torch"
+                else encoding_for(self.model, options.precision, options.runtime, options.onnx, self._model_path)
+            )
+        record = model_record(
+            self.model, self.store.manifest["model"].get("path"), self.store.manifest["model"].get("text_model")
+        )
+        return self.store.add(self.model, src, record, on_duplicate, options, report or _warn)
+
+    def _source(self, source: Any, metadata: Any, **source_options: Any) -> Source:
+        if self.kind == "caption":
+            source_options.setdefault("kind", "caption")
+        src = source_for(self.model, source, **source_options)
+        if src.kind != self.kind:
+            raise EslmatchError(
+                f"{self.store.where} is a{'n' if self.kind == 'image' else ''} {self.kind} gallery: add {self.kind}s"
+            )
+        if metadata is not None:
+            if isinstance(metadata, (str, Path)):
+                metadata = read_metadata(metadata, self.store.filter_fields())
+            src.number_from(0) if not src.given_ids else None
+            src.with_metadata(metadata)
+        return src
+
+    def delete(self, ids: Sequence[str] | None = None, where: str | Filter | None = None) -> int:
+        """Delete items by id and / or filter; returns how many. An unknown id is an error."""
+        if ids is None and where is None:
+            raise EslmatchError("delete needs ids or a filter (where=)")
+        flt = None if where is None else self.check_filter(where)
+        if isinstance(ids, str):
+            ids = [ids]
+        return self.store.delete(list(ids) if ids is not None else None, flt)
+
+    def update(self, metadata_by_id: Mapping[str, Metadata] | str | Path) -> int:
+        """Set metadata fields of items (``None`` clears one); a file is read as ``metadata``."""
+        if isinstance(metadata_by_id, (str, Path)):
+            metadata_by_id = read_metadata(metadata_by_id, self.store.filter_fields())
+        return self.store.update(metadata_by_id)
+
+    def compact(self) -> dict[str, int]:
+        """Reclaim the space of deleted items (and merge small shards)."""
+        return self.store.compact()
+
+    def refresh(self) -> bool:
+        return self.store.refresh()
+
+    def close(self) -> None:
+        self.store.close()
+
+
+# ---------------------------------------------------------------------- opening and building
+def open_gallery(
+    target: str | Path,
+    collection: str | None = None,
+    *,
+    model: MatchingModel | str | Path | None = None,
+    text_model: str | Path | None = None,
+    device: str = "cpu",
+    verify: bool = False,
+    timeout: float = 30.0,
+    token: str | None = None,
+    precision: str | None = None,
+    runtime: str = "torch",
+    onnx: str | Path | None = None,
+) -> Gallery:
+    """Open a gallery: a folder (``target``), or a Milvus collection (``target`` its URI,
+    ``collection`` its name). ``model``: the model (or a path to it) instead of the recorded one.
+
+    ``precision`` (``auto``, ``fp32``, ``bf16``; default: the one the gallery records) and
+    ``runtime`` (``torch``, or ``onnxruntime`` with the model's export at ``onnx`` or in
+    ``MODEL/onnx``): how queries and added items are encoded; the scores keep the engine's
+    precision."""
+    if precision is not None:
+        check_precision(precision)
+    check_runtime(runtime)
+    store: GalleryStore
+    if collection is not None:
+        from .milvus_store import MilvusStore
+
+        store = MilvusStore.open(str(target), collection, timeout=timeout, token=token)
+    else:
+        store = FileStore.open(target, verify=verify)
+    how: dict[str, Any] = {"precision": precision, "runtime": runtime, "onnx": onnx}
+    if isinstance(model, MatchingModel):
+        return Gallery(store, model, device=device, **how)
+    return Gallery(store, model_path=model, text_model=text_model, device=device, **how)
+
+
+def build_gallery(
+    model: MatchingModel,
+    source: Any,
+    target: str | Path,
+    collection: str | None = None,
+    *,
+    metadata: Mapping[str, Metadata] | str | Path | None = None,
+    options: BuildOptions | None = None,
+    model_path: str | Path | None = None,
+    text_model: str | Path | None = None,
+    report: Report | None = None,
+    job: DistContext | None = None,
+    milvus: Mapping[str, Any] | None = None,
+    **source_options: Any,
+) -> Gallery | None:
+    """Build a gallery of ``source`` (a :class:`Source`, or what :func:`~.sources.source_for`
+    takes) at ``target`` (a folder; or a Milvus URI with ``collection``; ``milvus``: its
+    ``overwrite``, ``shards``, ``replicas``, ``timeout``, ``token``). Returns the opened
+    gallery (``None`` on torchrun ranks other than 0)."""
+    check_gallery_model(model)
+    job = job or DistContext()
+    say = (report or _warn) if job.is_main else (lambda line: None)
+    options = options or BuildOptions()
+    options.check()
+    if options.encoding is None:
+        options.encoding = encoding_for(model, options.precision, options.runtime, options.onnx, model_path)
+    src = source_for(model, source, **source_options)
+    if metadata is not None:
+        src.with_metadata(read_metadata(metadata) if isinstance(metadata, (str, Path)) else metadata)
+    record = model_record(model, model_path, text_model)
+    if collection is not None:
+        from .milvus_store import build_milvus
+
+        store = build_milvus(model, src, str(target), collection, options, record, say, **dict(milvus or {}))
+        return Gallery(store, model, encoding=options.encoding)
+    out = build_files(model, src, Path(target), options, record, say, job)
+    if not job.is_main:
+        return None
+    return Gallery(FileStore.open(out), model, encoding=options.encoding)
+
+
+__all__ = ["Gallery", "build_gallery", "is_image_file", "open_gallery"]

@@ -1,0 +1,130 @@
+"""Which model a gallery belongs to: its record in the manifest, its fingerprint, the checks.
+
+A gallery's model decides what it stores (see ``docs/retrieval.md``): a two-stage model (ESL:
+``exact_index`` False) gets engine-ready image sides plus first-stage vectors, a one-stage
+model (VSE, ESL-CLIP: ``exact_index`` True) only its index vectors. ``model.inputs`` says
+whether images are region features or pixels (photos).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import EslmatchError
+from ..model.base import MatchingModel
+from .layout import GalleryIndexError
+
+_SAMPLES_PER_TENSOR = 1024
+_IGNORED_CONFIG_KEYS = ("extra", "text_model")
+
+
+def model_kind(model: MatchingModel) -> str:
+    """The model's ``model_type`` (its class name when it has none), for messages."""
+    return str(getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__)
+
+
+def stages_of(model: MatchingModel) -> int:
+    """1 for a model whose index vectors' inner product IS the score, else 2 (shortlist + re-rank)."""
+    return 1 if model.exact_index else 2
+
+
+def takes_pixels(model: MatchingModel) -> bool:
+    return model.inputs == "pixels"
+
+
+def check_gallery_model(model: MatchingModel) -> MatchingModel:
+    """Refuse a model a gallery cannot serve (two-stage galleries need region features)."""
+    if not isinstance(model, MatchingModel):
+        raise EslmatchError(f"a gallery needs an eslmatch model (a MatchingModel), not {type(model).__name__}")
+    if not model.exact_index and takes_pixels(model):
+        raise EslmatchError(
+            f"two-stage galleries need a model of region features; this one ({model_kind(model)}) takes pixels"
+        )
+    return model
+
+
+def model_fingerprint(model: MatchingModel) -> str:
+    """A content fingerprint of a model: its configuration and a sample of every weight.
+
+    The configuration (without free-form ``extra`` and the text model's *location*), the
+    name, shape and dtype of every tensor of the state dict and up to 1,024 evenly spaced
+    values of each (all values of small tensors) are hashed. It is the same for a model
+    saved and reloaded, moved or copied, and differs for another training run or any
+    changed layer. Costs a few milliseconds even for BERT-base.
+    """
+    h = hashlib.sha256()
+    cfg = {k: v for k, v in model.config.to_dict().items() if k not in _IGNORED_CONFIG_KEYS}
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    tokens = getattr(getattr(model, "tokenizer", None), "tokens", None)
+    if isinstance(tokens, list):  # a WordVocab is part of a GRU model
+        h.update(json.dumps(tokens).encode())
+    with torch.no_grad():
+        for name, t in sorted(model.state_dict().items()):
+            if name.endswith("num_batches_tracked"):
+                continue  # training bookkeeping, no effect on scores
+            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+            flat = t.detach().reshape(-1)
+            if flat.numel() > _SAMPLES_PER_TENSOR:
+                idx = torch.linspace(0, flat.numel() - 1, _SAMPLES_PER_TENSOR, device=flat.device).long()
+                flat = flat[idx]
+            h.update(flat.to("cpu", torch.float64).numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_record(model: MatchingModel, model_path: str | Path | None, text_model: str | Path | None) -> dict[str, Any]:
+    """What a gallery's manifest records of its model (``path`` lets a search load it)."""
+    c = model.config
+    record: dict[str, Any] = {
+        "path": None if model_path is None else str(Path(model_path).resolve()),
+        "text_model": None if text_model is None else str(text_model),
+        "fingerprint": model_fingerprint(model),
+        "weights": getattr(model, "weights_digest", None),
+        "config": {
+            key: getattr(c, key, None)
+            for key in ("model_type", "strategy", "embed_size", "kernel_size", "num_levels", "img_dim", "text_encoder")
+        },
+        "stages": stages_of(model),
+        "inputs": model.inputs,
+    }
+    return record
+
+
+def check_model(record: dict[str, Any], stages: int, model: MatchingModel, where: str) -> None:
+    """Refuse a model other than the one a gallery was built with, naming both."""
+    check_gallery_model(model)
+    if stages_of(model) != stages:
+        built = "a single-vector model (one-stage)" if stages == 1 else "an ESL model (two-stage)"
+        raise GalleryIndexError(
+            f"{where}: built by {built}, the given model is {model_kind(model)} (a different model)"
+        )
+    check_weights(record, model, where)
+    given = model_fingerprint(model)
+    if given != record.get("fingerprint"):
+        path = record.get("path") or "path not recorded"
+        kind = (record.get("config") or {}).get("model_type") or "?"
+        raise GalleryIndexError(
+            f"{where}: built with another model ({kind} at {path}, fingerprint {str(record.get('fingerprint'))[:12]}) "
+            f"than the given {model_kind(model)} model (fingerprint {given[:12]}): its weights or config differ; "
+            "use that model or rebuild the gallery"
+        )
+
+
+def check_weights(record: dict[str, Any], model: MatchingModel, where: str) -> None:
+    """Refuse weights whose file digest differs from the one the gallery recorded, naming
+    both. The fingerprint samples values; this covers every byte. Files of different formats
+    (a released checkpoint and its conversion) hold the same weights in other bytes: only the
+    fingerprint compares those. Galleries built before digests were recorded have none."""
+    recorded, given = record.get("weights"), getattr(model, "weights_digest", None)
+    if not isinstance(recorded, dict) or not isinstance(given, dict) or recorded.get("format") != given.get("format"):
+        return
+    if recorded.get("sha256") != given.get("sha256"):
+        raise GalleryIndexError(
+            f"{where}: the model's weight file has sha256 {str(given.get('sha256'))[:16]}..., the gallery was built "
+            f"with {str(recorded.get('sha256'))[:16]}... (recorded model: {record.get('path') or 'path not recorded'}): "
+            "the file was damaged or replaced; restore it or rebuild the gallery"
+        )

@@ -1,0 +1,166 @@
+"""Nothing is lost: ``kill -9`` at random moments of add, delete, update and compact on a file
+gallery. Afterwards the gallery opens, its checksums verify, its content equals the state
+before or after the killed operation, and the next operation leaves no temporary file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from _models import randomize, tiny_gru_model
+from eslmatch import VSEModel
+from eslmatch.cli import main
+from eslmatch.retrieval import BuildOptions, FileStore, build_gallery, open_gallery, regions
+
+N, N_ADD, R, D, SHARD = 20000, 20000, 6, 16, 2000
+KILLS_PER_OP = 6
+OPS = ("add", "delete", "update", "compact")
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+WORKER = """
+import sys
+import numpy as np
+from eslmatch.retrieval import BuildOptions, open_gallery, regions
+
+path, op, arg = sys.argv[1:4]
+g = open_gallery(path)
+if op == "add":
+    feats = np.load(arg)
+    ids = [f"new{i:05d}" for i in range(len(feats))]
+    meta = {i: {"group": j % 10, "tag": "added"} for j, i in enumerate(ids)}
+    src = regions(feats, img_dim=feats.shape[2], ids=ids)
+    _ = g.model
+    print("ready", flush=True)
+    g.add(src, meta, options=BuildOptions(progress=False, batch_size=200))
+else:
+    print("ready", flush=True)
+    if op == "delete":
+        g.delete(where="group == 3")
+    elif op == "update":
+        g.update(arg)
+    else:
+        g.compact()
+print("done", flush=True)
+"""
+
+
+def state(path: Path) -> dict[str, tuple]:
+    """What the gallery holds: every live item's row, path, metadata (but ``added``) and vector
+    (a compaction changes only the rows)."""
+    store = FileStore.open(path)
+    with store.snapshot() as s:
+        rows = np.setdiff1d(np.arange(s.rows), s.deleted)
+        recs = store.records(rows.tolist())
+        vectors = store.vectors(rows.tolist())
+    return {
+        recs[int(r)].id: (
+            int(r),
+            recs[int(r)].path,
+            json.dumps(recs[int(r)].metadata, sort_keys=True),
+            vectors[j].tobytes(),
+        )
+        for j, r in enumerate(rows)
+    }
+
+
+def leftovers(path: Path) -> list[str]:
+    """Files no committed layout names, and temporary files."""
+    store = FileStore.open(path)
+    layout = store.layout()
+    named = {s["dir"] for s in layout["shards"]} | {(layout.get("faiss") or {}).get("file")}
+    out = [str(p.relative_to(path)) for p in path.rglob("*") if ".tmp-" in p.name or p.name.endswith(".replace")]
+    out += [f"shards/{p.name}" for p in (path / "shards").iterdir() if f"shards/{p.name}" not in named]
+    out += [f"faiss/{p.name}" for p in (path / "faiss").iterdir() if f"faiss/{p.name}" not in named]
+    if (path / ".staging").exists():
+        out.append(".staging")
+    out += [p.name for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.")]
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("crash")
+    esl = tiny_gru_model(seed=5)
+    model = VSEModel(esl.config.replace(model_type="vse"), tokenizer=esl.tokenizer)
+    randomize(model)
+    model.eval().save_pretrained(root / "model")
+    rng = np.random.default_rng(0)
+    feats = np.maximum(rng.standard_normal((N, R, D)), 0).astype(np.float32)
+    ids = [f"img{i:05d}" for i in range(N)]
+    meta = {i: {"group": j % 10, "tag": ["a", "b", "c"][j % 3]} for j, i in enumerate(ids)}
+    opts = BuildOptions(progress=False, shard_rows=SHARD, batch_size=500)
+    g = build_gallery(
+        model, regions(feats, img_dim=D, ids=ids), root / "base", metadata=meta, options=opts, model_path=root / "model"
+    )
+    g.delete(where="group == 9")  # something for compact to reclaim
+    np.save(root / "more.npy", np.maximum(rng.standard_normal((N_ADD, R, D)), 0).astype(np.float32))
+    (root / "meta.jsonl").write_text(
+        "".join(
+            json.dumps({"id": i, "tag": "changed", "rating": 2.5}) + "\n" for i in ids[:8000] if int(i[3:]) % 10 != 9
+        )
+    )
+    args = {"add": str(root / "more.npy"), "delete": "-", "update": str(root / "meta.jsonl"), "compact": "-"}
+    before = state(root / "base")
+    after, seconds = {}, {}
+    for op in OPS:  # each operation run to its end once: the state after, and how long it takes
+        target = root / f"after-{op}"
+        shutil.copytree(root / "base", target)
+        proc = run_worker(target, op, args[op])
+        assert proc.stdout.readline().strip() == "ready"
+        t0 = time.monotonic()  # the operation itself: from "ready" to "done"
+        assert proc.stdout.readline().strip() == "done"
+        seconds[op] = time.monotonic() - t0
+        assert proc.wait(120) == 0
+        after[op] = state(target)
+        assert after[op] != before
+    return root, args, before, after, seconds
+
+
+def run_worker(path: Path, op: str, arg: str) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])),
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-c", WORKER, str(path), op, arg],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", OPS)
+def test_kill_9_at_random_moments(setup, op, tmp_path, capsys):
+    root, args, before, after, seconds = setup
+    rng = np.random.default_rng(abs(hash(op)) % 2**32)
+    outcomes = []
+    for trial in range(KILLS_PER_OP):
+        target = tmp_path / f"g{trial}"
+        shutil.copytree(root / "base", target)
+        proc = run_worker(target, op, args[op])
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        time.sleep(float(rng.uniform(0.0, 1.5 * seconds[op])))  # a few land after the end: both outcomes seen
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        got = state(target)  # opens (finishing or rolling back what the kill left)
+        FileStore.open(target, verify=True)
+        outcome = "before" if got == before else "after" if got == after[op] else "neither"
+        assert outcome != "neither", (op, trial)
+        outcomes.append(outcome)
+        g = open_gallery(target)  # the next operation cleans what the killed one left
+        g.update({"img00000": {"tag": "next"}})
+        assert leftovers(target) == [], (op, trial, leftovers(target))
+    assert main(["index", "info", str(target), "--verify"]) == 0
+    with capsys.disabled():
+        print(f"\nkill -9 during {op} x{KILLS_PER_OP} (op takes {seconds[op]:.1f} s): {outcomes}")

@@ -1,0 +1,249 @@
+"""``eslmatch serve`` over a living collection: writes need the token, photo uploads are bounded,
+``/metrics`` is Prometheus text, filters and ``/similar`` answer as the library does, and a
+running server sees another process's adds and deletes within 5 seconds (both stores)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+from fastapi.testclient import TestClient  # noqa: E402
+from PIL import Image  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from _models import ToyPixelModel, randomize, tiny_gru_model  # noqa: E402
+from eslmatch import VSEModel  # noqa: E402
+from eslmatch.factory import FAMILIES  # noqa: E402
+from eslmatch.retrieval import BuildOptions, build_gallery, open_gallery, regions  # noqa: E402
+from eslmatch.serve import ServeConfig, create_app  # noqa: E402
+from milvus_server import MilvusServer, free_port, has_grpc_server  # noqa: E402
+
+TOKEN = "s3cret-token-0123456789"
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+NO_BAR = BuildOptions(progress=False)
+
+
+def photo_bytes(seed: int, size: tuple[int, int] = (24, 24), fmt: str = "PNG") -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture()
+def photos(tmp_path, monkeypatch):
+    """A gallery of 10 photos of a model that takes pixels, with metadata."""
+    monkeypatch.setitem(FAMILIES, "toy-pixels", ToyPixelModel)
+    folder = tmp_path / "photos"
+    for i in range(10):
+        (folder / ("trips" if i < 4 else "home")).mkdir(parents=True, exist_ok=True)
+        (folder / ("trips" if i < 4 else "home") / f"p{i}.png").write_bytes(photo_bytes(i))
+    model = ToyPixelModel(seed=1).eval()
+    model.save_pretrained(tmp_path / "model")
+    meta = {f"{'trips' if i < 4 else 'home'}/p{i}": {"starred": i % 2 == 0} for i in range(10)}
+    g = build_gallery(model, folder, tmp_path / "idx", metadata=meta, options=NO_BAR, model_path=tmp_path / "model")
+    return g, tmp_path
+
+
+def client_of(app) -> TestClient:
+    return TestClient(app, base_url="http://127.0.0.1")
+
+
+def test_writes_need_the_token(photos):
+    g, root = photos
+    read_only = client_of(create_app(g))
+    r = read_only.post("/items", files={"photos": ("a.png", photo_bytes(50))})
+    assert r.status_code == 403 and "read-only" in r.json()["error"]
+    assert read_only.delete("/items/home/p5").status_code == 403
+    assert read_only.post("/items/delete", json={"where": "starred"}).status_code == 403
+    app = create_app(g, write_token=TOKEN, upload_dir=root / "uploads")
+    c = client_of(app)
+    for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789"}, {"Authorization": TOKEN}):
+        r = c.post("/items", files={"photos": ("a.png", photo_bytes(50))}, headers=headers)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", headers
+        assert c.delete("/items/home/p5", headers=headers).status_code == 401
+        assert c.post("/items/delete", json={"where": "starred"}, headers=headers).status_code == 401
+    assert len(g) == 10  # nothing changed
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    meta = json.dumps({"new-a": {"starred": True, "tag": "upload"}})
+    r = c.post(
+        "/items",
+        files=[("photos", ("new-a.png", photo_bytes(60))), ("photos", ("new-b.jpg", photo_bytes(61, fmt="JPEG")))],
+        data={"metadata": meta},
+        headers=auth,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["added"] == 2 and r.json()["items"] == 12 and len(g) == 12
+    assert g.metadata("new-a")["tag"] == "upload" and Path(g.metadata("new-b")["path"]).parent == root / "uploads"
+    again = c.post("/items", files={"photos": ("new-a.png", photo_bytes(60))}, headers=auth).json()
+    assert again["added"] == 0 and again["duplicates"] == 1  # skipped, said
+    hits = c.post("/search/image", files={"image": ("q.png", photo_bytes(60))}, data={"k": "1"}).json()["results"]
+    assert hits[0]["id"] == "new-a"
+    assert c.delete("/items/new-b", headers=auth).json() == {"deleted": 1, "items": 11}
+    assert c.delete("/items/new-b", headers=auth).status_code == 404
+    assert c.post("/items/delete", json={"where": "folder == 'trips'"}, headers=auth).json()["deleted"] == 4
+    assert len(g) == 7 and c.get("/healthz").json()["items"] == 7
+
+
+def test_uploads_are_bounded(photos):
+    g, root = photos
+    c = client_of(create_app(g, ServeConfig(max_upload_bytes=20_000, max_pixels=100 * 100)))
+    big = photo_bytes(1, size=(200, 200))
+    assert len(big) > 20_000
+    r = c.post("/search/image", files={"image": ("big.png", big)})
+    assert r.status_code == 413 and "upload too large" in r.json()["error"]
+    wide = Image.new("RGB", (400, 400))
+    buf = io.BytesIO()
+    wide.save(buf, format="PNG")  # few bytes, many pixels
+    r = c.post("/search/image", files={"image": ("wide.png", buf.getvalue())})
+    assert r.status_code == 413 and "400 x 400 pixels" in r.json()["error"]
+    r = c.post("/search/image", files={"image": ("x.png", b"not an image at all")})
+    assert r.status_code == 422 and "not an image" in r.json()["error"]
+    r = c.post("/search/image", files={"image": ("x.png", photo_bytes(3)[:60])})
+    assert r.status_code == 422
+    r = c.post("/search/image", files={"other": ("x.png", photo_bytes(3))})
+    assert r.status_code == 422 and "'image'" in r.json()["error"]
+    r = c.post("/search/image", files={"image": ("x.png", photo_bytes(3))}, data={"k": "true"})
+    assert r.status_code == 422 and "k must be an integer" in r.json()["error"]
+
+
+def test_filters_similar_and_items_answer_as_the_library(photos):
+    g, _ = photos
+    c = client_of(create_app(g))
+    body = c.post("/search", json={"text": "a red circle", "k": 10, "where": "not starred"}).json()
+    want = g.search("a red circle", k=10, where="not starred")
+    assert [r["id"] for r in body["results"]] == [h.id for h in want] and len(want) == 5
+    assert all(r["metadata"]["starred"] is False for r in body["results"])
+    like = c.get("/similar/trips/p1", params={"k": 3, "where": 'folder == "home"'}).json()["results"]
+    assert [r["id"] for r in like] == [h.id for h in g.similar("trips/p1", k=3, where='folder == "home"')]
+    item = c.get("/items/home/p7").json()
+    assert item["fields"]["folder"] == "home" and item["fields"]["starred"] is False and item["image_url"]
+    assert c.get("/items/nope").status_code == 404
+    bad = c.post("/search", json={"text": "a", "where": "folder = 'x'"})
+    assert bad.status_code == 422 and "column 8" in bad.json()["error"]
+    info = c.get("/info").json()
+    assert info["stages"] == 1 and info["takes_images"] and info["fields"]["starred"] == "bool"
+
+
+def test_metrics_are_prometheus_text(photos):
+    g, _ = photos
+    c = client_of(create_app(g))
+    for _ in range(3):
+        assert c.post("/search", json={"text": "a red circle", "k": 2}).status_code == 200
+    assert c.post("/search", json={"text": ""}).status_code == 422
+    assert c.get("/no/such/page").status_code == 404
+    text = c.get("/metrics")
+    assert text.status_code == 200 and text.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(text.text)}
+    requests = {
+        (s.labels["route"], s.labels["status"]): s.value
+        for s in families["eslmatch_requests"].samples
+        if s.name.endswith("_total")
+    }
+    assert requests[("/search", "200")] == 3 and requests[("/search", "422")] == 1 and requests[("other", "404")] == 1
+    latency = [
+        s
+        for s in families["eslmatch_request_seconds"].samples
+        if s.name.endswith("_count") and s.labels["route"] == "/search"
+    ]
+    assert latency[0].value == 4
+    assert [s.value for s in families["eslmatch_items"].samples] == [10]
+
+
+# ---------------------------------------------------------------------- live: another process changes the gallery
+def _env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])),
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "eslmatch.cli", *argv], capture_output=True, text=True, env=_env(), timeout=120
+    )
+
+
+def _wait_for(base: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()
+        try:
+            if httpx.get(base + "/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("serve did not start")
+
+
+def _ids(base: str) -> set[str]:
+    body = httpx.post(base + "/search", json={"text": "a red circle", "k": 1000, "rerank_k": 0}, timeout=30).json()
+    return {r["id"] for r in body["results"]}
+
+
+def _seconds_until(base: str, test, limit: float = 5.0) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < limit + 5:
+        if test(_ids(base)):
+            return time.monotonic() - start
+        time.sleep(0.1)
+    raise AssertionError("the server never saw the change")
+
+
+@pytest.mark.parametrize("store", ["files", "milvus"])
+def test_a_running_server_sees_adds_and_deletes_of_another_process(store, tmp_path, capsys):
+    if store == "milvus" and not has_grpc_server():
+        pytest.skip("pymilvus / milvus-lite not installed")
+    esl = tiny_gru_model(seed=5)
+    model = VSEModel(esl.config.replace(model_type="vse"), tokenizer=esl.tokenizer)
+    randomize(model)
+    model_dir = model.eval().save_pretrained(tmp_path / "model")
+    feats = np.random.default_rng(0).random((30, 6, 16), dtype=np.float32)
+    np.save(tmp_path / "more.npy", np.random.default_rng(1).random((2, 6, 16), dtype=np.float32))
+    server = None
+    if store == "milvus":
+        server = MilvusServer(tmp_path / "milvus").start()
+        place = ["--milvus", server.uri, "--collection", "live"]
+        build_gallery(model, regions(feats, img_dim=16), server.uri, "live", options=NO_BAR, model_path=model_dir)
+    else:
+        place = ["--index", str(tmp_path / "idx")]
+        build_gallery(model, regions(feats, img_dim=16), tmp_path / "idx", options=NO_BAR, model_path=model_dir)
+    port = free_port()
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eslmatch.cli", "serve", *place, "--port", str(port), "--log-level", "warning"],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=_env(),
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for(base, proc, log)
+        assert _ids(base) == {str(i) for i in range(30)}
+        added = _cli("index", "add", *place, "--features", str(tmp_path / "more.npy"))
+        assert added.returncode == 0, added.stderr
+        seen = _seconds_until(base, lambda ids: {"30", "31"} <= ids)
+        deleted = _cli("index", "delete", *place, "--ids", "30", "7")
+        assert deleted.returncode == 0 and "deleted 2 items" in deleted.stdout, deleted.stderr
+        gone = _seconds_until(base, lambda ids: "30" not in ids and "7" not in ids and "31" in ids)
+        assert seen <= 5.0 and gone <= 5.0
+        with capsys.disabled():
+            print(f"\n{store}: a running server saw an add after {seen:.2f} s and a delete after {gone:.2f} s")
+        assert open_gallery(*(place[1::2])).__len__() == 30
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        if server is not None:
+            server.stop()

@@ -5,6 +5,9 @@
    released structure on a subset of captions, time and peak memory of each.
 2. The ``torch.compile`` pooling path (``compile="always"``) against the plain one.
 3. One bf16 training step of batch 128 through the public ``Trainer`` (autocast on CUDA).
+4. The encoders' images/s in fp32 and bf16 (autocast; EfficientNet channels-last): CLIP
+   ViT-B/16 image tower (random weights, 224 px, batch 64) and EfficientNet-Lite0 features
+   (224 px, batch 128), with the bf16 outputs' minimum cosine to fp32 per image.
 
 Results: ``benchmarks/results/gpu-check.{md,json}`` (``--out`` elsewhere). ``--tiny`` runs
 every part at small shapes (the test suite does so on CPU, so the script cannot fail for a
@@ -87,12 +90,52 @@ def check_training(model: Any, device: torch.device, batch: int) -> dict:
     model.eval()
     return {
         "batch": batch,
-        "bf16_autocast": device.type == "cuda",
+        "bf16_autocast": trainer.bf16,
         "seconds": secs,
         "peak_mem_bytes": mem,
         "loss": float(loss),
         "finite_grads": finite,
     }
+
+
+def check_encoders(device: torch.device, tiny: bool) -> list[dict]:
+    """Images/s of the CLIP image tower and EfficientNet-Lite0 in fp32 and bf16 on ``device``."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from eslmatch.extract import BackboneOptions, build_backbone
+    from eslmatch.utils.precision import encode_in
+
+    if tiny:
+        vit = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                               image_size=32, patch_size=16)  # fmt: skip
+        clip_batch, clip_size, lite_batch, lite_size = 4, 32, 4, 64
+    else:
+        vit = CLIPVisionConfig(image_size=224, patch_size=16)  # ViT-B/16
+        clip_batch, clip_size, lite_batch, lite_size = 64, 224, 128, 224
+    torch.manual_seed(0)
+    tower = CLIPVisionModel(vit).eval().to(device)
+    pixels = torch.randn(clip_batch, 3, clip_size, clip_size, device=device)
+    images = torch.rand(lite_batch, 3, lite_size, lite_size, device=device) * 2 - 1
+    lite = {
+        p: build_backbone("efficientnet-lite0", BackboneOptions(image_size=lite_size, device=str(device), precision=p))
+        for p in ("fp32", "bf16")
+    }
+    rows = []
+    for name, batch, run in (
+        (f"CLIP {'tiny' if tiny else 'ViT-B/16'} image tower ({clip_size} px)", clip_batch,
+         lambda p: encode_in(p, device, lambda: tower(pixel_values=pixels).pooler_output)),
+        (f"EfficientNet-Lite0 features ({lite_size} px)", lite_batch, lambda p: lite[p](images)),
+    ):  # fmt: skip
+        outs = {}
+        for precision in ("fp32", "bf16"):
+            with torch.inference_mode():
+                run(precision)  # warm-up (cuDNN autotuning, oneDNN primitives)
+                out, secs, _ = timed(lambda p=precision: run(p), device)  # noqa: B023
+            outs[precision] = out.reshape(batch, -1).float()
+            rows.append({"encoder": name, "precision": precision, "batch": batch, "images_per_second": batch / secs})
+        cos = torch.nn.functional.cosine_similarity(outs["fp32"], outs["bf16"], dim=1)
+        rows[-1]["min_cosine_to_fp32"] = float(cos.min())
+    return rows
 
 
 def to_markdown(result: dict) -> str:
@@ -119,6 +162,16 @@ def to_markdown(result: dict) -> str:
         f"finite gradients {t['finite_grads']}, peak memory {mem}",
         "",
     ]
+    lines += [
+        "## Encoders",
+        "",
+        "| encoder | precision | batch | images/s | min cosine to fp32 |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for r in result.get("encoders", []):
+        cos = f"{r['min_cosine_to_fp32']:.5f}" if "min_cosine_to_fp32" in r else ""
+        lines.append(f"| {r['encoder']} | {r['precision']} | {r['batch']} | {r['images_per_second']:.1f} | {cos} |")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -143,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         "tiny": args.tiny,
         "scoring": [check_scoring(model, device, n, m, s, precisions) for n, m, s in shapes],
         "training": check_training(model, device, 8 if args.tiny else 128),
+        "encoders": check_encoders(device, args.tiny),
     }
     result["seconds"] = round(time.perf_counter() - started, 1)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.sh: its CPU dry run at tiny shapes exercises every part (engine in three
-precisions, the compiled pooling, a bf16-configured training step) and writes its results."""
+precisions, the compiled pooling, a bf16-configured training step, the encoders in fp32 and bf16)
+and writes its results."""
 
 from __future__ import annotations
 
@@ -27,3 +28,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
             assert row["max_rel_err"] <= (3e-2 if precision == "bf16" else 1e-5), row
             assert row["seconds"] > 0
     assert result["training"]["finite_grads"] and result["training"]["loss"] > 0
+    encoders = {(r["encoder"].split(" ")[0], r["precision"]): r for r in result["encoders"]}
+    assert set(encoders) == {(e, p) for e in ("CLIP", "EfficientNet-Lite0") for p in ("fp32", "bf16")}
+    assert all(r["images_per_second"] > 0 for r in encoders.values())
+    assert encoders["EfficientNet-Lite0", "bf16"]["min_cosine_to_fp32"] > 0.9

@@ -1,0 +1,433 @@
+"""A model's index vectors for a folder of photos, region features or captions, to a file.
+
+:func:`embed_to_file` writes the vectors whose inner product is the one-stage score (VSE,
+ESL-CLIP) or ESL's first-stage global vectors: ``index_vectors_images(embed_images(x))`` and
+``index_vectors_captions(embed_captions(ids, lengths))``, one row per item.
+
+- ``OUT.npy``: float32 ``(N, K)``, the ids in ``OUT.ids.txt`` and what made them in
+  ``OUT.meta.json`` beside it;
+- ``OUT.parquet``: columns ``id`` (string) and ``vector`` (fixed-size list of float32), the
+  same facts in the schema metadata (needs pyarrow).
+
+The work is cut in chunks of ``chunk`` items, each written atomically into
+``.OUT.partial/`` (``chunk_XXXXX.npy`` + ``chunk_XXXXX.json``) beside ``progress.json`` (the
+fingerprint: model, inputs, precision, chunk size); a rerun with the same fingerprint
+computes only the missing chunks, then the output is assembled atomically and the partial
+folder removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..data.files import SkipImage, list_images, open_image
+from ..data.precomp import find_precomp_folder, open_memmap
+from ..distributed import stop_hook_for_tests
+from ..errors import EslmatchError, InputError
+from ..model.base import MatchingModel
+from ..text import pad_ids, tokenize_each
+from ..utils import atomic_path, atomic_save_npy, atomic_write_text, encode_in, resolve_precision
+from ..utils.precision import check_precision
+
+FORMAT = "eslmatch-embed/1"
+FORMATS = (".npy", ".parquet")
+
+
+@dataclass
+class EmbedSource:
+    """Items to embed: ``kind`` (``"photos"``, ``"features"``, ``"captions"``), their ids, a
+    digest of what they are, and ``load(i0, i1) -> (inputs, kept rows, skipped)``."""
+
+    kind: str
+    ids: list[str]
+    digest: str
+    load: Callable[[int, int], tuple[Any, list[int], list[tuple[str, str]]]]
+    description: dict[str, Any]
+
+    @property
+    def count(self) -> int:
+        return len(self.ids)
+
+
+# ---------------------------------------------------------------------------- sources
+def takes_pixels(model: MatchingModel) -> bool:
+    return hasattr(model, "preprocess")
+
+
+def photo_items(model: MatchingModel, folder: str | Path, recursive: bool = True) -> EmbedSource:
+    """Every file of ``folder`` (sorted relative paths; ids without extension) for a model
+    that takes pixels; unreadable files are skipped and named, never fatal."""
+    root = Path(folder)
+    if not takes_pixels(model):
+        raise EslmatchError(
+            f"{model.config.model_type} models take region features, not photos: run eslmatch extract on "
+            f"{root} first and give --features"
+        )
+    if not root.is_dir():
+        raise InputError(f"{root}: no such folder of photos")
+    entries, refused = list_images(root, recursive=recursive)
+    if not entries:
+        raise InputError(f"{root}: no image files found")
+    h = hashlib.sha256()
+    for e in entries:
+        st = e.path.stat()
+        h.update(f"{e.rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    preprocess: Any = cast(Any, model).preprocess
+
+    def load(i0: int, i1: int) -> tuple[Any, list[int], list[tuple[str, str]]]:
+        pixels, kept, skipped = [], [], []
+        for i in range(i0, i1):
+            try:
+                pixels.append(preprocess(open_image(entries[i].path)))
+                kept.append(i)
+            except SkipImage as exc:
+                skipped.append((entries[i].rel, str(exc)))
+            except (OSError, ValueError, RuntimeError) as exc:
+                skipped.append((entries[i].rel, f"cannot preprocess ({type(exc).__name__}: {exc})"))
+        return (torch.stack(pixels) if pixels else None), kept, skipped
+
+    desc = {"images": str(root.resolve()), "refused": [list(r) for r in refused]}
+    return EmbedSource("photos", [e.id for e in entries], h.hexdigest(), load, desc)
+
+
+def feature_items(model: MatchingModel, data: str | Path, split: str = "test") -> EmbedSource:
+    """Region features ``(N, R, D)``: an ``.npy`` file, or ``{split}_ims.npy`` of a precomp
+    folder (ids from ``{split}_ids.txt`` when present, else row numbers); every region real."""
+    if takes_pixels(model):
+        raise EslmatchError(f"{model.config.model_type} models take photos: give --images DIR, not --features")
+    path = Path(data)
+    ids: list[str] | None = None
+    if path.is_file() and path.suffix == ".npy":
+        arr = open_memmap(path)
+    else:
+        folder = find_precomp_folder(path, split)
+        arr = open_memmap(folder / f"{split}_ims.npy")
+        path = folder / f"{split}_ims.npy"
+        ids_file = folder / f"{split}_ids.txt"
+        if ids_file.is_file():
+            ids = ids_file.read_text(encoding="utf-8").splitlines()
+    d = int(model.config.img_dim)
+    if arr.ndim != 3 or arr.shape[-1] != d or arr.shape[0] == 0:
+        raise InputError(f"{path}: region features must be (N >= 1, R, {d}) for this model, got {tuple(arr.shape)}")
+    if ids is None:
+        ids = [str(i) for i in range(arr.shape[0])]
+    if len(ids) != arr.shape[0]:
+        raise InputError(f"{path}: {arr.shape[0]} rows but {len(ids)} ids in its _ids.txt")
+    st = path.stat()
+    digest = hashlib.sha256(f"{path.resolve()}\t{st.st_size}\t{st.st_mtime_ns}\t{arr.shape}".encode()).hexdigest()
+
+    def load(i0: int, i1: int) -> tuple[Any, list[int], list[tuple[str, str]]]:
+        x = torch.from_numpy(np.array(arr[i0:i1], dtype=np.float32))  # a copy: the map is read-only
+        if not torch.isfinite(x).all():
+            raise InputError(f"{path}: rows {i0}..{i1 - 1} hold NaN or infinite values")
+        return x, list(range(i0, i1)), []
+
+    return EmbedSource("features", ids, digest, load, {"features": str(path.resolve()), "shape": list(arr.shape)})
+
+
+def caption_items(model: MatchingModel, captions: str | Path) -> EmbedSource:
+    """Captions, one per line (``ID<TAB>caption`` gives the id, else the line number from 1);
+    blank lines are left out. A caption the tokenizer refuses is one error naming its line."""
+    path = Path(captions)
+    if not path.is_file():
+        raise InputError(f"{path}: no such captions file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text ({exc})") from exc
+    ids, texts, where = [], [], []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        key, tab, text = line.partition("\t")
+        ids.append(key.strip() if tab else str(n))
+        texts.append(text if tab else line)
+        where.append(n)
+    if not texts:
+        raise InputError(f"{path}: no caption in the file")
+    digest = hashlib.sha256("\n".join(f"{i}\t{t}" for i, t in zip(ids, texts)).encode()).hexdigest()
+
+    def load(i0: int, i1: int) -> tuple[Any, list[int], list[tuple[str, str]]]:
+        seqs = tokenize_each(model.tokenize, texts[i0:i1], lambda j: f"{path}: line {where[i0 + j]}")
+        return pad_ids([s.tolist() for s in seqs]), list(range(i0, i1)), []
+
+    return EmbedSource("captions", ids, digest, load, {"captions": str(path.resolve())})
+
+
+# ---------------------------------------------------------------------------- vectors
+def index_vectors(model: MatchingModel, kind: str, inputs: Any, precision: str = "fp32") -> torch.Tensor:
+    """``(B, K)`` float32 index vectors of one batch (``kind``: photos, features, captions),
+    computed in ``precision`` on the model's device."""
+    dev = model.device
+
+    def run() -> torch.Tensor:
+        if kind == "captions":
+            ids, lens = inputs[0].to(dev), inputs[1].to(dev)
+            return model.index_vectors_captions(model.embed_captions(ids, lens), lens)
+        x = inputs.to(dev)
+        return model.index_vectors_images(model.embed_images(x), None)
+
+    with torch.no_grad():
+        return encode_in(precision, dev, run)
+
+
+def model_digest(model: MatchingModel) -> str:
+    """Configuration and a strided sample of every weight: what makes two models' vectors equal."""
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            flat = t.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 4096)].double().cpu().numpy()
+            h.update(f"{name}{tuple(t.shape)}".encode() + sample.tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------- the job
+def check_output(out: str | Path) -> Path:
+    """``out`` ends in ``.npy`` or ``.parquet`` (pyarrow importable for the latter)."""
+    path = Path(out)
+    if path.suffix not in FORMATS:
+        raise InputError(f"--out {path}: must end in .npy or .parquet")
+    if path.is_dir():
+        raise InputError(f"--out {path}: a folder is in the way")
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError as exc:
+            raise EslmatchError("--out *.parquet needs pyarrow: pip install 'eslmatch[parquet]'") from exc
+    return path
+
+
+def partial_dir(out: Path) -> Path:
+    return out.with_name(f".{out.name}.partial")
+
+
+def ids_path(out: Path) -> Path:
+    """``OUT.ids.txt`` beside an ``OUT.npy``."""
+    return out.with_suffix(".ids.txt")
+
+
+def embed_to_file(
+    model: MatchingModel,
+    source: EmbedSource,
+    out: str | Path,
+    *,
+    precision: str = "fp32",
+    batch_size: int = 64,
+    chunk: int = 1024,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Write the index vectors of ``source``'s items to ``out`` (``.npy`` or ``.parquet``).
+
+    Args:
+        model: any family, used in eval mode on its device.
+        source: from :func:`photo_items`, :func:`feature_items` or :func:`caption_items`.
+        precision: ``fp32`` (default), ``bf16`` or ``auto`` (bf16 where the device computes it
+            natively), see :mod:`eslmatch.utils.precision`.
+        batch_size: items per encoder call; chunk: items per resumable chunk.
+    Returns:
+        a summary: ``out``, ``count``, ``dim``, ``precision``, ``reused_chunks``,
+        ``computed``, ``skipped`` ``[(name, reason)]``, ``seconds``.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    started = time.perf_counter()
+    target = check_output(out)
+    check_precision(precision)
+    for name, value in (("batch_size", batch_size), ("chunk", chunk)):
+        if not isinstance(value, int) or value < 1:
+            raise InputError(f"--{name.replace('_', '-')} {value}: must be a positive integer")
+    used = resolve_precision(precision, model.device)
+    model.eval()
+    fingerprint = {
+        "format": FORMAT,
+        "kind": source.kind,
+        "items": source.digest,
+        "count": source.count,
+        "model": model_digest(model),
+        "precision": used,
+        "chunk": chunk,
+    }
+    store = partial_dir(target)
+    n_chunks = (source.count + chunk - 1) // chunk
+    done = _open_partial(store, fingerprint, n_chunks, log)
+    if done:
+        log(f"eslmatch: resuming: {len(done)} of {n_chunks} chunks already embedded in {store}")
+    bar = tqdm(
+        total=source.count,
+        initial=sum(len(range(i * chunk, min((i + 1) * chunk, source.count))) for i in done),
+        unit=source.kind if source.kind != "features" else "img",
+        desc="embed",
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    computed = saved = 0
+    try:
+        for index in range(n_chunks):
+            if index in done:
+                continue
+            i0, i1 = index * chunk, min((index + 1) * chunk, source.count)
+            vectors, kept, skipped = _embed_chunk(model, source, i0, i1, batch_size, used, bar.update)
+            atomic_save_npy(store / f"chunk_{index:05d}.npy", vectors)
+            atomic_write_text(
+                store / f"chunk_{index:05d}.json", json.dumps({"kept": kept, "skipped": [list(s) for s in skipped]})
+            )
+            done.add(index)
+            computed += i1 - i0
+            saved += 1
+            stop_hook_for_tests(0, saved)
+    finally:
+        bar.close()
+    summary = _assemble(target, store, source, n_chunks, model, used)
+    shutil.rmtree(store, ignore_errors=True)
+    summary.update(reused_chunks=n_chunks - saved, computed=computed, seconds=round(time.perf_counter() - started, 3))
+    return summary
+
+
+def _open_partial(store: Path, fingerprint: dict[str, Any], n_chunks: int, log: Callable[[str], None]) -> set[int]:
+    """Chunks of an earlier run with this fingerprint (complete ones only); else a clean folder."""
+    progress = store / "progress.json"
+    done: set[int] = set()
+    if progress.is_file():
+        try:
+            same = json.loads(progress.read_text(encoding="utf-8")).get("fingerprint") == fingerprint
+        except (OSError, ValueError, AttributeError):
+            same = False
+        if same:
+            for index in range(n_chunks):
+                if _chunk_ok(store, index):
+                    done.add(index)
+        else:
+            log(f"eslmatch: note: partial results in {store} are from other inputs, model or precision; starting over")
+    if not done:
+        shutil.rmtree(store, ignore_errors=True)
+    store.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(progress, json.dumps({"fingerprint": fingerprint}))
+    return done
+
+
+def _chunk_ok(store: Path, index: int) -> bool:
+    try:
+        rec = json.loads((store / f"chunk_{index:05d}.json").read_text(encoding="utf-8"))
+        arr = np.load(store / f"chunk_{index:05d}.npy", mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return False
+    return (
+        isinstance(rec, dict) and isinstance(rec.get("kept"), list) and arr.ndim == 2 and len(arr) == len(rec["kept"])
+    )
+
+
+def _embed_chunk(
+    model: MatchingModel,
+    source: EmbedSource,
+    i0: int,
+    i1: int,
+    batch_size: int,
+    precision: str,
+    tick: Callable[[int], Any],
+) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
+    parts: list[np.ndarray] = []
+    kept_all: list[int] = []
+    skipped_all: list[tuple[str, str]] = []
+    for b0 in range(i0, i1, batch_size):
+        b1 = min(b0 + batch_size, i1)
+        inputs, kept, skipped = source.load(b0, b1)
+        skipped_all.extend(skipped)
+        if kept:
+            parts.append(index_vectors(model, source.kind, inputs, precision).cpu().numpy().astype(np.float32))
+            kept_all.extend(kept)
+        tick(b1 - b0)
+    vectors = np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+    return vectors, kept_all, skipped_all
+
+
+def _assemble(
+    target: Path, store: Path, source: EmbedSource, n_chunks: int, model: MatchingModel, precision: str
+) -> dict[str, Any]:
+    records = [json.loads((store / f"chunk_{i:05d}.json").read_text(encoding="utf-8")) for i in range(n_chunks)]
+    chunks = [np.load(store / f"chunk_{i:05d}.npy", mmap_mode="r", allow_pickle=False) for i in range(n_chunks)]
+    kept = [k for rec in records for k in rec["kept"]]
+    skipped = [tuple(s) for rec in records for s in rec["skipped"]]
+    if not kept:
+        raise InputError(f"no item could be embedded: all {len(skipped)} were skipped (first: {skipped[0]})")
+    dim = next(int(c.shape[1]) for c in chunks if len(c))
+    ids = [source.ids[i] for i in kept]
+    meta = {
+        "format": FORMAT,
+        "eslmatch_version": __version__,
+        "family": model.config.model_type,
+        "kind": source.kind,
+        "vectors": "index_vectors_images(embed_images(x))"
+        if source.kind != "captions"
+        else "index_vectors_captions(embed_captions(ids, lengths))",
+        "exact_index": bool(model.exact_index),
+        "precision": precision,
+        "count": len(kept),
+        "dim": dim,
+        "source": source.description,
+        "skipped": [list(s) for s in skipped[:1000]],
+        "skipped_total": len(skipped),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if target.suffix == ".npy":
+        with atomic_path(target) as tmp:
+            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(kept), dim))
+            at = 0
+            for c in chunks:
+                arr[at : at + len(c)] = c
+                at += len(c)
+            arr.flush()
+            del arr
+        atomic_write_text(ids_path(target), "".join(f"{i}\n" for i in ids))
+        atomic_write_text(target.with_suffix(".meta.json"), json.dumps(meta, indent=2) + "\n")
+        files = [str(target), str(ids_path(target)), str(target.with_suffix(".meta.json"))]
+    else:
+        _write_parquet(target, ids, [c for c in chunks if len(c)], dim, meta)
+        files = [str(target)]
+    return {
+        "out": str(target),
+        "files": files,
+        "count": len(kept),
+        "dim": dim,
+        "precision": precision,
+        "skipped": skipped,
+    }
+
+
+def _write_parquet(target: Path, ids: Sequence[str], chunks: Sequence[np.ndarray], dim: int, meta: dict) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    flat = np.concatenate([np.asarray(c, dtype=np.float32) for c in chunks]).reshape(-1)
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float32()), dim)
+    table = pa.table({"id": pa.array(list(ids), type=pa.string()), "vector": vectors})
+    table = table.replace_schema_metadata({b"eslmatch": json.dumps(meta).encode()})
+    with atomic_path(target) as tmp:
+        pq.write_table(table, str(tmp))
+
+
+def read_embeddings(path: str | Path) -> tuple[list[str], np.ndarray]:
+    """``(ids, vectors (N, K) float32)`` of a file :func:`embed_to_file` wrote."""
+    p = Path(path)
+    if p.suffix == ".npy":
+        return ids_path(p).read_text(encoding="utf-8").splitlines(), np.load(p, allow_pickle=False)
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(str(p))
+    vectors = np.asarray(table.column("vector").combine_chunks().flatten(), dtype=np.float32)
+    ids = [str(x) for x in table.column("id").to_pylist()]
+    return ids, vectors.reshape(len(ids), -1)

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from eslmatch.config import ESLConfig
+from eslmatch.model.base import MatchingModel
 from eslmatch.model.esl import ESLModel
 from eslmatch.text import WordVocab
+from eslmatch.utils import l2n
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 # The released code's reference outputs live beside the repository (../shared), not in it: a
@@ -198,3 +204,87 @@ def released_inputs(
         caps[j, 1 : n - 1] = torch.randint(5, vocab, (n - 2,), generator=g)
         caps[j, n - 1] = 3
     return images, caps, lens
+
+
+# ---------------------------------------------------------------------- a model that takes pixels
+TOY_WORDS = ["<pad>", "<unk>", *WORDS, "is"]
+
+
+@dataclass
+class ToyConfig:
+    model_type: str = "toy-pixels"
+    embed_size: int = 12
+    image_size: int = 16
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ToyConfig:
+        return cls(**{k: data[k] for k in ("embed_size", "image_size") if k in data})
+
+
+class ToyPixelModel(MatchingModel):
+    """A stand-in for ESL-CLIP: 16x16 pixels -> linear image tower; bag of words -> text tower."""
+
+    family = "toy-pixels"
+    config_class = ToyConfig
+    exact_index = True
+    inputs = "pixels"
+
+    def __init__(self, config: ToyConfig | None = None, seed: int = 0) -> None:
+        super().__init__()
+        self.config = config or ToyConfig()
+        s, e = self.config.image_size, self.config.embed_size
+        g = torch.Generator().manual_seed(seed)
+        self.image_tower = nn.Linear(3 * s * s, e)
+        self.word_vectors = nn.Embedding(len(TOY_WORDS), e, padding_idx=0)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            self.word_vectors.weight[0] = 0
+        self.tokenizer = None
+
+    def preprocess(self, image) -> torch.Tensor:  # a PIL image
+        from PIL import Image
+
+        s = self.config.image_size
+        pixels = np.asarray(image.convert("RGB").resize((s, s), Image.BILINEAR), dtype=np.float32) / 255.0
+        return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+
+    def preprocess_image(self, image) -> torch.Tensor:
+        return self.preprocess(image)
+
+    def tokenize(self, texts):
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        rows = [[TOY_WORDS.index(w) if w in TOY_WORDS else 1 for w in t.lower().split()] or [1] for t in texts]
+        ids = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+        return ids, torch.tensor([len(r) for r in rows])
+
+    def parts(self) -> dict[str, nn.Module]:
+        return {"image_tower": self.image_tower, "word_vectors": self.word_vectors}
+
+    def embed_images(self, images, image_lengths=None):
+        return l2n(self.image_tower(images.to(self.device).flatten(1)))
+
+    def embed_captions(self, captions, caption_lengths):
+        summed = self.word_vectors(captions.to(self.device)).sum(1)
+        return l2n(summed / torch.as_tensor(caption_lengths, device=self.device)[:, None].float())
+
+    def score(self, image_emb, image_lengths, caption_emb, caption_lengths, options=None):
+        return image_emb @ caption_emb.t()
+
+    def index_vectors_images(self, image_emb, image_lengths=None):
+        return image_emb
+
+    def index_vectors_captions(self, caption_emb, caption_lengths):
+        return caption_emb
+
+    @classmethod
+    def build_for_loading(cls, config, directory):
+        return cls(config)

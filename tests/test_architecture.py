@@ -22,11 +22,12 @@ CORE = (
     "training",
     "evaluate",
     "truth",
+    "annotations",
     "compat",
     "distributed",
     "factory",
 )
-APPLICATIONS = ("extract", "retrieval", "serve", "demo", "commands", "cli")
+APPLICATIONS = ("extract", "export", "retrieval", "serve", "demo", "commands", "cli")
 
 
 def module_name(path: Path) -> str:
@@ -127,12 +128,35 @@ def test_no_import_cycles():
     assert cycles == [], f"import cycles among eslmatch modules: {cycles}"
 
 
+def _module_level_imports(path: Path) -> ast.Module:
+    """The package root without its module ``__getattr__`` (the lazy doorway to applications)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    tree.body = [n for n in tree.body if not (isinstance(n, ast.FunctionDef) and n.name == "__getattr__")]
+    return tree
+
+
 def test_core_never_imports_applications():
     bad = []
     for name, deps in graph().items():
-        if layer_of(name) in CORE or name == "eslmatch":
+        if layer_of(name) in CORE:
             bad += [f"{name} -> {d}" for d in deps if layer_of(d) in APPLICATIONS]
     assert bad == [], "core modules import applications: " + ", ".join(bad)
+
+
+def test_the_package_root_reaches_applications_only_lazily():
+    """``eslmatch.open_gallery`` is an application's entry point: the root imports it inside its
+    module ``__getattr__`` (on first use), never when ``eslmatch`` is imported."""
+    root = PACKAGE / "__init__.py"
+    tree = _module_level_imports(root)
+    eager = [
+        node.module
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and (node.module or "").split(".")[0] in APPLICATIONS
+    ]
+    assert eager == [], f"eslmatch/__init__.py imports applications at import time: {eager}"
+    import eslmatch
+
+    assert callable(eslmatch.open_gallery) and callable(eslmatch.build_gallery)
 
 
 def test_every_top_level_module_has_a_layer():
@@ -158,3 +182,24 @@ def test_only_the_factory_names_concrete_families():
         if d in family_modules and not name.startswith(allowed_prefixes)
     ]
     assert bad == [], "modules naming concrete model classes outside the factory: " + ", ".join(bad)
+
+
+def test_retrieval_stays_readable():
+    """The gallery package: no module over 600 lines, no function over 80; its model is typed
+    as the MatchingModel protocol (never ``Any``) and told apart by its attributes, never by
+    ``hasattr``; and no store subclasses another to undo it."""
+    long_modules, long_functions, untyped, probes = [], [], [], []
+    for path in sorted((PACKAGE / "retrieval").glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        if text.count("\n") > 600:
+            long_modules.append(path.name)
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if node.end_lineno - node.lineno + 1 > 80:
+                    long_functions.append(f"{path.name}:{node.name}")
+                for arg in [*node.args.args, *node.args.kwonlyargs]:
+                    if arg.arg == "model" and (arg.annotation is None or ast.unparse(arg.annotation) == "Any"):
+                        untyped.append(f"{path.name}:{node.name}")
+        probes += [f"{path.name}: {line.strip()}" for line in text.splitlines() if "hasattr(model" in line]
+    assert long_modules == [] and long_functions == [], (long_modules, long_functions)
+    assert untyped == [] and probes == [], (untyped, probes)

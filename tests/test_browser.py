@@ -38,8 +38,7 @@ else:
     sync_api = pytest.importorskip("playwright.sync_api")
     pytest.importorskip("fastapi")
 
-from eslmatch.factory import load_model  # noqa: E402
-from eslmatch.retrieval import GalleryIndex  # noqa: E402
+from eslmatch.retrieval import open_gallery  # noqa: E402
 from eslmatch.serve import load_app  # noqa: E402
 from test_serve import make_gallery, running_server  # noqa: E402
 
@@ -58,7 +57,7 @@ CANVAS_STATS = """() => {
 def test_search_page_in_chromium(tmp_path):
     gallery = make_gallery(tmp_path, n=12)
     app = load_app(gallery.index_dir)
-    index, model = GalleryIndex.open(gallery.index_dir), load_model(gallery.model_dir)
+    library = open_gallery(gallery.index_dir)
     console_errors: list[str] = []
     foreign: list[str] = []
     failed: list[str] = []
@@ -98,7 +97,7 @@ def test_search_page_in_chromium(tmp_path):
             chips = page.locator("#chips .chip")
             words = chips.all_inner_texts()
             first_id = page.locator(".result").nth(0).get_attribute("data-id")
-            expected, _, _ = index.attention(model, QUERY, first_id)
+            expected, _, _ = library.attention(QUERY, first_id)
             assert words[0] == "all words (mean)" and words[1:] == expected
             typed = ["a", "red", "circle", "above", "the", "blue", "square"]
             assert [w for w in words[1:] if not w.startswith("<")] == typed
@@ -126,7 +125,7 @@ def test_search_page_in_chromium(tmp_path):
             # The overlay is placed right: the brightest cell of "circle" (row-major on the 3x3
             # grid) is more opaque at its centre than the dimmest cell.
             third_id = page.locator(".result").nth(2).get_attribute("data-id")
-            words3, weights3, grid3 = index.attention(model, QUERY, third_id)
+            words3, weights3, grid3 = library.attention(QUERY, third_id)
             row = weights3[words3.index("circle")]
             assert tuple(grid3) == (3, 3)
             alpha = "([x, y]) => document.getElementById('heatmap').getContext('2d').getImageData(x, y, 1, 1).data[3]"

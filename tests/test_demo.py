@@ -51,11 +51,12 @@ def test_tiny_demo_end_to_end(tmp_path, monkeypatch, capsys):
     for png in ("curves.png", "attention.png", "examples.png"):
         assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the test images stay at their final paths and the demo leaves a browsable gallery index
-    from eslmatch.factory import load_model
-    from eslmatch.retrieval import GalleryIndex
+    from eslmatch.retrieval import open_gallery
 
-    index = GalleryIndex.open(report / "index", model=load_model(report / "run_esl" / "best"))
-    assert index.count == 12 and all(p is not None and Path(p).is_file() for p in index.paths)
+    index = open_gallery(report / "index")
+    recs = index.store.records(range(len(index)))
+    assert len(index) == 12 and all(r.path and Path(r.path).is_file() for r in recs.values())
+    assert index.search("a red circle", k=3)  # the recorded model loads and searches
     assert any("eslmatch serve --index" in line for line in lines)
     saved = json.loads((report / "metrics.json").read_text())
     assert set(saved["models"]) == {"ESL", "VSE"}

@@ -13,7 +13,7 @@ import torch
 import eslmatch
 from _models import FIXTURES, make_released_checkpoint, needs_fixtures, released_inputs
 from eslmatch.errors import CheckpointError
-from released_forward import released_similarity
+from released_forward import image_embed, levels, released_similarity
 
 CKPT = FIXTURES / "official_adaptive.pth.tar"
 IO = FIXTURES / "official_adaptive_io.npz"
@@ -34,6 +34,16 @@ def official():
     return eslmatch.load_official_checkpoint(CKPT)
 
 
+def released_image_levels(images: torch.Tensor) -> np.ndarray:
+    """The level features of the released transcription (tests/released_forward.py), float32."""
+    from eslmatch.compat.official import read_checkpoint
+
+    img, _, sim = ({k.removeprefix("module."): v for k, v in sd.items()} for sd in read_checkpoint(CKPT)["model"])
+    n_levels = len([k for k in sim if k.startswith("plus_encoder.encoders_1.image_levels.")])
+    with torch.no_grad():
+        return levels(sim, image_embed(img, images), "image", n_levels, False).numpy()
+
+
 @needs_fixtures
 def test_fixture_parity_every_stage(official, fixture_io):
     d = fixture_io
@@ -42,9 +52,21 @@ def test_fixture_parity_every_stage(official, fixture_io):
     valid = np.arange(caps.shape[1])[None, :] < d["cap_lens"][:, None]
     with torch.no_grad():
         assert rel_err(official.encode_images(images), d["img_emb"]) <= 1e-5
-        assert rel_err(official.embed_images(images), d["img_levels"]) <= 1e-5
         assert rel_err(official.encode_captions(caps, lens).numpy()[valid], d["cap_emb"][valid]) <= 1e-5
-        assert rel_err(official.embed_captions(caps, lens).numpy()[valid], d["cap_levels"][valid]) <= 1e-5
+        for ours, released, ref in (
+            (official.embed_images(images), released_image_levels(images), d["img_levels"]),
+            (official.embed_captions(caps, lens).numpy()[valid], None, d["cap_levels"][valid]),
+        ):
+            if released is None:
+                assert rel_err(ours, ref) <= 1e-5
+                continue
+            # The deepest level (2-d vectors, l2-normalised after sums that nearly cancel) amplifies
+            # float32 rounding: on some CPUs (AVX-512 kernels) the released formula itself, run here
+            # in float32, is ~2.4e-5 from the fixture written on another machine. So the level
+            # features are held to the released code run here (1e-5), and to the fixture within 1e-5
+            # beyond the released code's own distance from it; the scores below stay within 1e-5.
+            assert rel_err(ours, released) <= 1e-5
+            assert rel_err(ours, ref) <= 1e-5 + rel_err(released, ref)
         sims = official.similarity(images, torch.from_numpy(d["image_lengths"]).long(), caps, lens)
     assert sims.shape == (12, 20)
     assert rel_err(sims, d["sims"]) <= 1e-5

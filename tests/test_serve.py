@@ -34,10 +34,10 @@ from PIL import Image, ImageDraw  # noqa: E402
 from _models import tiny_gru_model  # noqa: E402
 from eslmatch.cli import main  # noqa: E402
 from eslmatch.errors import EslmatchError  # noqa: E402
-from eslmatch.factory import load_model  # noqa: E402
-from eslmatch.retrieval import GalleryIndex, build_image_index  # noqa: E402
-from eslmatch.serve import ServeConfig, create_app, load_app  # noqa: E402
-from eslmatch.serve.app import HostRules, check_unicode, image_url, normalize_host  # noqa: E402
+from eslmatch.retrieval import BuildOptions, build_gallery, open_gallery, regions  # noqa: E402
+from eslmatch.serve import ServeConfig, create_app, load_app, runner  # noqa: E402
+from eslmatch.serve.app import check_unicode, image_url  # noqa: E402
+from eslmatch.serve.middleware import HostRules, normalize_host  # noqa: E402
 
 COLOURS = {"red": (214, 48, 49), "blue": (9, 132, 227), "green": (0, 148, 50)}
 SHAPES = ("circle", "square")
@@ -88,10 +88,9 @@ def make_gallery(root: Path, n: int = 12, odd_id: bool = False, broken: bool = F
         ids += ["text-file", "gone"]
         paths += [str(images / "notes.txt"), str(images / "gone.png")]
     feats = np.random.default_rng(0).standard_normal((len(ids), 9, 16)).astype(np.float32)
-    index_dir = build_image_index(
-        model, feats, root / "index", ids=ids, paths=paths, grid=(3, 3), progress=False, model_path=model_dir
-    )
-    return Gallery(root, Path(index_dir), model_dir, ids, paths)
+    src = regions(feats, img_dim=16, ids=ids, paths=paths, grid=(3, 3))
+    build_gallery(model, src, root / "index", options=BuildOptions(progress=False), model_path=model_dir).close()
+    return Gallery(root, root / "index", model_dir, ids, paths)
 
 
 def free_socket() -> socket.socket:
@@ -146,8 +145,8 @@ def client(app) -> Iterator[TestClient]:
 
 @pytest.fixture(scope="module")
 def library(gallery):
-    """The index and model opened directly, for the answers the server must give."""
-    return GalleryIndex.open(gallery.index_dir), load_model(gallery.model_dir)
+    """The gallery and its model opened directly, for the answers the server must give."""
+    return open_gallery(gallery.index_dir)
 
 
 def assert_error(resp, status: int | tuple[int, ...]) -> str:
@@ -168,12 +167,11 @@ def test_healthz(client, gallery):
 
 
 def test_search_matches_the_library(client, library):
-    index, model = library
     for text, k, rerank_k in [("a red circle", 5, 100), ("blue square above green", 3, 0), ("small circle", 14, 4)]:
         resp = client.post("/search", json={"text": f"  {text} ", "k": k, "rerank_k": rerank_k})
         assert resp.status_code == 200, resp.text
         body = resp.json()
-        hits = index.search_text(model, text, k=k, rerank_k=rerank_k)
+        hits = library.search(text, k=k, rerank_k=rerank_k)
         assert body["query"] == text
         assert body["took_ms"] >= 0
         assert [r["rank"] for r in body["results"]] == list(range(1, len(hits) + 1))
@@ -204,9 +202,8 @@ def test_image_urls_serve_the_recorded_files(client, gallery):
 
 
 def test_attention_get_and_post(client, library, gallery):
-    index, model = library
     item = gallery.ids[4]
-    words, weights, grid = index.attention(model, "a big red circle", item)
+    words, weights, grid = library.attention("a big red circle", item)
     for resp in (
         client.get("/attention", params={"text": "a big red circle", "id": item}),
         client.post("/attention", json={"text": "a big red circle", "id": item}),
@@ -259,6 +256,14 @@ def test_page_and_static_files_are_self_contained(client):
         ({"text": "red", "rerank_k": 2001}, "rerank_k must be"),
         ({"text": "red", "k": "ten"}, "k:"),
         ({"text": "red", "k": 1.5}, "k:"),
+        ({"text": "red", "k": True}, "k:"),  # strict integers: no booleans, strings or floats
+        ({"text": "red", "k": "5"}, "k:"),
+        ({"text": "red", "k": 2.0}, "k:"),
+        ({"text": "red", "rerank_k": False}, "rerank_k:"),
+        ({"text": "\x00\x00"}, "empty"),  # NUL or zero-width only: no text at all
+        ({"text": "\u200b\u200c\ufeff"}, "empty"),
+        ({"text": "red", "where": "folder ==="}, "filter"),
+        ({"text": "red", "where": "nosuch == 1"}, "unknown field 'nosuch'"),
         ({"text": ["red"]}, "text:"),
         ({"k": 3}, "text: Field required"),
         ({"text": "red", "topk": 3}, "topk"),
@@ -357,7 +362,6 @@ def test_image_unknown_unservable_ids(client, gallery):
     "text, status",
     [
         ("!!!", 422),
-        ("\u200b", 422),
         ("\u00e9t\u00e9 \u2603 \U0001f600", 200),
         ("<script>alert(1)</script>", 200),
         ("RED circle", 200),
@@ -385,7 +389,7 @@ def test_lone_surrogates_in_text_are_422(client, gallery, monkeypatch, text):
     encode: it is refused as invalid Unicode, never a 500, and never reaches the model."""
     from eslmatch.serve import app as app_module
 
-    monkeypatch.setattr(app_module.Gallery, "infer", lambda *a, **k: pytest.fail("the model ran"))
+    monkeypatch.setattr(app_module.Served, "run", lambda *a, **k: pytest.fail("the model ran"))
     quoted = '"' + text + '"'  # the JSON escape as sent: ASCII bytes, backslash and all
     bodies = [
         ("/search", f'{{"text": {quoted}}}'),
@@ -506,8 +510,7 @@ def test_host_rules():
 
 
 def test_allowed_hosts_option(library):
-    index, model = library
-    app = create_app(index, model, allowed_hosts=["search.example.org", "10.0.0.7"])
+    app = create_app(library, allowed_hosts=["search.example.org", "10.0.0.7"])
     with local_client(app, "search.example.org") as c:
         assert c.get("/healthz").status_code == 200
         assert c.post("/search", json={"text": "red", "k": 2}).status_code == 200
@@ -515,12 +518,11 @@ def test_allowed_hosts_option(library):
             assert get_with_host(c, "/healthz", host).status_code == 200, host
         assert_error(get_with_host(c, "/healthz", "evil.example"), 421)
     with pytest.raises(EslmatchError, match="'a/b' is not a host name"):
-        create_app(index, model, allowed_hosts=["a/b"])  # refused when built, not on the first request
+        create_app(library, allowed_hosts=["a/b"])  # refused when built, not on the first request
 
 
 def test_real_server_checks_the_host_header(library):
-    index, model = library
-    with running_server(create_app(index, model)) as base:  # its own app: the server's exit closes it
+    with running_server(create_app(library)) as base:  # its own app: the server's exit closes it
         port = base.rsplit(":", 1)[1]
         assert httpx.get(f"{base}/healthz", timeout=30).status_code == 200  # Host: 127.0.0.1:PORT
         assert httpx.get(f"{base}/healthz", headers={"host": f"localhost:{port}"}, timeout=30).status_code == 200
@@ -552,31 +554,29 @@ def raw_request(base: str, request: bytes) -> tuple[int, bytes]:
     return int(head.split(b" ", 2)[1]), body
 
 
-class GatedIndex:
-    """Delegates to a real index; ``search_text`` waits until the test opens the gate."""
+class GatedGallery:
+    """Delegates to a real gallery; ``search`` waits until the test opens the gate."""
 
-    def __init__(self, index) -> None:
-        self.inner = index
-        self.ids = index.ids
+    def __init__(self, gallery) -> None:
+        self.inner = gallery
         self.entered = threading.Event()
         self.gate = threading.Event()
 
-    def search_text(self, *args, **kwargs):
+    def search(self, *args, **kwargs):
         self.entered.set()
         assert self.gate.wait(20)
-        return self.inner.search_text(*args, **kwargs)
+        return self.inner.search(*args, **kwargs)
 
-    def attention(self, *args, **kwargs):
-        return self.inner.attention(*args, **kwargs)
+    def __len__(self) -> int:
+        return len(self.inner)
 
-    def image_path(self, item_id):
-        return self.inner.image_path(item_id)
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
 
 def test_inference_queue_is_bounded(library):
-    index, model = library
-    gated = GatedIndex(index)
-    app = create_app(gated, model, ServeConfig(max_pending=1))
+    gated = GatedGallery(library)
+    app = create_app(gated, ServeConfig(max_pending=1))
     with running_server(app) as base, ThreadPoolExecutor(max_workers=1) as pool:
         first = pool.submit(httpx.post, f"{base}/search", json={"text": "red"}, timeout=30)
         assert gated.entered.wait(20)
@@ -593,8 +593,7 @@ def test_inference_queue_is_bounded(library):
 
 def test_burst_against_a_real_server(app, gallery, library):
     """1,000 requests, 8 at a time, on 127.0.0.1: no errors, answers equal to sequential ones."""
-    index, model = library
-    expected = {q: [(h.id, h.score) for h in index.search_text(model, q, k=5, rerank_k=100)] for q in QUERIES}
+    expected = {q: [(h.id, h.score) for h in library.search(q, k=5, rerank_k=100)] for q in QUERIES}
     image = image_url(gallery.ids[2])
     local = threading.local()
 
@@ -657,17 +656,21 @@ def test_real_server_refuses_a_10mb_body(app):
 def test_cli_serve_wiring(gallery, monkeypatch, capsys):
     calls = {}
 
-    def fake_run(app, **kwargs):
-        calls.update(kwargs, app=app)
+    def fake_run(app, sock, limits, log_level):
+        host, port = sock.getsockname()[:2]
+        calls.update(app=app, host=host, port=port, limits=limits)
 
-    monkeypatch.setattr(uvicorn, "run", fake_run)
-    assert main(["serve", "--index", str(gallery.index_dir), "--port", "0"]) == 0
-    assert calls["host"] == "127.0.0.1" and calls["port"] == 0
-    assert "warning" not in capsys.readouterr().err
+    monkeypatch.setattr(runner, "run_server", fake_run)
+    assert main(["serve", "--index", str(gallery.index_dir), "--port", "0", "--header-timeout", "3"]) == 0
+    assert calls["host"] == "127.0.0.1" and calls["port"] > 0 and calls["limits"].header_timeout == 3
+    err = capsys.readouterr().err
+    assert f"on http://127.0.0.1:{calls['port']}/" in err and "warning" not in err  # the port it got, not 0
     with local_client(calls["app"]) as c:
         assert c.get("/healthz").json()["items"] == len(gallery.ids)
 
-    assert main(["serve", "--index", str(gallery.index_dir), "--host", "0.0.0.0", "--max-text", "7"]) == 0
+    assert (
+        main(["serve", "--index", str(gallery.index_dir), "--host", "0.0.0.0", "--port", "0", "--max-text", "7"]) == 0
+    )
     err = capsys.readouterr().err
     assert "warning: binding to 0.0.0.0" in err
     with local_client(calls["app"]) as c:
@@ -679,7 +682,8 @@ def test_cli_serve_wiring(gallery, monkeypatch, capsys):
 
 def test_cli_serve_allowed_hosts(gallery, monkeypatch, capsys):
     calls = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.update(kwargs, app=app))
+    monkeypatch.setattr(runner, "run_server", lambda app, sock, limits, log_level: calls.update(app=app))
+    monkeypatch.setattr(runner, "bind_socket", lambda host, port: free_socket())  # --host names no real address
     assert main(["serve", "--index", str(gallery.index_dir), "--port", "0"]) == 0
     with local_client(calls["app"]) as c:
         assert_error(get_with_host(c, "/healthz", "search.example.org"), 421)
@@ -710,7 +714,8 @@ def test_cli_serve_allowed_hosts(gallery, monkeypatch, capsys):
 
 
 def test_cli_serve_errors_are_one_line(gallery, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: pytest.fail("must not start"))
+    monkeypatch.setattr(runner, "run_server", lambda *a, **kw: pytest.fail("must not start"))
+    monkeypatch.setattr(runner, "bind_socket", lambda host, port: free_socket())  # port 8000 may be taken here
     other = tmp_path / "other"
     tiny_gru_model(seed=1, embed_size=64).save_pretrained(other)
     cases = [
@@ -727,7 +732,6 @@ def test_cli_serve_errors_are_one_line(gallery, tmp_path, monkeypatch, capsys):
 
 
 def test_create_app_with_an_open_index(library):
-    index, model = library
-    with local_client(create_app(index, model, model_name="m")) as c:
+    with local_client(create_app(library, model_name="m")) as c:
         assert c.get("/healthz").json()["model"] == "m"
         assert c.post("/search", json={"text": "red", "k": 2}).status_code == 200

@@ -109,7 +109,7 @@ def test_shipped_configs_hold_the_released_recipe():
         # the released run: no auxiliary first-stage loss, fp32, best model kept on dev by default
         assert (cfg.global_loss_weight, cfg.bf16, cfg.val_split) == (0.0, False, "dev")
         search = load_train_config(CONFIGS / f"{name}_search.yaml")
-        assert (search.global_loss_weight, search.bf16) == (0.1, True)
+        assert (search.global_loss_weight, search.bf16) == (0.1, "auto")
         assert search.model == cfg.model and search.lr == cfg.lr and search.epochs == cfg.epochs
 
 

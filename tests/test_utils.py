@@ -85,3 +85,36 @@ def test_masks():
     x = torch.arange(18, dtype=torch.float32).view(3, 3, 2)
     expected = torch.stack([x[i, :n].mean(0) for i, n in enumerate(lengths.tolist())])
     assert torch.allclose(masked_mean(x, lengths), expected)
+
+
+def _half_replaced(tmp_path, keep_new: bool):
+    """A replace_dir that died between its two renames: ``dst`` moved aside, ``src`` not yet in."""
+    import json
+
+    dst, src = tmp_path / "index", tmp_path / ".index.tmp-4242"
+    old = tmp_path / ".index.old-4242"
+    old.mkdir()
+    (old / "v").write_text("old")
+    if keep_new:
+        src.mkdir()
+        (src / "v").write_text("new")
+    (tmp_path / ".index.replace").write_text(json.dumps({"new": src.name, "old": old.name, "pid": 2**22 + 1}))
+    return dst
+
+
+@pytest.mark.parametrize("keep_new, want", [(True, "new"), (False, "old")])
+def test_a_replacement_killed_between_its_renames_is_finished_or_rolled_back(tmp_path, keep_new, want):
+    from eslmatch.utils import atomic_dir, recover_replace
+
+    dst = _half_replaced(tmp_path, keep_new)
+    assert not dst.exists()  # what 'index info' used to call "no such index"
+    assert recover_replace(dst) is True
+    assert (dst / "v").read_text() == want
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]  # journal and the other copy gone
+    assert recover_replace(dst) is False  # nothing left to do
+    # the next atomic write recovers first, never deleting both complete copies
+    dst2 = _half_replaced(tmp_path / "b", keep_new) if (tmp_path / "b").mkdir() is None else None
+    with atomic_dir(dst2) as tmp:
+        assert (dst2 / "v").read_text() == want
+        (tmp / "v").write_text("newer")
+    assert (dst2 / "v").read_text() == "newer"

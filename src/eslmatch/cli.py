@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
+import re
 import sys
 from collections.abc import Sequence
 
@@ -31,10 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# numpy's answer to any file that is not an .npy/.npz (random bytes, another format) when
+# pickles are refused; its advice to load the file unsafely is not ours to give.
+_NUMPY_PICKLE = re.compile(
+    r"This file contains pickled \(object\) data\. If you trust the file[^)]*?(`pickle\.load\(\)`\.|$)"
+)
+_NOT_NUMPY = "not an .npy / .npz file (random bytes, another format or a pickle; pickles are never loaded)"
+
+
 def error_line(exc: BaseException) -> str:
     """The one line printed for an error."""
     text = str(exc).strip()
-    msg = text.splitlines()[0] if text else ""
+    msg = _NUMPY_PICKLE.sub(_NOT_NUMPY, text.splitlines()[0] if text else "")
     if isinstance(exc, EslmatchError):
         return f"eslmatch: error: {msg}"
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
@@ -44,22 +54,60 @@ def error_line(exc: BaseException) -> str:
     return f"eslmatch: error: {type(exc).__name__}: {msg} (run with --debug for details)"
 
 
+def check_argv(argv: Sequence[str]) -> None:
+    """Refuse, in one line, an argument that is not valid UTF-8.
+
+    Python decodes undecodable argv bytes into lone surrogates (``'\\udced'``); such a string
+    cannot be tokenised, written to a JSON manifest or printed, so it is refused before
+    anything else runs, whether it is a query or a file name.
+    """
+    for i, arg in enumerate(argv, 1):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(arg).decode("ascii", "backslashreplace")
+            raise EslmatchError(
+                f"argument {i} ({shown}) is not valid UTF-8 (eslmatch reads UTF-8 text and file names)"
+            ) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+    """Run one command; the exit code: 0, 1 (an error, one line on stderr), 2 (usage), 130
+    (interrupted: Ctrl-C) or 141 (stdout closed early, e.g. ``| head``)."""
+    args: argparse.Namespace | None = None
     try:
-        return int(args.func(args) or 0)
+        argv = list(sys.argv[1:] if argv is None else argv)
+        check_argv(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
     except KeyboardInterrupt:
         print("eslmatch: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141
     except Exception as exc:  # every error is one line unless --debug
-        if args.debug:
+        if args is not None and args.debug:
             raise
         print(error_line(exc), file=sys.stderr)
         return 1
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null after the reader closed it, so that the interpreter's final
+    flush does not print a second BrokenPipeError (the approach of Python's signal docs)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real stdout (captured, closed): nothing to flush
+        pass
 
 
 if __name__ == "__main__":

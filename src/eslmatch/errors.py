@@ -17,3 +17,9 @@ class CheckpointError(EslmatchError):
 
 class InputError(EslmatchError):
     """Tensors handed to the model that break its contract (shape, lengths, dtype)."""
+
+
+def with_article(word: str) -> str:
+    """``word`` with its indefinite article, for messages: ``"an int"``, ``"a str"``, ``"an 'esl' model"``
+    (by the first letter, after any quote)."""
+    return f"{'an' if word.lstrip(chr(39) + chr(34))[:1].lower() in 'aeiou' else 'a'} {word}"

@@ -84,3 +84,22 @@ def load_model(
             model.tokenizer = load_tokenizer(text_model, required=True)
         return model
     return load_official_checkpoint(path, map_location=map_location, text_model=text_model)
+
+
+def load_recorded(
+    record: dict[str, Any],
+    model: str | Path | None = None,
+    text_model: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    what: str = "the index",
+) -> MatchingModel:
+    """The one loader from a manifest's model record (a gallery's, a features folder's) to a
+    model with its tokenizer: ``model`` when given, else the recorded ``path``; the text
+    model (the tokenizer of a released checkpoint) given, else recorded. Used by search,
+    serve, the index operations and evaluation alike, so none can forget a part."""
+    path = model or record.get("path")
+    if not path:
+        raise EslmatchError(f"{what} records no model path: pass --model")
+    if model is None and not Path(path).exists():
+        raise EslmatchError(f"{what}'s model {path} no longer exists: pass --model")
+    return load_model(path, map_location=device, text_model=text_model or record.get("text_model"))

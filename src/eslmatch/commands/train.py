@@ -18,7 +18,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Train from a YAML configuration (see configs/ and docs/training.md). "
         "Run it under torchrun for several processes or machines (docs/distributed.md).",
     )
-    t.add_argument("--config", help="YAML training configuration")
+    t.add_argument(
+        "--config",
+        help="YAML training configuration: a file, or a packaged one by name (f30k_bert, coco_clip, own_photos...)",
+    )
     t.add_argument(
         "overrides",
         nargs="*",
@@ -48,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     best = "n/a" if result.best_rsum is None else f"{result.best_rsum:.2f}"
     print(
-        f"done: {result.global_step} steps, {result.epochs_done} epochs, best dev rsum {best}, "
+        f"done: {result.global_step} steps, {result.epochs_done} epochs, best {result.val_split} rsum {best}, "
         f"output {result.output_dir}"
     )
     return 0

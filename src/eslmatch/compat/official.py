@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import pickle
 import re
+import struct
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from ..model.encoders import bert_from_config
 from ..model.esl import ESLModel
 from ..model.esl_clip import ESLClipModel
 from ..text import load_tokenizer
+from ..utils.digest import sha256_stream
 from .clip import is_clip_release, load_clip_release
 
 
@@ -54,19 +57,52 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any
         raise CheckpointError(f"{p}: no such file")
     if not p.is_file():
         raise CheckpointError(f"{p}: not a file")
+    _check_magic(p)
     try:
-        with torch.serialization.safe_globals(ALLOWED_GLOBALS):
+        with torch.serialization.safe_globals(ALLOWED_GLOBALS), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 24": we answer in one line below
             return torch.load(str(p), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         match = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        what = f"it needs {match.group(1)}, which is not allowed" if match else first
+        if not match:  # a pickle the weights-only unpickler cannot read (random bytes, protocol 4 frames)
+            why = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(\n|$)", str(exc))
+            detail = f" ({why.group(1)})" if why else ""
+            raise CheckpointError(
+                f"{p}: refused to load: not a PyTorch checkpoint the weights-only unpickler reads{detail}; nothing "
+                "in the file was executed"
+            ) from exc
+        what = f"it needs {match.group(1)}, which is not allowed"
         raise CheckpointError(
             f"{p}: refused to load: {what} (only tensors, plain containers, argparse.Namespace and the "
             "CLIP branch's config record are allowed; nothing in the file was executed)"
         ) from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{p}: not a readable checkpoint (truncated or corrupt?): {_first_line(exc)}") from exc
+        detail = "a damaged zip archive" if isinstance(exc, (OSError, zipfile.BadZipFile)) else _first_line(exc)
+        raise CheckpointError(f"{p}: not a readable checkpoint (truncated or corrupt?): {detail}") from exc
+    except (IndexError, TypeError, AttributeError, struct.error, UnicodeDecodeError) as exc:
+        # the weights-only unpickler (which runs nothing) trips over bytes that are no pickle
+        raise CheckpointError(f"{p}: not a PyTorch checkpoint (a corrupt pickle; nothing in it was executed)") from exc
+
+
+# torch.save writes a zip archive (since 1.6) or, in the legacy format, a pickle (protocol 2+).
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTOCOLS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
+def _check_magic(p: Path) -> None:
+    """Refuse, in one line, a file that does not even start like a ``torch.save`` file."""
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise CheckpointError(f"{p}: cannot read ({exc.strerror or exc})") from exc
+    if not head:
+        raise CheckpointError(f"{p}: an empty file, not a PyTorch checkpoint")
+    if not (head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_PROTOCOLS)):
+        raise CheckpointError(
+            f"{p}: not a PyTorch checkpoint (neither a zip archive nor a pickle; a released .pth.tar or a model folder "
+            "is expected)"
+        )
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -253,8 +289,15 @@ def load_official_checkpoint(
             (released BERT files do not store one). Without it, the model scores token ids only.
     """
     raw = safe_load(path, map_location="cpu")
-    if is_clip_release(raw):
-        return load_clip_release(raw, str(path), map_location)
+    model = (
+        load_clip_release(raw, str(path), map_location) if is_clip_release(raw) else _load_esl(raw, path, text_model)
+    )
+    # An index records it. Not cached: no litter beside a user's file, and torch.load has just read it all.
+    model.weights_digest = {"format": "released", "sha256": sha256_stream(path)}
+    return model.to(map_location).eval()
+
+
+def _load_esl(raw: Any, path: str | Path, text_model: str | Path | None) -> ESLModel:
     ckpt = check_outline(raw, Path(path))
     config = config_from_checkpoint(ckpt)
     text_state = _strip(ckpt["model"][1])
@@ -265,4 +308,4 @@ def load_official_checkpoint(
     model = ESLModel(config, bert_from_config(bert_config), tokenizer)
     state, left = map_state(ckpt, config.num_levels)
     load_mapped_state(model, state, left, str(path), "ESL")
-    return model.to(map_location).eval()
+    return model

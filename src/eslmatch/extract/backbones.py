@@ -15,13 +15,19 @@ Shipped:
   torchvision and a user-given state dict, as in VSE-infinity's grid setting.
 - ``efficientnet-lite0-boxes``: :class:`BoxPoolingBackbone`, the EfficientNet map pooled
   inside user-given boxes (BUTD-style region features from any :class:`RegionDetector`).
+
+Precision (``BackboneOptions.precision``, :mod:`eslmatch.utils.precision`): ``fp32`` runs the
+network in float32 exactly as before; ``bf16`` (or ``auto`` where the device computes bf16
+natively) runs it under bf16 autocast with its weights and inputs in channels-last memory
+format (the layout oneDNN's and cuDNN's fast convolutions use); features are float32 either way.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -32,7 +38,7 @@ import torch.nn.functional as F
 
 from ..data.files import SkipImage, to_rgb
 from ..errors import CheckpointError, EslmatchError, InputError
-from ..utils import resolve_device
+from ..utils import resolve_device, resolve_precision
 
 _MAX_IMAGE_SIZE = 4096
 
@@ -50,6 +56,10 @@ class BackboneOptions:
         boxes: JSON file of boxes per image (box-pooling backbones).
         max_boxes: regions per image for box pooling; ``None``: the largest box count in
             the file.
+        precision: ``"fp32"`` (float32, as before), ``"bf16"`` (bf16 autocast) or
+            ``"auto"`` (bf16 where the device computes it natively, else fp32).
+        channels_last: weights and inputs in channels-last memory format; ``None``: with
+            bf16 only (so the fp32 path stays bit for bit what it was).
     """
 
     image_size: int | None = None
@@ -57,6 +67,8 @@ class BackboneOptions:
     device: str = "auto"
     boxes: str | None = None
     max_boxes: int | None = None
+    precision: str = "fp32"
+    channels_last: bool | None = None
 
 
 def file_fingerprint(path: str | Path) -> str:
@@ -120,6 +132,9 @@ class Backbone:
     regions: int = 0
     image_size: int = 0
     device: torch.device = torch.device("cpu")
+    precision: str = "fp32"  # resolved: "fp32" or "bf16"
+    channels_last: bool = False
+    model: Any = None  # the torch module, when the backbone has one
 
     @classmethod
     def build(cls, options: BackboneOptions) -> Backbone:
@@ -133,10 +148,33 @@ class Backbone:
         """``(B, 3, S, S)`` -> ``(B, R, D)``."""
         raise NotImplementedError
 
+    def set_precision(self, precision: str = "fp32", channels_last: bool | None = None) -> None:
+        """Run in ``precision`` (``auto`` resolved for the backbone's device); channels-last
+        weights and inputs when ``channels_last`` (``None``: with bf16 only)."""
+        self.precision = resolve_precision(precision, self.device)
+        self.channels_last = self.precision == "bf16" if channels_last is None else bool(channels_last)
+        if self.model is not None:
+            fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+            self.model.to(memory_format=fmt)
+
+    def to_input(self, batch: torch.Tensor) -> torch.Tensor:
+        """``batch`` on the device, float32, in the backbone's memory format."""
+        x = batch.to(self.device, torch.float32)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """Inference mode in the backbone's precision."""
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"),
+        ):
+            yield
+
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """``(B, 3, S, S)`` float -> ``(B, R, D)`` float32 region features (no grad)."""
-        with torch.inference_mode():
-            return self.forward(batch.to(self.device, torch.float32))
+        with self.running():
+            return self.forward(self.to_input(batch)).float()
 
     def prepare(self, image: Any, key: str) -> tuple[torch.Tensor, Any]:
         """What :meth:`run` needs for one image: ``(tensor (3, S, S), extra)``.
@@ -152,11 +190,22 @@ class Backbone:
 
     def fingerprint(self) -> dict[str, Any]:
         """What makes features comparable across runs (checked before reusing chunks)."""
-        return {"backbone": self.name, "image_size": self.image_size, "dim": self.dim, "regions": self.regions}
+        return {
+            "backbone": self.name,
+            "image_size": self.image_size,
+            "dim": self.dim,
+            "regions": self.regions,
+            **self.precision_facts(),
+        }
 
     def describe(self) -> dict[str, Any]:
         """Facts recorded in ``extract_meta.json``."""
         return self.fingerprint()
+
+    def precision_facts(self) -> dict[str, Any]:
+        """The precision the features are computed in (part of the fingerprint: chunks of
+        another precision are never reused)."""
+        return {"precision": self.precision, "channels_last": self.channels_last}
 
 
 BACKBONES: dict[str, type[Backbone]] = {}
@@ -209,7 +258,14 @@ class EfficientNetLite0(Backbone):
     mean = (127.0, 127.0, 127.0)
     std = (128.0, 128.0, 128.0)
 
-    def __init__(self, image_size: int = 224, weights: str | None = None, device: str | torch.device = "auto") -> None:
+    def __init__(
+        self,
+        image_size: int = 224,
+        weights: str | None = None,
+        device: str | torch.device = "auto",
+        precision: str = "fp32",
+        channels_last: bool | None = None,
+    ) -> None:
         try:
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError as exc:
@@ -241,6 +297,7 @@ class EfficientNetLite0(Backbone):
             )
         self.device = resolve_device(device)
         self.model = model.eval().to(self.device)
+        self.set_precision(precision, channels_last)
         self.dim = 1280
         side = same_padding_out(self.image_size, 5)
         self.grid = (side, side)
@@ -248,7 +305,13 @@ class EfficientNetLite0(Backbone):
 
     @classmethod
     def build(cls, options: BackboneOptions) -> EfficientNetLite0:
-        return cls(options.image_size or cls.default_size, options.weights, options.device)
+        return cls(
+            options.image_size or cls.default_size,
+            options.weights,
+            options.device,
+            options.precision,
+            options.channels_last,
+        )
 
     def preprocess(self, image: Any) -> torch.Tensor:
         return image_to_tensor(image, self.image_size, self.mean, self.std)
@@ -287,7 +350,14 @@ class ResNet152Grid(Backbone):
     mean = (0.485 * 255, 0.456 * 255, 0.406 * 255)
     std = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
-    def __init__(self, weights: str | None, image_size: int = 512, device: str | torch.device = "auto") -> None:
+    def __init__(
+        self,
+        weights: str | None,
+        image_size: int = 512,
+        device: str | torch.device = "auto",
+        precision: str = "fp32",
+        channels_last: bool | None = None,
+    ) -> None:
         self.name = "resnet152"
         self.image_size = _check_size(int(image_size), 32)
         if not weights:
@@ -319,6 +389,7 @@ class ResNet152Grid(Backbone):
         )
         self.device = resolve_device(device)
         self.model = body.eval().to(self.device)
+        self.set_precision(precision, channels_last)
         self.dim = 2048
         side = self.image_size
         for _ in range(5):  # conv1, maxpool, layer2-4: stride 2 with padding -> floor((s-1)/2)+1
@@ -328,7 +399,13 @@ class ResNet152Grid(Backbone):
 
     @classmethod
     def build(cls, options: BackboneOptions) -> ResNet152Grid:
-        return cls(options.weights, options.image_size or cls.default_size, options.device)
+        return cls(
+            options.weights,
+            options.image_size or cls.default_size,
+            options.device,
+            options.precision,
+            options.channels_last,
+        )
 
     def preprocess(self, image: Any) -> torch.Tensor:
         return image_to_tensor(image, self.image_size, self.mean, self.std)
@@ -471,6 +548,8 @@ class BoxPoolingBackbone(Backbone):
         self.name = f"{base.name}-boxes"
         self.image_size = base.image_size
         self.device = base.device
+        self.precision = base.precision
+        self.channels_last = base.channels_last
         self.dim = base.dim
         self.regions = int(regions)
         self.samples = max(base.grid)
@@ -493,13 +572,13 @@ class BoxPoolingBackbone(Backbone):
     def forward(self, batch: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
         if boxes is None:
             raise InputError("BoxPoolingBackbone needs boxes (B, R, 4) in image fractions")
-        fmap = self.base.feature_map(batch)
-        return roi_pool(fmap, boxes.to(fmap.device), self.samples).float()
+        fmap = self.base.feature_map(batch).float()  # boxes are sampled in float32
+        return roi_pool(fmap, boxes.to(fmap.device, torch.float32), self.samples).float()
 
     def __call__(self, batch: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, 3, S, S)``, boxes ``(B, R, 4)`` (image fractions) -> ``(B, R, D)``."""
-        with torch.inference_mode():
-            return self.forward(batch.to(self.device, torch.float32), boxes)
+        with self.running():
+            return self.forward(self.to_input(batch), boxes).float()
 
     def prepare(self, image: Any, key: str) -> tuple[torch.Tensor, Any]:
         boxes, _ = fit_boxes(self.detector.boxes(key, image), image.width, image.height, self.regions)

@@ -15,7 +15,7 @@ list, backbone and sizes reuses the finished chunks. The final files are assembl
 atomically and the partial folder is removed.
 
 Under ``torchrun`` the chunks are shared out among the processes (see
-:mod:`eslmatch.extract.distributed`); rank 0 assembles the same files, byte for byte, as
+:mod:`eslmatch.distributed`); rank 0 assembles the same files, byte for byte, as
 one process would.
 """
 
@@ -49,10 +49,11 @@ from ..data.files import (
     open_image,
     parse_captions,
 )
+from ..distributed import DistContext, deal, stop_hook_for_tests
 from ..errors import EslmatchError, InputError
 from ..utils import atomic_path, atomic_save_npy, atomic_write_text
+from ..utils.precision import check_precision
 from .backbones import Backbone, BackboneOptions, build_backbone
-from .distributed import ExtractJob, deal, stop_hook_for_tests
 
 META_NAME = "extract_meta.json"
 PARTIAL_DIR = ".extract_partial"
@@ -76,10 +77,11 @@ class ExtractConfig:
     chunk: int = 256
     boxes: str | None = None
     max_boxes: int | None = None
-    recursive: bool = False
+    recursive: bool = True
     relative_paths: bool = False
     workers: int = 2
     progress: bool = True
+    precision: str = "fp32"
 
 
 # ---------------------------------------------------------------------------- small helpers
@@ -314,7 +316,7 @@ def extract_folder(
     chunk: int = 256,
     boxes: str | None = None,
     max_boxes: int | None = None,
-    recursive: bool = False,
+    recursive: bool = True,
     relative_paths: bool = False,
     workers: int = 2,
     progress: bool = True,
@@ -322,6 +324,7 @@ def extract_folder(
     on_chunk: Callable[[int, int], None] | None = None,
     distributed: bool | None = None,
     dist_timeout_minutes: float = 60.0,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Extract region features of every image in ``images_dir`` into a precomp split.
 
@@ -340,7 +343,9 @@ def extract_folder(
             torchrun ``auto``/``cuda`` mean ``cuda:LOCAL_RANK``).
         weights, image_size, boxes, max_boxes: see :class:`BackboneOptions`.
         chunk: files per resumable chunk.
-        recursive: also list sub-folders (ids then keep the sub-folder: ``sub/name``).
+        recursive: read sub-folders too (the default, as for index build and embed; ids keep
+            the sub-folder: ``sub/name``); ``False`` reads the top folder only and lists each
+            sub-folder among the skipped entries.
         relative_paths: write ``{split}_images.txt`` relative to ``out_dir`` (else absolute).
         workers: threads reading and resizing images.
         progress: show a tqdm progress bar (stderr; rank 0 only under torchrun).
@@ -350,12 +355,15 @@ def extract_folder(
             process extracts its share of the chunks into the shared chunk store and rank 0
             writes the final files, identical to one process's. ``False``: never.
         dist_timeout_minutes: how long a rank waits for the others at most.
+        precision: ``fp32`` (default: float32, as before), ``bf16`` (bf16 autocast,
+            channels-last) or ``auto`` (bf16 where the device computes it natively); for a
+            backbone given by name. Recorded in ``extract_meta.json``.
     Returns:
         a summary dict (what ``extract_meta.json`` records for the split, plus ``files``).
         On a torchrun rank other than 0 only ``{"rank", "processes", "computed_images"}``.
     Raises:
         InputError, EslmatchError: as one process; under torchrun a failure on any rank
-        raises :class:`~eslmatch.extract.distributed.JobFailed` on every rank.
+        raises :class:`~eslmatch.distributed.JobFailed` on every rank.
     """
     log = log or _log_stderr
     started = time.perf_counter()
@@ -375,8 +383,9 @@ def extract_folder(
         relative_paths=relative_paths,
         workers=workers,
         progress=progress,
+        precision=precision,
     )
-    job = ExtractJob.join(distributed, dist_timeout_minutes)
+    job = DistContext.join(distributed, dist_timeout_minutes)
     if not job.is_main:
         log = _quiet  # rank 0 says everything worth saying (the ranks see the same inputs)
     try:
@@ -390,7 +399,7 @@ def _quiet(msg: str) -> None:
 
 
 def _extract(
-    job: ExtractJob,
+    job: DistContext,
     cfg: ExtractConfig,
     src: Path,
     out: Path,
@@ -411,9 +420,10 @@ def _extract(
                 BackboneOptions(
                     image_size=cfg.image_size,
                     weights=cfg.weights,
-                    device=job.device(cfg.device),
+                    device=job.device_for(cfg.device),
                     boxes=cfg.boxes,
                     max_boxes=cfg.max_boxes,
+                    precision=cfg.precision,
                 ),
             )
         )
@@ -444,12 +454,12 @@ def _extract(
 
     done = set(reused)
     pending = [i for i in range(n_chunks) if i not in done]
-    mine = deal(pending, job.rank, job.world)
+    mine = deal(pending, job.rank, job.world_size)
     computed, compute_seconds = 0, 0.0
     with job.stage("extract", log):
         if job.distributed:
             bar = {"total": sum(_chunk_len(entries, cfg.chunk, i) for i in mine), "initial": 0}
-            desc = f"extract (rank 0 of {job.world})"
+            desc = f"extract (rank 0 of {job.world_size})"
         else:
             bar = {"total": len(entries), "initial": sum(_chunk_len(entries, cfg.chunk, i) for i in reused)}
             desc = "extract"
@@ -460,7 +470,7 @@ def _extract(
     if not job.is_main:
         with job.stage("write", log):
             pass  # wait for rank 0's outcome: every rank exits non-zero if writing fails
-        return {"rank": job.rank, "processes": job.world, "computed_images": computed}
+        return {"rank": job.rank, "processes": job.world_size, "computed_images": computed}
 
     with job.stage("write", log):
         missing = store.collect(pending, model.regions, model.dim)
@@ -488,7 +498,7 @@ def _extract(
             seconds=round(elapsed, 3),
             images_per_second=round(computed / compute_seconds, 3) if compute_seconds > 0 else None,
             device=str(model.device),
-            processes=job.world,
+            processes=job.world_size,
         )
         _write_meta(out, summary, log)
     if no_caption:
@@ -520,7 +530,7 @@ def _list_inputs(
     entries, refused = list_images(src, cfg.recursive, exclude)
     if not entries:
         raise InputError(
-            f"{src}: no image files found (the folder is empty{'' if cfg.recursive else '; sub-folders need --recursive'})"
+            f"{src}: no image files found (the folder is empty{'' if cfg.recursive else '; sub-folders are not read with --no-recursive'})"
         )
     # Captions first: images without one are not worth extracting.
     table: CaptionTable | None = None
@@ -529,9 +539,13 @@ def _list_inputs(
         table = parse_captions(cfg.captions, caption_lookup(entries))
         no_caption = [e.rel for e in entries if e.id not in table.by_id]
         entries = [e for e in entries if e.id in table.by_id]
+        if not entries:  # one line, the first refused line's reason in it, rather than a warning and an error
+            first = f"; {len(table.bad_lines)} refused, first: line {table.bad_lines[0][0]}: {table.bad_lines[0][1]}"
+            raise InputError(
+                f"{cfg.captions}: no caption matches an image file in {src} ({table.n_lines} lines read"
+                f"{first if table.bad_lines else ''})"
+            )
         _report_bad_lines(table, Path(cfg.captions), log)
-        if not entries:
-            raise InputError(f"{cfg.captions}: no caption matches an image file in {src} ({table.n_lines} lines read)")
     return entries, refused, table, no_caption
 
 
@@ -630,6 +644,7 @@ def _check_config(cfg: ExtractConfig) -> None:
         value = getattr(cfg, name)
         if not isinstance(value, int) or value < 1:
             raise InputError(f"--{name.replace('_', '-')} {value}: must be a positive integer")
+    check_precision(cfg.precision)
     if cfg.max_boxes is not None and cfg.max_boxes < 1:
         raise InputError(f"--max-boxes {cfg.max_boxes}: must be a positive integer")
 
@@ -716,6 +731,7 @@ def _write_dataset(
         "image_size": model.image_size,
         "dim": model.dim,
         "regions": model.regions,
+        "precision": model.precision,
         "shape": [len(rows), model.regions, model.dim],
         "backbone_info": model.describe(),
         "images_dir": str(src.resolve()),

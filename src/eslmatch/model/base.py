@@ -38,14 +38,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..config import ESLConfig
-from ..errors import CheckpointError, EslmatchError, InputError
+from ..errors import CheckpointError, EslmatchError, InputError, with_article
 from ..scoring import ScoringOptions, check_lengths
 from ..text import WordVocab, load_tokenizer, tokenize
-from ..utils import atomic_dir, lengths_to_mask
+from ..utils import atomic_dir, honour_umask, lengths_to_mask
+from .digest import WEIGHTS_NAME, verify_weights, write_digest
 from .encoders import RegionEncoder, bert_from_config, bert_from_pretrained, build_text_encoder
 
 CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 TEXT_DIR = "text_encoder"
 VOCAB_NAME = "vocab.json"
 
@@ -62,9 +62,16 @@ class MatchingModel(nn.Module):
     config_class: ClassVar[Any] = ESLConfig
     # True when the inner product of the index vectors equals ``score`` (one-stage search).
     exact_index: ClassVar[bool] = False
+    # What ``embed_images`` takes: "regions" (region features (N, R, D_in)) or "pixels"
+    # (preprocessed images (N, 3, H, W), made by ``preprocess_image``).
+    inputs: ClassVar[str] = "regions"
 
     config: Any
     tokenizer: Any
+    # The weight file this model was loaded from, {"format": "eslmatch" | "released", "sha256"}
+    # (None: built in memory); set by the loaders, recorded by an index so that a damaged or
+    # replaced file is refused.
+    weights_digest: dict[str, str] | None = None
 
     # ------------------------------------------------------------------ the protocol
     def embed_images(self, images: Tensor, image_lengths: Tensor | Sequence[int] | None = None) -> Tensor:
@@ -92,6 +99,31 @@ class MatchingModel(nn.Module):
     def parts(self) -> dict[str, nn.Module]:
         """Named sub-modules whose parameters :meth:`parameter_counts` reports."""
         raise NotImplementedError
+
+    def preprocess_image(self, image: Any) -> Tensor:
+        """A PIL image -> the pixels ``(3, H, W)`` that :meth:`embed_images` takes (``inputs ==
+        "pixels"``)."""
+        raise NotImplementedError(f"{type(self).__name__} takes region features, not images")
+
+    # ---- two-stage models (``exact_index`` False): the re-rank of a shortlist from stored sides
+    def prepare_images(self, image_emb: Tensor) -> Tensor:
+        """Engine-ready image sides ``(N, R, Dt)`` from :meth:`embed_images` (what a gallery stores)."""
+        raise NotImplementedError(f"{type(self).__name__} is scored by an inner product: it has no image side")
+
+    def score_prepared(
+        self,
+        image_side: Tensor,
+        image_lengths: Tensor | Sequence[int] | None,
+        caption_emb: Tensor,
+        caption_lengths: Tensor | Sequence[int] | None,
+        options: ScoringOptions | None = None,
+    ) -> Tensor:
+        """Scores ``(N, M)`` of prepared image sides against caption features."""
+        raise NotImplementedError(f"{type(self).__name__} is scored by an inner product: it has no image side")
+
+    def attention(self, caption_emb: Tensor, image_side: Tensor) -> Tensor:
+        """Word-by-region attention ``(W, R)`` of one caption over one prepared image."""
+        raise NotImplementedError(f"{type(self).__name__} has no word-by-region attention")
 
     def pretrained_backbone(self) -> nn.Module | None:
         """The pretrained part trained at the backbone learning rate (``None``: none)."""
@@ -158,6 +190,8 @@ class MatchingModel(nn.Module):
             (tmp / CONFIG_NAME).write_text(self.config.to_json(), encoding="utf-8")
             state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "library": "eslmatch"})
+            honour_umask(tmp / WEIGHTS_NAME)
+            write_digest(tmp)
             self.save_extra(tmp)
         return target
 
@@ -171,9 +205,13 @@ class MatchingModel(nn.Module):
         data = read_config(d)
         found = data.get("model_type", "esl")
         if found != cls.family:
-            raise CheckpointError(f"{d}: a {found!r} model, not {cls.family!r} (eslmatch.load_pretrained reads any)")
+            raise CheckpointError(
+                f"{d}: {with_article(repr(found))} model, not {cls.family!r} (eslmatch.load_pretrained reads any)"
+            )
         config = cls.config_class.from_dict(data)
+        digest, _ = verify_weights(d)
         model = cls.build_for_loading(config, d)
+        model.weights_digest = {"format": "eslmatch", "sha256": digest}
         try:
             state = load_file(str(d / WEIGHTS_NAME))
         except (OSError, SafetensorError) as exc:

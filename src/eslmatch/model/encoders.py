@@ -10,8 +10,10 @@ All take explicit lengths: padded regions never enter BatchNorm statistics.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -21,7 +23,9 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ..distributed import all_reduce_with_grad, world_size
 from ..errors import EslmatchError
+from ..text import resolve_text_model
 from ..utils import l2n
+from ..utils.precision import autocast_active
 
 
 class MaskedBatchNorm1d(nn.BatchNorm1d):
@@ -164,6 +168,8 @@ class BertTextEncoder(nn.Module):
             self.split = n_layers - train_layers  # layers below this index are frozen
         self.frozen = self.split is None
         self._cache: dict[tuple[int, ...], Tensor] = {}
+        self._cache_bf16: dict[tuple[int, ...], Tensor] | None = None
+        self._uncached = False
         frozen_params = self._frozen_parameters()
         for p in frozen_params:
             p.requires_grad_(False)
@@ -198,6 +204,16 @@ class BertTextEncoder(nn.Module):
         """Re-key the hidden-state cache after the backbone's weights were replaced."""
         if self._frozen_modules():
             self._cache = _shared_cache(self.backbone, self._frozen_names(), self.split)
+            self._cache_bf16 = None
+
+    def _cache_now(self, device_type: str) -> dict[tuple[int, ...], Tensor]:
+        """The cache of the precision running now: hidden states computed under bf16 autocast
+        are kept apart from float32 ones (an fp32 evaluation never reads bf16 values)."""
+        if not autocast_active(device_type):
+            return self._cache
+        if self._cache_bf16 is None:
+            self._cache_bf16 = _shared_cache(self.backbone, self._frozen_names(), self.split, "bf16")
+        return self._cache_bf16
 
     def _hidden(self, ids: Tensor) -> Tensor:
         attention = (ids != 0).to(torch.long)
@@ -245,9 +261,10 @@ class BertTextEncoder(nn.Module):
         return hidden
 
     def _cached_hidden(self, ids: Tensor) -> Tensor:
+        cache = self._cache_now(ids.device.type)
         lengths = (ids != 0).sum(1).tolist()
         keys = [tuple(row[:n]) for row, n in zip(ids.tolist(), lengths)]
-        todo = sorted({k for k in keys if k not in self._cache}, key=len)
+        todo = sorted({k for k in keys if k not in cache}, key=len)
         fresh: dict[tuple[int, ...], Tensor] = {}
         for start in range(0, len(todo), 256):
             chunk = todo[start : start + 256]
@@ -259,14 +276,25 @@ class BertTextEncoder(nn.Module):
                 hidden = self._lower(batch)
             for i, k in enumerate(chunk):
                 fresh[k] = hidden[i, : len(k)].clone()
-        _remember(self._cache, fresh)
+        _remember(cache, fresh)
         out = torch.zeros(ids.shape[0], ids.shape[1], int(self.backbone.config.hidden_size), device=ids.device)
         for i, k in enumerate(keys):
-            out[i, : len(k)] = (fresh[k] if k in fresh else self._cache[k]).to(ids.device)
+            out[i, : len(k)] = (fresh[k] if k in fresh else cache[k]).to(ids.device)
         return out
 
+    @contextlib.contextmanager
+    def uncached(self) -> Iterator[None]:
+        """Run the whole backbone on every call inside the block: no hidden-state cache, no
+        length groups (the same values at every real position), so the encoder can be traced
+        (ONNX export)."""
+        self._uncached = True
+        try:
+            yield
+        finally:
+            self._uncached = False
+
     def forward(self, ids: Tensor, lengths: Tensor) -> Tensor:
-        if self.split == 0:
+        if self.split == 0 or self._uncached:
             hidden = self._hidden(ids)
         else:
             hidden = self._cached_hidden(ids)
@@ -316,16 +344,17 @@ def _remember(cache: dict[tuple[int, ...], Tensor], fresh: dict[tuple[int, ...],
 
 
 def _shared_cache(
-    backbone: nn.Module, prefixes: tuple[str, ...] | None = None, split: int | None = None
+    backbone: nn.Module, prefixes: tuple[str, ...] | None = None, split: int | None = None, precision: str = "fp32"
 ) -> dict[tuple[int, ...], Tensor]:
     """One hidden-state cache per distinct frozen part of a backbone in this process.
 
     Keyed by the frozen part's content (every tensor's name, shape and sum, only names under
-    ``prefixes`` when given) and ``split``, so two models built from the same frozen weights
-    (say ESL and its VSE baseline) encode each caption once. Weights loaded later
+    ``prefixes`` when given), ``split`` and the ``precision`` the states are computed in, so
+    two models built from the same frozen weights (say ESL and its VSE baseline) encode each
+    caption once. Weights loaded later
     (``load_state_dict``) must call :meth:`BertTextEncoder.refresh_cache`.
     """
-    digest = hashlib.sha256(f"split={split}".encode())
+    digest = hashlib.sha256(f"split={split}".encode() + (b"" if precision == "fp32" else f";{precision}".encode()))
     with torch.no_grad():
         for name, t in backbone.state_dict().items():
             if prefixes is None or name.startswith(prefixes):
@@ -386,20 +415,23 @@ def bert_from_pretrained(name_or_path: str | Path) -> nn.Module:
     from transformers import AutoConfig, AutoModel  # heavy: only when a BERT model is built
     from transformers.utils import logging as hf_logging
 
+    source, local_only = resolve_text_model(name_or_path)
     try:
-        config = AutoConfig.from_pretrained(str(name_or_path))
+        config = AutoConfig.from_pretrained(source, local_files_only=local_only)
         config._attn_implementation = "eager"
         # The unused pooler weights are reported as UNEXPECTED: expected here, so keep quiet.
         level = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         try:
-            return AutoModel.from_pretrained(str(name_or_path), config=config, **_no_pooler_kwargs(config))
+            return AutoModel.from_pretrained(
+                source, config=config, local_files_only=local_only, **_no_pooler_kwargs(config)
+            )
         finally:
             hf_logging.set_verbosity(level)
             hf_logging.enable_progress_bar()
     except OSError as exc:
         raise EslmatchError(
             f"cannot load text model {str(name_or_path)!r}: {str(exc).splitlines()[0]} "
-            "(give a local model directory, or a Hub name that is cached or reachable)"
+            "(give a local model folder, model.text_model=minilm, or a Hub name that is cached or reachable)"
         ) from exc

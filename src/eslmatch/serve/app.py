@@ -1,34 +1,35 @@
-"""The FastAPI application behind ``eslmatch serve``.
+"""The FastAPI application behind ``eslmatch serve`` (see ``docs/serve.md``).
 
-Endpoints (all errors are JSON ``{"error": "one line"}`` with a 4xx/5xx status):
+Reads (all errors are JSON ``{"error": "one line"}`` with a 4xx/5xx status):
 
-- ``POST /search`` ``{"text", "k", "rerank_k"}`` -> ranked gallery items with scores.
-- ``GET|POST /attention`` (``text``, ``id``) -> the word-by-region attention of one item,
-  ``weights (W, R)`` and the region ``grid (h, w)`` for drawing a heat-map.
-- ``GET /image/{id}`` -> the image file the index records for that id (looked up, never
-  joined from the request).
-- ``GET /healthz``, ``GET /`` (the search page) and ``/static/*``.
+- ``POST /search`` ``{"text", "k", "rerank_k", "where"}``; ``POST /search/image`` (a photo as
+  multipart field ``image``, with form fields ``k``, ``where``; models that take pixels);
+  ``GET /similar/{id}?k=&where=``: ranked items with scores and metadata;
+- ``GET|POST /attention`` (``text``, ``id``): word-by-region attention (two-stage galleries);
+- ``GET /items/{id}``: an item's fields; ``GET /image/{id}``: the image file it records;
+- ``GET /info``, ``GET /healthz``, ``GET /metrics`` (Prometheus), ``GET /`` (the page).
 
-Model inference runs on one dedicated worker thread, so requests never run the model
-concurrently; at most ``ServeConfig.max_pending`` inference jobs wait, beyond that the
-server answers 503 at once instead of piling up work.
+Writes, only with a write token (``Authorization: Bearer TOKEN``, compared in constant time;
+a server started without one is read-only and answers 403): ``POST /items`` (photos as
+multipart field ``photos``, optional ``metadata`` JSON ``{name or id: {field: value}}`` and
+``on_duplicate``), ``DELETE /items/{id}``, ``POST /items/delete`` ``{"where"}``.
 
-Every request must name an allowed host in its ``Host`` header (421 otherwise), so that a
-web page on another site cannot reach a local server by DNS rebinding: by default
-``127.0.0.1``, ``localhost`` and ``[::1]``, plus the names given to
-:func:`create_app` as ``allowed_hosts`` (``eslmatch serve`` adds its ``--host`` and every
-``--allowed-host``). Text fields must be valid Unicode: a JSON lone surrogate
-(``"\\ud800"``) is answered 422.
+Model work (and every write) runs on one worker thread, so requests never use the model at
+once; at most ``ServeConfig.max_pending`` jobs wait, beyond that 503 at once. Changes made by
+other processes are seen by the next request (the gallery checks its generation on every call).
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
+import hashlib
+import hmac
+import json
 import math
 import mimetypes
 import re
 import time
+import unicodedata
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -42,25 +43,26 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import EslmatchError
-from ..factory import load_model
-from ..retrieval import GalleryIndex
+from ..retrieval import Gallery, open_gallery, parse_filter
+from .metrics import Metrics, MetricsMiddleware
+from .middleware import (
+    DEFAULT_ALLOWED_HOSTS,
+    BodyLimitMiddleware,
+    HostCheckMiddleware,
+    HostRules,
+    SecurityHeadersMiddleware,
+)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_ID_CHARS = 1024
 # Only files with these types are served from /image (defence in depth on top of the id lookup).
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp"}
-# Host names every server answers to; ``create_app(allowed_hosts=...)`` adds more.
-DEFAULT_ALLOWED_HOSTS = ("127.0.0.1", "localhost", "::1")
-_HOST_NAME = re.compile(r"[a-z0-9_.-]+")  # what an allowed-host entry may spell (after normalize_host)
-CSP = (
-    "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
-    "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
-)
+UPLOAD_ROUTES = ("/search/image", "/items")
+_INVISIBLE = re.compile(r"[\s\u200b-\u200f\u2028-\u202f\u2060-\u2064\ufeff\x00-\x1f\x7f]+")
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,9 @@ class ServeConfig:
 
     max_text_chars: int = 1000
     max_body_bytes: int = 64 * 1024
+    max_upload_bytes: int = 20 << 20
+    max_pixels: int = 40_000_000
+    max_photos: int = 64
     max_k: int = 1000
     max_rerank_k: int = 2000
     default_k: int = 10
@@ -76,7 +81,15 @@ class ServeConfig:
     max_pending: int = 256  # queued inference jobs before answering 503
 
     def __post_init__(self) -> None:
-        for name in ("max_text_chars", "max_body_bytes", "max_k", "max_pending"):
+        for name in (
+            "max_text_chars",
+            "max_body_bytes",
+            "max_upload_bytes",
+            "max_pixels",
+            "max_photos",
+            "max_k",
+            "max_pending",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"ServeConfig.{name} must be >= 1 (got {getattr(self, name)})")
         if self.max_rerank_k < 0:
@@ -86,17 +99,17 @@ class ServeConfig:
 class ApiError(Exception):
     """An error answered as ``{"error": message}`` with ``status``."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status = status
-        self.message = message
+        self.status, self.message, self.headers = status, message, headers
 
 
 class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     text: str
-    k: int | None = None
-    rerank_k: int | None = None
+    k: StrictInt | None = None
+    rerank_k: StrictInt | None = None
+    where: str | None = None
 
 
 class AttentionRequest(BaseModel):
@@ -105,17 +118,18 @@ class AttentionRequest(BaseModel):
     id: str
 
 
+class DeleteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    where: str
+
+
 # ---------------------------------------------------------------------------------------------
-# Pure helpers (unit-testable without a server)
+# Pure checks (unit-testable without a server)
 
 
 def check_unicode(value: str, name: str, status: int = 422) -> str:
-    """``value`` unchanged; :class:`ApiError` when it holds a lone surrogate.
-
-    JSON can spell a lone UTF-16 surrogate (``"\\ud800"``), and Python decodes it into a
-    ``str`` that cannot be encoded as UTF-8, which the tokenizer and the JSON response would
-    later fail on. Such a string is refused up front, without echoing it.
-    """
+    """``value`` unchanged; :class:`ApiError` when it holds a lone surrogate (JSON can spell
+    ``"\\ud800"``, which Python decodes into a ``str`` that cannot be encoded as UTF-8)."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -124,26 +138,33 @@ def check_unicode(value: str, name: str, status: int = 422) -> str:
 
 
 def check_text(text: str, config: ServeConfig) -> str:
-    """The query stripped; :class:`ApiError` 422 when empty, longer than the limit or not
-    valid Unicode (a lone surrogate)."""
+    """The query stripped; 422 when empty (or only NUL, control or zero-width characters),
+    longer than the limit or not valid Unicode."""
     if len(text) > config.max_text_chars:
         raise ApiError(422, f"text is too long ({len(text)} characters, at most {config.max_text_chars})")
     check_unicode(text, "text")
-    stripped = text.strip()
-    if not stripped:
-        raise ApiError(422, "text must not be empty")
-    return stripped
+    if not _INVISIBLE.sub("", text) or all(unicodedata.category(c) in ("Cc", "Cf", "Zs", "Zl", "Zp") for c in text):
+        raise ApiError(422, "text must not be empty (it holds no visible character)")
+    return text.strip()
 
 
 def check_counts(k: int | None, rerank_k: int | None, config: ServeConfig) -> tuple[int, int]:
     """``(k, rerank_k)`` with defaults filled in; :class:`ApiError` 422 when out of range."""
     k = config.default_k if k is None else k
     rerank_k = config.default_rerank_k if rerank_k is None else rerank_k
-    if not 1 <= k <= config.max_k:
-        raise ApiError(422, f"k must be between 1 and {config.max_k} (got {k})")
-    if not 0 <= rerank_k <= config.max_rerank_k:
-        raise ApiError(422, f"rerank_k must be between 0 and {config.max_rerank_k} (got {rerank_k})")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= config.max_k:
+        raise ApiError(422, f"k must be an integer between 1 and {config.max_k} (got {k!r})")
+    if isinstance(rerank_k, bool) or not isinstance(rerank_k, int) or not 0 <= rerank_k <= config.max_rerank_k:
+        raise ApiError(422, f"rerank_k must be an integer between 0 and {config.max_rerank_k} (got {rerank_k!r})")
     return k, rerank_k
+
+
+def check_id(item_id: str, status: int = 400) -> str:
+    """An id from a path (400 when unusable) or a body (``status`` 422)."""
+    check_unicode(item_id, "id", status=status)
+    if len(item_id) > MAX_ID_CHARS or "\x00" in item_id:
+        raise ApiError(status, "invalid id")
+    return item_id
 
 
 def image_url(item_id: str) -> str:
@@ -160,39 +181,7 @@ def validation_message(exc: RequestValidationError) -> str:
         loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
         parts.append(f"{loc}: {err.get('msg', 'invalid')}")
     message = "invalid request: " + "; ".join(parts[:5]) if parts else "invalid request"
-    # A field name from the request may hold a lone surrogate; keep the answer encodable.
     return message.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def normalize_host(host: str) -> str | None:
-    """The host name of a ``Host`` header value or an allowed-host entry, in one canonical
-    form (lowercase; an IP address as :mod:`ipaddress` writes it, IPv6 without brackets);
-    ``None`` when it is not a plain ``name``, ``name:port``, ``[v6]`` or ``[v6]:port``.
-
-    ``"LOCALHOST:8000"`` -> ``"localhost"``, ``"[0:0::1]:80"`` -> ``"::1"``, ``"::1"`` -> ``"::1"``.
-    """
-    host = host.strip().lower()
-    if host.startswith("["):
-        end = host.find("]")
-        name, rest = host[1:end], host[end + 1 :]
-        if end < 0 or (rest and not (rest[0] == ":" and rest[1:].isdigit())):
-            return None
-        try:
-            return str(ipaddress.IPv6Address(name))
-        except ValueError:
-            return None
-    if host.count(":") > 1:  # a bare IPv6 address (allowed-host entries only; headers bracket it)
-        try:
-            return str(ipaddress.IPv6Address(host))
-        except ValueError:
-            return None
-    name, colon, port = host.partition(":")
-    if not name or (colon and not port.isdigit()) or any(c in name for c in "/\\@ \t"):
-        return None
-    try:
-        return str(ipaddress.ip_address(name))
-    except ValueError:
-        return name
 
 
 def _finite(x: Any) -> float | None:
@@ -202,208 +191,38 @@ def _finite(x: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
-# ---------------------------------------------------------------------------------------------
-# ASGI middleware
-
-
-class BodyLimitMiddleware:
-    """Refuse request bodies over ``limit`` bytes with 413 before anything parses them.
-
-    A declared ``Content-Length`` over the limit is refused without reading the body; a
-    body without one (chunked) is read only up to the limit, then replayed to the app.
-    """
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    await _send_error(send, 400, "invalid Content-Length header")
-                    return
-                if declared > self.limit:
-                    await _send_error(send, 413, f"request body too large (at most {self.limit} bytes)")
-                    return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body = message.get("body", b"")
-            size += len(body)
-            if size > self.limit:
-                await _send_error(send, 413, f"request body too large (at most {self.limit} bytes)")
-                return
-            chunks.append(body)
-            if not message.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-
-class HostRules:
-    """Which ``Host`` header values a server answers (see :class:`HostCheckMiddleware`).
-
-    ``allowed``: host names or IP addresses (a port, brackets around IPv6, case: ignored);
-    ``"*"`` admits every host; an unspecified address (``0.0.0.0``, ``::``: the server
-    listens on every interface) admits any IP address literal. Raises
-    :class:`EslmatchError` for an entry that is not a host name or address.
-    """
-
-    def __init__(self, allowed: Iterable[str]) -> None:
-        names: set[str] = set()
-        for entry in allowed:
-            if entry.strip() == "*":
-                names.add("*")
-                continue
-            name = normalize_host(entry)
-            if name is None or not (_HOST_NAME.fullmatch(name) or _is_ip_literal(name)):
-                raise EslmatchError(f"allowed host {entry!r} is not a host name or IP address")
-            names.add(name)
-        self.any_host = "*" in names
-        self.any_address = bool(names & {"0.0.0.0", "::"})
-        self.names = frozenset(names)
-        self._seen: dict[bytes, bool] = {}  # raw Host value -> verdict, bounded below
-
-    def allows(self, raw: bytes | None) -> bool:
-        """Whether a raw ``Host`` header value (``None``: absent) names an allowed host."""
-        if self.any_host:
-            return True
-        if raw is None:
-            return False
-        verdict = self._seen.get(raw)
-        if verdict is None:
-            name = normalize_host(raw.decode("latin-1"))
-            verdict = name is not None and (name in self.names or (self.any_address and _is_ip_literal(name)))
-            if len(self._seen) < 256:  # a handful of distinct values in practice; never grows unbounded
-                self._seen[raw] = verdict
-        return verdict
-
-
-class HostCheckMiddleware:
-    """Answer 421 to a request whose ``Host`` header names no allowed host (DNS rebinding).
-
-    A page on another site that rebinds its own domain name to 127.0.0.1 can make the
-    browser send requests to a local server, and read the answers; those requests carry the
-    attacker's name in ``Host``, which a rebinding page cannot change. The check is a
-    dictionary lookup per request.
-    """
-
-    def __init__(self, app: ASGIApp, rules: HostRules) -> None:
-        self.app = app
-        self.rules = rules
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
-        raw = next((value for name, value in scope.get("headers", ()) if name == b"host"), None)
-        if not self.rules.allows(raw):
-            message = "missing Host header" if raw is None else "Host not allowed"
-            await _send_error(send, 421, f"{message}; start the server with --allowed-host NAME to accept a name")
-            return
-        await self.app(scope, receive, send)
-
-
-def _is_ip_literal(name: str) -> bool:
+def read_token(path: str | Path) -> str:
+    """The write token in a file (stripped; at least 16 characters)."""
+    p = Path(path)
     try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
-
-
-class SecurityHeadersMiddleware:
-    """Headers that keep the page and API self-contained (no inline script, no sniffing)."""
-
-    HEADERS = [
-        (b"x-content-type-options", b"nosniff"),
-        (b"referrer-policy", b"no-referrer"),
-        (b"x-frame-options", b"DENY"),
-        (b"content-security-policy", CSP.encode()),
-    ]
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message.setdefault("headers", [])
-                message["headers"] = list(message["headers"]) + self.HEADERS
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
-
-
-async def _send_error(send: Send, status: int, message: str) -> None:
-    body = JSONResponse({"error": message}).body
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+        token = p.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EslmatchError(f"{p}: cannot read the write token ({exc})") from None
+    if len(token) < 16 or any(c.isspace() for c in token):
+        raise EslmatchError(f"{p}: a write token is one word of at least 16 characters")
+    return token
 
 
 # ---------------------------------------------------------------------------------------------
-# The application
+# The gallery behind the server
 
 
-class Gallery:
-    """The index and model behind the server, with inference confined to one thread."""
+class Served:
+    """The gallery and its model behind the server, with model work confined to one thread."""
 
-    def __init__(self, index: Any, model: Any, model_name: str, config: ServeConfig) -> None:
-        self.index = index
-        self.model = model
-        self.model_name = model_name
-        self.config = config
-        # A remote gallery (Milvus) answers membership itself; a file index lists its ids here.
-        self._contains: Callable[[str], bool] | None = getattr(index, "contains", None)
-        self.ids: list[str] = [] if self._contains else [str(i) for i in index.ids]
-        self._known = set(self.ids)
+    def __init__(
+        self, gallery: Gallery, config: ServeConfig, model_name: str, token: str | None, upload_dir: Path | None
+    ) -> None:
+        self.gallery, self.config, self.model_name = gallery, config, model_name
+        self.token, self.upload_dir = token, upload_dir
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eslmatch-infer")
         self._pending = 0  # touched only from the event loop thread
 
     def close(self) -> None:
         self._worker.shutdown(wait=True, cancel_futures=True)
 
-    @property
-    def count(self) -> int:
-        """Items in the gallery (a remote one's current count)."""
-        return int(self.index.count) if self._contains else len(self.ids)
-
-    def known(self, item_id: str) -> bool:
-        return self._contains(item_id) if self._contains else item_id in self._known
-
-    async def infer(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the inference thread; 503 when too many jobs already wait."""
+    async def run(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the worker thread; 503 when too many jobs already wait."""
         if self._pending >= self.config.max_pending:
             raise ApiError(503, "server busy, try again shortly")
         self._pending += 1
@@ -412,17 +231,51 @@ class Gallery:
         finally:
             self._pending -= 1
 
+    def authorize(self, request: Request) -> None:
+        """Refuse a write: 403 on a read-only server, 401 without the right bearer token."""
+        if self.token is None:
+            raise ApiError(403, "this server is read-only: start it with --write-token-file FILE to allow writes")
+        given = request.headers.get("authorization", "")
+        scheme, _, value = given.partition(" ")
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), self.token.encode())
+        if not ok:
+            raise ApiError(401, "a write needs 'Authorization: Bearer TOKEN'", {"WWW-Authenticate": "Bearer"})
+
     def image_file(self, item_id: str) -> Path | None:
         """The recorded image file of a known id, when it exists and is an image."""
-        if not self.known(item_id):
+        try:
+            recorded = self.gallery.store.image_path(item_id)
+        except EslmatchError:
             return None
-        recorded = self.index.image_path(item_id)
         if not recorded:
             return None
         path = Path(recorded).resolve()
         if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
             return None
         return path
+
+    def where(self, text: str | None) -> Any:
+        if text is None or not text.strip():
+            return None
+        check_unicode(text, "where")
+        return self.gallery.check_filter(parse_filter(text))
+
+    def hits(self, hits: list[Any]) -> list[dict[str, Any]]:
+        out = []
+        for h in hits:
+            out.append(
+                {
+                    "rank": int(h.rank),
+                    "id": str(h.id),
+                    "score": _finite(h.score),
+                    "first_stage_score": _finite(h.first_stage_score),
+                    "path": h.path,
+                    "metadata": h.metadata,
+                    "image_url": image_url(str(h.id)) if self.image_file(str(h.id)) else None,
+                    **({"caption": h.caption} if h.caption is not None else {}),
+                }
+            )
+        return out
 
 
 def _no_grad(fn: Callable[[], Any]) -> Callable[[], Any]:
@@ -433,40 +286,126 @@ def _no_grad(fn: Callable[[], Any]) -> Callable[[], Any]:
     return run
 
 
+# ---------------------------------------------------------------------------------------------
+# Uploads
+
+
+async def _read_upload(upload: Any, config: ServeConfig) -> bytes:
+    data = await upload.read(config.max_upload_bytes + 1)
+    if len(data) > config.max_upload_bytes:
+        raise ApiError(413, f"upload too large (at most {config.max_upload_bytes} bytes)")
+    if not data:
+        raise ApiError(422, "the upload is empty")
+    return data
+
+
+def open_upload(data: bytes, config: ServeConfig) -> Any:
+    """An uploaded photo as an RGB PIL image; 413 beyond ``max_pixels``, 422 when not an image."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    from ..data.files import to_rgb
+
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise ApiError(422, "the upload is not an image (JPEG, PNG, WebP, ...)") from None
+    w, h = image.size
+    if w * h > config.max_pixels:
+        raise ApiError(413, f"image too large ({w} x {h} pixels, at most {config.max_pixels})")
+    try:
+        image.load()
+        return to_rgb(image)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        raise ApiError(422, "the upload is a damaged or truncated image") from None
+
+
+def _save_photo(data: bytes, name: str, folder: Path) -> Path:
+    """Store an uploaded photo under a name derived from its content (never from the request)."""
+    suffix = Path(name).suffix.lower()
+    suffix = suffix if suffix in IMAGE_SUFFIXES else ".img"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{hashlib.sha256(data).hexdigest()[:32]}{suffix}"
+    if not target.exists():
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(target)
+    return target
+
+
+def _upload_id(name: str) -> str:
+    stem = Path(name.replace("\\", "/")).name
+    stem = stem.rsplit(".", 1)[0] if "." in stem[1:] else stem
+    clean = "".join(c for c in stem if c.isprintable() and c not in "\r\n\0")[:200]
+    if not clean:
+        raise ApiError(422, "an uploaded photo needs a file name (its id)")
+    return clean
+
+
+# ---------------------------------------------------------------------------------------------
+# The application
+
+
+def upload_body_limit(path: str, config: ServeConfig) -> int | None:
+    """The largest multipart body of an upload route (``None``: not one): one photo and its
+    form fields for ``/search/image``, ``max_photos`` of them for ``POST /items``."""
+    if path not in UPLOAD_ROUTES:
+        return None
+    photos = 1 if path == "/search/image" else config.max_photos
+    return photos * config.max_upload_bytes + config.max_body_bytes
+
+
 def create_app(
-    index: Any,
-    model: Any,
+    gallery: Gallery,
     config: ServeConfig | None = None,
     model_name: str = "",
     allowed_hosts: Iterable[str] = (),
+    write_token: str | None = None,
+    upload_dir: str | Path | None = None,
 ) -> FastAPI:
-    """The FastAPI app serving ``index`` (an opened gallery index) with ``model``.
+    """The FastAPI app serving ``gallery`` (an opened :class:`~eslmatch.retrieval.Gallery`).
 
-    ``index`` needs ``ids``, ``search_text(model, text, k, rerank_k) -> list[Hit]``,
-    ``attention(model, text, id) -> (words, weights (W, R), grid (h, w) | None)`` and
-    ``image_path(id) -> str | None`` (the :class:`eslmatch.retrieval.GalleryIndex` API); an
-    index with ``contains(id) -> bool`` and ``count`` (a Milvus gallery) is not asked for ``ids``.
-
-    Requests must carry a ``Host`` header naming ``127.0.0.1``, ``localhost``, ``[::1]`` or
-    one of ``allowed_hosts`` (names or IP addresses, any port; ``"*"``: every host;
-    ``0.0.0.0`` or ``::``: any IP address literal), else they are answered 421. Raises
-    :class:`EslmatchError` for an entry that is not a host name.
-    """
+    Requests must carry a ``Host`` header naming ``127.0.0.1``, ``localhost``, ``[::1]`` or one
+    of ``allowed_hosts`` (``"*"``: every host), else 421. ``write_token``: allow writes with it
+    (uploaded photos are kept in ``upload_dir``)."""
     config = config or ServeConfig()
     host_rules = HostRules([*DEFAULT_ALLOWED_HOSTS, *allowed_hosts])  # bad entries fail here, not on a request
-    gallery = Gallery(index, model, model_name, config)
+    served = Served(gallery, config, model_name, write_token, Path(upload_dir) if upload_dir else None)
+    metrics = Metrics(lambda: float(len(gallery)))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202 - FastAPI's lifespan protocol
         yield
-        gallery.close()
+        served.close()
 
     app = FastAPI(title="eslmatch", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.state.gallery = gallery
+    app.state.served = served
+    _errors(app)
+    _read_routes(app, served)
+    _write_routes(app, served)
 
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_route() -> Response:
+        body, kind = metrics.render()
+        return Response(body, media_type=kind)
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(SecurityHeadersMiddleware)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limit=config.max_body_bytes,
+        limit_for=lambda path: upload_body_limit(path, config),
+    )
+    app.add_middleware(HostCheckMiddleware, rules=host_rules)  # outermost: refused before the body is read
+    return app
+
+
+def _errors(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -474,18 +413,31 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+        if exc.status_code != 400:
+            return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+        # One rule: a body the parser rejects is 422 like one the schema rejects. FastAPI raises 400
+        # for what json.loads fails on other than syntax (not UTF-8, nested too deeply), Starlette for
+        # a malformed multipart body.
+        detail = str(exc.detail)
+        if detail == "There was an error parsing the body":
+            detail = "the body cannot be parsed (not UTF-8 JSON, or nested too deeply)"
+        return JSONResponse({"error": f"invalid request: {detail}"}, status_code=422, headers=exc.headers)
 
     @app.exception_handler(EslmatchError)
     async def _library_error(request: Request, exc: EslmatchError) -> JSONResponse:
-        # The library refuses this query (e.g. a text the tokenizer cannot encode).
         lines = str(exc).strip().splitlines()
         status = int(getattr(exc, "http_status", 422))  # 503: a backing store (Milvus) is unreachable
+        if "no item with id" in (lines[0] if lines else ""):
+            status = 404
         return JSONResponse({"error": lines[0] if lines else type(exc).__name__}, status_code=status)
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"error": f"internal error ({type(exc).__name__})"}, status_code=500)
+
+
+def _read_routes(app: FastAPI, served: Served) -> None:
+    config, gallery = served.config, served.gallery
 
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def page() -> FileResponse:
@@ -493,44 +445,71 @@ def create_app(
 
     @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "items": gallery.count, "model": gallery.model_name}
+        return {"status": "ok", "items": len(gallery), "model": served.model_name}
+
+    @app.get("/info")
+    async def info() -> dict[str, Any]:
+        store = gallery.store
+        return {
+            "kind": store.kind,
+            "stages": store.stages,
+            "items": len(gallery),
+            "fields": gallery.fields(),
+            "writable": served.token is not None,
+            "takes_images": gallery.model.inputs == "pixels",
+            "model": served.model_name,
+        }
 
     @app.post("/search")
     async def search(req: SearchRequest) -> dict[str, Any]:
         text = check_text(req.text, config)
         k, rerank_k = check_counts(req.k, req.rerank_k, config)
+        where = served.where(req.where)
         start = time.perf_counter()
-        hits = await gallery.infer(lambda: gallery.index.search_text(gallery.model, text, k=k, rerank_k=rerank_k))
-        took_ms = (time.perf_counter() - start) * 1000.0
-        results = [
-            {
-                "rank": int(h.rank),
-                "id": str(h.id),
-                "score": _finite(h.score),
-                "first_stage_score": _finite(getattr(h, "first_stage_score", None)),
-                "image_url": image_url(str(h.id)) if gallery.image_file(str(h.id)) else None,
-            }
-            for h in hits
-        ]
-        return {"query": text, "results": results, "took_ms": round(took_ms, 3)}
+        hits = await served.run(lambda: gallery.search(text, k=k, where=where, rerank_k=rerank_k))
+        return {"query": text, "results": served.hits(hits), "took_ms": round((time.perf_counter() - start) * 1000, 3)}
+
+    @app.post("/search/image")
+    async def search_image(request: Request) -> dict[str, Any]:
+        form = await request.form(max_files=1, max_fields=8)
+        upload = form.get("image")
+        if upload is None or not hasattr(upload, "read"):
+            raise ApiError(422, "send the photo as the multipart field 'image'")
+        k, rerank_k = check_counts(_form_int(form, "k"), _form_int(form, "rerank_k"), config)
+        where = served.where(_form_text(form, "where"))
+        if gallery.model.inputs != "pixels":
+            raise ApiError(
+                422, "this gallery's model reads region features, not photos: search it with text or /similar/{id}"
+            )
+        image = open_upload(await _read_upload(upload, config), config)
+        start = time.perf_counter()
+        hits = await served.run(lambda: gallery.search(image, k=k, where=where, rerank_k=rerank_k))
+        return {"results": served.hits(hits), "took_ms": round((time.perf_counter() - start) * 1000, 3)}
+
+    @app.get("/similar/{item_id:path}")
+    async def similar(item_id: str, k: str | None = None, where: str | None = None) -> dict[str, Any]:
+        check_id(item_id)
+        kk, _ = check_counts(_strict_int(k, "k"), None, config)  # "2.0" or "true" is no count
+        flt = served.where(where)
+        hits = await served.run(lambda: gallery.similar(item_id, k=kk, where=flt))
+        return {"id": item_id, "results": served.hits(hits)}
 
     async def attention(text: str, item_id: str) -> dict[str, Any]:
         text = check_text(text, config)
-        check_unicode(item_id, "id")
-        if len(item_id) > MAX_ID_CHARS or not gallery.known(item_id):
-            raise ApiError(404, "unknown id")
+        check_id(item_id, 422)
+        if gallery.stages == 1:
+            raise ApiError(422, "this gallery is one-stage (one vector per image): it has no word-by-region attention")
         start = time.perf_counter()
-        words, weights, grid = await gallery.infer(lambda: gallery.index.attention(gallery.model, text, item_id))
-        took_ms = (time.perf_counter() - start) * 1000.0
-        rows = [[_finite(v) or 0.0 for v in row] for row in _as_rows(weights)]
+        words, weights, grid = await served.run(lambda: gallery.attention(text, item_id))
+        rows = [[_finite(v) or 0.0 for v in row] for row in weights.tolist()]
         return {
             "query": text,
             "id": item_id,
             "words": [str(w) for w in words],
             "weights": rows,
             "grid": [int(grid[0]), int(grid[1])] if grid is not None else None,
-            "image_url": image_url(item_id) if gallery.image_file(item_id) else None,
-            "took_ms": round(took_ms, 3),
+            "image_url": image_url(item_id) if served.image_file(item_id) else None,
+            "took_ms": round((time.perf_counter() - start) * 1000, 3),
         }
 
     @app.get("/attention")
@@ -541,28 +520,121 @@ def create_app(
     async def attention_post(req: AttentionRequest) -> dict[str, Any]:
         return await attention(req.text, req.id)
 
+    @app.get("/items/{item_id:path}")
+    async def item(item_id: str) -> dict[str, Any]:
+        check_id(item_id)
+        fields = gallery.metadata(item_id)
+        return {
+            "id": item_id,
+            "fields": fields,
+            "image_url": image_url(item_id) if served.image_file(item_id) else None,
+        }
+
     @app.api_route("/image/{item_id:path}", methods=["GET", "HEAD"])
     async def image(item_id: str) -> Response:
-        if len(item_id) > MAX_ID_CHARS or "\x00" in item_id:
-            raise ApiError(400, "invalid id")
-        check_unicode(item_id, "id", status=400)
-        path = gallery.image_file(item_id)
+        check_id(item_id)
+        path = served.image_file(item_id)
         if path is None:
             raise ApiError(404, "no image for this id")
         media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
-
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.add_middleware(SecurityHeadersMiddleware)
-    app.add_middleware(BodyLimitMiddleware, limit=config.max_body_bytes)
-    app.add_middleware(HostCheckMiddleware, rules=host_rules)  # outermost: refused before the body is read
-    return app
+        return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=60"})
 
 
-def _as_rows(weights: Any) -> list[list[float]]:
-    if hasattr(weights, "tolist"):
-        weights = weights.tolist()
-    return [list(r) for r in weights]
+def _form_int(form: Any, name: str) -> int | None:
+    return _strict_int(form.get(name), name)
+
+
+def _strict_int(value: Any, name: str) -> int | None:
+    """A count given as text (a form field, a query parameter): digits only, else 422."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9]{1,7}", value):
+        raise ApiError(422, f"{name} must be an integer")
+    return int(value)
+
+
+def _form_text(form: Any, name: str) -> str | None:
+    value = form.get(name)
+    if value is not None and not isinstance(value, str):
+        raise ApiError(422, f"{name} must be text")
+    return value
+
+
+def _write_routes(app: FastAPI, served: Served) -> None:
+    gallery, config = served.gallery, served.config
+
+    @app.post("/items")
+    async def add_items(request: Request) -> dict[str, Any]:
+        served.authorize(request)
+        if served.upload_dir is None:
+            raise ApiError(403, "this server keeps no uploads: start it with --upload-dir DIR to add photos")
+        if gallery.model.inputs != "pixels":
+            raise ApiError(
+                422,
+                "this gallery's model reads region features: add photos with 'eslmatch extract' and 'eslmatch index add'",
+            )
+        form = await request.form(max_files=config.max_photos, max_fields=8)
+        uploads = [u for u in form.getlist("photos") if hasattr(u, "read")]
+        if not uploads:
+            raise ApiError(422, "send the photos as multipart fields 'photos'")
+        meta = _form_metadata(_form_text(form, "metadata"))
+        on_duplicate = _form_text(form, "on_duplicate") or "skip"
+        if on_duplicate not in ("skip", "replace", "error"):
+            raise ApiError(422, "on_duplicate must be skip, replace or error")
+        files, ids = [], []
+        for up in uploads:
+            data = await _read_upload(up, config)
+            open_upload(data, config)  # refused here, not while adding
+            name = str(getattr(up, "filename", "") or "")
+            ids.append(_upload_id(name))
+            files.append(_save_photo(data, name, served.upload_dir))
+        if len(set(ids)) != len(ids):
+            raise ApiError(422, "two uploaded photos have the same name (their ids)")
+        unknown = [k for k in meta if k not in ids]
+        if unknown:
+            raise ApiError(422, f"metadata names {unknown[0]!r}, not one of the uploaded photos")
+        src = _upload_source(files, ids)
+        rep = await served.run(lambda: gallery.add(src, meta or None, on_duplicate, report=lambda line: None))
+        return {"added": rep.added, "duplicates": rep.duplicates, "replaced": rep.replaced, "items": rep.count}
+
+    @app.delete("/items/{item_id:path}")
+    async def delete_item(item_id: str, request: Request) -> dict[str, Any]:
+        served.authorize(request)
+        check_id(item_id)
+        n = await served.run(lambda: gallery.delete(ids=[item_id]))
+        return {"deleted": n, "items": len(gallery)}
+
+    @app.post("/items/delete")
+    async def delete_where(req: DeleteRequest, request: Request) -> dict[str, Any]:
+        served.authorize(request)
+        where = served.where(req.where)
+        if where is None:
+            raise ApiError(422, "where must not be empty")
+        n = await served.run(lambda: gallery.delete(where=where))
+        return {"deleted": n, "items": len(gallery)}
+
+
+def _form_metadata(text: str | None) -> dict[str, dict[str, Any]]:
+    if not text:
+        return {}
+    try:
+        meta = json.loads(text)
+    except ValueError:
+        raise ApiError(422, "metadata must be a JSON object {id: {field: value}}") from None
+    if not isinstance(meta, dict) or not all(isinstance(v, dict) for v in meta.values()):
+        raise ApiError(422, "metadata must be a JSON object {id: {field: value}}")
+    return meta
+
+
+def _upload_source(files: list[Path], ids: list[str]) -> Any:
+    from ..retrieval import PhotoSource
+
+    desc = {"uploads": str(files[0].parent)}
+    return PhotoSource("image", ids, [str(f) for f in files], desc, True, None, files=files, names=ids, refused=[])
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening
 
 
 def load_app(
@@ -571,74 +643,45 @@ def load_app(
     config: ServeConfig | None = None,
     device: str = "cpu",
     allowed_hosts: Iterable[str] = (),
-) -> FastAPI:
-    """Open the index at ``index_path`` and its model (or ``model_path``) and build the app
-    (``allowed_hosts``: as for :func:`create_app`).
-
-    Raises :class:`eslmatch.errors.EslmatchError` when the index records no model and none
-    is given.
-    """
-    index = GalleryIndex.open(index_path)
-    if getattr(index, "kind", "image") != "image":
-        raise EslmatchError(f"{index_path}: a {index.kind} index; eslmatch serve searches image indexes")
-    if model_path is None:
-        model_path = recorded_model(index)
-        if not model_path:
-            raise EslmatchError(f"{index_path}: the index records no model; pass --model")
-    check_image_files(index, Path(index_path))
-    model = load_model(model_path, map_location=device)
-    model.eval()
-    index.check_model(model)  # a model other than the index's fails here, not on the first query
-    return create_app(index, model, config, model_name=Path(str(model_path)).name, allowed_hosts=allowed_hosts)
-
-
-def load_milvus_app(
-    uri: str,
-    collection: str,
-    model_path: str | Path | None = None,
-    config: ServeConfig | None = None,
-    device: str = "cpu",
-    allowed_hosts: Iterable[str] = (),
+    collection: str | None = None,
     timeout: float = 30.0,
+    write_token: str | None = None,
+    upload_dir: str | Path | None = None,
+    precision: str | None = None,
+    runtime: str = "torch",
+    onnx: str | Path | None = None,
 ) -> FastAPI:
-    """:func:`load_app` for an image gallery in Milvus (``collection`` at ``uri``; see
-    ``docs/milvus.md``): the server keeps no gallery data, so any number can serve it."""
-    from ..retrieval.milvus import MilvusGallery
+    """Open the gallery (a folder, or with ``collection`` a Milvus URI) and its model (the
+    recorded one, or ``model_path``) and build the app; the model is checked against the
+    gallery here, not on the first query. ``precision`` / ``runtime`` / ``onnx``: how queries
+    are encoded (:func:`~eslmatch.retrieval.open_gallery`)."""
+    gallery = open_gallery(
+        index_path,
+        collection,
+        model=model_path,
+        device=device,
+        timeout=timeout,
+        precision=precision,
+        runtime=runtime,
+        onnx=onnx,
+    )
+    if gallery.kind != "image":
+        raise EslmatchError(f"{gallery.store.where}: a {gallery.kind} index; eslmatch serve searches image galleries")
+    check_image_files(gallery)
+    _ = gallery.searcher  # loads the model (and an ONNX export); a model other than the gallery's fails here
+    name = Path(str(model_path or gallery.store.manifest["model"].get("path") or "")).name
+    if upload_dir is None and write_token is not None and collection is None:
+        upload_dir = Path(index_path) / "uploads"
+    return create_app(gallery, config, name, allowed_hosts, write_token, upload_dir)
 
-    index = MilvusGallery.open(uri, collection, timeout=timeout)
-    model_path = model_path or recorded_model(index)
-    if not model_path:
-        raise EslmatchError(f"{index.path}: the collection records no model; pass --model")
-    check_image_files(index, Path(collection), paths=index.sample_paths())
-    model = load_model(model_path, map_location=device)
-    model.eval()
-    index.check_model(model)
-    return create_app(index, model, config, model_name=Path(str(model_path)).name, allowed_hosts=allowed_hosts)
 
-
-def check_image_files(index: Any, where: Path, sample: int = 200, paths: list[str] | None = None) -> None:
-    """Refuse an index whose recorded image files are all gone (moved?), naming one (a few
-    missing files are served as missing pictures). Up to ``sample`` evenly spaced paths are
-    looked at."""
-    paths = [p for p in (getattr(index, "paths", []) if paths is None else paths) if p]
-    if not paths:
-        return
-    step = max(1, len(paths) // sample)
-    checked = paths[::step][:sample]
-    missing = [p for p in checked if not Path(p).is_file()]
-    if missing and len(missing) == len(checked):
+def check_image_files(gallery: Gallery, sample: int = 200) -> None:
+    """Refuse a gallery whose recorded image files are all gone (moved?), naming one (a few
+    missing files are served as missing pictures)."""
+    paths = gallery.store.sample_paths(sample)
+    missing = [p for p in paths if not Path(p).is_file()]
+    if paths and len(missing) == len(paths):
         raise EslmatchError(
-            f"{where}: the index's image files are missing, e.g. {missing[0]} (moved or deleted? rebuild the "
-            "index where the images are now)"
+            f"{gallery.store.where}: the gallery's image files are missing, e.g. {missing[0]} (moved or deleted? "
+            "rebuild the gallery where the images are now)"
         )
-
-
-def recorded_model(index: Any) -> str | None:
-    """The model path an index records (``manifest["model"]`` as a path or ``{"path": ...}``)."""
-    path = getattr(index, "model_path", None)
-    if path:
-        return str(path)
-    recorded = (getattr(index, "manifest", None) or {}).get("model")
-    if isinstance(recorded, dict):
-        recorded = recorded.get("path")
-    return str(recorded) if recorded else None

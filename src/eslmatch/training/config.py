@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from ..factory import config_class
 
 OPTIMIZERS = ("adamw", "bert-adamw")
 SCHEDULES = ("step", "cosine")
+VAL_AUTO = "auto"  # val_split=auto: validate on a held-out slice of the training images
+VAL_AUTO_FRACTION = 0.1
 # Settings that may differ between a run and its resume without changing what is computed.
 # (data_path, output_dir and device may move: same data, same run, another disk or GPU.)
 RESUME_MAY_CHANGE = frozenset(
@@ -46,7 +49,9 @@ class TrainConfig:
     Attributes:
         data_path: precomp folder, or a parent holding ``f30k_precomp`` / ``coco_precomp``.
         data_name: which dataset under ``data_path`` when it holds several (``f30k_precomp``...).
-        train_split, val_split: split names (validation: dev rsum after every epoch).
+        train_split, val_split: split names (validation: its rsum after every epoch keeps
+            ``best/``); ``val_split: auto`` holds out the last tenth of the training images
+            (at least one) and validates on them instead (they are not trained on).
         val_images: validate on the first N images only (``null``: the whole split).
         output_dir: where ``last/``, ``best/``, the training state and the logs go.
         model: the model family's configuration: ``model_type`` picks it (``esl`` and
@@ -92,8 +97,10 @@ class TrainConfig:
         log_every: steps between log records.
         save_every_steps: steps between resumable-state saves (also saved each epoch end).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``...
-        bf16: bf16 autocast of the forward pass on CUDA (ignored on CPU; the released code
-            trains in fp32).
+        bf16: bf16 autocast of the forward pass with float32 master weights: ``false``
+            (float32, the released code's), ``true`` (on any device, CPU included) or
+            ``auto`` (where the device computes bf16 natively: CUDA with bf16, a CPU with
+            AMX or AVX512-BF16; float32 elsewhere).
         max_steps: stop after this many optimiser steps in total (``null``: no limit).
         eval_batch_size: batch size of validation encoding.
         progress: tqdm progress bars (rank 0).
@@ -137,7 +144,7 @@ class TrainConfig:
     log_every: int = 20
     save_every_steps: int = 500
     device: str = "auto"
-    bf16: bool = False
+    bf16: bool | str = False
     max_steps: int | None = None
     eval_batch_size: int = 128
     progress: bool = True
@@ -187,6 +194,8 @@ class TrainConfig:
             raise EslmatchError(f"warmup_proportion must lie in [0, 1), got {self.warmup_proportion}")
         if self.lr_decay_epoch is not None and self.lr_decay_epoch < 0:
             raise EslmatchError(f"lr_decay_epoch must be >= 0 or null, got {self.lr_decay_epoch}")
+        if not isinstance(self.bf16, bool) and self.bf16 != "auto":
+            raise EslmatchError(f"bf16 must be true, false or auto, got {self.bf16!r}")
         if self.dist_backend not in ("auto", "nccl", "gloo"):
             raise EslmatchError(f"dist_backend must be auto, nccl or gloo, got {self.dist_backend!r}")
         self.model.validate()
@@ -278,8 +287,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         bool: lambda v: isinstance(v, bool),
         str: lambda v: isinstance(v, str),
     }
+    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else ()
     origin = typing.get_origin(hint) or hint
     check = ok.get(origin, (lambda v: isinstance(v, origin)) if isinstance(origin, type) else (lambda v: True))
+    if members:  # e.g. bf16: bool | str (the value itself is checked by validate)
+        check = lambda v: any(ok.get(a, lambda _: False)(v) for a in members)  # noqa: E731
     if not check(value):
         name = getattr(hint, "__name__", str(hint))
         raise EslmatchError(f"configuration key {key} must be {name}, got {value!r}")
@@ -329,6 +341,8 @@ def read_yaml_config(path: str | Path, seen: tuple[Path, ...] = ()) -> dict[str,
         loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
     except OSError as exc:
         raise EslmatchError(f"{p}: cannot read the configuration ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise EslmatchError(f"{p}: not a YAML configuration (not UTF-8 text: byte {exc.start})") from exc
     except yaml.YAMLError as exc:
         raise EslmatchError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from exc
     if loaded is None:
@@ -343,9 +357,37 @@ def read_yaml_config(path: str | Path, seen: tuple[Path, ...] = ()) -> dict[str,
     return merge_config(read_yaml_config(p.parent / base, (*seen, p.resolve())), loaded)
 
 
+def packaged_configs() -> dict[str, Path]:
+    """The configurations shipped with eslmatch, by name (``f30k_bert``, ``own_photos``...)."""
+    folder = Path(__file__).resolve().parents[1] / "configs"
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def resolve_config(name: str | Path) -> Path:
+    """A configuration file: ``name`` itself when it exists, else the packaged one it names.
+
+    ``f30k_bert``, ``f30k_bert.yaml`` and ``configs/f30k_bert.yaml`` (the repository's path,
+    typed outside a clone) all name the packaged ``f30k_bert.yaml``.
+    """
+    p = Path(name)
+    if p.exists():
+        return p
+    stem = p.name[: -len(".yaml")] if p.name.endswith(".yaml") else p.name
+    packaged = packaged_configs()
+    if (len(p.parts) == 1 or (len(p.parts) == 2 and p.parts[0] == "configs")) and stem in packaged:
+        return packaged[stem]
+    if len(p.parts) == 1 and not p.suffix:
+        raise EslmatchError(
+            f"{name}: no such file and no packaged configuration of that name (packaged: {', '.join(packaged)})"
+        )
+    return p  # reading it names the missing file
+
+
 def load_train_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a YAML training configuration (``base:`` chains allowed) and apply ``key=value``
-    overrides."""
+    overrides. ``path`` may name a packaged configuration (:func:`resolve_config`)."""
+    if path is not None:
+        path = resolve_config(path)
     data: dict[str, Any] = {} if path is None else read_yaml_config(path)
     source = "overrides" if path is None else str(path)
     over = parse_overrides(overrides)

@@ -21,11 +21,11 @@ import yaml
 from tqdm.auto import tqdm
 
 from ..data import CaptionDataset, EpochBatchSampler, PrecompSplit, build_vocab, collate, open_split, steps_per_epoch
+from ..data.precomp import split_files
 from ..data.raw import ImageCaptionDataset, ImageCaptionSplit, collate_pixels, open_image_split
 from ..distributed import (
     DistContext,
     broadcast_value,
-    gather_objects,
     init_distributed,
     rank_slice,
     shutdown,
@@ -38,12 +38,13 @@ from ..model.base import MatchingModel
 from ..text import WordVocab, load_tokenizer
 from ..truth import TruthPairs, load_truth, truth_path
 from ..utils import atomic_write_text
-from .config import RESUME_MAY_CHANGE, TrainConfig, config_differences
+from .config import RESUME_MAY_CHANGE, VAL_AUTO, VAL_AUTO_FRACTION, TrainConfig, config_differences
 from .log import METRICS_NAME, RunLog
 from .state import STATE_NAME, TrainState, load_state_file, rng_state, save_state_file, seed_all, set_rng_state
 from .trainer import Trainer
 
 CONFIG_COPY_NAME = "train_config.yaml"
+FEW_STEPS = 4  # fewer optimiser steps per epoch than this: the log suggests a smaller batch
 LAST_DIR = "last"
 BEST_DIR = "best"
 
@@ -59,6 +60,7 @@ class TrainResult:
     history: list[dict[str, Any]]
     stopped_early: bool
     rank: int = 0
+    val_split: str = "dev"  # what validation ran on: a split's name, or "held-out" (val_split=auto)
 
 
 @dataclass
@@ -79,7 +81,7 @@ class Run:
 
     def save(self, with_model_dir: bool) -> None:
         """The resumable state (and ``last/``) at the current position; rank 0 writes."""
-        rngs = gather_objects(rng_state(), self.ctx)
+        rngs = self.ctx.gather(rng_state())
         if not self.ctx.is_main:
             return
         model = self.trainer.model
@@ -219,7 +221,7 @@ def end_epoch(run: Run) -> None:
         flat = {"rsum": rsum, **{f"{side}_{k}": v for side in ("i2t", "t2i") for k, v in metrics.get(side, {}).items()}}
         run.log.scalars("val", flat, st.global_step)
         print(
-            f"epoch {st.epoch + 1}/{run.cfg.epochs}: loss {record['train_loss']:.4f}, {run.cfg.val_split} rsum "
+            f"epoch {st.epoch + 1}/{run.cfg.epochs}: loss {record['train_loss']:.4f}, {val_label(run.cfg)} rsum "
             f"{rsum:.2f} (best {st.best_rsum:.2f})",
             flush=True,
         )
@@ -255,7 +257,9 @@ def fit(cfg: TrainConfig, resume: bool = False) -> TrainResult:
         finally:
             run.log.close()
         st = run.state
-        return TrainResult(run.output, st.global_step, st.epoch, st.best_rsum, st.history, stopped, ctx.rank)
+        return TrainResult(
+            run.output, st.global_step, st.epoch, st.best_rsum, st.history, stopped, ctx.rank, val_label(cfg)
+        )
     finally:
         shutdown(ctx)
 
@@ -273,7 +277,7 @@ def _start(cfg: TrainConfig, ctx: DistContext, resume: bool) -> Run:
             )
     elif ctx.is_main:
         _check_fresh_output(output)
-    train_split, val_split = _open_splits(cfg)
+    train_split, val_split = _open_splits(cfg, ctx.is_main)
     steps = steps_per_epoch(train_split.n_captions, cfg.batch_size)
     if steps < 1:
         raise EslmatchError(
@@ -321,14 +325,27 @@ def _start(cfg: TrainConfig, ctx: DistContext, resume: bool) -> Run:
             f"output {output}",
             flush=True,
         )
+        if steps < FEW_STEPS and cfg.batch_size > 32:
+            print(
+                f"eslmatch: note: {steps} step(s) per epoch ({train_split.n_captions} captions in batches of "
+                f"{cfg.batch_size}): a smaller batch (e.g. batch_size=32) learns more per epoch",
+                flush=True,
+            )
     log = RunLog(output, ctx.is_main, cfg.tensorboard, state.global_step if saved is not None else None)
     return Run(cfg, ctx, trainer, dataset, val_split, state, log, output, vocab, steps, time.time())
 
 
-def _open_splits(cfg: TrainConfig) -> tuple[Any, Any]:
+def val_label(cfg: TrainConfig) -> str:
+    """What validation runs on, for messages: the split's name, or ``held-out`` (``val_split=auto``)."""
+    return "held-out" if cfg.val_split == VAL_AUTO else cfg.val_split
+
+
+def _open_splits(cfg: TrainConfig, main: bool = True) -> tuple[Any, Any]:
     """The training and validation splits: precomp features, or raw images with ``image_root``."""
     val: PrecompSplit | ImageCaptionSplit
     if cfg.image_root is not None:
+        if cfg.val_split == VAL_AUTO:
+            raise EslmatchError("val_split=auto holds out precomp features only: name a split of the images")
         train: PrecompSplit | ImageCaptionSplit = open_image_split(
             cfg.data_path, cfg.image_root, cfg.train_split, cfg.captions_per_image
         )
@@ -336,10 +353,42 @@ def _open_splits(cfg: TrainConfig) -> tuple[Any, Any]:
         val.require_complete()
     else:
         train = open_split(cfg.data_path, cfg.train_split, cfg.model.img_dim, cfg.data_name)
-        val = open_split(cfg.data_path, cfg.val_split, cfg.model.img_dim, cfg.data_name)
+        if cfg.val_split == VAL_AUTO:
+            train, val = _hold_out(train, cfg, main)
+        else:
+            _require_split(train, cfg)
+            val = open_split(cfg.data_path, cfg.val_split, cfg.model.img_dim, cfg.data_name)
     if cfg.val_images is not None and cfg.val_images < val.n_images:
         val = val.head(cfg.val_images)
     return train, val
+
+
+def _require_split(train: PrecompSplit, cfg: TrainConfig) -> None:
+    """A validation split that is not there is refused in one line that names the ways out."""
+    files = split_files(train.root, cfg.val_split)
+    if not files["images"].is_file() and not files["captions"].is_file():
+        raise EslmatchError(
+            f"{train.root}: no {cfg.val_split} split to validate on ({files['images'].name} / "
+            f"{files['captions'].name}): set val_split=auto (a held-out slice of {cfg.train_split}), name another "
+            f"split (val_split=test), or extract one (eslmatch extract ... --split {cfg.val_split})"
+        )
+
+
+def _hold_out(train: PrecompSplit, cfg: TrainConfig, main: bool) -> tuple[PrecompSplit, PrecompSplit]:
+    """``val_split=auto``: the last tenth of the training images (at least 1) validate, the rest train."""
+    n = train.n_images
+    held = max(1, round(n * VAL_AUTO_FRACTION))
+    if n - held < 1:
+        raise EslmatchError(f"val_split=auto: {train.images_path} has {n} image(s), too few to hold one out")
+    if cfg.mask_true_pairs:
+        raise EslmatchError("val_split=auto cannot be combined with mask_true_pairs (the truth covers the whole split)")
+    if main:
+        print(
+            f"eslmatch: no validation split given (val_split=auto): validating on a held-out slice of "
+            f"{cfg.train_split}, its last {held} of {n} images, which are not trained on",
+            flush=True,
+        )
+    return train.images_between(0, n - held), train.images_between(n - held, n)
 
 
 def _train_truth(cfg: TrainConfig, split: Any) -> TruthPairs | None:

@@ -16,7 +16,9 @@ text backbone's parameters at ``lr * bert_lr_factor`` and the rest at ``lr`` (bo
 ``vse_mean_warmup_epochs`` epochs and the hardest negative after. ESL-CLIP (the CLIP
 branch): the branch's AdamW (``optimizer: bert-adamw``), CLIP at ``backbone_lr`` and the
 head at ``lr``, a warm-up then half-cosine per step (``schedule: cosine``), InfoNCE with the
-model's logit scale (clamped after each step, as the branch does). Under torchrun each
+model's logit scale (clamped after each step, as the branch does). ``bf16`` (``true`` or
+``auto``) runs the forward pass under bf16 autocast on CPU and CUDA alike; the weights, their
+gradients and the optimiser state stay float32 (autocast's master weights). Under torchrun each
 process passes its share of the global batch and the step is that of one process with the
 whole batch.
 """
@@ -34,6 +36,7 @@ from ..errors import EslmatchError
 from ..losses import LossSettings, MatchingLoss
 from ..model.base import load_state_strict
 from ..model.encoders import enable_sync_batchnorm
+from ..utils import resolve_precision
 from .config import TrainConfig
 from .optim import BertAdamW, cosine_with_warmup, step_decay
 
@@ -113,7 +116,7 @@ class Trainer:
             self._step_module = DistributedDataParallel(self.loss, device_ids=ids)
         self.optimizer = make_optimizer(model, config)
         self.base_lr = config.lr
-        self.bf16 = config.bf16 and self.ctx.device.type == "cuda"
+        self.bf16 = uses_bf16(config.bf16, self.ctx.device)
         self.last_terms: dict[str, Tensor] = {}
 
     def start_epoch(self, epoch: int) -> float:
@@ -195,6 +198,14 @@ class Trainer:
         load_state_strict(self.model, state["model"], source)
         self.optimizer.load_state_dict(state["optimizer"])
         self.global_step = int(state.get("global_step", state.get("scheduler", {}).get("global_step", 0)))
+
+
+def uses_bf16(setting: bool | str, device: torch.device) -> bool:
+    """Whether training on ``device`` runs under bf16 autocast: ``setting`` is the config's
+    ``bf16`` (``True``: yes, on any device; ``"auto"``: where the device computes bf16 natively)."""
+    if setting == "auto":
+        return resolve_precision("auto", device) == "bf16"
+    return bool(setting)
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -8,6 +8,7 @@ for a folder being replaced), so :func:`clean_stale` can remove what an interrup
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -57,6 +58,26 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def current_umask() -> int:
+    """The process's umask (read from ``/proc`` where it can be: setting it to read it back,
+    the only portable way, races with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | Path) -> None:
+    """Give a file written by a library that creates it private (``safetensors`` writes 0600)
+    the mode an ordinary ``open`` gives: ``0o666 & ~umask``."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write (e.g. a memory map); on success it
@@ -97,15 +118,72 @@ def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
         np.save(fh, np.asarray(array), allow_pickle=False)
 
 
+def _journal(dst: Path) -> Path:
+    return dst.with_name(f".{dst.name}.replace")
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file (or a folder's entries) to disk; best effort where the OS refuses."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished folder ``src`` to ``dst``; an old ``dst`` is removed only after."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
+    """Move the finished folder ``src`` to ``dst``; an old ``dst`` is removed only after.
+
+    Replacing takes two renames (``dst`` aside, ``src`` in). A journal beside ``dst``
+    (``.NAME.replace``, written first) names both folders, so a process dying between the
+    renames leaves nothing to guess: :func:`recover_replace` (run by the next open or write of
+    ``dst``) finishes the replacement, or rolls it back when the new folder is gone.
+    """
+    if not dst.exists():
         os.replace(src, dst)
+        fsync_path(dst.parent)
+        return
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    journal = _journal(dst)
+    atomic_write_text(journal, json.dumps({"new": src.name, "old": old.name, "pid": os.getpid()}))
+    os.replace(dst, old)
+    os.replace(src, dst)
+    fsync_path(dst.parent)
+    journal.unlink(missing_ok=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_replace(dst: str | Path) -> bool:
+    """Finish (or roll back) a :func:`replace_dir` of ``dst`` that a dead process left half
+    done; ``True`` when there was one. A replacement still running in a live process is left
+    alone."""
+    dst = Path(dst)
+    journal = _journal(dst)
+    if not journal.is_file():
+        return False
+    try:
+        rec = json.loads(journal.read_text(encoding="utf-8"))
+        new, old, pid = dst.with_name(str(rec["new"])), dst.with_name(str(rec["old"])), int(rec["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        journal.unlink(missing_ok=True)  # torn before the first rename: nothing was moved
+        return True
+    if pid != os.getpid() and pid_alive(pid):
+        return False
+    if not dst.exists():
+        if new.is_dir():
+            os.replace(new, dst)  # both renames were due: finish
+        elif old.is_dir():
+            os.replace(old, dst)  # the new folder is gone: roll back
+    if dst.exists() and old.exists():
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
+    fsync_path(dst.parent)
+    journal.unlink(missing_ok=True)
+    return True
 
 
 @contextlib.contextmanager
@@ -117,6 +195,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    recover_replace(target)
     clean_stale(target)
     tmp = target.with_name(f"{_temp_prefix(target)}{os.getpid()}")
     if tmp.exists():  # this process's own earlier, failed attempt

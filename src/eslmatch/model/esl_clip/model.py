@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ...errors import CheckpointError, EslmatchError, InputError
 from ...scoring import ScoringOptions
+from ...text import check_texts
 from ..aggregation import LevelStack
 from ..base import MatchingModel
 from .config import ESLClipConfig
@@ -49,6 +50,7 @@ class ESLClipModel(MatchingModel):
     family = "esl-clip"
     config_class = ESLClipConfig
     exact_index = True  # the score is an inner product of per-item vectors
+    inputs = "pixels"
     loss_kind = "infonce"
 
     def __init__(self, config: ESLClipConfig, clip: nn.Module | None = None) -> None:
@@ -91,6 +93,10 @@ class ESLClipModel(MatchingModel):
         return model
 
     # ------------------------------------------------------------------ protocol
+    def preprocess_image(self, image: Any) -> Tensor:
+        """A PIL image -> CLIP's normalised pixels ``(3, size, size)``."""
+        return self.preprocess(image)
+
     def parts(self) -> dict[str, nn.Module]:
         return {
             "clip": self.clip,
@@ -195,7 +201,7 @@ class ESLClipModel(MatchingModel):
     def tokenize(self, texts: Sequence[str] | str) -> tuple[Tensor, Tensor]:
         """Captions -> ``(ids (M, 77), lengths (M,))`` exactly as the branch's tokenizer makes them
         (start token, BPE ids, end token, zeros; ``lengths`` up to and including the end token)."""
-        return self.tokenizer(texts, pad_to_context=True)
+        return self.tokenizer(check_texts(texts, empty_ok=True), pad_to_context=True)
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute the CLIP towers' activations in backward (less memory, more compute)."""

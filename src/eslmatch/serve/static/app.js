@@ -12,6 +12,7 @@
   const MEAN = -1; // chip index for "all words (mean)"
 
   const state = {
+    info: { stages: 2, takes_images: false },
     query: "",
     results: [],
     selectedId: null,
@@ -55,10 +56,57 @@
 
   async function loadHealth() {
     try {
-      const h = await getJSON("/healthz");
+      const h = await getJSON("/info");
+      state.info = h;
       $("health").textContent = `${h.items} images` + (h.model ? ` \u00b7 model \u201c${h.model}\u201d` : "");
+      $("photo-search").hidden = !h.takes_images;
     } catch (err) {
       $("health").textContent = `server not ready: ${err.message}`;
+    }
+  }
+
+  function showResults(data, label) {
+    state.results = data.results;
+    renderResults();
+    const n = data.results.length;
+    const took = data.took_ms == null ? "" : ` in ${data.took_ms.toFixed(1)} ms`;
+    setStatus(`${n} result${n === 1 ? "" : "s"} for ${label}${took}. Choose one to see it.`);
+  }
+
+  async function onPhoto() {
+    const file = $("photo").files[0];
+    if (!file) return;
+    const seq = ++state.searchSeq;
+    setStatus("Searching by photo\u2026");
+    const form = new FormData();
+    form.append("image", file);
+    form.append("k", $("k").value);
+    const where = $("where").value.trim();
+    if (where) form.append("where", where);
+    try {
+      const data = await getJSON("/search/image", { method: "POST", body: form });
+      if (seq !== state.searchSeq) return;
+      state.query = "";
+      showResults(data, `the photo \u201c${file.name}\u201d`);
+    } catch (err) {
+      if (seq === state.searchSeq) setStatus(`Search failed: ${err.message}`, true);
+    }
+  }
+
+  async function onSimilar() {
+    if (!state.selectedId) return;
+    const seq = ++state.searchSeq;
+    const id = state.selectedId;
+    const params = new URLSearchParams({ k: $("k").value });
+    const where = $("where").value.trim();
+    if (where) params.set("where", where);
+    try {
+      const data = await getJSON(`/similar/${encodeURIComponent(id)}?${params}`);
+      if (seq !== state.searchSeq) return;
+      state.query = "";
+      showResults(data, `images like \u201c${id}\u201d`);
+    } catch (err) {
+      if (seq === state.searchSeq) setStatus(`Search failed: ${err.message}`, true);
     }
   }
 
@@ -76,17 +124,17 @@
     setStatus("Searching\u2026");
     $("search-button").disabled = true;
     try {
+      const body = { text, k: Number($("k").value) };
+      const where = $("where").value.trim();
+      if (where) body.where = where;
       const data = await getJSON("/search", {
         method: "POST",
         headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ text, k: Number($("k").value) }),
+        body: JSON.stringify(body),
       });
       if (seq !== state.searchSeq) return;
       state.query = data.query;
-      state.results = data.results;
-      renderResults();
-      const n = data.results.length;
-      setStatus(`${n} result${n === 1 ? "" : "s"} for \u201c${data.query}\u201d in ${data.took_ms.toFixed(1)} ms. Choose one to see where each word looks.`);
+      showResults(data, `\u201c${data.query}\u201d`);
     } catch (err) {
       if (seq === state.searchSeq) setStatus(`Search failed: ${err.message}`, true);
     } finally {
@@ -156,8 +204,18 @@
     delete canvas.dataset.drawn;
     $("detail").hidden = false;
     $("detail-caption").textContent = `#${result.rank} ${result.id} \u00b7 score ${fmt(result.score)}`;
-    $("detail-note").textContent = "Loading attention\u2026";
+    $("detail-meta").textContent = Object.entries(result.metadata || {}).map(([k, v]) => `${k}: ${v}`).join(" \u00b7 ");
     $("chips").replaceChildren();
+    $("heatmap").getContext("2d").clearRect(0, 0, $("heatmap").width, $("heatmap").height);
+    if (state.info.stages === 1 || !state.query) {
+      // one vector per image (or a photo query): the picture itself, no word-by-region attention
+      await showImage(result.image_url);
+      if (seq === state.detailSeq) {
+        $("detail-note").textContent = state.query ? "This gallery stores one vector per image: no word-by-region attention to show." : "";
+      }
+      return;
+    }
+    $("detail-note").textContent = "Loading attention\u2026";
     try {
       const params = new URLSearchParams({ text: state.query, id: result.id });
       const data = await getJSON(`/attention?${params}`);
@@ -326,6 +384,8 @@
 
   document.addEventListener("DOMContentLoaded", () => {
     $("search-form").addEventListener("submit", onSearch);
+    $("photo").addEventListener("change", onPhoto);
+    $("similar-button").addEventListener("click", onSimilar);
     $("opacity").addEventListener("input", onOpacity);
     onOpacity();
     drawLegend();

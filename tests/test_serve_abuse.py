@@ -1,0 +1,490 @@
+"""``eslmatch serve`` under abuse: a flood of idle connections, slow clients, a busy port, and
+bodies the schema or the parser rejects (always 422)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import resource
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from _models import randomize, tiny_gru_model  # noqa: E402
+from eslmatch import VSEModel  # noqa: E402
+from eslmatch.retrieval import BuildOptions, build_gallery, open_gallery, regions  # noqa: E402
+from eslmatch.serve import create_app  # noqa: E402
+from eslmatch.serve.runner import (  # noqa: E402
+    ConnectionGuard,
+    ConnectionLimits,
+    RepeatFilter,
+    default_max_connections,
+)
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+FLOOD = 20_000
+FLOOD_RATE, FLOOD_STEP = 5_000, 500  # sockets a second, in steps of
+JSON = {"content-type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory) -> Path:
+    """A 30-item gallery of a tiny VSE model over random region features (the first is "0")."""
+    root = tmp_path_factory.mktemp("abuse")
+    esl = tiny_gru_model(seed=5)
+    model = VSEModel(esl.config.replace(model_type="vse"), tokenizer=esl.tokenizer)
+    randomize(model)
+    model_dir = model.eval().save_pretrained(root / "model")
+    feats = np.random.default_rng(0).random((30, 6, 16), dtype=np.float32)
+    build_gallery(
+        model, regions(feats, img_dim=16), root / "idx", options=BuildOptions(progress=False), model_path=model_dir
+    ).close()
+    return root / "idx"
+
+
+def _env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])),
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serving(index: Path, tmp: Path, *flags: str) -> Iterator[tuple[str, subprocess.Popen, Path]]:
+    """A real ``eslmatch serve`` on a free port; yields (base URL, process, its stderr log)."""
+    port = free_port()
+    log = tmp / f"serve-{port}.log"
+    with log.open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "eslmatch.cli", "serve", "--index", str(index), "--port", str(port), *flags],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=_env(),
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                if httpx.get(base + "/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "serve did not start"
+            time.sleep(0.2)
+        yield base, proc, log
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def raise_own_fd_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def open_idle_sockets(port: int, n: int, socks: list[socket.socket]) -> None:
+    """``n`` connections to ``port`` that never finish a request head: every other one sends
+    half a head; non-blocking connects, so a full accept queue never stalls the flood. They
+    come from 127.0.0.2-9, 4,000 per address: Linux gives connect() the even half of its
+    ephemeral ports first and scans slowly for the rest, which would slow every other client
+    of this machine (the probe included) rather than the server."""
+    linger = struct.pack("ii", 1, 0)  # closed with a reset: no TIME_WAIT left behind for later tests
+    for _ in range(n):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        s.setsockopt(socket.IPPROTO_IP, getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24), 1)
+        s.bind((f"127.0.0.{2 + (len(socks) // 4000)}", 0))
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        socks.append(s)
+        if len(socks) % 2:
+            with contextlib.suppress(OSError):
+                s.send(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+
+
+class Prober(threading.Thread):
+    """``GET /healthz`` on a fresh connection every 50 ms; the latencies (inf: failed)."""
+
+    def __init__(self, base: str) -> None:
+        super().__init__(daemon=True)
+        self.base, self.stop, self.latencies, self.times = base, threading.Event(), [], []
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            start = time.monotonic()
+            try:
+                ok = httpx.get(self.base + "/healthz", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            self.latencies.append(time.monotonic() - start if ok else float("inf"))
+            self.times.append(start)
+            time.sleep(0.05)
+
+
+def test_an_idle_connection_flood_leaves_the_server_reachable(index, tmp_path, capsys):
+    fd_limit = raise_own_fd_limit()
+    n = min(FLOOD, fd_limit - 200)  # the test's own descriptors: pytest, httpx, the log
+    assert n >= 500, f"the descriptor limit ({fd_limit}) is too low for a flood"
+    with serving(index, tmp_path) as (base, proc, log):
+        port = int(base.rsplit(":", 1)[1])
+        rss_before, log_before = rss_kib(proc.pid), log.stat().st_size
+        prober = Prober(base)
+        prober.start()
+        time.sleep(0.3)
+        start, socks, rss_peak = time.monotonic(), [], rss_before
+        # 5,000 a second: a burst faster than the server can accept (about 17,000 a second on an idle
+        # core here) overflows the kernel's listen queue (net.core.somaxconn), and a SYN dropped there,
+        # the probe's too, is retried by the client's kernel after 1 s, whatever the server does.
+        while len(socks) < n:
+            open_idle_sockets(port, min(FLOOD_STEP, n - len(socks)), socks)
+            rss_peak = max(rss_peak, rss_kib(proc.pid))
+            time.sleep(FLOOD_STEP / FLOOD_RATE)
+        opened = time.monotonic() - start
+        while time.monotonic() - start < opened + 3:  # hold the flood a few seconds
+            rss_peak = max(rss_peak, rss_kib(proc.pid))
+            time.sleep(0.1)
+        held = [lat for lat in prober.latencies]
+        for s in socks:
+            s.close()
+        time.sleep(1.0)
+        prober.stop.set()
+        prober.join(10)
+        after = httpx.get(base + "/healthz", timeout=5)
+        rss_after, log_growth = rss_kib(proc.pid), log.stat().st_size - log_before
+        assert proc.poll() is None, log.read_text()[-2000:]
+    text = log.read_text()
+    with capsys.disabled():
+        print(
+            f"\nflood: {n} idle sockets (fd limit {fd_limit}) opened in {opened:.1f} s, held 3 s; "
+            f"{len(held)} healthz probes, max {max(held):.3f} s, median {sorted(held)[len(held) // 2]:.3f} s; "
+            f"log +{log_growth} bytes; "
+            f"RSS before {rss_before // 1024} MiB, peak {rss_peak // 1024} MiB, after {rss_after // 1024} MiB"
+        )
+        worst = sorted(zip(held, prober.times), reverse=True)[:5]
+        print(
+            "slowest probes (s, at s from the flood's start):", [(round(a, 3), round(t - start, 1)) for a, t in worst]
+        )
+        print("server log lines about it:", [line for line in text.splitlines() if "closed connections" in line])
+    assert len(held) >= 20 and max(held) <= 1.0, held
+    assert after.status_code == 200 and after.json()["items"] == 30  # recovered
+    assert log_growth < 1 << 20
+    assert "Too many open files" not in text and "Traceback" not in text
+    assert rss_peak - rss_before < 512 * 1024  # KiB: bounded, not growing with every try
+    if n > default_max_connections(fd_limit):
+        assert "made room for new ones" in text  # the cap was reached and said so, in one line per interval
+
+
+def _closed_after(sock: socket.socket, limit: float) -> tuple[float, bytes]:
+    """Seconds until the server closes ``sock`` (at most ``limit``) and what it sent."""
+    start, got = time.monotonic(), b""
+    sock.settimeout(limit)
+    with contextlib.suppress(TimeoutError, ConnectionResetError):
+        while chunk := sock.recv(4096):
+            got += chunk
+    return time.monotonic() - start, got
+
+
+def test_slow_clients_are_closed_after_their_timeouts(index, tmp_path):
+    flags = ("--header-timeout", "1.5", "--body-timeout", "1.5", "--keep-alive-timeout", "1")
+    with serving(index, tmp_path, *flags) as (base, proc, log):
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as silent:
+            took, got = _closed_after(silent, 10)
+            assert 1.0 <= took <= 4.0 and got == b""  # sent nothing, closed without a word
+        with socket.create_connection(("127.0.0.1", port)) as slow:
+            slow.sendall(b"GET /healthz HTTP/1.1\r\n")
+            start = time.monotonic()
+            for _ in range(6):  # a byte now and then does not extend the head's deadline
+                with contextlib.suppress(OSError):
+                    slow.sendall(b"X")
+                time.sleep(0.25)
+            took, got = _closed_after(slow, 10)
+            assert time.monotonic() - start <= 4.0 and got.startswith(b"HTTP/1.1 408"), got
+        with socket.create_connection(("127.0.0.1", port)) as body:
+            body.sendall(
+                b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 100\r\n\r\n{"text": '
+            )
+            took, got = _closed_after(body, 10)
+            assert 1.0 <= took <= 4.0, took
+        with socket.create_connection(("127.0.0.1", port)) as kept:
+            kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            took, got = _closed_after(kept, 10)
+            assert got.startswith(b"HTTP/1.1 200") and took <= 3.0  # answered, then closed when idle
+        with socket.create_connection(("127.0.0.1", port)) as lax:  # bare LF line ends, which h11 accepts
+            lax.sendall(b"GET /healthz HTTP/1.1\nHost: 127.0.0.1\nConnection: close\n\n")
+            assert _closed_after(lax, 5)[1].startswith(b"HTTP/1.1 200")
+        with socket.create_connection(("127.0.0.1", port)) as trickle:  # a head a byte at a time, in time
+            trickle.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for byte in b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n":
+                trickle.send(bytes([byte]))
+                time.sleep(0.002)
+            assert _closed_after(trickle, 5)[1].startswith(b"HTTP/1.1 200")
+        assert httpx.get(base + "/healthz", timeout=5).status_code == 200
+    text = log.read_text()  # after shutdown: the last counts are written then
+    assert "sent no complete request head within 1.5 s" in text and "sent no complete body" in text
+
+
+def test_a_busy_port_is_one_line_before_anything_loads(index, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # --model names nothing: were the model loaded first, the error would be about it
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "eslmatch.cli",
+                "serve",
+                "--index",
+                str(index),
+                "--port",
+                str(port),
+                "--model",
+                str(tmp_path / "no-such-model"),
+            ],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=120,
+        )
+    err = out.stderr.strip()
+    assert out.returncode != 0 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"eslmatch: error: port {port} on 127.0.0.1 is in use"), err
+    assert "serving" not in err + out.stdout and "Traceback" not in err
+
+
+def test_connection_limits_are_checked():
+    assert default_max_connections(20_000) == 18_976 and default_max_connections(1024) == 768
+    assert default_max_connections(10**7) == 65_536
+    for bad in ({"header_timeout": 0}, {"keep_alive_timeout": -1}, {"max_connections": -5}):
+        with pytest.raises(ValueError):
+            ConnectionLimits(**bad)
+
+
+class FakeConnection:
+    def __init__(self) -> None:
+        self.evicted = False
+
+    def evict(self) -> None:
+        self.evicted = True
+
+
+def test_the_cap_evicts_the_oldest_idle_connection_and_refuses_only_when_all_are_busy():
+    async def scenario() -> None:
+        guard = ConnectionGuard(ConnectionLimits(log_interval=60), cap=3)
+        a, b, c, d, e = (FakeConnection() for _ in range(5))
+        for conn in (a, b, c):
+            assert guard.admit(conn)
+            guard.set_idle(conn, True)
+        guard.set_idle(a, False)  # a is busy with a request; b is now the oldest idle one
+        guard.set_idle(c, True)  # c was active again: it moves to the back
+        assert guard.admit(d) and b.evicted and not a.evicted and not c.evicted and guard.open == 3
+        guard.set_idle(c, False)
+        guard.set_idle(d, False)
+        assert not guard.admit(e) and guard.open == 3  # every open one busy: the new one is refused
+        assert guard.counts == {"refused": 1, "evicted": 1, "head": 0, "body": 0}
+        guard.release(a)
+        assert guard.admit(e) and guard.open == 3
+
+    asyncio.run(scenario())
+
+
+def test_repeated_log_records_are_summed(caplog):
+    logger = logging.getLogger("eslmatch.test.repeat")
+    quiet = RepeatFilter(interval=0.3)
+    logger.addFilter(quiet)
+    try:
+        with caplog.at_level(logging.ERROR, logger=logger.name):
+            for _ in range(10_000):  # what asyncio wrote per failed accept() (errno 24)
+                logger.error("socket.accept() out of system resource\nsocket: <fd=%d>", 7)
+            logger.error("something else")
+            time.sleep(0.35)
+            logger.error("socket.accept() out of system resource\nsocket: <fd=%d>", 7)
+    finally:
+        logger.removeFilter(quiet)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 3 and messages[1] == "something else", messages
+    assert "and 9999 more like it in the last 0.3 s, not shown" in messages[2]
+
+
+def test_a_small_cap_keeps_the_server_reachable(index, tmp_path):
+    with serving(index, tmp_path, "--max-connections", "100") as (base, proc, log):
+        socks: list[socket.socket] = []
+        open_idle_sockets(int(base.rsplit(":", 1)[1]), 1000, socks)
+        time.sleep(1.0)
+        slowest = 0.0
+        for _ in range(10):  # each probe is a new connection: it evicts an idle one
+            start = time.monotonic()
+            assert httpx.get(base + "/healthz", timeout=5).status_code == 200
+            slowest = max(slowest, time.monotonic() - start)
+        for s in socks:
+            s.close()
+        assert slowest <= 1.0
+    text = log.read_text()
+    assert "idle ones made room for new ones (at the cap of 100 open)" in text, text
+    assert len([line for line in text.splitlines() if "closed connections" in line]) <= 3  # not one per socket
+
+
+@pytest.mark.parametrize(
+    "flag",
+    [
+        "--header-timeout=0",
+        "--body-timeout=nan",
+        "--max-connections=-1",
+        "--max-connections=99999999",
+        "--max-pending=0",
+        "--backlog=0",
+    ],
+)
+def test_bad_limits_are_one_line(index, flag):
+    out = subprocess.run(
+        [sys.executable, "-m", "eslmatch.cli", "serve", "--index", str(index), "--port", "0", flag],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
+    err = out.stderr.strip()
+    assert out.returncode != 0 and len(err.splitlines()) == 1 and err.startswith("eslmatch: error:"), err
+
+
+# ----------------------------------------------------------------------------- one rule: 422 for bodies
+
+
+@pytest.fixture(scope="module")
+def client(index) -> Iterator[TestClient]:
+    with TestClient(create_app(open_gallery(index)), base_url="http://127.0.0.1") as c:
+        yield c
+
+
+@pytest.mark.parametrize("k", [True, False, "5", 2.0, 1.5, [3], {"n": 3}, -1, 0])
+def test_k_must_be_a_plain_integer(client, k):
+    r = client.post("/search", json={"text": "a photo", "k": k})
+    assert r.status_code == 422 and "k" in r.json()["error"], r.text
+    assert client.post("/search", json={"text": "a photo", "k": 5}).status_code == 200
+
+
+@pytest.mark.parametrize("k", ["true", "2.0", "5x", "-1", "0"])
+def test_k_in_a_query_string_must_be_an_integer(client, k):
+    r = client.get("/similar/0", params={"k": k})
+    assert r.status_code == 422 and "k" in r.json()["error"], r.text
+    assert client.get("/similar/0", params={"k": "3"}).status_code == 200
+
+
+@pytest.mark.parametrize("text", ["\x00", "\x00\x00\x00", "\u200b", "\u200b\u200c\u200d\u2060\ufeff", " \x00\u200b\t"])
+def test_invisible_queries_are_empty(client, text):
+    for r in (client.post("/search", json={"text": text}), client.post("/attention", json={"text": text, "id": "0"})):
+        assert r.status_code == 422 and "empty" in r.json()["error"], r.text
+
+
+UNUSABLE = [
+    b"{text: red",  # not JSON
+    b'{"text": "red"',  # cut short
+    b"\xff\xfe{\x00",  # not UTF-8
+    b"[" * 30_000 + b"]" * 30_000,  # nested too deeply for the parser (60 KB, under the body limit)
+    b'{"text": "red", "where": ' + b'{"a": ' * 6_000 + b"1" + b"}" * 6_000 + b"}",
+    b"null",
+    b"[]",
+    b'"red"',
+    b"",
+]
+
+
+@pytest.mark.parametrize("route", ["/search", "/attention"])
+@pytest.mark.parametrize("body", UNUSABLE, ids=lambda b: repr(b[:12]))
+def test_every_unusable_body_is_422(client, route, body):
+    r = client.post(route, content=body, headers=JSON)
+    assert r.status_code == 422, r.text
+    message = r.json()["error"]
+    assert message.startswith("invalid request") and "\n" not in message and len(message) < 300, message
+
+
+def test_a_photo_search_body_is_bounded_by_one_photo(client):
+    limit = (20 << 20) + 64 * 1024  # --max-upload-mb 20 and the form's fields; POST /items allows 64 photos
+    kind = {"content-type": "multipart/form-data; boundary=xx"}
+    r = client.post("/search/image", content=b"x" * (limit + 1), headers=kind)
+    assert r.status_code == 413 and r.json()["error"] == f"upload too large (at most {limit} bytes)"
+    r = client.post("/search/image", content=b"--xx\r\nbroken", headers=kind)
+    assert r.status_code == 422  # under the limit: parsed, and refused as the body it is
+
+
+EMFILE_SERVER = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (160, 160))
+from eslmatch.serve import runner
+runner.connection_cap = lambda limits: 100_000  # no cap: the descriptors run out, as they did before one
+
+async def app(scope, receive, send):
+    if scope["type"] == "http":
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+runner.run_server(app, runner.bind_socket("127.0.0.1", int(sys.argv[1])), runner.ConnectionLimits(header_timeout=2))
+"""
+
+
+def test_running_out_of_descriptors_is_logged_once_per_interval(tmp_path):
+    """Where the descriptors run out anyway (here: no cap, a limit of 160), asyncio's failed
+    accept() (errno 24), which it logs with a traceback for every try (109,779 times in 3 s
+    here without the filter), is written once per interval; the server serves again once the
+    connections are gone."""
+    port, log = free_port(), tmp_path / "emfile.log"
+    with log.open("wb") as err:
+        proc = subprocess.Popen([sys.executable, "-c", EMFILE_SERVER, str(port)], stderr=err, env=_env())
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            assert proc.poll() is None, log.read_text()
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(base + "/", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.1)
+        socks: list[socket.socket] = []
+        open_idle_sockets(port, 1000, socks)
+        time.sleep(3.0)
+        for s in socks:
+            s.close()
+        time.sleep(3.0)  # the accepted ones time out (--header-timeout 2), freeing their descriptors
+        assert httpx.get(base + "/", timeout=5).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    text = log.read_text()
+    assert 1 <= text.count("socket.accept() out of system resource") <= 2, text[-3000:]
+    assert text.count("Too many open files") <= 2 and len(text) < 30_000

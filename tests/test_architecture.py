@@ -129,9 +129,15 @@ def test_no_import_cycles():
 
 
 def _module_level_imports(path: Path) -> ast.Module:
-    """The package root without its module ``__getattr__`` (the lazy doorway to applications)."""
+    """The package root as run at import: without its module ``__getattr__`` (the lazy doorway to
+    applications) and its ``if TYPE_CHECKING:`` block (read by type checkers only)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    tree.body = [n for n in tree.body if not (isinstance(n, ast.FunctionDef) and n.name == "__getattr__")]
+    tree.body = [
+        n
+        for n in tree.body
+        if not (isinstance(n, ast.FunctionDef) and n.name == "__getattr__")
+        and not (isinstance(n, ast.If) and isinstance(n.test, ast.Name) and n.test.id == "TYPE_CHECKING")
+    ]
     return tree
 
 

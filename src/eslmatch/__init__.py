@@ -1,27 +1,36 @@
-"""eslmatch: image-text matching with ESL (Enhanced Semantic Similarity Learning)."""
+"""eslmatch: image-text matching with ESL (Enhanced Semantic Similarity Learning).
+
+The public names below are imported on first use (:mod:`eslmatch.utils.lazy`): ``import
+eslmatch`` and the command line's argument checks do not import torch, and the core never
+imports an application (the galleries) at import time."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .errors import CheckpointError, EslmatchError, InputError
+from .utils.lazy import lazy_attributes
 
 __version__ = "0.2.0"
 
-from .compat import load_official_checkpoint
-from .config import ESLConfig
-from .errors import CheckpointError, EslmatchError, InputError
-from .factory import ESLModel, VSEModel, build_model, load_model, load_pretrained
-from .scoring import ScoringOptions
+if TYPE_CHECKING:
+    from .compat import load_official_checkpoint
+    from .config import ESLConfig
+    from .factory import ESLModel, VSEModel, build_model, load_model, load_pretrained
+    from .retrieval import build_gallery, open_gallery
+    from .scoring import ScoringOptions
 
-
-# The galleries' entry points (an application) are imported on first use: ``import eslmatch``
-# stays light and the core never imports an application at import time.
-def __getattr__(name: str) -> object:
-    if name == "open_gallery":
-        from .retrieval import open_gallery
-
-        return open_gallery
-    if name == "build_gallery":
-        from .retrieval import build_gallery
-
-        return build_gallery
-    raise AttributeError(f"module 'eslmatch' has no attribute {name!r}")
-
+__getattr__ = lazy_attributes(
+    __name__,
+    {
+        "load_official_checkpoint": ".compat",
+        "ESLConfig": ".config",
+        **dict.fromkeys(("ESLModel", "VSEModel", "build_model", "load_model", "load_pretrained"), ".factory"),
+        "ScoringOptions": ".scoring",
+        "build_gallery": ".retrieval",
+        "open_gallery": ".retrieval",
+    },
+)
 
 __all__ = [
     "CheckpointError",

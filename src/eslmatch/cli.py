@@ -19,18 +19,35 @@ from . import __version__, commands
 from .errors import EslmatchError
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_names() -> list[str]:
+    """The sub-commands: one module each in :mod:`eslmatch.commands`, named as the command
+    (listed without importing them)."""
+    return sorted(m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_"))
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or of ``command`` alone: a call that names its command
+    imports that module only, so the others' imports cost nothing (``eslmatch search`` checks
+    its query before torch is imported)."""
     p = argparse.ArgumentParser(prog="eslmatch", description="Image-text matching with ESL.")
     p.add_argument("--version", action="version", version=f"eslmatch {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    modules = [
-        importlib.import_module(f"{commands.__name__}.{m.name}") for m in pkgutil.iter_modules(commands.__path__)
-    ]
+    names = [command] if command in command_names() else command_names()
+    modules = [importlib.import_module(f"{commands.__name__}.{name}") for name in names]
     for module in sorted(modules, key=lambda mod: (getattr(mod, "ORDER", 50), mod.__name__)):
         if hasattr(module, "register"):
             module.register(sub)
     return p
+
+
+def named_command(argv: Sequence[str]) -> str | None:
+    """The command ``argv`` names: its first argument that is not one of the top-level options."""
+    for arg in argv:
+        if arg in ("--debug",):
+            continue
+        return None if arg.startswith("-") else arg
+    return None
 
 
 # numpy's answer to any file that is not an .npy/.npz (random bytes, another format) when
@@ -78,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
         check_argv(argv)
-        parser = build_parser()
+        parser = build_parser(named_command(argv))
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             parser.print_help()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..compat.official import load_official_checkpoint
-
 ORDER = 81
 
 
@@ -21,6 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..compat.official import load_official_checkpoint
+
     model = load_official_checkpoint(args.checkpoint, text_model=args.text_model)
     out = model.save_pretrained(args.out_dir)
     total = model.parameter_counts()["total"]

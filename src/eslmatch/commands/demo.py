@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..demo.pipeline import DemoSettings, default_cache_dir, run_demo
+from ..demo.settings import DemoSettings, default_cache_dir
 from ..errors import EslmatchError
 
 ORDER = 1
@@ -122,5 +122,7 @@ def run(args: argparse.Namespace) -> int:
         out_dir=args.out,
         progress=not args.no_progress,
     )
+    from ..demo.pipeline import run_demo
+
     run_demo(settings)
     return 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..utils import PRECISIONS
+from ..utils.choices import PRECISIONS
 
 ORDER = 35
 

@@ -30,9 +30,10 @@ from ..factory import load_model
 from ..scoring import ScoringOptions
 from ..truth import check_truth, evaluate_truth, format_truth_metrics, load_truth
 from ..utils import atomic_save_npy, resolve_device
+from ..utils.choices import COMPOSITIONAL_PROTOCOLS
 
 ORDER = 30
-COMPOSITIONAL = ("sugarcrepe", "winoground")
+COMPOSITIONAL = COMPOSITIONAL_PROTOCOLS
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -9,8 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..extract import JobFailed, extract_folder
-from ..utils import PRECISIONS
+from ..utils.choices import PRECISIONS
 
 ORDER = 10
 _SHOW = 50  # skipped files printed; all are in extract_meta.json
@@ -107,6 +106,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _extract(args: argparse.Namespace) -> dict[str, Any]:
+    from ..extract import extract_folder
+
     return extract_folder(
         args.images,
         args.out,
@@ -131,6 +132,8 @@ def _extract(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..extract import JobFailed
+
     try:
         summary = _extract(args)
     except JobFailed as exc:

@@ -16,13 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EslmatchError
+from ..utils.choices import PRECISIONS, RUNTIMES
+from ..utils.io import replace_journal
 
 ORDER = 60
 KINDS = ("auto", "flat", "ivf", "hnsw", "ivfpq")
-# eslmatch.utils.precision.PRECISIONS and retrieval.encode.RUNTIMES, named here so that
-# parsing and checking the arguments imports nothing heavy
-PRECISIONS = ("auto", "fp32", "bf16")
-RUNTIMES = ("torch", "onnxruntime")
 
 
 # ---------------------------------------------------------------------- shared arguments
@@ -53,6 +51,8 @@ def gallery_target(args: argparse.Namespace, place: str = "index") -> tuple[str,
             raise EslmatchError("--collection needs --milvus URI")
         if not folder:
             raise EslmatchError(f"give --{place} (a gallery folder) or --milvus URI --collection NAME")
+        if place == "index":
+            check_gallery_folder(Path(folder))
         return folder, None
     if not args.collection:
         raise EslmatchError("--milvus needs --collection NAME")
@@ -61,6 +61,20 @@ def gallery_target(args: argparse.Namespace, place: str = "index") -> tuple[str,
     if args.milvus_timeout <= 0:
         raise EslmatchError(f"--milvus-timeout must be positive, got {args.milvus_timeout}")
     return args.milvus, args.collection
+
+
+def check_gallery_folder(path: Path) -> None:
+    """Refuse a gallery folder that is not there, before anything heavy is imported (the same
+    words as :func:`eslmatch.retrieval.layout.read_manifest`; a folder whose replacement a
+    crash left half done is left to the gallery to recover)."""
+    if replace_journal(path).exists():
+        return
+    if not path.exists():
+        raise EslmatchError(f"{path}: no such index directory")
+    if not path.is_dir():
+        raise EslmatchError(f"{path}: an index is a directory (built by 'eslmatch index build')")
+    if not (path / "manifest.json").is_file():
+        raise EslmatchError(f"{path / 'manifest.json'}: missing (not an eslmatch gallery index, or a damaged one)")
 
 
 def encoding_args(p: argparse.ArgumentParser, what: str, default: str | None) -> None:

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EslmatchError
-from ..factory import load_model, model_format
 
 ORDER = 80
 
@@ -28,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def verify(checkpoint: str) -> str:
     """The folder's weights sha256, checked byte for byte against its ``digest.json``."""
+    from ..factory import model_format
     from ..model.digest import DIGEST_NAME, verify_weights
 
     if model_format(checkpoint) != "eslmatch":
@@ -42,6 +42,8 @@ def verify(checkpoint: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..factory import load_model, model_format
+
     fmt = model_format(args.checkpoint)
     verified = verify(args.checkpoint) if args.verify else None
     model: Any = load_model(args.checkpoint)

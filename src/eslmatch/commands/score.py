@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ..errors import EslmatchError
-from ..factory import load_model
-from ..utils import atomic_save_npy
+from ..utils.io import atomic_save_npy
+
+if TYPE_CHECKING:
+    import torch
 
 ORDER = 82
 
@@ -58,6 +59,8 @@ def _first(exc: BaseException) -> str:
 
 def _captions(model: Any, arrays: dict[str, np.ndarray], path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids (M, W), lengths (M,))`` from token ids (+ ``cap_lens``) or from strings."""
+    import torch
+
     caps = arrays["captions"]
     if caps.dtype.kind in "US":
         return model.tokenize([str(c) for c in caps.reshape(-1)])
@@ -77,6 +80,10 @@ def run(args: argparse.Namespace) -> int:
     missing = [k for k in ("images", "captions") if k not in arrays]
     if missing:
         raise EslmatchError(f"{path}: missing array(s) {', '.join(missing)} (need images and captions)")
+    import torch
+
+    from ..factory import load_model
+
     model: Any = load_model(args.model, map_location=args.device, text_model=args.text_model)
     images = torch.from_numpy(np.asarray(arrays["images"], dtype=np.float32))
     img_len = torch.from_numpy(np.asarray(arrays["image_lengths"])).long() if "image_lengths" in arrays else None

@@ -107,7 +107,7 @@ def _check(args: argparse.Namespace) -> tuple[str, Any]:
     check_encoding_args(args)
     if args.where is None:
         return kind, None
-    from ..retrieval import parse_filter
+    from ..retrieval.filters import parse_filter
 
     return kind, parse_filter(args.where)
 

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-import yaml
-
-from ..training import fit, load_train_config
-
 ORDER = 20
 
 
@@ -41,6 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from ..training import fit, load_train_config
+
     overrides = list(args.overrides) + ([f"init_from={args.init_from}"] if args.init_from else [])
     cfg = load_train_config(args.config, overrides)
     if args.print_config:

@@ -12,13 +12,11 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,54 +43,9 @@ from .scenes import (
     split_seed,
     write_demo_dataset,
 )
+from .settings import DATASET_VERSION, DemoSettings
 
-DATASET_VERSION = 3  # 2: the test PNGs are kept, relative paths; 3: {split}_truth.json
 SPLITS = ("train", "dev", "test")
-
-
-@dataclass
-class DemoSettings:
-    """Sizes and training budget of the demo (defaults fit 10 minutes on 2 CPU cores)."""
-
-    n_train: int = 1500
-    n_dev: int = 200
-    n_test: int = 1000
-    seed: int = 0
-    image_size: int = 128  # rendered scenes
-    feature_size: int = 192  # the extractor's input: a 6 x 6 grid of regions, ~21 px each
-    epochs: int = 4
-    batch_size: int = 64
-    lr: float = 1e-3
-    text_lr_factor: float = 0.5  # MiniLM's trained layers learn at lr * this
-    embed_size: int = 256
-    num_levels: int = 4
-    strategy: str = "adaptive"
-    # Hinge summed over all negatives for this many epochs, hardest negatives after (the
-    # released recipe's warm-up). With false negatives masked, the hardest negative is a real
-    # one: switching after 1 epoch took truth P@1 from 35% to 45% (no warm-up collapses).
-    warmup_epochs: int = 1
-    global_loss_weight: float = 0.1  # ESL's auxiliary first-stage loss (two-stage search)
-    text_train_layers: int = 3  # MiniLM's top layers fine-tuned, the lower ones frozen and cached
-    mask_true_pairs: bool = True  # the training truth: a pair it calls true is never a negative
-    region_drop: float = 0.2
-    cache_dir: Path = field(default_factory=lambda: default_cache_dir())
-    out_dir: Path = Path("demo_report")
-    progress: bool = True
-
-    def dataset_key(self) -> str:
-        """Names the cached dataset: everything that changes its files."""
-        key = json.dumps(
-            [DATASET_VERSION, self.n_train, self.n_dev, self.n_test, self.seed, self.image_size, self.feature_size]
-        )
-        return hashlib.sha256(key.encode()).hexdigest()[:12]
-
-
-def default_cache_dir() -> Path:
-    """``$ESLMATCH_CACHE`` or ``$XDG_CACHE_HOME/eslmatch`` or ``~/.cache/eslmatch``."""
-    if os.environ.get("ESLMATCH_CACHE"):
-        return Path(os.environ["ESLMATCH_CACHE"])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "eslmatch"
 
 
 def text_model_path() -> str:

@@ -16,18 +16,43 @@
 
 from __future__ import annotations
 
-from .ann import AUTO, AUTO_FLAT_MAX, FAISS_KINDS, FaissOptions
-from .catalog import Record
-from .filecommit import AddReport, BuildOptions
-from .filestore import FileStore
-from .filters import Filter, FilterError
-from .filters import parse as parse_filter
-from .gallery import Gallery, build_gallery, open_gallery
-from .layout import FORMAT, VERSION, GalleryIndexError
-from .metadata import MetadataError, read_metadata
-from .models import model_fingerprint
-from .search import GalleryStore, Hit, Searcher, plan_depth
-from .sources import CaptionSource, PhotoSource, RegionSource, Source, captions, photos, regions, source_for
+from typing import TYPE_CHECKING
+
+from ..utils.lazy import lazy_attributes
+
+if TYPE_CHECKING:
+    from .ann import AUTO, AUTO_FLAT_MAX, FAISS_KINDS, FaissOptions
+    from .catalog import Record
+    from .filecommit import AddReport, BuildOptions
+    from .filestore import FileStore
+    from .filters import Filter, FilterError, parse_filter
+    from .gallery import Gallery, build_gallery, open_gallery
+    from .layout import FORMAT, VERSION, GalleryIndexError
+    from .metadata import MetadataError, read_metadata
+    from .models import model_fingerprint
+    from .search import GalleryStore, Hit, Searcher, plan_depth
+    from .sources import CaptionSource, PhotoSource, RegionSource, Source, captions, photos, regions, source_for
+
+# imported on first use: the CLI checks a filter (filters) before FAISS and torch are imported
+__getattr__ = lazy_attributes(
+    __name__,
+    {
+        **dict.fromkeys(("AUTO", "AUTO_FLAT_MAX", "FAISS_KINDS", "FaissOptions"), ".ann"),
+        "Record": ".catalog",
+        **dict.fromkeys(("AddReport", "BuildOptions"), ".filecommit"),
+        "FileStore": ".filestore",
+        **dict.fromkeys(("Filter", "FilterError", "parse_filter"), ".filters"),
+        **dict.fromkeys(("Gallery", "build_gallery", "open_gallery"), ".gallery"),
+        **dict.fromkeys(("FORMAT", "VERSION", "GalleryIndexError"), ".layout"),
+        **dict.fromkeys(("MetadataError", "read_metadata"), ".metadata"),
+        "model_fingerprint": ".models",
+        **dict.fromkeys(("GalleryStore", "Hit", "Searcher", "plan_depth"), ".search"),
+        **dict.fromkeys(
+            ("CaptionSource", "PhotoSource", "RegionSource", "Source", "captions", "photos", "regions", "source_for"),
+            ".sources",
+        ),
+    },
+)
 
 __all__ = [
     "AUTO",

@@ -37,10 +37,9 @@ from ..errors import EslmatchError, InputError
 from ..model.base import MatchingModel
 from ..text import WordVocab, pad_ids, tokenize_each, words
 from ..utils import masked_mean
+from ..utils.choices import RUNTIMES
 from ..utils.precision import check_precision, inference_precision, resolve_precision
 from .sources import CaptionSource, PhotoSource, RegionSource, Source
-
-RUNTIMES = ("torch", "onnxruntime")
 
 
 @dataclass(frozen=True)

@@ -417,3 +417,6 @@ def _literal(value: Value) -> str:
     if isinstance(value, float):
         return repr(value)
     return json.dumps(value, ensure_ascii=False)
+
+
+parse_filter = parse  # the package's name for it (eslmatch.retrieval.parse_filter)

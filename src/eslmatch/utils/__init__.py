@@ -1,20 +1,55 @@
-"""Small utilities shared by every layer: atomic files, devices, precision, masks. One home each."""
+"""Small utilities shared by every layer: atomic files, devices, precision, masks. One home each.
 
-from .device import resolve_device
-from .io import (
-    atomic_dir,
-    atomic_file,
-    atomic_path,
-    atomic_save_npy,
-    atomic_write_text,
-    clean_stale,
-    honour_umask,
-    pid_alive,
-    recover_replace,
-    replace_dir,
-)
-from .precision import PRECISIONS, encode_in, inference_precision, native_bf16, resolve_precision, to_float32
-from .tensors import l2n, lengths_to_mask, masked_mean
+Names are imported on first use (:mod:`eslmatch.utils.lazy`), so ``eslmatch.utils.io`` and
+``eslmatch.utils.choices`` can be used without importing torch."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .lazy import lazy_attributes
+
+if TYPE_CHECKING:
+    from .device import resolve_device
+    from .io import (
+        atomic_dir,
+        atomic_file,
+        atomic_path,
+        atomic_save_npy,
+        atomic_write_text,
+        clean_stale,
+        honour_umask,
+        pid_alive,
+        recover_replace,
+        replace_dir,
+    )
+    from .precision import PRECISIONS, encode_in, inference_precision, native_bf16, resolve_precision, to_float32
+    from .tensors import l2n, lengths_to_mask, masked_mean
+
+_WHERE = {
+    "resolve_device": ".device",
+    **dict.fromkeys(
+        (
+            "atomic_dir",
+            "atomic_file",
+            "atomic_path",
+            "atomic_save_npy",
+            "atomic_write_text",
+            "clean_stale",
+            "honour_umask",
+            "pid_alive",
+            "recover_replace",
+            "replace_dir",
+        ),
+        ".io",
+    ),
+    "PRECISIONS": ".choices",
+    **dict.fromkeys(
+        ("encode_in", "inference_precision", "native_bf16", "resolve_precision", "to_float32"), ".precision"
+    ),
+    **dict.fromkeys(("l2n", "lengths_to_mask", "masked_mean"), ".tensors"),
+}
+__getattr__ = lazy_attributes(__name__, _WHERE)
 
 __all__ = [
     "PRECISIONS",
@@ -24,14 +59,14 @@ __all__ = [
     "atomic_save_npy",
     "atomic_write_text",
     "clean_stale",
-    "honour_umask",
     "encode_in",
+    "honour_umask",
     "inference_precision",
-    "pid_alive",
     "l2n",
     "lengths_to_mask",
     "masked_mean",
     "native_bf16",
+    "pid_alive",
     "recover_replace",
     "replace_dir",
     "resolve_device",

@@ -118,7 +118,8 @@ def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
         np.save(fh, np.asarray(array), allow_pickle=False)
 
 
-def _journal(dst: Path) -> Path:
+def replace_journal(dst: Path) -> Path:
+    """The journal of a :func:`replace_dir` of ``dst`` under way (or left by a crash)."""
     return dst.with_name(f".{dst.name}.replace")
 
 
@@ -149,7 +150,7 @@ def replace_dir(src: Path, dst: Path) -> None:
         fsync_path(dst.parent)
         return
     old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    journal = _journal(dst)
+    journal = replace_journal(dst)
     atomic_write_text(journal, json.dumps({"new": src.name, "old": old.name, "pid": os.getpid()}))
     os.replace(dst, old)
     os.replace(src, dst)
@@ -163,7 +164,7 @@ def recover_replace(dst: str | Path) -> bool:
     done; ``True`` when there was one. A replacement still running in a live process is left
     alone."""
     dst = Path(dst)
-    journal = _journal(dst)
+    journal = replace_journal(dst)
     if not journal.is_file():
         return False
     try:

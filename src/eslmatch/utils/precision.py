@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 
 from ..errors import EslmatchError
+from .choices import PRECISIONS
 
-PRECISIONS = ("auto", "fp32", "bf16")
 # The CPU features that make bf16 matrix products native (names of torch.cpu.get_capabilities()).
 CPU_BF16_FEATURES = ("amx_bf16", "avx512_bf16")
 

@@ -122,3 +122,32 @@ def test_demo_bad_recipe_flags_are_one_line(tmp_path, capsys, flag, value, messa
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "c").exists()  # refused before any work
+
+
+def test_precision_keys_the_cached_features_apart_and_keeps_the_fp32_key():
+    import hashlib
+
+    fp32 = DemoSettings()
+    earlier = json.dumps([3, fp32.n_train, fp32.n_dev, fp32.n_test, fp32.seed, fp32.image_size, fp32.feature_size])
+    assert fp32.dataset_key() == hashlib.sha256(earlier.encode()).hexdigest()[:12]  # caches made before stay valid
+    assert DemoSettings(precision="bf16").dataset_key() != fp32.dataset_key()
+
+
+def test_tiny_demo_in_bf16_records_it_everywhere(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from eslmatch.cli import main
+
+    code = main(
+        ["demo", "--out", str(tmp_path / "report"), "--cache", str(tmp_path / "cache"), "--precision", "bf16"]
+        + ["--train", "24", "--dev", "6", "--test", "8", "--epochs", "1", "--batch-size", "8", "--embed-size", "32"]
+        + ["--levels", "2", "--feature-size", "96", "--no-progress"]
+    )
+    assert code == 0
+    saved = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert saved["settings"]["precision"] == "bf16"
+    features = json.loads((Path(saved["dataset"]) / "extract_meta.json").read_text())
+    assert {split["precision"] for split in features["splits"].values()} == {"bf16"}
+    run_config = (tmp_path / "report" / "run_esl" / "train_config.yaml").read_text()
+    assert "\nbf16: true\n" in run_config
+    index = json.loads((tmp_path / "report" / "index" / "manifest.json").read_text())
+    assert '"precision": "bf16"' in json.dumps(index)

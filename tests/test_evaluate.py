@@ -321,3 +321,36 @@ def test_eval_checks_before_encoding(tiny_models, tmp_path, capsys):
     assert code == 1 and "no_tok" in err and "--text-model" in err
     code, _, err = run_cli(capsys, "eval", "--checkpoint", d / "m1", "--data", d / "data", "--protocol", "coco1k")
     assert code == 1 and "the data has 10" in err and "--fold-size 2" in err
+
+
+def test_score_split_encodes_in_bf16_and_scores_outside_autocast(tmp_path, monkeypatch):
+    make_precomp(tmp_path, splits=["test"], n_images=6, layout="repeated")
+    split = open_split(tmp_path, "test")
+    model = tiny_gru_model()
+    fp32 = ev.score_split(model, split, batch_size=4, progress=False, chunk_bytes=1)
+    seen: list[tuple[bool, torch.dtype]] = []
+    score = model.score
+
+    def recording(img, img_len, cap, cap_len, options=None):
+        seen.append((torch.is_autocast_enabled("cpu"), cap.dtype))
+        return score(img, img_len, cap, cap_len, options)
+
+    monkeypatch.setattr(model, "score", recording)
+    bf16 = ev.score_split(model, split, batch_size=4, progress=False, chunk_bytes=1, precision="bf16")
+    assert seen and all(not autocast and dtype == torch.float32 for autocast, dtype in seen)
+    assert bf16.dtype == np.float32 and not np.array_equal(bf16, fp32)  # the encoders did run in bf16
+    np.testing.assert_allclose(bf16, fp32, atol=0.05)
+    with pytest.raises(EslmatchError, match="precision 'fp16'"):
+        ev.score_split(model, split, progress=False, precision="fp16")
+
+
+def test_eval_precision_is_recorded_and_refused_with_scores(tiny_models, tmp_path, capsys):
+    d = tiny_models
+    args = ("eval", "--checkpoint", d / "m1", "--data", d / "data", "--protocol", "f30k", "--json")
+    code, out, _ = run_cli(capsys, *args, "--precision", "bf16")
+    assert code == 0 and json.loads(out)["precision"] == "bf16"
+    code, out, _ = run_cli(capsys, *args)
+    assert code == 0 and json.loads(out)["precision"] == "fp32"
+    np.save(tmp_path / "s.npy", np.zeros((5, 25), dtype=np.float32))
+    code, _, err = run_cli(capsys, "eval", "--scores", tmp_path / "s.npy", "--protocol", "f30k", "--precision", "bf16")
+    assert code == 1 and "does not apply to --scores" in err

@@ -20,12 +20,12 @@ from eslmatch.utils import choices
 HEAVY = ("torch", "transformers", "faiss", "pymilvus")
 
 # runs one CLI call in a fresh interpreter; prints the exit code and which heavy modules were imported
-PROBE = """
+PROBE = f"""
 import json, sys
 from eslmatch.cli import main
 code = main(sys.argv[1:])
-print(json.dumps({"code": code, "heavy": [m for m in %r if m in sys.modules]}))
-""" % (HEAVY,)
+print(json.dumps({{"code": code, "heavy": [m for m in {HEAVY!r} if m in sys.modules]}}))
+"""
 
 
 def probe(*args: str) -> tuple[dict, str]:
@@ -36,7 +36,7 @@ def probe(*args: str) -> tuple[dict, str]:
 
 
 def test_import_eslmatch_is_light():
-    code = "import sys, eslmatch; print([m for m in %r if m in sys.modules])" % (HEAVY,)
+    code = f"import sys, eslmatch; print([m for m in {HEAVY!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -19,7 +19,7 @@ sorting).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,7 @@ from .errors import EslmatchError
 from .scoring import ScoringOptions
 from .text import pad_ids, tokenize_each
 from .utils import resolve_device
+from .utils.precision import check_precision, inference_precision, to_float32
 
 RECALL_KS = (1, 5, 10)
 METRIC_KEYS = ("r1", "r5", "r10", "medr", "meanr")
@@ -228,6 +229,7 @@ def score_split(
     progress: bool = True,
     chunk_bytes: int = 512 << 20,
     options: ScoringOptions | None = None,
+    precision: str = "fp32",
 ) -> np.ndarray:
     """Score every image of ``split`` against every caption with ``model.score``.
 
@@ -235,16 +237,20 @@ def score_split(
     and scored in groups of about ``chunk_bytes`` of caption features, so the caption
     features of a large split never exist all at once. The model is put in eval mode
     for the call (its previous mode is restored) and moved to ``device`` when given;
-    ``options`` tells the engine how to run (memory budget, precision, workers).
+    ``options`` tells the engine how to run (memory budget, precision, workers);
+    ``precision`` (``fp32``, ``bf16``, ``auto``) the encoders only, whose features reach the
+    engine as float32.
 
     Returns:
         float32 ``(N_images, N_captions)``, rows images, columns captions in split order.
     """
+    check_precision(precision)
     dev = resolve_device(device, model)
     model.to(dev)
     sims = np.empty((split.n_images, split.n_captions), dtype=np.float32)
     with eval_mode(model):
-        img, img_len = encode_images(model, split, batch_size, dev, progress)
+        with inference_precision(precision, dev):
+            img, img_len = to_float32(encode_images(model, split, batch_size, dev, progress))
         pending: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]] = []
         pending_bytes = 0
 
@@ -256,7 +262,8 @@ def score_split(
             sims[:, idx] = model.score(img, img_len, feats, lens, options).float().cpu().numpy()
             pending.clear()
 
-        for idx, feats, lens in iter_caption_features(model, split, batch_size, dev, progress):
+        captions = iter_caption_features(model, split, batch_size, dev, progress)
+        for idx, feats, lens in encoded_in(precision, dev, captions):
             if pending and pending_bytes + feats.numel() * feats.element_size() > chunk_bytes:
                 flush()
                 pending_bytes = 0
@@ -274,22 +281,44 @@ def score_image_split(
     device: Any = None,
     workers: int = 0,
     options: ScoringOptions | None = None,
+    precision: str = "fp32",
 ) -> np.ndarray:
     """:func:`score_split` for a raw-image split (:class:`~eslmatch.data.raw.ImageCaptionSplit`)
     and a model that takes pixels (``model.preprocess``): every image and every caption is
-    encoded once, then ``model.score`` ranks them.
+    encoded once (in ``precision``), then ``model.score`` ranks them.
 
     Returns:
         float32 ``(N_images, N_captions)``.
     """
+    check_precision(precision)
     dev = resolve_device(device, model)
     model.to(dev)
     with eval_mode(model):
-        img = encode_image_files(model, split, batch_size, workers)
-        cap, lens = embed_caption_texts(
-            model, split.captions, batch_size, dev, lambda i: f"{split.source}: caption {i} of split {split.name}"
-        )
+        with inference_precision(precision, dev):
+            img = to_float32(encode_image_files(model, split, batch_size, workers))
+            cap, lens = to_float32(
+                embed_caption_texts(
+                    model,
+                    split.captions,
+                    batch_size,
+                    dev,
+                    lambda i: f"{split.source}: caption {i} of split {split.name}",
+                )
+            )
         return model.score(img, None, cap, lens, options).float().cpu().numpy()
+
+
+def encoded_in(precision: str, device: torch.device, items: Iterable[Any]) -> Iterator[Any]:
+    """``items`` (a generator that encodes) advanced in ``precision``, each item as float32: the
+    code between two items (scoring) runs outside the autocast region."""
+    it = iter(items)
+    while True:
+        with inference_precision(precision, device):
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+        yield to_float32(item)
 
 
 def embed_caption_texts(
@@ -347,6 +376,8 @@ def format_metrics(result: dict[str, Any]) -> str:
     where = f"{result.get('n_images')} images, {result.get('n_captions')} captions"
     if result.get("split"):
         where = f"split {result['split']}: " + where
+    if result.get("precision"):
+        where += f", encoders in {result['precision']}"
     lines.append(where)
     if result.get("standard_size") is False and proto is not None:
         lines.append(f"note: the published protocol uses {proto.standard_images} images")

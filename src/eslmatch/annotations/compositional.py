@@ -39,6 +39,7 @@ from ..evaluate import embed_caption_texts
 from ..model import MatchingModel
 from ..scoring import ScoringOptions
 from ..utils import resolve_device
+from ..utils.precision import inference_precision, to_float32
 from .files import read_json, text_lines
 
 SUGARCREPE_FILES = ("replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att", "add_obj", "add_att")
@@ -351,8 +352,10 @@ def score_compositional(
     batch_size: int = 64,
     device: Any = None,
     options: ScoringOptions | None = None,
+    precision: str = "fp32",
 ) -> np.ndarray:
-    """Scores ``(P,)`` of ``data.pairs``: images and captions encoded once, in eval mode.
+    """Scores ``(P,)`` of ``data.pairs``: images and captions encoded once (in ``precision``),
+    in eval mode; the pairs are scored in the engine's precision.
 
     Models with a ``preprocess`` (ESL-CLIP) read ``inputs.paths``; region models read
     ``inputs.rows`` of ``inputs.features`` (:func:`resolve_inputs`).
@@ -361,10 +364,13 @@ def score_compositional(
     dev = resolve_device(device, model)
     model.to(dev)
     with eval_mode(model):
-        img, img_len = _embed_images(model, data, inputs, batch_size, dev)
-        cap, cap_len = embed_caption_texts(
-            model, data.captions, batch_size, dev, lambda c: f"{data.source}: caption {data.captions[c]!r}"
-        )
+        with inference_precision(precision, dev):
+            img, img_len = to_float32(_embed_images(model, data, inputs, batch_size, dev))
+            cap, cap_len = to_float32(
+                embed_caption_texts(
+                    model, data.captions, batch_size, dev, lambda c: f"{data.source}: caption {data.captions[c]!r}"
+                )
+            )
         return score_pairs(model, img, img_len, cap, cap_len, data.pairs, options)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..demo.settings import DemoSettings, default_cache_dir
 from ..errors import EslmatchError
+from ..utils.choices import PRECISIONS
 
 ORDER = 1
 
@@ -84,6 +85,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="treat every other pair of a batch as a negative (the released recipe), even pairs the truth calls true",
     )
+    s.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=d.precision,
+        help="precision of the feature extractor, training's forward pass and the encoders of evaluation and the "
+        f"index: fp32, bf16 (autocast) or auto = bf16 where the CPU computes it natively (default {d.precision}); "
+        "scores stay float32",
+    )
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(func=run)
 
@@ -121,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
         cache_dir=args.cache or default_cache_dir(),
         out_dir=args.out,
         progress=not args.no_progress,
+        precision=args.precision,
     )
     from ..demo.pipeline import run_demo
 

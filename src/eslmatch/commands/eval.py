@@ -30,7 +30,7 @@ from ..factory import load_model
 from ..scoring import ScoringOptions
 from ..truth import check_truth, evaluate_truth, format_truth_metrics, load_truth
 from ..utils import atomic_save_npy, resolve_device
-from ..utils.choices import COMPOSITIONAL_PROTOCOLS
+from ..utils.choices import COMPOSITIONAL_PROTOCOLS, PRECISIONS
 
 ORDER = 30
 COMPOSITIONAL = COMPOSITIONAL_PROTOCOLS
@@ -84,6 +84,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--split",
         help="split to evaluate (default: test for f30k, testall for coco1k/coco5k); sugarcrepe/winoground: "
         "the file prefix in --features (default test, as eslmatch extract writes)",
+    )
+    s.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="precision of the encoders: fp32 (default: the published protocols' figures), bf16 (autocast) or "
+        "auto = bf16 where the device computes it natively; scores keep the engine's float32",
     )
     s.add_argument("--fold-size", type=int, default=1000, help="images per coco1k fold (default 1000)")
     s.add_argument("--captions-per-image", type=int, default=5, help="for --scores (default 5)")
@@ -170,6 +176,8 @@ def run(args: argparse.Namespace) -> int:
         raise EslmatchError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.features:
         raise EslmatchError("--features goes with --protocol sugarcrepe or winoground")
+    if args.scores and args.precision:
+        raise EslmatchError("--precision sets how models encode: it does not apply to --scores")
     extended = _check_extended_args(args, protocol.name)
     meta: dict = {}
     truth = None
@@ -325,9 +333,17 @@ def _score_with_models(args: argparse.Namespace, default_split: str, extended: b
     matrices = []
     for model in models:
         matrices.append(
-            score_split(model, split, args.batch_size, device, progress=not args.no_progress, options=options)
+            score_split(
+                model,
+                split,
+                args.batch_size,
+                device,
+                progress=not args.no_progress,
+                options=options,
+                precision=args.precision or "fp32",
+            )
         )
-    meta = {"models": list(args.checkpoint), "split": split_name, "data": str(split.root)}
+    meta = {"models": list(args.checkpoint), "split": split_name, "data": str(split.root), **_precision(args, device)}
     return matrices, split.captions_per_image, meta, ids
 
 
@@ -342,9 +358,19 @@ def _score_raw_images(args: argparse.Namespace, models: list, split_name: str, d
     split.require_complete()
     check_protocol_size(args.protocol, split.n_images, args.fold_size)
     ids = _checked_ids(args, (split.n_images, split.n_captions), split.captions_per_image, split) if extended else None
-    matrices = [score_image_split(m, split, args.batch_size, device, options=options) for m in models]
-    meta = {"models": list(args.checkpoint), "split": split_name, "data": str(split.source)}
+    precision = args.precision or "fp32"
+    matrices = [
+        score_image_split(m, split, args.batch_size, device, options=options, precision=precision) for m in models
+    ]
+    meta = {"models": list(args.checkpoint), "split": split_name, "data": str(split.source), **_precision(args, device)}
     return matrices, split.captions_per_image, meta, ids
+
+
+def _precision(args: argparse.Namespace, device) -> dict[str, str]:
+    """The encoders' precision as run (``auto`` resolved), for the results."""
+    from ..utils.precision import resolve_precision
+
+    return {"precision": resolve_precision(args.precision or "fp32", device)}
 
 
 def _run_compositional(args: argparse.Namespace) -> int:
@@ -384,9 +410,15 @@ def _run_compositional(args: argparse.Namespace) -> int:
                 f"{path}: expects features of width {model.config.img_dim}, {features.folder} holds "
                 f"{features.rows.shape[2]}"
             )
-    runs = [comp.score_compositional(m, data, inputs, args.batch_size, device, options) for m in models]
+    precision = args.precision or "fp32"
+    runs = [comp.score_compositional(m, data, inputs, args.batch_size, device, options, precision) for m in models]
     scores = np.mean(runs, axis=0)
-    result = {"protocol": args.protocol, "models": list(args.checkpoint), "data": str(data.source)}
+    result = {
+        "protocol": args.protocol,
+        "models": list(args.checkpoint),
+        "data": str(data.source),
+        **_precision(args, device),
+    }
     if args.protocol == "sugarcrepe":
         result["sugarcrepe"] = comp.sugarcrepe_metrics(data, scores)
     else:

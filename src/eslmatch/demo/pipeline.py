@@ -33,6 +33,7 @@ from ..text import minilm_path
 from ..training import TrainConfig, fit
 from ..truth import load_truth, truth_metrics, truth_path, truth_sizes
 from ..utils import atomic_write_text
+from ..utils.precision import resolve_precision
 from .scenes import (
     DemoConfig,
     HardCase,
@@ -87,6 +88,7 @@ def build_dataset(s: DemoSettings, log: Callable[[str], None] = print) -> Path:
             image_size=s.feature_size,
             progress=s.progress,
             relative_paths=True,  # the folder is renamed into place: paths must survive it
+            precision=s.precision,
             log=lambda m: None,
         )
         for extra in ("hard_pairs", "truth"):
@@ -146,6 +148,7 @@ def train_config(s: DemoSettings, data: Path, model_type: str, out: Path) -> Any
             "log_every": 10,
             "save_every_steps": 10_000,
             "device": "cpu",
+            "bf16": s.precision == "bf16",
             "progress": s.progress,
             "tensorboard": False,
         },
@@ -326,6 +329,7 @@ def run_demo(s: DemoSettings, log: Callable[[str], None] = print) -> dict[str, A
     """Run the whole demo; returns the metrics written to ``metrics.json``."""
     started = time.time()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    s = dataclasses.replace(s, precision=resolve_precision(s.precision))
     out = Path(s.out_dir)
     if out.exists() and any(out.iterdir()):
         if not (out / "metrics.json").is_file() and not (out / ".demo").is_file():
@@ -352,13 +356,16 @@ def run_demo(s: DemoSettings, log: Callable[[str], None] = print) -> dict[str, A
         masked = ", true pairs never negatives" if s.mask_true_pairs else ""
         hardest = min(s.warmup_epochs, s.epochs)
         loss = f"hardest negatives after epoch {hardest}" if hardest < s.epochs else "hinge over all negatives"
-        log(f"[train] {name}: {s.epochs} epochs, batch {s.batch_size}, E={s.embed_size}, {text}, {loss}{masked}")
+        log(
+            f"[train] {name}: {s.epochs} epochs, batch {s.batch_size}, E={s.embed_size}, {text}, {loss}{masked}, "
+            f"{s.precision}"
+        )
         result = fit(train_config(s, data, model_type, run))
         runs[name] = run
         log(f"[train] {name} done in {time.time() - t0:.0f} s (best dev rsum {result.best_rsum:.1f})")
         t1 = time.time()
         model = load_model(run / "best")
-        sims = score_split(model, test, progress=s.progress)
+        sims = score_split(model, test, progress=s.progress, precision=s.precision)
         metrics = evaluate_protocol(sims, "f30k")
         hard = hard_case_scores(sims, cases)
         all_sims[name] = sims
@@ -387,7 +394,7 @@ def run_demo(s: DemoSettings, log: Callable[[str], None] = print) -> dict[str, A
         if name == "ESL":
             results["attention"] = plot_attention(model, test, s, out / "attention.png")
             t2 = time.time()
-            opts = BuildOptions(progress=False)
+            opts = BuildOptions(progress=False, precision=s.precision)
             gallery = build_gallery(model, data, out / "index", split="test", options=opts, model_path=run / "best")
             assert gallery is not None  # one process: the gallery is this one's
             gallery.close()

@@ -37,15 +37,21 @@ class DemoSettings:
     text_train_layers: int = 3  # MiniLM's top layers fine-tuned, the lower ones frozen and cached
     mask_true_pairs: bool = True  # the training truth: a pair it calls true is never a negative
     region_drop: float = 0.2
+    # fp32, bf16 or auto (bf16 where the CPU / GPU computes it natively): the feature extractor,
+    # training's forward pass (autocast, fp32 master weights), evaluation's and the index's
+    # encoders; the scores stay float32. Resolved by the pipeline before the dataset key is made.
+    precision: str = "fp32"
     cache_dir: Path = field(default_factory=lambda: default_cache_dir())
     out_dir: Path = Path("demo_report")
     progress: bool = True
 
     def dataset_key(self) -> str:
         """Names the cached dataset: everything that changes its files."""
-        key = json.dumps(
-            [DATASET_VERSION, self.n_train, self.n_dev, self.n_test, self.seed, self.image_size, self.feature_size]
-        )
+        parts: list[object] = [DATASET_VERSION, self.n_train, self.n_dev, self.n_test, self.seed, self.image_size]
+        parts.append(self.feature_size)
+        if self.precision != "fp32":  # bf16 features are other files; fp32 keeps its earlier key
+            parts.append(self.precision)
+        key = json.dumps(parts)
         return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 

@@ -825,6 +825,59 @@ def step_report(args: argparse.Namespace) -> dict[str, Any]:
     return payload
 
 
+BEFORE_P95_MS = 55.68  # the last round's unfiltered HTTP p95 on this gallery (benchmarks/results/gallery-1m-cpu.md)
+
+
+def step_collection(args: argparse.Namespace) -> dict[str, Any]:
+    """``benchmarks/results/TAG-collection.{json,md}`` from the build, serve and delete records:
+    filtered latency, unfiltered latency against the last round's, delete + compact, memory."""
+    work = Path(args.workdir)
+    build, serve, delete = (load_json(work / f"{x}.json") for x in ("build", "serve", "delete"))
+    payload = {"build": build, "serve": serve, "delete": delete, "before_unfiltered_p95_ms": BEFORE_P95_MS}
+    save_json(RESULTS / f"{args.tag}-collection.json", payload)
+    c, f = serve["client_ms"], serve["filtered"]
+    rows = [
+        "| queries | where | p50 ms | p95 ms | in the server p50 / p95 ms | first query ms |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+        f"| all items | - | {c['p50']} | {c['p95']} | {serve['server_ms']['p50']} / {serve['server_ms']['p95']} | - |",
+    ]
+    for label, r in f.items():
+        rows.append(
+            f"| {label} of the items | `{r['where']}` | {r['client_ms']['p50']} | {r['client_ms']['p95']} | "
+            f"{r['server_ms']['p50']} / {r['server_ms']['p95']} | {r['first_query_ms']} |"
+        )
+    mem = serve["memory_after_filtered_mib"]
+    lines = [
+        f"# The living collection at 1,000,000 images ({build['side_dtype']} side, {build['faiss']})",
+        "",
+        f"`eslmatch serve` in its own process, {serve['threads']} threads, {serve['queries']} text queries one at a "
+        f"time over HTTP after {serve['warmup']} warm-up, k={serve['k']}, K={serve['rerank_k']} re-ranked with ESL "
+        "(random-weight model, synthetic gallery: see gallery-1m-cpu.md). Filters on the catalogue's `bucket` "
+        "(`row % 100`).",
+        "",
+        *rows,
+        "",
+        f"Unfiltered p95 {c['p95']} ms against the last round's {BEFORE_P95_MS} ms "
+        f"({100 * (c['p95'] / BEFORE_P95_MS - 1):+.1f}%).",
+        "",
+        f"Server memory after every query: VmRSS {mem['VmRSS']} MiB (anonymous {mem['RssAnon']}, file-backed "
+        f"{mem['RssFile']}, of which index maps {mem.get('RssIndexMaps')}), peak {mem['VmHWM']} MiB.",
+        "",
+        f"Delete on a hard-linked copy: `{delete['where']}` deleted {delete['deleted']:,} of "
+        f"{delete['count_before']:,} items in {delete['delete_seconds']} s; searches after it p50 "
+        f"{delete['search_after_delete_ms']['p50']} / p95 {delete['search_after_delete_ms']['p95']} ms (in-process, "
+        f"no deleted id returned); compact {delete['compact_seconds']} s, {gib(delete['bytes_before_compact'])} -> "
+        f"{gib(delete['bytes_after_compact'])}, {delete['count_after']:,} items, first stage after it "
+        f"{delete['faiss_after_compact']}.",
+        "",
+        f"Build of the gallery (with the catalogue's metadata): {build['build_seconds']} s "
+        f"(+ {build['feature_generation_seconds']} s making the synthetic features).",
+    ]
+    (RESULTS / f"{args.tag}-collection.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+    return payload
+
+
 def report_markdown(p: dict[str, Any]) -> str:
     b, s, r = p["build"], p["serve"], p["recall"]
     fs, ts, q8 = r.get("first_stage", {}), r.get("two_stage_vs_exhaustive", {}), r.get("int8_vs_fp16", {})
@@ -1029,7 +1082,10 @@ def report_markdown(p: dict[str, Any]) -> str:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "steps", nargs="*", default=["all"], help="build, serve, recall, add, delete, damage, report or all (default)"
+        "steps",
+        nargs="*",
+        default=["all"],
+        help="build, serve, recall, add, delete, damage, report, collection (the living-collection figures) or all",
     )
     p.add_argument("--workdir", required=True, help="where the index and the step records go (kept)")
     p.add_argument("--gallery", type=int, default=1_000_000)
@@ -1067,7 +1123,7 @@ def main(argv: list[str] | None = None) -> int:
             "delete": step_delete,
             "damage": step_damage,
         }
-        {**steps_by_name, "report": step_report}[step](args)
+        {**steps_by_name, "report": step_report, "collection": step_collection}[step](args)
     return 0
 
 

@@ -21,11 +21,6 @@ def sub_parsers(parser: argparse.ArgumentParser, prefix: str = "eslmatch"):
                 yield from sub_parsers(sub, f"{prefix} {name}")
 
 
-# Options of commands/train.py, reworked on another branch at the time (issue 19, section 1):
-# their help gains its default there. Remove once merged.
-_ELSEWHERE = {"eslmatch train --config", "eslmatch train --init-from"}
-
-
 def undocumented() -> list[str]:
     bad = []
     for name, parser in sub_parsers(build_parser()):
@@ -42,7 +37,7 @@ def undocumented() -> list[str]:
             positional = not action.option_strings
             if positional or isinstance(action, _FLAG_ACTIONS):
                 continue  # a positional is always given; a plain flag is off unless given
-            if action.required or id(action) in chosen or f"{name} {label}" in _ELSEWHERE:
+            if action.required or id(action) in chosen:
                 continue
             if not _DEFAULT_WORDS.search(text) and "%(default)" not in text:
                 bad.append(f"{name} {label}: help does not say its default ({text!r})")

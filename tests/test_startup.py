@@ -111,3 +111,25 @@ def test_the_light_names_equal_the_modules_that_act_on_them():
     assert choices.PRECISIONS == PRECISIONS
     assert choices.RUNTIMES == RUNTIMES
     assert choices.COMPOSITIONAL_PROTOCOLS == eval_command.COMPOSITIONAL
+
+
+def test_ctrl_c_while_torch_is_imported_is_one_line(gallery_folder):
+    """Ctrl-C early in ``eslmatch search``, while the gallery's modules (torch) are imported: they
+    are imported inside ``main`` now, so the interrupt is one line and exit 130 (it was a
+    traceback when ``import eslmatch`` itself imported torch)."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eslmatch.cli", "search", "--index", gallery_folder, "dog"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        time.sleep(0.6)  # the CLI's own import takes ~0.1 s, torch's seconds
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err.decode()
+    assert err.decode().strip() == "eslmatch: interrupted"

@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument(
         "--config",
-        help="YAML training configuration: a file, or a packaged one by name (f30k_bert, coco_clip, own_photos...)",
+        help="YAML training configuration: a file, or a packaged one by name (f30k_bert, coco_clip, own_photos...) "
+        "(default: none: the configuration is the KEY=VALUE overrides alone)",
     )
     t.add_argument(
         "overrides",
@@ -30,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument(
         "--init-from",
         metavar="MODEL",
-        help="fine-tune: start from a released .pth.tar or one of our model folders (init_from=...)",
+        help="fine-tune: start from a released .pth.tar or one of our model folders (init_from=...; default: the "
+        "configuration's init_from, else fresh weights)",
     )
     t.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     t.set_defaults(func=run)

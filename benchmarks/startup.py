@@ -1,0 +1,116 @@
+"""Wall time of ``eslmatch search`` calls as a user runs them: a new process each, with
+``PYTHONDONTWRITEBYTECODE=1`` (as Docker images and CI set it), warm file cache, side by side
+for this tree and, with ``--before REV``, an earlier commit (checked out in a temporary git
+worktree and put first on ``PYTHONPATH``; same interpreter, same installed packages).
+
+    python benchmarks/startup.py --index demo_report/index --before 74f81f9
+    # writes benchmarks/results/startup-cpu.{json,md}
+
+Calls timed (median of ``--runs`` after one warm-up): one text query (``-k 3``), an empty
+query, ``-k 0`` and a missing index. Also recorded: whether the installed torch and
+transformers have compiled bytecode (``pip install --no-compile`` leaves none, so every call
+compiles them from source when ``PYTHONDONTWRITEBYTECODE=1`` forbids caching).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+QUERY = "a red circle left of a blue square"
+
+
+def calls(index: str) -> dict[str, list[str]]:
+    return {
+        "one query": ["search", "--index", index, QUERY, "-k", "3"],
+        "empty query": ["search", "--index", index, ""],
+        "-k 0": ["search", "--index", index, "dog", "-k", "0"],
+        "missing index": ["search", "--index", str(Path(index).parent / "no-such-index"), "dog"],
+    }
+
+
+def wall(args: list[str], env: dict[str, str], runs: int) -> dict[str, float | int]:
+    """Median and max wall seconds of ``python -m eslmatch.cli ARGS`` over ``runs`` (after a warm-up)."""
+    cmd = [sys.executable, "-m", "eslmatch.cli", *args]
+    code = subprocess.run(cmd, env=env, capture_output=True, check=False).returncode
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, env=env, capture_output=True, check=False)
+        times.append(time.perf_counter() - t0)
+    return {"median_s": round(statistics.median(times), 3), "max_s": round(max(times), 3), "exit": code}
+
+
+def compiled(package: str) -> bool:
+    """True when the installed ``package`` has cached bytecode for its ``__init__``."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        return False
+    return Path(importlib.util.cache_from_source(spec.origin)).is_file()
+
+
+def measure(src: Path, index: str, runs: int) -> dict[str, dict[str, float | int]]:
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(src), "HF_HUB_OFFLINE": "1"}
+    return {name: wall(args, env, runs) for name, args in calls(index).items()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--index", required=True, help="a gallery to search (the demo's: demo_report/index)")
+    ap.add_argument("--before", metavar="REV", help="also time this commit, side by side")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=RESULTS / "startup-cpu")
+    args = ap.parse_args()
+    variants = {"this tree": ROOT / "src"}
+    tmp = None
+    if args.before:
+        tmp = Path(tempfile.mkdtemp(prefix="eslmatch-before-"))
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tmp), args.before], check=True)
+        variants = {f"before ({args.before})": tmp / "src", **variants}
+    try:
+        results = {name: measure(src, args.index, args.runs) for name, src in variants.items()}
+    finally:
+        if tmp is not None:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp)], check=False)
+    record = {
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "bytecode_installed": {p: compiled(p) for p in ("torch", "transformers", "numpy")},
+        "index": args.index,
+        "runs": args.runs,
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    names = list(results)
+    lines = [
+        f"`eslmatch search` wall time, new process each call, PYTHONDONTWRITEBYTECODE=1, median of {args.runs} "
+        f"(max), {os.cpu_count()} cores; installed bytecode: {record['bytecode_installed']}",
+        "",
+        "| call | " + " | ".join(names) + " |",
+        "| --- |" + " ---: |" * len(names),
+    ]
+    for call in calls(args.index):
+        cells = [f"{results[n][call]['median_s']:.2f} s ({results[n][call]['max_s']:.2f})" for n in names]
+        lines.append(f"| {call} | " + " | ".join(cells) + " |")
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

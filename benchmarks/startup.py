@@ -7,9 +7,11 @@ worktree and put first on ``PYTHONPATH``; same interpreter, same installed packa
     # writes benchmarks/results/startup-cpu.{json,md}
 
 Calls timed (median of ``--runs`` after one warm-up): one text query (``-k 3``), an empty
-query, ``-k 0`` and a missing index. Also recorded: whether the installed torch and
-transformers have compiled bytecode (``pip install --no-compile`` leaves none, so every call
-compiles them from source when ``PYTHONDONTWRITEBYTECODE=1`` forbids caching).
+query, ``-k 0`` and a missing index. Each tree is timed twice: with the installed packages'
+bytecode, and with none found (an empty ``PYTHONPYCACHEPREFIX``), which is what ``pip install
+--no-compile`` leaves: every call then compiles torch's and transformers' modules from source,
+as ``PYTHONDONTWRITEBYTECODE=1`` forbids caching them. eslmatch's own modules (an editable
+install: no bytecode in a fresh clone) are compiled on every call in all variants.
 """
 
 from __future__ import annotations
@@ -61,8 +63,8 @@ def compiled(package: str) -> bool:
     return Path(importlib.util.cache_from_source(spec.origin)).is_file()
 
 
-def measure(src: Path, index: str, runs: int) -> dict[str, dict[str, float | int]]:
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(src), "HF_HUB_OFFLINE": "1"}
+def measure(src: Path, index: str, runs: int, extra: dict[str, str]) -> dict[str, dict[str, float | int]]:
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(src), "HF_HUB_OFFLINE": "1", **extra}
     return {name: wall(args, env, runs) for name, args in calls(index).items()}
 
 
@@ -73,14 +75,19 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--out", type=Path, default=RESULTS / "startup-cpu")
     args = ap.parse_args()
-    variants = {"this tree": ROOT / "src"}
+    # an empty bytecode cache prefix: no installed .pyc is found, as after `pip install --no-compile`
+    no_pyc = {"PYTHONPYCACHEPREFIX": tempfile.mkdtemp(prefix="eslmatch-no-pyc-")}
+    variants: dict[str, tuple[Path, dict[str, str]]] = {}
     tmp = None
     if args.before:
         tmp = Path(tempfile.mkdtemp(prefix="eslmatch-before-"))
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tmp), args.before], check=True)
-        variants = {f"before ({args.before})": tmp / "src", **variants}
+        variants[f"before ({args.before}), no installed bytecode"] = (tmp / "src", no_pyc)
+        variants[f"before ({args.before})"] = (tmp / "src", {})
+    variants["this tree, no installed bytecode"] = (ROOT / "src", no_pyc)
+    variants["this tree"] = (ROOT / "src", {})
     try:
-        results = {name: measure(src, args.index, args.runs) for name, src in variants.items()}
+        results = {name: measure(src, args.index, args.runs, extra) for name, (src, extra) in variants.items()}
     finally:
         if tmp is not None:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp)], check=False)

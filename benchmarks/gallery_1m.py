@@ -848,7 +848,8 @@ def step_collection(args: argparse.Namespace) -> dict[str, Any]:
         )
     mem = serve["memory_after_filtered_mib"]
     lines = [
-        f"# The living collection at 1,000,000 images ({build['side_dtype']} side, {build['faiss']})",
+        f"# The living collection at {build['gallery']:,} images ({build['side_dtype']} side, first stage "
+        f"{build['faiss']['kind']} nlist={build['faiss']['options']['nlist']} nprobe={build['faiss']['options']['nprobe']})",
         "",
         f"`eslmatch serve` in its own process, {serve['threads']} threads, {serve['queries']} text queries one at a "
         f"time over HTTP after {serve['warmup']} warm-up, k={serve['k']}, K={serve['rerank_k']} re-ranked with ESL "
@@ -868,7 +869,7 @@ def step_collection(args: argparse.Namespace) -> dict[str, Any]:
         f"{delete['search_after_delete_ms']['p50']} / p95 {delete['search_after_delete_ms']['p95']} ms (in-process, "
         f"no deleted id returned); compact {delete['compact_seconds']} s, {gib(delete['bytes_before_compact'])} -> "
         f"{gib(delete['bytes_after_compact'])}, {delete['count_after']:,} items, first stage after it "
-        f"{delete['faiss_after_compact']}.",
+        f"{delete['faiss_after_compact']['kind']} retrained on {delete['faiss_after_compact']['trained_on']:,} rows.",
         "",
         f"Build of the gallery (with the catalogue's metadata): {build['build_seconds']} s "
         f"(+ {build['feature_generation_seconds']} s making the synthetic features).",

@@ -57,6 +57,7 @@ def text_model_path() -> str:
 # ------------------------------------------------------------------------------ dataset
 def build_dataset(s: DemoSettings, log: Callable[[str], None] = print) -> Path:
     """The precomp folder of the demo dataset, built once and then reused from the cache."""
+    s = dataclasses.replace(s, precision=resolve_precision(s.precision))  # the key names fp32 or bf16
     root = Path(s.cache_dir) / f"demo-{s.dataset_key()}"
     precomp = root / "precomp"
     if (root / "ready.json").is_file():

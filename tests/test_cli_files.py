@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from _cli import interrupted
 from _models import randomize, tiny_gru_model
 from eslmatch import VSEModel, load_pretrained
 from eslmatch.cli import main
@@ -316,12 +316,11 @@ def test_ctrl_c_exits_130_without_a_traceback(tmp_path):
     proc = subprocess.Popen(
         argv + ["--no-progress", "--train", "3000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV
     )
-    try:
+
+    def started() -> None:
         first = proc.stdout.readline()  # the demo has started its work
         assert first.startswith(b"[data]"), first
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err.decode()
-    assert err.decode().strip() == "eslmatch: interrupted"
+
+    code, err = interrupted(proc, started)
+    assert code == 130, err
+    assert err.strip() == "eslmatch: interrupted"

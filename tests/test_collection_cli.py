@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _cli import run
 from _datagen import make_precomp
 from _models import randomize, tiny_gru_model
 from eslmatch import VSEModel
@@ -37,13 +38,6 @@ def setup(tmp_path):
         )
     )
     return tmp_path, model_dir
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main(list(argv))
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def one_line(capsys, argv: list[str], *needles: str) -> str:

@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 
+from _cli import run
 from _models import tiny_gru_model
-from eslmatch.cli import main
 
 N = 24
 
@@ -20,13 +20,6 @@ def gallery(tmp_path):
     model_dir = str(tiny_gru_model(seed=3).eval().save_pretrained(tmp_path / "model"))
     np.save(tmp_path / "feats.npy", np.random.default_rng(0).random((N, 6, 16), dtype=np.float32))
     return tmp_path, model_dir
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main(list(argv))
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def build(capsys, tmp_path, model_dir, name: str, *extra: str) -> str:

@@ -14,6 +14,7 @@ import sys
 
 import pytest
 
+from _cli import interrupted
 from eslmatch.cli import build_parser, command_names
 from eslmatch.utils import choices
 
@@ -117,7 +118,6 @@ def test_ctrl_c_while_torch_is_imported_is_one_line(gallery_folder):
     """Ctrl-C early in ``eslmatch search``, while the gallery's modules (torch) are imported: they
     are imported inside ``main`` now, so the interrupt is one line and exit 130 (it was a
     traceback when ``import eslmatch`` itself imported torch)."""
-    import signal
     import time
 
     proc = subprocess.Popen(
@@ -125,11 +125,6 @@ def test_ctrl_c_while_torch_is_imported_is_one_line(gallery_folder):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    try:
-        time.sleep(0.6)  # the CLI's own import takes ~0.1 s, torch's seconds
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err.decode()
-    assert err.decode().strip() == "eslmatch: interrupted"
+    code, err = interrupted(proc, lambda: time.sleep(0.6))  # the CLI's own import takes ~0.1 s, torch's seconds
+    assert code == 130, err
+    assert err.strip() == "eslmatch: interrupted"

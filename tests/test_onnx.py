@@ -112,8 +112,21 @@ def check_images(model, enc: OnnxEncoders) -> dict:
     return errs
 
 
+def reloaded(model, tmp_path: Path):
+    """``model`` saved and loaded again: its BERT is then eslmatch's PlainBert, not transformers'."""
+    from eslmatch.factory import load_model
+    from eslmatch.model.bert import PlainBert
+
+    model.save_pretrained(tmp_path / "saved")
+    again = load_model(tmp_path / "saved")
+    assert isinstance(again.text_encoder.backbone, PlainBert)
+    return again.eval()
+
+
 FAMILIES = {
     "esl-bert": lambda tmp: bert_model(ESLModel, tmp),
+    "esl-bert-loaded": lambda tmp: reloaded(bert_model(ESLModel, tmp), tmp),
+    "vse-bert-loaded": lambda tmp: reloaded(bert_model(VSEModel, tmp, train_layers=1), tmp),
     "esl-bert-top-layer-trained": lambda tmp: bert_model(ESLModel, tmp, train_layers=1),
     "esl-gru": lambda tmp: tiny_gru_model(img_dim=16).eval(),
     "vse-bert": lambda tmp: bert_model(VSEModel, tmp),

@@ -366,7 +366,9 @@ def save_tokenizer(tokenizer: Any, directory: Path) -> dict[str, Any]:
     if hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(str(directory / "tokenizer"))
         return {"kind": "transformers", "path": "tokenizer"}
-    if hasattr(tokenizer, "context_length"):
+    from ..model.esl_clip.tokenizer import ClipTokenizer
+
+    if isinstance(tokenizer, ClipTokenizer):
         return {"kind": "clip", "context_length": int(tokenizer.context_length)}
     raise EslmatchError(f"cannot save a tokenizer of type {type(tokenizer).__name__} with the export")
 
@@ -481,7 +483,9 @@ class OnnxEncoders:
     # ------------------------------------------------------------------ text
     def tokenize(self, texts: Sequence[str] | str) -> tuple[Tensor, Tensor]:
         """Captions -> ``(ids (M, W), lengths (M,))`` with the exported model's tokenizer."""
-        if self.tokenizer is not None and hasattr(self.tokenizer, "context_length"):
+        from ..model.esl_clip.tokenizer import ClipTokenizer
+
+        if isinstance(self.tokenizer, ClipTokenizer):
             return self.tokenizer(texts, pad_to_context=True)
         return tokenize_with(self.tokenizer, texts)
 

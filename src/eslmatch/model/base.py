@@ -43,7 +43,12 @@ from ..scoring import ScoringOptions, check_lengths
 from ..text import WordVocab, load_tokenizer, tokenize
 from ..utils import atomic_dir, honour_umask, lengths_to_mask
 from .digest import WEIGHTS_NAME, verify_weights, write_digest
-from .encoders import RegionEncoder, bert_from_config, bert_from_pretrained, build_text_encoder
+from .encoders import (
+    RegionEncoder,
+    bert_from_pretrained,
+    build_text_encoder,
+    text_backbone_for_loading,
+)
 
 CONFIG_NAME = "config.json"
 TEXT_DIR = "text_encoder"
@@ -348,13 +353,7 @@ class RegionTextModel(MatchingModel):
     def build_for_loading(cls, config: Any, directory: Path) -> RegionTextModel:
         backbone, tokenizer = None, None
         if config.text_encoder == "bert":
-            from transformers import AutoConfig  # heavy: only when a BERT model is loaded
-
-            try:
-                text_config = AutoConfig.from_pretrained(str(directory / TEXT_DIR))
-            except (OSError, ValueError) as exc:
-                raise CheckpointError(f"{directory / TEXT_DIR}: unreadable text encoder config ({exc})") from exc
-            backbone = bert_from_config(text_config)
+            backbone = text_backbone_for_loading(directory / TEXT_DIR)
             tokenizer = load_tokenizer(directory / TEXT_DIR, required=False)
         elif (directory / VOCAB_NAME).is_file():
             tokenizer = WordVocab.load(directory / VOCAB_NAME)

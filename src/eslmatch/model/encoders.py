@@ -22,10 +22,11 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ..distributed import all_reduce_with_grad, world_size
-from ..errors import EslmatchError
+from ..errors import CheckpointError, EslmatchError
 from ..text import resolve_text_model
 from ..utils import l2n
 from ..utils.precision import autocast_active
+from .bert import BertSettings, PlainBert, key_mask, read_bert_config, supports
 
 
 class MaskedBatchNorm1d(nn.BatchNorm1d):
@@ -250,11 +251,15 @@ class BertTextEncoder(nn.Module):
 
     def _layers(self, hidden: Tensor, ids: Tensor, first: int, stop: int) -> Tensor:
         """Transformer layers ``first..stop-1`` on ``(M, W, H)`` hidden states of ``ids``."""
-        from transformers.masking_utils import create_bidirectional_mask
+        attention = (ids != 0).to(torch.long)
+        if isinstance(self.backbone, PlainBert):
+            mask = key_mask(attention, hidden.dtype)
+        else:
+            from transformers.masking_utils import create_bidirectional_mask
 
-        mask = create_bidirectional_mask(
-            config=self.backbone.config, inputs_embeds=hidden, attention_mask=(ids != 0).to(torch.long)
-        )
+            mask = create_bidirectional_mask(
+                config=self.backbone.config, inputs_embeds=hidden, attention_mask=attention
+            )
         for layer in list(self.backbone.encoder.layer)[first:stop]:
             out = layer(hidden, mask)
             hidden = out[0] if isinstance(out, tuple) else out
@@ -408,6 +413,21 @@ def bert_from_config(config: Any) -> nn.Module:
 
     config._attn_implementation = "eager"
     return AutoModel.from_config(config, **_no_pooler_kwargs(config))
+
+
+def text_backbone_for_loading(directory: Path) -> nn.Module:
+    """The untrained BERT of a saved model's text folder, to receive its saved weights: a
+    :class:`~eslmatch.model.bert.PlainBert` for the plain BERT architecture (no transformers
+    import), transformers' model for any other."""
+    try:
+        data = read_bert_config(directory)
+        if supports(data):
+            return PlainBert(BertSettings(data))
+        from transformers import AutoConfig  # heavy: only for text models PlainBert does not build
+
+        return bert_from_config(AutoConfig.from_pretrained(str(directory)))
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"{directory}: unreadable text encoder config ({exc})") from exc
 
 
 def bert_from_pretrained(name_or_path: str | Path) -> nn.Module:

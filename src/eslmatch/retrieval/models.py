@@ -17,6 +17,7 @@ import torch
 
 from ..errors import EslmatchError
 from ..model.base import MatchingModel
+from ..text import WordVocab
 from .layout import GalleryIndexError
 
 _SAMPLES_PER_TENSOR = 1024
@@ -60,9 +61,9 @@ def model_fingerprint(model: MatchingModel) -> str:
     h = hashlib.sha256()
     cfg = {k: v for k, v in model.config.to_dict().items() if k not in _IGNORED_CONFIG_KEYS}
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    tokens = getattr(getattr(model, "tokenizer", None), "tokens", None)
-    if isinstance(tokens, list):  # a WordVocab is part of a GRU model
-        h.update(json.dumps(tokens).encode())
+    tokenizer = getattr(model, "tokenizer", None)
+    if isinstance(tokenizer, WordVocab):  # a GRU model's vocabulary is part of it
+        h.update(json.dumps(tokenizer.tokens).encode())
     with torch.no_grad():
         for name, t in sorted(model.state_dict().items()):
             if name.endswith("num_batches_tracked"):

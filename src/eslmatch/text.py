@@ -235,7 +235,8 @@ class SavedBertTokenizer:
         WordPiece tokenizer whose ``tokenizer.json`` agrees with its ``tokenizer_config.json``."""
         try:
             config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-            pipeline = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+            text = (folder / "tokenizer.json").read_text(encoding="utf-8")
+            pipeline = json.loads(text)
         except (OSError, ValueError):
             return None
         if not isinstance(config, dict) or not isinstance(pipeline, dict):
@@ -255,7 +256,7 @@ class SavedBertTokenizer:
         from tokenizers import Tokenizer
 
         try:
-            backend = Tokenizer.from_str(json.dumps(pipeline))
+            backend = Tokenizer.from_str(text)
         except Exception:  # noqa: BLE001 - a file the library cannot read: transformers decides
             return None
         backend.no_padding()

@@ -23,6 +23,7 @@ from torch.nn import functional as F
 
 CONFIG_FILE = "config.json"
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"gelu": F.gelu, "relu": F.relu}
+_REQUIRED = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size")
 
 
 def read_bert_config(directory: str | Path) -> dict[str, Any]:
@@ -47,9 +48,6 @@ def supports(config: dict[str, Any]) -> bool:
     )
 
 
-_REQUIRED = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size")
-
-
 class BertSettings:
     """The transformers config of a BERT folder: its values as attributes, written back as read."""
 
@@ -70,9 +68,6 @@ class BertSettings:
         self.hidden_act = str(data.get("hidden_act", "gelu"))
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of {self.num_attention_heads} heads")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self._data)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``config.json`` into ``directory`` (as transformers' configs do)."""

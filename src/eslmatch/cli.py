@@ -127,5 +127,21 @@ def _quiet_stdout() -> None:
         pass
 
 
+def run() -> None:
+    """The process entry point (the ``eslmatch`` script, ``python -m eslmatch.cli``): exit with
+    :func:`main`'s code. After Ctrl-C it leaves at once with 130: through ``sys.exit`` about 1
+    run in 10 ended killed by SIGINT (status -2) although ``main`` had handled the interrupt
+    and printed its line (an interrupt landing inside torch's import)."""
+    code = main()
+    if code == 130:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(130)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

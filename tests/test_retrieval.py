@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from _datagen import make_precomp
+from _gallery import copy_to_damage
 from _models import tiny_gru_model
 from eslmatch.cli import main
 from eslmatch.data import open_split
@@ -292,7 +292,7 @@ def test_add_captions(model, caption_index, tmp_path):
 @pytest.fixture()
 def damaged(image_index, tmp_path):
     target = tmp_path / "damaged"
-    shutil.copytree(image_index, target)
+    copy_to_damage(image_index, target)
     return target
 
 

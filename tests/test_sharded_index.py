@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from _gallery import copy_to_damage
 from _models import tiny_gru_model
 from eslmatch.cli import main
 from eslmatch.retrieval import (
@@ -254,7 +255,7 @@ def test_ivfpq_retrained_when_the_gallery_grows(model, features, tmp_path, monke
 @pytest.fixture()
 def damaged(sharded, tmp_path):
     target = tmp_path / "damaged"
-    shutil.copytree(sharded, target)
+    copy_to_damage(sharded, target)
     return target
 
 

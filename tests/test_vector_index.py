@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from _datagen import make_precomp
+from _gallery import copy_to_damage
 from _models import ToyPixelModel, randomize, tiny_gru_model
 from eslmatch import VSEModel
 from eslmatch.cli import main
@@ -222,7 +223,7 @@ def test_reindex_keeps_the_vectors(vse, image_index, tmp_path):
 @pytest.fixture()
 def damaged(image_index, tmp_path):
     target = tmp_path / "damaged"
-    shutil.copytree(image_index, target)
+    copy_to_damage(image_index, target)
     return target
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from _models import randomize, tiny_bert_config, tiny_bert_tokenizer, tiny_gru_model
 from eslmatch import ESLConfig, EslmatchError, ESLModel, InputError, VSEModel
 from eslmatch.losses import LossSettings, MatchingLoss, triplet_loss
+from eslmatch.model.base import placeholder_init
 from eslmatch.model.encoders import bert_from_config, length_groups
 
 
@@ -314,9 +316,11 @@ def test_frozen_cache_is_shared_by_content_and_rekeyed_on_load():
     config = ESLConfig(embed_size=32, num_levels=3, img_dim=16, text_model=None, freeze_text_backbone=True)
     a = ESLModel(config, bert_from_config(cfg))
     b = ESLModel(config, bert_from_config(cfg))  # other random weights: another cache
-    assert a.text_encoder._cache is not b.text_encoder._cache
+    assert a.text_encoder._cache is None  # keyed on first use only (a search never pays for it)
+    cache_a = a.text_encoder._cache_now("cpu")
+    assert cache_a is not b.text_encoder._cache_now("cpu")
     b.load_state_dict(a.state_dict())  # same weights now: the same cache
-    assert a.text_encoder._cache is b.text_encoder._cache
+    assert b.text_encoder._cache is None and b.text_encoder._cache_now("cpu") is cache_a
 
 
 def test_vse_baseline_honours_the_frozen_text_backbone():
@@ -351,3 +355,27 @@ def test_auxiliary_first_stage_loss_trains_the_index_vectors():
     vse = VSEModel(model.config.replace(model_type="vse"), tokenizer=model.tokenizer)
     with pytest.raises(EslmatchError, match="index vectors are its score"):
         MatchingLoss(vse, LossSettings(global_loss_weight=0.5))
+
+
+def test_placeholder_init_draws_nothing_and_puts_torch_back():
+    """A model built to receive saved weights skips the random initialisation (no random
+    numbers drawn), and ``torch.nn.init`` works again after the block, errors included."""
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    with placeholder_init():
+        nn.Linear(64, 64), nn.Embedding(10, 8), nn.GRU(4, 4)
+    assert torch.equal(torch.rand(3), expected)
+    with pytest.raises(RuntimeError, match="boom"), placeholder_init():
+        raise RuntimeError("boom")
+    torch.manual_seed(0)
+    nn.Linear(64, 64)
+    assert not torch.equal(torch.rand(3), expected)
+
+
+def test_a_loaded_model_equals_the_saved_one_bit_for_bit(tmp_path):
+    model = tiny_gru_model(seed=4)
+    loaded = type(model).from_pretrained(model.save_pretrained(tmp_path / "m"))
+    ours, theirs = model.state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -168,14 +168,14 @@ class BertTextEncoder(nn.Module):
         else:
             self.split = n_layers - train_layers  # layers below this index are frozen
         self.frozen = self.split is None
-        self._cache: dict[tuple[int, ...], Tensor] = {}
+        # keyed on first use (hashing the frozen weights takes a while; a search never needs it)
+        self._cache: dict[tuple[int, ...], Tensor] | None = None
         self._cache_bf16: dict[tuple[int, ...], Tensor] | None = None
         self._uncached = False
         frozen_params = self._frozen_parameters()
         for p in frozen_params:
             p.requires_grad_(False)
         if frozen_params:
-            self._cache = _shared_cache(self.backbone, self._frozen_names(), self.split)
             self.register_load_state_dict_post_hook(lambda module, incompatible: module.refresh_cache())
         self.train(self.training)
 
@@ -202,15 +202,15 @@ class BertTextEncoder(nn.Module):
         return self
 
     def refresh_cache(self) -> None:
-        """Re-key the hidden-state cache after the backbone's weights were replaced."""
-        if self._frozen_modules():
-            self._cache = _shared_cache(self.backbone, self._frozen_names(), self.split)
-            self._cache_bf16 = None
+        """Re-key the hidden-state cache (on its next use) after the backbone's weights were replaced."""
+        self._cache = self._cache_bf16 = None
 
     def _cache_now(self, device_type: str) -> dict[tuple[int, ...], Tensor]:
         """The cache of the precision running now: hidden states computed under bf16 autocast
         are kept apart from float32 ones (an fp32 evaluation never reads bf16 values)."""
         if not autocast_active(device_type):
+            if self._cache is None:
+                self._cache = _shared_cache(self.backbone, self._frozen_names(), self.split)
             return self._cache
         if self._cache_bf16 is None:
             self._cache_bf16 = _shared_cache(self.backbone, self._frozen_names(), self.split, "bf16")
@@ -353,17 +353,18 @@ def _shared_cache(
 ) -> dict[tuple[int, ...], Tensor]:
     """One hidden-state cache per distinct frozen part of a backbone in this process.
 
-    Keyed by the frozen part's content (every tensor's name, shape and sum, only names under
-    ``prefixes`` when given), ``split`` and the ``precision`` the states are computed in, so
-    two models built from the same frozen weights (say ESL and its VSE baseline) encode each
-    caption once. Weights loaded later
-    (``load_state_dict``) must call :meth:`BertTextEncoder.refresh_cache`.
+    Keyed by the frozen part's content (every tensor's name, shape, dtype and bytes, only
+    names under ``prefixes`` when given), ``split`` and the ``precision`` the states are
+    computed in, so two models built from the same frozen weights (say ESL and its VSE
+    baseline) encode each caption once. Weights loaded later (``load_state_dict``) must call
+    :meth:`BertTextEncoder.refresh_cache`.
     """
     digest = hashlib.sha256(f"split={split}".encode() + (b"" if precision == "fp32" else f";{precision}".encode()))
     with torch.no_grad():
         for name, t in backbone.state_dict().items():
             if prefixes is None or name.startswith(prefixes):
-                digest.update(f"{name}{tuple(t.shape)}{float(t.double().sum()):.17g}".encode())
+                digest.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+                digest.update(memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
     return _SHARED_CACHES.setdefault(digest.hexdigest(), {})
 
 

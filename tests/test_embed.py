@@ -157,6 +157,44 @@ def test_killed_then_rerun_resumes(esl, captions_file, tmp_path):
     assert other.returncode == 0 and "starting over" in other.stderr and "resumed" not in other.stdout
 
 
+def test_vectors_equal_the_gallery_index(esl, tmp_path):
+    """What ``embed`` writes is what ``index build`` stores: same ids, same vectors (region
+    features of a two-stage ESL model, and photos of a one-stage ESL-CLIP model)."""
+    from eslmatch import open_gallery
+
+    model, folder = esl
+    data = tmp_path / "precomp"
+    data.mkdir()
+    x = torch.relu(torch.randn(7, 6, 16, generator=torch.Generator().manual_seed(5)))
+    np.save(data / "test_ims.npy", x.numpy())
+    (data / "test_ids.txt").write_text("".join(f"im{i}\n" for i in range(7)))
+    (data / "test_caps.txt").write_text("a red circle\n" * 35)  # index build reads a full split
+    skdata = pytest.importorskip("skimage.data")
+    clip = ESLClipModel(ESLClipConfig(strategy="heuristic", num_levels=2, clip=TINY_CLIP))
+    randomize(clip)
+    clip_dir = tmp_path / "clip"
+    clip.eval().save_pretrained(clip_dir)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for n in ("astronaut", "chelsea", "coffee", "rocket"):
+        Image.fromarray(getattr(skdata, n)()).save(photos / f"{n}.png")
+    for name, model_dir, source in (
+        ("regions", folder, ["--features", str(data)]),
+        ("photos", clip_dir, ["--images", str(photos)]),
+    ):
+        index, out = tmp_path / f"{name}-index", tmp_path / f"{name}.parquet"
+        common = ["--model", str(model_dir), *source, "--precision", "fp32"]
+        built = cli("index", "build", *common, "--out", str(index))
+        assert built.returncode == 0, built.stderr
+        run = cli("embed", *common, "--out", str(out), "--no-progress")
+        assert run.returncode == 0, run.stderr
+        ids, got = read_embeddings(out)
+        store = open_gallery(index).store
+        assert sorted(ids) == sorted(store.ids()) and len(ids) == (7 if name == "regions" else 4)
+        stored = store.vectors([store.row_of(i) for i in ids])
+        np.testing.assert_allclose(got, stored, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

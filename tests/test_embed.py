@@ -53,6 +53,33 @@ def direct_caption_vectors(model, path: Path) -> np.ndarray:
         return model.index_vectors_captions(model.embed_captions(ids, lens), lens).numpy()
 
 
+def write_precomp(folder: Path, x: torch.Tensor, captions: bool = False) -> Path:
+    """A precomp ``test`` split of the region features ``x (N, R, D)``, ids ``img0..``; with
+    ``captions`` five per image too (what ``index build`` reads)."""
+    folder.mkdir()
+    np.save(folder / "test_ims.npy", x.numpy())
+    (folder / "test_ids.txt").write_text("".join(f"img{i}\n" for i in range(len(x))))
+    if captions:
+        (folder / "test_caps.txt").write_text("a red circle\n" * (5 * len(x)))
+    return folder
+
+
+def tiny_clip_model() -> ESLClipModel:
+    torch.manual_seed(0)
+    model = ESLClipModel(ESLClipConfig(strategy="heuristic", num_levels=2, clip=TINY_CLIP))
+    randomize(model)
+    return model.eval()
+
+
+def write_photos(folder: Path, names: list[str]) -> Path:
+    """skimage's photographs ``names`` as PNGs in ``folder``."""
+    skdata = pytest.importorskip("skimage.data")
+    folder.mkdir()
+    for n in names:
+        Image.fromarray(getattr(skdata, n)()).save(folder / f"{n}.png")
+    return folder
+
+
 def test_captions_to_npy_and_parquet(esl, captions_file, tmp_path):
     model, folder = esl
     want = direct_caption_vectors(model, captions_file)
@@ -77,10 +104,7 @@ def test_captions_to_npy_and_parquet(esl, captions_file, tmp_path):
 def test_region_features_equal_the_model(esl, tmp_path):
     model, _ = esl
     x = torch.relu(torch.randn(9, 6, 16, generator=torch.Generator().manual_seed(3)))
-    data = tmp_path / "precomp"
-    data.mkdir()
-    np.save(data / "test_ims.npy", x.numpy())
-    (data / "test_ids.txt").write_text("".join(f"img{i}\n" for i in range(9)))
+    data = write_precomp(tmp_path / "precomp", x)
     summary = embed_to_file(
         model, feature_items(model, data), tmp_path / "ims.npy", chunk=4, batch_size=3, progress=False
     )
@@ -92,16 +116,9 @@ def test_region_features_equal_the_model(esl, tmp_path):
 
 
 def test_photos_with_a_pixel_model_skip_bad_files(tmp_path):
-    skdata = pytest.importorskip("skimage.data")
-    torch.manual_seed(0)
-    model = ESLClipModel(ESLClipConfig(strategy="heuristic", num_levels=2, clip=TINY_CLIP))
-    randomize(model)
-    model.eval()
-    photos = tmp_path / "photos"
-    photos.mkdir()
+    model = tiny_clip_model()
     names = ["astronaut", "chelsea", "coffee"]
-    for n in names:
-        Image.fromarray(getattr(skdata, n)()).save(photos / f"{n}.png")
+    photos = write_photos(tmp_path / "photos", names)
     (photos / "notes.txt").write_text("not an image")
     source = photo_items(model, photos)
     summary = embed_to_file(model, source, tmp_path / "p.parquet", batch_size=2, progress=False, log=lambda m: None)
@@ -162,25 +179,15 @@ def test_vectors_equal_the_gallery_index(esl, tmp_path):
     features of a two-stage ESL model, and photos of a one-stage ESL-CLIP model)."""
     from eslmatch import open_gallery
 
-    model, folder = esl
-    data = tmp_path / "precomp"
-    data.mkdir()
+    _, folder = esl
     x = torch.relu(torch.randn(7, 6, 16, generator=torch.Generator().manual_seed(5)))
-    np.save(data / "test_ims.npy", x.numpy())
-    (data / "test_ids.txt").write_text("".join(f"im{i}\n" for i in range(7)))
-    (data / "test_caps.txt").write_text("a red circle\n" * 35)  # index build reads a full split
-    skdata = pytest.importorskip("skimage.data")
-    clip = ESLClipModel(ESLClipConfig(strategy="heuristic", num_levels=2, clip=TINY_CLIP))
-    randomize(clip)
+    data = write_precomp(tmp_path / "precomp", x, captions=True)
+    photos = write_photos(tmp_path / "photos", ["astronaut", "chelsea", "coffee", "rocket"])
     clip_dir = tmp_path / "clip"
-    clip.eval().save_pretrained(clip_dir)
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for n in ("astronaut", "chelsea", "coffee", "rocket"):
-        Image.fromarray(getattr(skdata, n)()).save(photos / f"{n}.png")
-    for name, model_dir, source in (
-        ("regions", folder, ["--features", str(data)]),
-        ("photos", clip_dir, ["--images", str(photos)]),
+    tiny_clip_model().save_pretrained(clip_dir)
+    for name, model_dir, source, count in (
+        ("regions", folder, ["--features", str(data)], 7),
+        ("photos", clip_dir, ["--images", str(photos)], 4),
     ):
         index, out = tmp_path / f"{name}-index", tmp_path / f"{name}.parquet"
         common = ["--model", str(model_dir), *source, "--precision", "fp32"]
@@ -189,9 +196,12 @@ def test_vectors_equal_the_gallery_index(esl, tmp_path):
         run = cli("embed", *common, "--out", str(out), "--no-progress")
         assert run.returncode == 0, run.stderr
         ids, got = read_embeddings(out)
-        store = open_gallery(index).store
-        assert sorted(ids) == sorted(store.ids()) and len(ids) == (7 if name == "regions" else 4)
-        stored = store.vectors([store.row_of(i) for i in ids])
+        gallery = open_gallery(index)
+        try:
+            assert sorted(ids) == sorted(gallery.ids()) and len(ids) == count
+            stored = gallery.store.vectors([gallery.store.row_of(i) for i in ids])
+        finally:
+            gallery.close()
         np.testing.assert_allclose(got, stored, rtol=1e-5, atol=1e-6, err_msg=name)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from _cli import interrupted
+from _cli import eslmatch_argv, interrupted, start
 from _models import randomize, tiny_gru_model
 from eslmatch import VSEModel, load_pretrained
 from eslmatch.cli import main
@@ -303,19 +303,12 @@ def test_a_pipe_into_head_ends_quietly(gallery):
 
 
 def test_ctrl_c_exits_130_without_a_traceback(tmp_path):
-    argv = [
-        sys.executable,
-        "-m",
-        "eslmatch.cli",
-        "demo",
-        "--out",
-        str(tmp_path / "report"),
-        "--cache",
-        str(tmp_path / "cache"),
-    ]
-    proc = subprocess.Popen(
-        argv + ["--no-progress", "--train", "3000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV
-    )
+    """Ctrl-C once the demo has started its work: one line and 130, within seconds. Started as a
+    terminal starts it (SIGINT at its default: a test suite run in the background by a script
+    hands its children SIGINT ignored, which is what lost this interrupt before) and without
+    PYTHONUNBUFFERED: the demo's first line reaches the pipe as it is printed."""
+    argv = ["demo", "--out", str(tmp_path / "report"), "--cache", str(tmp_path / "cache"), "--no-progress"]
+    proc = start(eslmatch_argv(*argv, "--train", "3000"), env=ENV)
 
     def started() -> None:
         first = proc.stdout.readline()  # the demo has started its work

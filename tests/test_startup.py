@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from _cli import interrupted
+from _cli import eslmatch_argv, interrupted, start
 from eslmatch.cli import build_parser, command_names
 from eslmatch.utils import choices
 
@@ -117,14 +117,14 @@ def test_the_light_names_equal_the_modules_that_act_on_them():
 def test_ctrl_c_while_torch_is_imported_is_one_line(gallery_folder):
     """Ctrl-C early in ``eslmatch search``, while the gallery's modules (torch) are imported: they
     are imported inside ``main`` now, so the interrupt is one line and exit 130 (it was a
-    traceback when ``import eslmatch`` itself imported torch)."""
-    import time
+    traceback when ``import eslmatch`` itself imported torch). The signal is sent when the
+    process says torch's import has begun (no guess at how long imports take on this CPU)."""
+    proc = start(eslmatch_argv("search", "--index", gallery_folder, "dog", announce_torch=True))
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "eslmatch.cli", "search", "--index", gallery_folder, "dog"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    code, err = interrupted(proc, lambda: time.sleep(0.6))  # the CLI's own import takes ~0.1 s, torch's seconds
+    def importing_torch() -> None:
+        line = proc.stdout.readline()
+        assert line == b"importing torch\n", (line, proc.stderr.read() if not line else b"")
+
+    code, err = interrupted(proc, importing_torch)
     assert code == 130, err
     assert err.strip() == "eslmatch: interrupted"

@@ -131,7 +131,13 @@ def run() -> None:
     """The process entry point (the ``eslmatch`` script, ``python -m eslmatch.cli``): exit with
     :func:`main`'s code. After Ctrl-C it leaves at once with 130: through ``sys.exit`` about 1
     run in 10 ended killed by SIGINT (status -2) although ``main`` had handled the interrupt
-    and printed its line (an interrupt landing inside torch's import)."""
+    and printed its line (an interrupt landing inside torch's import). Standard output is
+    line-buffered, so each line reaches a pipe (``eslmatch demo | tee log``) when printed,
+    not minutes later in one block."""
+    try:
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    except (AttributeError, ValueError):  # replaced or detached by an embedding program
+        pass
     code = main()
     if code == 130:
         for stream in (sys.stdout, sys.stderr):

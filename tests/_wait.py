@@ -1,0 +1,29 @@
+"""How tests wait: for an event they can observe, never for a guess at how fast the CPU is.
+
+A timeout stops a hung process; it never judges speed. :data:`HUNG` is sized for the slowest
+CPU of our machine kind (2 AVX2 cores, fp32 eager encoders) with another process busy beside
+the test suite, so that only a hang reaches it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+HUNG = 600  # seconds
+
+T = TypeVar("T")
+
+
+def wait_until(check: Callable[[], T], what: str, limit: float = HUNG, every: float = 0.05) -> T:
+    """Call ``check`` until it returns something true (returned); fail after ``limit`` seconds,
+    naming ``what`` was awaited."""
+    deadline = time.monotonic() + limit
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not seen within {limit:.0f} s")
+        time.sleep(every)

@@ -85,3 +85,40 @@ def interrupted(proc: subprocess.Popen, before: Callable[[], None] | None = None
     finally:
         proc.kill()
     return proc.returncode, err.decode()
+
+
+def killed_mid_epoch(
+    argv: Sequence[str], env: dict[str, str], run_dir: Path, steps: int, epoch: int = 1
+) -> tuple[dict, dict]:
+    """Run ``argv`` (a training run writing into ``run_dir``) and SIGKILL it once it saved a
+    resumable state in the middle of epoch ``epoch`` (``steps`` steps each): ``(the save record
+    seen, the state left on disk)``. The kill races the run, and a loaded CPU can let it pass the
+    epoch's end first: such a try (it says nothing of the product) is made again, 5 at most."""
+    import json
+    import shutil
+    import time
+
+    from eslmatch.training.state import STATE_NAME, load_state_file
+
+    log_path = run_dir.with_name(run_dir.name + ".log")
+    for _ in range(5):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        metrics, seen = run_dir / "metrics.jsonl", None
+        with log_path.open("w") as log:
+            proc = subprocess.Popen(list(argv), env=env, stdout=log, stderr=subprocess.STDOUT)
+            while proc.poll() is None:
+                lines = metrics.read_text().splitlines(keepends=True) if metrics.is_file() else []
+                records = [json.loads(x) for x in lines if x.endswith("\n")]  # not a half-written last line
+                saves = [r for r in records if r["kind"] == "save" and r["epoch"] >= epoch and r["step_in_epoch"] > 0]
+                if saves:
+                    seen = saves[0]
+                    proc.send_signal(signal.SIGKILL)
+                    break
+                time.sleep(0.005)
+            proc.wait()
+        assert seen is not None or proc.returncode == 0, log_path.read_text()
+        if seen is not None and proc.returncode == -signal.SIGKILL:
+            state = load_state_file(run_dir / STATE_NAME)
+            if state["epoch"] == epoch and 0 < state["step_in_epoch"] < steps:
+                return seen, state
+    raise AssertionError(f"no kill landed in the middle of epoch {epoch} in 5 tries: {log_path.read_text()}")

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from _wait import HUNG
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -43,7 +45,7 @@ class MilvusServer:
     def uri(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 60.0) -> MilvusServer:
+    def start(self, timeout: float = HUNG) -> MilvusServer:
         cmd = [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(self.data_dir)]
         cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--max-workers", "4"]
         with open(self.log, "ab") as log:

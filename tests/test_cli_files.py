@@ -16,6 +16,7 @@ import torch
 
 from _cli import eslmatch_argv, interrupted, start
 from _models import randomize, tiny_gru_model
+from _wait import HUNG
 from eslmatch import VSEModel, load_pretrained
 from eslmatch.cli import main
 from eslmatch.data.files import list_images
@@ -112,7 +113,7 @@ def test_invalid_utf8_from_a_real_argv(gallery):
         os.fsencode(idx),
         b"\xed\xa0\x80 dog",
     ]
-    proc = subprocess.run(argv, capture_output=True, env=ENV, timeout=120)
+    proc = subprocess.run(argv, capture_output=True, env=ENV, timeout=HUNG)
     err = proc.stderr.decode("utf-8", "replace")
     assert proc.returncode == 1 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("eslmatch: error: argument 4") and "Traceback" not in err
@@ -286,7 +287,7 @@ def test_a_closed_stdout_ends_quietly(gallery):
             stdout=write,
             stderr=subprocess.PIPE,
             env=ENV,
-            timeout=120,
+            timeout=HUNG,
         )
     finally:
         os.close(write)
@@ -297,7 +298,7 @@ def test_a_pipe_into_head_ends_quietly(gallery):
     """``eslmatch search ... --json | head -3``, as a shell runs it."""
     _, _, idx = gallery
     cmd = f"{sys.executable} -m eslmatch.cli search --index {idx} 'a red circle' -k 12 --json | head -3"
-    proc = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, env=ENV, timeout=120)
+    proc = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, env=ENV, timeout=HUNG)
     assert len(proc.stdout.splitlines()) == 3 and proc.stderr == "", proc.stderr
     assert proc.returncode in (0, 141)  # 141 only when head quit before the last write
 

@@ -23,6 +23,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _models import randomize, tiny_gru_model  # noqa: E402
+from _wait import HUNG  # noqa: E402
 
 CASES = ("missing", "empty", "random", "other kind", "bad UTF-8 path")
 
@@ -197,7 +198,7 @@ def test_real_processes_answer_in_one_line(tmp_path, argv):
         [os.fsencode(sys.executable), b"-m", b"eslmatch.cli", *[subst.get(a, a) for a in argv]],
         capture_output=True,
         env=env,
-        timeout=120,
+        timeout=HUNG,
     )
     row = Row(
         " ".join(a.decode("utf-8", "replace") for a in argv),

@@ -4,12 +4,9 @@ equal one process with the global batch (InfoNCE loss and gradients)."""
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,13 +15,13 @@ import torch.multiprocessing as mp
 import yaml
 from safetensors.torch import load_file
 
+from _cli import killed_mid_epoch
 from _models import TINY_CLIP
 from eslmatch.demo.scenes import generate_split, write_split
 from eslmatch.distributed import DistContext, free_port, init_distributed, rank_slice, shutdown, sum_value
 from eslmatch.losses import LossSettings, MatchingLoss, clip_loss
 from eslmatch.model.esl_clip import ESLClipConfig, ESLClipModel
 from eslmatch.training import fit, load_train_config
-from eslmatch.training.state import STATE_NAME, load_state_file
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +68,7 @@ def write_config(path: Path, scenes: Path, **values) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_loss_falls_over_three_epochs(tmp_path, scenes):
     config = write_config(tmp_path / "cfg.yaml", scenes, output_dir=str(tmp_path / "run"))
     cfg = load_train_config(config)
@@ -91,27 +89,12 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_gives_identical_weights(tmp_path, scenes):
     config = write_config(tmp_path / "cfg.yaml", scenes, epochs=2, save_every_steps=2)
     full, cut = tmp_path / "full", tmp_path / "cut"
     subprocess.run(_cli(config, full), check=True, env=_env(), stdout=subprocess.DEVNULL)
-    proc = subprocess.Popen(_cli(config, cut), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    seen = None
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        records = []
-        if (cut / "metrics.jsonl").is_file():
-            records = [json.loads(x) for x in (cut / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        saves = [r for r in records if r["kind"] == "save" and r["epoch"] >= 1 and r["step_in_epoch"] > 0]
-        if saves:
-            seen = saves[0]
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    proc.wait()
-    assert seen is not None and proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    state = load_state_file(cut / STATE_NAME)
-    assert state["epoch"] == 1 and 0 < state["step_in_epoch"] < 10
+    seen, _ = killed_mid_epoch(_cli(config, cut), _env(), cut, steps=10)
     subprocess.run(_cli(config, cut, "--resume"), check=True, env=_env(), stdout=subprocess.DEVNULL)
     a, b = load_file(str(full / "last" / "model.safetensors")), load_file(str(cut / "last" / "model.safetensors"))
     assert a.keys() == b.keys()
@@ -172,6 +155,7 @@ def _worker(rank: int, world: int, port: int, path: str) -> None:
     shutdown(ctx)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_with_the_global_batch(tmp_path):
     path = str(tmp_path / "rank0.pt")
     mp.spawn(_worker, args=(WORLD, free_port(), path), nprocs=WORLD, join=True)

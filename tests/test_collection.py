@@ -170,6 +170,7 @@ def test_one_stage_sequence_equals_brute_force_on_both_stores(vse, world, server
     assert_equal_to_brute_force(mil, vse, world, texts[:20])
 
 
+@pytest.mark.slow
 def test_two_stage_sequence_with_full_rerank_equals_exhaustive_esl(esl, world, server, tmp_path):
     texts = queries(N_QUERIES)
     files = built(esl, world, tmp_path / "files")

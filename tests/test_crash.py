@@ -11,12 +11,14 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from _models import randomize, tiny_gru_model
+from _wait import HUNG
 from eslmatch import VSEModel
 from eslmatch.cli import main
 from eslmatch.retrieval import BuildOptions, FileStore, build_gallery, open_gallery, regions
@@ -85,32 +87,35 @@ def leftovers(path: Path) -> list[str]:
     return out
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("crash")
+def prepare(root: Path, n: int, n_add: int, shard: int, ops: tuple[str, ...]) -> Prepared:
+    """A gallery of ``n`` items in ``root/base`` (one group deleted, for compact to reclaim), the
+    inputs of each operation, the state before, and for each of ``ops`` the state after it ran
+    to its end once and how long it took."""
     esl = tiny_gru_model(seed=5)
     model = VSEModel(esl.config.replace(model_type="vse"), tokenizer=esl.tokenizer)
     randomize(model)
     model.eval().save_pretrained(root / "model")
     rng = np.random.default_rng(0)
-    feats = np.maximum(rng.standard_normal((N, R, D)), 0).astype(np.float32)
-    ids = [f"img{i:05d}" for i in range(N)]
+    feats = np.maximum(rng.standard_normal((n, R, D)), 0).astype(np.float32)
+    ids = [f"img{i:05d}" for i in range(n)]
     meta = {i: {"group": j % 10, "tag": ["a", "b", "c"][j % 3]} for j, i in enumerate(ids)}
-    opts = BuildOptions(progress=False, shard_rows=SHARD, batch_size=500)
+    opts = BuildOptions(progress=False, shard_rows=shard, batch_size=500)
     g = build_gallery(
         model, regions(feats, img_dim=D, ids=ids), root / "base", metadata=meta, options=opts, model_path=root / "model"
     )
     g.delete(where="group == 9")  # something for compact to reclaim
-    np.save(root / "more.npy", np.maximum(rng.standard_normal((N_ADD, R, D)), 0).astype(np.float32))
+    np.save(root / "more.npy", np.maximum(rng.standard_normal((n_add, R, D)), 0).astype(np.float32))
     (root / "meta.jsonl").write_text(
         "".join(
-            json.dumps({"id": i, "tag": "changed", "rating": 2.5}) + "\n" for i in ids[:8000] if int(i[3:]) % 10 != 9
+            json.dumps({"id": i, "tag": "changed", "rating": 2.5}) + "\n"
+            for i in ids[: n * 2 // 5]
+            if int(i[3:]) % 10 != 9
         )
     )
     args = {"add": str(root / "more.npy"), "delete": "-", "update": str(root / "meta.jsonl"), "compact": "-"}
     before = state(root / "base")
     after, seconds = {}, {}
-    for op in OPS:  # each operation run to its end once: the state after, and how long it takes
+    for op in ops:  # each operation run to its end once: the state after, and how long it takes
         target = root / f"after-{op}"
         shutil.copytree(root / "base", target)
         proc = run_worker(target, op, args[op])
@@ -118,10 +123,43 @@ def setup(tmp_path_factory):
         t0 = time.monotonic()  # the operation itself: from "ready" to "done"
         assert proc.stdout.readline().strip() == "done"
         seconds[op] = time.monotonic() - t0
-        assert proc.wait(120) == 0
+        assert proc.wait(HUNG) == 0
         after[op] = state(target)
         assert after[op] != before
-    return root, args, before, after, seconds
+    return Prepared(root, args, before, after, seconds)
+
+
+@dataclass
+class Prepared:
+    root: Path
+    args: dict[str, str]
+    before: dict[str, tuple]
+    after: dict[str, dict[str, tuple]]
+    seconds: dict[str, float]
+
+    def kill_once(self, op: str, delay: float, target: Path) -> str:
+        """Run ``op`` on a copy of the gallery in ``target``, ``kill -9`` it ``delay`` seconds after
+        it is ready, and check what is left: "before" or "after" (anything else fails); the next
+        operation leaves no temporary file."""
+        shutil.copytree(self.root / "base", target)
+        proc = run_worker(target, op, self.args[op])
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(HUNG)
+        got = state(target)  # opens (finishing or rolling back what the kill left)
+        FileStore.open(target, verify=True)
+        outcome = "before" if got == self.before else "after" if got == self.after[op] else "neither"
+        assert outcome != "neither", (op, delay)
+        g = open_gallery(target)  # the next operation cleans what the killed one left
+        g.update({"img00000": {"tag": "next"}})
+        assert leftovers(target) == [], (op, delay, leftovers(target))
+        return outcome
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> Prepared:
+    return prepare(tmp_path_factory.mktemp("crash"), N, N_ADD, SHARD, OPS)
 
 
 def run_worker(path: Path, op: str, arg: str) -> subprocess.Popen:
@@ -139,28 +177,25 @@ def run_worker(path: Path, op: str, arg: str) -> subprocess.Popen:
     )
 
 
+def test_kill_9_once_in_the_middle_of_an_add(tmp_path, capsys):
+    """The fast tier's representative of the loop below: a small gallery, one kill -9 half-way
+    through an add (by the time a full add took), then the same checks."""
+    small = prepare(tmp_path / "small", 2000, 2000, 200, ("add",))
+    outcome = small.kill_once("add", small.seconds["add"] / 2, tmp_path / "killed")
+    assert main(["index", "info", str(tmp_path / "killed"), "--verify"]) == 0
+    with capsys.disabled():
+        print(f"\nkill -9 half-way through an add (it takes {small.seconds['add']:.1f} s): {outcome}")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("op", OPS)
 def test_kill_9_at_random_moments(setup, op, tmp_path, capsys):
-    root, args, before, after, seconds = setup
     rng = np.random.default_rng(abs(hash(op)) % 2**32)
     outcomes = []
     for trial in range(KILLS_PER_OP):
-        target = tmp_path / f"g{trial}"
-        shutil.copytree(root / "base", target)
-        proc = run_worker(target, op, args[op])
-        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
-        time.sleep(float(rng.uniform(0.0, 1.5 * seconds[op])))  # a few land after the end: both outcomes seen
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-        got = state(target)  # opens (finishing or rolling back what the kill left)
-        FileStore.open(target, verify=True)
-        outcome = "before" if got == before else "after" if got == after[op] else "neither"
-        assert outcome != "neither", (op, trial)
-        outcomes.append(outcome)
-        g = open_gallery(target)  # the next operation cleans what the killed one left
-        g.update({"img00000": {"tag": "next"}})
-        assert leftovers(target) == [], (op, trial, leftovers(target))
-    assert main(["index", "info", str(target), "--verify"]) == 0
+        # a few land after the end: both outcomes seen
+        delay = float(rng.uniform(0.0, 1.5 * setup.seconds[op]))
+        outcomes.append(setup.kill_once(op, delay, tmp_path / f"g{trial}"))
+    assert main(["index", "info", str(tmp_path / f"g{KILLS_PER_OP - 1}"), "--verify"]) == 0
     with capsys.disabled():
-        print(f"\nkill -9 during {op} x{KILLS_PER_OP} (op takes {seconds[op]:.1f} s): {outcomes}")
+        print(f"\nkill -9 during {op} x{KILLS_PER_OP} (op takes {setup.seconds[op]:.1f} s): {outcomes}")

@@ -133,6 +133,7 @@ def test_precision_keys_the_cached_features_apart_and_keeps_the_fp32_key():
     assert DemoSettings(precision="bf16").dataset_key() != fp32.dataset_key()
 
 
+@pytest.mark.slow
 def test_tiny_demo_in_bf16_records_it_everywhere(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from eslmatch.cli import main

@@ -126,6 +126,7 @@ def ddp_results(tmp_path_factory):
     return torch.load(path, weights_only=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type,dtype", CASES)
 def test_two_ranks_equal_one_process(ddp_results, model_type, dtype):
     single = run_steps(make_model(model_type, dtype), DistContext(), slice(None), lambda m: m)
@@ -174,6 +175,7 @@ def test_rank_slice_and_gather_alone():
     assert gather_padded(x, DistContext()) is x
 
 
+@pytest.mark.slow
 def test_torchrun_training_matches_one_process(tmp_path):
     """The real command under torchrun (2 gloo processes): same first losses as one process,
     one set of outputs written by rank 0."""

@@ -174,6 +174,7 @@ def test_killed_then_rerun_resumes(esl, captions_file, tmp_path):
     assert other.returncode == 0 and "starting over" in other.stderr and "resumed" not in other.stdout
 
 
+@pytest.mark.slow
 def test_vectors_equal_the_gallery_index(esl, tmp_path):
     """What ``embed`` writes is what ``index build`` stores: same ids, same vectors (region
     features of a two-stage ESL model, and photos of a one-stage ESL-CLIP model)."""

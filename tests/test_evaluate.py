@@ -14,6 +14,7 @@ import torch
 import eslmatch.evaluate as ev
 from _datagen import make_precomp
 from _models import tiny_gru_model
+from _wait import HUNG
 from eslmatch.cli import main
 from eslmatch.data import open_split
 from eslmatch.errors import EslmatchError
@@ -300,7 +301,7 @@ def test_eval_cli_bad_data_is_one_line_and_overwrites_nothing(tiny_models, tmp_p
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HUNG,
     )
     assert proc.returncode == 1
     err_lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]

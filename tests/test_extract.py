@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from _wait import HUNG
 from eslmatch.errors import EslmatchError, InputError
 from eslmatch.extract import (
     BackboneOptions,
@@ -161,7 +162,7 @@ def test_cli_skips_corrupt_and_non_image_files(tmp_path):
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HUNG,
     )
     assert proc.returncode == 0, proc.stderr
     feats = np.load(out / "test_ims.npy")
@@ -180,7 +181,7 @@ def test_cli_empty_folder_is_one_line_error(tmp_path):
         [*ESLMATCH, "extract", "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "ds")],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HUNG,
     )
     assert proc.returncode == 1
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]

@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+from _wait import HUNG
 from eslmatch.distributed import (
     STOP_AFTER_ENV,
     STOP_MODE_ENV,
@@ -99,7 +100,7 @@ def torchrun(folder: Path, captions: Path, out: Path, **env: str) -> subprocess.
     cmd += ["-m", "eslmatch.cli", "extract", "--images", str(folder), "--out", str(out), "--precision", "fp32"]
     cmd += ["--captions", str(captions), "--no-progress", "--dist-timeout", "2", *OPTIONS]
     return subprocess.run(
-        cmd, env={**clean, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True, timeout=180
+        cmd, env={**clean, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True, timeout=HUNG
     )
 
 
@@ -160,6 +161,7 @@ def chunk_state(out: Path) -> dict[int, int]:
     }
 
 
+@pytest.mark.slow
 def test_killed_then_failing_then_resumed(photos, baseline, tmp_path):
     folder, captions = photos
     out = tmp_path / "two"
@@ -199,6 +201,7 @@ def test_killed_then_failing_then_resumed(photos, baseline, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_bad_argument_stops_every_rank(photos, tmp_path):
     _, captions = photos
     t0 = time.perf_counter()

@@ -8,15 +8,20 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
+from _wait import HUNG
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_on_cpu(tmp_path):
     run = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--tiny", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
-        timeout=480,
+        timeout=HUNG,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads((tmp_path / "gpu-check-tiny.json").read_text())

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from _models import tiny_gru_model
+from _wait import HUNG
 from eslmatch.distributed import STOP_AFTER_ENV, STOP_MODE_ENV, STOP_RANK_ENV, deal
 
 N, R, D = 52, 6, 16
@@ -55,7 +56,7 @@ def index_build(inputs: tuple[Path, Path], out: Path, processes: int, *extra: st
     cmd += ["-m", "eslmatch.cli", "index", "build", "--model", str(model_dir), "--features", str(features)]
     cmd += ["--out", str(out), "--dist-timeout", "2", *OPTIONS, *extra]
     return subprocess.run(
-        cmd, env={**clean, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True, timeout=180
+        cmd, env={**clean, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True, timeout=HUNG
     )
 
 
@@ -127,6 +128,7 @@ def shard_state(folder: Path) -> dict[int, tuple[int, int]]:
     return out
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_byte_for_byte(inputs, baseline, tmp_path):
     out = tmp_path / "idx"
     t0 = time.perf_counter()
@@ -141,6 +143,7 @@ def test_two_processes_equal_one_byte_for_byte(inputs, baseline, tmp_path):
     print(f"2 processes == 1 process: all {n} files identical ({time.perf_counter() - t0:.1f} s)")
 
 
+@pytest.mark.slow
 def test_killed_then_failing_then_resumed(inputs, baseline, tmp_path):
     out = tmp_path / "idx"
     # 1. rank 0 dies (hard exit, as if killed) after its first shard; torchrun stops rank 1.
@@ -178,6 +181,7 @@ def test_killed_then_failing_then_resumed(inputs, baseline, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_bad_argument_stops_every_rank(inputs, tmp_path):
     model_dir, _ = inputs
     t0 = time.perf_counter()
@@ -200,6 +204,7 @@ def test_bad_argument_stops_every_rank(inputs, tmp_path):
     print(f"bad argument: one error line, both ranks exit 1, {elapsed:.1f} s")
 
 
+@pytest.mark.slow
 def test_one_process_resumes_around_missing_shards(inputs, baseline, tmp_path, monkeypatch):
     """What a torchrun job leaves (complete shards with holes: not only the first ones) is
     resumed by any number of processes; here one: only the holes and the rest are encoded."""

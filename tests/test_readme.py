@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from _photos import make_photo_set
+from _wait import HUNG
 
 REPO = Path(__file__).resolve().parents[1]
 FENCE = re.compile(r"^```(bash|python)\n(.*?)^```$", re.S | re.M)
@@ -49,6 +50,9 @@ SLOW = {
 DOCS = sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md") if f"docs/{p.name}" not in EXCLUDED_FILES)
 # What a docs folder starts from: the README's folder after its blocks ran, less what is large.
 COPIED_LEAVE_OUT = ("last", "training_state.pt")
+# Docs files whose blocks need only the photo set (no trained model): they run in the fast tier, in
+# a folder of their own. The others start from the README's folder (its trained model): slow tier.
+FROM_PHOTO_SET = {"docs/extract.md": "extracts the photo set's features"}
 # Blocks that run in the repository root (they name its files), each only where those files exist.
 IN_REPO = {("README.md", "eslmatch score ../shared/fixtures/"): REPO.parent / "shared" / "fixtures"}
 
@@ -81,7 +85,7 @@ def user_env(home: Path) -> dict[str, str]:
     return env
 
 
-def run_block(block: Block, cwd: Path, env: dict[str, str], timeout: float = 170) -> str:
+def run_block(block: Block, cwd: Path, env: dict[str, str], timeout: float = HUNG) -> str:
     """Run one block as written; its stdout (a failure shows the block and its output)."""
     cmd = (
         ["bash", "-e", "-o", "pipefail", "-c", block.code]
@@ -133,6 +137,18 @@ def readme_run(tmp_path_factory) -> tuple[Path, dict[str, str], dict[int, str]]:
     return work, env, run_file("README.md", work, env)
 
 
+def runnable(file: str) -> bool:
+    """Whether ``file`` has a block that runs here (not all listed in EXCLUDED / SLOW)."""
+    return not all(any(b.matches(k) for k in (*EXCLUDED, *SLOW)) for b in blocks_of(file))
+
+
+def docs_param(file: str):
+    """``file`` as a test parameter: slow when its blocks start from the README's folder."""
+    slow = runnable(file) and file not in FROM_PHOTO_SET
+    return pytest.param(file, marks=pytest.mark.slow if slow else ())
+
+
+@pytest.mark.slow
 def test_search_your_own_images_runs_as_written_and_finds_the_photo(readme_run):
     work, _, outputs = readme_run
     own = next(b for b in blocks_of("README.md") if "eslmatch train --config own_photos" in b.code)
@@ -146,6 +162,7 @@ def test_search_your_own_images_runs_as_written_and_finds_the_photo(readme_run):
     assert "held-out" in out and "best held-out rsum" in out
 
 
+@pytest.mark.slow
 def test_the_python_snippets_run_as_written(readme_run):
     _, _, outputs = readme_run
     blocks = [b for b in blocks_of("README.md") if b.lang == "python"]
@@ -155,15 +172,22 @@ def test_the_python_snippets_run_as_written(readme_run):
     assert esl.strip().startswith("tensor([")  # the best image of each caption
 
 
-@pytest.mark.parametrize("file", DOCS)
-def test_docs_blocks_run_as_written(file, readme_run, tmp_path):
-    """Each docs file's blocks, in a copy of the README's folder (its photos, features, model)."""
-    work, env, _ = readme_run
-    if all(any(b.matches(k) for k in (*EXCLUDED, *SLOW)) for b in blocks_of(file)):
+@pytest.mark.parametrize("file", [docs_param(f) for f in DOCS])
+def test_docs_blocks_run_as_written(file, request, tmp_path):
+    """Each docs file's blocks, in a copy of the README's folder (its photos, features, model),
+    or, for those of FROM_PHOTO_SET, in a folder holding the photo set alone."""
+    if not runnable(file):
         pytest.skip(f"{file}: no block to run here (none, or all listed in EXCLUDED / SLOW)")
-    shutil.copytree(work, tmp_path / "work", ignore=shutil.ignore_patterns(*COPIED_LEAVE_OUT))
-    stand_in_demo_gallery(tmp_path / "work")
-    run_file(file, tmp_path / "work", env)
+    work = tmp_path / "work"
+    if file in FROM_PHOTO_SET:
+        work.mkdir()
+        make_photo_set(work)
+        env = user_env(tmp_path)
+    else:
+        readme_work, env, _ = request.getfixturevalue("readme_run")
+        shutil.copytree(readme_work, work, ignore=shutil.ignore_patterns(*COPIED_LEAVE_OUT))
+        stand_in_demo_gallery(work)
+    run_file(file, work, env)
 
 
 def stand_in_demo_gallery(work: Path) -> None:
@@ -182,6 +206,8 @@ def test_slow_docs_blocks_run_as_written(file, readme_run, tmp_path):
 
 
 def test_every_exclusion_names_one_block_and_a_reason():
+    for file, reason in FROM_PHOTO_SET.items():
+        assert reason and runnable(file), file
     for key, reason in {**EXCLUDED, **SLOW, **{k: "in the repository" for k in IN_REPO}}.items():
         assert reason and sum(b.matches(key) for b in blocks_of(key[0])) == 1, key
     assert len(EXCLUDED) <= 8  # few: a block a user copies should run

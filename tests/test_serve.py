@@ -591,6 +591,7 @@ def test_inference_queue_is_bounded(library):
 # --------------------------------------------------------------------------- burst
 
 
+@pytest.mark.slow
 def test_burst_against_a_real_server(app, gallery, library):
     """1,000 requests, 8 at a time, on 127.0.0.1: no errors, answers equal to sequential ones."""
     expected = {q: [(h.id, h.score) for h in library.search(q, k=5, rerank_k=100)] for q in QUERIES}

@@ -22,6 +22,7 @@ from PIL import Image  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from _models import ToyPixelModel, randomize, tiny_gru_model  # noqa: E402
+from _wait import HUNG, wait_for_server, wait_until  # noqa: E402
 from eslmatch import VSEModel  # noqa: E402
 from eslmatch.factory import FAMILIES  # noqa: E402
 from eslmatch.retrieval import BuildOptions, build_gallery, open_gallery, regions  # noqa: E402
@@ -171,21 +172,8 @@ def _env() -> dict[str, str]:
 
 def _cli(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "eslmatch.cli", *argv], capture_output=True, text=True, env=_env(), timeout=120
+        [sys.executable, "-m", "eslmatch.cli", *argv], capture_output=True, text=True, env=_env(), timeout=HUNG
     )
-
-
-def _wait_for(base: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()
-        try:
-            if httpx.get(base + "/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("serve did not start")
 
 
 def _ids(base: str) -> set[str]:
@@ -193,16 +181,15 @@ def _ids(base: str) -> set[str]:
     return {r["id"] for r in body["results"]}
 
 
-def _seconds_until(base: str, test, limit: float = 5.0) -> float:
+def _seconds_until(base: str, test) -> float:
+    """Seconds until the running server's answers pass ``test`` (printed; a server that never
+    sees the change fails after a minute: its refresh interval is seconds)."""
     start = time.monotonic()
-    while time.monotonic() - start < limit + 5:
-        if test(_ids(base)):
-            return time.monotonic() - start
-        time.sleep(0.1)
-    raise AssertionError("the server never saw the change")
+    wait_until(lambda: test(_ids(base)), "the server seeing the change", limit=60, every=0.1)
+    return time.monotonic() - start
 
 
-@pytest.mark.parametrize("store", ["files", "milvus"])
+@pytest.mark.parametrize("store", ["files", pytest.param("milvus", marks=pytest.mark.slow)])
 def test_a_running_server_sees_adds_and_deletes_of_another_process(store, tmp_path, capsys):
     if store == "milvus" and not has_grpc_server():
         pytest.skip("pymilvus / milvus-lite not installed")
@@ -230,7 +217,7 @@ def test_a_running_server_sees_adds_and_deletes_of_another_process(store, tmp_pa
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_for(base, proc, log)
+        wait_for_server(base, proc, log)
         assert _ids(base) == {str(i) for i in range(30)}
         added = _cli("index", "add", *place, "--features", str(tmp_path / "more.npy"))
         assert added.returncode == 0, added.stderr
@@ -238,7 +225,6 @@ def test_a_running_server_sees_adds_and_deletes_of_another_process(store, tmp_pa
         deleted = _cli("index", "delete", *place, "--ids", "30", "7")
         assert deleted.returncode == 0 and "deleted 2 items" in deleted.stdout, deleted.stderr
         gone = _seconds_until(base, lambda ids: "30" not in ids and "7" not in ids and "31" in ids)
-        assert seen <= 5.0 and gone <= 5.0
         with capsys.disabled():
             print(f"\n{store}: a running server saw an add after {seen:.2f} s and a delete after {gone:.2f} s")
         assert open_gallery(*(place[1::2])).__len__() == 30

@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from _cli import eslmatch_argv, interrupted, start
+from _wait import HUNG
 from eslmatch.cli import build_parser, command_names
 from eslmatch.utils import choices
 
@@ -31,7 +32,7 @@ print(json.dumps({{"code": code, "heavy": [m for m in {HEAVY!r} if m in sys.modu
 
 def probe(*args: str) -> tuple[dict, str]:
     done = subprocess.run(
-        [sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=120, check=False
+        [sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=HUNG, check=False
     )
     return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
 

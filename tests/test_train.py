@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from _cli import killed_mid_epoch
 from _datagen import make_precomp
 from _models import tiny_bert_config, tiny_bert_tokenizer
 from eslmatch.cli import main as cli_main
@@ -216,28 +216,11 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, small_data
     subprocess.run(_cli(config, full), check=True, env=_env(), stdout=subprocess.DEVNULL)
     t_full = time.time() - t0
 
-    log = (tmp_path / "cut.log").open("w")
-    proc = subprocess.Popen(_cli(config, cut), env=_env(), stdout=log, stderr=subprocess.STDOUT)
-    seen = None
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        # a resumable state saved in the middle of the second epoch (after one validation)
-        saves = [r for r in read_records(cut / "metrics.jsonl", "save") if r["epoch"] >= 1 and r["step_in_epoch"] > 0]
-        if saves:
-            seen = saves[0]
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    proc.wait()
-    log.close()
-    assert seen is not None, (tmp_path / "cut.log").read_text()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    state = load_state_file(cut / STATE_NAME)
+    seen, state = killed_mid_epoch(_cli(config, cut), _env(), cut, steps=15)  # 300 captions / 20 = 15 steps
     print(
         f"killed after the save at step {seen['step']}; state on disk: epoch {state['epoch']} "
         f"step_in_epoch {state['step_in_epoch']} global_step {state['global_step']}"
     )
-    assert state["epoch"] == 1 and 0 < state["step_in_epoch"] < 15  # 300 captions / 20 = 15 steps
 
     t0 = time.time()
     subprocess.run(_cli(config, cut, "--resume"), check=True, env=_env(), stdout=subprocess.DEVNULL)

@@ -162,7 +162,12 @@ def test_one_stage_sequence_equals_brute_force_on_both_stores(vse, world, server
         assert [[h.id for h in r] for r in a] == [[h.id for h in r] for r in b]
         np.testing.assert_allclose([[h.score for h in r] for r in a], [[h.score for h in r] for r in b], atol=1e-5)
     info = files.store.counts()
-    assert info == {"count": len(world.by_id), "deleted": 1050, "rows": N + N_ADD - N_DUP}
+    assert info == {
+        "count": len(world.by_id),
+        "deleted": 1050,
+        "rows": N + N_ADD - N_DUP,
+        "numbered": N + N_ADD - N_DUP,
+    }
     report = files.compact()
     assert report["removed"] == 1050 and len(files) == len(world.by_id) and files.store.counts()["deleted"] == 0
     assert_equal_to_brute_force(open_gallery(tmp_path / "files", model=vse, verify=True), vse, world, texts[:20])

@@ -420,6 +420,18 @@ def test_add_extends_the_collection_like_the_file_index(model, model_dir, server
     assert "320 items" in capsys.readouterr().out
 
 
+def test_numbered_items_metadata_is_keyed_by_the_ids_they_receive(model, server, tmp_path):
+    """As on the file store (tests/test_retrieval.py): metadata of numbered items is keyed by
+    the ids they are stored under; another key is refused and nothing is added."""
+    mil, _ = milvus_gallery(model, regions(5, seed=21)[0], server.uri, "numbered")
+    more = regions(3, seed=22)[0]
+    mil.add(more, metadata={str(5 + i): {"tag": f"t{i}"} for i in range(3)}, options=BuildOptions(progress=False))
+    assert [mil.metadata(str(5 + i))["tag"] for i in range(3)] == ["t0", "t1", "t2"]
+    with pytest.raises(EslmatchError, match="not among the 3 items added, e.g. '0'"):
+        mil.add(more, metadata={"0": {"tag": "lost"}}, options=BuildOptions(progress=False))
+    assert len(mil) == 8
+
+
 def test_fp16_level_features_and_an_hnsw_first_stage(model, server, tmp_path):
     feats, lens = regions(300, seed=21)
     notes: list[str] = []

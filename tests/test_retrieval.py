@@ -28,6 +28,7 @@ from eslmatch.retrieval import (
     open_gallery,
     plan_depth,
 )
+from eslmatch.retrieval import regions as region_source
 from eslmatch.retrieval.filecompact import copy_gallery
 
 QUERY = "the red circle left of the blue square"
@@ -288,6 +289,27 @@ def test_add_captions(model, caption_index, tmp_path):
     assert last.caption.startswith("a green circle above")
 
 
+def test_numbered_items_metadata_is_keyed_by_the_ids_they_receive(model, caption_index, tmp_path, capsys):
+    """Was: keyed by the ids the new captions get, refused ("not among the 3 items added, e.g.
+    '5'"); keyed "0", "1", "2", accepted and dropped (the store renumbered after attaching)."""
+    target = copy_gallery(caption_index, tmp_path / "caps")
+    start = 5 * N_IMAGES
+    (tmp_path / "c2.txt").write_text("a red circle\na blue square\na green circle\n")
+    (tmp_path / "m.jsonl").write_text("".join(f'{{"id": "{start + i}", "tag": "t{i}"}}\n' for i in range(3)))
+    model_dir = str(model.save_pretrained(tmp_path / "model"))
+    add = ["index", "add", "--index", str(target), "--features", str(tmp_path / "c2.txt"), "--model", model_dir]
+    assert main([*add, "--metadata", str(tmp_path / "m.jsonl")]) == 0, capsys.readouterr().err
+    g = open_gallery(target, model=model)
+    assert [g.metadata(str(start + i))["tag"] for i in range(3)] == ["t0", "t1", "t2"]
+    (tmp_path / "old.jsonl").write_text('{"id": "0", "tag": "lost"}\n')  # an id these items do not get
+    capsys.readouterr()
+    assert main([*add, "--metadata", str(tmp_path / "old.jsonl")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not among the 3 items added, e.g. '0'" in err[0], err
+    assert len(open_gallery(target, model=model)) == start + 3  # nothing added
+    assert open_gallery(target, model=model).delete(where='tag == "t1"') == 1  # a filter sees the metadata
+
+
 # ---------------------------------------------------------------------- damage and mismatches
 @pytest.fixture()
 def damaged(image_index, tmp_path):
@@ -350,10 +372,16 @@ def test_broken_manifest_and_non_index(damaged, tmp_path):
         FileStore.open(damaged)
 
 
-def test_wrong_model_refused(image_index):
+def test_wrong_model_refused(model, image_index):
     other = tiny_gru_model(seed=11).eval()
     with pytest.raises(GalleryIndexError, match="built with another model"):
         open_gallery(image_index, model=other).search(QUERY)
+    before = len(open_gallery(image_index, model=model))
+    dim = model.config.img_dim
+    new = region_source(np.ones((2, 6, dim), dtype=np.float32), img_dim=dim, ids=["x1", "x2"])
+    with pytest.raises(GalleryIndexError, match="built with another model"):  # was: added, mixing the two models
+        open_gallery(image_index, model=other).add(new)
+    assert len(open_gallery(image_index, model=model)) == before
     wider = tiny_gru_model(embed_size=64, seed=3).eval()
     with pytest.raises(GalleryIndexError, match="fingerprint"):
         open_gallery(image_index, model=wider).search(QUERY)
@@ -425,6 +453,10 @@ def test_cli_reverse_info_add_and_errors(model, data, image_index, tmp_path, cap
     other = str(tiny_gru_model(seed=9).eval().save_pretrained(tmp_path / "other"))
     assert main(["search", "--index", str(image_index), QUERY, "--model", other]) == 1
     assert "built with another model" in capsys.readouterr().err
+    add_other = ["index", "add", "--index", caps, "--features", str(data), "--split", "dev", "--model", other]
+    assert main(add_other) == 1  # was: "added ... items", another model's vectors mixed in
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "built with" in err[0], err  # another model (its weight file, then its fingerprint)
 
 
 def test_ivf_grows_then_retrains(model, tmp_path, monkeypatch):

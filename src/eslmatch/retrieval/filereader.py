@@ -300,7 +300,8 @@ class FileReader:
 
     def counts(self) -> dict[str, int]:
         with self.snapshot() as s:
-            return {"count": s.live, "deleted": int(s.deleted.size), "rows": s.rows}
+            numbered = int(s.layout.get("numbered", s.rows))  # the next numbered id (never reused)
+            return {"count": s.live, "deleted": int(s.deleted.size), "rows": s.rows, "numbered": numbered}
 
     @property
     def faiss_kind(self) -> str:

@@ -33,7 +33,7 @@ from .encode import Encoding, check_runtime, default_encoding, encoding_for, is_
 from .filestore import AddReport, BuildOptions, FileStore, build_files
 from .filters import Filter, as_filter, check
 from .metadata import Metadata, read_metadata
-from .models import check_gallery_model, model_record
+from .models import check_gallery_model, check_model, model_record
 from .search import GalleryStore, Hit, Searcher
 from .sourcefiles import IMAGE_SUFFIXES
 from .sources import Source, source_for
@@ -182,6 +182,8 @@ class Gallery:
         """Add items (a :class:`Source`, or what :func:`~.sources.source_for` takes: a folder of
         photos, features, captions); ``metadata``: ``{id: fields}`` or a JSON Lines / CSV file;
         ``on_duplicate``: ``skip`` (default), ``replace`` or ``error`` for ids already stored."""
+        # Every store refuses another model's vectors here, before anything is read or encoded.
+        check_model(self.store.manifest["model"], self.stages, self.model, self.store.where)
         src = self._source(source, metadata, **source_options)
         options = options or BuildOptions()
         if options.encoding is None:
@@ -203,10 +205,12 @@ class Gallery:
             raise EslmatchError(
                 f"{self.store.where} is a{'n' if self.kind == 'image' else ''} {self.kind} gallery: add {self.kind}s"
             )
+        # Numbered items (captions, features without ids) get the ids they will be stored under
+        # now, so metadata is keyed by those ("5", "6", ... after five items), as documented.
+        src.number_from(self.store.counts()["numbered"])
         if metadata is not None:
             if isinstance(metadata, (str, Path)):
                 metadata = read_metadata(metadata, self.store.filter_fields())
-            src.number_from(0) if not src.given_ids else None
             src.with_metadata(metadata)
         return src
 

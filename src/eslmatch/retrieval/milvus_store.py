@@ -159,6 +159,7 @@ class MilvusStore:
             "count": self.count(),
             "deleted": int(self.manifest.get("deleted") or 0),
             "rows": int(self.manifest.get("next_row") or 0),
+            "numbered": int(self.manifest.get("next_row") or 0),  # rows are never reused here
         }
 
     def fields(self) -> dict[str, str]:

@@ -424,7 +424,6 @@ def add_to_collection(
     which the caller deletes."""
     _check_source(source)
     where = f"collection {name!r} at {conn.uri}"
-    check_model(m["model"], m["stages"], model, where)
     pending = m.get("adding")
     start = int(pending["start"]) if pending else int(m.get("next_row") or 0)
     source.number_from(start)

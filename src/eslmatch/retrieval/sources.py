@@ -61,9 +61,13 @@ class Source:
         return len(self.ids)
 
     def number_from(self, start: int) -> None:
-        """Give numbered ids ``str(start + i)`` when the data named none (``index add``)."""
+        """Give numbered ids ``str(start + i)`` when the data named none (``index add``); user
+        metadata attached to them follows its items."""
         if not self.given_ids:
-            self.ids = [str(start + i) for i in range(self.count)]
+            new = [str(start + i) for i in range(self.count)]
+            renamed = dict(zip(self.ids, new))
+            self.user_metadata = {renamed[k]: v for k, v in self.user_metadata.items()}
+            self.ids = new
 
     def with_metadata(self, metadata: Mapping[str, Metadata] | None) -> Source:
         """Attach user metadata ``{id: {field: value}}``; an id not in this source is refused."""

@@ -146,6 +146,7 @@ def test_search_page_in_chromium(tmp_path):
     assert foreign == []  # offline page: every request went to this server
 
 
+@pytest.mark.slow  # trains the tiny demo first (test_search_page_in_chromium is the fast one)
 def test_demo_index_shows_pictures_in_chromium(tmp_path, monkeypatch):
     """The gallery index the demo leaves behind, served and searched in the browser: the
     results carry the rendered test images and a clicked result opens its picture."""

@@ -6,6 +6,7 @@ Shared by feature extraction (``eslmatch extract``) and the raw-image datasets
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -41,6 +42,16 @@ class CaptionTable:
     by_id: dict[str, list[str]] = field(default_factory=dict)
     bad_lines: list[tuple[int, str]] = field(default_factory=list)
     n_lines: int = 0
+
+
+def listing_digest(entries: Sequence[ImageEntry]) -> str:
+    """A sha256 of a listing: each file's relative path, size and modification time (what
+    identifies the files of an interrupted run when it resumes)."""
+    h = hashlib.sha256()
+    for e in entries:
+        st = e.path.stat()
+        h.update(f"{e.rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def list_images(

@@ -24,7 +24,6 @@ format (the layout oneDNN's and cuDNN's fast convolutions use); features are flo
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 from ..data.files import SkipImage, to_rgb
 from ..errors import CheckpointError, EslmatchError, InputError
 from ..utils import resolve_device, resolve_precision
+from ..utils.digest import sha256_stream
 
 _MAX_IMAGE_SIZE = 4096
 
@@ -69,15 +69,6 @@ class BackboneOptions:
     max_boxes: int | None = None
     precision: str = "fp32"
     channels_last: bool | None = None
-
-
-def file_fingerprint(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (identifies weights / box files across resumed runs)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
@@ -325,7 +316,7 @@ class EfficientNetLite0(Backbone):
         return fmap.flatten(2).transpose(1, 2).contiguous().float()
 
     def fingerprint(self) -> dict[str, Any]:
-        return {**super().fingerprint(), "weights_sha256": file_fingerprint(self.weights)}
+        return {**super().fingerprint(), "weights_sha256": sha256_stream(self.weights)}
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -414,7 +405,7 @@ class ResNet152Grid(Backbone):
         return self.model(batch).flatten(2).transpose(1, 2).contiguous().float()
 
     def fingerprint(self) -> dict[str, Any]:
-        return {**super().fingerprint(), "weights_sha256": file_fingerprint(self.weights)}
+        return {**super().fingerprint(), "weights_sha256": sha256_stream(self.weights)}
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -591,7 +582,7 @@ class BoxPoolingBackbone(Backbone):
         fp = {**self.base.fingerprint(), "backbone": self.name, "regions": self.regions, "samples": self.samples}
         path = getattr(self, "boxes_file", None) or getattr(self.detector, "path", None)
         if path is not None:
-            fp["boxes_sha256"] = file_fingerprint(path)
+            fp["boxes_sha256"] = sha256_stream(path)
         return fp
 
     def describe(self) -> dict[str, Any]:

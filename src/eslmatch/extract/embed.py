@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..data.files import SkipImage, list_images, open_image
+from ..data.files import SkipImage, list_images, listing_digest, open_image
 from ..data.precomp import find_precomp_folder, open_memmap
 from ..distributed import stop_hook_for_tests
 from ..errors import EslmatchError, InputError
@@ -81,10 +81,7 @@ def photo_items(model: MatchingModel, folder: str | Path, recursive: bool = True
     entries, refused = list_images(root, recursive=recursive)
     if not entries:
         raise InputError(f"{root}: no image files found")
-    h = hashlib.sha256()
-    for e in entries:
-        st = e.path.stat()
-        h.update(f"{e.rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    digest = listing_digest(entries)
     preprocess: Any = cast(Any, model).preprocess
 
     def load(i0: int, i1: int) -> tuple[Any, list[int], list[tuple[str, str]]]:
@@ -100,7 +97,7 @@ def photo_items(model: MatchingModel, folder: str | Path, recursive: bool = True
         return (torch.stack(pixels) if pixels else None), kept, skipped
 
     desc = {"images": str(root.resolve()), "refused": [list(r) for r in refused]}
-    return EmbedSource("photos", [e.id for e in entries], h.hexdigest(), load, desc)
+    return EmbedSource("photos", [e.id for e in entries], digest, load, desc)
 
 
 def feature_items(model: MatchingModel, data: str | Path, split: str = "test") -> EmbedSource:

@@ -21,7 +21,6 @@ one process would.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -46,6 +45,7 @@ from ..data.files import (
     caption_lookup,
     fit_captions,
     list_images,
+    listing_digest,
     open_image,
     parse_captions,
 )
@@ -105,14 +105,6 @@ def output_names(split: str) -> set[str]:
 
 # ---------------------------------------------------------------------------- captions
 # ---------------------------------------------------------------------------- chunks
-def _files_digest(entries: Sequence[ImageEntry]) -> str:
-    h = hashlib.sha256()
-    for e in entries:
-        st = e.path.stat()
-        h.update(f"{e.rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
 class ChunkStore:
     """The partial folder: ``chunk_XXXXX.npy`` (features ``(n_kept, R, D)``) with its
     ``chunk_XXXXX.json`` (which of the chunk's files gave a row, which were skipped and why),
@@ -555,7 +547,7 @@ def _fingerprint(cfg: ExtractConfig, entries: list[ImageEntry], model: Backbone)
         "format": META_FORMAT,
         "split": cfg.split,
         "chunk": cfg.chunk,
-        "files": _files_digest(entries),
+        "files": listing_digest(entries),
         "n_files": len(entries),
         **model.fingerprint(),
     }

@@ -25,7 +25,6 @@ version 4 by hard links (:mod:`.upgrade`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import os
@@ -37,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import EslmatchError
+from ..utils.digest import sha256_stream
 from ..utils.io import fsync_path
 
 FORMAT = "eslmatch-gallery-index"
@@ -124,20 +124,11 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- checksums
-def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
 
 
 def file_records(directory: Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
     """``{name: {"bytes", "sha256"}}`` of files in ``directory``."""
-    return {n: {"bytes": (directory / n).stat().st_size, "sha256": sha256_file(directory / n)} for n in names}
+    return {n: {"bytes": (directory / n).stat().st_size, "sha256": sha256_stream(directory / n)} for n in names}
 
 
 def check_records(
@@ -165,7 +156,7 @@ def check_records(
             raise GalleryIndexError(
                 f"{path}: {size} bytes, {manifest_path.name} records {rec['bytes']} (truncated or modified)"
             )
-        if verify and sha256_file(path) != rec["sha256"]:
+        if verify and sha256_stream(path) != rec["sha256"]:
             raise GalleryIndexError(f"{path}: sha256 differs from the manifest (the file was modified or corrupted)")
 
 

@@ -38,6 +38,7 @@ from ..data.precomp import find_precomp_folder, open_memmap
 from ..distributed import stop_hook_for_tests
 from ..errors import EslmatchError, InputError
 from ..model.base import MatchingModel
+from ..model.identity import model_fingerprint
 from ..text import pad_ids, tokenize_each
 from ..utils import atomic_path, atomic_save_npy, atomic_write_text, encode_in, resolve_precision
 from ..utils.precision import check_precision
@@ -181,17 +182,6 @@ def index_vectors(model: MatchingModel, kind: str, inputs: Any, precision: str =
         return encode_in(precision, dev, run)
 
 
-def model_digest(model: MatchingModel) -> str:
-    """Configuration and a strided sample of every weight: what makes two models' vectors equal."""
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            flat = t.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 4096)].double().cpu().numpy()
-            h.update(f"{name}{tuple(t.shape)}".encode() + sample.tobytes())
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------------- the job
 def check_output(out: str | Path) -> Path:
     """``out`` ends in ``.npy`` or ``.parquet`` (pyarrow importable for the latter)."""
@@ -254,7 +244,7 @@ def embed_to_file(
         "kind": source.kind,
         "items": source.digest,
         "count": source.count,
-        "model": model_digest(model),
+        "model": model_fingerprint(model),
         "precision": used,
         "chunk": chunk,
     }

@@ -8,20 +8,13 @@ whether images are region features or pixels (photos).
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..errors import EslmatchError
 from ..model.base import MatchingModel
-from ..text import WordVocab
+from ..model.identity import model_fingerprint
 from .layout import GalleryIndexError
-
-_SAMPLES_PER_TENSOR = 1024
-_IGNORED_CONFIG_KEYS = ("extra", "text_model")
 
 
 def model_kind(model: MatchingModel) -> str:
@@ -47,34 +40,6 @@ def check_gallery_model(model: MatchingModel) -> MatchingModel:
             f"two-stage galleries need a model of region features; this one ({model_kind(model)}) takes pixels"
         )
     return model
-
-
-def model_fingerprint(model: MatchingModel) -> str:
-    """A content fingerprint of a model: its configuration and a sample of every weight.
-
-    The configuration (without free-form ``extra`` and the text model's *location*), the
-    name, shape and dtype of every tensor of the state dict and up to 1,024 evenly spaced
-    values of each (all values of small tensors) are hashed. It is the same for a model
-    saved and reloaded, moved or copied, and differs for another training run or any
-    changed layer. Costs a few milliseconds even for BERT-base.
-    """
-    h = hashlib.sha256()
-    cfg = {k: v for k, v in model.config.to_dict().items() if k not in _IGNORED_CONFIG_KEYS}
-    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    tokenizer = getattr(model, "tokenizer", None)
-    if isinstance(tokenizer, WordVocab):  # a GRU model's vocabulary is part of it
-        h.update(json.dumps(tokenizer.tokens).encode())
-    with torch.no_grad():
-        for name, t in sorted(model.state_dict().items()):
-            if name.endswith("num_batches_tracked"):
-                continue  # training bookkeeping, no effect on scores
-            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-            flat = t.detach().reshape(-1)
-            if flat.numel() > _SAMPLES_PER_TENSOR:
-                idx = torch.linspace(0, flat.numel() - 1, _SAMPLES_PER_TENSOR, device=flat.device).long()
-                flat = flat[idx]
-            h.update(flat.to("cpu", torch.float64).numpy().tobytes())
-    return h.hexdigest()
 
 
 def model_record(model: MatchingModel, model_path: str | Path | None, text_model: str | Path | None) -> dict[str, Any]:

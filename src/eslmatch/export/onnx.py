@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from .. import __version__
 from ..errors import EslmatchError, InputError
-from ..model.base import MatchingModel
+from ..model.base import MatchingModel, takes_pixels
 from ..text import WordVocab
 from ..text import tokenize as tokenize_with
 from ..utils import atomic_dir, lengths_to_mask, masked_mean
@@ -123,11 +123,6 @@ class EncoderGraph:
         # wrapper left in training mode would put the model's BatchNorm in training mode.
         self.module.eval()
         self.dynamic = {n: {i: a for i, a in enumerate(shape) if isinstance(a, str)} for n, shape in self.axes.items()}
-
-
-def takes_pixels(model: MatchingModel) -> bool:
-    """Models that embed preprocessed pixels (ESL-CLIP) have ``preprocess``."""
-    return hasattr(model, "preprocess")
 
 
 def encoder_graphs(model: MatchingModel) -> dict[str, EncoderGraph]:

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from ..data.files import SkipImage, list_images, listing_digest, open_image
 from ..data.precomp import find_precomp_folder, open_memmap
 from ..distributed import stop_hook_for_tests
 from ..errors import EslmatchError, InputError
-from ..model.base import MatchingModel
+from ..model.base import MatchingModel, takes_pixels
 from ..model.identity import model_fingerprint
 from ..text import pad_ids, tokenize_each
 from ..utils import atomic_path, atomic_save_npy, atomic_write_text, encode_in, resolve_precision
@@ -64,10 +64,6 @@ class EmbedSource:
 
 
 # ---------------------------------------------------------------------------- sources
-def takes_pixels(model: MatchingModel) -> bool:
-    return hasattr(model, "preprocess")
-
-
 def photo_items(model: MatchingModel, folder: str | Path, recursive: bool = True) -> EmbedSource:
     """Every file of ``folder`` (sorted relative paths; ids without extension) for a model
     that takes pixels; unreadable files are skipped and named, never fatal."""
@@ -83,7 +79,7 @@ def photo_items(model: MatchingModel, folder: str | Path, recursive: bool = True
     if not entries:
         raise InputError(f"{root}: no image files found")
     digest = listing_digest(entries)
-    preprocess: Any = cast(Any, model).preprocess
+    preprocess = model.preprocess_image
 
     def load(i0: int, i1: int) -> tuple[Any, list[int], list[tuple[str, str]]]:
         pixels, kept, skipped = [], [], []

@@ -455,3 +455,8 @@ def few(items: list[str], n: int = 6) -> str:
     """The first ``n`` items, comma-separated, with a count of the rest."""
     shown = ", ".join(items[:n])
     return shown + (f" (and {len(items) - n} more)" if len(items) > n else "")
+
+
+def takes_pixels(model: MatchingModel) -> bool:
+    """Whether ``model`` embeds photos (preprocessed pixels, ESL-CLIP) rather than region features."""
+    return model.inputs == "pixels"

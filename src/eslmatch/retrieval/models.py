@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EslmatchError
-from ..model.base import MatchingModel
+from ..model.base import MatchingModel, takes_pixels
 from ..model.identity import model_fingerprint
 from .layout import GalleryIndexError
 
@@ -25,10 +25,6 @@ def model_kind(model: MatchingModel) -> str:
 def stages_of(model: MatchingModel) -> int:
     """1 for a model whose index vectors' inner product IS the score, else 2 (shortlist + re-rank)."""
     return 1 if model.exact_index else 2
-
-
-def takes_pixels(model: MatchingModel) -> bool:
-    return model.inputs == "pixels"
 
 
 def check_gallery_model(model: MatchingModel) -> MatchingModel:

@@ -30,12 +30,8 @@ from _wait import HUNG, wait_for_server, wait_until  # noqa: E402
 from eslmatch import VSEModel  # noqa: E402
 from eslmatch.retrieval import BuildOptions, build_gallery, open_gallery, regions  # noqa: E402
 from eslmatch.serve import create_app  # noqa: E402
-from eslmatch.serve.runner import (  # noqa: E402
-    ConnectionGuard,
-    ConnectionLimits,
-    RepeatFilter,
-    default_max_connections,
-)
+from eslmatch.serve.limits import ConnectionLimits, default_max_connections  # noqa: E402
+from eslmatch.serve.runner import ConnectionGuard, RepeatFilter  # noqa: E402
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 FLOOD = 20_000

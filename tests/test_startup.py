@@ -76,6 +76,8 @@ def gallery_folder(tmp_path):
         (("search", "--index", "{gal}", "--milvus", "http://127.0.0.1:1", "dog"), "--milvus needs --collection"),
         (("search", "--index", "{empty}", "dog"), "manifest.json: missing"),
         (("serve", "--index", "{missing}"), "no such index directory"),
+        (("serve", "--index", "{gal}", "--backlog", "0"), "--backlog must be >= 1"),  # was: after torch, FastAPI
+        (("serve", "--index", "{gal}", "--max-k", "0"), "max_k must be >= 1"),
         (("index", "info", "--index", "{missing}"), "no such index directory"),
         (("index", "delete", "--index", "{missing}", "--ids", "a"), "no such index directory"),
     ],

@@ -120,14 +120,8 @@ def run(args: argparse.Namespace) -> int:
     check_encoding_args(args)
     if not 0 <= args.port <= 65535:
         raise EslmatchError(f"--port must be between 0 and 65535 (got {args.port})")
-    try:
-        from ..serve import ServeConfig, load_app, runner
-        from ..serve.app import read_token
-        from ..serve.middleware import HostRules
-    except ImportError as exc:
-        raise EslmatchError(
-            f"eslmatch serve needs FastAPI and uvicorn: pip install 'eslmatch[serve]' ({exc.name} missing)"
-        ) from exc
+    from ..serve.limits import ConnectionLimits, ServeConfig, connection_cap
+
     try:
         config = ServeConfig(
             max_text_chars=args.max_text,
@@ -137,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
             max_pixels=args.max_pixels,
             max_pending=args.max_pending,
         )
-        limits = runner.ConnectionLimits(
+        limits = ConnectionLimits(
             header_timeout=args.header_timeout,
             body_timeout=args.body_timeout,
             keep_alive_timeout=args.keep_alive_timeout,
@@ -146,7 +140,15 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise EslmatchError(str(exc)) from exc
-    runner.connection_cap(limits)  # a cap the descriptors cannot hold fails before the loading
+    connection_cap(limits)  # a cap the descriptors cannot hold fails before the loading
+    try:
+        from ..serve import load_app, runner
+        from ..serve.app import read_token
+        from ..serve.middleware import HostRules
+    except ImportError as exc:
+        raise EslmatchError(
+            f"eslmatch serve needs FastAPI and uvicorn: pip install 'eslmatch[serve]' ({exc.name} missing)"
+        ) from exc
     token = read_token(args.write_token_file) if args.write_token_file else None
     if collection is not None and token is not None and not args.upload_dir:
         raise EslmatchError("with --milvus, writes need --upload-dir DIR (where uploaded photos are kept)")

@@ -33,7 +33,6 @@ import unicodedata
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -48,6 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import EslmatchError
 from ..retrieval import Gallery, open_gallery, parse_filter
+from .limits import ServeConfig
 from .metrics import Metrics, MetricsMiddleware
 from .middleware import (
     DEFAULT_ALLOWED_HOSTS,
@@ -63,37 +63,6 @@ MAX_ID_CHARS = 1024
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp"}
 UPLOAD_ROUTES = ("/search/image", "/items")
 _INVISIBLE = re.compile(r"[\s\u200b-\u200f\u2028-\u202f\u2060-\u2064\ufeff\x00-\x1f\x7f]+")
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """Limits on what one request may ask for."""
-
-    max_text_chars: int = 1000
-    max_body_bytes: int = 64 * 1024
-    max_upload_bytes: int = 20 << 20
-    max_pixels: int = 40_000_000
-    max_photos: int = 64
-    max_k: int = 1000
-    max_rerank_k: int = 2000
-    default_k: int = 10
-    default_rerank_k: int = 100
-    max_pending: int = 256  # queued inference jobs before answering 503
-
-    def __post_init__(self) -> None:
-        for name in (
-            "max_text_chars",
-            "max_body_bytes",
-            "max_upload_bytes",
-            "max_pixels",
-            "max_photos",
-            "max_k",
-            "max_pending",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ServeConfig.{name} must be >= 1 (got {getattr(self, name)})")
-        if self.max_rerank_k < 0:
-            raise ValueError(f"ServeConfig.max_rerank_k must be >= 0 (got {self.max_rerank_k})")
 
 
 class ApiError(Exception):

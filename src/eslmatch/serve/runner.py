@@ -29,76 +29,15 @@ import logging
 import socket
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import EslmatchError
+from .limits import ConnectionLimits, connection_cap
 
 log = logging.getLogger("uvicorn.error")
-RESERVED_FDS = 1024  # descriptors kept for the gallery, the model, logs and the listening socket
-MAX_CAP = 65536  # an idle connection costs a few KiB; this bounds the memory a flood can take
-
-
-@dataclass(frozen=True)
-class ConnectionLimits:
-    """Per-connection limits of a running server (seconds; ``max_connections`` 0: from the
-    descriptor limit, see :func:`default_max_connections`)."""
-
-    header_timeout: float = 10.0
-    body_timeout: float = 60.0
-    keep_alive_timeout: float = 5.0
-    max_connections: int = 0
-    backlog: int = 4096  # the kernel caps it at net.core.somaxconn
-    log_interval: float = 10.0
-
-    def __post_init__(self) -> None:
-        for name in ("header_timeout", "body_timeout", "keep_alive_timeout", "log_interval"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be > 0 seconds (got {getattr(self, name)})")
-        if self.max_connections < 0:
-            raise ValueError(f"--max-connections must be >= 1, or 0 for the default (got {self.max_connections})")
-        if self.backlog < 1:
-            raise ValueError(f"--backlog must be >= 1 (got {self.backlog})")
-
-
-def raise_fd_limit() -> int:
-    """Raise this process's soft ``RLIMIT_NOFILE`` to its hard limit; the soft limit now
-    (512, the C runtime's default, where there is no such limit: Windows)."""
-    try:
-        import resource
-    except ImportError:
-        return 512
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft != resource.RLIM_INFINITY and soft < want:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-            soft = want
-        except (ValueError, OSError):
-            pass
-    return soft if soft != resource.RLIM_INFINITY else 1 << 20
-
-
-def default_max_connections(fd_limit: int) -> int:
-    """Open connections allowed under ``fd_limit`` descriptors: the limit less a reserve
-    (a quarter of it, at most 1024), between 16 and 65536. 20000 -> 18976, 1024 -> 768."""
-    return max(16, min(MAX_CAP, fd_limit - min(RESERVED_FDS, fd_limit // 4)))
-
-
-def connection_cap(limits: ConnectionLimits) -> int:
-    """The open-connection cap of ``limits`` (the default from the descriptor limit, raised to
-    its hard limit first); :class:`EslmatchError` for a cap the descriptors cannot hold."""
-    fd_limit = raise_fd_limit()
-    most = max(16, fd_limit - min(RESERVED_FDS, fd_limit // 4))
-    if limits.max_connections > most:
-        raise EslmatchError(
-            f"--max-connections {limits.max_connections} is more than this process's file-descriptor limit "
-            f"({fd_limit}) allows: at most {most} (raise the limit with 'ulimit -n', or give less)"
-        )
-    return limits.max_connections or default_max_connections(fd_limit)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from _models import TINY_CLIP, WORDS, tiny_gru_model
-from _wait import wait_for_server
+from _wait import HUNG, wait_for_server
 from milvus_server import MilvusServer, free_port, has_grpc_server
 
 if not has_grpc_server():
@@ -324,7 +324,7 @@ def test_two_serve_processes_on_one_milvus_answer_the_same(model, model_dir, ser
     finally:
         for proc in procs:
             proc.terminate()
-            proc.wait(timeout=30)
+            proc.wait(timeout=HUNG)
 
 
 # ---------------------------------------------------------------------- bad inputs

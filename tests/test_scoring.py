@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from _models import tiny_gru_model
+from _wait import HUNG
 from eslmatch.errors import InputError
 from eslmatch.scoring import PoolingParams, ScoringOptions, plan_tiles, score_tiles, score_tiles_distributed
 from eslmatch.scoring.engine import _compiled_pooling
@@ -337,7 +338,7 @@ def test_distributed_gloo_two_processes_equals_one(tiny, tmp_path):
     with torch.no_grad():
         single = engine(tiny)
     ctx = mp.spawn(_dist_worker, args=(2, _free_port(), str(tmp_path / "out"), tensors), nprocs=2, join=False)
-    for _ in range(120):
+    for _ in range(HUNG):
         if ctx.join(timeout=1):
             break
     else:

@@ -32,6 +32,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from _models import tiny_gru_model  # noqa: E402
+from _wait import HUNG  # noqa: E402
 from eslmatch.cli import main  # noqa: E402
 from eslmatch.errors import EslmatchError  # noqa: E402
 from eslmatch.retrieval import BuildOptions, build_gallery, open_gallery, regions  # noqa: E402
@@ -564,7 +565,7 @@ class GatedGallery:
 
     def search(self, *args, **kwargs):
         self.entered.set()
-        assert self.gate.wait(20)
+        assert self.gate.wait(HUNG)
         return self.inner.search(*args, **kwargs)
 
     def __len__(self) -> int:
@@ -579,7 +580,7 @@ def test_inference_queue_is_bounded(library):
     app = create_app(gated, ServeConfig(max_pending=1))
     with running_server(app) as base, ThreadPoolExecutor(max_workers=1) as pool:
         first = pool.submit(httpx.post, f"{base}/search", json={"text": "red"}, timeout=30)
-        assert gated.entered.wait(20)
+        assert gated.entered.wait(HUNG)
         # The one slot is taken: a second search is refused at once; other endpoints still answer.
         assert "busy" in assert_error(httpx.post(f"{base}/search", json={"text": "blue"}, timeout=30), 503)
         assert httpx.get(f"{base}/healthz", timeout=30).status_code == 200

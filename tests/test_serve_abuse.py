@@ -90,7 +90,7 @@ def serving(index: Path, tmp: Path, *flags: str) -> Iterator[tuple[str, subproce
         yield base, proc, log
     finally:
         proc.terminate()
-        proc.wait(30)
+        proc.wait(HUNG)
 
 
 def rss_kib(pid: int) -> int:
@@ -481,7 +481,7 @@ def test_running_out_of_descriptors_is_logged_once_per_interval(tmp_path):
         wait_until(serves, "the server answering again after the flood")
     finally:
         proc.terminate()
-        proc.wait(30)
+        proc.wait(HUNG)
     text = log.read_text()
     assert 1 <= text.count("socket.accept() out of system resource") <= 2, text[-3000:]
     assert text.count("Too many open files") <= 2 and len(text) < 30_000

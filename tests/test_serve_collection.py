@@ -230,6 +230,6 @@ def test_a_running_server_sees_adds_and_deletes_of_another_process(store, tmp_pa
         assert open_gallery(*(place[1::2])).__len__() == 30
     finally:
         proc.terminate()
-        proc.wait(30)
+        proc.wait(HUNG)
         if server is not None:
             server.stop()

@@ -432,6 +432,17 @@ def test_numbered_items_metadata_is_keyed_by_the_ids_they_receive(model, server,
     assert len(mil) == 8
 
 
+def test_replace_keeps_user_metadata_unless_given_anew(model, server):
+    """As on the file store (tests/test_retrieval.py): one gallery policy for both stores."""
+    feats = regions(3, seed=23)[0]
+    mil, _ = milvus_gallery(model, feats, server.uri, "replacing", ids=["a", "b", "c"])
+    mil.update({"a": {"tag": "cat", "starred": True}, "b": {"tag": "dog"}})
+    new = region_source(feats[:2], img_dim=IMG_DIM, ids=["a", "b"])
+    mil.add(new, {"b": {"tag": "wolf"}}, on_duplicate="replace", options=BuildOptions(progress=False))
+    assert (mil.metadata("a")["tag"], mil.metadata("a")["starred"], mil.metadata("b")["tag"]) == ("cat", True, "wolf")
+    assert len(mil) == 3
+
+
 def test_fp16_level_features_and_an_hnsw_first_stage(model, server, tmp_path):
     feats, lens = regions(300, seed=21)
     notes: list[str] = []

@@ -278,6 +278,23 @@ def test_add_then_search_finds_new_items(model, data, image_index, tmp_path):
         g.add(regions(new[:1], img_dim=16, ids=["new-a"]), on_duplicate="error")
 
 
+def test_replace_keeps_user_metadata_unless_given_anew(model, image_index, tmp_path):
+    """Was: ``on_duplicate="replace"`` erased every replaced item's metadata (``--where starred``
+    then found 0 of 59)."""
+    target = copy_gallery(image_index, tmp_path / "g")
+    g = open_gallery(target, model=model)
+    first, second = g.ids()[:2]
+    g.update({first: {"tag": "cat", "starred": True}, second: {"tag": "dog", "starred": False}})
+    new = region_source(np.ones((2, 6, 16), dtype=np.float32), img_dim=16, ids=[first, second])
+    rep = g.add(new, {second: {"tag": "wolf"}}, on_duplicate="replace", options=BuildOptions(progress=False))
+    assert rep.added == 2 and len(g) == N_IMAGES
+    g = open_gallery(target, model=model, verify=True)
+    assert (g.metadata(first)["tag"], g.metadata(first)["starred"]) == ("cat", True)
+    assert (g.metadata(second)["tag"], g.metadata(second)["starred"]) == ("wolf", False)  # the given field wins
+    assert [h.id for h in g.search(QUERY, k=N_IMAGES, where="starred")] == [first]
+    np.testing.assert_array_equal(g.store.vectors([g.store.row_of(first)]), g.store.vectors([g.store.row_of(second)]))
+
+
 def test_add_captions(model, caption_index, tmp_path):
     target = copy_gallery(caption_index, tmp_path / "caps")
     g = open_gallery(target, model=model)

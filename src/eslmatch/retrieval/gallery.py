@@ -34,6 +34,7 @@ from .filestore import AddReport, BuildOptions, FileStore, build_files
 from .filters import Filter, as_filter, check
 from .metadata import Metadata, read_metadata
 from .models import check_gallery_model, check_model, model_record
+from .policy import keep_user_metadata
 from .search import GalleryStore, Hit, Searcher
 from .sourcefiles import IMAGE_SUFFIXES
 from .sources import Source, source_for
@@ -181,10 +182,13 @@ class Gallery:
     ) -> AddReport:
         """Add items (a :class:`Source`, or what :func:`~.sources.source_for` takes: a folder of
         photos, features, captions); ``metadata``: ``{id: fields}`` or a JSON Lines / CSV file;
-        ``on_duplicate``: ``skip`` (default), ``replace`` or ``error`` for ids already stored."""
+        ``on_duplicate``: ``skip`` (default), ``replace`` or ``error`` for ids already stored;
+        a replaced item keeps its user metadata unless ``metadata`` gives the field anew."""
         # Every store refuses another model's vectors here, before anything is read or encoded.
         check_model(self.store.manifest["model"], self.stages, self.model, self.store.where)
         src = self._source(source, metadata, **source_options)
+        if on_duplicate == "replace":
+            keep_user_metadata(self.store, src)
         options = options or BuildOptions()
         if options.encoding is None:
             options.encoding = (

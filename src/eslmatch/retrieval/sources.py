@@ -41,6 +41,8 @@ from .sourcefiles import (
     split_file,
 )
 
+AUTO_FIELDS = ("folder", "taken")  # fields a photo records by itself (Source.auto_metadata)
+
 
 @dataclass
 class Source:
@@ -84,7 +86,8 @@ class Source:
         return self
 
     def auto_metadata(self, position: int) -> Metadata:
-        """What the item records by itself: ``folder`` (under :attr:`root`) and ``taken``."""
+        """What the item records by itself (:data:`AUTO_FIELDS`): ``folder`` (under
+        :attr:`root`) and ``taken``."""
         path = self.paths[position]
         if self.root is None or not path:
             return {}

@@ -278,6 +278,39 @@ def test_add_then_search_finds_new_items(model, data, image_index, tmp_path):
         g.add(regions(new[:1], img_dim=16, ids=["new-a"]), on_duplicate="error")
 
 
+def test_a_features_only_folder_adds_with_its_ids_and_paths(model, image_index, tmp_path, capsys):
+    """What ``eslmatch extract --images trips/ --out tripsdata/`` writes without a captions file
+    (docs/extract.md: "features only") is added with its ids and paths. Was: ``tripsdata:
+    missing test_caps.txt``."""
+    target = copy_gallery(image_index, tmp_path / "g")
+    trips, data = tmp_path / "trips", tmp_path / "tripsdata"
+    trips.mkdir(), data.mkdir()
+    names = ["beach_01", "beach_02", "hike"]
+    for name in names:
+        (trips / f"{name}.jpg").write_bytes(b"")  # the photos the features came from (paths only)
+    np.save(data / "test_ims.npy", np.random.default_rng(7).random((3, 6, 16), dtype=np.float32))
+    (data / "test_ids.txt").write_text("".join(f"{n}\n" for n in names))
+    (data / "test_images.txt").write_text("".join(f"{n}.jpg\n" for n in names))
+    model_dir = str(model.save_pretrained(tmp_path / "model"))
+    add = [
+        "index",
+        "add",
+        "--index",
+        str(target),
+        "--features",
+        str(data),
+        "--images",
+        str(trips),
+        "--model",
+        model_dir,
+    ]
+    assert main(add) == 0, capsys.readouterr().err
+    assert "added 3 items" in capsys.readouterr().out
+    g = open_gallery(target, model=model, verify=True)
+    assert g.ids()[-3:] == names and Path(g.store.image_path("hike")).name == "hike.jpg"
+    assert main(add) == 0 and "added 0 items" in capsys.readouterr().out  # again: skipped by id, not duplicated
+
+
 def test_replace_keeps_user_metadata_unless_given_anew(model, image_index, tmp_path):
     """Was: ``on_duplicate="replace"`` erased every replaced item's metadata (``--where starred``
     then found 0 of 59)."""

@@ -330,6 +330,7 @@ def open_split(
     img_dim: int | None = None,
     data_name: str | None = None,
     full_check: bool = False,
+    captions: bool = True,
 ) -> PrecompSplit:
     """Open ``split`` of a precomp dataset, checking it (every failure names the file).
 
@@ -341,6 +342,9 @@ def open_split(
         data_name: which dataset folder under ``path`` when it holds several.
         full_check: scan every image row for NaN/inf (one pass over the file) instead of
             a sample of 256 rows.
+        captions: whether the split must have captions; ``False`` also opens a features-only
+            folder (``eslmatch extract`` without a captions file: one row per image, no
+            ``{split}_caps.txt``) with no captions, as a gallery's source of images.
     Returns:
         a :class:`PrecompSplit` with memory-mapped images ``(N_img, R, D)``.
     """
@@ -348,21 +352,25 @@ def open_split(
         raise EslmatchError(f"invalid split name {split!r}")
     folder = find_precomp_folder(path, split, data_name)
     files = split_files(folder, split)
-    missing = [p.name for key, p in files.items() if key in ("images", "captions") and not p.is_file()]
+    features_only = not captions and files["images"].is_file() and not files["captions"].is_file()
+    needed = ("images",) if features_only else ("images", "captions")
+    missing = [p.name for key, p in files.items() if key in needed and not p.is_file()]
     if missing:
         raise EslmatchError(
             f"{folder}: missing {' and '.join(missing)} (split {split!r} needs "
             f"{files['images'].name} and {files['captions'].name})"
         )
     mm = check_region_features(open_memmap(files["images"]), files["images"], img_dim)
-    captions = read_lines(files["captions"], "captions")
+    texts = [] if features_only else read_lines(files["captions"], "captions")
     n_rows = int(mm.shape[0])
     declared = _declared_captions_per_image(files["images"].parent, split)
-    if declared and len(captions) == declared * n_rows:
+    if features_only:
+        step, k = 1, 0  # one row per image, no captions
+    elif declared and len(texts) == declared * n_rows:
         step, k = 1, declared  # written by `eslmatch extract`: one row per image, no guessing
     else:
-        step, k = detect_layout(n_rows, len(captions), files["images"], files["captions"])
-    n_images = len(captions) // k
+        step, k = detect_layout(n_rows, len(texts), files["images"], files["captions"])
+    n_images = n_rows if features_only else len(texts) // k
     ids = image_paths = None
     if files["ids"].is_file():
         ids = _per_image(read_lines(files["ids"], "ids"), files["ids"], n_rows, step, n_images, k)
@@ -370,7 +378,7 @@ def open_split(
         image_paths = _per_image(
             read_lines(files["image_paths"], "image paths"), files["image_paths"], n_rows, step, n_images, k
         )
-    result = PrecompSplit(split, folder, captions, k, step, n_images, ids, image_paths)
+    result = PrecompSplit(split, folder, texts, k, step, n_images, ids, image_paths)
     result._images = mm[::step][:n_images]
     result.check_finite(full=full_check)
     return result

@@ -282,7 +282,7 @@ def regions(
     if isinstance(features, (str, Path)):
         path = Path(features)
         if path.is_dir():
-            features = open_split(path, split, img_dim=img_dim)
+            features = open_split(path, split, img_dim=img_dim, captions=False)
         elif path.suffix == ".npy" and path.is_file():
             arr = _as_features(open_array(path), img_dim)
             found_grid = check_grid(grid, arr.shape[1]) if grid is not None else read_grid(path.parent, arr.shape[1])

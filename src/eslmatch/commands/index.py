@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EslmatchError
+from ..retrieval.policy import ON_DUPLICATE
 from ..utils.choices import PRECISIONS, RUNTIMES
 from ..utils.io import replace_journal
 
@@ -148,9 +149,10 @@ def _inputs_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--images",
+        action="append",
         help="a folder of photos (models that take pixels, e.g. ESL-CLIP; sub-folders read, unreadable files skipped "
-        "and named), the folder of --split-file's images, or the folder of --features' image files to record their "
-        "paths (default: no paths recorded)",
+        "and named; repeat for several: each is a root that index sync rescans), the folder of --split-file's "
+        "images, or the folder of --features' image files to record their paths (default: no paths recorded)",
     )
     p.add_argument(
         "--split-file",
@@ -168,6 +170,13 @@ def _inputs_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--text-model", help="tokenizer of a released checkpoint, recorded for searches (default: the model's own)"
     )
+
+
+def _encode_args(p: argparse.ArgumentParser) -> None:
+    """What an action that may encode photos takes (the model is loaded only if it does)."""
+    p.add_argument("--model", help="model (default: the one the gallery records)")
+    p.add_argument("--batch-size", type=int, default=256, help="items encoded at once (default 256)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N or auto")
 
 
 def _faiss_args(p: argparse.ArgumentParser, default: str | None) -> None:
@@ -242,13 +251,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     _inputs_args(a)
     a.add_argument(
         "--on-duplicate",
-        choices=("skip", "replace", "error"),
+        choices=ON_DUPLICATE,
         default="skip",
         help="an id the gallery holds already: skip the new item (default), replace the stored one, or stop",
     )
     encoding_args(a, "the new items", None)
 
-    d = isub.add_parser("delete", help="delete items by id or by filter (atomic)")
+    y = isub.add_parser(
+        "sync", help="rescan the gallery's folders of photos: add new files, re-encode changed ones, follow moves"
+    )
+    gallery_args(y, "bring up to date")
+    y.add_argument("--dry-run", action="store_true", help="say what would change, change nothing")
+    y.add_argument("--json", action="store_true", help="print the counts as JSON")
+    _encode_args(y)
+
+    t = isub.add_parser("restore", help="bring back deleted photos whose files are still in a root (sync skips them)")
+    gallery_args(t, "change")
+    t.add_argument("--ids", nargs="+", metavar="ID", required=True, help="ids of the excluded items to restore")
+    _encode_args(t)
+
+    d = isub.add_parser("delete", help="delete items by id or by filter (atomic; sync leaves deleted photos out)")
     gallery_args(d, "change")
     who = d.add_mutually_exclusive_group(required=True)
     who.add_argument("--ids", nargs="+", metavar="ID", help="ids of the items to delete (one of --ids / --where)")
@@ -301,6 +323,8 @@ def run(args: argparse.Namespace) -> int:
         "update": _update,
         "compact": _compact,
         "info": _info,
+        "sync": _sync,
+        "restore": _restore,
         "reindex": _reindex,
     }
     return handlers[action](args)
@@ -343,10 +367,15 @@ def _check_inputs(args: argparse.Namespace) -> None:
         raise EslmatchError(
             "give what to index: --features (region features or captions), --images (photos) or --split-file"
         )
+    images = args.images or []
+    if len(images) > 1 and (args.features or args.split_file):
+        raise EslmatchError("give one --images with --features or --split-file (several are folders of photos)")
     for name in ("features", "images", "split_file", "metadata"):
-        value = getattr(args, name, None)
-        if value and "{split}" not in value and not Path(value).exists():
-            raise EslmatchError(f"{value}: no such file or folder (--{name.replace('_', '-')})")
+        values = getattr(args, name, None)
+        for value in values if isinstance(values, list) else [values]:
+            if value and "{split}" not in value and not Path(value).exists():
+                raise EslmatchError(f"{value}: no such file or folder (--{name.replace('_', '-')})")
+    args.images = images[0] if len(images) == 1 else (images or None)
     if args.batch_size < 1:
         raise EslmatchError(f"--batch-size must be a positive integer, got {args.batch_size}")
     check_encoding_args(args)
@@ -498,10 +527,42 @@ def _add(args: argparse.Namespace) -> int:
     )
     dup = {"skip": "skipped", "replace": "replaced", "error": "refused"}[args.on_duplicate]
     extra = f", {rep.duplicates} already in the gallery ({dup})" if rep.duplicates else ""
+    extra += f", {rep.changed} changed files re-encoded" if rep.changed and args.on_duplicate == "skip" else ""
+    extra += f", {rep.moved} moved files followed" if rep.moved else ""
+    extra += f", {rep.excluded} excluded files skipped (index restore brings them back)" if rep.excluded else ""
     bad = f", {len(rep.unreadable)} unreadable files skipped" if rep.unreadable else ""
     print(
         f"added {rep.added} items to {gallery.store.where}{extra}{bad} ({rep.count} in all, {time.perf_counter() - start:.1f} s)"
     )
+    return 0
+
+
+def _sync(args: argparse.Namespace) -> int:
+    gallery_target(args)
+    if args.batch_size < 1:
+        raise EslmatchError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    gallery = open_from_args(args)
+    from ..retrieval import BuildOptions
+
+    start = time.perf_counter()
+    plan = gallery.sync(dry_run=args.dry_run, options=BuildOptions(batch_size=args.batch_size), report=_warn)
+    seconds = time.perf_counter() - start
+    if args.json:
+        print(json.dumps({**plan.counts(), "dry_run": args.dry_run, "seconds": round(seconds, 3)}, sort_keys=True))
+    elif args.dry_run:
+        print(f"{gallery.store.where} would change: {plan.line()} (dry run: nothing changed)")
+    else:
+        print(f"synced {gallery.store.where}: {plan.line()} ({len(gallery)} items, {seconds:.1f} s)")
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    gallery_target(args)
+    gallery = open_from_args(args)
+    from ..retrieval import BuildOptions
+
+    rep = gallery.restore(args.ids, options=BuildOptions(batch_size=args.batch_size), report=_warn)
+    print(f"restored {rep.added} items to {gallery.store.where} ({rep.count} in all)")
     return 0
 
 
@@ -575,6 +636,12 @@ def describe(gallery: Any) -> dict[str, Any]:
     store = gallery.store
     out = {k: v for k, v in store.manifest.items() if not k.startswith("_")}
     out.update(store.counts())
+    lib = store.library()
+    out["library"] = {
+        "roots": lib.get("roots", []),
+        "excluded": len(lib.get("excluded", {})),
+        "gone": len(lib.get("gone", {})),
+    }
     out["fields"] = store.filter_fields()
     if hasattr(store, "layout"):
         layout = store.layout()
@@ -621,6 +688,14 @@ def _describe(gallery: Any, verify: bool, as_json: bool, asked: tuple[str | None
         shards = info["layout"].get("shards", [])
         size = sum(r["bytes"] for s in shards for r in s["files"].values()) + int(first.get("bytes") or 0)
         print(f"size       {size / 2**20:.1f} MiB in {len(shards)} shard(s), generation {info['generation']}")
+    lib = store.library()
+    for root in lib.get("roots", []):
+        print(f"root       {root['label']}: {root['path']}")
+    if lib.get("excluded") or lib.get("gone"):
+        print(
+            f"library    {len(lib.get('excluded', {}))} excluded (deleted by you, files kept; index restore), "
+            f"{len(lib.get('gone', {}))} gone from disk (metadata kept until compact)"
+        )
     for src in info.get("sources", []):
         split = f" split {src['split']}" if src.get("split") else ""
         where = src.get("features") or src.get("images") or src.get("split_file")

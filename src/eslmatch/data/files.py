@@ -54,6 +54,13 @@ def listing_digest(entries: Sequence[ImageEntry]) -> str:
     return h.hexdigest()
 
 
+def id_of(rel: str) -> str:
+    """A file's id: its relative path without the extension (``trips/a.jpg`` -> ``trips/a``)."""
+    name = rel.rsplit("/", 1)[-1]
+    stem = name.rsplit(".", 1)[0] if "." in name[1:] else name
+    return rel[: len(rel) - len(name)] + stem
+
+
 def list_images(
     images_dir: Path, recursive: bool = True, exclude: Sequence[Path] = ()
 ) -> tuple[list[ImageEntry], list[tuple[str, str]]]:
@@ -98,9 +105,7 @@ def list_images(
         except UnicodeEncodeError:  # ids and paths go into UTF-8 files (manifests, ids.txt)
             refused.append((os.fsencode(rel).decode("utf-8", "backslashreplace"), "its name is not valid UTF-8"))
             continue
-        name = rel.rsplit("/", 1)[-1]
-        stem = name.rsplit(".", 1)[0] if "." in name[1:] else name
-        image_id = rel[: len(rel) - len(name)] + stem
+        image_id = id_of(rel)
         if image_id in seen:
             refused.append((rel, f"same id {image_id!r} as {seen[image_id]}"))
             continue

@@ -212,6 +212,16 @@ class Catalog:
     def set_layout(self, layout: Mapping[str, Any]) -> None:
         self.conn.execute("UPDATE state SET value = ? WHERE key = 'layout'", (json.dumps(layout, sort_keys=True),))
 
+    def state(self, key: str) -> dict[str, Any]:
+        """A JSON object kept beside the items (``{}`` when never set), e.g. ``library``."""
+        with self._errors(f"reading {key}"):
+            row = self.conn.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else {}
+
+    def set_state(self, key: str, value: Mapping[str, Any]) -> None:
+        """Set :meth:`state` ``key`` (inside :meth:`write`)."""
+        self.conn.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", (key, json.dumps(value, sort_keys=True)))
+
     # ------------------------------------------------------------------ counts and lookups
     def counts(self) -> tuple[int, int]:
         """``(live items, deleted items not yet compacted)``."""
@@ -314,8 +324,7 @@ class Catalog:
         return n
 
     def update(self, changes: Mapping[int, Metadata]) -> None:
-        """Set (or, for ``None``, clear) metadata fields of rows; new fields must exist."""
-        cols = self._columns()
+        """Set (or, for ``None``, clear) metadata fields (and ``path``) of rows; new fields must exist."""
         by_fields: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
         for row, meta in changes.items():
             names = tuple(sorted(meta))
@@ -323,7 +332,7 @@ class Catalog:
         for names, data in by_fields.items():
             if not names:
                 continue
-            sets = ", ".join(f"{cols[n][1]} = ?" for n in names)
+            sets = ", ".join(f"{self.column(n)} = ?" for n in names)
             self.conn.executemany(f"UPDATE items SET {sets} WHERE row = ?", data)
 
     def renumber(self, keep: np.ndarray) -> None:

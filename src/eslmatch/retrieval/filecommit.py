@@ -100,6 +100,9 @@ class AddReport:
     replaced: int = 0
     unreadable: list[tuple[str, str]] = field(default_factory=list)
     count: int = 0
+    changed: int = 0  # library files re-encoded because they changed (library.py)
+    moved: int = 0  # library files followed to a new place, not re-encoded
+    excluded: int = 0  # library files left out: the user deleted their items
 
 
 def _digest(data: Any) -> str:

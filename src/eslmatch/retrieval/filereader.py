@@ -355,6 +355,18 @@ class FileReader:
         row = self.row_of(item_id)
         return self.records([row])[row].fields()
 
+    def select(self, where: Filter | None = None) -> list[Record]:
+        """The live items (those ``where`` selects) with their metadata, in row order."""
+        with self.snapshot() as s:
+            rows = s.live_rows() if where is None else self._selected(s, where)[0]
+            recs = self.catalog.records(rows.tolist())
+        return [recs[r] for r in sorted(recs)]
+
+    def library(self) -> dict[str, Any]:
+        """The photo library's state (roots, exclusions; :mod:`~.library`), ``{}`` if none."""
+        with self.snapshot():
+            return self.catalog.state("library")
+
     def ids(self) -> list[str]:
         """Live ids in row order."""
         with self.snapshot():

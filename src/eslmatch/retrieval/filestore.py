@@ -64,6 +64,7 @@ from .layout import (
     write_json,
 )
 from .metadata import Metadata, MetadataError, merge_types, now
+from .policy import check_on_duplicate
 from .shards import BUILD_RECORD, ShardSink, ShardWriter
 from .sources import Source
 from .writer import Report, write_source
@@ -222,8 +223,7 @@ def add_files(
 ) -> AddReport:
     """Append ``source`` to the gallery (see the module doc); ``on_duplicate``: what to do
     with an id the gallery holds (``skip`` it, ``replace`` the stored item, or ``error``)."""
-    if on_duplicate not in ("skip", "replace", "error"):
-        raise EslmatchError(f"on_duplicate must be skip, replace or error, got {on_duplicate!r}")
+    check_on_duplicate(on_duplicate)
     path = store.path
     with write_lock(path):
         store.refresh()
@@ -319,23 +319,33 @@ def delete_files(store: FileReader, ids: Sequence[str] | None, where: Filter | N
         return n
 
 
-def update_files(store: FileReader, changes: Mapping[str, Metadata]) -> int:
-    """Set metadata of live items (``None`` clears a field) in one transaction; an unknown id
-    or a value of another type than its field's is an error, and nothing changes."""
+def update_files(store: FileReader, changes: Mapping[str, Metadata], paths: Mapping[str, str] | None = None) -> int:
+    """Set metadata of live items (``None`` clears a field) and the ``paths`` of moved ones in
+    one transaction; an unknown id or a value of another type than its field's is an error,
+    and nothing changes."""
+    paths = paths or {}
     with write_lock(store.path):
         store.refresh()
-        found = store.catalog.rows_of(list(changes))
-        unknown = [i for i in changes if i not in found]
+        ids = list({**changes, **paths})
+        found = store.catalog.rows_of(ids)
+        unknown = [i for i in ids if i not in found]
         if unknown:
             raise MetadataError(
                 f"{store.where}: no item with id {unknown[0]!r} ({len(unknown)} unknown; nothing updated)"
             )
         types = merge_types(store.catalog.types(), ({"id": k, **v} for k, v in changes.items()))
+        rows = {found[k]: {**changes.get(k, {}), **({"path": paths[k]} if k in paths else {})} for k in ids}
         with store.catalog.write():
             store.catalog.add_fields(types)
-            store.catalog.update({found[k]: dict(v) for k, v in changes.items()})
+            store.catalog.update(rows)
         collect_garbage(store.path, store.layout())
-        return len(changes)
+        return len(ids)
+
+
+def set_library_files(store: FileReader, state: Mapping[str, Any]) -> None:
+    """Record the photo library's state (:mod:`~.library`) in the catalogue, atomically."""
+    with write_lock(store.path), store.catalog.write():
+        store.catalog.set_state("library", state)
 
 
 class FileStore(FileReader):
@@ -355,8 +365,11 @@ class FileStore(FileReader):
     def delete(self, ids: Sequence[str] | None = None, where: Filter | None = None) -> int:
         return delete_files(self, ids, where)
 
-    def update(self, changes: Mapping[str, Metadata]) -> int:
-        return update_files(self, changes)
+    def update(self, changes: Mapping[str, Metadata], paths: Mapping[str, str] | None = None) -> int:
+        return update_files(self, changes, paths)
+
+    def set_library(self, state: Mapping[str, Any]) -> None:
+        set_library_files(self, state)
 
     def compact(self, report: Report | None = None) -> dict[str, int]:
         return compact_files(self, report or _warn)

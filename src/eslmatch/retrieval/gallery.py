@@ -28,13 +28,25 @@ from ..distributed import DistContext
 from ..errors import EslmatchError
 from ..factory import load_recorded
 from ..model.base import MatchingModel
+from ..utils.digest import sha256_stream
 from ..utils.precision import check_precision
 from .encode import Encoding, check_runtime, default_encoding, encoding_for, is_image_file
 from .filestore import AddReport, BuildOptions, FileStore, build_files
 from .filters import Filter, as_filter, check
-from .metadata import Metadata, read_metadata
+from .library import (
+    FileState,
+    Library,
+    Plan,
+    library_folders,
+    new_library,
+    photo_source,
+    stat_file,
+    to_records,
+    user_fields,
+)
+from .metadata import Metadata, MetadataError, merge_types, read_metadata
 from .models import check_gallery_model, check_model, model_record
-from .policy import keep_user_metadata
+from .policy import check_on_duplicate, keep_user_metadata
 from .search import GalleryStore, Hit, Searcher
 from .sourcefiles import IMAGE_SUFFIXES
 from .sources import Source, source_for
@@ -183,12 +195,28 @@ class Gallery:
         """Add items (a :class:`Source`, or what :func:`~.sources.source_for` takes: a folder of
         photos, features, captions); ``metadata``: ``{id: fields}`` or a JSON Lines / CSV file;
         ``on_duplicate``: ``skip`` (default), ``replace`` or ``error`` for ids already stored;
-        a replaced item keeps its user metadata unless ``metadata`` gives the field anew."""
+        a replaced item keeps its user metadata unless ``metadata`` gives the field anew.
+
+        A folder of photos becomes (or is) one of the gallery's roots (:mod:`~.library`): its
+        new files are added, changed ones re-encoded, moved ones followed, excluded ones left out."""
+        check_on_duplicate(on_duplicate)
         # Every store refuses another model's vectors here, before anything is read or encoded.
         check_model(self.store.manifest["model"], self.stages, self.model, self.store.where)
+        folders = library_folders(self.model, source, source_options) if self.kind == "image" else None
+        if folders:
+            rep = AddReport()
+            for folder in folders:
+                rep = self._add_root(
+                    folder, metadata if folder == folders[-1] else None, on_duplicate, options, report or _warn
+                )
+            return rep
         src = self._source(source, metadata, **source_options)
         if on_duplicate == "replace":
             keep_user_metadata(self.store, src)
+        return self._write(src, on_duplicate, options, report or _warn)
+
+    def _write(self, src: Source, on_duplicate: str, options: BuildOptions | None, report: Report) -> AddReport:
+        check_model(self.store.manifest["model"], self.stages, self.model, self.store.where)
         options = options or BuildOptions()
         if options.encoding is None:
             options.encoding = (
@@ -199,7 +227,133 @@ class Gallery:
         record = model_record(
             self.model, self.store.manifest["model"].get("path"), self.store.manifest["model"].get("text_model")
         )
-        return self.store.add(self.model, src, record, on_duplicate, options, report or _warn)
+        return self.store.add(self.model, src, record, on_duplicate, options, report)
+
+    # ------------------------------------------------------------------ the photo library
+    def _add_root(
+        self, folder: Path, metadata: Any, on_duplicate: str, options: BuildOptions | None, report: Report
+    ) -> AddReport:
+        lib = Library.load(self.store)
+        root = lib.add_root(folder)
+        lib.save(self.store)
+        files, _ = lib.scan([root], report)
+        plan = lib.plan(files, self.store.select(), [root["label"]])
+        known = plan.unchanged + list(plan.touched.items())
+        if known and on_duplicate == "error":
+            raise EslmatchError(
+                f"{self.store.where}: {len(known) + len(plan.changed)} files of {folder} are in the gallery already, "
+                f"e.g. {known[0][1].rel!r} (id {known[0][0]!r})"
+            )
+        if on_duplicate == "replace":  # re-encode every known file, keeping its user metadata
+            records = {r.id: r for r in to_records(self.store, [i for i, _ in known])}
+            for item_id, f in known:
+                f.sha256 = f.sha256 or sha256_stream(f.path)
+                plan.changed.append((item_id, f))
+                plan.kept[item_id] = user_fields(records[item_id].metadata)
+            plan.unchanged, plan.touched = [], {}
+        if metadata is not None:
+            self._merge_metadata(plan, metadata)
+        rep = self._apply(lib, plan, options, report, remove_gone=False)
+        rep.duplicates = len(plan.unchanged) + len(plan.touched)
+        return rep
+
+    def _merge_metadata(self, plan: Plan, metadata: Any) -> None:
+        """Metadata given with an add of a root: on top of what the items keep; for items
+        already stored and unchanged, an update."""
+        if isinstance(metadata, (str, Path)):
+            metadata = read_metadata(metadata, self.store.filter_fields())
+        written = {i for i, _ in (*plan.changed, *plan.returned, *plan.new)}
+        stored = {i for i, _ in plan.unchanged} | set(plan.touched)
+        unknown = [i for i in metadata if i not in written and i not in stored]
+        if unknown:
+            raise MetadataError(
+                f"metadata names {len(unknown)} id(s) not among the files of the folder, e.g. {unknown[0]!r}"
+            )
+        merge_types(self.store.filter_fields(), ({"id": k, **v} for k, v in metadata.items()))
+        for i, fields in metadata.items():
+            if i in written:
+                plan.kept[i] = {**plan.kept.get(i, {}), **fields}
+        updates = {i: dict(v) for i, v in metadata.items() if i in stored}
+        if updates:
+            self.store.update(updates)
+
+    def _apply(
+        self, lib: Library, plan: Plan, options: BuildOptions | None, report: Report, remove_gone: bool
+    ) -> AddReport:
+        """Carry out ``plan``, one atomic store operation after another (a kill between two
+        leaves a gallery a later sync completes)."""
+        store = self.store
+        moves = {**dict(plan.moved), **plan.touched}
+        if moves:
+            store.update({i: f.fields() for i, f in moves.items()}, {i: str(f.path) for i, f in moves.items()})
+        if remove_gone and (plan.gone or plan.excluded_live):
+            lib.remember_gone(plan.gone)
+            lib.save(store)  # before the delete: a kill between the two keeps the metadata
+            store.delete([r.id for r in plan.gone] + plan.excluded_live)
+        items = [*plan.changed, *plan.returned, *plan.new]
+        rep = AddReport(count=len(self))
+        if items:
+            rep = self._write(photo_source(items, plan.kept, "library"), "replace", options, report)
+            files = {f"{f.root}/{f.rel}": f for _, f in items}
+            for name, _why in rep.unreadable:
+                if name in files:
+                    lib.unreadable[name] = [files[name].size, files[name].mtime]
+        if plan.returned or rep.unreadable:
+            lib.save(store)
+        rep.added = len(plan.new) + len(plan.returned) - len(rep.unreadable)
+        rep.replaced, rep.changed, rep.moved, rep.excluded = (
+            len(plan.changed),
+            len(plan.changed),
+            len(plan.moved),
+            plan.excluded,
+        )
+        return rep
+
+    def sync(self, dry_run: bool = False, options: BuildOptions | None = None, report: Report | None = None) -> Plan:
+        """Bring the gallery in line with its roots (:mod:`~.library`): add new files,
+        re-encode changed ones, follow moved ones, take gone ones out. Returns what it found
+        (``dry_run``: and changes nothing). Loads the model only when something is encoded."""
+        report = report or _warn
+        lib = Library.load(self.store)
+        if not lib.roots:
+            raise EslmatchError(
+                f"{self.store.where} records no folder of photos to sync: build or add it with --images FOLDER"
+            )
+        files, unreachable = lib.scan(lib.roots, report)
+        live = [r["label"] for r in lib.roots if r["label"] not in unreachable]
+        plan = lib.plan(files, self.store.select(), live)
+        plan.unreachable = unreachable
+        if not dry_run:
+            self._apply(lib, plan, options, report, remove_gone=True)
+        return plan
+
+    def restore(
+        self, ids: Sequence[str], options: BuildOptions | None = None, report: Report | None = None
+    ) -> AddReport:
+        """Bring back excluded items (deleted by the user, their files still in a root):
+        encoded again from their files, with the metadata they had."""
+        lib = Library.load(self.store)
+        unknown = [i for i in ids if i not in lib.excluded]
+        if unknown:
+            raise EslmatchError(
+                f"{self.store.where}: {unknown[0]!r} is not an excluded item ({len(lib.excluded)} are; "
+                "`eslmatch index info` counts them)"
+            )
+        items: list[tuple[str, FileState]] = []
+        for i in ids:
+            e = lib.excluded[i]
+            path = lib.file_of(e)
+            if not path.is_file():
+                raise EslmatchError(f"{self.store.where}: the file of {i!r} ({path}) is not there any more")
+            items.append((i, stat_file(e["root"], e["file"], path)))
+        plan = Plan(returned=items, kept={i: dict(lib.excluded[i].get("metadata") or {}) for i in ids})
+        for i, f in items:  # gone until written: a kill in between leaves it for sync to bring back
+            e = lib.excluded.pop(i)
+            lib.gone[i] = {"root": f.root, "file": f.rel, "file_sha256": f.sha256, "metadata": e.get("metadata") or {}}
+        lib.save(self.store)
+        for i, _ in items:
+            lib.gone.pop(i, None)
+        return self._apply(lib, plan, options, report or _warn, remove_gone=False)
 
     def _source(self, source: Any, metadata: Any, **source_options: Any) -> Source:
         if self.kind == "caption":
@@ -225,7 +379,17 @@ class Gallery:
         flt = None if where is None else self.check_filter(where)
         if isinstance(ids, str):
             ids = [ids]
-        return self.store.delete(list(ids) if ids is not None else None, flt)
+        ids = list(ids) if ids is not None else None
+        lib = Library.load(self.store)
+        if lib.roots:  # remember deleted library photos, so that sync and add leave them out
+            records = to_records(self.store, ids) if ids else []
+            if ids and len({r.id for r in records}) < len(set(ids)):
+                return self.store.delete(ids, flt)  # it names the unknown id, deleting nothing
+            if flt is not None:
+                records += self.store.select(flt)
+            if lib.exclude(records):
+                lib.save(self.store)
+        return self.store.delete(ids, flt)
 
     def update(self, metadata_by_id: Mapping[str, Metadata] | str | Path) -> int:
         """Set metadata fields of items (``None`` clears one); a file is read as ``metadata``."""
@@ -234,8 +398,14 @@ class Gallery:
         return self.store.update(metadata_by_id)
 
     def compact(self) -> dict[str, int]:
-        """Reclaim the space of deleted items (and merge small shards)."""
-        return self.store.compact()
+        """Reclaim the space of deleted items (and merge small shards); forget the metadata
+        of library files that are gone."""
+        out = self.store.compact()
+        lib = Library.load(self.store)
+        if lib.gone:
+            lib.gone = {}
+            lib.save(self.store)
+        return out
 
     def refresh(self) -> bool:
         return self.store.refresh()
@@ -308,19 +478,29 @@ def build_gallery(
     options.check()
     if options.encoding is None:
         options.encoding = encoding_for(model, options.precision, options.runtime, options.onnx, model_path)
-    src = source_for(model, source, **source_options)
+    folders = library_folders(model, source, source_options)
+    lib: Library | None = None
+    src: Source
+    if folders:
+        lib, src = new_library(folders, say)
+    else:
+        src = source_for(model, source, **source_options)
     if metadata is not None:
         src.with_metadata(read_metadata(metadata) if isinstance(metadata, (str, Path)) else metadata)
     record = model_record(model, model_path, text_model)
+    store: GalleryStore
     if collection is not None:
         from .milvus_store import build_milvus
 
         store = build_milvus(model, src, str(target), collection, options, record, say, **dict(milvus or {}))
-        return Gallery(store, model, encoding=options.encoding)
-    out = build_files(model, src, Path(target), options, record, say, job)
-    if not job.is_main:
-        return None
-    return Gallery(FileStore.open(out), model, encoding=options.encoding)
+    else:
+        out = build_files(model, src, Path(target), options, record, say, job)
+        if not job.is_main:
+            return None
+        store = FileStore.open(out)
+    if lib is not None:
+        lib.save(store)
+    return Gallery(store, model, encoding=options.encoding)
 
 
 __all__ = ["Gallery", "build_gallery", "is_image_file", "open_gallery"]

@@ -278,6 +278,21 @@ class MilvusStore:
     def ids(self) -> list[str]:
         return [r.id for r in self.scan()]
 
+    def select(self, where: Filter | None = None) -> list[Record]:
+        """The live items (those ``where`` selects) with their metadata, in row order."""
+        return list(self.scan() if where is None else self.scan(self.expression(where)))
+
+    def library(self) -> dict[str, Any]:
+        """The photo library's state (roots, exclusions; :mod:`~.library`), ``{}`` if none."""
+        m = read_manifest(self.conn, self.collection) or self.manifest
+        return dict(m.get("library") or {})
+
+    def set_library(self, state: Mapping[str, Any]) -> None:
+        m = read_manifest(self.conn, self.collection) or self.manifest
+        m["library"] = dict(state)
+        write_manifest(self.conn, self.collection, m)
+        self._apply(m)
+
     def sample_paths(self, n: int = 200) -> list[str]:
         return [r.path for r in self._query("row >= 0", n) if r.path]
 
@@ -435,11 +450,13 @@ class MilvusStore:
             rows.update(r.row for r in self.scan(self.expression(where)))
         return self._delete_rows(sorted(rows)) if rows else 0
 
-    def update(self, changes: Mapping[str, Metadata]) -> int:
-        """Rewrite the items' entities with their metadata changed (``None`` clears a field)."""
+    def update(self, changes: Mapping[str, Metadata], paths: Mapping[str, str] | None = None) -> int:
+        """Rewrite the items' entities with their metadata changed (``None`` clears a field)
+        and the ``paths`` of moved ones."""
         self.refresh()
+        paths = paths or {}
         types = merge_types(self.fields(), ({"id": k, **v} for k, v in changes.items()))
-        ids = list(changes)
+        ids = list({**changes, **paths})
         entities: dict[str, dict[str, Any]] = {}
         for i in range(0, len(ids), 1000):
             got = self._call(
@@ -457,12 +474,14 @@ class MilvusStore:
                 f"{self.where}: no item with id {unknown[0]!r} ({len(unknown)} unknown; nothing updated)"
             )
         out = []
-        for item, fields in changes.items():
+        for item in ids:
             e = {k: v for k, v in entities[item].items() if k not in ("$meta",)}
-            for k, v in fields.items():
+            for k, v in changes.get(item, {}).items():
                 if k in BUILTIN:
                     raise MetadataError(f"{k!r} is a builtin field; it cannot be updated")
                 e.pop(k, None) if v is None else e.__setitem__(k, v)
+            if item in paths:
+                e["path"] = paths[item]
             e["vec"] = np.asarray(e["vec"], dtype=np.float32)
             out.append(e)
         send(self.conn, self.collection, out, self.total_dim * 4 + 512)

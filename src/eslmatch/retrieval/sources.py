@@ -41,7 +41,8 @@ from .sourcefiles import (
     split_file,
 )
 
-AUTO_FIELDS = ("folder", "taken")  # fields a photo records by itself (Source.auto_metadata)
+LIBRARY_FIELDS = ("root", "file", "file_size", "file_mtime", "file_sha256")  # a library photo's file (library.py)
+AUTO_FIELDS = ("folder", "taken", *LIBRARY_FIELDS)  # fields a photo records by itself (Source.auto_metadata)
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Source:
     given_ids: bool = True
     root: Path | None = None  # the folder relative to which ``folder`` is recorded
     user_metadata: dict[str, Metadata] = field(default_factory=dict)
+    file_fields: dict[str, Metadata] = field(default_factory=dict)  # id -> folder + LIBRARY_FIELDS
 
     @property
     def count(self) -> int:
@@ -89,13 +91,17 @@ class Source:
         """What the item records by itself (:data:`AUTO_FIELDS`): ``folder`` (under
         :attr:`root`) and ``taken``."""
         path = self.paths[position]
-        if self.root is None or not path:
+        out: Metadata
+        if self.ids[position] in self.file_fields:  # a library photo (library.py)
+            out = dict(self.file_fields[self.ids[position]])
+        elif self.root is None or not path:
             return {}
-        try:
-            rel = Path(path).resolve().relative_to(self.root.resolve()).as_posix()
-        except ValueError:
-            return {}
-        out: Metadata = {"folder": folder_of(rel)}
+        else:
+            try:
+                rel = Path(path).resolve().relative_to(self.root.resolve()).as_posix()
+            except ValueError:
+                return {}
+            out = {"folder": folder_of(rel)}
         taken = exif_taken(path)
         if taken is not None:
             out["taken"] = taken
@@ -110,7 +116,7 @@ class Source:
         h = hashlib.sha256()
         h.update(json.dumps([self.kind, self.description, self.count], sort_keys=True, default=str).encode())
         h.update("\n".join(self.ids).encode() + b"\0" + "\n".join(self.paths).encode())
-        h.update(json.dumps(self.user_metadata, sort_keys=True).encode())
+        h.update(json.dumps([self.user_metadata, self.file_fields], sort_keys=True).encode())
         self._identity_more(h)
         return {"source": self.description, "count": self.count, "digest": h.hexdigest()}
 
@@ -488,6 +494,7 @@ def subset(source: Source, positions: Sequence[int]) -> Source:
         given_ids=source.given_ids,
         root=source.root,
         user_metadata=dict(source.user_metadata),
+        file_fields=dict(source.file_fields),
     )
     if isinstance(source, RegionSource):
         base, where = source, np.asarray(pos, dtype=np.int64)

@@ -47,6 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import EslmatchError
 from ..retrieval import Gallery, open_gallery, parse_filter
+from ..retrieval.policy import ON_DUPLICATE
 from .limits import ServeConfig
 from .metrics import Metrics, MetricsMiddleware
 from .middleware import (
@@ -548,8 +549,8 @@ def _write_routes(app: FastAPI, served: Served) -> None:
             raise ApiError(422, "send the photos as multipart fields 'photos'")
         meta = _form_metadata(_form_text(form, "metadata"))
         on_duplicate = _form_text(form, "on_duplicate") or "skip"
-        if on_duplicate not in ("skip", "replace", "error"):
-            raise ApiError(422, "on_duplicate must be skip, replace or error")
+        if on_duplicate not in ON_DUPLICATE:
+            raise ApiError(422, f"on_duplicate must be one of {', '.join(ON_DUPLICATE)}")
         files, ids = [], []
         for up in uploads:
             data = await _read_upload(up, config)

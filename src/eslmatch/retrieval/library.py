@@ -1,0 +1,350 @@
+"""A photo library mirrored by a gallery: its roots, stable ids, and what a sync does.
+
+The store-neutral rules (both stores keep the same state through the small
+:class:`~.search.GalleryStore` calls ``select``, ``update``, ``library`` and ``set_library``):
+
+- **Roots.** A gallery built or extended from folders of photos records each folder (its
+  absolute path and a label: the folder's name, made unique: ``photos``, ``photos-2``).
+- **What an item records.** ``root`` (the label), ``file`` (its path under the root),
+  ``file_size``, ``file_mtime`` (ns), ``file_sha256`` and ``folder`` (its directory under the root).
+- **Ids.** A new file's id is its path under the root without the extension; under every root
+  but the first, prefixed by the root's label (``cameraB/chelsea``). An id another item (or an
+  excluded or gone file) holds gets ``~2``, ``~3``, ... An id never changes afterwards: a moved
+  or renamed file keeps its id, its vector and its metadata.
+- **Changed** files (size or mtime differ, and the sha256 too) are re-encoded under their id,
+  keeping their user metadata. A file whose size and mtime are the same is not read.
+- **Gone** files (not under their root any more) leave the results; their user metadata is
+  kept until ``compact``, so a file that comes back (same place or same content) gets its id
+  and metadata again (it is encoded anew). A root that cannot be read (an unmounted disk) is
+  left alone, with a warning.
+- **Excluded** files: an item the user deletes while its file stays in a root. ``sync`` and
+  ``add`` of its folder leave it out (and count it); :meth:`~.gallery.Gallery.restore` takes it back.
+- Files that cannot be read as images are remembered (by size and mtime) and not tried again
+  until they change.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..data.files import id_of, list_images
+from ..errors import EslmatchError
+from ..model.base import MatchingModel, takes_pixels
+from ..utils.digest import sha256_stream
+from .catalog import Record
+from .metadata import Metadata, folder_of
+from .search import GalleryStore
+from .sources import AUTO_FIELDS, PhotoSource
+
+Key = tuple[str, str]  # (root label, file under the root)
+
+
+@dataclass
+class FileState:
+    """A file found under a root: ``root`` label, ``rel`` path, ``stem`` (``rel`` without the
+    extension), absolute ``path``, ``size``, ``mtime`` (ns) and its ``sha256`` once read."""
+
+    root: str
+    rel: str
+    stem: str
+    path: Path
+    size: int
+    mtime: int
+    sha256: str = ""
+
+    @property
+    def key(self) -> Key:
+        return (self.root, self.rel)
+
+    def fields(self) -> Metadata:
+        """What the item records of its file (:data:`~.sources.LIBRARY_FIELDS` and ``folder``)."""
+        return {
+            "root": self.root,
+            "file": self.rel,
+            "folder": folder_of(self.rel),
+            "file_size": self.size,
+            "file_mtime": self.mtime,
+            "file_sha256": self.sha256,
+        }
+
+
+@dataclass
+class Plan:
+    """What a sync (or an add of a root) will do; ids are the gallery's."""
+
+    unchanged: list[tuple[str, FileState]] = field(default_factory=list)
+    touched: dict[str, FileState] = field(default_factory=dict)  # same content, new mtime
+    changed: list[tuple[str, FileState]] = field(default_factory=list)
+    moved: list[tuple[str, FileState]] = field(default_factory=list)
+    new: list[tuple[str, FileState]] = field(default_factory=list)
+    returned: list[tuple[str, FileState]] = field(default_factory=list)
+    gone: list[Record] = field(default_factory=list)
+    excluded: int = 0  # files left out: the user deleted their items
+    excluded_live: list[str] = field(default_factory=list)  # an interrupted delete to finish
+    unreadable: int = 0  # files known not to be images, unchanged
+    kept: dict[str, Metadata] = field(default_factory=dict)  # user metadata of changed / returned items
+    unreachable: list[str] = field(default_factory=list)
+
+    @property
+    def changes(self) -> int:
+        return len(self.changed) + len(self.moved) + len(self.new) + len(self.returned) + len(self.gone)
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "new": len(self.new) + len(self.returned),
+            "changed": len(self.changed),
+            "moved": len(self.moved),
+            "gone": len(self.gone),
+            "unchanged": len(self.unchanged) + len(self.touched),
+            "excluded": self.excluded,
+            "unreadable": self.unreadable,
+        }
+
+    def line(self) -> str:
+        """``12 new, 3 changed, 2 moved, 5 gone, 9,870 unchanged`` (and what was skipped)."""
+        c = self.counts()
+        out = f"{c['new']:,} new, {c['changed']:,} changed, {c['moved']:,} moved, {c['gone']:,} gone, {c['unchanged']:,} unchanged"
+        if c["excluded"]:
+            out += f"; {c['excluded']:,} excluded files skipped"
+        if c["unreadable"]:
+            out += f"; {c['unreadable']:,} files that are not images skipped"
+        return out
+
+
+def user_fields(metadata: Mapping[str, Any]) -> Metadata:
+    """The fields the user gave (not the builtins, not what a photo records by itself)."""
+    return {k: v for k, v in metadata.items() if k not in ("id", "path", "added") and k not in AUTO_FIELDS}
+
+
+class Library:
+    """The library state of a gallery store (``roots``, ``excluded``, ``gone``, ``unreadable``)."""
+
+    def __init__(self, state: Mapping[str, Any] | None = None) -> None:
+        state = state or {}
+        self.roots: list[dict[str, str]] = list(state.get("roots") or [])
+        self.excluded: dict[str, dict[str, Any]] = dict(state.get("excluded") or {})
+        self.gone: dict[str, dict[str, Any]] = dict(state.get("gone") or {})
+        self.unreadable: dict[str, list[int]] = dict(state.get("unreadable") or {})
+
+    def state(self) -> dict[str, Any]:
+        return {"roots": self.roots, "excluded": self.excluded, "gone": self.gone, "unreadable": self.unreadable}
+
+    @classmethod
+    def load(cls, store: GalleryStore) -> Library:
+        return cls(store.library())
+
+    def save(self, store: GalleryStore) -> None:
+        store.set_library(self.state())
+
+    # ------------------------------------------------------------------ roots
+    def root_of(self, folder: str | Path) -> dict[str, str] | None:
+        path = str(Path(folder).resolve())
+        return next((r for r in self.roots if r["path"] == path), None)
+
+    def add_root(self, folder: str | Path) -> dict[str, str]:
+        """The root of ``folder``, recorded now if it is new (label: its name, made unique)."""
+        found = self.root_of(folder)
+        if found is not None:
+            return found
+        path = Path(folder).resolve()
+        base = "".join(c if c.isalnum() or c in "-_." else "_" for c in path.name) or "root"
+        labels = {r["label"] for r in self.roots}
+        label, n = base, 1
+        while label in labels:
+            n += 1
+            label = f"{base}-{n}"
+        root = {"label": label, "path": str(path)}
+        self.roots.append(root)
+        return root
+
+    def first_label(self) -> str | None:
+        return self.roots[0]["label"] if self.roots else None
+
+    # ------------------------------------------------------------------ scanning
+    def scan(self, roots: Sequence[dict[str, str]], warn: Callable[[str], None]) -> tuple[list[FileState], list[str]]:
+        """The files under ``roots`` with their size and mtime (none is read), and the labels
+        of the roots that could not be read."""
+        files: list[FileState] = []
+        unreachable: list[str] = []
+        for root in roots:
+            base = Path(root["path"])
+            if not base.is_dir():
+                warn(f"eslmatch: root {root['label']!r} ({base}) cannot be read: its items are left as they are")
+                unreachable.append(root["label"])
+                continue
+            entries, refused = list_images(base, recursive=True)
+            for rel, why in refused:
+                warn(f"eslmatch: {root['label']}/{rel}: left out ({why})")
+            for e in entries:
+                try:
+                    st = os.stat(e.path)
+                except OSError:
+                    continue  # removed while scanning: gone
+                files.append(FileState(root["label"], e.rel, e.id, e.path, st.st_size, st.st_mtime_ns))
+        return files, unreachable
+
+    # ------------------------------------------------------------------ planning
+    def plan(
+        self,
+        files: Iterable[FileState],
+        records: Sequence[Record],
+        roots: Sequence[str],
+        hash_of: Callable[[Path], str] = sha256_stream,
+    ) -> Plan:
+        """Compare ``files`` (found under the roots labelled ``roots``) with the stored
+        ``records``: what is unchanged, changed, moved, new, back, gone (module doc)."""
+        plan = Plan()
+        scanned = set(roots)
+        by_key: dict[Key, Record] = {}
+        for r in records:
+            m = r.metadata
+            if "root" in m and "file" in m:
+                by_key[(str(m["root"]), str(m["file"]))] = r
+        excluded = {(e["root"], e["file"]): i for i, e in self.excluded.items()}
+        gone_key = {(g["root"], g["file"]): i for i, g in self.gone.items()}
+        gone_hash = {g.get("file_sha256"): i for i, g in self.gone.items()}
+        held = {r.id for r in records}
+        for gid in [g for g in self.gone if g in held]:  # came back before a kill: live again
+            del self.gone[gid]
+        held |= set(self.excluded) | set(self.gone)
+        seen: set[Key] = set()
+        fresh: list[FileState] = []
+        for f in files:
+            rec = by_key.get(f.key)
+            if rec is None:
+                fresh.append(f)
+                continue
+            seen.add(f.key)
+            if f.key in excluded:
+                plan.excluded_live.append(rec.id)
+                continue
+            m = rec.metadata
+            if m.get("file_size") == f.size and m.get("file_mtime") == f.mtime and rec.path == str(f.path):
+                plan.unchanged.append((rec.id, f))
+                continue
+            f.sha256 = hash_of(f.path)
+            if f.sha256 == m.get("file_sha256"):
+                plan.touched[rec.id] = f
+            else:
+                plan.changed.append((rec.id, f))
+                plan.kept[rec.id] = user_fields(m)
+        missing: dict[str, list[Record]] = {}
+        for key, r in by_key.items():
+            if key[0] in scanned and key not in seen:
+                missing.setdefault(str(r.metadata.get("file_sha256")), []).append(r)
+        first = self.first_label()
+        for f in fresh:
+            if f.key in excluded:
+                plan.excluded += 1
+                continue
+            if self.unreadable.get(f"{f.root}/{f.rel}") == [f.size, f.mtime]:
+                plan.unreadable += 1
+                continue
+            f.sha256 = hash_of(f.path)
+            if missing.get(f.sha256):
+                plan.moved.append((missing[f.sha256].pop().id, f))
+                continue
+            back = gone_key.get(f.key) or gone_hash.get(f.sha256)
+            if back is not None and back in self.gone:
+                plan.returned.append((back, f))
+                plan.kept[back] = dict(self.gone.pop(back).get("metadata") or {})
+                continue
+            base = f.stem if f.root == first else f"{f.root}/{f.stem}"
+            item_id, n = base, 1
+            while item_id in held:
+                n += 1
+                item_id = f"{base}~{n}"
+            held.add(item_id)
+            plan.new.append((item_id, f))
+        plan.gone = [r for rs in missing.values() for r in rs]
+        return plan
+
+    def remember_gone(self, records: Iterable[Record]) -> None:
+        for r in records:
+            m = r.metadata
+            self.gone[r.id] = {
+                "root": m.get("root"),
+                "file": m.get("file"),
+                "file_sha256": m.get("file_sha256"),
+                "metadata": user_fields(m),
+            }
+
+    def exclude(self, records: Iterable[Record]) -> int:
+        """Remember deleted items whose file is under a root (``sync`` / ``add`` leave them out)."""
+        n = 0
+        for r in records:
+            m = r.metadata
+            if "root" in m and "file" in m:
+                self.excluded[r.id] = {"root": m["root"], "file": m["file"], "metadata": user_fields(m)}
+                n += 1
+        return n
+
+    def file_of(self, entry: Mapping[str, Any]) -> Path:
+        root = next((r for r in self.roots if r["label"] == entry["root"]), None)
+        if root is None:
+            raise EslmatchError(f"root {entry['root']!r} is no longer recorded")
+        return Path(root["path"]) / str(entry["file"])
+
+
+def stat_file(root: str, rel: str, path: Path) -> FileState:
+    """The :class:`FileState` of one file, read (its sha256)."""
+    st = os.stat(path)
+    return FileState(root, rel, id_of(rel), path.resolve(), st.st_size, st.st_mtime_ns, sha256_stream(path))
+
+
+def library_folders(model: MatchingModel, source: Any, options: Mapping[str, Any]) -> list[Path] | None:
+    """The folders of photos ``source`` names for the library (a folder, or a list of them,
+    for a model that takes pixels, no ids given): each is a root. ``None``: not a library."""
+    if not takes_pixels(model) or options.get("ids") is not None or options.get("kind", "image") != "image":
+        return None
+    many = list(source) if isinstance(source, (list, tuple)) else [source]
+    if not many or not all(isinstance(s, (str, Path)) and Path(s).is_dir() for s in many):
+        return None
+    return [Path(s) for s in many]
+
+
+def new_library(folders: Sequence[Path], report: Callable[[str], None]) -> tuple[Library, PhotoSource]:
+    """A library of ``folders`` (its roots, in order) and the source of every file in them."""
+    lib = Library()
+    roots = [lib.add_root(f) for f in folders]
+    files, _ = lib.scan(roots, report)
+    plan = lib.plan(files, [], [r["label"] for r in roots])
+    if not plan.new:
+        raise EslmatchError(f"{', '.join(map(str, folders))}: no file to index in the folder")
+    src = photo_source(plan.new, {}, ", ".join(r["path"] for r in roots))
+    return lib, src
+
+
+def photo_source(items: Sequence[tuple[str, FileState]], kept: Mapping[str, Metadata], what: str) -> PhotoSource:
+    """The files ``items`` (``(id, file)``) to encode, recording their files' fields, with the
+    user metadata ``kept`` for them."""
+    ids = [i for i, _ in items]
+    files = [f.path for _, f in items]
+    src = PhotoSource(
+        "image",
+        ids,
+        [str(p) for p in files],
+        {"images": what},
+        True,
+        None,
+        files=files,
+        names=[f"{f.root}/{f.rel}" for _, f in items],
+    )
+    src.file_fields = {i: f.fields() for i, f in items}
+    src.user_metadata = {i: dict(kept[i]) for i in ids if kept.get(i)}
+    return src
+
+
+def to_records(store: GalleryStore, ids: Sequence[str]) -> list[Record]:
+    """The stored records of ``ids`` (unknown ones left out), in chunks of a filter's size."""
+    from .filters import Filter, In
+
+    out: list[Record] = []
+    for i in range(0, len(ids), 1000):
+        part = tuple(ids[i : i + 1000])
+        out.extend(store.select(Filter(In("id", part), "id in [...]")))
+    return out

@@ -295,12 +295,14 @@ class Gallery:
         if items:
             rep = self._write(photo_source(items, plan.kept, "library"), "replace", options, report)
             files = {f"{f.root}/{f.rel}": f for _, f in items}
-            for name, _why in rep.unreadable:
-                if name in files:
-                    lib.unreadable[name] = [files[name].size, files[name].mtime]
+            bad = {name for name, _why in rep.unreadable if name in files}
+            for name in bad:
+                lib.unreadable[name] = [files[name].size, files[name].mtime]
+            plan.new = [(i, f) for i, f in plan.new if f"{f.root}/{f.rel}" not in bad]
+            plan.unreadable += len(bad)
         if plan.returned or rep.unreadable:
             lib.save(store)
-        rep.added = len(plan.new) + len(plan.returned) - len(rep.unreadable)
+        rep.added = len(plan.new) + len(plan.returned)
         rep.replaced, rep.changed, rep.moved, rep.excluded = (
             len(plan.changed),
             len(plan.changed),

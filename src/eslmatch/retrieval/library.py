@@ -109,10 +109,16 @@ class Plan:
         c = self.counts()
         out = f"{c['new']:,} new, {c['changed']:,} changed, {c['moved']:,} moved, {c['gone']:,} gone, {c['unchanged']:,} unchanged"
         if c["excluded"]:
-            out += f"; {c['excluded']:,} excluded files skipped"
+            out += f"; {_files(c['excluded'])} you deleted left out (index restore brings them back)"
         if c["unreadable"]:
-            out += f"; {c['unreadable']:,} files that are not images skipped"
+            out += f"; {_files(c['unreadable'])} that are not images skipped"
+        if self.unreachable:
+            out += f"; roots not readable, left as they are: {', '.join(self.unreachable)}"
         return out
+
+
+def _files(n: int) -> str:
+    return f"{n:,} file{'' if n == 1 else 's'}"
 
 
 def user_fields(metadata: Mapping[str, Any]) -> Metadata:

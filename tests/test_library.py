@@ -1,0 +1,294 @@
+"""A gallery that mirrors a photo library (``retrieval/library.py``): roots, stable ids, ``index
+sync``, exclusions and ``index restore``, the same on the file store and on Milvus (milvus-lite).
+
+Each test of a defect of issue 30 names it; the acceptance check is
+:func:`test_sync_equals_a_fresh_build`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from _models import TINY_CLIP
+from eslmatch.cli import main
+from eslmatch.factory import load_model
+from eslmatch.model.esl_clip import ESLClipConfig, ESLClipModel
+from eslmatch.retrieval import BuildOptions, build_gallery, open_gallery
+from milvus_server import MilvusServer
+
+QUIET = BuildOptions(progress=False)
+STORES = ("files", "milvus")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("model") / "clip"
+    ESLClipModel(ESLClipConfig(num_levels=2, clip=TINY_CLIP)).eval().save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return load_model(str(model_dir))
+
+
+@pytest.fixture(scope="module")
+def milvus(tmp_path_factory):
+    srv = MilvusServer(tmp_path_factory.mktemp("milvus") / "data").start()
+    yield srv
+    srv.stop()
+
+
+class Place:
+    """Where galleries of one store go: ``build(name, folders)`` and ``open(name)``."""
+
+    def __init__(self, store: str, root: Path, request: pytest.FixtureRequest) -> None:
+        self.store, self.root = store, root
+        self.uri = request.getfixturevalue("milvus").uri if store == "milvus" else None
+
+    def build(self, model, name: str, folders, **kw):
+        if self.uri is not None:
+            return build_gallery(model, folders, self.uri, name, options=QUIET, milvus={"overwrite": True}, **kw)
+        return build_gallery(model, folders, self.root / name, options=QUIET, **kw)
+
+    def open(self, model, name: str):
+        return open_gallery(self.uri, name, model=model) if self.uri else open_gallery(self.root / name, model=model)
+
+
+@pytest.fixture(params=STORES)
+def place(request, tmp_path) -> Place:
+    return Place(request.param, tmp_path, request)
+
+
+def photo(path: Path, seed: int, size: int = 40) -> Path:
+    """A small random photo (its pixels fixed by ``seed``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def vector(g, item_id: str) -> np.ndarray:
+    return np.asarray(g.store.vectors([g.store.row_of(item_id)])[0])
+
+
+def by_path(g) -> dict[str, dict]:
+    """Every live item, keyed by its file's path: id and fields (but ``added``)."""
+    return {r.path: {"id": r.id, **r.metadata} for r in g.store.select()}
+
+
+# ---------------------------------------------------------------------- the defects of issue 30
+def test_same_named_photos_in_two_roots_never_collide(model, place, tmp_path):
+    """Defect 3: ``cp photos/rocket.jpg cameraB/chelsea.jpg; index add --images cameraB/`` added 0
+    items ("1 already in the gallery") and with replace overwrote the real chelsea."""
+    photos, camera_b = tmp_path / "photos", tmp_path / "cameraB"
+    for i, name in enumerate(("chelsea", "coffee", "rocket")):
+        photo(photos / f"{name}.jpg", i)
+    camera_b.mkdir()
+    shutil.copy(photos / "rocket.jpg", camera_b / "chelsea.jpg")
+    g = place.build(model, "g", photos)
+    chelsea = vector(g, "chelsea")
+    for on_duplicate in ("skip", "replace"):
+        rep = g.add(camera_b, on_duplicate=on_duplicate, options=QUIET)
+        assert sorted(g.ids()) == ["cameraB/chelsea", "chelsea", "coffee", "rocket"]
+        np.testing.assert_array_equal(vector(g, "chelsea"), chelsea)  # the real chelsea untouched
+        np.testing.assert_allclose(vector(g, "cameraB/chelsea"), vector(g, "rocket"), atol=1e-6)
+        assert g.metadata("cameraB/chelsea")["root"] == "cameraB"
+    assert rep.count == 4
+    assert [r["label"] for r in g.store.library()["roots"]] == ["photos", "cameraB"]
+
+
+def test_a_changed_photo_is_re_encoded_keeping_its_tags(model, place, tmp_path):
+    """Defect 4: after overwriting coffee.jpg, ``add`` kept the old vector silently, and
+    ``--on-duplicate replace`` erased every replaced item's metadata."""
+    photos = tmp_path / "photos"
+    for i in range(5):
+        photo(photos / f"p{i}.jpg", i)
+    g = place.build(model, "g", photos)
+    g.update({f"p{i}": {"starred": True} for i in range(5)})
+    old = vector(g, "p1")
+    photo(photos / "p1.jpg", 99)  # the user edits the photo
+    rep = g.add(photos, options=QUIET)
+    assert (rep.changed, rep.added, rep.duplicates) == (1, 0, 4)
+    assert not np.allclose(vector(g, "p1"), old)
+    assert g.metadata("p1")["starred"] is True
+    g.add(photos, on_duplicate="replace", options=QUIET)
+    assert len(g.search("a photo", k=10, where="starred")) == 5  # was 0 of 59
+    assert g.sync().changes == 0
+
+
+def test_deleted_files_leave_the_results_and_come_back_with_their_tags(model, place, tmp_path):
+    """Defect 5: a photo removed from disk kept being returned. After ``sync`` it is not; its
+    metadata is kept until ``compact``, so when the file returns it has its id and tags."""
+    photos = tmp_path / "photos"
+    for i in range(4):
+        photo(photos / f"p{i}.jpg", i)
+    g = place.build(model, "g", photos)
+    g.update({"p2": {"album": "summer"}})
+    kept = tmp_path / "elsewhere.jpg"
+    shutil.move(photos / "p2.jpg", kept)
+    plan = g.sync()
+    assert (len(plan.gone), plan.changes) == (1, 1)
+    assert "p2" not in g.ids()
+    assert all(h.id != "p2" for h in g.search("a photo", k=10))
+    assert g.store.library()["gone"]["p2"]["metadata"] == {"album": "summer"}
+    shutil.move(kept, photos / "back" / "p2.jpg") if (photos / "back").mkdir() is None else None
+    plan = g.sync()
+    assert plan.counts()["new"] == 1 and g.metadata("p2")["album"] == "summer"
+    assert g.metadata("p2")["file"] == "back/p2.jpg"
+    assert g.sync().changes == 0
+
+
+def test_a_deleted_photo_stays_deleted_until_restored(model, place, tmp_path, capsys):
+    """Defect 7: ``index delete --ids coffee`` then ``index add --images photos/`` encoded and
+    returned the deleted photo again."""
+    photos = tmp_path / "photos"
+    for i, name in enumerate(("chelsea", "coffee", "rocket", "camera", "moon")):
+        photo(photos / f"{name}.jpg", i)
+    g = place.build(model, "g", photos)
+    g.update({"coffee": {"cup": "espresso"}})
+    assert g.delete(["coffee"]) == 1
+    rep = g.add(photos, options=QUIET)
+    assert (rep.added, rep.excluded, rep.duplicates) == (0, 1, 4)
+    plan = g.sync()
+    assert (plan.changes, plan.excluded) == (0, 1)
+    assert "coffee" not in g.ids()
+    g.restore(["coffee"], options=QUIET)
+    assert g.metadata("coffee")["cup"] == "espresso"
+    assert g.sync().excluded == 0 and len(g) == 5
+    with pytest.raises(Exception, match="'moon' is not an excluded item"):
+        g.restore(["moon"])
+
+
+def test_moves_keep_the_vector_and_metadata_without_re_encoding(model, place, tmp_path, monkeypatch):
+    photos = tmp_path / "photos"
+    for i in range(4):
+        photo(photos / f"p{i}.jpg", i)
+    g = place.build(model, "g", photos)
+    g.update({"p0": {"album": "x"}})
+    before = vector(g, "p0")
+    (photos / "2024").mkdir()
+    os.rename(photos / "p0.jpg", photos / "2024" / "renamed.jpg")
+    monkeypatch.setattr(type(g), "_write", lambda *a, **k: pytest.fail("a move re-encoded"))
+    plan = g.sync()
+    assert (len(plan.moved), plan.changes) == (1, 1)
+    meta = g.metadata("p0")
+    assert (meta["album"], meta["file"], meta["folder"]) == ("x", "2024/renamed.jpg", "2024")
+    assert meta["path"] == str((photos / "2024" / "renamed.jpg").resolve())
+    np.testing.assert_array_equal(vector(g, "p0"), before)
+
+
+# ---------------------------------------------------------------------- acceptance: sync == fresh build
+def random_changes(roots: list[Path], rng: np.random.Generator, seed0: int) -> dict[str, int]:
+    """Add 5%, overwrite 2%, move 1%, delete 2% of the files under ``roots``."""
+    files = sorted(p for r in roots for p in r.rglob("*.png"))
+    n = len(files)
+    picked = rng.permutation(n)
+    k_over, k_move, k_del = max(1, n * 2 // 100), max(1, n // 100), max(1, n * 2 // 100)
+    for j in picked[:k_over]:
+        photo(files[j], seed0 + 10_000 + int(j))
+    for j in picked[k_over : k_over + k_move]:
+        target = files[j].parent / "moved" / f"m{j}.png"
+        target.parent.mkdir(exist_ok=True)
+        os.rename(files[j], target)
+    for j in picked[k_over + k_move : k_over + k_move + k_del]:
+        os.remove(files[j])
+    k_add = max(1, n * 5 // 100)
+    for j in range(k_add):
+        photo(roots[j % len(roots)] / "new" / f"n{j}.png", seed0 + 20_000 + j)
+    return {"new": k_add, "changed": k_over, "moved": k_move, "gone": k_del}
+
+
+def test_sync_equals_a_fresh_build(model, place, tmp_path):
+    """Two roots with same-named files and metadata, random changes, ``sync``: for 100 text
+    queries the top 10 (ids mapped by path) and scores equal those of a fresh build; user
+    metadata is kept for changed and moved items; a second sync changes nothing."""
+    rng = np.random.default_rng(7)
+    roots = [tmp_path / "lib" / "a", tmp_path / "lib" / "b"]
+    for r, root in enumerate(roots):
+        for i in range(100):
+            photo(root / f"d{i % 3}" / f"img{i:03d}.png", 1000 * r + i)  # same names in both roots
+    g = place.build(model, "synced", roots)
+    ids = g.ids()
+    assert len(ids) == 200 and len(set(ids)) == 200
+    g.update({i: {"tag": f"t{j % 7}"} for j, i in enumerate(ids)})
+    tags_by_sha = {m["file_sha256"]: m["tag"] for m in by_path(g).values()}
+    expected = random_changes(roots, rng, 5000)
+    plan = g.sync()
+    got = plan.counts()
+    assert {k: got[k] for k in expected} == expected, plan.line()
+    fresh = place.build(model, "fresh", roots)
+    assert sorted(by_path(g)) == sorted(by_path(fresh))
+    words = ["a", "photo", "of", "red", "noise", "the", "cat", "and", "green", "sky"]
+    queries = [" ".join(rng.choice(words, 4)) for _ in range(100)]
+    path_of = {r.id: r.path for r in g.store.select()}
+    fresh_path = {r.id: r.path for r in fresh.store.select()}
+    for hs, hf in zip(g.search_texts(queries, k=10), fresh.search_texts(queries, k=10)):
+        assert [path_of[h.id] for h in hs] == [fresh_path[h.id] for h in hf]
+        np.testing.assert_allclose([h.score for h in hs], [h.score for h in hf], atol=1e-5)
+    for meta in by_path(g).values():  # changed and moved items kept their tags
+        if meta.get("file_sha256") in tags_by_sha and "/new/" not in meta["file"]:
+            assert meta.get("tag") == tags_by_sha[meta["file_sha256"]] or meta["id"] in dict(plan.changed)
+    for item_id, _ in plan.changed + plan.moved:
+        assert "tag" in g.metadata(item_id)
+    assert g.sync().changes == 0
+
+
+# ---------------------------------------------------------------------- the command line
+def test_sync_restore_and_info_at_the_command_line(model_dir, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for i in range(3):
+        photo(a / f"x{i}.png", i)
+        photo(b / f"x{i}.png", 10 + i)
+    out = str(tmp_path / "G")
+    assert (
+        main(["index", "build", "--model", str(model_dir), "--images", str(a), "--images", str(b), "--out", out]) == 0
+    )
+    capsys.readouterr()
+    assert main(["index", "info", out]) == 0
+    info = capsys.readouterr().out
+    assert f"root       a: {a.resolve()}" in info and f"root       b: {b.resolve()}" in info
+    photo(a / "x3.png", 50)
+    os.remove(b / "x0.png")
+    assert main(["index", "sync", "--index", out, "--dry-run"]) == 0
+    assert "would change: 1 new, 0 changed, 0 moved, 1 gone, 5 unchanged" in capsys.readouterr().out
+    assert main(["index", "sync", "--index", out, "--json"]) == 0
+    counts = json.loads(capsys.readouterr().out)
+    assert (counts["new"], counts["gone"], counts["unchanged"], counts["dry_run"]) == (1, 1, 5, False)
+    assert main(["index", "delete", "--index", out, "--ids", "b/x1"]) == 0
+    assert main(["index", "sync", "--index", out]) == 0
+    assert "1 file you deleted left out (index restore brings them back)" in capsys.readouterr().out
+    assert main(["index", "info", out]) == 0
+    assert "1 excluded" in capsys.readouterr().out
+    assert main(["index", "restore", "--index", out, "--ids", "b/x1"]) == 0
+    assert "restored 1 items" in capsys.readouterr().out
+    # one line, no traceback, for what cannot be done
+    assert main(["index", "restore", "--index", out, "--ids", "nope"]) == 1
+    err = capsys.readouterr().err
+    assert "'nope' is not an excluded item" in err and "Traceback" not in err
+    assert main(["index", "sync", "--index", str(tmp_path / "missing")]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_an_unreadable_root_is_left_alone_and_a_gallery_without_roots_says_so(model, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    for i in range(3):
+        photo(photos / f"p{i}.jpg", i)
+    g = build_gallery(model, photos, tmp_path / "G", options=QUIET)
+    os.rename(photos, tmp_path / "unmounted")  # a disk that is not mounted
+    plan = g.sync()
+    assert plan.unreachable == ["photos"] and plan.changes == 0 and len(g) == 3
+    assert "cannot be read: its items are left as they are" in capsys.readouterr().err
+    os.rename(tmp_path / "unmounted", photos)
+    assert g.sync().changes == 0
+    named = build_gallery(model, photos, tmp_path / "N", options=QUIET, ids=["a", "b", "c"])  # ids given: no root
+    with pytest.raises(Exception, match="records no folder of photos to sync: build or add it with --images FOLDER"):
+        named.sync()

@@ -199,3 +199,120 @@ def test_kill_9_at_random_moments(setup, op, tmp_path, capsys):
     assert main(["index", "info", str(tmp_path / f"g{KILLS_PER_OP - 1}"), "--verify"]) == 0
     with capsys.disabled():
         print(f"\nkill -9 during {op} x{KILLS_PER_OP} (op takes {setup.seconds[op]:.1f} s): {outcomes}")
+
+
+# ---------------------------------------------------------------------- kill -9 during index sync
+SYNC_WORKER = """
+import sys
+from eslmatch.retrieval import BuildOptions, open_gallery
+
+g = open_gallery(sys.argv[1])
+_ = g.model
+print("ready", flush=True)
+g.sync(options=BuildOptions(progress=False, batch_size=8))
+print("done", flush=True)
+"""
+SYNC_KILLS = 15
+
+
+def library_state(path: Path) -> dict[str, tuple]:
+    """Every live item of a library gallery: path, metadata (but ``added``) and vector."""
+    store = FileStore.open(path)
+    recs = store.select()
+    vectors = store.vectors([r.row for r in recs])
+    return {r.id: (r.path, json.dumps(r.metadata, sort_keys=True), vectors[j].tobytes()) for j, r in enumerate(recs)}
+
+
+@dataclass
+class SyncSetup:
+    root: Path
+    before: dict[str, tuple]
+    after: dict[str, tuple]
+    seconds: float
+
+    def kill_once(self, delay: float, target: Path) -> str:
+        """``kill -9`` a sync of a copy of the gallery ``delay`` s after it is ready: the gallery
+        opens and verifies, each item is as before or as after the sync, and a new sync
+        completes it to the state an uninterrupted one leaves."""
+        shutil.copytree(self.root / "base", target)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SYNC_WORKER, str(target)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))},
+            text=True,
+        )
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(HUNG)
+        FileStore.open(target, verify=True)
+        got = library_state(target)
+        assert set(got) <= set(self.before) | set(self.after), (delay, set(got) - set(self.before) - set(self.after))
+        mixed = [i for i, v in got.items() if v not in (self.before.get(i), self.after.get(i))]
+        assert not mixed, (delay, mixed[:3])
+        outcome = "before" if got == self.before else "after" if got == self.after else "part"
+        open_gallery(target).sync(options=BuildOptions(progress=False))
+        assert library_state(target) == self.after, delay
+        assert leftovers(target) == [], (delay, leftovers(target))
+        return outcome
+
+
+def prepare_sync(root: Path, per_root: int) -> SyncSetup:
+    """A library of two roots (same file names in both) in a gallery with tags, then changes on
+    disk (new, overwritten, moved, deleted files) for a sync to find; the states before and after."""
+    from _models import TINY_CLIP
+    from eslmatch.model.esl_clip import ESLClipConfig, ESLClipModel
+    from PIL import Image
+
+    def photo(path: Path, seed: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
+
+    import torch
+
+    torch.manual_seed(0)
+    model = ESLClipModel(ESLClipConfig(num_levels=2, clip=TINY_CLIP)).eval()
+    model.save_pretrained(root / "model")
+    libs = [root / "a", root / "b"]
+    for r, lib in enumerate(libs):
+        for i in range(per_root):
+            photo(lib / f"img{i:03d}.png", 1000 * r + i)
+    g = build_gallery(
+        model, libs, root / "base", options=BuildOptions(progress=False, shard_rows=16), model_path=root / "model"
+    )
+    g.update({i: {"tag": f"t{j % 5}"} for j, i in enumerate(g.ids())})
+    for i in range(0, per_root // 2, 5):
+        photo(libs[0] / f"img{i:03d}.png", 9000 + i)  # changed
+    for i in range(1, per_root // 2, 10):
+        os.rename(libs[1] / f"img{i:03d}.png", libs[1] / f"moved{i:03d}.png")
+    for i in range(per_root // 2 + 1, per_root, 10):
+        os.remove(libs[0] / f"img{i:03d}.png")
+    for i in range(per_root // 2):
+        photo(libs[i % 2] / "new" / f"n{i:03d}.png", 20000 + i)
+    before = library_state(root / "base")
+    shutil.copytree(root / "base", root / "after")
+    t0 = time.monotonic()
+    open_gallery(root / "after").sync(options=BuildOptions(progress=False, batch_size=8))
+    seconds = time.monotonic() - t0
+    return SyncSetup(root, before, library_state(root / "after"), seconds)
+
+
+def test_kill_9_once_in_the_middle_of_a_sync(tmp_path, capsys):
+    setup = prepare_sync(tmp_path, 40)
+    outcome = setup.kill_once(setup.seconds / 2, tmp_path / "killed")
+    with capsys.disabled():
+        print(f"\nkill -9 half-way through a sync (it takes {setup.seconds:.1f} s): {outcome}")
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_of_a_sync(tmp_path, capsys):
+    setup = prepare_sync(tmp_path, 120)
+    rng = np.random.default_rng(30)
+    outcomes = [
+        setup.kill_once(float(rng.uniform(0.0, 1.3 * setup.seconds)), tmp_path / f"k{trial}")
+        for trial in range(SYNC_KILLS)
+    ]
+    assert main(["index", "info", str(tmp_path / f"k{SYNC_KILLS - 1}"), "--verify"]) == 0
+    with capsys.disabled():
+        print(f"\nkill -9 during sync x{SYNC_KILLS} (sync takes {setup.seconds:.1f} s): {outcomes}")

@@ -253,7 +253,7 @@ class Gallery:
             plan.unchanged, plan.touched = [], {}
         if metadata is not None:
             self._merge_metadata(plan, metadata)
-        rep = self._apply(lib, plan, options, report, remove_gone=False)
+        rep = self._apply(lib, plan, options, report, remove_gone=False, what=f"index add {root['path']}")
         rep.duplicates = len(plan.unchanged) + len(plan.touched)
         return rep
 
@@ -278,7 +278,7 @@ class Gallery:
             self.store.update(updates)
 
     def _apply(
-        self, lib: Library, plan: Plan, options: BuildOptions | None, report: Report, remove_gone: bool
+        self, lib: Library, plan: Plan, options: BuildOptions | None, report: Report, remove_gone: bool, what: str
     ) -> AddReport:
         """Carry out ``plan``, one atomic store operation after another (a kill between two
         leaves a gallery a later sync completes)."""
@@ -293,7 +293,7 @@ class Gallery:
         items = [*plan.changed, *plan.returned, *plan.new]
         rep = AddReport(count=len(self))
         if items:
-            rep = self._write(photo_source(items, plan.kept, "library"), "replace", options, report)
+            rep = self._write(photo_source(items, plan.kept, what), "replace", options, report)
             files = {f"{f.root}/{f.rel}": f for _, f in items}
             bad = {name for name, _why in rep.unreadable if name in files}
             for name in bad:
@@ -326,7 +326,7 @@ class Gallery:
         plan = lib.plan(files, self.store.select(), live)
         plan.unreachable = unreachable
         if not dry_run:
-            self._apply(lib, plan, options, report, remove_gone=True)
+            self._apply(lib, plan, options, report, remove_gone=True, what="index sync")
         return plan
 
     def restore(
@@ -355,7 +355,7 @@ class Gallery:
         lib.save(self.store)
         for i, _ in items:
             lib.gone.pop(i, None)
-        return self._apply(lib, plan, options, report or _warn, remove_gone=False)
+        return self._apply(lib, plan, options, report or _warn, remove_gone=False, what="index restore")
 
     def _source(self, source: Any, metadata: Any, **source_options: Any) -> Source:
         if self.kind == "caption":

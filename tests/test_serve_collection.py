@@ -96,6 +96,33 @@ def test_writes_need_the_token(photos):
     assert len(g) == 7 and c.get("/healthz").json()["items"] == 7
 
 
+def test_uploads_live_in_the_gallery_and_go_with_their_item(photos, monkeypatch):
+    """Defect 8 of issue 30: ``POST /items`` recorded ``galleries/photos/uploads/<hash>.jpg``
+    relative to the server's working directory (404 from elsewhere), and uploads of deleted
+    items stayed after ``compact``."""
+    from eslmatch.serve.app import load_app
+
+    g, root = photos
+    monkeypatch.chdir(root)
+    c = client_of(load_app("idx", write_token=TOKEN))  # a relative gallery path, as typed
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    r = c.post(
+        "/items",
+        files=[("photos", ("up.png", photo_bytes(70))), ("photos", ("keep.png", photo_bytes(71)))],
+        headers=auth,
+    )
+    assert r.status_code == 200, r.text
+    monkeypatch.chdir(root.parent)  # served from another directory
+    other = open_gallery(root / "idx")
+    recorded = Path(other.metadata("up")["path"])
+    assert recorded.is_absolute() and recorded.parent == (root / "idx" / "uploads").resolve() and recorded.is_file()
+    assert client_of(create_app(other)).get("/image/up").status_code == 200
+    other.delete(["up"])
+    other.compact()
+    assert not recorded.exists()  # went with its item
+    assert Path(other.metadata("keep")["path"]).is_file()  # the other upload stays
+
+
 def test_uploads_are_bounded(photos):
     g, root = photos
     c = client_of(create_app(g, ServeConfig(max_upload_bytes=20_000, max_pixels=100 * 100)))

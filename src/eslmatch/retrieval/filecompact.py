@@ -32,6 +32,7 @@ from .layout import (
     SHARDS,
     SIDE,
     STAGING,
+    UPLOADS,
     ShardedArray,
     check_target,
     file_records,
@@ -57,6 +58,7 @@ def compact_files(store: FileReader, report: Report) -> dict[str, int]:
             keep = s.live_rows() if s.deleted.size else np.arange(s.rows, dtype=np.int64)
             removed = int(s.deleted.size)
             shards = list(s.shards)
+            dropped = [r.path for r in store.catalog.records(s.deleted.tolist()).values() if r.path]
         rows = int(store.manifest.get("shard_rows") or DEFAULT_SHARD_ROWS)
         full = all(sh.rows == rows for sh in shards[:-1])
         if not removed and full:
@@ -96,7 +98,20 @@ def compact_files(store: FileReader, report: Report) -> dict[str, int]:
         store.catalog.checkpoint()
         collect_garbage(path, new_layout)
         shutil.rmtree(staging, ignore_errors=True)
+        _drop_uploads(store, dropped)
         return {"removed": removed, "count": int(keep.size), "shards": len(new)}
+
+
+def _drop_uploads(store: FileReader, paths: Sequence[str]) -> None:
+    """Remove the photos uploaded into the gallery folder (``serve``'s ``POST /items``) that
+    only the compacted-away items named: an upload goes with its item."""
+    uploads = (store.path / UPLOADS).resolve()
+    mine = {Path(p).resolve() for p in paths if Path(p).resolve().parent == uploads}
+    if not mine:
+        return
+    live = {Path(p).resolve() for p in store.catalog.column_values("path") if p}
+    for f in mine - live:
+        f.unlink(missing_ok=True)
 
 
 def _copy_shard(

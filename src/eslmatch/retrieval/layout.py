@@ -54,6 +54,7 @@ SHARD_RECORD = "shard.json"
 FAISS_DIR = "faiss"
 LOCK = ".lock"
 STAGING = ".staging"
+UPLOADS = "uploads"  # photos added through eslmatch serve (POST /items), named by content
 
 
 class GalleryIndexError(EslmatchError):

@@ -47,6 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import EslmatchError
 from ..retrieval import Gallery, open_gallery, parse_filter
+from ..retrieval.layout import UPLOADS
 from ..retrieval.policy import ON_DUPLICATE
 from .limits import ServeConfig
 from .metrics import Metrics, MetricsMiddleware
@@ -641,7 +642,9 @@ def load_app(
     _ = gallery.searcher  # loads the model (and an ONNX export); a model other than the gallery's fails here
     name = Path(str(model_path or gallery.store.manifest["model"].get("path") or "")).name
     if upload_dir is None and write_token is not None and collection is None:
-        upload_dir = Path(index_path) / "uploads"
+        upload_dir = Path(index_path) / UPLOADS
+    if upload_dir is not None:  # recorded as absolute paths: served from any working directory
+        upload_dir = Path(upload_dir).resolve()
     return create_app(gallery, config, name, allowed_hosts, write_token, upload_dir)
 
 

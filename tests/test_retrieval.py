@@ -311,6 +311,21 @@ def test_a_features_only_folder_adds_with_its_ids_and_paths(model, image_index, 
     assert main(add) == 0 and "added 0 items" in capsys.readouterr().out  # again: skipped by id, not duplicated
 
 
+def test_numbered_features_added_twice_are_not_duplicated(model, image_index, tmp_path, capsys):
+    """Defect 6 (.npy half): an ``.npy`` without ids got ids '14'..'18', and adding it again
+    silently duplicated it as '19'..'23'."""
+    target = copy_gallery(image_index, tmp_path / "g")
+    np.save(tmp_path / "more.npy", np.random.default_rng(3).random((5, 6, 16), dtype=np.float32))
+    model_dir = str(model.save_pretrained(tmp_path / "model"))
+    add = ["index", "add", "--index", str(target), "--features", str(tmp_path / "more.npy"), "--model", model_dir]
+    assert main(add) == 0 and "added 5 items" in capsys.readouterr().out
+    assert main(add) == 0
+    assert "added 0 items" in capsys.readouterr().out and len(open_gallery(target)) == N_IMAGES + 5
+    assert main([*add, "--on-duplicate", "error"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"these 5 items were added already (ids {N_IMAGES}..)" in err[0], err
+
+
 def test_replace_keeps_user_metadata_unless_given_anew(model, image_index, tmp_path):
     """Was: ``on_duplicate="replace"`` erased every replaced item's metadata (``--where starred``
     then found 0 of 59)."""

@@ -211,9 +211,25 @@ class Gallery:
                 )
             return rep
         src = self._source(source, metadata, **source_options)
-        if on_duplicate == "replace":
-            keep_user_metadata(self.store, src)
-        return self._write(src, on_duplicate, options, report or _warn)
+        if src.given_ids:
+            if on_duplicate == "replace":
+                keep_user_metadata(self.store, src)
+            return self._write(src, on_duplicate, options, report or _warn)
+        # numbered items have no id to be found by: the same content added again is a duplicate
+        lib, digest = Library.load(self.store), src.content_digest()
+        if digest in lib.numbered:
+            first, n = lib.numbered[digest]
+            if on_duplicate != "skip":
+                raise EslmatchError(
+                    f"{self.store.where}: these {n} items were added already (ids {first}..): give them ids to "
+                    "replace them, or delete those first"
+                )
+            return AddReport(duplicates=src.count, count=len(self))
+        rep = self._write(src, on_duplicate, options, report or _warn)
+        lib = Library.load(self.store)
+        lib.numbered[digest] = [src.ids[0], src.count]
+        lib.save(self.store)
+        return rep
 
     def _write(self, src: Source, on_duplicate: str, options: BuildOptions | None, report: Report) -> AddReport:
         check_model(self.store.manifest["model"], self.stages, self.model, self.store.where)
@@ -500,6 +516,8 @@ def build_gallery(
         if not job.is_main:
             return None
         store = FileStore.open(out)
+    if lib is None and not src.given_ids:
+        lib = Library({"numbered": {src.content_digest(): [src.ids[0], src.count]}})
     if lib is not None:
         lib.save(store)
     return Gallery(store, model, encoding=options.encoding)

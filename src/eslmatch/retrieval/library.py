@@ -135,9 +135,17 @@ class Library:
         self.excluded: dict[str, dict[str, Any]] = dict(state.get("excluded") or {})
         self.gone: dict[str, dict[str, Any]] = dict(state.get("gone") or {})
         self.unreadable: dict[str, list[int]] = dict(state.get("unreadable") or {})
+        # numbered items (features or captions without ids): content digest -> [first id, count]
+        self.numbered: dict[str, list[Any]] = dict(state.get("numbered") or {})
 
     def state(self) -> dict[str, Any]:
-        return {"roots": self.roots, "excluded": self.excluded, "gone": self.gone, "unreadable": self.unreadable}
+        return {
+            "roots": self.roots,
+            "excluded": self.excluded,
+            "gone": self.gone,
+            "unreadable": self.unreadable,
+            "numbered": self.numbered,
+        }
 
     @classmethod
     def load(cls, store: GalleryStore) -> Library:

@@ -120,6 +120,13 @@ class Source:
         self._identity_more(h)
         return {"source": self.description, "count": self.count, "digest": h.hexdigest()}
 
+    def content_digest(self) -> str:
+        """What the items are, whatever their ids and origin: the same features or captions
+        added twice share it (numbered items carry no id to find them by)."""
+        h = hashlib.sha256(json.dumps([self.kind, self.count, self.paths]).encode())
+        self._identity_more(h)
+        return h.hexdigest()
+
     def _identity_more(self, h: Any) -> None:
         pass
 

@@ -261,9 +261,10 @@ class SyncSetup:
 def prepare_sync(root: Path, per_root: int) -> SyncSetup:
     """A library of two roots (same file names in both) in a gallery with tags, then changes on
     disk (new, overwritten, moved, deleted files) for a sync to find; the states before and after."""
+    from PIL import Image
+
     from _models import TINY_CLIP
     from eslmatch.model.esl_clip import ESLClipConfig, ESLClipModel
-    from PIL import Image
 
     def photo(path: Path, seed: int) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

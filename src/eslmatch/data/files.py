@@ -9,10 +9,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -61,6 +62,17 @@ def id_of(rel: str) -> str:
     return rel[: len(rel) - len(name)] + stem
 
 
+class FileEntry(NamedTuple):
+    """One candidate file as :func:`list_files` finds it: ``rel`` (``/`` separated), the
+    absolute ``path`` (text), ``id`` (``rel`` without its extension), ``size`` and ``mtime_ns``."""
+
+    rel: str
+    path: str
+    id: str
+    size: int
+    mtime_ns: int
+
+
 def list_images(
     images_dir: Path, recursive: bool = True, exclude: Sequence[Path] = ()
 ) -> tuple[list[ImageEntry], list[tuple[str, str]]]:
@@ -68,14 +80,23 @@ def list_images(
 
     Every regular file is a candidate (whether it is an image is found out when it is
     opened). Sub-folders are read too (the one rule of every command: extract, index build,
-    embed); with ``recursive=False`` each sub-folder is named among the refused entries
-    instead of being passed over silently. Returns the entries and ``(rel, reason)`` for
-    what is refused up front (a second file with the same id, a name holding a line break,
-    a sub-folder left unread).
+    embed, index sync); with ``recursive=False`` each sub-folder is named among the refused
+    entries instead of being passed over silently. Returns the entries and ``(rel, reason)``
+    for what is refused up front (a second file with the same id, a name holding a line
+    break, a sub-folder left unread).
     """
+    files, refused = list_files(images_dir, recursive, exclude)
+    return [ImageEntry(Path(f.path), f.rel, f.id) for f in files], refused
+
+
+def list_files(
+    images_dir: Path, recursive: bool = True, exclude: Sequence[Path] = ()
+) -> tuple[list[FileEntry], list[tuple[str, str]]]:
+    """:func:`list_images` with each file's size and mtime, in plain text: one ``stat`` per
+    file and no path objects (100,000 files listed in about a second)."""
     images_dir = Path(images_dir)
     excluded = {p.resolve() for p in exclude}
-    found: list[tuple[str, Path]] = []
+    found: list[tuple[str, str, os.stat_result]] = []
     unread: list[tuple[str, str]] = []
     if recursive:
         walker: Any = os.walk(images_dir)
@@ -85,23 +106,27 @@ def list_images(
         unread = [(f"{n}/", "a sub-folder, not read (recursion is off)") for n in sorted(subs)]
         unread = [u for u in unread if (images_dir / u[0]).resolve() not in excluded]
         walker = [(str(images_dir), [], names)]
-    base = images_dir.resolve()
-    # string operations, one stat per file: a library of 100,000 photos is listed in about a second
-    for root, dirs, files in walker:
+    base = str(images_dir.resolve()).rstrip("/")
+    for root, dirs, names in walker:
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and Path(root, d).resolve() not in excluded)
         top = os.path.relpath(root, images_dir)
         prefix = "" if top == "." else top.replace(os.sep, "/") + "/"
-        for name in files:
-            full = os.path.join(root, name)
-            if name.startswith(".") or (excluded and Path(full).resolve() in excluded) or not os.path.isfile(full):
+        for name in names:
+            full = f"{root}/{name}"
+            if name.startswith(".") or (excluded and Path(full).resolve() in excluded):
                 continue
-            found.append((prefix + name, base / (prefix + name)))
+            try:
+                st = os.stat(full)
+            except OSError:  # a broken link, or removed meanwhile
+                continue
+            if stat.S_ISREG(st.st_mode):
+                found.append((prefix + name, f"{base}/{prefix}{name}", st))
     found.sort(key=lambda t: t[0])
-    entries: list[ImageEntry] = []
+    entries: list[FileEntry] = []
     refused: list[tuple[str, str]] = unread
     seen: dict[str, str] = {}
-    for rel, path in found:
-        if any(c in rel for c in "\n\r"):
+    for rel, path, st in found:
+        if "\n" in rel or "\r" in rel:
             refused.append((rel, "its name holds a line break"))
             continue
         try:
@@ -114,7 +139,7 @@ def list_images(
             refused.append((rel, f"same id {image_id!r} as {seen[image_id]}"))
             continue
         seen[image_id] = rel
-        entries.append(ImageEntry(path, rel, image_id))
+        entries.append(FileEntry(rel, path, image_id, st.st_size, st.st_mtime_ns))
     return entries, refused
 
 

@@ -260,10 +260,11 @@ class Catalog:
             out.update(self.conn.execute(q, part).fetchall())
         return out
 
-    def records(self, rows: Sequence[int]) -> dict[int, Record]:
-        """``{row: Record}`` of stored rows (deleted ones included)."""
+    def records(self, rows: Sequence[int], fields: Sequence[str] | None = None) -> dict[int, Record]:
+        """``{row: Record}`` of stored rows (deleted ones included), with the metadata
+        ``fields`` (default: all)."""
         cols = self._columns()
-        names = list(cols)
+        names = list(cols) if fields is None else [n for n in cols if n in fields]
         select = ", ".join(["row", "id", "path", "added", "caption", *(cols[n][1] for n in names)])
         out: dict[int, Record] = {}
         unique = sorted({int(r) for r in rows})

@@ -355,11 +355,12 @@ class FileReader:
         row = self.row_of(item_id)
         return self.records([row])[row].fields()
 
-    def select(self, where: Filter | None = None) -> list[Record]:
-        """The live items (those ``where`` selects) with their metadata, in row order."""
+    def select(self, where: Filter | None = None, fields: Sequence[str] | None = None) -> list[Record]:
+        """The live items (those ``where`` selects) with their metadata (``fields``: at least
+        those), in row order."""
         with self.snapshot() as s:
             rows = s.live_rows() if where is None else self._selected(s, where)[0]
-            recs = self.catalog.records(rows.tolist())
+            recs = self.catalog.records(rows.tolist(), fields)
         return [recs[r] for r in sorted(recs)]
 
     def library(self) -> dict[str, Any]:

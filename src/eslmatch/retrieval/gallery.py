@@ -37,10 +37,13 @@ from .library import (
     FileState,
     Library,
     Plan,
+    complete,
     library_folders,
     new_library,
     photo_source,
     stat_file,
+    state_of,
+    stored,
     to_records,
     user_fields,
 )
@@ -253,8 +256,9 @@ class Gallery:
         root = lib.add_root(folder)
         lib.save(self.store)
         files, _ = lib.scan([root], report)
-        plan = lib.plan(files, self.store.select(), [root["label"]])
-        known = plan.unchanged + list(plan.touched.items())
+        plan = lib.plan(files, stored(self.store), [root["label"]])
+        complete(plan, self.store)
+        known = [(i, state_of(*found)) for i, found in plan.unchanged] + list(plan.touched.items())
         if known and on_duplicate == "error":
             raise EslmatchError(
                 f"{self.store.where}: {len(known) + len(plan.changed)} files of {folder} are in the gallery already, "
@@ -301,7 +305,7 @@ class Gallery:
         store = self.store
         moves = {**dict(plan.moved), **plan.touched}
         if moves:
-            store.update({i: f.fields() for i, f in moves.items()}, {i: str(f.path) for i, f in moves.items()})
+            store.update({i: f.fields() for i, f in moves.items()}, {i: f.path for i, f in moves.items()})
         if remove_gone and (plan.gone or plan.excluded_live):
             lib.remember_gone(plan.gone)
             lib.save(store)  # before the delete: a kill between the two keeps the metadata
@@ -339,7 +343,8 @@ class Gallery:
             )
         files, unreachable = lib.scan(lib.roots, report)
         live = [r["label"] for r in lib.roots if r["label"] not in unreachable]
-        plan = lib.plan(files, self.store.select(), live)
+        plan = lib.plan(files, stored(self.store), live)
+        complete(plan, self.store)
         plan.unreachable = unreachable
         if not dry_run:
             self._apply(lib, plan, options, report, remove_gone=True, what="index sync")

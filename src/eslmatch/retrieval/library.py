@@ -31,19 +31,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data.files import id_of, list_images
+from ..data.files import FileEntry, id_of, list_files
 from ..errors import EslmatchError
 from ..model.base import MatchingModel, takes_pixels
 from ..utils.digest import sha256_stream
 from .catalog import Record
 from .metadata import Metadata, folder_of
 from .search import GalleryStore
-from .sources import AUTO_FIELDS, PhotoSource
+from .sources import AUTO_FIELDS, LIBRARY_FIELDS, PhotoSource
 
 Key = tuple[str, str]  # (root label, file under the root)
+Found = tuple[str, FileEntry]  # (root label, the file as listed)
 
 
-@dataclass
+@dataclass(slots=True)
 class FileState:
     """A file found under a root: ``root`` label, ``rel`` path, ``stem`` (``rel`` without the
     extension), absolute ``path``, ``size``, ``mtime`` (ns) and its ``sha256`` once read."""
@@ -51,7 +52,7 @@ class FileState:
     root: str
     rel: str
     stem: str
-    path: Path
+    path: str
     size: int
     mtime: int
     sha256: str = ""
@@ -76,7 +77,7 @@ class FileState:
 class Plan:
     """What a sync (or an add of a root) will do; ids are the gallery's."""
 
-    unchanged: list[tuple[str, FileState]] = field(default_factory=list)
+    unchanged: list[tuple[str, Found]] = field(default_factory=list)  # FileStates made only when needed
     touched: dict[str, FileState] = field(default_factory=dict)  # same content, new mtime
     changed: list[tuple[str, FileState]] = field(default_factory=list)
     moved: list[tuple[str, FileState]] = field(default_factory=list)
@@ -179,10 +180,10 @@ class Library:
         return self.roots[0]["label"] if self.roots else None
 
     # ------------------------------------------------------------------ scanning
-    def scan(self, roots: Sequence[dict[str, str]], warn: Callable[[str], None]) -> tuple[list[FileState], list[str]]:
-        """The files under ``roots`` with their size and mtime (none is read), and the labels
-        of the roots that could not be read."""
-        files: list[FileState] = []
+    def scan(self, roots: Sequence[dict[str, str]], warn: Callable[[str], None]) -> tuple[list[Found], list[str]]:
+        """The files under ``roots`` (``(root label, entry)``: size and mtime, none is read),
+        and the labels of the roots that could not be read."""
+        files: list[Found] = []
         unreachable: list[str] = []
         for root in roots:
             base = Path(root["path"])
@@ -190,24 +191,20 @@ class Library:
                 warn(f"eslmatch: root {root['label']!r} ({base}) cannot be read: its items are left as they are")
                 unreachable.append(root["label"])
                 continue
-            entries, refused = list_images(base, recursive=True)
+            entries, refused = list_files(base, recursive=True)
             for rel, why in refused:
                 warn(f"eslmatch: {root['label']}/{rel}: left out ({why})")
-            for e in entries:
-                try:
-                    st = os.stat(e.path)
-                except OSError:
-                    continue  # removed while scanning: gone
-                files.append(FileState(root["label"], e.rel, e.id, e.path, st.st_size, st.st_mtime_ns))
+            label = root["label"]
+            files.extend((label, e) for e in entries)
         return files, unreachable
 
     # ------------------------------------------------------------------ planning
     def plan(
         self,
-        files: Iterable[FileState],
+        files: Iterable[Found],
         records: Sequence[Record],
         roots: Sequence[str],
-        hash_of: Callable[[Path], str] = sha256_stream,
+        hash_of: Callable[[str], str] = sha256_stream,
     ) -> Plan:
         """Compare ``files`` (found under the roots labelled ``roots``) with the stored
         ``records``: what is unchanged, changed, moved, new, back, gone (module doc)."""
@@ -227,25 +224,26 @@ class Library:
         held |= set(self.excluded) | set(self.gone)
         seen: set[Key] = set()
         fresh: list[FileState] = []
-        for f in files:
-            rec = by_key.get(f.key)
+        for label, e in files:
+            key = (label, e.rel)
+            rec = by_key.get(key)
             if rec is None:
-                fresh.append(f)
+                fresh.append(state_of(label, e))
                 continue
-            seen.add(f.key)
-            if f.key in excluded:
+            seen.add(key)
+            if key in excluded:
                 plan.excluded_live.append(rec.id)
                 continue
             m = rec.metadata
-            if m.get("file_size") == f.size and m.get("file_mtime") == f.mtime and rec.path == str(f.path):
-                plan.unchanged.append((rec.id, f))
+            if m.get("file_size") == e.size and m.get("file_mtime") == e.mtime_ns and rec.path == e.path:
+                plan.unchanged.append((rec.id, (label, e)))
                 continue
+            f = state_of(label, e)
             f.sha256 = hash_of(f.path)
             if f.sha256 == m.get("file_sha256"):
                 plan.touched[rec.id] = f
             else:
                 plan.changed.append((rec.id, f))
-                plan.kept[rec.id] = user_fields(m)
         missing: dict[str, list[Record]] = {}
         for key, r in by_key.items():
             if key[0] in scanned and key not in seen:
@@ -304,10 +302,14 @@ class Library:
         return Path(root["path"]) / str(entry["file"])
 
 
+def state_of(label: str, e: FileEntry) -> FileState:
+    return FileState(label, e.rel, e.id, e.path, e.size, e.mtime_ns)
+
+
 def stat_file(root: str, rel: str, path: Path) -> FileState:
     """The :class:`FileState` of one file, read (its sha256)."""
     st = os.stat(path)
-    return FileState(root, rel, id_of(rel), path.resolve(), st.st_size, st.st_mtime_ns, sha256_stream(path))
+    return FileState(root, rel, id_of(rel), str(path.resolve()), st.st_size, st.st_mtime_ns, sha256_stream(path))
 
 
 def library_folders(model: MatchingModel, source: Any, options: Mapping[str, Any]) -> list[Path] | None:
@@ -337,7 +339,7 @@ def photo_source(items: Sequence[tuple[str, FileState]], kept: Mapping[str, Meta
     """The files ``items`` (``(id, file)``) to encode, recording their files' fields, with the
     user metadata ``kept`` for them."""
     ids = [i for i, _ in items]
-    files = [f.path for _, f in items]
+    files = [Path(f.path) for _, f in items]
     src = PhotoSource(
         "image",
         ids,
@@ -351,6 +353,20 @@ def photo_source(items: Sequence[tuple[str, FileState]], kept: Mapping[str, Meta
     src.file_fields = {i: f.fields() for i, f in items}
     src.user_metadata = {i: dict(kept[i]) for i in ids if kept.get(i)}
     return src
+
+
+def stored(store: GalleryStore) -> list[Record]:
+    """Every live item with the fields :meth:`Library.plan` compares (a quick read)."""
+    return store.select(fields=LIBRARY_FIELDS)
+
+
+def complete(plan: Plan, store: GalleryStore) -> None:
+    """Read the user metadata of the items a plan re-encodes or takes out (kept for them)."""
+    ids = [i for i, _ in plan.changed] + [r.id for r in plan.gone]
+    full = {r.id: r for r in to_records(store, ids)}
+    for i, _ in plan.changed:
+        plan.kept[i] = {**user_fields(full[i].metadata), **plan.kept.get(i, {})}
+    plan.gone = [full.get(r.id, r) for r in plan.gone]
 
 
 def to_records(store: GalleryStore, ids: Sequence[str]) -> list[Record]:

@@ -278,8 +278,9 @@ class MilvusStore:
     def ids(self) -> list[str]:
         return [r.id for r in self.scan()]
 
-    def select(self, where: Filter | None = None) -> list[Record]:
-        """The live items (those ``where`` selects) with their metadata, in row order."""
+    def select(self, where: Filter | None = None, fields: Sequence[str] | None = None) -> list[Record]:
+        """The live items (those ``where`` selects) with their metadata (``fields``: at least
+        those; Milvus returns them all), in row order."""
         return list(self.scan() if where is None else self.scan(self.expression(where)))
 
     def library(self) -> dict[str, Any]:

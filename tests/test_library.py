@@ -292,3 +292,40 @@ def test_an_unreadable_root_is_left_alone_and_a_gallery_without_roots_says_so(mo
     named = build_gallery(model, photos, tmp_path / "N", options=QUIET, ids=["a", "b", "c"])  # ids given: no root
     with pytest.raises(Exception, match="records no folder of photos to sync: build or add it with --images FOLDER"):
         named.sync()
+
+
+# ---------------------------------------------------------------------- region models (ESL, VSE)
+def test_a_region_gallery_takes_photos_through_the_extractor_it_records(tmp_path):
+    """Defect 6: an ESL gallery could not take new photos without captions. A gallery built from
+    photos records its extractor (EfficientNet-Lite0 by default); one built from an ``extract``
+    folder records that folder's; ``add`` / ``sync`` with photos run it, giving the same
+    features (and scores) as ``eslmatch extract`` does."""
+    from _models import tiny_gru_model
+    from eslmatch.extract import extract_folder
+
+    model = tiny_gru_model(img_dim=1280, seed=2).eval()
+    photos, more = tmp_path / "photos", tmp_path / "more"
+    for i in range(3):
+        photo(photos / f"p{i}.png", i, size=64)
+    photo(more / "m0.png", 10, size=64)
+    g = build_gallery(model, photos, tmp_path / "G", options=QUIET)
+    assert g.store.library()["extractor"]["backbone"] == "efficientnet-lite0" and g.store.grid == (7, 7)
+    extract_folder(photos, tmp_path / "data", device="cpu", progress=False, log=lambda line: None)
+    from_features = build_gallery(model, tmp_path / "data", tmp_path / "F", options=QUIET, images_dir=photos)
+    hits = g.search("a red circle", k=3)
+    same = from_features.search("a red circle", k=3)
+    assert [h.id for h in hits] == [h.id for h in same]
+    np.testing.assert_allclose([h.score for h in hits], [h.score for h in same], atol=1e-5)
+    # new photos: sync (a root) and add (a features-built gallery records the extract folder's extractor)
+    photo(photos / "p3.png", 3, size=64)
+    assert g.sync().counts()["new"] == 1 and len(g) == 4
+    assert from_features.store.library()["extractor"]["backbone"] == "efficientnet-lite0"
+    rep = from_features.add(more, options=QUIET)
+    assert rep.added == 1 and from_features.metadata("m0")["root"] == "more"
+    np.testing.assert_allclose(vector(from_features, "p0"), vector(g, "p0"), atol=1e-5)
+    # a gallery of features from elsewhere records no extractor: photos are refused in one line
+    plain = build_gallery(
+        model, np.random.default_rng(0).random((2, 49, 1280), dtype=np.float32), tmp_path / "P", options=QUIET
+    )
+    with pytest.raises(Exception, match="records no extractor to make them from photos"):
+        plain.add(more)

@@ -403,6 +403,8 @@ def _inputs(args: argparse.Namespace, model: Any, kind: str) -> tuple[Any, dict[
         if not args.images:
             raise EslmatchError("--split-file needs --images, the folder of its images")
         return args.split_file, {"split": args.split, "images_dir": args.images, "kind": kind}
+    if not args.features and kind == "image" and args.images:
+        return args.images, {"split": args.split}  # photos: regions made by the gallery's extractor
     if not args.features:
         what = (
             "captions with --features (a .txt or a precomp folder)"

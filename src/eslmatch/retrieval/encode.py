@@ -174,22 +174,32 @@ def encode_images(
 ) -> Encoded:
     """Items ``[i0, i1)`` of an image source (unreadable photos skipped and listed)."""
     with eval_mode(model):
-        if isinstance(source, PhotoSource):
+        lens = None
+        skipped: list[tuple[str, str]] | None = None
+        if isinstance(source, PhotoSource) and source.extractor is None:  # pixels: the model's own input
             pixels, kept, skipped = source.load(i0, i1, model.preprocess_image)
             if not pixels:
                 return Encoded([], np.zeros((0, 0), np.float32), skipped=skipped)
             vectors, _, _ = image_outputs(model, torch.stack(pixels), None, how)
             names = [source.names[i] for i in kept]
             return Encoded(kept, _finite(_numpy(vectors), "image vectors", names), skipped=skipped)
-        names = [f"image {source.ids[i]!r} (item {i} of the source)" for i in range(i0, i1)]
-        feats = _finite(np.asarray(source.read(i0, i1), dtype=np.float32), "region features", names)
-        lens = None if source.lengths is None else torch.from_numpy(np.asarray(source.lengths[i0:i1]))
+        if isinstance(source, PhotoSource):  # photos -> regions by the gallery's extractor
+            pixels, kept, skipped = source.load(i0, i1, source.extractor.preprocess)
+            if not pixels:
+                return Encoded([], np.zeros((0, 0), np.float32), skipped=skipped)
+            names = [source.names[i] for i in kept]
+            feats = _finite(_numpy(source.extractor(torch.stack(pixels))), "region features", names)
+        else:
+            kept = list(range(i0, i1))
+            names = [f"image {source.ids[i]!r} (item {i} of the source)" for i in kept]
+            feats = _finite(np.asarray(source.read(i0, i1), dtype=np.float32), "region features", names)
+            lens = None if source.lengths is None else torch.from_numpy(np.asarray(source.lengths[i0:i1]))
         vectors, side, lens_t = image_outputs(model, torch.from_numpy(feats), lens, how)
         vec = _finite(_numpy(vectors), "encoded features", names)
         if side is None:
-            return Encoded(list(range(i0, i1)), vec)
+            return Encoded(kept, vec, skipped=skipped)
         assert lens_t is not None
-        return Encoded(list(range(i0, i1)), vec, _numpy(side), lens_t.cpu().numpy().astype(np.int64))
+        return Encoded(kept, vec, _numpy(side), lens_t.cpu().numpy().astype(np.int64), skipped)
 
 
 # ---------------------------------------------------------------------- captions

@@ -27,10 +27,11 @@ from typing import Any
 from ..distributed import DistContext
 from ..errors import EslmatchError
 from ..factory import load_recorded
-from ..model.base import MatchingModel
+from ..model.base import MatchingModel, takes_pixels
 from ..utils.digest import sha256_stream
 from ..utils.precision import check_precision
 from .encode import Encoding, check_runtime, default_encoding, encoding_for, is_image_file
+from .extractor import DEFAULT, checked_extractor, record_of, recorded_in
 from .filestore import AddReport, BuildOptions, FileStore, build_files
 from .filters import Filter, as_filter, check
 from .library import (
@@ -52,7 +53,7 @@ from .models import check_gallery_model, check_model, model_record
 from .policy import check_on_duplicate, keep_user_metadata
 from .search import GalleryStore, Hit, Searcher
 from .sourcefiles import IMAGE_SUFFIXES
-from .sources import Source, source_for
+from .sources import PhotoSource, Source, source_for
 from .writer import Report
 
 
@@ -84,6 +85,7 @@ class Gallery:
             check_precision(precision)
         self._searcher: Searcher | None = None
         self._encoding: Encoding | None = encoding
+        self._extractor: Any = None  # photos -> regions (region models; extractor.py)
 
     # ------------------------------------------------------------------ model
     @property
@@ -277,6 +279,20 @@ class Gallery:
         rep.duplicates = len(plan.unchanged) + len(plan.touched)
         return rep
 
+    def _photo_extractor(self, lib: Library) -> Any:
+        """What turns photos into this gallery's input: nothing for a model that takes pixels,
+        else the extractor the gallery records (opened once)."""
+        if takes_pixels(self.model):
+            return None
+        if lib.extractor is None:
+            raise EslmatchError(
+                f"{self.store.where} holds region features and records no extractor to make them from photos: "
+                "run `eslmatch extract --images DIR --out DATA`, then `index add --features DATA --images DIR`"
+            )
+        if self._extractor is None:
+            self._extractor = checked_extractor(self.model, lib.extractor, str(self.model.device))
+        return self._extractor
+
     def _merge_metadata(self, plan: Plan, metadata: Any) -> None:
         """Metadata given with an add of a root: on top of what the items keep; for items
         already stored and unchanged, an update."""
@@ -313,7 +329,9 @@ class Gallery:
         items = [*plan.changed, *plan.returned, *plan.new]
         rep = AddReport(count=len(self))
         if items:
-            rep = self._write(photo_source(items, plan.kept, what), "replace", options, report)
+            src = photo_source(items, plan.kept, what)
+            src.extractor = self._photo_extractor(lib)
+            rep = self._write(src, "replace", options, report)
             files = {f"{f.root}/{f.rel}": f for _, f in items}
             bad = {name for name, _why in rep.unreadable if name in files}
             for name in bad:
@@ -506,8 +524,15 @@ def build_gallery(
     src: Source
     if folders:
         lib, src = new_library(folders, say)
+        if not takes_pixels(model):  # photos -> regions by the default extractor, recorded
+            assert isinstance(src, PhotoSource)
+            src.extractor = checked_extractor(model, DEFAULT, str(model.device))
+            lib.extractor = record_of(src.extractor)
     else:
         src = source_for(model, source, **source_options)
+        found = recorded_in(source, source_options.get("split", "test")) if isinstance(source, (str, Path)) else None
+        if found is not None and not takes_pixels(model):
+            lib = Library({"extractor": found})
     if metadata is not None:
         src.with_metadata(read_metadata(metadata) if isinstance(metadata, (str, Path)) else metadata)
     record = model_record(model, model_path, text_model)
@@ -521,8 +546,9 @@ def build_gallery(
         if not job.is_main:
             return None
         store = FileStore.open(out)
-    if lib is None and not src.given_ids:
-        lib = Library({"numbered": {src.content_digest(): [src.ids[0], src.count]}})
+    if not src.given_ids:
+        lib = lib or Library()
+        lib.numbered[src.content_digest()] = [src.ids[0], src.count]
     if lib is not None:
         lib.save(store)
     return Gallery(store, model, encoding=options.encoding)

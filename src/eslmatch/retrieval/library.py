@@ -36,6 +36,7 @@ from ..errors import EslmatchError
 from ..model.base import MatchingModel, takes_pixels
 from ..utils.digest import sha256_stream
 from .catalog import Record
+from .extractor import is_features_folder
 from .metadata import Metadata, folder_of
 from .search import GalleryStore
 from .sources import AUTO_FIELDS, LIBRARY_FIELDS, PhotoSource
@@ -138,6 +139,8 @@ class Library:
         self.unreadable: dict[str, list[int]] = dict(state.get("unreadable") or {})
         # numbered items (features or captions without ids): content digest -> [first id, count]
         self.numbered: dict[str, list[Any]] = dict(state.get("numbered") or {})
+        # a region model's gallery: what turns photos into its features (extractor.py)
+        self.extractor: dict[str, Any] | None = state.get("extractor")
 
     def state(self) -> dict[str, Any]:
         return {
@@ -146,6 +149,7 @@ class Library:
             "gone": self.gone,
             "unreadable": self.unreadable,
             "numbered": self.numbered,
+            "extractor": self.extractor,
         }
 
     @classmethod
@@ -314,11 +318,14 @@ def stat_file(root: str, rel: str, path: Path) -> FileState:
 
 def library_folders(model: MatchingModel, source: Any, options: Mapping[str, Any]) -> list[Path] | None:
     """The folders of photos ``source`` names for the library (a folder, or a list of them,
-    for a model that takes pixels, no ids given): each is a root. ``None``: not a library."""
-    if not takes_pixels(model) or options.get("ids") is not None or options.get("kind", "image") != "image":
+    no ids given; for a region model, folders that hold no features): each is a root.
+    ``None``: not a library."""
+    if options.get("ids") is not None or options.get("kind", "image") != "image":
         return None
     many = list(source) if isinstance(source, (list, tuple)) else [source]
     if not many or not all(isinstance(s, (str, Path)) and Path(s).is_dir() for s in many):
+        return None
+    if not takes_pixels(model) and any(is_features_folder(s) for s in many):
         return None
     return [Path(s) for s in many]
 

@@ -250,7 +250,7 @@ def chunk_width(model: MatchingModel, source: Source, chunk: Chunk) -> int:
     """Positions per item of the chunk's shard: regions, the longest caption's tokens, or 1."""
     if model.exact_index:
         return 1
-    if isinstance(source, RegionSource):
+    if isinstance(source, RegionSource) or (isinstance(source, PhotoSource) and source.extractor is not None):
         return source.regions
     if isinstance(source, CaptionSource):
         return max(int(t.numel()) for t in tokenize_texts(model, source.texts[chunk.start : chunk.stop]))

@@ -175,6 +175,19 @@ class PhotoSource(Source):
     files: list[Path] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
     refused: list[tuple[str, str]] = field(default_factory=list)
+    # for a model of region features: the extractor (eslmatch.extract.Backbone) that turns
+    # each photo into regions, as the gallery records it (retrieval/extractor.py)
+    extractor: Any = field(default=None, repr=False)
+
+    @property
+    def grid(self) -> tuple[int, int] | None:
+        grid = getattr(self.extractor, "grid", None)
+        return (int(grid[0]), int(grid[1])) if grid else None
+
+    @property
+    def regions(self) -> int:
+        """Regions per photo (its extractor's), or 1 (one vector per photo)."""
+        return int(self.extractor.regions) if self.extractor is not None else 1
 
     def load(
         self, i0: int, i1: int, preprocess: Callable[[Any], Any]
@@ -515,7 +528,11 @@ def subset(source: Source, positions: Sequence[int]) -> Source:
         )
     if isinstance(source, PhotoSource):
         return PhotoSource(
-            **common, files=[source.files[i] for i in pos], names=[source.names[i] for i in pos], refused=source.refused
+            **common,
+            files=[source.files[i] for i in pos],
+            names=[source.names[i] for i in pos],
+            refused=source.refused,
+            extractor=source.extractor,
         )
     if isinstance(source, CaptionSource):
         return CaptionSource(**common, texts=[source.texts[i] for i in pos])

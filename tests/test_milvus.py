@@ -391,19 +391,22 @@ def test_a_collection_of_another_model_is_refused(model, model_dir, server, tmp_
 
 def test_add_extends_the_collection_like_the_file_index(model, model_dir, server, tmp_path, capsys):
     feats, lens = regions(200, seed=11)
-    more = regions(60, seed=12)[0]
+    more, again = regions(60, seed=12)[0], regions(60, seed=13)[0]
     np.save(tmp_path / "more.npy", more)
+    np.save(tmp_path / "again.npy", again)
     mil, _ = milvus_gallery(model, feats, server.uri, "grow", lens, model_path=model_dir)
     files = files_gallery(model, feats, tmp_path / "idx", lens)
     files.add(more, options=BuildOptions(progress=False))
-    files.add(more, options=BuildOptions(progress=False))  # new numbered ids: added again
+    files.add(again, options=BuildOptions(progress=False))  # new numbered ids
     rep = mil.add(more, options=BuildOptions(progress=False))
     assert (rep.added, rep.count) == (60, 260)
     with pytest.raises(EslmatchError, match="id '5' is in the gallery already"):
         mil.add(region_source(more[:2], img_dim=IMG_DIM, ids=["new", "5"]), on_duplicate="error")
     serving = open_gallery(server.uri, "grow", model=model)
-    add = ["index", "add", "--milvus", server.uri, "--collection", "grow", "--features", str(tmp_path / "more.npy")]
-    assert main(add) == 0  # the model recorded at build time; ids continue the numbering
+    add = ["index", "add", "--milvus", server.uri, "--collection", "grow", "--features"]
+    assert main([*add, str(tmp_path / "more.npy")]) == 0  # the same features again: found by content, skipped
+    assert "added 0 items" in capsys.readouterr().out and len(mil) == 260
+    assert main([*add, str(tmp_path / "again.npy")]) == 0  # the model recorded at build time; ids continue
     out = capsys.readouterr().out
     assert "added 60 items" in out and "(320 in all" in out
     lens_all = np.concatenate([lens, np.full(120, REGIONS)])

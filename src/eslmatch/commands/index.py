@@ -150,9 +150,10 @@ def _inputs_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--images",
         action="append",
-        help="a folder of photos (models that take pixels, e.g. ESL-CLIP; sub-folders read, unreadable files skipped "
-        "and named; repeat for several: each is a root that index sync rescans), the folder of --split-file's "
-        "images, or the folder of --features' image files to record their paths (default: no paths recorded)",
+        help="a folder of photos (sub-folders read, unreadable files skipped and named; repeat for several: each is "
+        "a root that index sync rescans; a model of region features makes them with the gallery's extractor, "
+        "EfficientNet-Lite0 by default), the folder of --split-file's images, or the folder of --features' image "
+        "files to record their paths (default: no paths recorded)",
     )
     p.add_argument(
         "--split-file",
@@ -693,6 +694,10 @@ def _describe(gallery: Any, verify: bool, as_json: bool, asked: tuple[str | None
     lib = store.library()
     for root in lib.get("roots", []):
         print(f"root       {root['label']}: {root['path']}")
+    if lib.get("extractor"):
+        ex = lib["extractor"]
+        size = f" at {ex['image_size']} px" if ex.get("image_size") else ""
+        print(f"extractor  {ex['backbone']}{size}, {ex.get('precision', 'fp32')} (photos added are made into regions)")
     if lib.get("excluded") or lib.get("gone"):
         print(
             f"library    {len(lib.get('excluded', {}))} excluded (deleted by you, files kept; index restore), "

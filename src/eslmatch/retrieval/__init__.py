@@ -30,8 +30,9 @@ if TYPE_CHECKING:
     from .layout import FORMAT, VERSION, GalleryIndexError
     from .metadata import MetadataError, read_metadata
     from .models import model_fingerprint
-    from .search import GalleryStore, Hit, Searcher, plan_depth
+    from .search import Hit, Searcher, plan_depth
     from .sources import CaptionSource, PhotoSource, RegionSource, Source, captions, photos, regions, source_for
+    from .store import GalleryStore
 
 # imported on first use: the CLI checks a filter (filters) before FAISS and torch are imported
 __getattr__ = lazy_attributes(
@@ -46,7 +47,8 @@ __getattr__ = lazy_attributes(
         **dict.fromkeys(("FORMAT", "VERSION", "GalleryIndexError"), ".layout"),
         **dict.fromkeys(("MetadataError", "read_metadata"), ".metadata"),
         "model_fingerprint": ".models",
-        **dict.fromkeys(("GalleryStore", "Hit", "Searcher", "plan_depth"), ".search"),
+        **dict.fromkeys(("Hit", "Searcher", "plan_depth"), ".search"),
+        "GalleryStore": ".store",
         **dict.fromkeys(
             ("CaptionSource", "PhotoSource", "RegionSource", "Source", "captions", "photos", "regions", "source_for"),
             ".sources",

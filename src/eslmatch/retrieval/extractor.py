@@ -10,14 +10,13 @@ The weights' sha256 is recorded and checked: other weights are refused, never mi
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ..errors import EslmatchError
 from ..model.base import MatchingModel
-from .sourcefiles import EXTRACT_META
+from .sourcefiles import EXTRACT_META, read_extract_meta
 
 DEFAULT: dict[str, Any] = {"backbone": "efficientnet-lite0", "precision": "fp32"}
 _KEYS = ("backbone", "image_size", "precision", "weights", "weights_sha256")
@@ -26,12 +25,8 @@ _KEYS = ("backbone", "image_size", "precision", "weights", "weights_sha256")
 def recorded_in(folder: str | Path, split: str = "test") -> dict[str, Any] | None:
     """The extractor an ``eslmatch extract`` folder's features came from, or ``None`` (no
     ``extract_meta.json``, or box-pooled features: their boxes exist only for those photos)."""
-    path = Path(folder) / EXTRACT_META
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(meta, dict):
+    meta = read_extract_meta(folder)
+    if meta is None:
         return None
     splits = meta.get("splits")
     split_record = splits.get(split) if isinstance(splits, dict) else None

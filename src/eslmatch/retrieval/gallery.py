@@ -51,9 +51,10 @@ from .library import (
 from .metadata import Metadata, MetadataError, merge_types, read_metadata
 from .models import check_gallery_model, check_model, model_record
 from .policy import check_on_duplicate, keep_user_metadata
-from .search import GalleryStore, Hit, Searcher
+from .search import Hit, Searcher
 from .sourcefiles import IMAGE_SUFFIXES
 from .sources import PhotoSource, Source, source_for
+from .store import GalleryStore
 from .writer import Report
 
 

@@ -38,8 +38,8 @@ from ..utils.digest import sha256_stream
 from .catalog import Record
 from .extractor import is_features_folder
 from .metadata import Metadata, folder_of
-from .search import GalleryStore
 from .sources import AUTO_FIELDS, LIBRARY_FIELDS, PhotoSource
+from .store import GalleryStore
 
 Key = tuple[str, str]  # (root label, file under the root)
 Found = tuple[str, FileEntry]  # (root label, the file as listed)

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 from ..errors import EslmatchError
 
 if TYPE_CHECKING:
-    from .search import GalleryStore
     from .sources import Source
+    from .store import GalleryStore
 
 ON_DUPLICATE = ("skip", "replace", "error")  # what an add does with an id the gallery holds
 

@@ -57,18 +57,21 @@ def resolve_split_paths(paths: list[str] | None, root: Path) -> list[str] | None
     return out
 
 
+def read_extract_meta(folder: str | Path) -> dict[str, Any] | None:
+    """``extract_meta.json`` of an ``eslmatch extract`` folder, or ``None`` (absent, unreadable)."""
+    try:
+        meta = json.loads((Path(folder) / EXTRACT_META).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def read_grid(folder: Path, regions: int, split: str | None = None) -> tuple[int, int] | None:
     """The region grid ``(h, w)`` recorded by ``eslmatch extract`` in ``extract_meta.json``
     (``splits[split].backbone_info.grid``; box-pooled features have none), or a top-level
     ``grid`` / ``grid_shape`` / ``grid_h`` + ``grid_w``; used only when ``h * w == R``."""
-    path = folder / EXTRACT_META
-    if not path.is_file():
-        return None
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(meta, dict):
+    meta = read_extract_meta(folder)
+    if meta is None:
         return None
     candidates: list[Any] = []
     splits = meta.get("splits")

@@ -647,7 +647,7 @@ def step_recall(args: argparse.Namespace) -> dict[str, Any]:
 def linked_copy(work: Path, name: str) -> Path:
     """A copy of the benchmark's gallery whose shards and FAISS file are hard links (no extra
     disk) and whose catalogue is its own: the benchmark's gallery stays as it is."""
-    from eslmatch.retrieval.filecompact import copy_gallery
+    from eslmatch.retrieval.files.compact import copy_gallery
 
     copy = work / name
     if copy.exists():

@@ -394,7 +394,7 @@ def dir_bytes(path: Path, name: str | None = None) -> int:
 def run_latency(args: argparse.Namespace) -> dict[str, Any]:
     from eslmatch.retrieval import BuildOptions, FaissOptions, FileStore, build_gallery, open_gallery
     from eslmatch.retrieval.encode import encode_texts
-    from eslmatch.retrieval.filecompact import copy_gallery
+    from eslmatch.retrieval.files.compact import copy_gallery
 
     set_threads(args.threads)
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="eslmatch-latency-"))

@@ -195,7 +195,7 @@ def test_retrieval_stays_readable():
     as the MatchingModel protocol (never ``Any``) and told apart by its attributes, never by
     ``hasattr``; and no store subclasses another to undo it."""
     long_modules, long_functions, untyped, probes = [], [], [], []
-    for path in sorted((PACKAGE / "retrieval").glob("*.py")):
+    for path in sorted((PACKAGE / "retrieval").rglob("*.py")):
         text = path.read_text(encoding="utf-8")
         if text.count("\n") > 600:
             long_modules.append(path.name)

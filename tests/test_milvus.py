@@ -29,9 +29,9 @@ from eslmatch.errors import EslmatchError  # noqa: E402
 from eslmatch.retrieval import BuildOptions, GalleryIndexError, build_gallery, open_gallery  # noqa: E402
 from eslmatch.retrieval import regions as region_source  # noqa: E402
 from eslmatch.retrieval import writer as writer_mod  # noqa: E402
-from eslmatch.retrieval.milvus_conn import MilvusConnection, MilvusError  # noqa: E402
-from eslmatch.retrieval.milvus_store import MilvusStore  # noqa: E402
-from eslmatch.retrieval.milvus_write import MilvusSink  # noqa: E402
+from eslmatch.retrieval.milvus.conn import MilvusConnection, MilvusError  # noqa: E402
+from eslmatch.retrieval.milvus.store import MilvusStore  # noqa: E402
+from eslmatch.retrieval.milvus.write import MilvusSink  # noqa: E402
 
 N_BIG, N_QUERIES, REGIONS, IMG_DIM = 10_000, 100, 6, 16
 

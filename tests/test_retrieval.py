@@ -24,12 +24,12 @@ from eslmatch.retrieval import (
     FileStore,
     GalleryIndexError,
     build_gallery,
-    filecommit,
     open_gallery,
     plan_depth,
 )
 from eslmatch.retrieval import regions as region_source
-from eslmatch.retrieval.filecompact import copy_gallery
+from eslmatch.retrieval.files import commit as filecommit
+from eslmatch.retrieval.files.compact import copy_gallery
 
 QUERY = "the red circle left of the blue square"
 N_IMAGES = 14

@@ -23,11 +23,11 @@ from eslmatch.retrieval import (
     GalleryIndexError,
     ann,
     build_gallery,
-    filecommit,
     open_gallery,
     writer,
 )
-from eslmatch.retrieval.filecompact import copy_gallery
+from eslmatch.retrieval.files import commit as filecommit
+from eslmatch.retrieval.files.compact import copy_gallery
 from eslmatch.retrieval.layout import ShardedArray, dequantize_int8, quantize_int8, read_rows
 
 N, R, D = 44, 6, 16

@@ -33,7 +33,7 @@ from eslmatch.retrieval import (
     open_gallery,
     regions,
 )
-from eslmatch.retrieval.filecompact import copy_gallery
+from eslmatch.retrieval.files.compact import copy_gallery
 
 N_IMAGES, N_QUERIES, K = 120, 50, 10
 QUERY = "the red circle left of the blue square"

@@ -731,7 +731,7 @@ def _reindex(args: argparse.Namespace) -> int:
     if args.faiss is None:
         raise EslmatchError("choose the new first stage with --faiss auto|flat|ivf|hnsw|ivfpq")
     from ..retrieval import FaissOptions, FileStore
-    from ..retrieval.filecompact import copy_gallery
+    from ..retrieval.files.compact import copy_gallery
 
     target = args.index
     if args.out:

@@ -4,7 +4,7 @@
   ``add``, ``delete``, ``update``, ``compact``, ``len``, ``metadata``; the same on both stores.
 - Stores (the :class:`GalleryStore` protocol): :class:`FileStore` (a folder: FAISS first
   stage, memory-mapped shards, a SQLite catalogue) and
-  :class:`~eslmatch.retrieval.milvus_store.MilvusStore` (Milvus collections).
+  :class:`~eslmatch.retrieval.milvus.store.MilvusStore` (Milvus collections).
 - :class:`Searcher`: tokenise -> encode -> shortlist -> re-rank, for any store. Two-stage for
   ESL (the first-stage vectors' inner product is a pair's mean word-region affinity, the full
   ESL score re-ranks the shortlist); one-stage and exact for single-vector models (VSE,
@@ -22,9 +22,8 @@ from ..utils.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from .ann import AUTO, AUTO_FLAT_MAX, FAISS_KINDS, FaissOptions
-    from .catalog import Record
-    from .filecommit import AddReport, BuildOptions
-    from .filestore import FileStore
+    from .files.commit import AddReport, BuildOptions
+    from .files.store import FileStore
     from .filters import Filter, FilterError, parse_filter
     from .gallery import Gallery, build_gallery, open_gallery
     from .layout import FORMAT, VERSION, GalleryIndexError
@@ -32,16 +31,16 @@ if TYPE_CHECKING:
     from .models import model_fingerprint
     from .search import Hit, Searcher, plan_depth
     from .sources import CaptionSource, PhotoSource, RegionSource, Source, captions, photos, regions, source_for
-    from .store import GalleryStore
+    from .store import GalleryStore, Record
 
 # imported on first use: the CLI checks a filter (filters) before FAISS and torch are imported
 __getattr__ = lazy_attributes(
     __name__,
     {
         **dict.fromkeys(("AUTO", "AUTO_FLAT_MAX", "FAISS_KINDS", "FaissOptions"), ".ann"),
-        "Record": ".catalog",
-        **dict.fromkeys(("AddReport", "BuildOptions"), ".filecommit"),
-        "FileStore": ".filestore",
+        "Record": ".store",
+        **dict.fromkeys(("AddReport", "BuildOptions"), ".files.commit"),
+        "FileStore": ".files.store",
         **dict.fromkeys(("Filter", "FilterError", "parse_filter"), ".filters"),
         **dict.fromkeys(("Gallery", "build_gallery", "open_gallery"), ".gallery"),
         **dict.fromkeys(("FORMAT", "VERSION", "GalleryIndexError"), ".layout"),

@@ -1,7 +1,7 @@
 """A living collection: :func:`open_gallery` / :func:`build_gallery` and the :class:`Gallery`.
 
-The same operations on both stores (a folder: :class:`~.filestore.FileStore`; a Milvus
-collection: :class:`~.milvus_store.MilvusStore`)::
+The same operations on both stores (a folder: :class:`~.files.store.FileStore`; a Milvus
+collection: :class:`~.milvus.store.MilvusStore`)::
 
     import eslmatch
     g = eslmatch.open_gallery("indexes/photos")                  # or (uri, collection="photos")
@@ -32,7 +32,7 @@ from ..utils.digest import sha256_stream
 from ..utils.precision import check_precision
 from .encode import Encoding, check_runtime, default_encoding, encoding_for, is_image_file
 from .extractor import DEFAULT, checked_extractor, record_of, recorded_in
-from .filestore import AddReport, BuildOptions, FileStore, build_files
+from .files.store import AddReport, BuildOptions, FileStore, build_files
 from .filters import Filter, as_filter, check
 from .library import (
     FileState,
@@ -483,7 +483,7 @@ def open_gallery(
     check_runtime(runtime)
     store: GalleryStore
     if collection is not None:
-        from .milvus_store import MilvusStore
+        from .milvus.store import MilvusStore
 
         store = MilvusStore.open(str(target), collection, timeout=timeout, token=token)
     else:
@@ -539,7 +539,7 @@ def build_gallery(
     record = model_record(model, model_path, text_model)
     store: GalleryStore
     if collection is not None:
-        from .milvus_store import build_milvus
+        from .milvus.store import build_milvus
 
         store = build_milvus(model, src, str(target), collection, options, record, say, **dict(milvus or {}))
     else:

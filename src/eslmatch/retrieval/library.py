@@ -35,11 +35,10 @@ from ..data.files import FileEntry, id_of, list_files
 from ..errors import EslmatchError
 from ..model.base import MatchingModel, takes_pixels
 from ..utils.digest import sha256_stream
-from .catalog import Record
 from .extractor import is_features_folder
 from .metadata import Metadata, folder_of
 from .sources import AUTO_FIELDS, LIBRARY_FIELDS, PhotoSource
-from .store import GalleryStore
+from .store import GalleryStore, Record
 
 Key = tuple[str, str]  # (root label, file under the root)
 Found = tuple[str, FileEntry]  # (root label, the file as listed)

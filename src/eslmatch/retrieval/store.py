@@ -1,7 +1,7 @@
 """The store protocol: what a searcher and a gallery need of a store, and all a store offers.
 
-Two implementations: the file store (:class:`~eslmatch.retrieval.filestore.FileStore`: FAISS +
-shards + a SQLite catalogue) and Milvus (:class:`~eslmatch.retrieval.milvus_store.MilvusStore`).
+Two implementations: the file store (:class:`~eslmatch.retrieval.files.store.FileStore`: FAISS +
+shards + a SQLite catalogue) and Milvus (:class:`~eslmatch.retrieval.milvus.store.MilvusStore`).
 Rules about items (ids, duplicates, metadata kept, exclusions, the model check) are not here:
 they are the gallery's (``policy.py``, ``library.py``), the same on both stores.
 """
@@ -9,19 +9,37 @@ they are the gallery's (``policy.py``, ``library.py``), the same on both stores.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 from ..model.base import MatchingModel
-from .catalog import Record
 from .filters import Filter
+from .metadata import Metadata
+
+
+@dataclass(frozen=True)
+class Record:
+    """What the catalogue knows of one item."""
+
+    row: int
+    id: str
+    path: str
+    added: str
+    caption: str | None
+    metadata: Metadata
+    length: int = 0  # real regions / words (a Milvus record; the file store keeps them in shards)
+
+    def fields(self) -> Metadata:
+        """Every field, builtins included (what a filter sees)."""
+        return {"id": self.id, "path": self.path, "added": self.added, **self.metadata}
 
 
 class GalleryStore(Protocol):
     """What a searcher (and a gallery) needs of a store: the file store
-    (:class:`~eslmatch.retrieval.filestore.FileStore`) and the Milvus store
-    (:class:`~eslmatch.retrieval.milvus_store.MilvusStore`) implement it."""
+    (:class:`~eslmatch.retrieval.files.store.FileStore`) and the Milvus store
+    (:class:`~eslmatch.retrieval.milvus.store.MilvusStore`) implement it."""
 
     where: str
     kind: str

@@ -17,12 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from ..utils import atomic_dir
-from . import ann
-from .catalog import CATALOG
-from .filecommit import _COPY_BYTES, DEFAULT_SHARD_ROWS, _new_faiss, collect_garbage, write_lock
-from .filereader import FileReader
-from .layout import (
+from ...utils import atomic_dir
+from .. import ann
+from ..layout import (
     FAISS_DIR,
     GLOBAL,
     LENGTHS,
@@ -42,7 +39,10 @@ from .layout import (
     shard_files,
     shard_name,
 )
-from .writer import Report
+from ..writer import Report
+from .catalog import CATALOG
+from .commit import _COPY_BYTES, DEFAULT_SHARD_ROWS, _new_faiss, collect_garbage, write_lock
+from .reader import FileReader
 
 
 # ---------------------------------------------------------------------- compact, reindex

@@ -22,15 +22,34 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
-from ..distributed import DistContext, JobFailed
-from ..errors import EslmatchError
-from ..model.base import MatchingModel
-from ..utils import replace_dir
-from . import ann
+from ... import __version__
+from ...distributed import DistContext, JobFailed
+from ...errors import EslmatchError
+from ...model.base import MatchingModel
+from ...utils import replace_dir
+from .. import ann
+from ..encode import FP32, Encoding, default_encoding
+from ..filters import Filter
+from ..layout import (
+    FORMAT,
+    GLOBAL,
+    MANIFEST,
+    SHARDS,
+    STAGING,
+    VERSION,
+    ShardedArray,
+    check_target,
+    fsync_path,
+    open_array,
+    shard_name,
+    write_json,
+)
+from ..metadata import Metadata, MetadataError, merge_types, now
+from ..policy import check_on_duplicate
+from ..sources import Source
+from ..writer import Report, write_source
 from .catalog import CATALOG, Catalog
-from .encode import FP32, Encoding, default_encoding
-from .filecommit import (
+from .commit import (
     DEFAULT_SHARD_ROWS,
     AddReport,
     BuildOptions,
@@ -46,28 +65,9 @@ from .filecommit import (
     encoding_of,
     write_lock,
 )
-from .filecompact import compact_files, reindex_files
-from .filereader import FileReader
-from .filters import Filter
-from .layout import (
-    FORMAT,
-    GLOBAL,
-    MANIFEST,
-    SHARDS,
-    STAGING,
-    VERSION,
-    ShardedArray,
-    check_target,
-    fsync_path,
-    open_array,
-    shard_name,
-    write_json,
-)
-from .metadata import Metadata, MetadataError, merge_types, now
-from .policy import check_on_duplicate
+from .compact import compact_files, reindex_files
+from .reader import FileReader
 from .shards import BUILD_RECORD, ShardSink, ShardWriter
-from .sources import Source
-from .writer import Report, write_source
 
 
 # ---------------------------------------------------------------------- build
@@ -290,7 +290,7 @@ def add_files(
 
 def _without(source: Source, ids: Mapping[str, int]) -> Source:
     """The source without the items whose ids are in ``ids``."""
-    from .sources import subset
+    from ..sources import subset
 
     return subset(source, [i for i, s in enumerate(source.ids) if s not in ids])
 

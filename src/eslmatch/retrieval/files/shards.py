@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import EslmatchError
-from ..model.base import MatchingModel
-from ..utils import atomic_write_text, pid_alive
-from .encode import Encoded, tokenize_texts
-from .layout import (
+from ...errors import EslmatchError
+from ...model.base import MatchingModel
+from ...utils import atomic_write_text, pid_alive
+from ..encode import Encoded, tokenize_texts
+from ..layout import (
     GLOBAL,
     LENGTHS,
     SCALE,
@@ -43,8 +43,8 @@ from .layout import (
     shard_files,
     shard_name,
 )
-from .sources import CaptionSource, PhotoSource, RegionSource, Source
-from .writer import Chunk, Report, cut
+from ..sources import CaptionSource, PhotoSource, RegionSource, Source
+from ..writer import Chunk, Report, cut
 
 BUILD_RECORD = "build.json"
 

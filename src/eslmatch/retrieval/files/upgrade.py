@@ -16,10 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
-from ..utils import atomic_dir
-from .catalog import CATALOG, Catalog
-from .layout import (
+from ... import __version__
+from ...utils import atomic_dir
+from ..layout import (
     FAISS_DIR,
     FORMAT,
     MANIFEST,
@@ -31,6 +30,7 @@ from .layout import (
     shard_name,
     write_json,
 )
+from .catalog import CATALOG, Catalog
 
 LEGACY_VERSIONS = (1, 2, 3)
 

@@ -1,7 +1,7 @@
 """Talking to Milvus: the connection (failures as one line), a gallery's manifest (a property
 of its collection), the first-stage index parameters, loading collections.
 
-pymilvus is imported lazily (``pip install 'eslmatch[milvus]'``). See :mod:`.milvus_store`.
+pymilvus is imported lazily (``pip install 'eslmatch[milvus]'``). See :mod:`.store`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import EslmatchError
-from . import ann
-from .layout import GalleryIndexError
+from ...errors import EslmatchError
+from .. import ann
+from ..layout import GalleryIndexError
 
 FORMAT = "eslmatch-milvus-gallery"
 VERSION = 2

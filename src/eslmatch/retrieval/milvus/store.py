@@ -1,4 +1,4 @@
-"""The Milvus store: a gallery in Milvus collections (layout in :mod:`.milvus_write`).
+"""The Milvus store: a gallery in Milvus collections (layout in :mod:`.write`).
 
 Stateless query servers over a shared, sharded store: any number of them can serve one
 collection. The first stage is a Milvus search (inner product; a filter becomes a Milvus
@@ -20,15 +20,17 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import EslmatchError
-from ..model.base import MatchingModel
-from . import ann
-from .catalog import Record
-from .filecommit import AddReport, BuildOptions
-from .filters import Filter, In, check, to_milvus
-from .layout import GalleryIndexError
-from .metadata import BUILTIN, Metadata, MetadataError, merge_types
-from .milvus_conn import (
+from ...errors import EslmatchError
+from ...model.base import MatchingModel
+from .. import ann
+from ..files.commit import AddReport, BuildOptions
+from ..filters import Filter, In, check, to_milvus
+from ..layout import GalleryIndexError
+from ..metadata import BUILTIN, Metadata, MetadataError, merge_types
+from ..sources import Source
+from ..store import Record
+from ..writer import Report
+from .conn import (
     DEFAULT_TIMEOUT,
     KEY_STRIDE,
     LEVELS_SUFFIX,
@@ -42,9 +44,7 @@ from .milvus_conn import (
     read_manifest,
     write_manifest,
 )
-from .milvus_write import _RPC_BYTES, add_to_collection, build_collection, collections_of, send
-from .sources import Source
-from .writer import Report
+from .write import _RPC_BYTES, add_to_collection, build_collection, collections_of, send
 
 REFRESH_S = 2.0  # how often a server re-reads the manifest (fields, a rebuilt collection)
 _CACHE_ROWS = 65536

@@ -20,14 +20,17 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__
-from ..errors import EslmatchError
-from ..model.base import MatchingModel
-from . import ann
-from .encode import Encoded, Encoding, default_encoding
-from .filecommit import BuildOptions, encoding_of
-from .metadata import Metadata, merge_types, now
-from .milvus_conn import (
+from ... import __version__
+from ...errors import EslmatchError
+from ...model.base import MatchingModel
+from .. import ann
+from ..encode import Encoded, Encoding, default_encoding
+from ..files.commit import BuildOptions, encoding_of
+from ..metadata import Metadata, merge_types, now
+from ..models import check_model
+from ..sources import Source, subset
+from ..writer import Chunk, Report, cut, write_source
+from .conn import (
     FORMAT,
     KEY_STRIDE,
     LEVELS_SUFFIX,
@@ -45,9 +48,6 @@ from .milvus_conn import (
     require_pymilvus,
     write_manifest,
 )
-from .models import check_model
-from .sources import Source, subset
-from .writer import Chunk, Report, cut, write_source
 
 CHUNK = 1024  # source positions per chunk of a Milvus write
 _RPC_BYTES = 16 << 20  # payload of one upsert / get
@@ -396,7 +396,7 @@ def _flush(conn: MilvusConnection, name: str, m: dict[str, Any]) -> None:
 
 def existing_ids(conn: MilvusConnection, name: str, ids: list[str]) -> dict[str, int]:
     """``{id: row}`` of the ids stored in the collection."""
-    from .filters import Filter, In, to_milvus
+    from ..filters import Filter, In, to_milvus
 
     out: dict[str, int] = {}
     for i in range(0, len(ids), 1000):

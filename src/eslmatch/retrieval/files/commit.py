@@ -1,7 +1,7 @@
 """What every write of a file gallery shares: the writer lock, garbage collection, the FAISS
 file of a generation, and the one catalogue transaction that commits new items.
 
-See :mod:`.filestore` for the operations and what makes each atomic.
+See :mod:`.store` for the operations and what makes each atomic.
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import EslmatchError
-from ..model.base import MatchingModel
-from ..utils.precision import check_precision
-from . import ann
-from .catalog import Catalog
-from .encode import FP32, Encoding, check_runtime, resolve_encoding
-from .layout import (
+from ...errors import EslmatchError
+from ...model.base import MatchingModel
+from ...utils.precision import check_precision
+from .. import ann
+from ..encode import FP32, Encoding, check_runtime, resolve_encoding
+from ..layout import (
     FAISS_DIR,
     LOCK,
     SHARDS,
@@ -34,9 +33,10 @@ from .layout import (
     file_records,
     fsync_path,
 )
-from .metadata import Metadata, merge_types, now
+from ..metadata import Metadata, merge_types, now
+from ..sources import CaptionSource, Source
+from .catalog import Catalog
 from .shards import BUILD_RECORD, ShardSink
-from .sources import CaptionSource, Source
 
 DEFAULT_SHARD_ROWS = 65536
 TAIL_MIN = 4096  # rows added after the FAISS index before it is extended (or N / 16, if more)

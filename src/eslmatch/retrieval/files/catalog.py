@@ -21,15 +21,15 @@ import json
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import EslmatchError
-from .filters import Filter, check, to_sql
-from .metadata import Metadata
+from ...errors import EslmatchError
+from ..filters import Filter, check, to_sql
+from ..metadata import Metadata
+from ..store import Record
 
 CATALOG = "catalog.sqlite"
 SCHEMA_VERSION = 1
@@ -40,23 +40,6 @@ _CHUNK = 900  # bound parameters per statement (SQLite's default limit is 999 on
 
 class CatalogError(EslmatchError):
     """A catalogue that is missing, damaged, or busy beyond the timeout."""
-
-
-@dataclass(frozen=True)
-class Record:
-    """What the catalogue knows of one item."""
-
-    row: int
-    id: str
-    path: str
-    added: str
-    caption: str | None
-    metadata: Metadata
-    length: int = 0  # real regions / words (a Milvus record; the file store keeps them in shards)
-
-    def fields(self) -> Metadata:
-        """Every field, builtins included (what a filter sees)."""
-        return {"id": self.id, "path": self.path, "added": self.added, **self.metadata}
 
 
 class Catalog:

@@ -27,12 +27,11 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ..errors import EslmatchError
-from ..utils.io import recover_replace
-from . import ann
-from .catalog import CATALOG, Catalog, CatalogError, Record
-from .filters import Filter
-from .layout import (
+from ...errors import EslmatchError
+from ...utils.io import recover_replace
+from .. import ann
+from ..filters import Filter
+from ..layout import (
     GLOBAL,
     LENGTHS,
     MANIFEST,
@@ -49,7 +48,9 @@ from .layout import (
     release,
     shard_files,
 )
-from .metadata import Metadata
+from ..metadata import Metadata
+from ..store import Record
+from .catalog import CATALOG, Catalog, CatalogError
 
 EXACT_FILTER_MAX = 65536
 _R = TypeVar("_R", bound="FileReader")
@@ -108,7 +109,7 @@ class Loaded:
 
 
 class FileReader:
-    """A file gallery opened for reading (see the module doc); :class:`~.filestore.FileStore` adds the writes."""
+    """A file gallery opened for reading (see the module doc); :class:`~.store.FileStore` adds the writes."""
 
     def __init__(self, path: Path, manifest: dict[str, Any], catalog: Catalog) -> None:
         self.path = path

@@ -354,6 +354,26 @@ def test_add_captions(model, caption_index, tmp_path):
     assert last.caption.startswith("a green circle above")
 
 
+def test_one_captions_file_rule_for_index_and_embed(model, tmp_path, capsys):
+    """Issue 30: `index build` read a captions .txt with 0-based ids and blank lines an error,
+    `embed` with 1-based ids, blank lines skipped and ``ID<TAB>caption`` parsed. Now both read
+    it by ``data.files.caption_lines``: blank lines left out, ``ID<TAB>caption`` gives the id."""
+    (tmp_path / "named.txt").write_text("\ufeffc1\ta red  circle\n\nc2\ta blue square\n")
+    g = build(model, str(tmp_path / "named.txt"), tmp_path / "C", kind="caption")
+    assert g.ids() == ["c1", "c2"] and g.store.records([0])[0].caption == "a red circle"
+    model_dir = str(model.save_pretrained(tmp_path / "model"))
+    out = tmp_path / "e.npy"
+    assert main(["embed", "--model", model_dir, "--captions", str(tmp_path / "named.txt"), "--out", str(out)]) == 0
+    from eslmatch.extract.embed import read_embeddings
+
+    assert read_embeddings(out)[0] == ["c1", "c2"]
+    (tmp_path / "plain.txt").write_text("a red circle\n\na blue square\n")
+    assert build(model, str(tmp_path / "plain.txt"), tmp_path / "P", kind="caption").ids() == ["0", "1"]
+    (tmp_path / "mixed.txt").write_text("c1\ta red circle\na blue square\n")
+    with pytest.raises(EslmatchError, match="line 2 names no id"):
+        build(model, str(tmp_path / "mixed.txt"), tmp_path / "M", kind="caption")
+
+
 def test_numbered_items_metadata_is_keyed_by_the_ids_they_receive(model, caption_index, tmp_path, capsys):
     """Was: keyed by the ids the new captions get, refused ("not among the 3 items added, e.g.
     '5'"); keyed "0", "1", "2", accepted and dropped (the store renumbered after attaching)."""

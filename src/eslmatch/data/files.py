@@ -201,13 +201,12 @@ def caption_lookup(entries: Sequence[ImageEntry]) -> dict[str, str]:
     return table
 
 
-def parse_captions(path: str | Path, lookup: Mapping[str, str]) -> CaptionTable:
-    """Read ``image_name<TAB>caption`` lines; several lines per image are allowed.
-
-    ``image_name`` is looked up in ``lookup`` (see :func:`caption_lookup`); a Flickr30k
-    style ``name.jpg#2`` is accepted too. Blank lines are ignored. Refused lines (no tab,
-    empty name or caption, unknown image, not UTF-8) are returned with 1-based line numbers.
-    """
+def caption_lines(path: str | Path) -> list[tuple[int, str | None, str | None]]:
+    """The one reading of a captions file (extract, index build / add, embed): UTF-8 (a BOM
+    allowed), lines split on ``\\n`` / ``\\r``, blank lines left out; ``KEY<TAB>caption`` names
+    the caption's image or id (``KEY`` stripped), a line without a tab has ``None``; the
+    caption's whitespace is collapsed. Returns ``(line number from 1, key, caption)``; a line
+    that is not UTF-8 has caption ``None`` (the caller refuses or reports it)."""
     p = Path(path)
     try:
         raw = p.read_bytes()
@@ -215,37 +214,49 @@ def parse_captions(path: str | Path, lookup: Mapping[str, str]) -> CaptionTable:
         raise InputError(f"{p}: cannot read captions file ({exc.strerror or exc})") from exc
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
-    table = CaptionTable()
-    # bytes.splitlines splits on \n and \r only, as the precomp reader does.
+    out: list[tuple[int, str | None, str | None]] = []
     for n, line in enumerate(raw.splitlines(), start=1):
-        table.n_lines = n
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
-            table.bad_lines.append((n, "not valid UTF-8"))
+            out.append((n, None, None))
             continue
         if not text.strip():
             continue
-        if "\t" not in text:
+        key, tab, caption = text.partition("\t")
+        out.append((n, key.strip(), " ".join(caption.split())) if tab else (n, None, " ".join(text.split())))
+    return out
+
+
+def parse_captions(path: str | Path, lookup: Mapping[str, str]) -> CaptionTable:
+    """Read ``image_name<TAB>caption`` lines (:func:`caption_lines`); several lines per image
+    are allowed.
+
+    ``image_name`` is looked up in ``lookup`` (see :func:`caption_lookup`); a Flickr30k
+    style ``name.jpg#2`` is accepted too. Refused lines (no tab, empty name or caption,
+    unknown image, not UTF-8) are returned with 1-based line numbers.
+    """
+    table = CaptionTable()
+    lines = caption_lines(path)
+    table.n_lines = lines[-1][0] if lines else 0
+    for n, name, caption in lines:
+        if caption is None:
+            table.bad_lines.append((n, "not valid UTF-8"))
+        elif name is None:
             table.bad_lines.append((n, "no tab between image name and caption"))
-            continue
-        name, caption = text.split("\t", 1)
-        name = name.strip()
-        caption = " ".join(caption.split())
-        if not name:
+        elif not name:
             table.bad_lines.append((n, "empty image name"))
-            continue
-        if not caption:
+        elif not caption:
             table.bad_lines.append((n, f"empty caption for {name!r}"))
-            continue
-        image_id = lookup.get(name)
-        if image_id is None:
-            m = _FLICKR_SUFFIX.match(name)
-            image_id = lookup.get(m.group(1)) if m else None
-        if image_id is None:
-            table.bad_lines.append((n, f"unknown image {name!r}"))
-            continue
-        table.by_id.setdefault(image_id, []).append(caption)
+        else:
+            image_id = lookup.get(name)
+            if image_id is None:
+                m = _FLICKR_SUFFIX.match(name)
+                image_id = lookup.get(m.group(1)) if m else None
+            if image_id is None:
+                table.bad_lines.append((n, f"unknown image {name!r}"))
+                continue
+            table.by_id.setdefault(image_id, []).append(caption)
     return table
 
 

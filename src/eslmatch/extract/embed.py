@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..data.files import SkipImage, list_images, listing_digest, open_image
+from ..data.files import SkipImage, caption_lines, list_images, listing_digest, open_image
 from ..data.precomp import find_precomp_folder, open_memmap
 from ..distributed import stop_hook_for_tests
 from ..errors import EslmatchError, InputError
@@ -138,17 +138,12 @@ def caption_items(model: MatchingModel, captions: str | Path) -> EmbedSource:
     path = Path(captions)
     if not path.is_file():
         raise InputError(f"{path}: no such captions file")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not UTF-8 text ({exc})") from exc
     ids, texts, where = [], [], []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        key, tab, text = line.partition("\t")
-        ids.append(key.strip() if tab else str(n))
-        texts.append(text if tab else line)
+    for n, key, text in caption_lines(path):
+        if text is None:
+            raise InputError(f"{path}: line {n} is not valid UTF-8")
+        ids.append(key if key is not None else str(n))
+        texts.append(text)
         where.append(n)
     if not texts:
         raise InputError(f"{path}: no caption in the file")

@@ -24,8 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..data import open_split
-from ..data.files import SkipImage, list_images, open_image
-from ..data.precomp import read_lines
+from ..data.files import SkipImage, caption_lines, list_images, open_image
 from ..data.raw import ImageCaptionSplit
 from ..errors import EslmatchError
 from ..model.base import MatchingModel
@@ -458,9 +457,8 @@ def captions(
         elif is_split_file(path):
             texts = split_file(path, images_dir, split, captions_per_image)
         elif path.is_file() and path.suffix == ".txt":
-            return _caption_source(
-                read_lines(path, "captions"), ids, paths, None, None, {"features": str(path.resolve())}
-            )
+            found_ids, lines = _caption_file(path)
+            return _caption_source(lines, ids, paths, found_ids, None, {"features": str(path.resolve())})
         elif not path.exists():
             raise EslmatchError(f"{path}: no such dataset folder, split file or captions .txt file")
         else:
@@ -486,6 +484,20 @@ def captions(
             f"captions must be a list of strings, a .txt file or a dataset split, got {type(texts).__name__}"
         )
     return _caption_source(list(texts), ids, paths, None, None, {"features": "list"})
+
+
+def _caption_file(path: Path) -> tuple[list[str] | None, list[str]]:
+    """A captions ``.txt`` (:func:`~eslmatch.data.files.caption_lines`): the ids its lines give
+    (``ID<TAB>caption``, all or none; ``None``: the captions are numbered) and the captions."""
+    lines = caption_lines(path)
+    bad = next((n for n, _, text in lines if text is None), None)
+    if bad is not None:
+        raise EslmatchError(f"{path}: line {bad} is not valid UTF-8")
+    named = [n for n, key, _ in lines if key is not None]
+    if named and len(named) < len(lines):
+        first = next(n for n, key, _ in lines if key is None)
+        raise EslmatchError(f"{path}: line {first} names no id (ID<TAB>caption): every line names one, or none does")
+    return ([str(k) for _, k, _ in lines] if named else None), [str(t) for _, _, t in lines]
 
 
 def _caption_source(

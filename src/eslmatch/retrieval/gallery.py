@@ -45,12 +45,11 @@ from .library import (
     stat_file,
     state_of,
     stored,
-    to_records,
     user_fields,
 )
 from .metadata import Metadata, MetadataError, merge_types, read_metadata
 from .models import check_gallery_model, check_model, model_record
-from .policy import check_on_duplicate, keep_user_metadata
+from .policy import check_on_duplicate, keep_user_metadata, records_of
 from .search import Hit, Searcher
 from .sourcefiles import IMAGE_SUFFIXES
 from .sources import PhotoSource, Source, source_for
@@ -268,7 +267,7 @@ class Gallery:
                 f"e.g. {known[0][1].rel!r} (id {known[0][0]!r})"
             )
         if on_duplicate == "replace":  # re-encode every known file, keeping its user metadata
-            records = {r.id: r for r in to_records(self.store, [i for i, _ in known])}
+            records = {r.id: r for r in records_of(self.store, [i for i, _ in known])}
             for item_id, f in known:
                 f.sha256 = f.sha256 or sha256_stream(f.path)
                 plan.changed.append((item_id, f))
@@ -424,7 +423,7 @@ class Gallery:
         ids = list(ids) if ids is not None else None
         lib = Library.load(self.store)
         if lib.roots:  # remember deleted library photos, so that sync and add leave them out
-            records = to_records(self.store, ids) if ids else []
+            records = records_of(self.store, ids) if ids else []
             if ids and len({r.id for r in records}) < len(set(ids)):
                 return self.store.delete(ids, flt)  # it names the unknown id, deleting nothing
             if flt is not None:

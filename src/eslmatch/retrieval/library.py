@@ -37,6 +37,7 @@ from ..model.base import MatchingModel, takes_pixels
 from ..utils.digest import sha256_stream
 from .extractor import is_features_folder
 from .metadata import Metadata, folder_of
+from .policy import records_of
 from .sources import AUTO_FIELDS, LIBRARY_FIELDS, PhotoSource
 from .store import GalleryStore, Record
 
@@ -369,18 +370,7 @@ def stored(store: GalleryStore) -> list[Record]:
 def complete(plan: Plan, store: GalleryStore) -> None:
     """Read the user metadata of the items a plan re-encodes or takes out (kept for them)."""
     ids = [i for i, _ in plan.changed] + [r.id for r in plan.gone]
-    full = {r.id: r for r in to_records(store, ids)}
+    full = {r.id: r for r in records_of(store, ids)}
     for i, _ in plan.changed:
         plan.kept[i] = {**user_fields(full[i].metadata), **plan.kept.get(i, {})}
     plan.gone = [full.get(r.id, r) for r in plan.gone]
-
-
-def to_records(store: GalleryStore, ids: Sequence[str]) -> list[Record]:
-    """The stored records of ``ids`` (unknown ones left out), in chunks of a filter's size."""
-    from .filters import Filter, In
-
-    out: list[Record] = []
-    for i in range(0, len(ids), 1000):
-        part = tuple(ids[i : i + 1000])
-        out.extend(store.select(Filter(In("id", part), "id in [...]")))
-    return out

@@ -4,13 +4,14 @@ reads :data:`ON_DUPLICATE` before anything heavy is imported)."""
 
 from __future__ import annotations
 
+from collections.abc import Container, Sequence
 from typing import TYPE_CHECKING
 
 from ..errors import EslmatchError
 
 if TYPE_CHECKING:
     from .sources import Source
-    from .store import GalleryStore
+    from .store import GalleryStore, Record
 
 ON_DUPLICATE = ("skip", "replace", "error")  # what an add does with an id the gallery holds
 
@@ -21,6 +22,26 @@ def check_on_duplicate(value: str) -> str:
     return value
 
 
+def check_known(
+    where: str, ids: Sequence[str], found: Container[str], action: str, error: type = EslmatchError
+) -> None:
+    """Refuse, in one line naming the first, ids the gallery does not hold (``action``: what
+    was to be done, and is not: "deleted", "updated")."""
+    unknown = [i for i in ids if i not in found]
+    if unknown:
+        raise error(f"{where}: no item with id {unknown[0]!r} ({len(unknown)} unknown; nothing {action})")
+
+
+def records_of(store: GalleryStore, ids: Sequence[str]) -> list[Record]:
+    """The stored records of ``ids`` (unknown ones left out), read a filter's worth at a time."""
+    from .filters import MAX_IN_VALUES, Filter, In
+
+    out: list[Record] = []
+    for i in range(0, len(ids), MAX_IN_VALUES):
+        out.extend(store.select(Filter(In("id", tuple(ids[i : i + MAX_IN_VALUES])), "id in [...]")))
+    return out
+
+
 def keep_user_metadata(store: GalleryStore, source: Source) -> None:
     """Before ``on_duplicate="replace"``: give each item of ``source`` that replaces a stored one
     the user metadata of the stored item, under what the caller gave for it (a replaced photo
@@ -29,9 +50,7 @@ def keep_user_metadata(store: GalleryStore, source: Source) -> None:
     from .sources import AUTO_FIELDS
 
     recorded = AUTO_FIELDS if source.root is not None else ()  # photos under a root record them
-    for item_id in source.ids:
-        if not store.contains(item_id):
-            continue
-        old = {k: v for k, v in store.metadata(item_id).items() if k not in BUILTIN and k not in recorded}
+    for rec in records_of(store, source.ids):
+        old = {k: v for k, v in rec.metadata.items() if k not in BUILTIN and k not in recorded}
         if old:
-            source.user_metadata[item_id] = {**old, **source.user_metadata.get(item_id, {})}
+            source.user_metadata[rec.id] = {**old, **source.user_metadata.get(rec.id, {})}

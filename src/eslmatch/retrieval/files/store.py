@@ -45,7 +45,7 @@ from ..layout import (
     write_json,
 )
 from ..metadata import Metadata, MetadataError, merge_types, now
-from ..policy import check_on_duplicate
+from ..policy import check_known, check_on_duplicate
 from ..sources import Source
 from ..writer import Report, write_source
 from .catalog import CATALOG, Catalog
@@ -303,11 +303,7 @@ def delete_files(store: FileReader, ids: Sequence[str] | None, where: Filter | N
         rows: set[int] = set()
         if ids:
             found = store.catalog.rows_of(list(ids))
-            unknown = [i for i in ids if i not in found]
-            if unknown:
-                raise EslmatchError(
-                    f"{store.where}: no item with id {unknown[0]!r} ({len(unknown)} unknown; nothing deleted)"
-                )
+            check_known(store.where, ids, found, "deleted")
             rows.update(found.values())
         if where is not None:
             rows.update(store.match(where).tolist())
@@ -328,11 +324,7 @@ def update_files(store: FileReader, changes: Mapping[str, Metadata], paths: Mapp
         store.refresh()
         ids = list({**changes, **paths})
         found = store.catalog.rows_of(ids)
-        unknown = [i for i in ids if i not in found]
-        if unknown:
-            raise MetadataError(
-                f"{store.where}: no item with id {unknown[0]!r} ({len(unknown)} unknown; nothing updated)"
-            )
+        check_known(store.where, ids, found, "updated", MetadataError)
         types = merge_types(store.catalog.types(), ({"id": k, **v} for k, v in changes.items()))
         rows = {found[k]: {**changes.get(k, {}), **({"path": paths[k]} if k in paths else {})} for k in ids}
         with store.catalog.write():

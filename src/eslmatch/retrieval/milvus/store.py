@@ -27,6 +27,7 @@ from ..files.commit import AddReport, BuildOptions
 from ..filters import Filter, In, check, to_milvus
 from ..layout import GalleryIndexError
 from ..metadata import BUILTIN, Metadata, MetadataError, merge_types
+from ..policy import check_known
 from ..sources import Source
 from ..store import Record
 from ..writer import Report
@@ -441,11 +442,7 @@ class MilvusStore:
             found: dict[str, int] = {}
             for i in range(0, len(ids), 1000):
                 found.update({r.id: r.row for r in self._query(self._ids_expr(list(ids[i : i + 1000])))})
-            unknown = [i for i in ids if i not in found]
-            if unknown:
-                raise EslmatchError(
-                    f"{self.where}: no item with id {unknown[0]!r} ({len(unknown)} unknown; nothing deleted)"
-                )
+            check_known(self.where, ids, found, "deleted")
             rows.update(found.values())
         if where is not None:
             rows.update(r.row for r in self.scan(self.expression(where)))
@@ -469,11 +466,7 @@ class MilvusStore:
                 limit=1000,
             )
             entities.update({str(e["item_id"]): dict(e) for e in got})
-        unknown = [i for i in ids if i not in entities]
-        if unknown:
-            raise MetadataError(
-                f"{self.where}: no item with id {unknown[0]!r} ({len(unknown)} unknown; nothing updated)"
-            )
+        check_known(self.where, ids, entities, "updated", MetadataError)
         out = []
         for item in ids:
             e = {k: v for k, v in entities[item].items() if k not in ("$meta",)}

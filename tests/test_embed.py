@@ -228,6 +228,6 @@ def test_bad_input_is_one_line(esl, captions_file, tmp_path, args, message):
 def test_bad_caption_names_its_line(esl, tmp_path):
     _, folder = esl
     caps = tmp_path / "c.txt"
-    caps.write_text("a red circle\n   \nid7\t!!!\n")
+    caps.write_text("id1\ta red circle\n   \nid7\t!!!\n")
     run = cli("embed", "--model", str(folder), "--captions", str(caps), "--out", str(tmp_path / "o.npy"))
     assert run.returncode == 1 and "c.txt: line 3" in run.stderr and "Traceback" not in run.stderr, run.stderr

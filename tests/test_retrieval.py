@@ -369,6 +369,8 @@ def test_one_captions_file_rule_for_index_and_embed(model, tmp_path, capsys):
     assert read_embeddings(out)[0] == ["c1", "c2"]
     (tmp_path / "plain.txt").write_text("a red circle\n\na blue square\n")
     assert build(model, str(tmp_path / "plain.txt"), tmp_path / "P", kind="caption").ids() == ["0", "1"]
+    assert main(["embed", "--model", model_dir, "--captions", str(tmp_path / "plain.txt"), "--out", str(out)]) == 0
+    assert read_embeddings(out)[0] == ["0", "1"]  # numbered as a gallery numbers them (was line numbers)
     (tmp_path / "mixed.txt").write_text("c1\ta red circle\na blue square\n")
     with pytest.raises(EslmatchError, match="line 2 names no id"):
         build(model, str(tmp_path / "mixed.txt"), tmp_path / "M", kind="caption")

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     given = Path(args.images or args.features or args.captions)
     if not given.exists():
         raise InputError(f"{given}: no such file or folder")
-    from ..extract.embed import caption_items, embed_to_file, feature_items, photo_items
+    from ..extract.embed import caption_items, embed_to_file, feature_items, kind_of, photo_items
     from ..factory import load_model, model_format
     from ..utils import resolve_device
 
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     print(
-        f"embedded {summary['count']} {source.kind} -> {', '.join(summary['files'])} "
+        f"embedded {summary['count']} {kind_of(source)} -> {', '.join(summary['files'])} "
         f"({summary['count']}, {summary['dim']}) in {summary['precision']} on {device}"
     )
     if summary["reused_chunks"]:

@@ -18,13 +18,11 @@ folder removed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +31,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..data.files import SkipImage, caption_lines, list_images, listing_digest, open_image
-from ..data.precomp import find_precomp_folder, open_memmap
 from ..distributed import stop_hook_for_tests
 from ..errors import EslmatchError, InputError
 from ..model.base import MatchingModel, takes_pixels
 from ..model.identity import model_fingerprint
+from ..retrieval.sources import CaptionSource, PhotoSource, RegionSource, Source, captions, photos, regions
 from ..text import pad_ids, tokenize_each
 from ..utils import atomic_path, atomic_save_npy, atomic_write_text, encode_in, resolve_precision
 from ..utils.precision import check_precision
@@ -47,26 +44,17 @@ FORMAT = "eslmatch-embed/1"
 FORMATS = (".npy", ".parquet")
 
 
-@dataclass
-class EmbedSource:
-    """Items to embed: ``kind`` (``"photos"``, ``"features"``, ``"captions"``), their ids, a
-    digest of what they are, and ``load(i0, i1) -> (inputs, kept rows, skipped)``."""
-
-    kind: str
-    ids: list[str]
-    digest: str
-    load: Callable[[int, int], tuple[Any, list[int], list[tuple[str, str]]]]
-    description: dict[str, Any]
-
-    @property
-    def count(self) -> int:
-        return len(self.ids)
+def kind_of(source: Source) -> str:
+    """``photos``, ``features`` or ``captions``: what ``source`` holds (and how it is encoded)."""
+    if isinstance(source, PhotoSource):
+        return "photos"
+    return "features" if isinstance(source, RegionSource) else "captions"
 
 
 # ---------------------------------------------------------------------------- sources
-def photo_items(model: MatchingModel, folder: str | Path, recursive: bool = True) -> EmbedSource:
-    """Every file of ``folder`` (sorted relative paths; ids without extension) for a model
-    that takes pixels; unreadable files are skipped and named, never fatal."""
+def photo_items(model: MatchingModel, folder: str | Path, recursive: bool = True) -> Source:
+    """Every file of ``folder`` (:func:`eslmatch.retrieval.photos`: sorted relative paths, ids
+    without extension) for a model that takes pixels; unreadable files are skipped and named."""
     root = Path(folder)
     if not takes_pixels(model):
         raise EslmatchError(
@@ -75,85 +63,39 @@ def photo_items(model: MatchingModel, folder: str | Path, recursive: bool = True
         )
     if not root.is_dir():
         raise InputError(f"{root}: no such folder of photos")
-    entries, refused = list_images(root, recursive=recursive)
-    if not entries:
-        raise InputError(f"{root}: no image files found")
-    digest = listing_digest(entries)
-    preprocess = model.preprocess_image
-
-    def load(i0: int, i1: int) -> tuple[Any, list[int], list[tuple[str, str]]]:
-        pixels, kept, skipped = [], [], []
-        for i in range(i0, i1):
-            try:
-                pixels.append(preprocess(open_image(entries[i].path)))
-                kept.append(i)
-            except SkipImage as exc:
-                skipped.append((entries[i].rel, str(exc)))
-            except (OSError, ValueError, RuntimeError) as exc:
-                skipped.append((entries[i].rel, f"cannot preprocess ({type(exc).__name__}: {exc})"))
-        return (torch.stack(pixels) if pixels else None), kept, skipped
-
-    desc = {"images": str(root.resolve()), "refused": [list(r) for r in refused]}
-    return EmbedSource("photos", [e.id for e in entries], digest, load, desc)
+    return photos(root)
 
 
-def feature_items(model: MatchingModel, data: str | Path, split: str = "test") -> EmbedSource:
-    """Region features ``(N, R, D)``: an ``.npy`` file, or ``{split}_ims.npy`` of a precomp
-    folder (ids from ``{split}_ids.txt`` when present, else row numbers); every region real."""
+def feature_items(model: MatchingModel, data: str | Path, split: str = "test") -> Source:
+    """Region features ``(N, R, D)`` (:func:`eslmatch.retrieval.regions`): an ``.npy``, or
+    ``{split}_ims.npy`` of a precomp folder (ids from ``{split}_ids.txt``, else row numbers)."""
     if takes_pixels(model):
         raise EslmatchError(f"{model.config.model_type} models take photos: give --images DIR, not --features")
-    path = Path(data)
-    ids: list[str] | None = None
-    if path.is_file() and path.suffix == ".npy":
-        arr = open_memmap(path)
-    else:
-        folder = find_precomp_folder(path, split)
-        arr = open_memmap(folder / f"{split}_ims.npy")
-        path = folder / f"{split}_ims.npy"
-        ids_file = folder / f"{split}_ids.txt"
-        if ids_file.is_file():
-            ids = ids_file.read_text(encoding="utf-8").splitlines()
-    d = int(model.config.img_dim)
-    if arr.ndim != 3 or arr.shape[-1] != d or arr.shape[0] == 0:
-        raise InputError(f"{path}: region features must be (N >= 1, R, {d}) for this model, got {tuple(arr.shape)}")
-    if ids is None:
-        ids = [str(i) for i in range(arr.shape[0])]
-    if len(ids) != arr.shape[0]:
-        raise InputError(f"{path}: {arr.shape[0]} rows but {len(ids)} ids in its _ids.txt")
-    st = path.stat()
-    digest = hashlib.sha256(f"{path.resolve()}\t{st.st_size}\t{st.st_mtime_ns}\t{arr.shape}".encode()).hexdigest()
-
-    def load(i0: int, i1: int) -> tuple[Any, list[int], list[tuple[str, str]]]:
-        x = torch.from_numpy(np.array(arr[i0:i1], dtype=np.float32))  # a copy: the map is read-only
-        if not torch.isfinite(x).all():
-            raise InputError(f"{path}: rows {i0}..{i1 - 1} hold NaN or infinite values")
-        return x, list(range(i0, i1)), []
-
-    return EmbedSource("features", ids, digest, load, {"features": str(path.resolve()), "shape": list(arr.shape)})
+    return regions(data, img_dim=int(model.config.img_dim), split=split)
 
 
-def caption_items(model: MatchingModel, captions: str | Path) -> EmbedSource:
-    """Captions, one per line (``ID<TAB>caption`` gives the id, else the line number from 1);
-    blank lines are left out. A caption the tokenizer refuses is one error naming its line."""
-    path = Path(captions)
+def caption_items(model: MatchingModel, file: str | Path) -> Source:
+    """Captions of a ``.txt`` (:func:`eslmatch.retrieval.captions`: the one captions-file rule,
+    ``ID<TAB>caption`` names the id, else they are numbered from 0; blank lines left out)."""
+    path = Path(file)
     if not path.is_file():
         raise InputError(f"{path}: no such captions file")
-    ids, texts, where = [], [], []
-    for n, key, text in caption_lines(path):
-        if text is None:
-            raise InputError(f"{path}: line {n} is not valid UTF-8")
-        ids.append(key if key is not None else str(n))
-        texts.append(text)
-        where.append(n)
-    if not texts:
-        raise InputError(f"{path}: no caption in the file")
-    digest = hashlib.sha256("\n".join(f"{i}\t{t}" for i, t in zip(ids, texts)).encode()).hexdigest()
+    return captions(path)
 
-    def load(i0: int, i1: int) -> tuple[Any, list[int], list[tuple[str, str]]]:
-        seqs = tokenize_each(model.tokenize, texts[i0:i1], lambda j: f"{path}: line {where[i0 + j]}")
-        return pad_ids([s.tolist() for s in seqs]), list(range(i0, i1)), []
 
-    return EmbedSource("captions", ids, digest, load, {"captions": str(path.resolve())})
+def load_items(model: MatchingModel, source: Source, i0: int, i1: int) -> tuple[Any, list[int], list[tuple[str, str]]]:
+    """The model's inputs for items ``[i0, i1)``: ``(inputs, kept positions, skipped (name, reason))``."""
+    if isinstance(source, PhotoSource):
+        pixels, kept, skipped = source.load(i0, i1, model.preprocess_image)
+        return (torch.stack(pixels) if pixels else None), kept, skipped
+    if isinstance(source, RegionSource):
+        x = torch.from_numpy(np.array(source.read(i0, i1), dtype=np.float32))
+        if not torch.isfinite(x).all():
+            raise InputError(f"{source.description.get('features')}: rows {i0}..{i1 - 1} hold NaN or infinite values")
+        return x, list(range(i0, i1)), []
+    assert isinstance(source, CaptionSource)
+    seqs = tokenize_each(model.tokenize, source.texts[i0:i1], lambda j: source.where(i0 + j))
+    return pad_ids([q.tolist() for q in seqs]), list(range(i0, i1)), []
 
 
 # ---------------------------------------------------------------------------- vectors
@@ -200,7 +142,7 @@ def ids_path(out: Path) -> Path:
 
 def embed_to_file(
     model: MatchingModel,
-    source: EmbedSource,
+    source: Source,
     out: str | Path,
     *,
     precision: str = "fp32",
@@ -232,8 +174,8 @@ def embed_to_file(
     model.eval()
     fingerprint = {
         "format": FORMAT,
-        "kind": source.kind,
-        "items": source.digest,
+        "kind": kind_of(source),
+        "items": source.identity()["digest"],
         "count": source.count,
         "model": model_fingerprint(model),
         "precision": used,
@@ -247,7 +189,7 @@ def embed_to_file(
     bar = tqdm(
         total=source.count,
         initial=sum(len(range(i * chunk, min((i + 1) * chunk, source.count))) for i in done),
-        unit=source.kind if source.kind != "features" else "img",
+        unit=kind_of(source) if kind_of(source) != "features" else "img",
         desc="embed",
         disable=not progress,
         file=sys.stderr,
@@ -311,7 +253,7 @@ def _chunk_ok(store: Path, index: int) -> bool:
 
 def _embed_chunk(
     model: MatchingModel,
-    source: EmbedSource,
+    source: Source,
     i0: int,
     i1: int,
     batch_size: int,
@@ -323,10 +265,10 @@ def _embed_chunk(
     skipped_all: list[tuple[str, str]] = []
     for b0 in range(i0, i1, batch_size):
         b1 = min(b0 + batch_size, i1)
-        inputs, kept, skipped = source.load(b0, b1)
+        inputs, kept, skipped = load_items(model, source, b0, b1)
         skipped_all.extend(skipped)
         if kept:
-            parts.append(index_vectors(model, source.kind, inputs, precision).cpu().numpy().astype(np.float32))
+            parts.append(index_vectors(model, kind_of(source), inputs, precision).cpu().numpy().astype(np.float32))
             kept_all.extend(kept)
         tick(b1 - b0)
     vectors = np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
@@ -334,7 +276,7 @@ def _embed_chunk(
 
 
 def _assemble(
-    target: Path, store: Path, source: EmbedSource, n_chunks: int, model: MatchingModel, precision: str
+    target: Path, store: Path, source: Source, n_chunks: int, model: MatchingModel, precision: str
 ) -> dict[str, Any]:
     records = [json.loads((store / f"chunk_{i:05d}.json").read_text(encoding="utf-8")) for i in range(n_chunks)]
     chunks = [np.load(store / f"chunk_{i:05d}.npy", mmap_mode="r", allow_pickle=False) for i in range(n_chunks)]
@@ -348,15 +290,15 @@ def _assemble(
         "format": FORMAT,
         "eslmatch_version": __version__,
         "family": model.config.model_type,
-        "kind": source.kind,
+        "kind": kind_of(source),
         "vectors": "index_vectors_images(embed_images(x))"
-        if source.kind != "captions"
+        if kind_of(source) != "captions"
         else "index_vectors_captions(embed_captions(ids, lengths))",
         "exact_index": bool(model.exact_index),
         "precision": precision,
         "count": len(kept),
         "dim": dim,
-        "source": source.description,
+        "source": {**source.description, "refused": [list(r) for r in getattr(source, "refused", [])]},
         "skipped": [list(s) for s in skipped[:1000]],
         "skipped_total": len(skipped),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -221,6 +221,13 @@ class CaptionSource(Source):
     """Captions (one item each), with the path of each caption's image when known."""
 
     texts: list[str] = field(default_factory=list)
+    lines: list[int] | None = None  # each caption's line in its .txt (messages)
+
+    def where(self, i: int) -> str:
+        """Item ``i`` named for a message: its file and line, or its id."""
+        if self.lines is not None:
+            return f"{self.description.get('features')}: line {self.lines[i]}"
+        return f"caption {self.ids[i]!r}"
 
     def _identity_more(self, h: Any) -> None:
         h.update("\n".join(self.texts).encode())
@@ -457,8 +464,10 @@ def captions(
         elif is_split_file(path):
             texts = split_file(path, images_dir, split, captions_per_image)
         elif path.is_file() and path.suffix == ".txt":
-            found_ids, lines = _caption_file(path)
-            return _caption_source(lines, ids, paths, found_ids, None, {"features": str(path.resolve())})
+            found_ids, lines, numbers = _caption_file(path)
+            src = _caption_source(lines, ids, paths, found_ids, None, {"features": str(path.resolve())})
+            src.lines = numbers
+            return src
         elif not path.exists():
             raise EslmatchError(f"{path}: no such dataset folder, split file or captions .txt file")
         else:
@@ -486,7 +495,7 @@ def captions(
     return _caption_source(list(texts), ids, paths, None, None, {"features": "list"})
 
 
-def _caption_file(path: Path) -> tuple[list[str] | None, list[str]]:
+def _caption_file(path: Path) -> tuple[list[str] | None, list[str], list[int]]:
     """A captions ``.txt`` (:func:`~eslmatch.data.files.caption_lines`): the ids its lines give
     (``ID<TAB>caption``, all or none; ``None``: the captions are numbered) and the captions."""
     lines = caption_lines(path)
@@ -497,7 +506,7 @@ def _caption_file(path: Path) -> tuple[list[str] | None, list[str]]:
     if named and len(named) < len(lines):
         first = next(n for n, key, _ in lines if key is None)
         raise EslmatchError(f"{path}: line {first} names no id (ID<TAB>caption): every line names one, or none does")
-    return ([str(k) for _, k, _ in lines] if named else None), [str(t) for _, _, t in lines]
+    return ([str(k) for _, k, _ in lines] if named else None), [str(t) for _, _, t in lines], [n for n, _, _ in lines]
 
 
 def _caption_source(
@@ -547,7 +556,8 @@ def subset(source: Source, positions: Sequence[int]) -> Source:
             extractor=source.extractor,
         )
     if isinstance(source, CaptionSource):
-        return CaptionSource(**common, texts=[source.texts[i] for i in pos])
+        lines = None if source.lines is None else [source.lines[i] for i in pos]
+        return CaptionSource(**common, texts=[source.texts[i] for i in pos], lines=lines)
     raise EslmatchError(f"not a gallery source: {type(source).__name__}")
 
 

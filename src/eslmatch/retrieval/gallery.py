@@ -329,16 +329,18 @@ class Gallery:
         items = [*plan.changed, *plan.returned, *plan.new]
         rep = AddReport(count=len(self))
         if items:
-            src = photo_source(items, plan.kept, what)
+            src = photo_source(items, plan.kept, what, lib)
             src.extractor = self._photo_extractor(lib)
             rep = self._write(src, "replace", options, report)
-            files = {f"{f.root}/{f.rel}": f for _, f in items}
-            bad = {name for name, _why in rep.unreadable if name in files}
-            for name in bad:
-                lib.unreadable[name] = [files[name].size, files[name].mtime]
-            plan.new = [(i, f) for i, f in plan.new if f"{f.root}/{f.rel}" not in bad]
-            plan.unreadable += len(bad)
-        if plan.returned or rep.unreadable:
+            files = {lib.name_of(f): f for _, f in items}
+            why = {name: reason for name, reason in rep.unreadable if name in files}
+            for name, reason in why.items():
+                f = files[name]
+                lib.unreadable[f"{f.root}/{f.rel}"] = [f.size, f.mtime, reason]
+            plan.new = [(i, f) for i, f in plan.new if lib.name_of(f) not in why]
+            plan.unreadable += len(why)
+        rep.unreadable = [*rep.unreadable, *plan.known_unreadable]
+        if plan.returned or len(rep.unreadable) > len(plan.known_unreadable):
             lib.save(store)
         rep.added = len(plan.new) + len(plan.returned)
         rep.replaced, rep.changed, rep.moved, rep.excluded = (

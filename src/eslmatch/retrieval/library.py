@@ -88,6 +88,7 @@ class Plan:
     excluded: int = 0  # files left out: the user deleted their items
     excluded_live: list[str] = field(default_factory=list)  # an interrupted delete to finish
     unreadable: int = 0  # files known not to be images, unchanged
+    known_unreadable: list[tuple[str, str]] = field(default_factory=list)  # (name, reason) of those
     kept: dict[str, Metadata] = field(default_factory=dict)  # user metadata of changed / returned items
     unreachable: list[str] = field(default_factory=list)
 
@@ -136,7 +137,7 @@ class Library:
         self.roots: list[dict[str, str]] = list(state.get("roots") or [])
         self.excluded: dict[str, dict[str, Any]] = dict(state.get("excluded") or {})
         self.gone: dict[str, dict[str, Any]] = dict(state.get("gone") or {})
-        self.unreadable: dict[str, list[int]] = dict(state.get("unreadable") or {})
+        self.unreadable: dict[str, list[Any]] = dict(state.get("unreadable") or {})  # key: [size, mtime, why]
         # numbered items (features or captions without ids): content digest -> [first id, count]
         self.numbered: dict[str, list[Any]] = dict(state.get("numbered") or {})
         # a region model's gallery: what turns photos into its features (extractor.py)
@@ -182,6 +183,10 @@ class Library:
 
     def first_label(self) -> str | None:
         return self.roots[0]["label"] if self.roots else None
+
+    def name_of(self, f: FileState) -> str:
+        """A file as messages name it: its path under the first root, else ``label/path``."""
+        return f.rel if f.root == self.first_label() else f"{f.root}/{f.rel}"
 
     # ------------------------------------------------------------------ scanning
     def scan(self, roots: Sequence[dict[str, str]], warn: Callable[[str], None]) -> tuple[list[Found], list[str]]:
@@ -257,8 +262,10 @@ class Library:
             if f.key in excluded:
                 plan.excluded += 1
                 continue
-            if self.unreadable.get(f"{f.root}/{f.rel}") == [f.size, f.mtime]:
+            known = self.unreadable.get(f"{f.root}/{f.rel}")
+            if known and known[:2] == [f.size, f.mtime]:
                 plan.unreadable += 1
+                plan.known_unreadable.append((self.name_of(f), str(known[2]) if len(known) > 2 else "not an image"))
                 continue
             f.sha256 = hash_of(f.path)
             if missing.get(f.sha256):
@@ -338,11 +345,13 @@ def new_library(folders: Sequence[Path], report: Callable[[str], None]) -> tuple
     plan = lib.plan(files, [], [r["label"] for r in roots])
     if not plan.new:
         raise EslmatchError(f"{', '.join(map(str, folders))}: no file to index in the folder")
-    src = photo_source(plan.new, {}, ", ".join(r["path"] for r in roots))
+    src = photo_source(plan.new, {}, ", ".join(r["path"] for r in roots), lib)
     return lib, src
 
 
-def photo_source(items: Sequence[tuple[str, FileState]], kept: Mapping[str, Metadata], what: str) -> PhotoSource:
+def photo_source(
+    items: Sequence[tuple[str, FileState]], kept: Mapping[str, Metadata], what: str, lib: Library
+) -> PhotoSource:
     """The files ``items`` (``(id, file)``) to encode, recording their files' fields, with the
     user metadata ``kept`` for them."""
     ids = [i for i, _ in items]
@@ -355,7 +364,7 @@ def photo_source(items: Sequence[tuple[str, FileState]], kept: Mapping[str, Meta
         True,
         None,
         files=files,
-        names=[f"{f.root}/{f.rel}" for _, f in items],
+        names=[lib.name_of(f) for _, f in items],
     )
     src.file_fields = {i: f.fields() for i, f in items}
     src.user_metadata = {i: dict(kept[i]) for i in ids if kept.get(i)}

@@ -19,7 +19,6 @@ folder removed.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -37,7 +36,8 @@ from ..model.base import MatchingModel, takes_pixels
 from ..model.identity import model_fingerprint
 from ..retrieval.sources import CaptionSource, PhotoSource, RegionSource, Source, captions, photos, regions
 from ..text import pad_ids, tokenize_each
-from ..utils import atomic_path, atomic_save_npy, atomic_write_text, encode_in, resolve_precision
+from ..utils import atomic_path, atomic_write_text, encode_in, resolve_precision
+from ..utils.chunks import ChunkStore
 from ..utils.precision import check_precision
 
 FORMAT = "eslmatch-embed/1"
@@ -181,11 +181,16 @@ def embed_to_file(
         "precision": used,
         "chunk": chunk,
     }
-    store = partial_dir(target)
+    store = ChunkStore(partial_dir(target), fingerprint)
+    store.open()
+    if store.discarded:
+        log(
+            f"eslmatch: note: partial results in {store.folder} are from other inputs, model or precision; starting over"
+        )
     n_chunks = (source.count + chunk - 1) // chunk
-    done = _open_partial(store, fingerprint, n_chunks, log)
+    done = {i for i in store.chunks if i < n_chunks}
     if done:
-        log(f"eslmatch: resuming: {len(done)} of {n_chunks} chunks already embedded in {store}")
+        log(f"eslmatch: resuming: {len(done)} of {n_chunks} chunks already embedded in {store.folder}")
     bar = tqdm(
         total=source.count,
         initial=sum(len(range(i * chunk, min((i + 1) * chunk, source.count))) for i in done),
@@ -202,53 +207,16 @@ def embed_to_file(
                 continue
             i0, i1 = index * chunk, min((index + 1) * chunk, source.count)
             vectors, kept, skipped = _embed_chunk(model, source, i0, i1, batch_size, used, bar.update)
-            atomic_save_npy(store / f"chunk_{index:05d}.npy", vectors)
-            atomic_write_text(
-                store / f"chunk_{index:05d}.json", json.dumps({"kept": kept, "skipped": [list(s) for s in skipped]})
-            )
-            done.add(index)
+            store.save(index, vectors, kept, skipped)
             computed += i1 - i0
             saved += 1
             stop_hook_for_tests(0, saved)
     finally:
         bar.close()
     summary = _assemble(target, store, source, n_chunks, model, used)
-    shutil.rmtree(store, ignore_errors=True)
+    store.remove()
     summary.update(reused_chunks=n_chunks - saved, computed=computed, seconds=round(time.perf_counter() - started, 3))
     return summary
-
-
-def _open_partial(store: Path, fingerprint: dict[str, Any], n_chunks: int, log: Callable[[str], None]) -> set[int]:
-    """Chunks of an earlier run with this fingerprint (complete ones only); else a clean folder."""
-    progress = store / "progress.json"
-    done: set[int] = set()
-    if progress.is_file():
-        try:
-            same = json.loads(progress.read_text(encoding="utf-8")).get("fingerprint") == fingerprint
-        except (OSError, ValueError, AttributeError):
-            same = False
-        if same:
-            for index in range(n_chunks):
-                if _chunk_ok(store, index):
-                    done.add(index)
-        else:
-            log(f"eslmatch: note: partial results in {store} are from other inputs, model or precision; starting over")
-    if not done:
-        shutil.rmtree(store, ignore_errors=True)
-    store.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(progress, json.dumps({"fingerprint": fingerprint}))
-    return done
-
-
-def _chunk_ok(store: Path, index: int) -> bool:
-    try:
-        rec = json.loads((store / f"chunk_{index:05d}.json").read_text(encoding="utf-8"))
-        arr = np.load(store / f"chunk_{index:05d}.npy", mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError):
-        return False
-    return (
-        isinstance(rec, dict) and isinstance(rec.get("kept"), list) and arr.ndim == 2 and len(arr) == len(rec["kept"])
-    )
 
 
 def _embed_chunk(
@@ -276,10 +244,10 @@ def _embed_chunk(
 
 
 def _assemble(
-    target: Path, store: Path, source: Source, n_chunks: int, model: MatchingModel, precision: str
+    target: Path, store: ChunkStore, source: Source, n_chunks: int, model: MatchingModel, precision: str
 ) -> dict[str, Any]:
-    records = [json.loads((store / f"chunk_{i:05d}.json").read_text(encoding="utf-8")) for i in range(n_chunks)]
-    chunks = [np.load(store / f"chunk_{i:05d}.npy", mmap_mode="r", allow_pickle=False) for i in range(n_chunks)]
+    records = [store.chunks[i] for i in range(n_chunks)]
+    chunks = [store.load(i) for i in range(n_chunks)]
     kept = [k for rec in records for k in rec["kept"]]
     skipped = [tuple(s) for rec in records for s in rec["skipped"]]
     if not kept:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -51,7 +50,8 @@ from ..data.files import (
 )
 from ..distributed import DistContext, deal, stop_hook_for_tests
 from ..errors import EslmatchError, InputError
-from ..utils import atomic_path, atomic_save_npy, atomic_write_text
+from ..utils import atomic_path, atomic_write_text
+from ..utils.chunks import ChunkStore
 from ..utils.precision import check_precision
 from .backbones import Backbone, BackboneOptions, build_backbone
 
@@ -105,124 +105,6 @@ def output_names(split: str) -> set[str]:
 
 # ---------------------------------------------------------------------------- captions
 # ---------------------------------------------------------------------------- chunks
-class ChunkStore:
-    """The partial folder: ``chunk_XXXXX.npy`` (features ``(n_kept, R, D)``) with its
-    ``chunk_XXXXX.json`` (which of the chunk's files gave a row, which were skipped and why),
-    plus ``progress.json`` holding the fingerprint every chunk of the folder was made with.
-
-    Each chunk is two files of its own (the record written after the features), so several
-    processes can fill one store, each writing whole chunks.
-    """
-
-    def __init__(self, folder: Path, fingerprint: dict[str, Any]) -> None:
-        self.folder = folder
-        self.fingerprint = fingerprint
-        self.chunks: dict[int, dict[str, Any]] = {}
-        self.discarded = False
-
-    @property
-    def progress_path(self) -> Path:
-        return self.folder / "progress.json"
-
-    def chunk_path(self, index: int) -> Path:
-        return self.folder / f"chunk_{index:05d}.npy"
-
-    def record_path(self, index: int) -> Path:
-        return self.folder / f"chunk_{index:05d}.json"
-
-    def _valid(self, index: int, rec: Any, regions: int, dim: int) -> bool:
-        """``rec`` is a chunk record whose features file is complete."""
-        if (
-            not isinstance(rec, dict)
-            or not isinstance(rec.get("kept"), list)
-            or not isinstance(rec.get("skipped"), list)
-        ):
-            return False
-        try:
-            arr = np.load(self.chunk_path(index), mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError, EOFError):
-            return False
-        return arr.shape == (len(rec["kept"]), regions, dim) and arr.dtype == np.float32
-
-    def _read_record(self, index: int) -> Any:
-        try:
-            return json.loads(self.record_path(index).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-
-    def open(self, regions: int, dim: int) -> None:
-        """Load the chunks of an earlier run when its fingerprint matches; else start clean.
-        Writes ``progress.json`` (the fingerprint) for this run."""
-        found: dict[int, Any] = {}
-        if self.progress_path.is_file():
-            try:
-                data = json.loads(self.progress_path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                data = {}
-            if not isinstance(data, dict):
-                data = {}
-            legacy: dict[str, Any] = data["chunks"] if isinstance(data.get("chunks"), dict) else {}
-            records = sorted(self.folder.glob("chunk_*.json"))
-            if data.get("fingerprint") == self.fingerprint:
-                found.update((int(k), v) for k, v in legacy.items())  # stores of earlier versions
-                for path in records:
-                    try:
-                        index = int(path.stem.split("_")[1])
-                    except (IndexError, ValueError):
-                        continue
-                    found[index] = self._read_record(index)
-            elif legacy or records:
-                self.discarded = True
-        self.chunks = {i: rec for i, rec in sorted(found.items()) if self._valid(i, rec, regions, dim)}
-        if not self.chunks:
-            shutil.rmtree(self.folder, ignore_errors=True)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        for index, rec in self.chunks.items():
-            if not self.record_path(index).is_file():
-                atomic_write_text(self.record_path(index), json.dumps(rec))
-        atomic_write_text(self.progress_path, json.dumps({"fingerprint": self.fingerprint}))
-
-    def attached(self) -> bool:
-        """This process sees the ``progress.json`` of this fingerprint (written by whoever
-        opened the store: the folder is shared)."""
-        try:
-            data = json.loads(self.progress_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return False
-        return isinstance(data, dict) and data.get("fingerprint") == self.fingerprint
-
-    def save(self, index: int, features: np.ndarray, kept: list[int], skipped: list[tuple[str, str]]) -> None:
-        """Write chunk ``index``: features ``(len(kept), R, D)``, then its record."""
-        atomic_save_npy(self.chunk_path(index), features)
-        rec = {"kept": kept, "skipped": [list(s) for s in skipped]}
-        atomic_write_text(self.record_path(index), json.dumps(rec))
-        self.chunks[index] = rec
-
-    def collect(self, indices: Sequence[int], regions: int, dim: int, wait_seconds: float = 30.0) -> list[int]:
-        """Load the records of ``indices`` written by other processes; returns those still
-        missing after ``wait_seconds`` (files of another node may take a moment to show)."""
-        deadline = time.monotonic() + wait_seconds
-        while True:
-            for index in indices:
-                if index not in self.chunks:
-                    rec = self._read_record(index)
-                    if self._valid(index, rec, regions, dim):
-                        self.chunks[index] = rec
-            missing = [i for i in indices if i not in self.chunks]
-            if not missing or time.monotonic() >= deadline:
-                return missing
-            time.sleep(0.5)
-
-    def load(self, index: int) -> np.ndarray:
-        return np.load(self.chunk_path(index), mmap_mode="r", allow_pickle=False)
-
-    def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-        parent = self.folder.parent
-        if parent.name == PARTIAL_DIR and parent.is_dir() and not any(parent.iterdir()):
-            parent.rmdir()
-
-
 @contextmanager
 def _deterministic(device: torch.device) -> Iterator[None]:
     """cuDNN in deterministic mode while extracting (same image -> same features)."""
@@ -430,7 +312,7 @@ def _extract(
                 f"backbone differ): every process must read the same --images folder"
             )
 
-    store = ChunkStore(out / PARTIAL_DIR / cfg.split, fingerprint)
+    store = ChunkStore(out / PARTIAL_DIR / cfg.split, fingerprint, PARTIAL_DIR)
     n_chunks = (len(entries) + cfg.chunk - 1) // cfg.chunk
     reused: list[int] = []
     with job.stage("resume", log):
@@ -465,7 +347,7 @@ def _extract(
         return {"rank": job.rank, "processes": job.world_size, "computed_images": computed}
 
     with job.stage("write", log):
-        missing = store.collect(pending, model.regions, model.dim)
+        missing = store.collect(pending, (model.regions, model.dim))
         if missing:
             raise EslmatchError(
                 f"{len(missing)} chunk(s) reported done are missing from {store.folder} (first: "
@@ -557,7 +439,7 @@ def _open_store(
     store: ChunkStore, entries: list[ImageEntry], chunk: int, n_chunks: int, model: Backbone, log: Callable[[str], None]
 ) -> list[int]:
     """Open the resumable chunk store; returns the indices of the chunks reused."""
-    store.open(model.regions, model.dim)
+    store.open((model.regions, model.dim))
     if store.discarded:
         log(
             f"eslmatch: note: partial results in {store.folder} are from a different file list or backbone; starting over"

@@ -329,3 +329,22 @@ def test_a_region_gallery_takes_photos_through_the_extractor_it_records(tmp_path
     )
     with pytest.raises(Exception, match="records no extractor to make them from photos"):
         plain.add(more)
+
+
+def test_a_region_gallery_from_photos_is_the_same_on_milvus(place, tmp_path):
+    from _models import tiny_gru_model
+
+    model = tiny_gru_model(img_dim=1280, seed=2).eval()
+    photos = tmp_path / "photos"
+    for i in range(3):
+        photo(photos / f"p{i}.png", i, size=64)
+    files = build_gallery(model, photos, tmp_path / "F", options=QUIET)
+    g = place.build(model, "regions", photos)
+    photo(photos / "p3.png", 3, size=64)
+    assert g.sync().counts()["new"] == 1 and files.sync().counts()["new"] == 1
+    for a, b in zip(
+        g.search_texts(["a red circle", "the blue square"], k=4),
+        files.search_texts(["a red circle", "the blue square"], k=4),
+    ):
+        assert [h.id for h in a] == [h.id for h in b]
+        np.testing.assert_allclose([h.score for h in a], [h.score for h in b], atol=1e-5)

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -50,24 +49,34 @@ def make_library(base: Path, n: int) -> list[Path]:
     return roots
 
 
+# the process's own peak: VmHWM (getrusage's ru_maxrss keeps the parent's peak across fork + exec on Linux)
+RUN_CLI = (
+    "import sys\n"
+    "from eslmatch.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    "hwm = next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
+    "print('MAXRSS_KIB', hwm, file=sys.stderr)\n"
+    "sys.exit(code)\n"
+)
+
+
 def cli_sync(index: Path) -> dict[str, Any]:
-    """One ``eslmatch index sync --json`` in a new process: wall s, its report, peak RSS."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """One ``eslmatch index sync --json`` in a new process: wall s, its report, its own peak RSS."""
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "eslmatch.cli", "index", "sync", "--index", str(index), "--json"],
+        [sys.executable, "-c", RUN_CLI, "index", "sync", "--index", str(index), "--json"],
         capture_output=True,
         text=True,
         check=True,
     )
     wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    peak = next(int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("MAXRSS_KIB"))
     report = json.loads(proc.stdout)
     return {
         "wall_s": round(wall, 2),
         "sync_s": report["seconds"],
         "report": report,
-        "peak_rss_mib": round(max(peak, before) / 1024, 1),
+        "peak_rss_mib": round(peak / 1024, 1),
     }
 
 

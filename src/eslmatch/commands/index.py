@@ -530,9 +530,11 @@ def _add(args: argparse.Namespace) -> int:
     )
     dup = {"skip": "skipped", "replace": "replaced", "error": "refused"}[args.on_duplicate]
     extra = f", {rep.duplicates} already in the gallery ({dup})" if rep.duplicates else ""
-    extra += f", {rep.changed} changed files re-encoded" if rep.changed and args.on_duplicate == "skip" else ""
-    extra += f", {rep.moved} moved files followed" if rep.moved else ""
-    extra += f", {rep.excluded} files you deleted left out (index restore brings them back)" if rep.excluded else ""
+    from ..retrieval.library import count_files as _files
+
+    extra += f", {_files(rep.changed)} changed, re-encoded" if rep.changed and args.on_duplicate == "skip" else ""
+    extra += f", {_files(rep.moved)} moved, followed" if rep.moved else ""
+    extra += f", {_files(rep.excluded)} you deleted left out (index restore brings them back)" if rep.excluded else ""
     bad = f", {len(rep.unreadable)} unreadable files skipped" if rep.unreadable else ""
     print(
         f"added {rep.added} items to {gallery.store.where}{extra}{bad} ({rep.count} in all, {time.perf_counter() - start:.1f} s)"

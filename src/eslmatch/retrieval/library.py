@@ -112,15 +112,16 @@ class Plan:
         c = self.counts()
         out = f"{c['new']:,} new, {c['changed']:,} changed, {c['moved']:,} moved, {c['gone']:,} gone, {c['unchanged']:,} unchanged"
         if c["excluded"]:
-            out += f"; {_files(c['excluded'])} you deleted left out (index restore brings them back)"
+            out += f"; {count_files(c['excluded'])} you deleted left out (index restore brings them back)"
         if c["unreadable"]:
-            out += f"; {_files(c['unreadable'])} that are not images skipped"
+            out += f"; {count_files(c['unreadable'])} that are not images skipped"
         if self.unreachable:
             out += f"; roots not readable, left as they are: {', '.join(self.unreachable)}"
         return out
 
 
-def _files(n: int) -> str:
+def count_files(n: int) -> str:
+    """``1 file``, ``3 files``."""
     return f"{n:,} file{'' if n == 1 else 's'}"
 
 

@@ -166,6 +166,14 @@ def test_a_deleted_photo_stays_deleted_until_restored(model, place, tmp_path, ca
     assert g.sync().excluded == 0 and len(g) == 5
     with pytest.raises(Exception, match="'moon' is not an excluded item"):
         g.restore(["moon"])
+    # an explicit add of the file brings it back too; a single new file is added; a file in no root is refused
+    g.delete(["coffee"])
+    assert g.add(photos / "coffee.jpg", options=QUIET).added == 1 and g.metadata("coffee")["cup"] == "espresso"
+    photo(photos / "sub" / "new.jpg", 50)
+    assert g.add(photos / "sub" / "new.jpg", options=QUIET).added == 1 and g.metadata("sub/new")["folder"] == "sub"
+    photo(tmp_path / "elsewhere.jpg", 51)
+    with pytest.raises(Exception, match="is in none of the gallery's folders"):
+        g.add(tmp_path / "elsewhere.jpg")
 
 
 def test_moves_keep_the_vector_and_metadata_without_re_encoding(model, place, tmp_path, monkeypatch):

@@ -207,6 +207,19 @@ class Gallery:
         check_on_duplicate(on_duplicate)
         # Every store refuses another model's vectors here, before anything is read or encoded.
         check_model(self.store.manifest["model"], self.stages, self.model, self.store.where)
+        one = isinstance(source, (str, Path)) and Path(source).is_file()
+        if one and self.kind == "image" and Path(source).suffix.lower() in IMAGE_SUFFIXES:
+            lib = Library.load(self.store)
+            found = lib.locate(Path(source))
+            if found is not None:
+                return self._add_root(
+                    Path(found[0]["path"]), metadata, on_duplicate, options, report or _warn, found[1]
+                )
+            if lib.roots:
+                raise EslmatchError(
+                    f"{source} is in none of the gallery's folders ({', '.join(r['path'] for r in lib.roots)}): "
+                    "add its folder (--images DIR)"
+                )
         folders = library_folders(self.model, source, source_options) if self.kind == "image" else None
         if folders:
             rep = AddReport()
@@ -252,13 +265,26 @@ class Gallery:
 
     # ------------------------------------------------------------------ the photo library
     def _add_root(
-        self, folder: Path, metadata: Any, on_duplicate: str, options: BuildOptions | None, report: Report
+        self,
+        folder: Path,
+        metadata: Any,
+        on_duplicate: str,
+        options: BuildOptions | None,
+        report: Report,
+        only: str | None = None,
     ) -> AddReport:
+        """Add a folder of photos (a root), or ``only`` the file at that path under it."""
         lib = Library.load(self.store)
         root = lib.add_root(folder)
-        lib.save(self.store)
-        files, _ = lib.scan([root], report)
-        plan = lib.plan(files, stored(self.store), [root["label"]])
+        if only is None:
+            lib.save(self.store)
+            files, _ = lib.scan([root], report)
+        else:  # one file, named by the user: brought back if it was excluded
+            back = [i for i, e in lib.excluded.items() if (e["root"], e["file"]) == (root["label"], only)]
+            if back:
+                return self.restore(back, options, report)
+            files = [lib.entry(root, only)]
+        plan = lib.plan(files, stored(self.store), [root["label"]] if only is None else [])
         complete(plan, self.store)
         known = [(i, state_of(*found)) for i, found in plan.unchanged] + list(plan.touched.items())
         if known and on_duplicate == "error":

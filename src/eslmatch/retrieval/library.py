@@ -182,6 +182,22 @@ class Library:
         self.roots.append(root)
         return root
 
+    def locate(self, path: Path) -> tuple[dict[str, str], str] | None:
+        """The root holding the file ``path`` and its path under it (``None``: in no root)."""
+        full = path.resolve()
+        for root in self.roots:
+            try:
+                return root, full.relative_to(root["path"]).as_posix()
+            except ValueError:
+                continue
+        return None
+
+    def entry(self, root: dict[str, str], rel: str) -> Found:
+        """One file under ``root`` as :meth:`scan` lists it."""
+        path = f"{root['path']}/{rel}"
+        st = os.stat(path)
+        return root["label"], FileEntry(rel, path, id_of(rel), st.st_size, st.st_mtime_ns)
+
     def first_label(self) -> str | None:
         return self.roots[0]["label"] if self.roots else None
 

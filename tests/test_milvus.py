@@ -143,7 +143,9 @@ def test_stored_rows_equal_the_file_index(model, big):
     np.testing.assert_array_equal(mil.store.vectors(rows), files.store.vectors(rows))
     recs_m, recs_f = mil.store.records(rows), files.store.records(rows)
     assert [recs_m[int(r)].id for r in rows] == [recs_f[int(r)].id for r in rows]
-    assert mil.store.row_of("4242") == 4242 and mil.store.contains("4242") and not mil.store.contains("no such id")
+    assert mil.store.row_of("4242") == 4242
+    with pytest.raises(EslmatchError, match="no item with id 'no such id'"):
+        mil.store.row_of("no such id")
     words, weights, _ = mil.attention("a red circle", "17")
     w2, weights2, _ = files.attention("a red circle", "17")
     assert words == w2 and weights.shape == (len(words), lens[17])

@@ -347,10 +347,6 @@ class FileReader:
             raise EslmatchError(f"{self.where}: no item with id {str(item_id)!r}")
         return int(found[str(item_id)])
 
-    def contains(self, item_id: str) -> bool:
-        with self.snapshot():
-            return bool(self.catalog.rows_of([str(item_id)]))
-
     def metadata(self, item_id: str) -> Metadata:
         """Every field of a live item: ``id``, ``path``, ``added`` and its metadata."""
         row = self.row_of(item_id)

@@ -254,9 +254,6 @@ class MilvusStore:
             raise EslmatchError(f"{self.where}: no item with id {str(item_id)!r}")
         return recs[0].row
 
-    def contains(self, item_id: str) -> bool:
-        return bool(self._query(self._ids_expr([str(item_id)]), 1))
-
     def metadata(self, item_id: str) -> Metadata:
         row = self.row_of(item_id)
         return self.records([row])[row].fields()

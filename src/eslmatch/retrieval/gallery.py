@@ -564,21 +564,21 @@ def build_gallery(
     if metadata is not None:
         src.with_metadata(read_metadata(metadata) if isinstance(metadata, (str, Path)) else metadata)
     record = model_record(model, model_path, text_model)
+    if not src.given_ids:  # numbered items: found again by their content (Gallery.add)
+        lib = lib or Library()
+        lib.numbered[src.content_digest()] = [src.ids[0], src.count]
     store: GalleryStore
     if collection is not None:
         from .milvus.store import build_milvus
 
         store = build_milvus(model, src, str(target), collection, options, record, say, **dict(milvus or {}))
-    else:
-        out = build_files(model, src, Path(target), options, record, say, job)
+        if lib is not None:
+            lib.save(store)
+    else:  # the library state is written with the items (no second write, no lock file)
+        out = build_files(model, src, Path(target), options, record, say, job, lib.state() if lib else None)
         if not job.is_main:
             return None
         store = FileStore.open(out)
-    if not src.given_ids:
-        lib = lib or Library()
-        lib.numbered[src.content_digest()] = [src.ids[0], src.count]
-    if lib is not None:
-        lib.save(store)
     return Gallery(store, model, encoding=options.encoding)
 
 

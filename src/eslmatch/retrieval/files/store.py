@@ -79,9 +79,11 @@ def build_files(
     record: dict[str, Any],
     report: Report,
     job: DistContext,
+    library: Mapping[str, Any] | None = None,
 ) -> Path:
     """A new file gallery at ``out`` (replacing a gallery there), resumable, by one process or
-    by the ranks of ``job`` together. Every stage is agreed by every rank (:meth:`DistContext.stage`)."""
+    by the ranks of ``job`` together, its ``library`` state (``library.py``) written with its
+    items. Every stage is agreed by every rank (:meth:`DistContext.stage`)."""
     with job.stage("setup", report):
         options.check()
         check_target(out)
@@ -141,7 +143,7 @@ def build_files(
             except EslmatchError:
                 shutil.rmtree(staging, ignore_errors=True)  # nothing worth resuming
                 raise
-            _finish_build(model, source, sink, out, staging, options, record, dtype, rows, how)
+            _finish_build(model, source, sink, out, staging, options, record, dtype, rows, how, library)
     return out
 
 
@@ -156,6 +158,7 @@ def _finish_build(
     dtype: str,
     shard_rows: int,
     how: Encoding = FP32,
+    library: Mapping[str, Any] | None = None,
 ) -> None:
     """Rank 0 (or the one process) once every shard is written: FAISS, catalogue, manifest,
     then the staging folder replaces ``out``."""
@@ -197,6 +200,9 @@ def _finish_build(
         "sources": [_source_record(source, len(kept), sink, how)],
     }
     _commit_items(catalog, source, kept, 0, layout)
+    if library:
+        with catalog.write():
+            catalog.set_state("library", library)
     catalog.checkpoint()
     catalog.close()
     write_json(staging / MANIFEST, manifest)

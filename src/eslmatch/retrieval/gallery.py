@@ -19,13 +19,10 @@ call; a Milvus gallery reads Milvus).
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-from tqdm.auto import tqdm
 
 from ..distributed import DistContext
 from ..errors import EslmatchError
@@ -42,6 +39,7 @@ from .library import (
     Library,
     Plan,
     complete,
+    hashing,
     library_folders,
     new_library,
     photo_source,
@@ -62,21 +60,6 @@ from .writer import Report
 
 def _warn(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def _hashing(progress: bool) -> Iterator[Callable[[str], str]]:
-    """The sha256 of the files a plan reads (new, and changed by size or time), with a
-    progress bar (on a terminal): a sync of many large new photos is not silent."""
-    with tqdm(
-        desc="reading new and changed files", unit="file", disable=None if progress else True, leave=False
-    ) as bar:
-
-        def hash_of(path: str) -> str:
-            bar.update(1)
-            return sha256_stream(path)
-
-        yield hash_of
 
 
 class Gallery:
@@ -302,7 +285,7 @@ class Gallery:
             if back:
                 return self.restore(back, options, report)
             files = [lib.entry(root, only)]
-        with _hashing((options or BuildOptions()).progress) as hash_of:
+        with hashing((options or BuildOptions()).progress) as hash_of:
             plan = lib.plan(files, stored(self.store), [root["label"]] if only is None else [], hash_of)
         complete(plan, self.store)
         known = [(i, state_of(*found)) for i, found in plan.unchanged] + list(plan.touched.items())
@@ -408,7 +391,7 @@ class Gallery:
             )
         files, unreachable = lib.scan(lib.roots, report)
         live = [r["label"] for r in lib.roots if r["label"] not in unreachable]
-        with _hashing((options or BuildOptions()).progress) as hash_of:
+        with hashing((options or BuildOptions()).progress) as hash_of:
             plan = lib.plan(files, stored(self.store), live, hash_of)
         complete(plan, self.store)
         plan.unreachable = unreachable

@@ -25,11 +25,14 @@ The store-neutral rules (both stores keep the same state through the small
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tqdm.auto import tqdm
 
 from ..data.files import FileEntry, id_of, list_files
 from ..errors import EslmatchError
@@ -400,3 +403,18 @@ def complete(plan: Plan, store: GalleryStore) -> None:
     for i, _ in plan.changed:
         plan.kept[i] = {**user_fields(full[i].metadata), **plan.kept.get(i, {})}
     plan.gone = [full.get(r.id, r) for r in plan.gone]
+
+
+@contextlib.contextmanager
+def hashing(progress: bool) -> Iterator[Callable[[str], str]]:
+    """The sha256 of the files a plan reads (new, and changed by size or time), with a
+    progress bar (on a terminal): a sync of many large new photos is not silent."""
+    with tqdm(
+        desc="reading new and changed files", unit="file", disable=None if progress else True, leave=False
+    ) as bar:
+
+        def hash_of(path: str) -> str:
+            bar.update(1)
+            return sha256_stream(path)
+
+        yield hash_of

@@ -117,6 +117,9 @@ def test_precedence_and_grouping():
         ("folder == 'a\\q'", "unknown escape"),
         ("", "filter is empty"),
         ("year > 1e400", "out of range"),
+        ("year > 99999999999999999999", "integer out of range \\(64-bit\\) at column 8"),  # issue 34 D5: was a 500
+        ("year < -9223372036854775809", "integer out of range"),
+        ("n == \u0663", "unexpected character"),  # an Arabic-Indic digit is no number
         ("a & b", "unexpected character '&' at column 3"),
         ("(" * 40 + "a" + ")" * 40, "nested deeper"),
     ],

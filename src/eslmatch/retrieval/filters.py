@@ -46,7 +46,7 @@ _TOKEN = re.compile(
     | (?P<punct>[()\[\],])
     | (?P<word>[A-Za-z_][A-Za-z0-9_]*)
     )""",
-    re.VERBOSE,
+    re.VERBOSE | re.ASCII,  # digits are 0-9 (not any Unicode digit: `n == ٣` is no number)
 )
 _KEYWORDS = {"and", "or", "not", "in", "true", "false"}
 Value = Union[str, int, float, bool]
@@ -210,8 +210,11 @@ class _Parser:
         if tok.kind == "false":
             return False
         if tok.kind == "num":
-            if re.fullmatch(r"[-+]?\d+", tok.text):
-                return int(tok.text)
+            if re.fullmatch(r"[-+]?[0-9]+", tok.text):
+                number_int = int(tok.text)
+                if not -(2**63) <= number_int < 2**63:  # fields hold 64-bit integers (SQLite, Milvus)
+                    raise FilterError(f"filter: integer out of range (64-bit) at column {tok.col}")
+                return number_int
             number = float(tok.text)
             if not math.isfinite(number):
                 raise FilterError(f"filter: number out of range at column {tok.col}")

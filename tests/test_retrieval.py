@@ -563,3 +563,27 @@ def test_ivf_grows_then_retrains(model, tmp_path, monkeypatch):
     hits = g.search(QUERY, k=24, rerank_k=24)
     assert [h.index for h in hits] == ranking(exact).tolist()
     assert len(list((tmp_path / "ivf" / "faiss").iterdir())) == 1  # the old FAISS files are gone
+
+
+def test_an_item_is_read_in_one_snapshot_while_another_process_compacts(model, tmp_path):
+    """Issue 34 D6: during another process's delete + compact, ``GET /items/{id}`` answered
+    another item's fields: the row was looked up in one snapshot, the record read in the next."""
+    feats = np.random.default_rng(4).random((4, 6, 16), dtype=np.float32)
+    g = build(model, feats, tmp_path / "g", ids=["a", "b", "c", "d"])
+    g.update({i: {"tag": i} for i in "abcd"})
+    g.delete(["a"])
+    reader = open_gallery(tmp_path / "g", model=model)
+    rows_of = reader.store.catalog.rows_of
+
+    def then_compact(ids):  # the row is found; another process compacts before the record is read
+        found = rows_of(ids)
+        if not getattr(then_compact, "done", False):
+            then_compact.done = True
+            other = open_gallery(tmp_path / "g", model=model)
+            other.store.catalog.checkpoint = lambda: None  # it would wait for this very reader's snapshot
+            other.compact()  # renumbers: c moves to row 1
+        return found
+
+    reader.store.catalog.rows_of = then_compact
+    assert reader.metadata("c")["tag"] == "c"
+    assert reader.metadata("d")["tag"] == "d" and reader.store.image_path("d") is None

@@ -347,10 +347,16 @@ class FileReader:
             raise EslmatchError(f"{self.where}: no item with id {str(item_id)!r}")
         return int(found[str(item_id)])
 
+    def _record_of(self, item_id: str) -> Record:
+        """The record of a live item, its row looked up and read in one snapshot (a compaction
+        between the two would renumber the rows: another item's record)."""
+        with self.snapshot():
+            row = self.row_of(item_id)
+            return self.catalog.records([row])[row]
+
     def metadata(self, item_id: str) -> Metadata:
         """Every field of a live item: ``id``, ``path``, ``added`` and its metadata."""
-        row = self.row_of(item_id)
-        return self.records([row])[row].fields()
+        return self._record_of(item_id).fields()
 
     def select(self, where: Filter | None = None, fields: Sequence[str] | None = None) -> list[Record]:
         """The live items (those ``where`` selects) with their metadata (``fields``: at least
@@ -371,8 +377,7 @@ class FileReader:
             return self.catalog.live_ids()
 
     def image_path(self, item_id: str) -> str | None:
-        row = self.row_of(item_id)
-        return self.records([row])[row].path or None
+        return self._record_of(item_id).path or None
 
     def sample_paths(self, n: int = 200) -> list[str]:
         with self.snapshot():

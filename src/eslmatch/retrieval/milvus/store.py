@@ -248,19 +248,21 @@ class MilvusStore:
     def _ids_expr(self, ids: Sequence[str]) -> str:
         return to_milvus(Filter(In("id", tuple(ids)), ""), lambda f: "item_id", lambda f: False)
 
-    def row_of(self, item_id: str) -> int:
+    def _record_of(self, item_id: str) -> Record:
+        """A live item's record, by one query on its id."""
         recs = self._query(self._ids_expr([str(item_id)]), 1)
         if not recs:
             raise EslmatchError(f"{self.where}: no item with id {str(item_id)!r}")
-        return recs[0].row
+        return recs[0]
+
+    def row_of(self, item_id: str) -> int:
+        return self._record_of(item_id).row
 
     def metadata(self, item_id: str) -> Metadata:
-        row = self.row_of(item_id)
-        return self.records([row])[row].fields()
+        return self._record_of(item_id).fields()
 
     def image_path(self, item_id: str) -> str | None:
-        row = self.row_of(item_id)
-        return self.records([row])[row].path or None
+        return self._record_of(item_id).path or None
 
     def scan(self, expr: str = "row >= 0") -> Iterator[Record]:
         """Every item matching ``expr`` in row order (reads them all)."""

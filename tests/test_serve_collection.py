@@ -135,6 +135,11 @@ def test_uploads_are_bounded(photos):
     wide.save(buf, format="PNG")  # few bytes, many pixels
     r = c.post("/search/image", files={"image": ("wide.png", buf.getvalue())})
     assert r.status_code == 413 and "400 x 400 pixels" in r.json()["error"]
+    bomb = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(bomb, format="PNG")  # 48 KB, past PIL's bomb limit (issue 34 D2: a 500)
+    roomy = client_of(create_app(g, ServeConfig(max_pixels=100 * 100)))  # the bytes are allowed, the pixels not
+    r = roomy.post("/search/image", files={"image": ("bomb.png", bomb.getvalue())})
+    assert r.status_code == 413 and "image too large" in r.json()["error"], r.text
     r = c.post("/search/image", files={"image": ("x.png", b"not an image at all")})
     assert r.status_code == 422 and "not an image" in r.json()["error"]
     r = c.post("/search/image", files={"image": ("x.png", photo_bytes(3)[:60])})

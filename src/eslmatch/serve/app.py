@@ -280,6 +280,8 @@ def open_upload(data: bytes, config: ServeConfig) -> Any:
 
     try:
         image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:  # PIL refuses to open it: far past max_pixels (a "bomb")
+        raise ApiError(413, f"image too large (more pixels than PIL opens, at most {config.max_pixels})") from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise ApiError(422, "the upload is not an image (JPEG, PNG, WebP, ...)") from None
     w, h = image.size

@@ -587,3 +587,24 @@ def test_an_item_is_read_in_one_snapshot_while_another_process_compacts(model, t
     reader.store.catalog.rows_of = then_compact
     assert reader.metadata("c")["tag"] == "c"
     assert reader.metadata("d")["tag"] == "d" and reader.store.image_path("d") is None
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--hnsw-m", "0"],
+        ["--hnsw-m", "-1"],
+        ["--ef-construction", "-5"],
+        ["--ef-search", "0"],
+        ["--nlist", "0"],
+        ["--nprobe", "-1"],
+    ],  # fmt: skip
+)
+def test_faiss_settings_out_of_range_are_one_line(image_index, tmp_path, capsys, args):
+    """Issue 34 D11: ``--hnsw-m 0`` aborted inside FAISS (SIGABRT), ``-1`` took 11 GB; the others
+    were accepted or silently clamped. Now refused before anything is built."""
+    kind = "hnsw" if args[0] in ("--hnsw-m", "--ef-construction", "--ef-search") else "ivf"
+    out = tmp_path / "re"
+    assert main(["index", "reindex", str(image_index), "--faiss", kind, *args, "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "must be an integer from" in err[0] and not out.exists(), err

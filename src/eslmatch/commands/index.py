@@ -735,18 +735,18 @@ def _reindex(args: argparse.Namespace) -> int:
     from ..retrieval import FaissOptions, FileStore
     from ..retrieval.files.compact import copy_gallery
 
-    target = args.index
-    if args.out:
-        copy_gallery(Path(args.index), Path(args.out))
-        target = args.out
-    store = FileStore.open(target)
-    opts = FaissOptions(
+    opts = FaissOptions(  # checked before anything is copied or built
         nlist=args.nlist,
         nprobe=args.nprobe,
         hnsw_m=args.hnsw_m,
         ef_construction=args.ef_construction,
         ef_search=args.ef_search,
     )
+    target = args.index
+    if args.out:
+        copy_gallery(Path(args.index), Path(args.out))
+        target = args.out
+    store = FileStore.open(target)
     rec = store.reindex(args.faiss, opts)
     print(f"rebuilt the first stage of {target}: {rec.get('kind')}")
     return 0

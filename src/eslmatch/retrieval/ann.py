@@ -66,6 +66,16 @@ class FaissOptions:
     pq_bits: int | None = None
     refine: int | None = None
 
+    def __post_init__(self) -> None:
+        """Refuse, in one line, what FAISS would abort on or blow up with (``hnsw_m 0`` aborts
+        the process; ``hnsw_m -1`` took 11 GB; a zero ``nprobe`` / ``ef_search`` silently clamped)."""
+        for name, low, high in BOUNDS:
+            value = getattr(self, name)
+            if value is None and name in OPTIONAL:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise EslmatchError(f"{name.replace('_', '-')} must be an integer from {low} to {high}, got {value!r}")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -83,6 +93,21 @@ class FaissOptions:
     def from_dict(cls, data: dict[str, Any]) -> FaissOptions:
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         return cls(**known)
+
+
+# (option, least, most): what FAISS accepts and a machine of ours can build
+BOUNDS = (
+    ("nlist", 1, 1 << 20),
+    ("nprobe", 1, 1 << 20),
+    ("hnsw_m", 2, 512),
+    ("ef_construction", 1, 1 << 16),
+    ("ef_search", 1, 1 << 16),
+    ("seed", 0, 2**31 - 1),
+    ("pq_m", 1, 4096),
+    ("pq_bits", 1, 16),
+    ("refine", 1, 1 << 16),
+)
+OPTIONAL = ("nlist", "nprobe", "pq_m", "pq_bits", "refine")
 
 
 def faiss_module() -> Any:

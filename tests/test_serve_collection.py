@@ -123,6 +123,31 @@ def test_uploads_live_in_the_gallery_and_go_with_their_item(photos, monkeypatch)
     assert Path(other.metadata("keep")["path"]).is_file()  # the other upload stays
 
 
+@pytest.mark.parametrize(
+    "meta, message",
+    [
+        ('{"u": {"n": 1180591620717411303424}}', "does not fit a 64-bit integer"),  # was a 500 (OverflowError)
+        ('{"u": {"s": "\\ud800"}}', "lone surrogate"),  # was a 500 (UnicodeEncodeError)
+        ('{"u": {"x": ' + "[" * 100000 + "]" * 100000 + "}}", "nested too deeply"),  # was a 500 (RecursionError)
+        ('{"u": {"rating": Infinity}}', "not a finite number"),  # was stored, shown as null, matched by > 100
+        ('{"u": {"rating": NaN}}', "not a finite number"),  # was dropped silently
+        ('{"u": {"bad name": 1}}', "not valid"),
+    ],
+)
+def test_upload_metadata_is_checked_as_a_metadata_file_is(photos, meta, message):
+    """Issue 34 D3: the metadata of ``POST /items`` skipped the checks of ``index update --metadata``."""
+    g, root = photos
+    c = client_of(create_app(g, write_token=TOKEN, upload_dir=root / "uploads"))
+    r = c.post(
+        "/items",
+        files={"photos": ("u.png", photo_bytes(80))},
+        data={"metadata": meta},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
+    assert r.status_code == 422 and message in r.json()["error"], r.text
+    assert len(g) == 10  # nothing added
+
+
 def test_uploads_are_bounded(photos):
     g, root = photos
     c = client_of(create_app(g, ServeConfig(max_upload_bytes=20_000, max_pixels=100 * 100)))

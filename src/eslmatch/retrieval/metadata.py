@@ -77,6 +77,11 @@ def check_value(value: Any, where: str) -> Any:
         raise MetadataError(f"{where}: {value} does not fit a 64-bit integer")
     if isinstance(value, str) and (len(value) > MAX_VALUE_CHARS or "\0" in value):
         raise MetadataError(f"{where}: a string value holds NUL or is longer than {MAX_VALUE_CHARS} characters")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise MetadataError(f"{where}: a string value is not valid Unicode (a lone surrogate)") from None
     return value
 
 
@@ -129,24 +134,45 @@ def read_metadata(path: str | Path, types: Mapping[str, str] | None = None) -> d
     records = _read_jsonl(p, text) if first == "{" or p.suffix.lower() in (".jsonl", ".json", ".ndjson") else None
     if records is None:
         records = _read_csv(p, text, types or {})
+    out = metadata_records(((f"{p}:{line}", rec) for line, rec in records), types, str(p))
+    if not out:
+        raise MetadataError(f"{p}: no records")
+    return out
+
+
+def metadata_records(
+    records: Iterable[tuple[str, Mapping[str, Any]]], types: Mapping[str, str] | None = None, where: str = "metadata"
+) -> dict[str, Metadata]:
+    """``{id: fields}`` of ``(where, {"id": ..., field: value})`` records, each checked (the one
+    check of metadata, from a file or from an upload's form: names, types, 64-bit integers,
+    finite numbers, strings without NUL or lone surrogates)."""
     out: dict[str, Metadata] = {}
-    for line, rec in records:
+    for at, rec in records:
         item = rec.get("id")
         if not isinstance(item, str) or not item:
-            raise MetadataError(f"{p}:{line}: every record needs a non-empty string 'id'")
+            raise MetadataError(f"{at}: every record needs a non-empty string 'id'")
+        check_value(item, f"{at}: id")
         if item in out:
-            raise MetadataError(f"{p}:{line}: id {item!r} appears twice")
+            raise MetadataError(f"{at}: id {item!r} appears twice")
         clean: Metadata = {}
         for name, value in rec.items():
             if name == "id":
                 continue
-            check_field_name(name, f"{p}:{line}")
-            clean[name] = check_value(value, f"{p}:{line}: field {name!r}")
+            check_field_name(name, at)
+            clean[name] = check_value(value, f"{at}: field {name!r}")
         out[item] = clean
-    if not out:
-        raise MetadataError(f"{p}: no records")
-    merge_types(types or {}, ({"id": k, **v} for k, v in out.items()), str(p))
+    merge_types(types or {}, ({"id": k, **v} for k, v in out.items()), where)
     return out
+
+
+def parse_json(text: str, where: str) -> Any:
+    """JSON text as Python values: ``NaN`` / ``Infinity`` refused, nesting too deep refused, in one line."""
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise MetadataError(f"{where}: nested too deeply") from None
+    except ValueError as exc:
+        raise MetadataError(f"{where}: not a JSON object ({exc})") from None
 
 
 def _read_jsonl(p: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
@@ -154,10 +180,7 @@ def _read_jsonl(p: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            rec = json.loads(line, parse_constant=_no_constant)
-        except ValueError as exc:
-            raise MetadataError(f"{p}:{n}: not a JSON object ({exc})") from None
+        rec = parse_json(line, f"{p}:{n}")
         if not isinstance(rec, dict):
             raise MetadataError(f"{p}:{n}: not a JSON object")
         out.append((n, rec))

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import math
 import mimetypes
 import re
@@ -588,15 +587,18 @@ def _write_routes(app: FastAPI, served: Served) -> None:
 
 
 def _form_metadata(text: str | None) -> dict[str, dict[str, Any]]:
+    """An upload's ``metadata`` field, checked as ``index update --metadata`` checks a file."""
+    from ..retrieval.metadata import MetadataError, metadata_records, parse_json
+
     if not text:
         return {}
     try:
-        meta = json.loads(text)
-    except ValueError:
-        raise ApiError(422, "metadata must be a JSON object {id: {field: value}}") from None
-    if not isinstance(meta, dict) or not all(isinstance(v, dict) for v in meta.values()):
-        raise ApiError(422, "metadata must be a JSON object {id: {field: value}}")
-    return meta
+        meta = parse_json(text, "metadata")
+        if not isinstance(meta, dict) or not all(isinstance(v, dict) for v in meta.values()):
+            raise ApiError(422, "metadata must be a JSON object {id: {field: value}}")
+        return metadata_records((f"metadata of {k!r}", {**v, "id": k}) for k, v in meta.items())
+    except MetadataError as exc:
+        raise ApiError(422, str(exc)) from None
 
 
 def _upload_source(files: list[Path], ids: list[str]) -> Any:

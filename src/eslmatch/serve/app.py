@@ -56,6 +56,7 @@ from .middleware import (
     HostCheckMiddleware,
     HostRules,
     SecurityHeadersMiddleware,
+    WriteAuthMiddleware,
 )
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -201,15 +202,24 @@ class Served:
         finally:
             self._pending -= 1
 
-    def authorize(self, request: Request) -> None:
-        """Refuse a write: 403 on a read-only server, 401 without the right bearer token."""
+    def refusal(self, given: str) -> tuple[int, str, dict[str, str]] | None:
+        """Why a write with the ``Authorization`` header ``given`` is refused (403 on a
+        read-only server, 401 without the right bearer token), or ``None``. Checked before the
+        body is read (:class:`~.middleware.WriteAuthMiddleware`) and again by each write route."""
         if self.token is None:
-            raise ApiError(403, "this server is read-only: start it with --write-token-file FILE to allow writes")
-        given = request.headers.get("authorization", "")
+            return 403, "this server is read-only: start it with --write-token-file FILE to allow writes", {}
         scheme, _, value = given.partition(" ")
-        ok = scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), self.token.encode())
+        # header values arrive as latin-1 text: compare the raw bytes with the token's UTF-8
+        raw = value.strip().encode("latin-1", "replace")
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(raw, self.token.encode("utf-8"))
         if not ok:
-            raise ApiError(401, "a write needs 'Authorization: Bearer TOKEN'", {"WWW-Authenticate": "Bearer"})
+            return 401, "a write needs 'Authorization: Bearer TOKEN'", {"WWW-Authenticate": "Bearer"}
+        return None
+
+    def authorize(self, request: Request) -> None:
+        refused = self.refusal(request.headers.get("authorization", ""))
+        if refused is not None:
+            raise ApiError(*refused)
 
     def image_file(self, item_id: str) -> Path | None:
         """The recorded image file of a known id, when it exists and is an image."""
@@ -370,8 +380,17 @@ def create_app(
         limit=config.max_body_bytes,
         limit_for=lambda path: upload_body_limit(path, config),
     )
+    app.add_middleware(WriteAuthMiddleware, is_write=is_write, refusal=served.refusal)  # before any body is read
     app.add_middleware(HostCheckMiddleware, rules=host_rules)  # outermost: refused before the body is read
     return app
+
+
+def is_write(method: str, path: str) -> bool:
+    """Whether a request is one of the write routes (``POST /items``, ``POST /items/delete``,
+    ``DELETE /items/{id}``)."""
+    return (method == "POST" and path in ("/items", "/items/delete")) or (
+        method == "DELETE" and path.startswith("/items/")
+    )
 
 
 def _errors(app: FastAPI) -> None:

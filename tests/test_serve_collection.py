@@ -183,6 +183,41 @@ def test_a_non_ascii_token_matches(photos):
     assert r.status_code == 200, r.text
 
 
+def test_cpu_work_stays_off_the_event_loop(photos, monkeypatch):
+    """Issue 34 D9: an upload was decoded, and each hit looked up, on the event loop (4 clients
+    posting large photos pushed /healthz to 2.4 s). Both now run on other threads."""
+    import asyncio
+
+    import eslmatch.serve.app as app_module
+
+    g, _ = photos
+    on_loop: dict[str, bool] = {}
+
+    def running_loop() -> bool:
+        try:
+            asyncio.get_running_loop()
+            return True
+        except RuntimeError:
+            return False
+
+    real_open, real_hits = app_module.open_upload, app_module.Served.hits
+
+    def open_upload(data, config):
+        on_loop["decode"] = running_loop()
+        return real_open(data, config)
+
+    def hits(self, found):
+        on_loop["hits"] = running_loop()
+        return real_hits(self, found)
+
+    monkeypatch.setattr(app_module, "open_upload", open_upload)
+    monkeypatch.setattr(app_module.Served, "hits", hits)
+    c = client_of(create_app(g))
+    assert c.post("/search/image", files={"image": ("q.png", photo_bytes(60))}, data={"k": "3"}).status_code == 200
+    assert on_loop == {"decode": False, "hits": False}
+    assert c.post("/search", json={"text": "a photo", "k": 2}).json()["results"][0]["image_url"]
+
+
 def test_uploads_are_bounded(photos):
     g, root = photos
     c = client_of(create_app(g, ServeConfig(max_upload_bytes=20_000, max_pixels=100 * 100)))

@@ -227,12 +227,7 @@ class Served:
             recorded = self.gallery.store.image_path(item_id)
         except EslmatchError:
             return None
-        if not recorded:
-            return None
-        path = Path(recorded).resolve()
-        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
-            return None
-        return path
+        return servable(recorded)
 
     def where(self, text: str | None) -> Any:
         if text is None or not text.strip():
@@ -251,11 +246,21 @@ class Served:
                     "first_stage_score": _finite(h.first_stage_score),
                     "path": h.path,
                     "metadata": h.metadata,
-                    "image_url": image_url(str(h.id)) if self.image_file(str(h.id)) else None,
+                    "image_url": image_url(str(h.id)) if servable(h.path) else None,  # the hit's path: no lookup
                     **({"caption": h.caption} if h.caption is not None else {}),
                 }
             )
         return out
+
+
+def servable(recorded: str | None) -> Path | None:
+    """The image file a recorded path names, when it exists and is an image."""
+    if not recorded:
+        return None
+    path = Path(recorded).resolve()
+    if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+        return None
+    return path
 
 
 def _no_grad(fn: Callable[[], Any]) -> Callable[[], Any]:
@@ -457,8 +462,8 @@ def _read_routes(app: FastAPI, served: Served) -> None:
         k, rerank_k = check_counts(req.k, req.rerank_k, config)
         where = served.where(req.where)
         start = time.perf_counter()
-        hits = await served.run(lambda: gallery.search(text, k=k, where=where, rerank_k=rerank_k))
-        return {"query": text, "results": served.hits(hits), "took_ms": round((time.perf_counter() - start) * 1000, 3)}
+        results = await served.run(lambda: served.hits(gallery.search(text, k=k, where=where, rerank_k=rerank_k)))
+        return {"query": text, "results": results, "took_ms": round((time.perf_counter() - start) * 1000, 3)}
 
     @app.post("/search/image")
     async def search_image(request: Request) -> dict[str, Any]:
@@ -472,18 +477,19 @@ def _read_routes(app: FastAPI, served: Served) -> None:
             raise ApiError(
                 422, "this gallery's model reads region features, not photos: search it with text or /similar/{id}"
             )
-        image = open_upload(await _read_upload(upload, config), config)
+        data = await _read_upload(upload, config)
+        image = await asyncio.to_thread(open_upload, data, config)  # decoding is CPU work: off the event loop
         start = time.perf_counter()
-        hits = await served.run(lambda: gallery.search(image, k=k, where=where, rerank_k=rerank_k))
-        return {"results": served.hits(hits), "took_ms": round((time.perf_counter() - start) * 1000, 3)}
+        results = await served.run(lambda: served.hits(gallery.search(image, k=k, where=where, rerank_k=rerank_k)))
+        return {"results": results, "took_ms": round((time.perf_counter() - start) * 1000, 3)}
 
     @app.get("/similar/{item_id:path}")
     async def similar(item_id: str, k: str | None = None, where: str | None = None) -> dict[str, Any]:
         check_id(item_id)
         kk, _ = check_counts(_strict_int(k, "k"), None, config)  # "2.0" or "true" is no count
         flt = served.where(where)
-        hits = await served.run(lambda: gallery.similar(item_id, k=kk, where=flt))
-        return {"id": item_id, "results": served.hits(hits)}
+        results = await served.run(lambda: served.hits(gallery.similar(item_id, k=kk, where=flt)))
+        return {"id": item_id, "results": results}
 
     async def attention(text: str, item_id: str) -> dict[str, Any]:
         text = check_text(text, config)
@@ -575,7 +581,7 @@ def _write_routes(app: FastAPI, served: Served) -> None:
         files, ids = [], []
         for up in uploads:
             data = await _read_upload(up, config)
-            open_upload(data, config)  # refused here, not while adding
+            await asyncio.to_thread(open_upload, data, config)  # refused here, not while adding
             name = str(getattr(up, "filename", "") or "")
             ids.append(_upload_id(name))
             files.append(_save_photo(data, name, served.upload_dir))

@@ -218,6 +218,36 @@ def test_cpu_work_stays_off_the_event_loop(photos, monkeypatch):
     assert c.post("/search", json={"text": "a photo", "k": 2}).json()["results"][0]["image_url"]
 
 
+def test_a_waiting_write_does_not_stall_searches(photos):
+    """Issue 34 D7: while another process held the gallery's writer lock, one HTTP write waited
+    on the server's only worker and every /search queued behind it (18.6 s for a 20 s hold).
+    Writes now wait on a thread of their own; a write that gives up is a 503 with Retry-After."""
+    import threading
+
+    from eslmatch.retrieval.files.commit import write_lock
+
+    g, root = photos
+    app = create_app(g, write_token=TOKEN, upload_dir=root / "uploads")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    answers: dict[str, int] = {}
+    with write_lock(root / "idx"):  # "another process" holds the gallery
+        writer = threading.Thread(
+            target=lambda: answers.update(delete=client_of(app).delete("/items/home/p5", headers=auth).status_code)
+        )
+        writer.start()
+        wait_until(lambda: app.state.served._pending["write"] == 1, "the write to be queued")
+        r = client_of(app).post("/search", json={"text": "a photo", "k": 2})  # answers while the write waits
+        assert r.status_code == 200 and writer.is_alive()
+    writer.join(HUNG)
+    assert answers == {"delete": 200} and len(g) == 9
+    from eslmatch.errors import BusyError
+
+    with write_lock(root / "idx"), pytest.raises(BusyError) as busy:  # what a write that gives up raises
+        with write_lock(root / "idx", timeout=0):
+            pass
+    assert busy.value.http_status == 503
+
+
 def test_uploads_are_bounded(photos):
     g, root = photos
     c = client_of(create_app(g, ServeConfig(max_upload_bytes=20_000, max_pixels=100 * 100)))

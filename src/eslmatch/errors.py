@@ -19,6 +19,13 @@ class InputError(EslmatchError):
     """Tensors handed to the model that break its contract (shape, lengths, dtype)."""
 
 
+class BusyError(EslmatchError):
+    """Another writer holds what this write needs (a gallery's writer lock): try again later.
+    A server answers it with 503 and ``Retry-After``."""
+
+    http_status = 503
+
+
 def with_article(word: str) -> str:
     """``word`` with its indefinite article, for messages: ``"an int"``, ``"a str"``, ``"an 'esl' model"``
     (by the first letter, after any quote)."""

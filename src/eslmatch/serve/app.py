@@ -14,9 +14,11 @@ a server started without one is read-only and answers 403): ``POST /items`` (pho
 multipart field ``photos``, optional ``metadata`` JSON ``{name or id: {field: value}}`` and
 ``on_duplicate``), ``DELETE /items/{id}``, ``POST /items/delete`` ``{"where"}``.
 
-Model work (and every write) runs on one worker thread, so requests never use the model at
-once; at most ``ServeConfig.max_pending`` jobs wait, beyond that 503 at once. Changes made by
-other processes are seen by the next request (the gallery checks its generation on every call).
+Searches run on one worker thread, writes on another (a write waiting for another process's
+writer lock never holds up a search; one that gives up is a 503 with ``Retry-After``); at most
+``ServeConfig.max_pending`` jobs wait on each, beyond that 503 at once. A write's token is
+checked before its body is read; uploads are decoded off the event loop. Changes made by other
+processes are seen by the next request (the gallery checks its generation on every call).
 """
 
 from __future__ import annotations
@@ -187,20 +189,26 @@ class Served:
         self.gallery, self.config, self.model_name = gallery, config, model_name
         self.token, self.upload_dir = token, upload_dir
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eslmatch-infer")
-        self._pending = 0  # touched only from the event loop thread
+        # writes wait for the gallery's writer lock on a thread of their own: searches go on meanwhile
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eslmatch-write")
+        self._pending = {"infer": 0, "write": 0}  # touched only from the event loop thread
 
     def close(self) -> None:
         self._worker.shutdown(wait=True, cancel_futures=True)
+        self._writer.shutdown(wait=True, cancel_futures=True)
 
-    async def run(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the worker thread; 503 when too many jobs already wait."""
-        if self._pending >= self.config.max_pending:
-            raise ApiError(503, "server busy, try again shortly")
-        self._pending += 1
+    async def run(self, fn: Callable[[], Any], write: bool = False) -> Any:
+        """Run ``fn`` on the worker thread (``write``: the writer thread); 503 when too many
+        jobs already wait there."""
+        lane = "write" if write else "infer"
+        if self._pending[lane] >= self.config.max_pending:
+            raise ApiError(503, "server busy, try again shortly", {"Retry-After": "5"})
+        self._pending[lane] += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._worker, _no_grad(fn))
+            pool = self._writer if write else self._worker
+            return await asyncio.get_running_loop().run_in_executor(pool, _no_grad(fn))
         finally:
-            self._pending -= 1
+            self._pending[lane] -= 1
 
     def refusal(self, given: str) -> tuple[int, str, dict[str, str]] | None:
         """Why a write with the ``Authorization`` header ``given`` is refused (403 on a
@@ -422,10 +430,11 @@ def _errors(app: FastAPI) -> None:
     @app.exception_handler(EslmatchError)
     async def _library_error(request: Request, exc: EslmatchError) -> JSONResponse:
         lines = str(exc).strip().splitlines()
-        status = int(getattr(exc, "http_status", 422))  # 503: a backing store (Milvus) is unreachable
+        status = int(getattr(exc, "http_status", 422))  # 503: Milvus unreachable, or another writer busy
         if "no item with id" in (lines[0] if lines else ""):
             status = 404
-        return JSONResponse({"error": lines[0] if lines else type(exc).__name__}, status_code=status)
+        headers = {"Retry-After": "5"} if status == 503 else None
+        return JSONResponse({"error": lines[0] if lines else type(exc).__name__}, status_code=status, headers=headers)
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -591,14 +600,14 @@ def _write_routes(app: FastAPI, served: Served) -> None:
         if unknown:
             raise ApiError(422, f"metadata names {unknown[0]!r}, not one of the uploaded photos")
         src = _upload_source(files, ids)
-        rep = await served.run(lambda: gallery.add(src, meta or None, on_duplicate, report=lambda line: None))
+        rep = await served.run(lambda: gallery.add(src, meta or None, on_duplicate, report=lambda line: None), True)
         return {"added": rep.added, "duplicates": rep.duplicates, "replaced": rep.replaced, "items": rep.count}
 
     @app.delete("/items/{item_id:path}")
     async def delete_item(item_id: str, request: Request) -> dict[str, Any]:
         served.authorize(request)
         check_id(item_id)
-        n = await served.run(lambda: gallery.delete(ids=[item_id]))
+        n = await served.run(lambda: gallery.delete(ids=[item_id]), True)
         return {"deleted": n, "items": len(gallery)}
 
     @app.post("/items/delete")
@@ -607,7 +616,7 @@ def _write_routes(app: FastAPI, served: Served) -> None:
         where = served.where(req.where)
         if where is None:
             raise ApiError(422, "where must not be empty")
-        n = await served.run(lambda: gallery.delete(where=where))
+        n = await served.run(lambda: gallery.delete(where=where), True)
         return {"deleted": n, "items": len(gallery)}
 
 

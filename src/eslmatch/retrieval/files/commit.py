@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ...errors import EslmatchError
+from ...errors import BusyError, EslmatchError
 from ...model.base import MatchingModel
 from ...utils.precision import check_precision
 from .. import ann
@@ -121,9 +121,7 @@ def write_lock(path: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise EslmatchError(
-                        f"{path}: another process is writing this gallery (waited {timeout:g} s)"
-                    ) from None
+                    raise BusyError(f"{path}: another process is writing this gallery (waited {timeout:g} s)") from None
                 time.sleep(0.05)
         try:
             yield

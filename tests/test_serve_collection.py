@@ -248,6 +248,26 @@ def test_a_waiting_write_does_not_stall_searches(photos):
     assert busy.value.http_status == 503
 
 
+def test_an_upload_is_stored_by_its_format_and_a_refused_one_leaves_no_file(photos):
+    """Issue 34 (minor): an extension-less or ``.tif``-named upload was stored as ``.img`` and
+    never served; files of refused uploads stayed in ``uploads/``."""
+    g, root = photos
+    uploads = root / "uploads"
+    c = client_of(create_app(g, write_token=TOKEN, upload_dir=uploads))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    r = c.post("/items", files={"photos": ("noext", photo_bytes(90))}, headers=auth)  # a PNG without a suffix
+    assert r.status_code == 200, r.text
+    assert Path(g.metadata("noext")["path"]).suffix == ".png" and c.get("/image/noext").status_code == 200
+    before = sorted(p.name for p in uploads.iterdir())
+    r = c.post(  # refused as a whole: the id is in the gallery already
+        "/items",
+        files=[("photos", ("fresh.png", photo_bytes(91))), ("photos", ("noext.png", photo_bytes(92)))],
+        data={"on_duplicate": "error"},
+        headers=auth,
+    )
+    assert r.status_code == 422 and sorted(p.name for p in uploads.iterdir()) == before
+
+
 def test_uploads_are_bounded(photos):
     g, root = photos
     c = client_of(create_app(g, ServeConfig(max_upload_bytes=20_000, max_pixels=100 * 100)))

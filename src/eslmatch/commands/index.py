@@ -707,7 +707,7 @@ def _describe(gallery: Any, verify: bool, as_json: bool, asked: tuple[str | None
         )
     for src in info.get("sources", []):
         split = f" split {src['split']}" if src.get("split") else ""
-        where = src.get("features") or src.get("images") or src.get("split_file")
+        where = src.get("features") or src.get("images") or src.get("split_file") or src.get("uploads")
         skipped = f", {src['skipped']} unreadable files skipped" if src.get("skipped") else ""
         print(f"source     {where}{split} ({src.get('count')} items{skipped})")
     if verify:

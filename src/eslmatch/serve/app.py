@@ -311,22 +311,28 @@ def open_upload(data: bytes, config: ServeConfig) -> Any:
         raise ApiError(413, f"image too large ({w} x {h} pixels, at most {config.max_pixels})")
     try:
         image.load()
-        return to_rgb(image)
+        rgb = to_rgb(image)
     except (OSError, ValueError, Image.DecompressionBombError):
         raise ApiError(422, "the upload is a damaged or truncated image") from None
+    rgb.info["format"] = image.format  # what the upload is stored as (not the client's file name)
+    return rgb
 
 
-def _save_photo(data: bytes, name: str, folder: Path) -> Path:
-    """Store an uploaded photo under a name derived from its content (never from the request)."""
-    suffix = Path(name).suffix.lower()
-    suffix = suffix if suffix in IMAGE_SUFFIXES else ".img"
+# the suffix an upload is stored under: from its decoded format, never from the client's file name
+FORMAT_SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
+
+
+def _save_photo(data: bytes, fmt: str | None, folder: Path) -> tuple[Path, bool]:
+    """Store an uploaded photo under a name derived from its content and its image format
+    (never from the request); ``(path, whether it is new)``."""
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{hashlib.sha256(data).hexdigest()[:32]}{suffix}"
-    if not target.exists():
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_bytes(data)
-        tmp.replace(target)
-    return target
+    target = folder / f"{hashlib.sha256(data).hexdigest()[:32]}{FORMAT_SUFFIXES.get(str(fmt), '.img')}"
+    if target.exists():
+        return target, False
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(target)
+    return target, True
 
 
 def _upload_id(name: str) -> str:
@@ -587,20 +593,26 @@ def _write_routes(app: FastAPI, served: Served) -> None:
         on_duplicate = _form_text(form, "on_duplicate") or "skip"
         if on_duplicate not in ON_DUPLICATE:
             raise ApiError(422, f"on_duplicate must be one of {', '.join(ON_DUPLICATE)}")
-        files, ids = [], []
+        photos, ids = [], []
         for up in uploads:
             data = await _read_upload(up, config)
-            await asyncio.to_thread(open_upload, data, config)  # refused here, not while adding
-            name = str(getattr(up, "filename", "") or "")
-            ids.append(_upload_id(name))
-            files.append(_save_photo(data, name, served.upload_dir))
+            image = await asyncio.to_thread(open_upload, data, config)  # refused here, not while adding
+            ids.append(_upload_id(str(getattr(up, "filename", "") or "")))
+            photos.append((data, image.info.get("format")))
         if len(set(ids)) != len(ids):
             raise ApiError(422, "two uploaded photos have the same name (their ids)")
         unknown = [k for k in meta if k not in ids]
         if unknown:
             raise ApiError(422, f"metadata names {unknown[0]!r}, not one of the uploaded photos")
-        src = _upload_source(files, ids)
-        rep = await served.run(lambda: gallery.add(src, meta or None, on_duplicate, report=lambda line: None), True)
+        saved = [_save_photo(data, fmt, served.upload_dir) for data, fmt in photos]  # only once all are accepted
+        src = _upload_source([path for path, _ in saved], ids)
+        try:
+            rep = await served.run(lambda: gallery.add(src, meta or None, on_duplicate, report=lambda line: None), True)
+        except BaseException:
+            for path, new in saved:  # a refused add leaves no file behind
+                if new:
+                    path.unlink(missing_ok=True)
+            raise
         return {"added": rep.added, "duplicates": rep.duplicates, "replaced": rep.replaced, "items": rep.count}
 
     @app.delete("/items/{item_id:path}")

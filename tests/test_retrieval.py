@@ -608,3 +608,23 @@ def test_faiss_settings_out_of_range_are_one_line(image_index, tmp_path, capsys,
     assert main(["index", "reindex", str(image_index), "--faiss", kind, *args, "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "must be an integer from" in err[0] and not out.exists(), err
+
+
+def test_a_gallery_rebuilt_in_place_is_read_whole(model, tmp_path):
+    """Issue 34 D8: ``index build --out SAME`` under a running reader: it kept the old count,
+    mixed the new ids with the old vectors (or failed with KeyError), and never saw changes
+    again; the generation restarts with a new build, so it alone cannot tell. The reader now
+    follows the catalogue file itself."""
+    rng = np.random.default_rng(8)
+    first, second = rng.random((6, 6, 16), dtype=np.float32), rng.random((3, 6, 16), dtype=np.float32)
+    build(model, first, tmp_path / "g", ids=[f"old{i}" for i in range(6)])
+    reader = open_gallery(tmp_path / "g", model=model)
+    assert len(reader) == 6 and reader.search(QUERY, k=2)
+    build(model, second, tmp_path / "g", ids=[f"new{i}" for i in range(3)])  # rebuilt in place
+    fresh = open_gallery(tmp_path / "g", model=model)
+    assert len(reader) == 3 and reader.ids() == ["new0", "new1", "new2"]
+    got, want = reader.search(QUERY, k=3), fresh.search(QUERY, k=3)
+    assert [h.id for h in got] == [h.id for h in want]
+    np.testing.assert_allclose([h.score for h in got], [h.score for h in want], atol=1e-6)
+    fresh.update({"new1": {"tag": "seen"}})  # later changes are seen
+    assert reader.metadata("new1")["tag"] == "seen"

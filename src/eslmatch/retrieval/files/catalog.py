@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -57,6 +58,23 @@ class Catalog:
             self._check()
 
     # ------------------------------------------------------------------ connections
+    def identity(self) -> tuple[int, int] | None:
+        """The catalogue file this thread reads: ``(device, inode)`` (``None``: not opened yet)."""
+        return getattr(self._local, "ident", None)
+
+    def _follow_replacement(self) -> None:
+        """Reopen this thread's connection when the file at :attr:`path` is another one (the
+        gallery was rebuilt in place: an old connection would read the old gallery for ever)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None or conn.in_transaction:
+            return
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return  # being replaced: read what this connection holds, the next call looks again
+        if (st.st_dev, st.st_ino) != self._local.ident:
+            self.close()
+
     @property
     def conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -69,6 +87,8 @@ class Catalog:
             except sqlite3.Error as exc:
                 raise CatalogError(f"{self.path}: cannot open the catalogue ({exc})") from None
             self._local.conn = conn
+            st = os.stat(self.path)
+            self._local.ident = (st.st_dev, st.st_ino)
         return conn
 
     def close(self) -> None:
@@ -87,6 +107,7 @@ class Catalog:
     @contextlib.contextmanager
     def read(self) -> Iterator[Catalog]:
         """A read transaction: every query inside sees one committed state (a snapshot)."""
+        self._follow_replacement()
         conn = self.conn
         if conn.in_transaction:
             yield self

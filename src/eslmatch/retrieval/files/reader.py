@@ -78,9 +78,10 @@ class Shard:
 
 @dataclass
 class Loaded:
-    """The arrays of one generation."""
+    """The arrays of one generation (of one catalogue file: ``identity``)."""
 
     generation: int
+    identity: Any
     layout: dict[str, Any]
     shards: list[Shard]
     rows: int
@@ -172,6 +173,9 @@ class FileReader:
 
     def _ensure(self) -> Loaded:
         gen = self.catalog.generation()
+        ident = self.catalog.identity()
+        if self._loaded is not None and self._loaded.identity != ident:
+            self._rebuilt()  # the generation restarts with a new build: it alone cannot tell
         if self._loaded is not None and self._loaded.generation == gen:
             return self._loaded
         for attempt in range(_RETRIES):
@@ -189,6 +193,20 @@ class FileReader:
                 self.catalog.conn.execute("BEGIN")
                 gen = self.catalog.generation()
         raise AssertionError("unreachable")
+
+    def _rebuilt(self) -> None:
+        """The gallery was rebuilt in place (``index build --out`` over it): drop everything
+        read from the old one; refuse one of another kind, width or model (a restart opens it)."""
+        manifest = read_manifest(self.path)
+        same = ("kind", "stages", "total_dim", "dtype")
+        if any(manifest.get(k) != self.manifest.get(k) for k in same) or (manifest.get("model") or {}).get(
+            "fingerprint"
+        ) != (self.manifest.get("model") or {}).get("fingerprint"):
+            raise GalleryIndexError(
+                f"{self.where}: the gallery was rebuilt with another model or kind: open it again (restart the server)"
+            )
+        self.manifest = manifest
+        self._loaded, self._shards = None, {}
 
     def _load(self, gen: int) -> Loaded:
         layout = self.catalog.layout()
@@ -217,6 +235,7 @@ class FileReader:
         live, _ = self.catalog.counts()
         return Loaded(
             gen,
+            self.catalog.identity(),
             layout,
             shards,
             first,

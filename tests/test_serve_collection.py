@@ -175,6 +175,36 @@ def test_a_write_without_the_token_is_refused_before_its_body_is_read(photos, me
     assert sent[0]["status"] == (401 if token else 403)
 
 
+def test_a_declared_body_is_streamed_not_joined():
+    """Issue 34 D1: the body-limit layer joined every body in memory before the app saw it; a
+    body with a declared length within the limit now reaches the app chunk by chunk."""
+    import asyncio
+
+    from eslmatch.serve.middleware import BodyLimitMiddleware
+
+    seen: list[int] = []
+
+    async def inner(scope, receive, send):
+        while True:
+            message = await receive()
+            seen.append(len(message.get("body", b"")))
+            if not message.get("more_body"):
+                break
+
+    chunks = [{"type": "http.request", "body": b"x" * 1000, "more_body": True} for _ in range(3)]
+    chunks.append({"type": "http.request", "body": b"", "more_body": False})
+
+    async def receive():
+        return chunks.pop(0)
+
+    async def send(message):
+        raise AssertionError(message)
+
+    scope = {"type": "http", "path": "/items", "headers": [(b"content-length", b"3000")]}
+    asyncio.run(BodyLimitMiddleware(inner, limit=10_000)(scope, receive, send))
+    assert seen == [1000, 1000, 1000, 0]
+
+
 def test_a_non_ascii_token_matches(photos):
     g, root = photos
     token = "sésame-ouvre-toi-0123456789"

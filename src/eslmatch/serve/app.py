@@ -28,6 +28,7 @@ import hashlib
 import hmac
 import math
 import mimetypes
+import os
 import re
 import time
 import unicodedata
@@ -322,17 +323,14 @@ def open_upload(data: bytes, config: ServeConfig) -> Any:
 FORMAT_SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
 
 
-def _save_photo(data: bytes, fmt: str | None, folder: Path) -> tuple[Path, bool]:
-    """Store an uploaded photo under a name derived from its content and its image format
-    (never from the request); ``(path, whether it is new)``."""
+def _stage_photo(data: bytes, fmt: str | None, folder: Path) -> tuple[Path, Path]:
+    """Write an uploaded photo to a temporary file in ``folder``; returns it and the name it
+    takes once accepted: derived from its content and image format (never from the request)."""
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{hashlib.sha256(data).hexdigest()[:32]}{FORMAT_SUFFIXES.get(str(fmt), '.img')}"
-    if target.exists():
-        return target, False
-    tmp = target.with_name(f".{target.name}.tmp")
+    tmp = folder / f".{target.name}.{os.getpid()}-{id(data)}.tmp"
     tmp.write_bytes(data)
-    tmp.replace(target)
-    return target, True
+    return tmp, target
 
 
 def _upload_id(name: str) -> str:
@@ -593,25 +591,33 @@ def _write_routes(app: FastAPI, served: Served) -> None:
         on_duplicate = _form_text(form, "on_duplicate") or "skip"
         if on_duplicate not in ON_DUPLICATE:
             raise ApiError(422, f"on_duplicate must be one of {', '.join(ON_DUPLICATE)}")
-        photos, ids = [], []
-        for up in uploads:
-            data = await _read_upload(up, config)
-            image = await asyncio.to_thread(open_upload, data, config)  # refused here, not while adding
-            ids.append(_upload_id(str(getattr(up, "filename", "") or "")))
-            photos.append((data, image.info.get("format")))
+        ids = [_upload_id(str(getattr(up, "filename", "") or "")) for up in uploads]
         if len(set(ids)) != len(ids):
             raise ApiError(422, "two uploaded photos have the same name (their ids)")
         unknown = [k for k in meta if k not in ids]
         if unknown:
             raise ApiError(422, f"metadata names {unknown[0]!r}, not one of the uploaded photos")
-        saved = [_save_photo(data, fmt, served.upload_dir) for data, fmt in photos]  # only once all are accepted
-        src = _upload_source([path for path, _ in saved], ids)
+        staged: list[tuple[Path, Path]] = []  # (temporary file, its name once every photo is accepted)
+        saved: list[Path] = []
         try:
+            for up in uploads:  # one photo in memory at a time
+                data = await _read_upload(up, config)
+                image = await asyncio.to_thread(open_upload, data, config)  # refused here, not while adding
+                staged.append(_stage_photo(data, image.info.get("format"), served.upload_dir))
+                del data, image
+            for tmp, target in staged:
+                if target.exists():
+                    tmp.unlink()
+                else:
+                    tmp.replace(target)
+                    saved.append(target)
+            src = _upload_source([target for _, target in staged], ids)
             rep = await served.run(lambda: gallery.add(src, meta or None, on_duplicate, report=lambda line: None), True)
         except BaseException:
-            for path, new in saved:  # a refused add leaves no file behind
-                if new:
-                    path.unlink(missing_ok=True)
+            for tmp, _ in staged:  # a refused upload leaves no file behind
+                tmp.unlink(missing_ok=True)
+            for target in saved:
+                target.unlink(missing_ok=True)
             raise
         return {"added": rep.added, "duplicates": rep.duplicates, "replaced": rep.replaced, "items": rep.count}
 

@@ -60,8 +60,9 @@ class BodyLimitMiddleware:
     """Refuse request bodies over their limit with 413 before anything parses them.
 
     ``limit``: bytes of a body; ``limit_for(path)`` may give a route its own (the uploads). A
-    declared ``Content-Length`` over the limit is refused without reading the body; a body
-    without one (chunked) is read only up to the limit, then replayed to the app.
+    declared ``Content-Length`` over the limit is refused without reading the body, one within
+    it is streamed to the app; a body without one (chunked) is read only up to the limit, then
+    replayed to the app.
     """
 
     def __init__(self, app: ASGIApp, limit: int, limit_for: Callable[[str], int | None] | None = None) -> None:
@@ -86,6 +87,10 @@ class BodyLimitMiddleware:
                 if declared > limit:
                     await send_error(send, 413, too_large)
                     return
+                # within the limit, and the server reads no more than declared: streamed through
+                # (never joined in memory; a form's files are spooled to disk by the parser)
+                await self.app(scope, receive, send)
+                return
         chunks: list[bytes] = []
         size = 0
         while True:

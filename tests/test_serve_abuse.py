@@ -312,7 +312,7 @@ def test_the_cap_evicts_the_oldest_idle_connection_and_refuses_only_when_all_are
         guard.set_idle(c, False)
         guard.set_idle(d, False)
         assert not guard.admit(e) and guard.open == 3  # every open one busy: the new one is refused
-        assert guard.counts == {"refused": 1, "evicted": 1, "head": 0, "body": 0}
+        assert guard.counts == {"refused": 1, "evicted": 1, "head": 0, "body": 0, "send": 0}
         guard.release(a)
         assert guard.admit(e) and guard.open == 3
 
@@ -485,3 +485,43 @@ def test_running_out_of_descriptors_is_logged_once_per_interval(tmp_path):
     text = log.read_text()
     assert 1 <= text.count("socket.accept() out of system resource") <= 2, text[-3000:]
     assert text.count("Too many open files") <= 2 and len(text) < 30_000
+
+
+def test_a_reader_that_reads_nothing_is_closed_after_the_send_timeout():
+    """Issue 34 D10: 100 clients that asked for a 12 MB image and never read it held every slot
+    of --max-connections 100 for as long as they liked. A response the client reads nothing of
+    for --send-timeout seconds now closes its connection (and is logged)."""
+    from types import SimpleNamespace
+
+    from eslmatch.serve.limits import ConnectionLimits
+    from eslmatch.serve.runner import ConnectionGuard, guarded_protocol
+
+    class Transport:
+        aborted = False
+
+        def is_closing(self) -> bool:
+            return self.aborted
+
+        def abort(self) -> None:
+            self.aborted = True
+
+        def close(self) -> None:
+            self.aborted = True
+
+    async def scenario() -> tuple[bool, bool, dict]:
+        guard = ConnectionGuard(ConnectionLimits(send_timeout=0.05, log_interval=0.01), cap=4)
+        proto = guarded_protocol(guard)(SimpleNamespace(), SimpleNamespace(connections=set()), {})
+        reading, stuck = Transport(), Transport()
+        proto.connection_made(reading)
+        proto.pause_writing()  # a reader that catches up in time is kept
+        await asyncio.sleep(0.01)
+        proto.resume_writing()
+        await asyncio.sleep(0.1)
+        other = guarded_protocol(guard)(SimpleNamespace(), SimpleNamespace(connections=set()), {})
+        other.connection_made(stuck)
+        other.pause_writing()  # never resumed
+        await asyncio.sleep(0.2)
+        return reading.aborted, stuck.aborted, dict(guard.counts)
+
+    kept_closed, stuck_closed, counts = asyncio.run(scenario())
+    assert (kept_closed, stuck_closed) == (False, True)

@@ -73,6 +73,13 @@ def connection_args(s: argparse.ArgumentParser) -> None:
         help="close a connection whose request body is not complete within S seconds of its headers (default 60)",
     )
     s.add_argument(
+        "--send-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="close a connection that reads nothing of its response for S seconds (default 30)",
+    )
+    s.add_argument(
         "--keep-alive-timeout",
         type=float,
         default=5.0,
@@ -135,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
             header_timeout=args.header_timeout,
             body_timeout=args.body_timeout,
             keep_alive_timeout=args.keep_alive_timeout,
+            send_timeout=args.send_timeout,
             max_connections=args.max_connections,
             backlog=args.backlog,
         )

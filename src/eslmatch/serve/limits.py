@@ -23,12 +23,13 @@ class ConnectionLimits:
     header_timeout: float = 10.0
     body_timeout: float = 60.0
     keep_alive_timeout: float = 5.0
+    send_timeout: float = 30.0  # a response the client reads nothing of for this long: closed
     max_connections: int = 0
     backlog: int = 4096  # the kernel caps it at net.core.somaxconn
     log_interval: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("header_timeout", "body_timeout", "keep_alive_timeout", "log_interval"):
+        for name in ("header_timeout", "body_timeout", "keep_alive_timeout", "send_timeout", "log_interval"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0 seconds (got {getattr(self, name)})")
         if self.max_connections < 0:

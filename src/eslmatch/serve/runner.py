@@ -73,7 +73,7 @@ class ConnectionGuard:
         self.limits, self.cap = limits, cap
         self.open = 0
         self.idle: OrderedDict[Any, None] = OrderedDict()
-        self.counts = {"refused": 0, "evicted": 0, "head": 0, "body": 0}
+        self.counts = {"refused": 0, "evicted": 0, "head": 0, "body": 0, "send": 0}
         self._flush_at: float | None = None
         self._last_flush = 0.0
 
@@ -120,6 +120,8 @@ class ConnectionGuard:
             parts.append(f"{c['head']} sent no complete request head within {lim.header_timeout:g} s")
         if c["body"]:
             parts.append(f"{c['body']} sent no complete body within {lim.body_timeout:g} s")
+        if c["send"]:
+            parts.append(f"{c['send']} read nothing of their response for {lim.send_timeout:g} s")
         if c["evicted"]:
             parts.append(f"{c['evicted']} idle ones made room for new ones (at the cap of {self.cap} open)")
         if c["refused"]:
@@ -154,6 +156,7 @@ class GuardedProtocol(asyncio.Protocol):
         self.timer_kind = ""
         self.seen_cycle: Any = None
         self.admitted = self.counted = False
+        self.send_timer: asyncio.TimerHandle | None = None  # armed while the client reads nothing
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -169,6 +172,7 @@ class GuardedProtocol(asyncio.Protocol):
         if not self.admitted:  # refused at once
             return
         self.disarm()
+        self._stop_send_timer()
         self.server_state.connections.discard(self)
         if self.counted:
             self.counted = False
@@ -197,12 +201,28 @@ class GuardedProtocol(asyncio.Protocol):
             self.inner.eof_received()
 
     def pause_writing(self) -> None:
+        """The client reads our response slower than we write it: past ``send_timeout`` with no
+        progress, the connection is closed (a reader that never reads held its slot for ever)."""
         if self.inner is not None:
             self.inner.pause_writing()
+        if self.send_timer is None:
+            self.send_timer = self.loop.call_later(self.guard.limits.send_timeout, self.stalled)
 
     def resume_writing(self) -> None:
+        self._stop_send_timer()
         if self.inner is not None:
             self.inner.resume_writing()
+
+    def _stop_send_timer(self) -> None:
+        if self.send_timer is not None:
+            self.send_timer.cancel()
+            self.send_timer = None
+
+    def stalled(self) -> None:
+        self.send_timer = None
+        if self.transport is not None and not self.transport.is_closing():
+            self.guard.note("send")
+            self.transport.abort()
 
     def shutdown(self) -> None:
         """uvicorn stops: an idle connection closes now, a busy one after its response."""

@@ -369,3 +369,22 @@ def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """``q (..., Dt) int8`` and ``scale (...)`` -> float32 ``(..., Dt)``."""
     return q.astype(np.float32) * np.asarray(scale, dtype=np.float32)[..., None]
+
+
+class RowReader:
+    """``reader[rows]``: rows of an on-disk array read with ``pread`` (:func:`read_rows`)."""
+
+    def __init__(self, arr: Any) -> None:
+        self.arr = arr
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        return read_rows(self.arr, rows)
+
+
+def file_resident() -> int | None:
+    """Bytes of file-backed memory resident in this process (``/proc/self/statm``), or ``None``."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[2]) * 4096
+    except (OSError, ValueError, IndexError):
+        return None

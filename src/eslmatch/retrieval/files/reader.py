@@ -38,9 +38,11 @@ from ..layout import (
     SCALE,
     SIDE,
     GalleryIndexError,
+    RowReader,
     ShardedArray,
     advise,
     check_records,
+    file_resident,
     open_array,
     prefetch,
     read_manifest,
@@ -129,7 +131,7 @@ class FileReader:
         self._shards: dict[str, Shard] = {}
         self._lock = threading.RLock()
         self.mapped_budget: int | None = MAPPED_BUDGET
-        self._resident_base: int | None = _file_resident()
+        self._resident_base: int | None = file_resident()
         self._mapped = 0
 
     # ------------------------------------------------------------------ opening
@@ -457,7 +459,7 @@ class FileReader:
                 depth = min(ann.candidates(kind, self.faiss_options, n, s.faiss_rows), s.faiss_rows)
                 scores, rows = ann.search(s.faiss, kind, self.faiss_options, q, depth, sub, share)
                 if kind == "ivfpq":  # approximate codes: re-score the candidates exactly
-                    head = ann.refine_exact(q, rows, _RowReader(s.vectors), n)
+                    head = ann.refine_exact(q, rows, RowReader(s.vectors), n)
                 else:
                     head = (scores[:, :n], rows[:, :n].astype(np.int64))
         if s.rows == s.faiss_rows:
@@ -544,13 +546,13 @@ class FileReader:
                     if arr is not None:
                         release(arr)
             self._mapped = 0
-            self._resident_base = _file_resident()
+            self._resident_base = file_resident()
 
     def _touched(self, rows: int, row_bytes: int) -> None:
         """Release the maps once the file-backed resident memory grew by ``mapped_budget``."""
         if self.mapped_budget is None:
             return
-        now = _file_resident()
+        now = file_resident()
         if now is None:
             self._mapped += rows * (-(-row_bytes // _PAGE) * _PAGE + _FAULT_AROUND)
             grown = self._mapped
@@ -588,25 +590,6 @@ class FileReader:
             self._loaded = None
             self._shards = {}
             self.catalog.close()
-
-
-class _RowReader:
-    """``reader[rows]``: rows of an on-disk array read with ``pread`` (:func:`read_rows`)."""
-
-    def __init__(self, arr: Any) -> None:
-        self.arr = arr
-
-    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
-        return read_rows(self.arr, rows)
-
-
-def _file_resident() -> int | None:
-    """Bytes of file-backed memory resident in this process (``/proc/self/statm``), or ``None``."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[2]) * _PAGE
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 __all__ = ["EXACT_FILTER_MAX", "FileReader", "Loaded", "Shard"]

@@ -617,14 +617,18 @@ def test_a_gallery_rebuilt_in_place_is_read_whole(model, tmp_path):
     follows the catalogue file itself."""
     rng = np.random.default_rng(8)
     first, second = rng.random((6, 6, 16), dtype=np.float32), rng.random((3, 6, 16), dtype=np.float32)
-    build(model, first, tmp_path / "g", ids=[f"old{i}" for i in range(6)])
+    old_ids = [f"old{i}" for i in range(6)]
+    build(model, first, tmp_path / "g", ids=old_ids, metadata={i: {"tag": i, "n": 1} for i in old_ids})
     reader = open_gallery(tmp_path / "g", model=model)
-    assert len(reader) == 6 and reader.search(QUERY, k=2)
-    build(model, second, tmp_path / "g", ids=[f"new{i}" for i in range(3)])  # rebuilt in place
+    assert len(reader) == 6 and reader.search(QUERY, k=2) and reader.metadata("old1")["tag"] == "old1"
+    # rebuilt in place, with other metadata fields: the catalogue's columns differ (a live probe
+    # of the server found every search failing with "no such column: f7" after such a rebuild)
+    build(model, second, tmp_path / "g", ids=[f"new{i}" for i in range(3)], metadata={"new0": {"rating": 3}})
     fresh = open_gallery(tmp_path / "g", model=model)
     assert len(reader) == 3 and reader.ids() == ["new0", "new1", "new2"]
     got, want = reader.search(QUERY, k=3), fresh.search(QUERY, k=3)
     assert [h.id for h in got] == [h.id for h in want]
     np.testing.assert_allclose([h.score for h in got], [h.score for h in want], atol=1e-6)
+    assert reader.metadata("new0")["rating"] == 3 and "tag" not in reader.metadata("new0")
     fresh.update({"new1": {"tag": "seen"}})  # later changes are seen
     assert reader.metadata("new1")["tag"] == "seen"

@@ -7,18 +7,25 @@ one line before torch, FastAPI or the gallery are loaded.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from ..errors import EslmatchError
 
-RESERVED_FDS = 1024  # descriptors kept for the gallery, the model, logs and the listening socket
+RESERVED_FDS = 1024  # at most this many descriptors kept for requests (an image served, an upload)
 MAX_CAP = 65536  # an idle connection costs a few KiB; this bounds the memory a flood can take
+# Connections accepted per turn of the event loop. asyncio accepts up to its ``backlog`` argument
+# per turn, and a connection is counted (and an idle one evicted for it) only a turn or two later:
+# with 4,096 a turn, a flood met the descriptor limit before the cap was ever consulted.
+ACCEPT_BATCH = 64
+IN_FLIGHT = 4 * ACCEPT_BATCH  # accepted, not yet counted, plus evicted, not yet closed
 
 
 @dataclass(frozen=True)
 class ConnectionLimits:
     """Per-connection limits of a running server (seconds; ``max_connections`` 0: from the
-    descriptor limit, see :func:`default_max_connections`)."""
+    descriptor limit, see :func:`default_max_connections`; ``backlog``: the kernel's queue of
+    connections not yet accepted)."""
 
     header_timeout: float = 10.0
     body_timeout: float = 60.0
@@ -56,23 +63,41 @@ def raise_fd_limit() -> int:
     return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
-def default_max_connections(fd_limit: int) -> int:
-    """Open connections allowed under ``fd_limit`` descriptors: the limit less a reserve
-    (a quarter of it, at most 1024), between 16 and 65536. 20000 -> 18976, 1024 -> 768."""
-    return max(16, min(MAX_CAP, fd_limit - min(RESERVED_FDS, fd_limit // 4)))
+def open_descriptors() -> int:
+    """Descriptors this process holds now (the gallery's files, the log, the listening socket...;
+    64 where the system does not say)."""
+    for folder in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return len(os.listdir(folder))
+        except OSError:
+            continue
+    return 64
+
+
+def most_connections(fd_limit: int, held: int = 0) -> int:
+    """Open connections ``fd_limit`` descriptors can hold beside the ``held`` ones: less the
+    connections in flight (:data:`IN_FLIGHT`) and a reserve for requests (an eighth of the limit,
+    128 to 1024), at least 16."""
+    return max(16, fd_limit - held - IN_FLIGHT - min(RESERVED_FDS, max(128, fd_limit // 8)))
+
+
+def default_max_connections(fd_limit: int, held: int = 0) -> int:
+    """The default cap: :func:`most_connections`, at most 65536. 20000 -> 18720, 1024 -> 640."""
+    return min(MAX_CAP, most_connections(fd_limit, held))
 
 
 def connection_cap(limits: ConnectionLimits) -> int:
     """The open-connection cap of ``limits`` (the default from the descriptor limit, raised to
-    its hard limit first); :class:`EslmatchError` for a cap the descriptors cannot hold."""
-    fd_limit = raise_fd_limit()
-    most = max(16, fd_limit - min(RESERVED_FDS, fd_limit // 4))
+    its hard limit first, and the descriptors the process holds now); :class:`EslmatchError` for
+    a cap the descriptors cannot hold."""
+    fd_limit, held = raise_fd_limit(), open_descriptors()
+    most = most_connections(fd_limit, held)
     if limits.max_connections > most:
         raise EslmatchError(
             f"--max-connections {limits.max_connections} is more than this process's file-descriptor limit "
-            f"({fd_limit}) allows: at most {most} (raise the limit with 'ulimit -n', or give less)"
+            f"({fd_limit}, {held} in use) allows: at most {most} (raise the limit with 'ulimit -n', or give less)"
         )
-    return limits.max_connections or default_max_connections(fd_limit)
+    return limits.max_connections or default_max_connections(fd_limit, held)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import EslmatchError
-from .limits import ConnectionLimits, connection_cap
+from .limits import ACCEPT_BATCH, ConnectionLimits, connection_cap
 
 log = logging.getLogger("uvicorn.error")
 
@@ -80,16 +80,24 @@ class ConnectionGuard:
     def admit(self, conn: Any) -> bool:
         """Count a new connection in; at the cap evict the oldest idle one first, and when
         none is idle refuse the new one (``False``)."""
-        if self.open >= self.cap:
-            if not self.idle:
-                self.note("refused")
-                return False
+        if self.open >= self.cap and not self.shed(1):
+            self.note("refused")
+            return False
+        self.open += 1
+        return True
+
+    def shed(self, n: int) -> int:
+        """Evict up to ``n`` of the oldest idle connections now (the descriptors run out); how many."""
+        done = 0
+        while done < n and self.idle:
             victim, _ = self.idle.popitem(last=False)
             victim.evict()
             self.open -= 1
+            done += 1
+        if done:
             self.note("evicted")
-        self.open += 1
-        return True
+            self.counts["evicted"] += done - 1
+        return done
 
     def release(self, conn: Any) -> None:
         """A counted connection closed."""
@@ -130,6 +138,35 @@ class ConnectionGuard:
         if parts:  # counts in the text: RepeatFilter keys on it, and each line differs
             log.log(level, "eslmatch: closed connections: " + "; ".join(parts))
         self.counts = dict.fromkeys(c, 0)
+
+
+class Listener(socket.socket):
+    """The listening socket handed to asyncio. asyncio uses one number both as the kernel's
+    queue and as the connections it accepts per turn: the queue here is ``queue`` long whatever
+    asyncio asks (``listen``), asyncio is given :data:`~.limits.ACCEPT_BATCH`. An ``accept()``
+    that finds no descriptor left evicts idle connections and reports the queue empty, so that the
+    next turn (their descriptors closed) accepts again, rather than asyncio's one-second pause
+    (during which every client waited behind the flood in the queue)."""
+
+    queue: int = 4096
+    guard: ConnectionGuard | None = None
+
+    @classmethod
+    def wrap(cls, sock: socket.socket, queue: int, guard: ConnectionGuard) -> Listener:
+        listener = cls(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        listener.queue, listener.guard = queue, guard
+        return listener
+
+    def listen(self, backlog: int = 0) -> None:
+        super().listen(self.queue)
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        try:
+            return super().accept()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE) and self.guard is not None and self.guard.shed(ACCEPT_BATCH):
+                raise BlockingIOError(exc.errno, exc.strerror) from None
+            raise
 
 
 def guarded_protocol(guard: ConnectionGuard) -> type:
@@ -341,7 +378,7 @@ def run_server(app: Any, sock: socket.socket, limits: ConnectionLimits, log_leve
         server_header=False,
         timeout_keep_alive=limits.keep_alive_timeout,  # type: ignore[arg-type]
         timeout_graceful_shutdown=5,
-        backlog=limits.backlog,
+        backlog=ACCEPT_BATCH,  # accepted per turn; the kernel's queue is the Listener's
     )
     # What was loaded (torch, the model, the gallery: some 200,000 objects) lives as long as the
     # server: keep it out of the cyclic collector, whose full passes would otherwise walk it
@@ -352,7 +389,7 @@ def run_server(app: Any, sock: socket.socket, limits: ConnectionLimits, log_leve
     for name in ("asyncio", "uvicorn.error"):
         logging.getLogger(name).addFilter(quiet)
     try:
-        _Server(config, guard).run(sockets=[sock])
+        _Server(config, guard).run(sockets=[Listener.wrap(sock, limits.backlog, guard)])
     finally:
         for name in ("asyncio", "uvicorn.error"):
             logging.getLogger(name).removeFilter(quiet)

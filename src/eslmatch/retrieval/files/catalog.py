@@ -51,7 +51,9 @@ class Catalog:
         if not create and not self.path.is_file():
             raise CatalogError(f"{self.path}: missing (not a gallery, or a damaged one)")
         self._local = threading.local()
-        self._types: tuple[int, dict[str, tuple[str, str]]] | None = None
+        # the fields' columns, keyed by the file read and its generation (a rebuilt gallery
+        # restarts its generation, and may give a column to another field, or to none)
+        self._types: tuple[Any, dict[str, tuple[str, str]]] | None = None
         if create:
             self._create()
         else:
@@ -176,10 +178,10 @@ class Catalog:
         return {k: v[0] for k, v in self._columns().items()}
 
     def _columns(self) -> dict[str, tuple[str, str]]:
-        gen = self.generation()
-        if self._types is None or self._types[0] != gen:
+        key = (self.generation(), self.identity())
+        if self._types is None or self._types[0] != key:
             rows = self.conn.execute("SELECT name, type, col FROM fields ORDER BY col").fetchall()
-            self._types = (gen, {n: (t, c) for n, t, c in rows})
+            self._types = (key, {n: (t, c) for n, t, c in rows})
         return self._types[1]
 
     def add_fields(self, types: Mapping[str, str]) -> None:

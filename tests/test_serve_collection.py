@@ -175,9 +175,28 @@ def test_a_write_without_the_token_is_refused_before_its_body_is_read(photos, me
     assert sent[0]["status"] == (401 if token else 403)
 
 
-def test_a_declared_body_is_streamed_not_joined():
-    """Issue 34 D1: the body-limit layer joined every body in memory before the app saw it; a
-    body with a declared length within the limit now reaches the app chunk by chunk."""
+@pytest.mark.parametrize("declared", [True, False])
+def test_a_body_is_streamed_not_joined(declared):
+    """Issue 34 D1: the body-limit layer joined every body in memory before the app saw it (a
+    body without a declared length, chunked, still was after the first fix); a body within the
+    limit now reaches the app chunk by chunk."""
+    seen, sent = run_body_limit(
+        [b"x" * 1000] * 3, {b"content-length": b"3000"} if declared else {b"transfer-encoding": b"chunked"}
+    )
+    assert seen == [1000, 1000, 1000, 0] and sent == [200]
+
+
+def test_a_chunked_body_past_its_limit_is_cut_off_with_413():
+    """A chunked body is counted as it streams: past the limit the app's read fails, whatever
+    it answers is dropped, and the client gets 413."""
+    seen, sent = run_body_limit([b"x" * 4000] * 5, {b"transfer-encoding": b"chunked"}, limit=10_000)
+    assert seen == [4000, 4000] and sent == [413]
+
+
+def run_body_limit(bodies: list[bytes], headers: dict[bytes, bytes], limit: int = 10_000) -> tuple[list[int], list]:
+    """Stream ``bodies`` through :class:`BodyLimitMiddleware` to an app that reads them all
+    (answering 500 when a read fails, as FastAPI does, then re-raising); what the app read, and
+    the statuses the client got."""
     import asyncio
 
     from eslmatch.serve.middleware import BodyLimitMiddleware
@@ -185,24 +204,34 @@ def test_a_declared_body_is_streamed_not_joined():
     seen: list[int] = []
 
     async def inner(scope, receive, send):
-        while True:
-            message = await receive()
-            seen.append(len(message.get("body", b"")))
-            if not message.get("more_body"):
-                break
+        try:
+            while True:
+                message = await receive()
+                seen.append(len(message.get("body", b"")))
+                if not message.get("more_body"):
+                    break
+        except Exception:
+            await send({"type": "http.response.start", "status": 500, "headers": []})
+            await send({"type": "http.response.body", "body": b"internal error"})
+            raise
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
 
-    chunks = [{"type": "http.request", "body": b"x" * 1000, "more_body": True} for _ in range(3)]
+    chunks = [{"type": "http.request", "body": b, "more_body": True} for b in bodies]
     chunks.append({"type": "http.request", "body": b"", "more_body": False})
 
     async def receive():
         return chunks.pop(0)
 
-    async def send(message):
-        raise AssertionError(message)
+    sent: list[int] = []
 
-    scope = {"type": "http", "path": "/items", "headers": [(b"content-length", b"3000")]}
-    asyncio.run(BodyLimitMiddleware(inner, limit=10_000)(scope, receive, send))
-    assert seen == [1000, 1000, 1000, 0]
+    async def send(message):
+        if message["type"] == "http.response.start":
+            sent.append(message["status"])
+
+    scope = {"type": "http", "path": "/items", "headers": list(headers.items())}
+    asyncio.run(BodyLimitMiddleware(inner, limit=limit)(scope, receive, send))
+    return seen, sent
 
 
 def test_a_non_ascii_token_matches(photos):

@@ -56,13 +56,18 @@ def normalize_host(host: str) -> str | None:
         return name
 
 
+class _BodyTooLarge(Exception):
+    """Raised to the app, from ``receive``, by a body that passes its limit as it streams."""
+
+
 class BodyLimitMiddleware:
-    """Refuse request bodies over their limit with 413 before anything parses them.
+    """Refuse request bodies over their limit with 413, never holding one in memory.
 
     ``limit``: bytes of a body; ``limit_for(path)`` may give a route its own (the uploads). A
-    declared ``Content-Length`` over the limit is refused without reading the body, one within
-    it is streamed to the app; a body without one (chunked) is read only up to the limit, then
-    replayed to the app.
+    declared ``Content-Length`` over the limit is refused without reading the body; any other
+    body is streamed to the app (a form's files are spooled to disk by its parser) and counted,
+    and one that passes the limit (chunked: no declared length) is cut off there, whatever the
+    app was doing, with 413 in place of the app's answer.
     """
 
     def __init__(self, app: ASGIApp, limit: int, limit_for: Callable[[str], int | None] | None = None) -> None:
@@ -87,34 +92,30 @@ class BodyLimitMiddleware:
                 if declared > limit:
                     await send_error(send, 413, too_large)
                     return
-                # within the limit, and the server reads no more than declared: streamed through
-                # (never joined in memory; a form's files are spooled to disk by the parser)
-                await self.app(scope, receive, send)
-                return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
+        size, over, started = 0, False, False
+
+        async def counted() -> Message:
+            nonlocal size, over
             message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body = message.get("body", b"")
-            size += len(body)
+            size += len(message.get("body", b""))
             if size > limit:
-                await send_error(send, 413, too_large)
-                return
-            chunks.append(body)
-            if not message.get("more_body", False):
-                break
-        replayed = False
+                over = True
+                raise _BodyTooLarge(too_large)
+            return message
 
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
+        async def sending(message: Message) -> None:
+            nonlocal started
+            if not over:  # once cut off, the app's answer (a 500 for the exception, say) is dropped
+                started = True
+                await send(message)
 
-        await self.app(scope, replay, send)
+        try:
+            await self.app(scope, counted, sending)
+        except Exception:
+            if not over:
+                raise
+        if over and not started:
+            await send_error(send, 413, too_large)
 
 
 class WriteAuthMiddleware:

@@ -157,7 +157,7 @@ def test_convert_refuses_a_file_or_a_foreign_folder_as_target(capsys, released, 
     precious = tmp_path / "notes.txt"
     precious.write_text("precious")
     code, _, err = run_cli(capsys, "convert", str(path), str(precious))
-    assert_one_line_error(code, err, "a file is in the way")
+    assert_one_line_error(code, err, "exists and is not a folder")
     assert precious.read_text() == "precious"
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -170,3 +170,37 @@ def test_convert_refuses_a_file_or_a_foreign_folder_as_target(capsys, released, 
     assert run_cli(capsys, "convert", str(path), str(out))[0] == 0
     assert run_cli(capsys, "convert", str(path), str(out))[0] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "notes.txt", "photos"]
+
+
+@pytest.mark.parametrize("command", ["export", "index build", "convert"])
+def test_an_out_that_is_a_fifo_is_refused_not_waited_on(command, released, tmp_path):
+    """Issue 34: ``export --out FIFO`` hung for ever (replacing the FIFO opened it to delete
+    it). Every command that writes a folder refuses a FIFO in the way, in one line."""
+    import os
+
+    from _models import tiny_gru_model
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    model_dir = tiny_gru_model(img_dim=16).save_pretrained(tmp_path / "model")
+    np.save(tmp_path / "feats.npy", np.random.default_rng(0).random((3, 4, 16), dtype=np.float32))
+    args = {
+        "export": ["export", str(model_dir), "--out", str(fifo)],
+        "index build": [
+            "index",
+            "build",
+            "--model",
+            str(model_dir),
+            "--features",
+            str(tmp_path / "feats.npy"),
+            "--out",
+            str(fifo),
+        ],
+        "convert": ["convert", str(released[0]), str(fifo)],
+    }[command]
+    run = subprocess.run(
+        [sys.executable, "-m", "eslmatch.cli", *args], capture_output=True, text=True, timeout=300
+    )  # the timeout stops a hang: the old behaviour
+    err = run.stderr.strip().splitlines()
+    assert run.returncode == 1 and len(err) == 1 and "exists and is not a folder" in err[0], run.stderr
+    assert fifo.exists() and not fifo.is_dir()

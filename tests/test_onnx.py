@@ -181,7 +181,7 @@ def test_minilm_text_encoder_exports_in_eval_mode(tmp_path):
 def test_export_refuses_bad_targets(tmp_path):
     model = tiny_gru_model(img_dim=16).eval()
     (tmp_path / "file").write_text("x")
-    with pytest.raises(EslmatchError, match="a file is in the way"):
+    with pytest.raises(EslmatchError, match="exists and is not a folder"):
         export_onnx(model, tmp_path / "file")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "keep.txt").write_text("x")

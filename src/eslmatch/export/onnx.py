@@ -45,6 +45,7 @@ from ..model.base import MatchingModel, takes_pixels
 from ..text import WordVocab
 from ..text import tokenize as tokenize_with
 from ..utils import atomic_dir, lengths_to_mask, masked_mean
+from ..utils.io import check_replaceable
 
 FORMAT = "eslmatch-onnx/1"
 MANIFEST = "encoders.json"
@@ -276,11 +277,8 @@ def export_onnx(
 
 
 def check_out_dir(out: Path) -> None:
-    """Refuse an ``--out`` that is a file, or a non-empty folder that is not an ONNX export."""
-    if out.is_file():
-        raise EslmatchError(f"{out}: a file is in the way (the export is a folder)")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise EslmatchError(f"{out}: a non-empty folder that is not an eslmatch ONNX export; choose another")
+    """Refuse an ``--out`` that is not a folder, or a non-empty folder that is not an ONNX export."""
+    check_replaceable(out, MANIFEST, "an eslmatch ONNX export")
 
 
 def _export_one(model: MatchingModel, graph: EncoderGraph, path: Path, opset: int) -> None:

@@ -44,6 +44,7 @@ from ..errors import CheckpointError, EslmatchError, InputError, with_article
 from ..scoring import ScoringOptions, check_lengths
 from ..text import WordVocab, load_tokenizer, tokenize
 from ..utils import atomic_dir, honour_umask, lengths_to_mask
+from ..utils.io import check_replaceable
 from .digest import WEIGHTS_NAME, verify_weights, write_digest
 from .encoders import (
     RegionEncoder,
@@ -189,10 +190,7 @@ class MatchingModel(nn.Module):
         never leaves a half-written model behind (nor litter, once the next save ran).
         """
         target = Path(directory)
-        if target.is_file():
-            raise EslmatchError(f"{target}: a file is in the way (a model is a folder)")
-        if target.is_dir() and any(target.iterdir()) and not (target / CONFIG_NAME).is_file():
-            raise EslmatchError(f"{target}: a non-empty folder that is not an eslmatch model; choose another")
+        check_replaceable(target, CONFIG_NAME, "an eslmatch model")
         with atomic_dir(target) as tmp:
             (tmp / CONFIG_NAME).write_text(self.config.to_json(), encoding="utf-8")
             state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}

@@ -37,7 +37,7 @@ import numpy as np
 
 from ..errors import EslmatchError
 from ..utils.digest import sha256_stream
-from ..utils.io import fsync_path
+from ..utils.io import check_replaceable, fsync_path
 
 FORMAT = "eslmatch-gallery-index"
 VERSION = 4
@@ -265,10 +265,7 @@ def _madvise(arr: Any, name: str) -> None:
 
 def check_target(out: Path) -> None:
     """Refuse to replace anything but an existing index (or an empty directory)."""
-    if out.is_file():
-        raise EslmatchError(f"{out}: a file is in the way (an index is a directory)")
-    if out.is_dir() and not (out / MANIFEST).is_file() and any(out.iterdir()):
-        raise EslmatchError(f"{out}: a non-empty directory that is not an index; choose another --out")
+    check_replaceable(out, MANIFEST, "a gallery")
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

@@ -17,6 +17,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from ..errors import EslmatchError
+
 
 def _temp_prefix(path: Path) -> str:
     return f".{path.name}.tmp-"
@@ -137,6 +139,16 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def check_replaceable(out: Path, marker: str, what: str) -> None:
+    """Refuse a folder ``out`` that a write would replace whole unless it is absent, empty, or
+    already ``what`` (it holds ``marker``): a file, a FIFO or a device in the way (replacing a
+    FIFO blocked for ever, opening it to delete it), or someone else's folder."""
+    if out.exists() and not out.is_dir():
+        raise EslmatchError(f"{out}: exists and is not a folder ({what} is a folder); choose another")
+    if out.is_dir() and not (out / marker).is_file() and any(out.iterdir()):
+        raise EslmatchError(f"{out}: a non-empty folder that is not {what}; choose another")
+
+
 def replace_dir(src: Path, dst: Path) -> None:
     """Move the finished folder ``src`` to ``dst``; an old ``dst`` is removed only after.
 
@@ -149,6 +161,8 @@ def replace_dir(src: Path, dst: Path) -> None:
         os.replace(src, dst)
         fsync_path(dst.parent)
         return
+    if not dst.is_dir():
+        raise EslmatchError(f"{dst}: exists and is not a folder; nothing replaced")
     old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
     journal = replace_journal(dst)
     atomic_write_text(journal, json.dumps({"new": src.name, "old": old.name, "pid": os.getpid()}))

@@ -213,6 +213,9 @@ def test_cli_export_and_errors(tmp_path):
         ([str(tmp_path / "missing"), "--out", str(tmp_path / "x")], "no such file or directory"),
         ([str(tmp_path / "model"), "--out", str(tmp_path / "model")], "not an eslmatch ONNX export"),
         ([str(tmp_path / "model"), "--out", str(tmp_path / "y"), "--format", "tflite"], "invalid choice"),
+        ([str(tmp_path / "model"), "--out", str(tmp_path / "y"), "--opset", "9999"], "must be from 14"),
+        ([str(tmp_path / "model"), "--out", str(tmp_path / "y"), "--opset", "9"], "must be from 14"),
     ):
         bad = subprocess.run([*ESLMATCH, "export", *args], capture_output=True, text=True)
         assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+        assert "--debug" not in bad.stderr, bad.stderr

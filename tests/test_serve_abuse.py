@@ -307,6 +307,9 @@ def test_a_small_cap_keeps_the_server_reachable(index, tmp_path):
         "--max-connections=99999999",
         "--max-pending=0",
         "--backlog=0",
+        "--max-upload-mb=inf",
+        "--max-upload-mb=nan",
+        "--max-upload-mb=0",
     ],
 )
 def test_bad_limits_are_one_line(index, flag):

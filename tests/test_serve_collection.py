@@ -327,6 +327,28 @@ def test_an_upload_is_stored_by_its_format_and_a_refused_one_leaves_no_file(phot
     assert r.status_code == 422 and sorted(p.name for p in uploads.iterdir()) == before
 
 
+def test_uploads_are_one_source_of_the_gallery(photos, capsys):
+    """Issue 34 (minor): every ``POST /items`` appended a record to the gallery's sources, so
+    ``index info`` printed a line per upload (``source None``) and the manifest grew without
+    end. Uploads to one folder are now one source, counted."""
+    from eslmatch.cli import main
+
+    g, root = photos
+    c = client_of(create_app(g, write_token=TOKEN, upload_dir=root / "uploads"))
+    for i in range(3):
+        r = c.post(
+            "/items",
+            files={"photos": (f"u{i}.png", photo_bytes(100 + i))},
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        )
+        assert r.status_code == 200, r.text
+    capsys.readouterr()
+    assert main(["index", "info", str(root / "idx")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("source")]
+    assert len(lines) == 2 and "(3 items)" in lines[1] and "uploads" in lines[1], lines
+    assert "None" not in "".join(lines)
+
+
 def test_uploads_are_bounded(photos):
     g, root = photos
     c = client_of(create_app(g, ServeConfig(max_upload_bytes=20_000, max_pixels=100 * 100)))

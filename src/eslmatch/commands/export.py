@@ -34,15 +34,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import EslmatchError
-    from ..export.onnx import check_out_dir, require_onnx
+    from ..export.onnx import check_opset, check_out_dir, require_onnx
 
     # Everything that can be refused is refused before the model loads.
     require_onnx()
     out = Path(args.out)
     check_out_dir(out)
-    if args.opset < 14:
-        raise EslmatchError(f"--opset {args.opset}: must be at least 14 (attention exports need it)")
+    check_opset(args.opset)
     from ..export.onnx import export_onnx
     from ..factory import load_model, model_format
 

@@ -653,7 +653,16 @@ def describe(gallery: Any) -> dict[str, Any]:
         out["layout"] = {k: v for k, v in layout.items() if k != "sources"}
         out["sources"] = layout.get("sources", [])
         out["generation"] = store.generation
+        out["staging_bytes"] = _staging_bytes(Path(store.where))
     return out
+
+
+def _staging_bytes(path: Path) -> int:
+    """Bytes an interrupted write left in the gallery's staging folder (0: none)."""
+    from ..retrieval.layout import STAGING
+
+    staging = path / STAGING
+    return sum(f.stat().st_size for f in staging.rglob("*") if f.is_file()) if staging.is_dir() else 0
 
 
 def _describe(gallery: Any, verify: bool, as_json: bool, asked: tuple[str | None, str] = (None, "torch")) -> int:
@@ -710,6 +719,11 @@ def _describe(gallery: Any, verify: bool, as_json: bool, asked: tuple[str | None
         where = src.get("features") or src.get("images") or src.get("split_file") or src.get("uploads")
         skipped = f", {src['skipped']} unreadable files skipped" if src.get("skipped") else ""
         print(f"source     {where}{split} ({src.get('count')} items{skipped})")
+    if info.get("staging_bytes"):
+        print(
+            f"staging    {info['staging_bytes'] / 2**20:.1f} MiB left by an interrupted write (killed?): the same add "
+            "resumes from it, any other write removes it"
+        )
     if verify:
         print("verified   every file's sha256 matches the catalogue, and the catalogue is sound")
     return 0

@@ -129,6 +129,10 @@ def run(args: argparse.Namespace) -> int:
         raise EslmatchError(f"--port must be between 0 and 65535 (got {args.port})")
     from ..serve.limits import ConnectionLimits, ServeConfig, connection_cap
 
+    if not 0 < args.max_upload_mb <= 1 << 20:  # also NaN and inf
+        raise EslmatchError(
+            f"--max-upload-mb must be a number of MiB above 0, at most 1048576 (got {args.max_upload_mb})"
+        )
     try:
         config = ServeConfig(
             max_text_chars=args.max_text,

@@ -229,6 +229,7 @@ def export_onnx(
     require_onnx()
     if quantize not in (None, "int8"):
         raise EslmatchError(f"--quantize {quantize!r}: only int8 is supported")
+    check_opset(opset)
     out = Path(out_dir)
     check_out_dir(out)
     log = log or (lambda msg: None)
@@ -274,6 +275,15 @@ def export_onnx(
     finally:
         model.train(was_training)
     return manifest
+
+
+def check_opset(opset: int) -> None:
+    """Refuse an opset the exporter cannot write: at least 14 (attention needs it), at most
+    what this torch's TorchScript exporter knows."""
+    from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as most
+
+    if not 14 <= opset <= most:
+        raise EslmatchError(f"--opset {opset}: must be from 14 (attention needs it) to {most} (this torch's exporter)")
 
 
 def check_out_dir(out: Path) -> None:

@@ -5,7 +5,7 @@ reads :data:`ON_DUPLICATE` before anything heavy is imported)."""
 from __future__ import annotations
 
 from collections.abc import Container, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import EslmatchError
 
@@ -54,3 +54,23 @@ def keep_user_metadata(store: GalleryStore, source: Source) -> None:
         old = {k: v for k, v in rec.metadata.items() if k not in BUILTIN and k not in recorded}
         if old:
             source.user_metadata[rec.id] = {**old, **source.user_metadata.get(rec.id, {})}
+
+
+_COUNTED = ("count", "skipped", "skipped_files")
+
+
+def add_source(sources: Sequence[dict[str, Any]], record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The gallery's list of sources with ``record`` added: counted into an earlier record of
+    the same origin and encoding (uploads, a folder added again), else appended; a server's
+    every upload added a line to ``index info`` and grew the manifest without end."""
+    same = {k: v for k, v in record.items() if k not in _COUNTED}
+    out = list(sources)
+    for i, old in enumerate(out):
+        if {k: v for k, v in old.items() if k not in _COUNTED} == same:
+            merged = {**old, "count": old.get("count", 0) + record.get("count", 0)}
+            if record.get("skipped") or old.get("skipped"):
+                merged["skipped"] = old.get("skipped", 0) + record.get("skipped", 0)
+                merged["skipped_files"] = [*old.get("skipped_files", []), *record.get("skipped_files", [])][:1000]
+            out[i] = merged
+            return out
+    return [*out, record]

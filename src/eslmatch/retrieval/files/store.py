@@ -45,7 +45,7 @@ from ..layout import (
     write_json,
 )
 from ..metadata import Metadata, MetadataError, merge_types, now
-from ..policy import check_known, check_on_duplicate
+from ..policy import add_source, check_known, check_on_duplicate
 from ..sources import Source
 from ..writer import Report, write_source
 from .catalog import CATALOG, Catalog
@@ -285,7 +285,7 @@ def add_files(
             "next_shard": base + len(sink.chunks()),
             "numbered": int(layout.get("numbered", start)) + source.count,
             "faiss": faiss_rec,
-            "sources": [*layout.get("sources", []), _source_record(source, len(kept), sink, how)],
+            "sources": add_source(layout.get("sources", []), _source_record(source, len(kept), sink, how)),
         }
         _commit_items(store.catalog, source, kept, start, new_layout, replaced)
         collect_garbage(path, new_layout)

@@ -28,6 +28,7 @@ from ..encode import Encoded, Encoding, default_encoding
 from ..files.commit import BuildOptions, encoding_of
 from ..metadata import Metadata, merge_types, now
 from ..models import check_model
+from ..policy import add_source
 from ..sources import Source, subset
 from ..writer import Chunk, Report, cut, write_source
 from .conn import (
@@ -457,10 +458,10 @@ def add_to_collection(
         adding=None,
         next_row=start + source.count,
         modified=now(),
-        sources=[
-            *m.get("sources", []),
+        sources=add_source(
+            m.get("sources", []),
             {**source.description, "count": len(sink.present), "encoding": _encoding(model, options, m).record()},
-        ],
+        ),
     )
     _flush(conn, name, m)
     rep = MilvusWriteReport(name, source.count, present, out.written, len(out.skipped), len(sink.present), duplicates)

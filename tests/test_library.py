@@ -356,3 +356,32 @@ def test_a_region_gallery_from_photos_is_the_same_on_milvus(place, tmp_path):
     ):
         assert [h.id for h in a] == [h.id for h in b]
         np.testing.assert_allclose([h.score for h in a], [h.score for h in b], atol=1e-5)
+
+
+def test_a_sync_that_finds_nothing_to_encode_imports_no_torch(model_dir, tmp_path):
+    """A sync with nothing new or changed needs no model: it imported torch anyway (2 of its
+    2.5 s on a 2-core AMD EPYC). Only a sync that encodes loads it."""
+    import subprocess
+    import sys
+
+    for i in range(3):
+        photo(tmp_path / "lib" / f"p{i}.png", i)
+    out = str(tmp_path / "G")
+    assert main(["index", "build", "--model", str(model_dir), "--images", str(tmp_path / "lib"), "--out", out]) == 0
+    probe = (
+        "import json, sys\nfrom eslmatch.cli import main\ncode = main(sys.argv[1:])\n"
+        "print(json.dumps({'code': code, 'heavy': [m for m in ('torch', 'transformers') if m in sys.modules]}))"
+    )
+
+    def sync() -> tuple[dict, str]:
+        run = subprocess.run(
+            [sys.executable, "-c", probe, "index", "sync", "--index", out], capture_output=True, text=True, check=True
+        )
+        lines = run.stdout.strip().splitlines()
+        return json.loads(lines[-1]), lines[0]
+
+    got, said = sync()
+    assert got == {"code": 0, "heavy": []} and "3 unchanged" in said, (got, said)
+    photo(tmp_path / "lib" / "p1.png", 99)  # changed: now the model is needed
+    got, said = sync()
+    assert got["code"] == 0 and "torch" in got["heavy"] and "1 changed" in said, (got, said)

@@ -484,7 +484,7 @@ def test_failed_build_keeps_existing_index(model, damaged, tmp_path):
     assert not [p for p in damaged.parent.iterdir() if p.name.startswith(".damaged.")]
     (tmp_path / "keep").mkdir()
     (tmp_path / "keep" / "notes.txt").write_text("mine")
-    with pytest.raises(EslmatchError, match="not an index"):
+    with pytest.raises(EslmatchError, match="not a gallery"):
         build(model, np.zeros((3, 4, 16), dtype=np.float32), tmp_path / "keep")
 
 

@@ -91,6 +91,19 @@ def test_bad_input_is_refused_before_heavy_imports(args, message, gallery_folder
     assert result["heavy"] == [], f"imported {result['heavy']} before refusing {args}"
 
 
+@pytest.mark.parametrize("args", [["--help"], ["eval", "--help"], ["index", "--help"], ["index", "sync", "--help"]])
+def test_help_imports_nothing_heavy(args):
+    """Issue 31: ``eslmatch --help`` imported torch (through ``eval``'s module): 3.8 s."""
+    code = (
+        "import sys, contextlib, io\nfrom eslmatch.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        f"    main({args!r})\n"
+        f"print([m for m in {HEAVY!r} if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
+
 def test_one_command_imports_only_its_module():
     code = (
         "import sys; from eslmatch.cli import build_parser; build_parser('search'); "
@@ -109,20 +122,27 @@ def test_each_module_registers_the_command_named_after_it(name):
 
 def test_the_light_names_equal_the_modules_that_act_on_them():
     from eslmatch.commands import eval as eval_command
-    from eslmatch.retrieval.encode import RUNTIMES
-    from eslmatch.utils.precision import PRECISIONS
+    from eslmatch.evaluate import PROTOCOLS
+    from eslmatch.retrieval.encode import encoding_for
+    from eslmatch.utils.precision import resolve_precision
 
-    assert choices.PRECISIONS == PRECISIONS
-    assert choices.RUNTIMES == RUNTIMES
+    assert choices.check_precision is resolve_precision.__globals__["check_precision"]
     assert choices.COMPOSITIONAL_PROTOCOLS == eval_command.COMPOSITIONAL
+    assert choices.RECALL_PROTOCOLS == tuple(PROTOCOLS)
+    assert choices.check_runtime is encoding_for.__globals__["check_runtime"]  # the one check the encoder runs
 
 
-def test_ctrl_c_while_torch_is_imported_is_one_line(gallery_folder):
-    """Ctrl-C early in ``eslmatch search``, while the gallery's modules (torch) are imported: they
-    are imported inside ``main`` now, so the interrupt is one line and exit 130 (it was a
-    traceback when ``import eslmatch`` itself imported torch). The signal is sent when the
-    process says torch's import has begun (no guess at how long imports take on this CPU)."""
-    proc = start(eslmatch_argv("search", "--index", gallery_folder, "dog", announce_torch=True))
+def test_ctrl_c_while_torch_is_imported_is_one_line(tmp_path):
+    """Ctrl-C early in ``eslmatch eval``, while its modules (torch) are imported: they are
+    imported inside ``main`` now, so the interrupt is one line and exit 130 (it was a traceback
+    when ``import eslmatch`` itself imported torch). The signal is sent when the process says
+    torch's import has begun (no guess at how long imports take on this CPU)."""
+    import numpy as np
+
+    np.save(tmp_path / "scores.npy", np.zeros((5, 25), dtype=np.float32))
+    proc = start(
+        eslmatch_argv("eval", "--scores", str(tmp_path / "scores.npy"), "--protocol", "f30k", announce_torch=True)
+    )
 
     def importing_torch() -> None:
         line = proc.stdout.readline()

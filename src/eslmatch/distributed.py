@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import EslmatchError
+from .errors import EslmatchError, JobFailed
 from .utils import resolve_device
 
 
@@ -327,19 +327,6 @@ STOP_AFTER_ENV = "ESLMATCH_TEST_STOP_AFTER_CHUNKS"
 STOP_RANK_ENV = "ESLMATCH_TEST_STOP_RANK"
 STOP_MODE_ENV = "ESLMATCH_TEST_STOP_MODE"
 STOP_EXIT_CODE = 75
-
-
-class JobFailed(EslmatchError):
-    """A stage failed on at least one rank; every rank raises this.
-
-    Attributes:
-        reported: the message was already printed (by rank 0, through the extractor's
-            ``log``), so the command line exits 1 without printing it again.
-    """
-
-    def __init__(self, message: str, reported: bool = False) -> None:
-        super().__init__(message)
-        self.reported = reported
 
 
 def error_text(exc: BaseException) -> str:

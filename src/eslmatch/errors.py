@@ -30,3 +30,16 @@ def with_article(word: str) -> str:
     """``word`` with its indefinite article, for messages: ``"an int"``, ``"a str"``, ``"an 'esl' model"``
     (by the first letter, after any quote)."""
     return f"{'an' if word.lstrip(chr(39) + chr(34))[:1].lower() in 'aeiou' else 'a'} {word}"
+
+
+class JobFailed(EslmatchError):
+    """A stage failed on at least one rank; every rank raises this.
+
+    Attributes:
+        reported: the message was already printed (by rank 0, through the extractor's
+            ``log``), so the command line exits 1 without printing it again.
+    """
+
+    def __init__(self, message: str, reported: bool = False) -> None:
+        super().__init__(message)
+        self.reported = reported

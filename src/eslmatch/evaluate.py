@@ -32,7 +32,8 @@ from .errors import EslmatchError
 from .scoring import ScoringOptions
 from .text import pad_ids, tokenize_each
 from .utils import resolve_device
-from .utils.precision import check_precision, inference_precision, to_float32
+from .utils.choices import check_precision
+from .utils.precision import inference_precision, to_float32
 
 RECALL_KS = (1, 5, 10)
 METRIC_KEYS = ("r1", "r5", "r10", "medr", "meanr")

@@ -6,31 +6,15 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from ..annotations import compositional as comp
-from ..annotations.coco import load_coco_captions, match_caption_ids, read_ids, resolve_image_ids
-from ..annotations.extended import annotation_dir, check_ids, extended_metrics, format_extended, parse_extended
-from ..data import open_split
-from ..data.raw import open_image_split
 from ..errors import EslmatchError
-from ..evaluate import (
-    PROTOCOLS,
-    check_protocol_size,
-    check_score_matrix,
-    ensemble,
-    evaluate_protocol,
-    format_metrics,
-    get_protocol,
-    score_image_split,
-    score_split,
-)
-from ..factory import load_model
-from ..scoring import ScoringOptions
-from ..truth import check_truth, evaluate_truth, format_truth_metrics, load_truth
-from ..utils import atomic_save_npy, resolve_device
-from ..utils.choices import COMPOSITIONAL_PROTOCOLS, PRECISIONS
+from ..utils.choices import COMPOSITIONAL_PROTOCOLS, PRECISIONS, RECALL_PROTOCOLS
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ..scoring import ScoringOptions
 
 ORDER = 30
 COMPOSITIONAL = COMPOSITIONAL_PROTOCOLS
@@ -77,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--protocol",
         required=True,
-        choices=[*PROTOCOLS, *COMPOSITIONAL],
+        choices=[*RECALL_PROTOCOLS, *COMPOSITIONAL],
         help="f30k, coco1k, coco5k (retrieval), sugarcrepe or winoground (compositional); required",
     )
     s.add_argument(
@@ -151,6 +135,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _load_scores(path: str):
+    import numpy as np
+
     p = Path(path)
     try:
         arr = np.load(p, allow_pickle=False)
@@ -166,6 +152,13 @@ def _load_scores(path: str):
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..annotations.extended import extended_metrics, format_extended
+    from ..evaluate import check_score_matrix, ensemble, evaluate_protocol, format_metrics, get_protocol
+    from ..truth import check_truth, evaluate_truth, format_truth_metrics, load_truth
+    from ..utils import atomic_save_npy
+
     if args.protocol in COMPOSITIONAL:
         return _run_compositional(args)
     protocol = get_protocol(args.protocol)
@@ -230,6 +223,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_extended_args(args: argparse.Namespace, protocol: str) -> tuple[str, ...]:
     """The ``--extended`` sets, after refusing misplaced options and a missing package (before any loading)."""
+    from ..annotations.coco import read_ids
+    from ..annotations.extended import annotation_dir, parse_extended
+
     extended = parse_extended(args.extended)
     given = [o for o, v in (("--image-ids", args.image_ids), ("--caption-ids", args.caption_ids)) if v]
     given += ["--coco-captions"] if args.coco_captions else []
@@ -257,6 +253,11 @@ def _check_extended_args(args: argparse.Namespace, protocol: str) -> tuple[str, 
 def _checked_ids(args: argparse.Namespace, shape: tuple[int, int], cpi: int, split) -> tuple[np.ndarray, np.ndarray]:
     """COCO image and caption ids of the score matrix: from the id files, or derived from ``split``
     (its image ids, its captions matched by text in --coco-captions), checked against the 5K split."""
+    import numpy as np
+
+    from ..annotations.coco import load_coco_captions, match_caption_ids, read_ids, resolve_image_ids
+    from ..annotations.extended import check_ids
+
     coco = load_coco_captions(args.coco_captions) if args.coco_captions else None
     source = str(getattr(split, "captions_path", getattr(split, "source", "")))
     if args.image_ids:
@@ -288,6 +289,8 @@ def _checked_ids(args: argparse.Namespace, shape: tuple[int, int], cpi: int, spl
 
 
 def _options(args: argparse.Namespace) -> ScoringOptions:
+    from ..scoring import ScoringOptions
+
     if args.budget_mb is None:
         return ScoringOptions()
     if args.budget_mb <= 0:
@@ -297,6 +300,8 @@ def _options(args: argparse.Namespace) -> ScoringOptions:
 
 def _load_models(args: argparse.Namespace, device) -> list:
     """Every model, before any encoding: a bad one fails first."""
+    from ..factory import load_model
+
     models = []
     for path in args.checkpoint:
         model = load_model(path, map_location=device, text_model=args.text_model)
@@ -310,6 +315,10 @@ def _load_models(args: argparse.Namespace, device) -> list:
 
 
 def _score_with_models(args: argparse.Namespace, default_split: str, extended: bool):
+    from ..data import open_split
+    from ..evaluate import check_protocol_size, score_split
+    from ..utils import resolve_device
+
     device = resolve_device(args.device)
     split_name = args.split or default_split
     options = _options(args)
@@ -349,6 +358,9 @@ def _score_with_models(args: argparse.Namespace, default_split: str, extended: b
 
 def _score_raw_images(args: argparse.Namespace, models: list, split_name: str, device, options, extended: bool):
     """Score models that take pixels on a raw-image split (images and captions encoded once)."""
+    from ..data.raw import open_image_split
+    from ..evaluate import check_protocol_size, score_image_split
+
     if not args.image_root:
         raise EslmatchError(
             "this model takes images: pass --image-root (the folder of the images) with --data "
@@ -376,6 +388,11 @@ def _precision(args: argparse.Namespace, device) -> dict[str, str]:
 def _run_compositional(args: argparse.Namespace) -> int:
     """``--protocol sugarcrepe`` / ``winoground``: every model scores the benchmark's pairs; an
     ensemble averages the pair scores."""
+    import numpy as np
+
+    from ..annotations import compositional as comp
+    from ..utils import resolve_device
+
     misplaced = [
         opt
         for opt, value in (

@@ -121,12 +121,13 @@ def open_from_args(args: argparse.Namespace, verify: bool = False) -> Any:
     from ..retrieval import open_gallery
 
     target, collection = gallery_target(args)
+    device = getattr(args, "device", "cpu")
     return open_gallery(
         target,
         collection,
         model=getattr(args, "model", None),
         text_model=getattr(args, "text_model", None),
-        device=str(_device(getattr(args, "device", "cpu"))),
+        device=device if device == "cpu" else str(_device(device)),  # "cpu" needs no torch to say so
         verify=verify,
         timeout=args.milvus_timeout,
         precision=getattr(args, "precision", None),
@@ -611,7 +612,7 @@ def encodings(gallery: Any, asked: tuple[str | None, str] = (None, "torch")) -> 
     """The gallery's recorded encoding(s) (one per source: a build and its adds may differ),
     the one queries get (``asked``: ``(precision or None, runtime)``; default: the gallery's)
     and whether they differ. Loads no model."""
-    from ..retrieval.encode import default_encoding, describe_encoding, recorded_encoding
+    from ..retrieval.encoding import default_encoding, describe_encoding, recorded_encoding
     from ..utils.precision import resolve_precision
 
     store = gallery.store

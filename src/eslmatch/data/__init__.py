@@ -12,11 +12,29 @@ See ``docs/data.md``. The contract used by training and evaluation:
 
 from __future__ import annotations
 
-from .augment import augment_caption, choose_word_actions, drop_regions, word_pieces
-from .batching import encode_images, encode_split, eval_mode, iter_caption_features, length_batches, tokenize_split
-from .dataset import Batch, CaptionDataset, build_vocab, collate
-from .precomp import DATA_FOLDERS, SPLITS, PrecompSplit, find_precomp_folder, open_split
-from .sampler import EpochBatchSampler, epoch_order, steps_per_epoch
+from typing import TYPE_CHECKING
+
+from ..utils.lazy import lazy_attributes
+
+if TYPE_CHECKING:
+    from .augment import augment_caption, choose_word_actions, drop_regions, word_pieces
+    from .batching import encode_images, encode_split, eval_mode, iter_caption_features, length_batches, tokenize_split
+    from .dataset import Batch, CaptionDataset, build_vocab, collate
+    from .precomp import DATA_FOLDERS, SPLITS, PrecompSplit, find_precomp_folder, open_split
+    from .sampler import EpochBatchSampler, epoch_order, steps_per_epoch
+
+# imported on first use: ``eslmatch.data.files`` (listing a photo library) needs no torch
+_WHERE = {
+    **dict.fromkeys(("augment_caption", "choose_word_actions", "drop_regions", "word_pieces"), ".augment"),
+    **dict.fromkeys(
+        ("encode_images", "encode_split", "eval_mode", "iter_caption_features", "length_batches", "tokenize_split"),
+        ".batching",
+    ),
+    **dict.fromkeys(("Batch", "CaptionDataset", "build_vocab", "collate"), ".dataset"),
+    **dict.fromkeys(("DATA_FOLDERS", "SPLITS", "PrecompSplit", "find_precomp_folder", "open_split"), ".precomp"),
+    **dict.fromkeys(("EpochBatchSampler", "epoch_order", "steps_per_epoch"), ".sampler"),
+}
+__getattr__ = lazy_attributes(__name__, _WHERE)
 
 __all__ = [
     "DATA_FOLDERS",

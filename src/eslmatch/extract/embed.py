@@ -37,8 +37,8 @@ from ..model.identity import model_fingerprint
 from ..retrieval.sources import CaptionSource, PhotoSource, RegionSource, Source, captions, photos, regions
 from ..text import pad_ids, tokenize_each
 from ..utils import atomic_path, atomic_write_text, encode_in, resolve_precision
+from ..utils.choices import check_precision
 from ..utils.chunks import ChunkStore
-from ..utils.precision import check_precision
 
 FORMAT = "eslmatch-embed/1"
 FORMATS = (".npy", ".parquet")

@@ -51,8 +51,8 @@ from ..data.files import (
 from ..distributed import DistContext, deal, stop_hook_for_tests
 from ..errors import EslmatchError, InputError
 from ..utils import atomic_path, atomic_write_text
+from ..utils.choices import check_precision
 from ..utils.chunks import ChunkStore
-from ..utils.precision import check_precision
 from .backbones import Backbone, BackboneOptions, build_backbone
 
 META_NAME = "extract_meta.json"

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from ..utils.lazy import lazy_attributes
 
 if TYPE_CHECKING:
+    from ..model.identity import model_fingerprint
     from .ann import AUTO, AUTO_FLAT_MAX, FAISS_KINDS, FaissOptions
     from .files.commit import AddReport, BuildOptions
     from .files.store import FileStore
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
     from .gallery import Gallery, build_gallery, open_gallery
     from .layout import FORMAT, VERSION, GalleryIndexError
     from .metadata import MetadataError, read_metadata
-    from .models import model_fingerprint
     from .search import Hit, Searcher, plan_depth
     from .sources import CaptionSource, PhotoSource, RegionSource, Source, captions, photos, regions, source_for
     from .store import GalleryStore, Record
@@ -45,7 +45,7 @@ __getattr__ = lazy_attributes(
         **dict.fromkeys(("Gallery", "build_gallery", "open_gallery"), ".gallery"),
         **dict.fromkeys(("FORMAT", "VERSION", "GalleryIndexError"), ".layout"),
         **dict.fromkeys(("MetadataError", "read_metadata"), ".metadata"),
-        "model_fingerprint": ".models",
+        "model_fingerprint": "..model.identity",
         **dict.fromkeys(("Hit", "Searcher", "plan_depth"), ".search"),
         "GalleryStore": ".store",
         **dict.fromkeys(

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..errors import EslmatchError
 
@@ -313,6 +312,8 @@ def exact_top(queries: np.ndarray, vectors: np.ndarray, rows: np.ndarray, n: int
     out_r = np.full((q.shape[0], n), -1, dtype=np.int64)
     if rows.size == 0 or n == 0:
         return out_s, out_r
+    import torch
+
     exact = (torch.from_numpy(q) @ torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)).T).numpy()
     m = min(n, rows.size)
     for j in range(q.shape[0]):
@@ -377,6 +378,8 @@ def refine_exact(queries: np.ndarray, rows: np.ndarray, vectors: Any, n: int) ->
     table = np.asarray(vectors[unique], dtype=np.float32)  # (U, Dt)
     # torch's matmul, not numpy's: numpy's BLAS has its own thread pool, whose spinning
     # threads slow down the torch threads that encode the next query (measured: 2x)
+    import torch
+
     exact = (torch.from_numpy(q) @ torch.from_numpy(table).T).numpy()  # (Q, U)
     for j in range(q.shape[0]):
         cand = rows[j][rows[j] >= 0]

@@ -23,7 +23,7 @@ are refused naming the item.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,92 +37,11 @@ from ..errors import EslmatchError, InputError
 from ..model.base import MatchingModel
 from ..text import WordVocab, pad_ids, tokenize_each, words
 from ..utils import masked_mean
-from ..utils.choices import RUNTIMES
-from ..utils.precision import check_precision, inference_precision, resolve_precision
+from ..utils.choices import check_runtime
+from ..utils.precision import inference_precision
+from .encoding import FP32, Encoded, Encoding, resolve_encoding
+from .sourcefiles import is_image_file
 from .sources import CaptionSource, PhotoSource, RegionSource, Source
-
-
-@dataclass(frozen=True)
-class Encoding:
-    """How the encoders run.
-
-    Attributes:
-        precision: ``"fp32"`` or ``"bf16"`` (resolved, see :func:`resolve_encoding`); under
-            ONNX Runtime the export's variant, ``"fp32"`` or ``"int8"``.
-        onnx: the model's exported encoders (:class:`~eslmatch.export.onnx.OnnxEncoders`) to
-            run instead of PyTorch, or ``None``.
-    """
-
-    precision: str = "fp32"
-    onnx: Any = field(default=None, compare=False)
-
-    @property
-    def runtime(self) -> str:
-        return "torch" if self.onnx is None else "onnxruntime"
-
-    def record(self) -> dict[str, str]:
-        """What a gallery records: ``{"runtime": ..., "precision": ...}``."""
-        return {"runtime": self.runtime, "precision": self.precision}
-
-    def __str__(self) -> str:
-        return self.precision if self.onnx is None else f"onnxruntime {self.precision}"
-
-
-FP32 = Encoding()
-
-
-def resolve_encoding(precision: str | None, device: Any, onnx: Any = None) -> Encoding:
-    """An :class:`Encoding`: ``precision`` (``auto``, ``fp32``, ``bf16``; ``None``: fp32)
-    resolved for ``device``; with ``onnx`` (an ``OnnxEncoders``) its variant instead."""
-    if onnx is not None:
-        if precision not in (None, "auto", "fp32"):
-            raise EslmatchError(
-                f"--precision {precision} applies to the PyTorch encoders; ONNX Runtime runs the export's "
-                f"{onnx.variant} graphs"
-            )
-        return Encoding(str(onnx.variant), onnx)
-    return Encoding(resolve_precision(check_precision(precision or "fp32"), device))
-
-
-def recorded_encoding(record: Any) -> dict[str, str]:
-    """The encoding a gallery (or one of its sources) records (``record``: its ``encoding``
-    entry); galleries written before it was recorded were encoded in PyTorch fp32."""
-    if isinstance(record, dict) and record.get("precision"):
-        return {"runtime": str(record.get("runtime", "torch")), "precision": str(record["precision"])}
-    return {"runtime": "torch", "precision": "fp32"}
-
-
-def default_encoding(record: Any, device: Any) -> Encoding:
-    """What queries are encoded in unless told: the gallery's recorded PyTorch precision (fp32
-    for a gallery encoded under ONNX Runtime, whose export a searcher is not told)."""
-    rec = recorded_encoding(record)
-    if rec["runtime"] == "torch" and rec["precision"] in ("fp32", "bf16"):
-        return Encoding(rec["precision"])
-    return FP32
-
-
-def describe_encoding(rec: dict[str, str]) -> str:
-    """``bf16``, ``fp32``, ``onnxruntime fp32``: a recorded encoding in words."""
-    return rec["precision"] if rec["runtime"] == "torch" else f"{rec['runtime']} {rec['precision']}"
-
-
-@dataclass
-class Encoded:
-    """Encoded items of a source.
-
-    Attributes:
-        positions: the items' positions in the source (photos that could not be read are absent).
-        vectors: ``(B, K)`` float32 first-stage / index vectors.
-        side: ``(B, W, Dt)`` float32 engine-ready sides, zero beyond each length (two-stage).
-        lengths: ``(B,)`` int64 real regions / words (two-stage).
-        skipped: ``(name, reason)`` of files left out.
-    """
-
-    positions: list[int]
-    vectors: np.ndarray
-    side: np.ndarray | None = None
-    lengths: np.ndarray | None = None
-    skipped: list[tuple[str, str]] | None = None
 
 
 def zero_padding(x: Tensor, lengths: Tensor) -> Tensor:
@@ -319,10 +238,6 @@ class ImageQuery:
     fingerprint: str | None = None
 
 
-def is_image_file(query: Any) -> bool:
-    return isinstance(query, Path) or type(query).__module__.startswith("PIL")
-
-
 def encode_image_query(model: MatchingModel, query: Any, how: Encoding = FP32) -> ImageQuery:
     """A query image: an image file (:class:`~pathlib.Path`) or PIL image (models that take
     pixels), preprocessed pixels ``(3, H, W)``, or region features ``(R, D)`` / ``(1, R, D)``."""
@@ -427,10 +342,3 @@ def encoding_for(
     if precision is None and default is not None:
         return default
     return resolve_encoding(precision, model.device)
-
-
-def check_runtime(runtime: str) -> str:
-    """``runtime`` when it is ``torch`` or ``onnxruntime``; else one clear error."""
-    if runtime not in RUNTIMES:
-        raise EslmatchError(f"runtime {runtime!r}: choose from {', '.join(RUNTIMES)}")
-    return runtime

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import EslmatchError
-from ..model.base import MatchingModel
 from .sourcefiles import EXTRACT_META, read_extract_meta
+
+if TYPE_CHECKING:
+    from ..model.base import MatchingModel
 
 DEFAULT: dict[str, Any] = {"backbone": "efficientnet-lite0", "precision": "fp32"}
 _KEYS = ("backbone", "image_size", "precision", "weights", "weights_sha256")

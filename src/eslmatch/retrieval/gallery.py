@@ -22,15 +22,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..distributed import DistContext
 from ..errors import EslmatchError
-from ..factory import load_recorded
-from ..model.base import MatchingModel, takes_pixels
+from ..utils.choices import check_precision, check_runtime
 from ..utils.digest import sha256_stream
-from ..utils.precision import check_precision
-from .encode import Encoding, check_runtime, default_encoding, encoding_for, is_image_file
+from .encoding import Encoding, default_encoding
 from .extractor import DEFAULT, checked_extractor, record_of, recorded_in
 from .files.store import AddReport, BuildOptions, FileStore, build_files
 from .filters import Filter, as_filter, check
@@ -51,11 +48,15 @@ from .library import (
 from .metadata import Metadata, MetadataError, merge_types, read_metadata
 from .models import check_gallery_model, check_model, model_record
 from .policy import check_on_duplicate, keep_user_metadata, records_of
-from .search import Hit, Searcher
-from .sourcefiles import IMAGE_SUFFIXES
+from .sourcefiles import IMAGE_SUFFIXES, is_image_file
 from .sources import PhotoSource, Source, source_for
 from .store import GalleryStore
 from .writer import Report
+
+if TYPE_CHECKING:  # torch: imported when a model is loaded, not before (a sync that finds nothing new needs none)
+    from ..distributed import DistContext
+    from ..model.base import MatchingModel
+    from .search import Hit, Searcher
 
 
 def _warn(message: str) -> None:
@@ -93,6 +94,8 @@ class Gallery:
     def model(self) -> MatchingModel:
         """The gallery's model (loaded from the manifest's record on first use)."""
         if self._model is None:
+            from ..factory import load_recorded
+
             self._model = load_recorded(
                 self.store.manifest["model"], self._model_path, self._text_model, self._device, what=self.store.where
             )
@@ -104,6 +107,8 @@ class Gallery:
         """How queries (and added items) are encoded: the ``precision`` / ``runtime`` the
         gallery was opened with, else the precision it records (loads the model)."""
         if self._encoding is None:
+            from .encode import encoding_for
+
             model_path = self._model_path or self.store.manifest["model"].get("path")
             self._encoding = encoding_for(
                 self.model,
@@ -118,6 +123,8 @@ class Gallery:
     @property
     def searcher(self) -> Searcher:
         if self._searcher is None:
+            from .search import Searcher
+
             self._searcher = Searcher(self.model, self.store, encoding=self.encoding)
         return self._searcher
 
@@ -206,6 +213,7 @@ class Gallery:
         A folder of photos becomes (or is) one of the gallery's roots (:mod:`~.library`): its
         new files are added, changed ones re-encoded, moved ones followed, excluded ones left out."""
         check_on_duplicate(on_duplicate)
+        report = report or _warn
         # Every store refuses another model's vectors here, before anything is read or encoded.
         check_model(self.store.manifest["model"], self.stages, self.model, self.store.where)
         one = isinstance(source, (str, Path)) and Path(source).is_file()
@@ -213,9 +221,7 @@ class Gallery:
             lib = Library.load(self.store)
             found = lib.locate(Path(source))
             if found is not None:
-                return self._add_root(
-                    Path(found[0]["path"]), metadata, on_duplicate, options, report or _warn, found[1]
-                )
+                return self._add_root(Path(found[0]["path"]), metadata, on_duplicate, options, report, found[1])
             if lib.roots:
                 raise EslmatchError(
                     f"{source} is in none of the gallery's folders ({', '.join(r['path'] for r in lib.roots)}): "
@@ -225,15 +231,13 @@ class Gallery:
         if folders:
             rep = AddReport()
             for folder in folders:
-                rep = self._add_root(
-                    folder, metadata if folder == folders[-1] else None, on_duplicate, options, report or _warn
-                )
+                rep = self._add_root(folder, metadata if folder == folders[-1] else None, on_duplicate, options, report)
             return rep
         src = self._source(source, metadata, **source_options)
         if src.given_ids:
             if on_duplicate == "replace":
                 keep_user_metadata(self.store, src)
-            return self._write(src, on_duplicate, options, report or _warn)
+            return self._write(src, on_duplicate, options, report)
         # numbered items have no id to be found by: the same content added again is a duplicate
         lib, digest = Library.load(self.store), src.content_digest()
         if digest in lib.numbered:
@@ -244,7 +248,7 @@ class Gallery:
                     "replace them, or delete those first"
                 )
             return AddReport(duplicates=src.count, count=len(self))
-        rep = self._write(src, on_duplicate, options, report or _warn)
+        rep = self._write(src, on_duplicate, options, report)
         lib = Library.load(self.store)
         lib.numbered[digest] = [src.ids[0], src.count]
         lib.save(self.store)
@@ -254,6 +258,8 @@ class Gallery:
         check_model(self.store.manifest["model"], self.stages, self.model, self.store.where)
         options = options or BuildOptions()
         if options.encoding is None:
+            from .encode import encoding_for
+
             options.encoding = (
                 self.encoding
                 if options.precision is None and options.runtime == "torch"
@@ -310,6 +316,8 @@ class Gallery:
     def _photo_extractor(self, lib: Library) -> Any:
         """What turns photos into this gallery's input: nothing for a model that takes pixels,
         else the extractor the gallery records (opened once)."""
+        from ..model.base import takes_pixels
+
         if takes_pixels(self.model):
             return None
         if lib.extractor is None:
@@ -519,7 +527,7 @@ def open_gallery(
     else:
         store = FileStore.open(target, verify=verify)
     how: dict[str, Any] = {"precision": precision, "runtime": runtime, "onnx": onnx}
-    if isinstance(model, MatchingModel):
+    if model is not None and not isinstance(model, (str, Path)):  # a MatchingModel
         return Gallery(store, model, device=device, **how)
     return Gallery(store, model_path=model, text_model=text_model, device=device, **how)
 
@@ -543,6 +551,10 @@ def build_gallery(
     takes) at ``target`` (a folder; or a Milvus URI with ``collection``; ``milvus``: its
     ``overwrite``, ``shards``, ``replicas``, ``timeout``, ``token``). Returns the opened
     gallery (``None`` on torchrun ranks other than 0)."""
+    from ..distributed import DistContext
+    from ..model.base import takes_pixels
+    from .encode import encoding_for
+
     check_gallery_model(model)
     job = job or DistContext()
     say = (report or _warn) if job.is_main else (lambda line: None)

@@ -30,19 +30,21 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
 from ..data.files import FileEntry, id_of, list_files
 from ..errors import EslmatchError
-from ..model.base import MatchingModel, takes_pixels
 from ..utils.digest import sha256_stream
 from .extractor import is_features_folder
 from .metadata import Metadata, folder_of
 from .policy import records_of
 from .sources import AUTO_FIELDS, LIBRARY_FIELDS, PhotoSource
 from .store import GalleryStore, Record
+
+if TYPE_CHECKING:
+    from ..model.base import MatchingModel
 
 Key = tuple[str, str]  # (root label, file under the root)
 Found = tuple[str, FileEntry]  # (root label, the file as listed)
@@ -352,6 +354,8 @@ def library_folders(model: MatchingModel, source: Any, options: Mapping[str, Any
     many = list(source) if isinstance(source, (list, tuple)) else [source]
     if not many or not all(isinstance(s, (str, Path)) and Path(s).is_dir() for s in many):
         return None
+    from ..model.base import takes_pixels
+
     if not takes_pixels(model) and any(is_features_folder(s) for s in many):
         return None
     return [Path(s) for s in many]

@@ -9,12 +9,13 @@ whether images are region features or pixels (photos).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import EslmatchError
-from ..model.base import MatchingModel, takes_pixels
-from ..model.identity import model_fingerprint
 from .layout import GalleryIndexError
+
+if TYPE_CHECKING:  # each check takes a model: torch is loaded by then, not by importing this
+    from ..model.base import MatchingModel
 
 
 def model_kind(model: MatchingModel) -> str:
@@ -29,6 +30,8 @@ def stages_of(model: MatchingModel) -> int:
 
 def check_gallery_model(model: MatchingModel) -> MatchingModel:
     """Refuse a model a gallery cannot serve (two-stage galleries need region features)."""
+    from ..model.base import MatchingModel, takes_pixels
+
     if not isinstance(model, MatchingModel):
         raise EslmatchError(f"a gallery needs an eslmatch model (a MatchingModel), not {type(model).__name__}")
     if not model.exact_index and takes_pixels(model):
@@ -40,6 +43,8 @@ def check_gallery_model(model: MatchingModel) -> MatchingModel:
 
 def model_record(model: MatchingModel, model_path: str | Path | None, text_model: str | Path | None) -> dict[str, Any]:
     """What a gallery's manifest records of its model (``path`` lets a search load it)."""
+    from ..model.identity import model_fingerprint
+
     c = model.config
     record: dict[str, Any] = {
         "path": None if model_path is None else str(Path(model_path).resolve()),
@@ -58,6 +63,8 @@ def model_record(model: MatchingModel, model_path: str | Path | None, text_model
 
 def check_model(record: dict[str, Any], stages: int, model: MatchingModel, where: str) -> None:
     """Refuse a model other than the one a gallery was built with, naming both."""
+    from ..model.identity import model_fingerprint
+
     check_gallery_model(model)
     if stages_of(model) != stages:
         built = "a single-vector model (one-stage)" if stages == 1 else "an ESL model (two-stage)"

@@ -60,13 +60,14 @@ _COUNTED = ("count", "skipped", "skipped_files")
 
 
 def add_source(sources: Sequence[dict[str, Any]], record: dict[str, Any]) -> list[dict[str, Any]]:
-    """The gallery's list of sources with ``record`` added: counted into an earlier record of
-    the same origin and encoding (uploads, a folder added again), else appended; a server's
-    every upload added a line to ``index info`` and grew the manifest without end."""
+    """The gallery's list of sources with ``record`` added: a folder of photos (or a server's
+    uploads) added again is counted into its earlier record of the same encoding, anything
+    else appended. A server's every upload added a line to ``index info`` and grew the
+    manifest without end."""
     same = {k: v for k, v in record.items() if k not in _COUNTED}
     out = list(sources)
     for i, old in enumerate(out):
-        if {k: v for k, v in old.items() if k not in _COUNTED} == same:
+        if ("images" in same or "uploads" in same) and {k: v for k, v in old.items() if k not in _COUNTED} == same:
             merged = {**old, "count": old.get("count", 0) + record.get("count", 0)}
             if record.get("skipped") or old.get("skipped"):
                 merged["skipped"] = old.get("skipped", 0) + record.get("skipped", 0)

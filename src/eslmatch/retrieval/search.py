@@ -27,7 +27,8 @@ from ..data import eval_mode
 from ..errors import EslmatchError
 from ..model.base import MatchingModel
 from ..scoring import ScoringOptions
-from .encode import Encoding, ImageQuery, caption_words, default_encoding, encode_image_query, encode_texts
+from .encode import ImageQuery, caption_words, encode_image_query, encode_texts
+from .encoding import Encoding, default_encoding
 from .filters import Filter, as_filter, check
 from .models import check_model
 from .store import GalleryStore

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..data.raw import ImageCaptionSplit, open_image_split
 from ..errors import EslmatchError
+
+if TYPE_CHECKING:
+    from ..data.raw import ImageCaptionSplit
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 EXTRACT_META = "extract_meta.json"
@@ -128,8 +130,15 @@ def is_split_file(path: Path) -> bool:
 
 
 def split_file(path: Path, images_dir: str | Path | None, split: str, captions_per_image: int) -> ImageCaptionSplit:
+    from ..data.raw import open_image_split
+
     if images_dir is None:
         raise EslmatchError(f"{path}: a split file needs the folder of its images (images_dir= / --images)")
     if not Path(str(path).replace("{split}", split)).is_file():
         raise EslmatchError(f"{str(path).replace('{split}', split)}: no such split file")
     return open_image_split(path, images_dir, split, captions_per_image)
+
+
+def is_image_file(query: Any) -> bool:
+    """Whether a query is a photo: an image file's path or a PIL image (else: a sentence)."""
+    return isinstance(query, Path) or type(query).__module__.startswith("PIL")

@@ -19,15 +19,13 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..data import open_split
 from ..data.files import SkipImage, caption_lines, list_images, open_image
-from ..data.raw import ImageCaptionSplit
+from ..data.precomp import open_split
 from ..errors import EslmatchError
-from ..model.base import MatchingModel
 from .layout import open_array
 from .metadata import Metadata, MetadataError, exif_taken, folder_of, merge_types
 from .sourcefiles import (
@@ -39,6 +37,9 @@ from .sourcefiles import (
     resolve_split_paths,
     split_file,
 )
+
+if TYPE_CHECKING:
+    from ..model.base import MatchingModel
 
 LIBRARY_FIELDS = ("root", "file", "file_size", "file_mtime", "file_sha256")  # a library photo's file (library.py)
 AUTO_FIELDS = ("folder", "taken", *LIBRARY_FIELDS)  # fields a photo records by itself (Source.auto_metadata)
@@ -399,23 +400,15 @@ def photos(
                 f"{path}: this model takes images: give a folder of photos, or a Karpathy-split .json / "
                 "captions .tsv with the folder of its images"
             )
+    from ..data.raw import ImageCaptionSplit
+
     if isinstance(source, ImageCaptionSplit):
         files = [Path(p) for p in source.image_paths]
         item_ids, _ = _ids(ids, list(source.ids), len(files))
         desc = {"split_file": str(Path(source.source).resolve()), "split": source.name}
         refused = [(m, "missing: the split names it, the image folder lacks it") for m in source.missing]
-        root = Path(images_dir) if images_dir is not None else None
-        return PhotoSource(
-            "image",
-            item_ids,
-            [str(f) for f in files],
-            desc,
-            True,
-            root,
-            files=files,
-            names=[str(p) for p in files],
-            refused=refused,
-        )
+        root, names = Path(images_dir) if images_dir is not None else None, [str(f) for f in files]
+        return PhotoSource("image", item_ids, names, desc, True, root, files=files, names=list(names), refused=refused)
     raise EslmatchError(
         f"this model takes images: give a folder of photos or a split file, not {type(source).__name__}"
     )
@@ -475,6 +468,8 @@ def captions(
                 f"{path}: captions must come from a precomp dataset folder, a .txt file (one caption a line), "
                 "or a Karpathy-split .json / captions .tsv"
             )
+    from ..data.raw import ImageCaptionSplit
+
     if isinstance(texts, ImageCaptionSplit):
         r, k = texts, texts.captions_per_image
         found_ids = [f"{r.ids[c // k]}#{c % k}" for c in range(r.n_captions)]

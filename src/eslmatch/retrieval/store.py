@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from ..model.base import MatchingModel
 from .filters import Filter
 from .metadata import Metadata
+
+if TYPE_CHECKING:
+    from ..model.base import MatchingModel
 
 
 @dataclass(frozen=True)

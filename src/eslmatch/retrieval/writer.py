@@ -13,15 +13,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from tqdm.auto import tqdm
 
-from ..distributed import DistContext, deal, stop_hook_for_tests
 from ..errors import EslmatchError
-from ..model.base import MatchingModel
-from .encode import FP32, Encoded, Encoding, encode_items
+from .encoding import FP32, Encoded, Encoding
 from .sources import CaptionSource, PhotoSource, Source
+
+if TYPE_CHECKING:
+    from ..distributed import DistContext
+    from ..model.base import MatchingModel
 
 Report = Callable[[str], None]
 # Test hook: called with the chunk number after each chunk is complete (e.g. to simulate a kill).
@@ -96,6 +98,9 @@ def write_source(
 
     Under torchrun (``job``) each rank encodes its share of the pending chunks; alone, all of
     them. Unreadable photos are skipped, reported (``report``) and counted."""
+    from ..distributed import DistContext, deal, stop_hook_for_tests
+    from .encode import encode_items
+
     job = job or DistContext()
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise EslmatchError(f"batch size must be a positive integer, got {batch_size!r}")

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from .lazy import lazy_attributes
 
 if TYPE_CHECKING:
+    from .choices import PRECISIONS
     from .device import resolve_device
     from .io import (
         atomic_dir,
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
         recover_replace,
         replace_dir,
     )
-    from .precision import PRECISIONS, encode_in, inference_precision, native_bf16, resolve_precision, to_float32
+    from .precision import encode_in, inference_precision, native_bf16, resolve_precision, to_float32
     from .tensors import l2n, lengths_to_mask, masked_mean
 
 _WHERE = {

@@ -4,6 +4,23 @@ modules that act on them)."""
 
 from __future__ import annotations
 
+from ..errors import EslmatchError
+
 PRECISIONS = ("auto", "fp32", "bf16")  # eslmatch.utils.precision
 RUNTIMES = ("torch", "onnxruntime")  # eslmatch.retrieval.encode
 COMPOSITIONAL_PROTOCOLS = ("sugarcrepe", "winoground")  # eslmatch.annotations.compositional
+RECALL_PROTOCOLS = ("f30k", "coco1k", "coco5k")  # eslmatch.evaluate.PROTOCOLS
+
+
+def check_precision(precision: str) -> str:
+    """``precision`` itself when it is one of ``auto``, ``fp32``, ``bf16``; else one clear error."""
+    if precision not in PRECISIONS:
+        raise EslmatchError(f"precision {precision!r}: choose from {', '.join(PRECISIONS)}")
+    return precision
+
+
+def check_runtime(runtime: str) -> str:
+    """``runtime`` when it is ``torch`` or ``onnxruntime``; else one clear error."""
+    if runtime not in RUNTIMES:
+        raise EslmatchError(f"runtime {runtime!r}: choose from {', '.join(RUNTIMES)}")
+    return runtime

@@ -33,20 +33,12 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from ..errors import EslmatchError
-from .choices import PRECISIONS
+from .choices import check_precision
 
 # The CPU features that make bf16 matrix products native (names of torch.cpu.get_capabilities()).
 CPU_BF16_FEATURES = ("amx_bf16", "avx512_bf16")
 
 T = TypeVar("T")
-
-
-def check_precision(precision: str) -> str:
-    """``precision`` itself when it is one of ``auto``, ``fp32``, ``bf16``; else one clear error."""
-    if precision not in PRECISIONS:
-        raise EslmatchError(f"precision {precision!r}: choose from {', '.join(PRECISIONS)}")
-    return precision
 
 
 @functools.lru_cache(maxsize=1)

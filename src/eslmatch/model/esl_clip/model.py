@@ -30,13 +30,7 @@ from .config import ESLClipConfig
 from .measure import WeightedMeasuring
 from .preprocess import ClipPreprocess
 from .tokenizer import ClipTokenizer
-
-
-def clip_towers(config: ESLClipConfig) -> nn.Module:
-    """A ``transformers`` ``CLIPModel`` of the configured architecture (random weights)."""
-    from transformers import CLIPModel  # heavy: only when the family is used
-
-    return CLIPModel(config.clip.to_transformers())
+from .towers import ClipTowers
 
 
 class ESLClipModel(MatchingModel):
@@ -53,12 +47,12 @@ class ESLClipModel(MatchingModel):
     inputs = "pixels"
     loss_kind = "infonce"
 
-    def __init__(self, config: ESLClipConfig, clip: nn.Module | None = None) -> None:
+    def __init__(self, config: ESLClipConfig, clip: ClipTowers | None = None) -> None:
         super().__init__()
         config.validate()
         self.config = config
         c = config
-        self.clip: Any = clip if clip is not None else clip_towers(config)
+        self.clip = clip if clip is not None else ClipTowers(config.clip)
         stack = dict(
             kernel_size=c.kernel_size,
             heuristic_channels=c.heuristic_channels,
@@ -77,20 +71,20 @@ class ESLClipModel(MatchingModel):
         """New model; ``config.clip_model`` (a transformers CLIP folder or Hub name) gives the towers."""
         if not config.clip_model:
             return cls(config)
-        from transformers import CLIPModel
+        from transformers import CLIPModel  # the pretrained weights' format: read once, then ours
 
         try:
-            towers = CLIPModel.from_pretrained(str(config.clip_model), attn_implementation="eager")
+            pretrained = CLIPModel.from_pretrained(str(config.clip_model), attn_implementation="eager")
         except OSError as exc:
             raise EslmatchError(f"cannot load CLIP {config.clip_model!r}: {str(exc).splitlines()[0]}") from exc
-        model = cls(config, towers)
-        have = model.clip.config
-        want = config.clip.to_transformers()
+        have, want = pretrained.config, config.clip.to_transformers()
         for side in ("text_config", "vision_config"):
-            for key in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
-                if getattr(getattr(have, side), key) != getattr(getattr(want, side), key):
+            for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size"):
+                if getattr(getattr(have, side), key, None) != getattr(getattr(want, side), key, None):
                     raise EslmatchError(f"{config.clip_model}: its {side}.{key} differs from the configured clip.*")
-        return model
+        towers = ClipTowers(config.clip)
+        towers.load_state_dict(pretrained.state_dict())
+        return cls(config, towers)
 
     # ------------------------------------------------------------------ protocol
     def preprocess_image(self, image: Any) -> Tensor:
@@ -153,15 +147,13 @@ class ESLClipModel(MatchingModel):
 
     def encode_images(self, images: Tensor) -> Tensor:
         """CLIP's image vectors ``(N, E)``: CLS token, post-LayerNorm, projection."""
-        pixels = self.check_pixels(images)
-        vision = self.clip.vision_model(pixel_values=pixels)
-        return self.clip.visual_projection(vision.pooler_output)
+        return self.clip.visual_projection(self.clip.vision_model(self.check_pixels(images)))
 
     def encode_captions(self, captions: Tensor, caption_lengths: Tensor | Sequence[int] | None = None) -> Tensor:
         """CLIP's text vectors ``(M, E)``: the final-LayerNorm state at the highest token id
         (the end token; OpenAI's ``argmax`` pooling), projection."""
         ids = self.check_captions(captions, caption_lengths)
-        hidden = self.clip.text_model(input_ids=ids).last_hidden_state  # causal mask only, as OpenAI
+        hidden = self.clip.text_model(ids)  # causal mask only, as OpenAI
         pooled = hidden[torch.arange(ids.shape[0], device=ids.device), ids.argmax(dim=-1)]
         return self.clip.text_projection(pooled)
 
@@ -205,10 +197,7 @@ class ESLClipModel(MatchingModel):
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute the CLIP towers' activations in backward (less memory, more compute)."""
-        if enabled:
-            self.clip.gradient_checkpointing_enable()
-        else:
-            self.clip.gradient_checkpointing_disable()
+        self.clip.set_gradient_checkpointing(enabled)
         self.gradient_checkpointing = enabled
 
     # ------------------------------------------------------------------ files

@@ -160,7 +160,7 @@ def main() -> None:
         "",
         f"Indexing the {len(changed)} changed photos alone: {record['encode_changed_alone_s']} s; the 1% sync's "
         f"time beyond that: {record['changed_overhead_s']} s, of which loading the model in the new process "
-        f"{record['model_load_new_process_s']} s (ESL-CLIP builds its towers with transformers' CLIP classes), "
+        f"{record['model_load_new_process_s']} s (torch's import among it), "
         f"the rest {record['changed_overhead_without_model_load_s']} s. A sync that encodes nothing never loads "
         f"the model. Build of the whole library: {record['build_s']} s. 'sync itself' is the time the command "
         "reports (after the gallery is opened); 'wall' adds Python's start and imports (torch among them).",

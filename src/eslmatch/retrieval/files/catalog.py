@@ -266,19 +266,25 @@ class Catalog:
             out.update(self.conn.execute(q, part).fetchall())
         return out
 
-    def records(self, rows: Sequence[int], fields: Sequence[str] | None = None) -> dict[int, Record]:
-        """``{row: Record}`` of stored rows (deleted ones included), with the metadata
-        ``fields`` (default: all)."""
+    def records(self, rows: Sequence[int] | None, fields: Sequence[str] | None = None) -> dict[int, Record]:
+        """``{row: Record}`` of stored rows (deleted ones included; ``None``: every live row, in
+        one pass), with the metadata ``fields`` (default: all)."""
         cols = self._columns()
         names = list(cols) if fields is None else [n for n in cols if n in fields]
         select = ", ".join(["row", "id", "path", "added", "caption", *(cols[n][1] for n in names)])
+        convert = [(n, _FROM_SQL.get(cols[n][0])) for n in names]
         out: dict[int, Record] = {}
-        unique = sorted({int(r) for r in rows})
-        for i in range(0, len(unique), _CHUNK):
-            part = unique[i : i + _CHUNK]
-            q = f"SELECT {select} FROM items WHERE row IN ({', '.join('?' * len(part))})"
-            for rec in self.conn.execute(q, part):
-                meta = {n: _from_sql(v, cols[n][0]) for n, v in zip(names, rec[5:]) if v is not None}
+        if rows is None:
+            parts: list[tuple[str, Sequence[int]]] = [(f"SELECT {select} FROM items WHERE deleted = 0", ())]
+        else:
+            unique = sorted({int(r) for r in rows})
+            parts = [
+                (f"SELECT {select} FROM items WHERE row IN ({', '.join('?' * len(part))})", part)
+                for part in (unique[i : i + _CHUNK] for i in range(0, len(unique), _CHUNK))
+            ]
+        for q, args in parts:
+            for rec in self.conn.execute(q, args):
+                meta = {n: v if f is None else f(v) for (n, f), v in zip(convert, rec[5:]) if v is not None}
                 out[rec[0]] = Record(rec[0], rec[1], rec[2], rec[3], rec[4], meta)
         return out
 
@@ -371,9 +377,4 @@ def _to_sql(value: Any) -> Any:
     return int(value) if isinstance(value, bool) else value
 
 
-def _from_sql(value: Any, kind: str) -> Any:
-    if kind == "bool":
-        return bool(value)
-    if kind == "float":
-        return float(value)
-    return value
+_FROM_SQL: dict[str, Any] = {"bool": bool, "float": float}  # str and int come back as they went in

@@ -383,8 +383,8 @@ class FileReader:
         """The live items (those ``where`` selects) with their metadata (``fields``: at least
         those), in row order."""
         with self.snapshot() as s:
-            rows = s.live_rows() if where is None else self._selected(s, where)[0]
-            recs = self.catalog.records(rows.tolist(), fields)
+            rows = None if where is None else self._selected(s, where)[0].tolist()
+            recs = self.catalog.records(rows, fields)
         return [recs[r] for r in sorted(recs)]
 
     def library(self) -> dict[str, Any]:

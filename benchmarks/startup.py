@@ -1,12 +1,13 @@
-"""Wall time of ``eslmatch search`` calls as a user runs them: a new process each, with
+"""Wall time of ``eslmatch`` calls as a user runs them (``--help``, a bad argument, searches): a new process each, with
 ``PYTHONDONTWRITEBYTECODE=1`` (as Docker images and CI set it), warm file cache, side by side
 for this tree and, with ``--before REV``, an earlier commit (checked out in a temporary git
 worktree and put first on ``PYTHONPATH``; same interpreter, same installed packages).
 
-    python benchmarks/startup.py --index demo_report/index --before 74f81f9
+    python benchmarks/startup.py --index REGION_GALLERY --index CLIP_GALLERY --before 975a850
     # writes benchmarks/results/startup-cpu.{json,md}
 
-Calls timed (median of ``--runs`` after one warm-up): one text query (``-k 3``), an empty
+Calls timed (median of ``--runs`` after one warm-up): ``--help``, an unknown argument, one
+text query (``-k 3``) on each ``--index`` (one per model family), and on the first an empty
 query, ``-k 0`` and a missing index. Each tree is timed twice: with the installed packages'
 bytecode, and with none found (an empty ``PYTHONPYCACHEPREFIX``), which is what ``pip install
 --no-compile`` leaves: every call then compiles torch's and transformers' modules from source,
@@ -32,13 +33,25 @@ RESULTS = ROOT / "benchmarks" / "results"
 QUERY = "a red circle left of a blue square"
 
 
-def calls(index: str) -> dict[str, list[str]]:
-    return {
-        "one query": ["search", "--index", index, QUERY, "-k", "3"],
-        "empty query": ["search", "--index", index, ""],
-        "-k 0": ["search", "--index", index, "dog", "-k", "0"],
-        "missing index": ["search", "--index", str(Path(index).parent / "no-such-index"), "dog"],
-    }
+def family(index: str) -> str:
+    """The model family a gallery records (``esl``, ``vse``, ``esl-clip``)."""
+    manifest = json.loads((Path(index) / "manifest.json").read_text())
+    return str((manifest.get("model", {}).get("config") or {}).get("model_type") or "?")
+
+
+def calls(indexes: list[str]) -> dict[str, list[str]]:
+    """``--help``, a bad argument, one query per gallery, and the first gallery's refusals."""
+    first = indexes[0]
+    out = {"--help": ["--help"], "a bad argument": ["search", "--index", first, "dog", "--bogus"]}
+    out.update({f"one query ({family(i)} gallery)": ["search", "--index", i, QUERY, "-k", "3"] for i in indexes})
+    out.update(
+        {
+            "empty query": ["search", "--index", first, ""],
+            "-k 0": ["search", "--index", first, "dog", "-k", "0"],
+            "missing index": ["search", "--index", str(Path(first).parent / "no-such-index"), "dog"],
+        }
+    )
+    return out
 
 
 def wall(args: list[str], env: dict[str, str], runs: int) -> dict[str, float | int]:
@@ -63,14 +76,16 @@ def compiled(package: str) -> bool:
     return Path(importlib.util.cache_from_source(spec.origin)).is_file()
 
 
-def measure(src: Path, index: str, runs: int, extra: dict[str, str]) -> dict[str, dict[str, float | int]]:
+def measure(src: Path, indexes: list[str], runs: int, extra: dict[str, str]) -> dict[str, dict[str, float | int]]:
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(src), "HF_HUB_OFFLINE": "1", **extra}
-    return {name: wall(args, env, runs) for name, args in calls(index).items()}
+    return {name: wall(args, env, runs) for name, args in calls(indexes).items()}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--index", required=True, help="a gallery to search (the demo's: demo_report/index)")
+    ap.add_argument(
+        "--index", required=True, action="append", help="a gallery to search (repeat: one of each model family)"
+    )
     ap.add_argument("--before", metavar="REV", help="also time this commit, side by side")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--out", type=Path, default=RESULTS / "startup-cpu")
@@ -97,7 +112,7 @@ def main() -> int:
         "cores": os.cpu_count(),
         "PYTHONDONTWRITEBYTECODE": "1",
         "bytecode_installed": {p: compiled(p) for p in ("torch", "transformers", "numpy")},
-        "index": args.index,
+        "indexes": {i: family(i) for i in args.index},
         "runs": args.runs,
         "results": results,
     }
@@ -105,7 +120,7 @@ def main() -> int:
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     names = list(results)
     lines = [
-        f"`eslmatch search` wall time, new process each call, PYTHONDONTWRITEBYTECODE=1, median of {args.runs} "
+        f"`eslmatch` wall time, new process each call, PYTHONDONTWRITEBYTECODE=1, median of {args.runs} "
         f"(max), {os.cpu_count()} cores; installed bytecode: {record['bytecode_installed']}",
         "",
         "| call | " + " | ".join(names) + " |",

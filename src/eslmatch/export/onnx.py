@@ -509,8 +509,8 @@ class OnnxEncoders:
     def encode_captions(
         self, ids: Tensor | np.ndarray, lengths: Tensor | np.ndarray | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """``(features (M, W, Dt), vector (M, Dt), lengths (M,))``, as
-        :func:`eslmatch.retrieval.encode.encode_token_batch` gives."""
+        """``(features (M, W, Dt), vector (M, Dt), lengths (M,))`` of token ids (the features are
+        what :func:`eslmatch.retrieval.encode.caption_outputs` reads of them)."""
         return self._encoded(*self._run_text(ids, lengths))
 
     def _encoded(self, out: list[Tensor], lens: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -460,7 +460,7 @@ def step_recall(args: argparse.Namespace) -> dict[str, Any]:
 
     q = encode_texts(model, tests)
     feats, qv, qlens = q.feats, q.vectors, q.lengths
-    n = index.count()
+    n = index.info()["count"]
     sub = min(args.subset, n)
     with index.snapshot() as snap:
         glob = snap.vectors
@@ -491,7 +491,7 @@ def step_recall(args: argparse.Namespace) -> dict[str, Any]:
     keep = index.faiss_options.nprobe
     nlist = int(index.faiss_options.nlist or 1)
     for nprobe in sorted({max(1, nlist // d) for d in (32, 16, 8, 4, 2)}):
-        index.set_search_params(nprobe=nprobe)
+        index.search_params.update(nprobe=nprobe)
         t0 = time.perf_counter()
         _, got_p = index.first_stage(qv, k_short)
         sweep.append(
@@ -502,7 +502,7 @@ def step_recall(args: argparse.Namespace) -> dict[str, Any]:
             }
         )
         print(f"recall: whole nprobe {nprobe}: {sweep[-1]}", flush=True)
-    index.set_search_params(nprobe=keep)
+    index.search_params.update(nprobe=keep)
     fs["whole"]["nprobe_sweep"] = sweep
 
     # an index of the subset, sized by the same rules

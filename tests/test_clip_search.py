@@ -47,7 +47,7 @@ def test_text_to_image_and_image_to_text_are_exact(tmp_path, gallery, capsys):
     captured = capsys.readouterr().err
     assert "notes.txt" in captured and "broken.png" in captured  # skipped and named
     assert len(index) == N_IMAGES and index.store.manifest["model"]["stages"] == 1
-    recs = index.store.records(range(N_IMAGES))
+    recs = {r.row: r for r in index.store.select(rows=range(N_IMAGES))}
     pixels = torch.stack([model.preprocess(open_image(recs[i].path)) for i in range(N_IMAGES)])
     queries = captions[:: len(captions) // N_QUERIES][:N_QUERIES]
     ids, lens = model.tokenize(queries)

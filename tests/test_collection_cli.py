@@ -54,8 +54,8 @@ def snapshot(index: Path) -> tuple:
     store = FileStore.open(index)
     return (
         store.generation,
-        store.counts(),
-        sorted((k, str(v)) for i in store.ids() for k, v in store.metadata(i).items() if k != "added"),
+        store.info(),
+        sorted((k, str(v)) for r in store.select() for k, v in r.fields().items() if k != "added"),
     )
 
 

@@ -60,7 +60,7 @@ def state(path: Path) -> dict[str, tuple]:
     store = FileStore.open(path)
     with store.snapshot() as s:
         rows = np.setdiff1d(np.arange(s.rows), s.deleted)
-        recs = store.records(rows.tolist())
+        recs = {r.row: r for r in store.select(rows=rows.tolist())}
         vectors = store.vectors(rows.tolist())
     return {
         recs[int(r)].id: (

@@ -54,7 +54,7 @@ def test_tiny_demo_end_to_end(tmp_path, monkeypatch, capsys):
     from eslmatch.retrieval import open_gallery
 
     index = open_gallery(report / "index")
-    recs = index.store.records(range(len(index)))
+    recs = {r.row: r for r in index.store.select(rows=range(len(index)))}
     assert len(index) == 12 and all(r.path and Path(r.path).is_file() for r in recs.values())
     assert index.search("a red circle", k=3)  # the recorded model loads and searches
     assert any("eslmatch serve --index" in line for line in lines)

@@ -18,6 +18,7 @@ from PIL import Image
 from _models import TINY_CLIP, WORDS, randomize, tiny_gru_model
 from eslmatch.extract.embed import caption_items, embed_to_file, feature_items, photo_items, read_embeddings
 from eslmatch.model.esl_clip import ESLClipConfig, ESLClipModel
+from eslmatch.retrieval.policy import item_record
 
 _SCRIPT = Path(sys.executable).with_name("eslmatch")
 ESLMATCH = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "eslmatch.cli"]
@@ -200,7 +201,7 @@ def test_vectors_equal_the_gallery_index(esl, tmp_path):
         gallery = open_gallery(index)
         try:
             assert sorted(ids) == sorted(gallery.ids()) and len(ids) == count
-            stored = gallery.store.vectors([gallery.store.row_of(i) for i in ids])
+            stored = gallery.store.vectors([item_record(gallery.store, i).row for i in ids])
         finally:
             gallery.close()
         np.testing.assert_allclose(got, stored, rtol=1e-5, atol=1e-6, err_msg=name)

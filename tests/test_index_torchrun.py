@@ -139,7 +139,7 @@ def test_two_processes_equal_one_byte_for_byte(inputs, baseline, tmp_path):
     n = assert_same_index(baseline, out)
     from eslmatch.retrieval import FileStore
 
-    assert FileStore.open(out).faiss_kind == "ivf" and FileStore.open(out).count() == N
+    assert FileStore.open(out).faiss_kind == "ivf" and FileStore.open(out).info()["count"] == N
     print(f"2 processes == 1 process: all {n} files identical ({time.perf_counter() - t0:.1f} s)")
 
 

@@ -21,6 +21,7 @@ from eslmatch.cli import main
 from eslmatch.factory import load_model
 from eslmatch.model.esl_clip import ESLClipConfig, ESLClipModel
 from eslmatch.retrieval import BuildOptions, build_gallery, open_gallery
+from eslmatch.retrieval.policy import item_record
 from milvus_server import MilvusServer
 
 QUIET = BuildOptions(progress=False)
@@ -77,7 +78,7 @@ def photo(path: Path, seed: int, size: int = 40) -> Path:
 
 
 def vector(g, item_id: str) -> np.ndarray:
-    return np.asarray(g.store.vectors([g.store.row_of(item_id)])[0])
+    return np.asarray(g.store.vectors([item_record(g.store, item_id).row])[0])
 
 
 def by_path(g) -> dict[str, dict]:

@@ -32,6 +32,7 @@ from eslmatch.retrieval import writer as writer_mod  # noqa: E402
 from eslmatch.retrieval.milvus.conn import MilvusConnection, MilvusError  # noqa: E402
 from eslmatch.retrieval.milvus.store import MilvusStore  # noqa: E402
 from eslmatch.retrieval.milvus.write import MilvusSink  # noqa: E402
+from eslmatch.retrieval.policy import item_record  # noqa: E402
 
 N_BIG, N_QUERIES, REGIONS, IMG_DIM = 10_000, 100, 6, 16
 
@@ -141,11 +142,11 @@ def test_stored_rows_equal_the_file_index(model, big):
     np.testing.assert_array_equal(lens_m, lens[rows])
     np.testing.assert_array_equal(side_m, side_f)  # float32 both: bit-equal
     np.testing.assert_array_equal(mil.store.vectors(rows), files.store.vectors(rows))
-    recs_m, recs_f = mil.store.records(rows), files.store.records(rows)
+    recs_m, recs_f = ({r.row: r for r in g.store.select(rows=rows)} for g in (mil, files))
     assert [recs_m[int(r)].id for r in rows] == [recs_f[int(r)].id for r in rows]
-    assert mil.store.row_of("4242") == 4242
+    assert item_record(mil.store, "4242").row == 4242
     with pytest.raises(EslmatchError, match="no item with id 'no such id'"):
-        mil.store.row_of("no such id")
+        item_record(mil.store, "no such id")
     words, weights, _ = mil.attention("a red circle", "17")
     w2, weights2, _ = files.attention("a red circle", "17")
     assert words == w2 and weights.shape == (len(words), lens[17])
@@ -230,8 +231,8 @@ def test_server_killed_mid_build_then_a_rerun_resumes(model, model_dir, tmp_path
         _, clean = milvus_gallery(model, feats, srv.uri, "clean", batch_size=700)
         assert clean.written == n
         a, b = MilvusStore.open(srv.uri, "resumable"), MilvusStore.open(srv.uri, "clean")
-        assert a.count() == b.count() == n
-        assert a.ids() == b.ids() == [str(i) for i in range(n)]
+        assert a.info()["count"] == b.info()["count"] == n
+        assert [r.id for r in a.select()] == [r.id for r in b.select()] == [str(i) for i in range(n)]
         rows = np.arange(n)
         np.testing.assert_array_equal(a.vectors(rows), b.vectors(rows))
         for r0 in range(0, n, 500):
@@ -379,7 +380,7 @@ def test_a_collection_of_another_model_is_refused(model, model_dir, server, tmp_
     before = open_gallery(server.uri, "mine", model=model)  # a server opened before the rebuild
     assert before.search("a red circle", k=3)[0].id in {str(i) for i in range(30)}
     assert main([*build_new, "--overwrite"]) == 0
-    assert MilvusStore.open(server.uri, "mine").count() == 12
+    assert MilvusStore.open(server.uri, "mine").info()["count"] == 12
     time.sleep(2.1)  # a server re-reads the manifest every 2 s: the rebuilt gallery, its caches dropped
     after = open_gallery(server.uri, "mine", model=model)
     assert len(before) == 12 and [h.id for h in before.search("a red circle", k=12)] == [
@@ -415,7 +416,7 @@ def test_add_extends_the_collection_like_the_file_index(model, model_dir, server
     time.sleep(1.1)
     assert len(serving) == 320 and serving.search("x", k=1)  # a running server sees the new items
     a, b = open_gallery(tmp_path / "idx", model=model), open_gallery(server.uri, "grow", model=model)
-    assert len(b) == len(a) == 320 and b.store.records([319])[319].id == a.store.records([319])[319].id == "319"
+    assert len(b) == len(a) == 320 and b.store.select(rows=[319])[0].id == a.store.select(rows=[319])[0].id == "319"
     np.testing.assert_array_equal(b.store.sides(np.arange(320))[1], lens_all)
     for text in queries(10, seed=2):
         x, y = a.search(text, k=10, rerank_k=320), b.search(text, k=10, rerank_k=320)

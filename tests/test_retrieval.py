@@ -30,6 +30,7 @@ from eslmatch.retrieval import (
 from eslmatch.retrieval import regions as region_source
 from eslmatch.retrieval.files import commit as filecommit
 from eslmatch.retrieval.files.compact import copy_gallery
+from eslmatch.retrieval.policy import item_record
 
 QUERY = "the red circle left of the blue square"
 N_IMAGES = 14
@@ -87,7 +88,7 @@ def test_round_trip(model, data, image_index):
     split = open_split(data, "test")
     assert g.kind == "image" and len(g) == N_IMAGES and g.stages == 2
     assert g.ids() == split.ids and g.store.total_dim == model.config.total_dim
-    assert g.store.image_path(split.ids[3]) == split.image_paths[3]
+    assert (g.metadata(split.ids[3])["path"] or None) == split.image_paths[3]
     manifest = json.loads((image_index / "manifest.json").read_text())
     assert manifest["version"] == 4 and manifest["dtype"] == "float32"
     assert manifest["model"]["path"] == str(Path("/nowhere/model").resolve())
@@ -185,7 +186,7 @@ def test_variable_region_counts_from_npy(model, tmp_path):
     lengths = np.array([5, 3, 1, 4, 5, 2, 5])
     np.save(tmp_path / "feats.npy", regions)
     g = build(model, tmp_path / "feats.npy", tmp_path / "idx", lengths=lengths)
-    assert g.ids() == [str(i) for i in range(7)] and g.store.image_path("0") is None
+    assert g.ids() == [str(i) for i in range(7)] and (g.metadata("0")["path"] or None) is None
     _, lens = g.store.sides(np.arange(7))
     np.testing.assert_array_equal(lens, lengths)
     exact = exhaustive_t2i(model, None, QUERY, torch.from_numpy(lengths), regions)
@@ -212,9 +213,9 @@ def test_reverse_direction_image_to_captions(model, data, image_index, caption_i
     split = open_split(data, "test")
     n = 5 * N_IMAGES
     assert caps.kind == "caption" and len(caps) == n
-    recs = caps.store.records(range(n))
+    recs = {r.row: r for r in caps.store.select(rows=range(n))}
     assert [recs[i].caption for i in range(n)] == split.captions and recs[7].id == f"{split.ids[1]}#2"
-    assert caps.store.image_path(recs[7].id) == split.image_paths[1]
+    assert (caps.metadata(recs[7].id)["path"] or None) == split.image_paths[1]
     image_id = split.ids[4]
     by_id = caps.searcher.images([images.searcher.stored(image_id)], k=n, rerank_k=n)[0]
     by_regions = caps.search(split.read_images(slice(4, 5))[0], k=5, rerank_k=n)
@@ -271,7 +272,7 @@ def test_add_then_search_finds_new_items(model, data, image_index, tmp_path):
     hits = g.search(QUERY, k=len(g), rerank_k=len(g))
     assert [h.index for h in hits] == ranking(exact).tolist()
     np.testing.assert_allclose([h.score for h in hits], exact[[h.index for h in hits]], rtol=1e-5, atol=1e-6)
-    assert g.store.image_path("new-b") == "b.png"
+    assert (g.metadata("new-b")["path"] or None) == "b.png"
     again = g.add(regions(new[:1], img_dim=16, ids=["new-a"]), options=BuildOptions(progress=False))
     assert again.added == 0 and again.duplicates == 1 and len(g) == N_IMAGES + 3  # skipped, not an error
     with pytest.raises(EslmatchError, match="id 'new-a' is in the gallery already"):
@@ -307,7 +308,7 @@ def test_a_features_only_folder_adds_with_its_ids_and_paths(model, image_index, 
     assert main(add) == 0, capsys.readouterr().err
     assert "added 3 items" in capsys.readouterr().out
     g = open_gallery(target, model=model, verify=True)
-    assert g.ids()[-3:] == names and Path(g.store.image_path("hike")).name == "hike.jpg"
+    assert g.ids()[-3:] == names and Path(g.metadata("hike")["path"] or None).name == "hike.jpg"
     assert main(add) == 0 and "added 0 items" in capsys.readouterr().out  # again: skipped by id, not duplicated
 
 
@@ -340,7 +341,7 @@ def test_replace_keeps_user_metadata_unless_given_anew(model, image_index, tmp_p
     assert (g.metadata(first)["tag"], g.metadata(first)["starred"]) == ("cat", True)
     assert (g.metadata(second)["tag"], g.metadata(second)["starred"]) == ("wolf", False)  # the given field wins
     assert [h.id for h in g.search(QUERY, k=N_IMAGES, where="starred")] == [first]
-    np.testing.assert_array_equal(g.store.vectors([g.store.row_of(first)]), g.store.vectors([g.store.row_of(second)]))
+    np.testing.assert_array_equal(*(g.store.vectors([item_record(g.store, i).row]) for i in (first, second)))
 
 
 def test_add_captions(model, caption_index, tmp_path):
@@ -350,7 +351,7 @@ def test_add_captions(model, caption_index, tmp_path):
     g = open_gallery(target, model=model, verify=True)
     assert len(g) == 5 * N_IMAGES + 1 and g.ids()[-1] == str(5 * N_IMAGES)
     assert g.metadata(g.ids()[-1])["id"] == str(5 * N_IMAGES)
-    last = g.store.records([5 * N_IMAGES])[5 * N_IMAGES]
+    last = g.store.select(rows=[5 * N_IMAGES])[0]
     assert last.caption.startswith("a green circle above")
 
 
@@ -360,7 +361,7 @@ def test_one_captions_file_rule_for_index_and_embed(model, tmp_path, capsys):
     it by ``data.files.caption_lines``: blank lines left out, ``ID<TAB>caption`` gives the id."""
     (tmp_path / "named.txt").write_text("\ufeffc1\ta red  circle\n\nc2\ta blue square\n")
     g = build(model, str(tmp_path / "named.txt"), tmp_path / "C", kind="caption")
-    assert g.ids() == ["c1", "c2"] and g.store.records([0])[0].caption == "a red circle"
+    assert g.ids() == ["c1", "c2"] and g.store.select(rows=[0])[0].caption == "a red circle"
     model_dir = str(model.save_pretrained(tmp_path / "model"))
     out = tmp_path / "e.npy"
     assert main(["embed", "--model", model_dir, "--captions", str(tmp_path / "named.txt"), "--out", str(out)]) == 0
@@ -558,7 +559,7 @@ def test_ivf_grows_then_retrains(model, tmp_path, monkeypatch):
     faiss_meta = g.store.layout()["faiss"]
     assert faiss_meta["trained_on"] == 24 and faiss_meta["options"]["nlist"] == 5
     g = open_gallery(tmp_path / "ivf", model=model, verify=True)
-    g.store.set_search_params(nprobe=5)
+    g.store.search_params.update(nprobe=5)
     exact = exhaustive_t2i(model, None, QUERY, None, np.concatenate([first, more]))
     hits = g.search(QUERY, k=24, rerank_k=24)
     assert [h.index for h in hits] == ranking(exact).tolist()
@@ -586,7 +587,7 @@ def test_an_item_is_read_in_one_snapshot_while_another_process_compacts(model, t
 
     reader.store.catalog.rows_of = then_compact
     assert reader.metadata("c")["tag"] == "c"
-    assert reader.metadata("d")["tag"] == "d" and reader.store.image_path("d") is None
+    assert reader.metadata("d")["tag"] == "d" and (reader.metadata("d")["path"] or None) is None
 
 
 @pytest.mark.parametrize(

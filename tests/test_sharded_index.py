@@ -82,7 +82,7 @@ def sharded(model, features, model_dir, tmp_path_factory):
 def results(model, path, k=N, rerank_k=N, **params):
     g = open_gallery(path, model=model)
     if params:
-        g.store.set_search_params(**params)
+        g.store.search_params.update(params)
     return [[(h.id, h.score, h.first_stage_score) for h in g.search(q, k, rerank_k=rerank_k)] for q in QUERIES]
 
 
@@ -373,7 +373,7 @@ def test_ivfpq_first_stage_is_exactly_rescored(model, sharded, single, tmp_path)
     np.testing.assert_allclose(scores, np.take_along_axis(exact, rows, 1), rtol=1e-5, atol=1e-6)  # exact scores
     assert np.all(np.diff(scores, axis=1) <= 0)
     nlist = idx.faiss_options.nlist
-    idx.set_search_params(nprobe=nlist, refine=100)  # every cluster, every candidate
+    idx.search_params.update(nprobe=nlist, refine=100)  # every cluster, every candidate
     _, rows = idx.first_stage(q, 10)
     np.testing.assert_array_equal(rows, flat.first_stage(q, 10)[1])
     assert_same(results(model, pq, nprobe=nlist, refine=100), results(model, single))

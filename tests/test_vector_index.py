@@ -109,7 +109,7 @@ def test_one_stage_files_and_manifest(vse, data, image_index):
     assert m["model"]["stages"] == 1 and m["model"]["inputs"] == "regions"
     assert g.store.total_dim == vse.config.embed_size and g.store.dtype == "float32"
     split = open_split(data, "test")
-    assert g.ids() == split.ids and g.store.image_path(split.ids[3]) == split.image_paths[3]
+    assert g.ids() == split.ids and (g.metadata(split.ids[3])["path"] or None) == split.image_paths[3]
     with torch.no_grad():
         want = vse.embed_images(torch.from_numpy(split.read_images(slice(None)))).numpy()
     np.testing.assert_allclose(g.store.vectors(range(N_IMAGES)), want, rtol=1e-5, atol=1e-6)
@@ -136,7 +136,7 @@ def test_text_to_image_top10_equals_brute_force(vse, data, image_index):
 def test_image_to_text_top10_equals_brute_force(vse, data, image_index, caption_index, unique_captions):
     caps = open_gallery(caption_index, model=vse)
     images = open_gallery(image_index, model=vse)
-    recs = caps.store.records(range(len(caps)))
+    recs = {r.row: r for r in caps.store.select(rows=range(len(caps)))}
     assert (
         caps.kind == "caption" and caps.stages == 1 and [recs[i].caption for i in range(len(caps))] == unique_captions
     )
@@ -173,7 +173,7 @@ def test_variable_region_counts(vse, tmp_path):
     lengths = np.array([5, 3, 1, 4, 5, 2, 5, 1, 3])
     np.save(tmp_path / "feats.npy", feats)
     g = build(vse, tmp_path / "feats.npy", tmp_path / "idx", lengths=lengths)
-    assert g.ids() == [str(i) for i in range(9)] and g.store.image_path("3") is None
+    assert g.ids() == [str(i) for i in range(9)] and (g.metadata("3")["path"] or None) is None
     exact = t2i_scores(vse, feats, torch.from_numpy(lengths), [QUERY, "a small blue circle"])
     assert_hits_exact(g.search_texts([QUERY, "a small blue circle"], k=9), exact, k=9)
 
@@ -194,7 +194,7 @@ def test_add_images_and_captions(vse, data, image_index, caption_index, unique_c
     texts = [QUERY, "a big green square", "the small blue circle above the red square"]
     exact = np.concatenate([t2i_scores(vse, old, None, texts), t2i_scores(vse, new, None, texts)], axis=1)
     assert_hits_exact(g.search_texts(texts, k=len(g)), exact, k=len(g))
-    assert g.store.image_path("n-b") == "b.png"
+    assert (g.metadata("n-b")["path"] or None) == "b.png"
     with pytest.raises(EslmatchError, match="id 'n-a' is in the gallery already"):
         g.add(regions(new[:1], img_dim=16, ids=["n-a"]), on_duplicate="error", options=NO_BAR)
 
@@ -291,7 +291,7 @@ def _legacy_v2(image_index: Path, g, legacy: Path) -> None:
     legacy.mkdir()
     np.save(legacy / "global.npy", g.store.vectors(range(len(g))))
     shutil.copyfile(image_index / g.store.layout()["faiss"]["file"], legacy / "faiss.index")
-    recs = g.store.records(range(len(g)))
+    recs = {r.row: r for r in g.store.select(rows=range(len(g)))}
     (legacy / "ids.txt").write_text("".join(f"{recs[i].id}\n" for i in range(len(g))))
     (legacy / "paths.txt").write_text("".join(f"{recs[i].path}\n" for i in range(len(g))))
     manifest = {
@@ -388,7 +388,7 @@ def test_photo_folder_index_is_exact_and_skips_bad_files(photos, tmp_path, capsy
     assert len(g) == N_PHOTOS and g.stages == 1 and g.store.manifest["model"]["inputs"] == "pixels"
     ids = g.ids()
     assert ids[:2] == ["img_00", "img_01"] and ids[-1] == "more/pic_3"
-    recs = g.store.records(range(N_PHOTOS))
+    recs = {r.row: r for r in g.store.select(rows=range(N_PHOTOS))}
     paths = [recs[i].path for i in range(N_PHOTOS)]
     assert all(Path(p).is_absolute() and Path(p).is_file() for p in paths)
     assert g.metadata("more/pic_3")["folder"] == "more" and g.metadata("img_00")["folder"] == ""
@@ -434,7 +434,9 @@ def test_raw_image_splits_and_adding_photos(photos, tmp_path, capsys):
     assert g.ids() == [f"img_{i:02d}" for i in range(6)]
     assert g.store.layout()["sources"][0]["split_file"] == str(tsv.resolve())
     caps = build(model, tsv, tmp_path / "cap", kind="caption", images_dir=root / "photos")
-    assert "img_00#0" in caps.ids() and caps.store.image_path("img_03#2") == g.store.image_path("img_03")
+    assert "img_00#0" in caps.ids() and (caps.metadata("img_03#2")["path"] or None) == (
+        g.metadata("img_03")["path"] or None
+    )
     assert len(caps) == 7 * 5  # captions need no readable image: broken.png's are indexed too
     with pytest.raises(EslmatchError, match="needs the folder of its images"):
         build(model, tsv, tmp_path / "cap2", kind="caption")
@@ -460,7 +462,7 @@ def test_raw_image_splits_and_adding_photos(photos, tmp_path, capsys):
     assert "bad.jpg" in capsys.readouterr().err and rep.added == 2 and len(rep.unreadable) == 1
     grown = open_gallery(tmp_path / "split", model=model, verify=True)
     assert grown.ids()[-2:] == ["new_a", "new_b"] and len(grown) == 8
-    recs = grown.store.records(range(8))
+    recs = {r.row: r for r in grown.store.select(rows=range(8))}
     pixels = pixels_of(model, [recs[i].path for i in range(8)])
     assert_hits_exact(grown.search_texts(caps_text[:5], k=8), t2i_scores(model, pixels, None, caps_text[:5]), k=8)
     again = grown.add(extra, options=NO_BAR)  # the same folder twice: skipped, reported, not an error

@@ -641,14 +641,13 @@ def describe(gallery: Any) -> dict[str, Any]:
     """The manifest with the live counts, fields and (file galleries) the layout."""
     store = gallery.store
     out = {k: v for k, v in store.manifest.items() if not k.startswith("_")}
-    out.update(store.counts())
+    out.update(store.info())
     lib = store.library()
     out["library"] = {
         "roots": lib.get("roots", []),
         "excluded": len(lib.get("excluded", {})),
         "gone": len(lib.get("gone", {})),
     }
-    out["fields"] = store.filter_fields()
     if hasattr(store, "layout"):
         layout = store.layout()
         out["layout"] = {k: v for k, v in layout.items() if k != "sources"}

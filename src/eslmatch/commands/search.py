@@ -126,7 +126,9 @@ def run(args: argparse.Namespace) -> int:
         raise EslmatchError(
             f"{store.where} is an image gallery: --{'image-id' if kind == 'id' else 'image-features'} queries a caption index"
         )
-    store.set_search_params(nprobe=args.nprobe, ef_search=args.ef_search)
+    store.search_params.update(
+        {k: v for k, v in (("nprobe", args.nprobe), ("ef_search", args.ef_search)) if v is not None}
+    )
     _ = gallery.searcher  # loads the model and checks it is the gallery's
     encoded = str(gallery.encoding)
     _note_mismatch(gallery, args)
@@ -180,7 +182,7 @@ def _search(args: argparse.Namespace, gallery: Any, kind: str, where: Any) -> tu
         images = open_gallery(args.image_index, model=gallery.model)
         query = images.searcher.stored(args.image_id)
         hits = gallery.searcher.images([query], args.k, args.rerank_k, where)[0]
-        return hits, {"image_id": args.image_id, "image_path": images.store.image_path(args.image_id)}
+        return hits, {"image_id": args.image_id, "image_path": images.metadata(args.image_id)["path"] or None}
     import numpy as np
 
     try:

@@ -47,7 +47,7 @@ from .library import (
 )
 from .metadata import Metadata, MetadataError, merge_types, read_metadata
 from .models import check_gallery_model, check_model, model_record
-from .policy import check_on_duplicate, keep_user_metadata, records_of
+from .policy import check_on_duplicate, item_record, keep_user_metadata, records_of
 from .sourcefiles import IMAGE_SUFFIXES, is_image_file
 from .sources import PhotoSource, Source, source_for
 from .store import GalleryStore
@@ -137,7 +137,7 @@ class Gallery:
         return self.store.stages
 
     def __len__(self) -> int:
-        return self.store.count()
+        return int(self.store.info()["count"])
 
     def __repr__(self) -> str:
         return f"Gallery({self.store.where!r}, kind={self.kind}, stages={self.stages}, count={len(self)})"
@@ -180,19 +180,19 @@ class Gallery:
     # ------------------------------------------------------------------ items
     def metadata(self, item_id: str) -> Metadata:
         """``id``, ``path``, ``added`` and the metadata fields of a live item."""
-        return self.store.metadata(item_id)
+        return item_record(self.store, item_id).fields()
 
     def ids(self) -> list[str]:
-        return self.store.ids()
+        return [r.id for r in self.store.select(fields=())]
 
     def fields(self) -> dict[str, str]:
         """Fields a filter may name, with their types."""
-        return self.store.filter_fields()
+        return dict(self.store.info()["fields"])
 
     def check_filter(self, where: str | Filter) -> Filter:
         flt = as_filter(where)
         assert flt is not None
-        return check(flt, self.store.filter_fields())
+        return check(flt, self.fields())
 
     # ------------------------------------------------------------------ changes
     def add(
@@ -333,7 +333,7 @@ class Gallery:
         """Metadata given with an add of a root: on top of what the items keep; for items
         already stored and unchanged, an update."""
         if isinstance(metadata, (str, Path)):
-            metadata = read_metadata(metadata, self.store.filter_fields())
+            metadata = read_metadata(metadata, self.fields())
         written = {i for i, _ in (*plan.changed, *plan.returned, *plan.new)}
         stored = {i for i, _ in plan.unchanged} | set(plan.touched)
         unknown = [i for i in metadata if i not in written and i not in stored]
@@ -341,7 +341,7 @@ class Gallery:
             raise MetadataError(
                 f"metadata names {len(unknown)} id(s) not among the files of the folder, e.g. {unknown[0]!r}"
             )
-        merge_types(self.store.filter_fields(), ({"id": k, **v} for k, v in metadata.items()))
+        merge_types(self.fields(), ({"id": k, **v} for k, v in metadata.items()))
         for i, fields in metadata.items():
             if i in written:
                 plan.kept[i] = {**plan.kept.get(i, {}), **fields}
@@ -445,10 +445,10 @@ class Gallery:
             )
         # Numbered items (captions, features without ids) get the ids they will be stored under
         # now, so metadata is keyed by those ("5", "6", ... after five items), as documented.
-        src.number_from(self.store.counts()["numbered"])
+        src.number_from(self.store.info()["numbered"])
         if metadata is not None:
             if isinstance(metadata, (str, Path)):
-                metadata = read_metadata(metadata, self.store.filter_fields())
+                metadata = read_metadata(metadata, self.fields())
             src.with_metadata(metadata)
         return src
 
@@ -474,7 +474,7 @@ class Gallery:
     def update(self, metadata_by_id: Mapping[str, Metadata] | str | Path) -> int:
         """Set metadata fields of items (``None`` clears one); a file is read as ``metadata``."""
         if isinstance(metadata_by_id, (str, Path)):
-            metadata_by_id = read_metadata(metadata_by_id, self.store.filter_fields())
+            metadata_by_id = read_metadata(metadata_by_id, self.fields())
         return self.store.update(metadata_by_id)
 
     def compact(self) -> dict[str, int]:
@@ -486,9 +486,6 @@ class Gallery:
             lib.gone = {}
             lib.save(self.store)
         return out
-
-    def refresh(self) -> bool:
-        return self.store.refresh()
 
     def close(self) -> None:
         self.store.close()

@@ -164,7 +164,7 @@ class Library:
         return cls(store.library())
 
     def save(self, store: GalleryStore) -> None:
-        store.set_library(self.state())
+        store.update({}, library=self.state())
 
     # ------------------------------------------------------------------ roots
     def root_of(self, folder: str | Path) -> dict[str, str] | None:

@@ -33,13 +33,16 @@ def check_known(
 
 
 def records_of(store: GalleryStore, ids: Sequence[str]) -> list[Record]:
-    """The stored records of ``ids`` (unknown ones left out), read a filter's worth at a time."""
-    from .filters import MAX_IN_VALUES, Filter, In
+    """The stored records of ``ids`` (unknown ones left out), in row order."""
+    return store.select(ids=ids)
 
-    out: list[Record] = []
-    for i in range(0, len(ids), MAX_IN_VALUES):
-        out.extend(store.select(Filter(In("id", tuple(ids[i : i + MAX_IN_VALUES])), "id in [...]")))
-    return out
+
+def item_record(store: GalleryStore, item_id: str, fields: Sequence[str] | None = None) -> Record:
+    """The record of the live item ``item_id`` (read in one snapshot), or one line naming it."""
+    found = store.select(fields=fields, ids=[str(item_id)])
+    if not found:
+        raise EslmatchError(f"{store.where}: no item with id {str(item_id)!r}")
+    return found[0]
 
 
 def keep_user_metadata(store: GalleryStore, source: Source) -> None:

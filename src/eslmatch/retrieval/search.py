@@ -31,6 +31,7 @@ from .encode import ImageQuery, caption_words, encode_image_query, encode_texts
 from .encoding import Encoding, default_encoding
 from .filters import Filter, as_filter, check
 from .models import check_model
+from .policy import item_record
 from .store import GalleryStore
 
 QUERY_BATCH = 64
@@ -119,7 +120,7 @@ class Searcher:
 
     def _where(self, where: str | Filter | None) -> Filter | None:
         flt = as_filter(where)
-        return None if flt is None else check(flt, self.store.filter_fields())
+        return None if flt is None else check(flt, self.store.info()["fields"])
 
     # ------------------------------------------------------------------ text -> items
     def texts(
@@ -139,7 +140,7 @@ class Searcher:
         clock = _Clock(timings)
         out: list[list[Hit]] = []
         with self.store.snapshot():
-            kk, depth, rerank = plan_depth(k, None if self.one_stage else rerank_k, max(1, self.store.count()))
+            kk, depth, rerank = plan_depth(k, None if self.one_stage else rerank_k, max(1, self.store.info()["count"]))
             for b0 in range(0, len(texts), QUERY_BATCH):
                 q = encode_texts(self.model, texts[b0 : b0 + QUERY_BATCH], self.encoding)
                 clock.lap("encode")
@@ -159,7 +160,7 @@ class Searcher:
         candidate (ties go to the lower row, as everywhere)."""
         if not self.one_stage:
             return self.store.first_stage(vectors, depth, flt)
-        n = max(1, self.store.count())
+        n = max(1, self.store.info()["count"])
         depth = min(k + 1, n)
         while True:
             fs, rows = self.store.first_stage(vectors, depth, flt)
@@ -201,7 +202,7 @@ class Searcher:
         out: list[list[Hit]] = []
         with self.store.snapshot():
             kk, depth, rerank = plan_depth(
-                k, None if self.one_stage or not caption else rerank_k, max(1, self.store.count())
+                k, None if self.one_stage or not caption else rerank_k, max(1, self.store.info()["count"])
             )
             for b0 in range(0, len(encoded), QUERY_BATCH):
                 batch = encoded[b0 : b0 + QUERY_BATCH]
@@ -217,10 +218,10 @@ class Searcher:
         """A stored image of this gallery as a query (its vector and, two-stage, its side),
         e.g. for a caption index built with the same model (image -> text)."""
         with self.store.snapshot():
-            row = self.store.row_of(str(item_id))
+            row = item_record(self.store, item_id, ()).row
             side = None
             if not self.one_stage:
-                side = torch.from_numpy(self.store.side_row(row))[None].to(self.model.device)
+                side = torch.from_numpy(self._side(row))[None].to(self.model.device)
             return ImageQuery(self.store.vectors([row])[0], side, self.store.manifest["model"].get("fingerprint"))
 
     def similar(self, item_ids: Sequence[str], k: int = 10, where: str | Filter | None = None) -> list[list[Hit]]:
@@ -229,9 +230,9 @@ class Searcher:
         flt = self._where(where)
         out = []
         with self.store.snapshot():
-            rows = [self.store.row_of(str(i)) for i in item_ids]
+            rows = [item_record(self.store, i, ()).row for i in item_ids]
             vectors = self.store.vectors(rows)
-            n = max(1, self.store.count())
+            n = max(1, self.store.info()["count"])
             kk = plan_depth(k, None, n)[0]
             fs, found = self._first(vectors, min(kk + 1, n), min(kk + 1, n), flt)
             for j, row in enumerate(rows):
@@ -246,13 +247,15 @@ class Searcher:
         fs, rows = fs[keep], rows[keep].astype(np.int64)
         scores = self._rerank(query, rows) if query is not None and rows.size else fs.astype(np.float64)
         order = np.lexsort((rows, -scores))[:k]  # best score first, ties by row
-        recs = self.store.records(rows[order].tolist())
-        out = []
-        for rank, j in enumerate(order, start=1):
-            rec = recs[int(rows[j])]
+        recs = {r.row: r for r in self.store.select(rows=rows[order].tolist())}
+        out: list[Hit] = []
+        for j in order:
+            rec = recs.get(int(rows[j]))
+            if rec is None:  # deleted by another process since the shortlist (Milvus forgets it at once)
+                continue
             out.append(
                 Hit(
-                    rank,
+                    len(out) + 1,
                     rec.id,
                     rec.path or None,
                     float(scores[j]),
@@ -263,6 +266,11 @@ class Searcher:
                 )
             )
         return out
+
+    def _side(self, row: int) -> np.ndarray:
+        """The stored side of one item, real regions only: ``(R_i, Dt)`` float32."""
+        side, lens = self.store.sides(np.asarray([row]))
+        return side[0, : int(lens[0])]
 
     def _rerank(self, query: Any, rows: np.ndarray) -> np.ndarray:
         """ESL scores ``(len(rows),)`` of the query against the stored rows."""
@@ -293,7 +301,7 @@ class Searcher:
         assert q.feats is not None
         w = int(q.lengths[0])
         with self.store.snapshot():
-            side = torch.from_numpy(self.store.side_row(self.store.row_of(item_id)))
+            side = torch.from_numpy(self._side(item_record(self.store, item_id, ()).row))
         with eval_mode(self.model):
             weights = self.model.attention(q.feats[0, :w], side.to(q.feats.device))
         ids, _ = self.model.tokenize([text])

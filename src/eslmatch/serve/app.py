@@ -50,7 +50,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import EslmatchError
 from ..retrieval import Gallery, open_gallery, parse_filter
 from ..retrieval.layout import UPLOADS
-from ..retrieval.policy import ON_DUPLICATE
+from ..retrieval.policy import ON_DUPLICATE, item_record
 from .limits import ServeConfig
 from .metrics import Metrics, MetricsMiddleware
 from .middleware import (
@@ -233,7 +233,7 @@ class Served:
     def image_file(self, item_id: str) -> Path | None:
         """The recorded image file of a known id, when it exists and is an image."""
         try:
-            recorded = self.gallery.store.image_path(item_id)
+            recorded = item_record(self.gallery.store, item_id, ()).path or None
         except EslmatchError:
             return None
         return servable(recorded)
@@ -707,7 +707,8 @@ def load_app(
 def check_image_files(gallery: Gallery, sample: int = 200) -> None:
     """Refuse a gallery whose recorded image files are all gone (moved?), naming one (a few
     missing files are served as missing pictures)."""
-    paths = gallery.store.sample_paths(sample)
+    rows = int(gallery.store.info()["rows"])
+    paths = [r.path for r in gallery.store.select(fields=(), rows=range(0, rows, max(1, rows // sample))) if r.path]
     missing = [p for p in paths if not Path(p).is_file()]
     if paths and len(missing) == len(paths):
         raise EslmatchError(

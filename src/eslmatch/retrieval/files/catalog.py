@@ -54,6 +54,7 @@ class Catalog:
         # the fields' columns, keyed by the file read and its generation (a rebuilt gallery
         # restarts its generation, and may give a column to another field, or to none)
         self._types: tuple[Any, dict[str, tuple[str, str]]] | None = None
+        self._all: tuple[Any, dict[str, str]] | None = None
         if create:
             self._create()
         else:
@@ -251,11 +252,14 @@ class Catalog:
             return np.fromiter((r[0] for r in rows), dtype=np.int64)
 
     def all_types(self) -> dict[str, str]:
-        """Fields a filter may name, with their types (builtins included)."""
-        out = {"id": "str", "path": "str", "added": "str", **self.types()}
-        if self.conn.execute("SELECT 1 FROM items WHERE caption IS NOT NULL LIMIT 1").fetchone():
-            out["caption"] = "str"
-        return out
+        """Fields a filter may name, with their types (builtins included; once per generation)."""
+        key = (self.generation(), self.identity())
+        if self._all is None or self._all[0] != key:
+            out = {"id": "str", "path": "str", "added": "str", **self.types()}
+            if self.conn.execute("SELECT 1 FROM items WHERE caption IS NOT NULL LIMIT 1").fetchone():
+                out["caption"] = "str"
+            self._all = (key, out)
+        return dict(self._all[1])
 
     def rows_of(self, ids: Sequence[str]) -> dict[str, int]:
         """``{id: row}`` of the live items among ``ids`` (unknown ids are absent)."""

@@ -50,7 +50,6 @@ from ..layout import (
     release,
     shard_files,
 )
-from ..metadata import Metadata
 from ..store import Record
 from .catalog import CATALOG, Catalog, CatalogError
 
@@ -125,8 +124,8 @@ class FileReader:
         self.dtype: str = manifest["dtype"]
         grid = manifest.get("grid")
         self.grid: tuple[int, int] | None = (int(grid[0]), int(grid[1])) if grid else None
-        self.faiss_options = ann.FaissOptions()
-        self._overrides: dict[str, int] = {}
+        self._recorded_options: dict[str, Any] = {}
+        self.search_params: dict[str, int] = {}  # nprobe, ef_search, refine over the recorded ones
         self._loaded: Loaded | None = None
         self._shards: dict[str, Shard] = {}
         self._lock = threading.RLock()
@@ -233,7 +232,7 @@ class FileReader:
             and old.layout.get("faiss", {}).get("file") == faiss_rec.get("file")
         ):
             faiss_index = old.faiss
-        self.faiss_options = ann.FaissOptions.from_dict({**faiss_rec.get("options", {}), **self._overrides})
+        self._recorded_options = dict(faiss_rec.get("options", {}))
         live, _ = self.catalog.counts()
         return Loaded(
             gen,
@@ -315,15 +314,24 @@ class FileReader:
         with self.snapshot() as s:
             return s.generation
 
-    def count(self) -> int:
-        """Live items."""
+    def info(self) -> dict[str, Any]:
+        """Live ``count``, ``deleted`` rows not yet compacted, ``rows`` stored, the next
+        ``numbered`` id (never reused) and the filterable ``fields`` with their types."""
         with self.snapshot() as s:
-            return s.live
+            numbered = int(s.layout.get("numbered", s.rows))
+            fields = self.catalog.all_types()
+            return {
+                "count": s.live,
+                "deleted": int(s.deleted.size),
+                "rows": s.rows,
+                "numbered": numbered,
+                "fields": fields,
+            }
 
-    def counts(self) -> dict[str, int]:
-        with self.snapshot() as s:
-            numbered = int(s.layout.get("numbered", s.rows))  # the next numbered id (never reused)
-            return {"count": s.live, "deleted": int(s.deleted.size), "rows": s.rows, "numbered": numbered}
+    @property
+    def faiss_options(self) -> ann.FaissOptions:
+        """The FAISS options searches use: the recorded ones, :attr:`search_params` over them."""
+        return ann.FaissOptions.from_dict({**self._recorded_options, **self.search_params})
 
     @property
     def faiss_kind(self) -> str:
@@ -335,76 +343,35 @@ class FileReader:
         with self.snapshot():
             return self.catalog.types()
 
-    def filter_fields(self) -> dict[str, str]:
-        with self.snapshot():
-            return self.catalog.all_types()
-
     def layout(self) -> dict[str, Any]:
         with self.snapshot() as s:
             return dict(s.layout)
 
-    def set_search_params(
-        self, nprobe: int | None = None, ef_search: int | None = None, refine: int | None = None
-    ) -> None:
-        """Override the IVF ``nprobe`` / HNSW ``efSearch`` / IVF-PQ ``refine`` of later searches."""
-        for name, value in (("nprobe", nprobe), ("ef_search", ef_search), ("refine", refine)):
-            if value is None:
-                continue
-            if not isinstance(value, int) or value < 1:
-                raise EslmatchError(f"{name} must be a positive integer, got {value!r}")
-            self._overrides[name] = int(value)
-            setattr(self.faiss_options, name, int(value))
-
-    # ------------------------------------------------------------------ items
-    def records(self, rows: Sequence[int]) -> dict[int, Record]:
-        with self.snapshot():
-            return self.catalog.records(rows)
-
-    def row_of(self, item_id: str) -> int:
-        """Row of the live item ``item_id``."""
-        with self.snapshot():
-            found = self.catalog.rows_of([str(item_id)])
-        if not found:
-            raise EslmatchError(f"{self.where}: no item with id {str(item_id)!r}")
-        return int(found[str(item_id)])
-
-    def _record_of(self, item_id: str) -> Record:
-        """The record of a live item, its row looked up and read in one snapshot (a compaction
-        between the two would renumber the rows: another item's record)."""
-        with self.snapshot():
-            row = self.row_of(item_id)
-            return self.catalog.records([row])[row]
-
-    def metadata(self, item_id: str) -> Metadata:
-        """Every field of a live item: ``id``, ``path``, ``added`` and its metadata."""
-        return self._record_of(item_id).fields()
-
-    def select(self, where: Filter | None = None, fields: Sequence[str] | None = None) -> list[Record]:
-        """The live items (those ``where`` selects) with their metadata (``fields``: at least
-        those), in row order."""
+    def select(
+        self,
+        where: Filter | None = None,
+        fields: Sequence[str] | None = None,
+        *,
+        ids: Sequence[str] | None = None,
+        rows: Sequence[int] | None = None,
+    ) -> list[Record]:
+        """Records in row order, read in one snapshot: of the live items ``where`` selects (all
+        without it), or of the live items with these ``ids`` (unknown ones left out), or of these
+        stored ``rows``; with their metadata (``fields``: at least those)."""
         with self.snapshot() as s:
-            rows = None if where is None else self._selected(s, where)[0].tolist()
-            recs = self.catalog.records(rows, fields)
+            if ids is not None:
+                wanted: list[int] | None = list(self.catalog.rows_of([str(i) for i in ids]).values())
+            elif rows is not None:
+                wanted = [int(r) for r in rows]
+            else:
+                wanted = None if where is None else self._selected(s, where)[0].tolist()
+            recs = self.catalog.records(wanted, fields)
         return [recs[r] for r in sorted(recs)]
 
     def library(self) -> dict[str, Any]:
         """The photo library's state (roots, exclusions; :mod:`~.library`), ``{}`` if none."""
         with self.snapshot():
             return self.catalog.state("library")
-
-    def ids(self) -> list[str]:
-        """Live ids in row order."""
-        with self.snapshot():
-            return self.catalog.live_ids()
-
-    def image_path(self, item_id: str) -> str | None:
-        return self._record_of(item_id).path or None
-
-    def sample_paths(self, n: int = 200) -> list[str]:
-        with self.snapshot():
-            paths = [p for p in self.catalog.column_values("path") if p]
-        step = max(1, len(paths) // n)
-        return paths[::step][:n]
 
     # ------------------------------------------------------------------ first stage
     def match(self, where: Filter) -> np.ndarray:
@@ -524,11 +491,6 @@ class FileReader:
                 touched += int(local.size) * sh.side[0].nbytes
             self._touched(rows.size, touched // max(1, rows.size))
         return out, lens
-
-    def side_row(self, row: int) -> np.ndarray:
-        """The stored side of one item, real regions only: ``(R_i, Dt)`` float32."""
-        side, lens = self.sides(np.asarray([row]))
-        return side[0, : int(lens[0])]
 
     # ------------------------------------------------------------------ memory
     def advise(self, random_access: bool) -> None:

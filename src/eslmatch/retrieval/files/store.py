@@ -248,7 +248,7 @@ def add_files(
         replaced = sorted(existing.values()) if on_duplicate == "replace" else []
         if source.count == 0:
             collect_garbage(path, layout)
-            rep.count = store.count()
+            rep.count = store.info()["count"]
             return rep
         rows = int(store.manifest.get("shard_rows") or DEFAULT_SHARD_ROWS)
         base = int(layout.get("next_shard", len(layout["shards"])))
@@ -268,7 +268,7 @@ def add_files(
         new = [r for r in writer.records if r["rows"]]
         if not new:  # every new file was unreadable: nothing to add (each was named)
             collect_garbage(path, layout)
-            rep.count = store.count()
+            rep.count = store.info()["count"]
             return rep
         for rec in new:
             os.replace(path / STAGING / rec["dir"], path / rec["dir"])
@@ -292,7 +292,7 @@ def add_files(
         _commit_items(store.catalog, source, kept, start, new_layout, replaced)
         collect_garbage(path, new_layout)
         rep.added, rep.replaced = len(kept), len(replaced)
-        rep.count = store.count()
+        rep.count = store.info()["count"]
         return rep
 
 
@@ -323,10 +323,15 @@ def delete_files(store: FileReader, ids: Sequence[str] | None, where: Filter | N
         return n
 
 
-def update_files(store: FileReader, changes: Mapping[str, Metadata], paths: Mapping[str, str] | None = None) -> int:
-    """Set metadata of live items (``None`` clears a field) and the ``paths`` of moved ones in
-    one transaction; an unknown id or a value of another type than its field's is an error,
-    and nothing changes."""
+def update_files(
+    store: FileReader,
+    changes: Mapping[str, Metadata],
+    paths: Mapping[str, str] | None = None,
+    library: Mapping[str, Any] | None = None,
+) -> int:
+    """Set metadata of live items (``None`` clears a field), the ``paths`` of moved ones and the
+    photo ``library``'s state (:mod:`~.library`) in one transaction; an unknown id or a value
+    of another type than its field's is an error, and nothing changes."""
     paths = paths or {}
     with write_lock(store.path):
         store.refresh()
@@ -338,14 +343,10 @@ def update_files(store: FileReader, changes: Mapping[str, Metadata], paths: Mapp
         with store.catalog.write():
             store.catalog.add_fields(types)
             store.catalog.update(rows)
+            if library is not None:
+                store.catalog.set_state("library", library)
         collect_garbage(store.path, store.layout())
         return len(ids)
-
-
-def set_library_files(store: FileReader, state: Mapping[str, Any]) -> None:
-    """Record the photo library's state (:mod:`~.library`) in the catalogue, atomically."""
-    with write_lock(store.path), store.catalog.write():
-        store.catalog.set_state("library", state)
 
 
 class FileStore(FileReader):
@@ -365,11 +366,13 @@ class FileStore(FileReader):
     def delete(self, ids: Sequence[str] | None = None, where: Filter | None = None) -> int:
         return delete_files(self, ids, where)
 
-    def update(self, changes: Mapping[str, Metadata], paths: Mapping[str, str] | None = None) -> int:
-        return update_files(self, changes, paths)
-
-    def set_library(self, state: Mapping[str, Any]) -> None:
-        set_library_files(self, state)
+    def update(
+        self,
+        changes: Mapping[str, Metadata],
+        paths: Mapping[str, str] | None = None,
+        library: Mapping[str, Any] | None = None,
+    ) -> int:
+        return update_files(self, changes, paths, library)
 
     def compact(self, report: Report | None = None) -> dict[str, int]:
         return compact_files(self, report or _warn)

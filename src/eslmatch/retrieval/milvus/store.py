@@ -69,8 +69,8 @@ class MilvusStore:
     def __init__(self, conn: MilvusConnection, collection: str, manifest: dict[str, Any]) -> None:
         self.conn, self.collection = conn, collection
         self.where = f"collection {collection!r} at {conn.uri}"
-        self.faiss_options = ann.FaissOptions()
-        self._overrides: dict[str, int] = {}
+        self._recorded_options: dict[str, Any] = {}
+        self.search_params: dict[str, int] = {}  # nprobe, ef_search, refine over the recorded ones
         self._lock = threading.RLock()
         self._cache: OrderedDict[int, Record] = OrderedDict()
         self._count: tuple[float, int] | None = None
@@ -84,7 +84,7 @@ class MilvusStore:
         grid = m.get("grid")
         self.grid = (int(grid[0]), int(grid[1])) if grid else None
         self.faiss_kind = str(m["index"]["kind"])
-        self.faiss_options = ann.FaissOptions.from_dict({**m["index"].get("options", {}), **self._overrides})
+        self._recorded_options = dict(m["index"].get("options", {}))
         self._refreshed = time.monotonic()
 
     @classmethod
@@ -142,12 +142,17 @@ class MilvusStore:
         self._apply(m)
         return changed
 
+    @property
+    def faiss_options(self) -> ann.FaissOptions:
+        """The search options: the recorded ones, :attr:`search_params` over them."""
+        return ann.FaissOptions.from_dict({**self._recorded_options, **self.search_params})
+
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[MilvusStore]:
         self.refresh(force=False)
         yield self
 
-    def count(self) -> int:
+    def _live(self) -> int:
         """Live items (``count(*)``; cached for a second)."""
         now = time.monotonic()
         if self._count is None or now - self._count[0] > 1.0:
@@ -155,12 +160,14 @@ class MilvusStore:
             self._count = (now, int(got[0]["count(*)"]))
         return self._count[1]
 
-    def counts(self) -> dict[str, int]:
+    def info(self) -> dict[str, Any]:
+        """As the file store's :meth:`~eslmatch.retrieval.files.reader.FileReader.info`."""
         return {
-            "count": self.count(),
+            "count": self._live(),
             "deleted": int(self.manifest.get("deleted") or 0),
             "rows": int(self.manifest.get("next_row") or 0),
             "numbered": int(self.manifest.get("next_row") or 0),  # rows are never reused here
+            "fields": self.filter_fields(),
         }
 
     def fields(self) -> dict[str, str]:
@@ -168,17 +175,6 @@ class MilvusStore:
 
     def filter_fields(self) -> dict[str, str]:
         return {"id": "str", "path": "str", "added": "str", **self.fields()}
-
-    def set_search_params(
-        self, nprobe: int | None = None, ef_search: int | None = None, refine: int | None = None
-    ) -> None:
-        for name, value in (("nprobe", nprobe), ("ef_search", ef_search)):
-            if value is None:
-                continue
-            if not isinstance(value, int) or value < 1:
-                raise EslmatchError(f"{name} must be a positive integer, got {value!r}")
-            self._overrides[name] = value
-            setattr(self.faiss_options, name, value)
 
     def expression(self, where: Filter) -> str:
         check(where, self.filter_fields())
@@ -213,7 +209,7 @@ class MilvusStore:
             while len(self._cache) > max(_CACHE_ROWS, 2 * len(recs)):
                 self._cache.popitem(last=False)
 
-    def records(self, rows: Sequence[int]) -> dict[int, Record]:
+    def _records(self, rows: Sequence[int], missing_ok: bool = False) -> dict[int, Record]:
         with self._lock:
             out = {int(r): self._cache[int(r)] for r in rows if int(r) in self._cache}
         missing = sorted({int(r) for r in rows} - out.keys())
@@ -225,7 +221,7 @@ class MilvusStore:
                     f"reading items of {self.where}", "get", self.collection, ids=part, output_fields=self._out_fields()
                 )
             ]
-            if len(got) < len(part):
+            if len(got) < len(part) and not missing_ok:
                 lost = sorted(set(part) - {r.row for r in got})
                 raise GalleryIndexError(f"{self.where}: no item at row {lost[0]}")
             self._remember(got)
@@ -248,22 +244,6 @@ class MilvusStore:
     def _ids_expr(self, ids: Sequence[str]) -> str:
         return to_milvus(Filter(In("id", tuple(ids)), ""), lambda f: "item_id", lambda f: False)
 
-    def _record_of(self, item_id: str) -> Record:
-        """A live item's record, by one query on its id."""
-        recs = self._query(self._ids_expr([str(item_id)]), 1)
-        if not recs:
-            raise EslmatchError(f"{self.where}: no item with id {str(item_id)!r}")
-        return recs[0]
-
-    def row_of(self, item_id: str) -> int:
-        return self._record_of(item_id).row
-
-    def metadata(self, item_id: str) -> Metadata:
-        return self._record_of(item_id).fields()
-
-    def image_path(self, item_id: str) -> str | None:
-        return self._record_of(item_id).path or None
-
     def scan(self, expr: str = "row >= 0") -> Iterator[Record]:
         """Every item matching ``expr`` in row order (reads them all)."""
         last = -1
@@ -275,27 +255,30 @@ class MilvusStore:
             yield from got
             last = got[-1].row
 
-    def ids(self) -> list[str]:
-        return [r.id for r in self.scan()]
-
-    def select(self, where: Filter | None = None, fields: Sequence[str] | None = None) -> list[Record]:
-        """The live items (those ``where`` selects) with their metadata (``fields``: at least
-        those; Milvus returns them all), in row order."""
+    def select(
+        self,
+        where: Filter | None = None,
+        fields: Sequence[str] | None = None,
+        *,
+        ids: Sequence[str] | None = None,
+        rows: Sequence[int] | None = None,
+    ) -> list[Record]:
+        """As the file store's :meth:`~eslmatch.retrieval.files.reader.FileReader.select`
+        (Milvus returns every field)."""
+        if ids is not None:
+            found: list[Record] = []
+            for i in range(0, len(ids), 1000):
+                found += self._query(self._ids_expr([str(x) for x in ids[i : i + 1000]]))
+            return sorted(found, key=lambda r: r.row)
+        if rows is not None:  # those still stored (a deleted entity is gone from Milvus)
+            recs = self._records(rows, missing_ok=True)
+            return [recs[r] for r in sorted(recs)]
         return list(self.scan() if where is None else self.scan(self.expression(where)))
 
     def library(self) -> dict[str, Any]:
         """The photo library's state (roots, exclusions; :mod:`~.library`), ``{}`` if none."""
         m = read_manifest(self.conn, self.collection) or self.manifest
         return dict(m.get("library") or {})
-
-    def set_library(self, state: Mapping[str, Any]) -> None:
-        m = read_manifest(self.conn, self.collection) or self.manifest
-        m["library"] = dict(state)
-        write_manifest(self.conn, self.collection, m)
-        self._apply(m)
-
-    def sample_paths(self, n: int = 200) -> list[str]:
-        return [r.path for r in self._query("row >= 0", n) if r.path]
 
     # ------------------------------------------------------------------ first stage and re-rank
     def first_stage(self, queries: np.ndarray, n: int, where: Filter | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -354,7 +337,7 @@ class MilvusStore:
         from the level collection."""
         if self.stages != 2:
             raise EslmatchError(f"{self.where}: re-ranking needs a two-stage (ESL) gallery; this one is one-stage")
-        recs = self.records(rows.tolist())
+        recs = self._records(rows.tolist())
         lens = np.asarray([recs[int(r)].length for r in rows], dtype=np.int64)
         lv = self.manifest["levels"]
         chunk, dt = int(lv["chunk"]), self.total_dim
@@ -385,10 +368,6 @@ class MilvusStore:
             out[j, c * chunk : c * chunk + n] = v.reshape(chunk, dt)[:n]
         return out, lens
 
-    def side_row(self, row: int) -> np.ndarray:
-        side, lens = self.sides(np.asarray([row]))
-        return side[0, : int(lens[0])]
-
     # ------------------------------------------------------------------ changes
     def add(
         self,
@@ -413,7 +392,7 @@ class MilvusStore:
         if replaced:
             self._delete_rows(replaced)
         self.refresh()
-        return AddReport(rep.written + rep.present, rep.duplicates, len(replaced), [], self.count())
+        return AddReport(rep.written + rep.present, rep.duplicates, len(replaced), [], self._live())
 
     def _delete_rows(self, rows: Sequence[int]) -> int:
         rows = sorted({int(r) for r in rows})
@@ -447,9 +426,14 @@ class MilvusStore:
             rows.update(r.row for r in self.scan(self.expression(where)))
         return self._delete_rows(sorted(rows)) if rows else 0
 
-    def update(self, changes: Mapping[str, Metadata], paths: Mapping[str, str] | None = None) -> int:
+    def update(
+        self,
+        changes: Mapping[str, Metadata],
+        paths: Mapping[str, str] | None = None,
+        library: Mapping[str, Any] | None = None,
+    ) -> int:
         """Rewrite the items' entities with their metadata changed (``None`` clears a field)
-        and the ``paths`` of moved ones."""
+        and the ``paths`` of moved ones; the photo ``library``'s state goes into the manifest."""
         self.refresh()
         paths = paths or {}
         types = merge_types(self.fields(), ({"id": k, **v} for k, v in changes.items()))
@@ -477,9 +461,12 @@ class MilvusStore:
                 e["path"] = paths[item]
             e["vec"] = np.asarray(e["vec"], dtype=np.float32)
             out.append(e)
-        send(self.conn, self.collection, out, self.total_dim * 4 + 512)
+        if out:
+            send(self.conn, self.collection, out, self.total_dim * 4 + 512)
         m = read_manifest(self.conn, self.collection) or self.manifest
         m["fields"] = types
+        if library is not None:
+            m["library"] = dict(library)
         write_manifest(self.conn, self.collection, m)
         with self._lock:
             for e in out:
@@ -496,7 +483,7 @@ class MilvusStore:
         m["deleted"] = 0
         write_manifest(self.conn, self.collection, m)
         self._apply(m)
-        return {"removed": removed, "count": self.count(), "shards": 0}
+        return {"removed": removed, "count": self._live(), "shards": 0}
 
     def close(self) -> None:
         self.conn.close()

@@ -28,7 +28,7 @@ from eslmatch.cli import main  # noqa: E402
 from eslmatch.errors import EslmatchError  # noqa: E402
 from eslmatch.retrieval import BuildOptions, GalleryIndexError, build_gallery, open_gallery  # noqa: E402
 from eslmatch.retrieval import regions as region_source  # noqa: E402
-from eslmatch.retrieval import writer as writer_mod  # noqa: E402
+from eslmatch.retrieval import encode as encode_mod  # noqa: E402
 from eslmatch.retrieval.milvus.conn import MilvusConnection, MilvusError  # noqa: E402
 from eslmatch.retrieval.milvus.store import MilvusStore  # noqa: E402
 from eslmatch.retrieval.milvus.write import MilvusSink  # noqa: E402
@@ -188,7 +188,7 @@ def test_server_killed_mid_build_then_a_rerun_resumes(model, model_dir, tmp_path
     srv = MilvusServer(tmp_path / "data").start()
     try:
         calls = {"n": 0}
-        real = writer_mod.encode_items
+        real = encode_mod.encode_items
 
         def dying(*args, **kwargs):
             calls["n"] += 1
@@ -196,7 +196,7 @@ def test_server_killed_mid_build_then_a_rerun_resumes(model, model_dir, tmp_path
                 srv.kill()
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(writer_mod, "encode_items", dying)
+        monkeypatch.setattr(encode_mod, "encode_items", dying)  # what the writer calls
         cmd = ["index", "build", "--model", model_dir, "--features", str(tmp_path / "feats.npy")]
         cmd += ["--milvus", srv.uri, "--collection", "resumable", "--batch-size", "500", "--milvus-timeout", "3"]
         t0 = time.perf_counter()

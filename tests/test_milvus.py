@@ -27,8 +27,8 @@ if not has_grpc_server():
 from eslmatch.cli import main  # noqa: E402
 from eslmatch.errors import EslmatchError  # noqa: E402
 from eslmatch.retrieval import BuildOptions, GalleryIndexError, build_gallery, open_gallery  # noqa: E402
-from eslmatch.retrieval import regions as region_source  # noqa: E402
 from eslmatch.retrieval import encode as encode_mod  # noqa: E402
+from eslmatch.retrieval import regions as region_source  # noqa: E402
 from eslmatch.retrieval.milvus.conn import MilvusConnection, MilvusError  # noqa: E402
 from eslmatch.retrieval.milvus.store import MilvusStore  # noqa: E402
 from eslmatch.retrieval.milvus.write import MilvusSink  # noqa: E402

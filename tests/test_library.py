@@ -126,14 +126,25 @@ def test_a_changed_photo_is_re_encoded_keeping_its_tags(model, place, tmp_path):
     assert g.sync().changes == 0
 
 
-def test_deleted_files_leave_the_results_and_come_back_with_their_tags(model, place, tmp_path):
+def no_encoding_on_the_file_store(place, g, monkeypatch) -> None:
+    """The file store keeps a deleted item's vector until ``compact`` (a return is not
+    encoded); Milvus deletes are final (it is)."""
+    if place.store == "files":
+        monkeypatch.setattr(type(g), "_write", lambda *a, **k: pytest.fail("a file that came back was re-encoded"))
+    else:
+        monkeypatch.undo()
+
+
+def test_deleted_files_leave_the_results_and_come_back_with_their_tags(model, place, tmp_path, monkeypatch):
     """Defect 5: a photo removed from disk kept being returned. After ``sync`` it is not; its
-    metadata is kept until ``compact``, so when the file returns it has its id and tags."""
+    metadata is kept until ``compact``, so when the file returns it has its id and tags (and,
+    on the file store, its vector, without encoding)."""
     photos = tmp_path / "photos"
     for i in range(4):
         photo(photos / f"p{i}.jpg", i)
     g = place.build(model, "g", photos)
     g.update({"p2": {"album": "summer"}})
+    before = vector(g, "p2")
     kept = tmp_path / "elsewhere.jpg"
     shutil.move(photos / "p2.jpg", kept)
     plan = g.sync()
@@ -142,13 +153,29 @@ def test_deleted_files_leave_the_results_and_come_back_with_their_tags(model, pl
     assert all(h.id != "p2" for h in g.search("a photo", k=10))
     assert g.store.library()["gone"]["p2"]["metadata"] == {"album": "summer"}
     shutil.move(kept, photos / "back" / "p2.jpg") if (photos / "back").mkdir() is None else None
+    no_encoding_on_the_file_store(place, g, monkeypatch)
     plan = g.sync()
     assert plan.counts()["new"] == 1 and g.metadata("p2")["album"] == "summer"
     assert g.metadata("p2")["file"] == "back/p2.jpg"
+    assert g.search("a photo", k=10)[0].id in g.ids()
+    np.testing.assert_allclose(vector(g, "p2"), before, atol=1e-6)
     assert g.sync().changes == 0
+    # gone, then back in its place with other content: encoded anew, never the stale vector
+    monkeypatch.undo()
+    (photos / "back" / "p2.jpg").unlink()
+    assert len(g.sync().gone) == 1
+    photo(photos / "back" / "p2.jpg", 77)
+    assert g.sync().counts()["new"] == 1
+    assert not np.allclose(vector(g, "p2"), before, atol=1e-3) and g.metadata("p2")["album"] == "summer"
+    # gone, compacted (forgotten), back: a new item
+    (photos / "back" / "p2.jpg").unlink()
+    g.sync()
+    g.compact()
+    photo(photos / "back" / "p2.jpg", 77)
+    assert g.sync().counts()["new"] == 1 and "album" not in g.metadata("back/p2")
 
 
-def test_a_deleted_photo_stays_deleted_until_restored(model, place, tmp_path, capsys):
+def test_a_deleted_photo_stays_deleted_until_restored(model, place, tmp_path, capsys, monkeypatch):
     """Defect 7: ``index delete --ids coffee`` then ``index add --images photos/`` encoded and
     returned the deleted photo again."""
     photos = tmp_path / "photos"
@@ -162,7 +189,11 @@ def test_a_deleted_photo_stays_deleted_until_restored(model, place, tmp_path, ca
     plan = g.sync()
     assert (plan.changes, plan.excluded) == (0, 1)
     assert "coffee" not in g.ids()
-    g.restore(["coffee"], options=QUIET)
+    before = len(g)
+    with monkeypatch.context() as m:
+        no_encoding_on_the_file_store(place, g, m)
+        g.restore(["coffee"], options=QUIET)
+    assert len(g) == before + 1
     assert g.metadata("coffee")["cup"] == "espresso"
     assert g.sync().excluded == 0 and len(g) == 5
     with pytest.raises(Exception, match="'moon' is not an excluded item"):

@@ -355,14 +355,18 @@ class Gallery:
         """Carry out ``plan``, one atomic store operation after another (a kill between two
         leaves a gallery a later sync completes)."""
         store = self.store
-        moves = {**dict(plan.moved), **plan.touched}
+        same = [(i, f) for i, f in plan.returned if i in plan.same]
+        moves = {**dict(plan.moved), **plan.touched, **dict(same)}
         if moves:
-            store.update({i: f.fields() for i, f in moves.items()}, {i: f.path for i, f in moves.items()})
+            fields = {i: {**plan.kept.get(i, {}), **f.fields()} for i, f in moves.items()}
+            store.update(fields, {i: f.path for i, f in moves.items()}, restore=list(dict(same)))
+        back = {r.id for r in records_of(store, list(dict(same)))} if same else set()
+        plan.restored = len(back)  # back without encoding: the store still held them
         if remove_gone and (plan.gone or plan.excluded_live):
             lib.remember_gone(plan.gone)
             lib.save(store)  # before the delete: a kill between the two keeps the metadata
             store.delete([r.id for r in plan.gone] + plan.excluded_live)
-        items = [*plan.changed, *plan.returned, *plan.new]
+        items = [*plan.changed, *((i, f) for i, f in plan.returned if i not in back), *plan.new]
         rep = AddReport(count=len(self))
         if items:
             src = photo_source(items, plan.kept, what, lib)
@@ -427,6 +431,7 @@ class Gallery:
                 raise EslmatchError(f"{self.store.where}: the file of {i!r} ({path}) is not there any more")
             items.append((i, stat_file(e["root"], e["file"], path)))
         plan = Plan(returned=items, kept={i: dict(lib.excluded[i].get("metadata") or {}) for i in ids})
+        plan.same = {i for i, f in items if f.sha256 == lib.excluded[i].get("file_sha256")}
         for i, f in items:  # gone until written: a kill in between leaves it for sync to bring back
             e = lib.excluded.pop(i)
             lib.gone[i] = {"root": f.root, "file": f.rel, "file_sha256": f.sha256, "metadata": e.get("metadata") or {}}

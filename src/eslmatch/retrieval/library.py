@@ -15,7 +15,9 @@ The store-neutral rules (both stores keep the same state through the small
   keeping their user metadata. A file whose size and mtime are the same is not read.
 - **Gone** files (not under their root any more) leave the results; their user metadata is
   kept until ``compact``, so a file that comes back (same place or same content) gets its id
-  and metadata again (it is encoded anew). A root that cannot be read (an unmounted disk) is
+  and metadata again: with the same content, its stored vector too where the store still
+  holds it (the file store, until ``compact``; Milvus deletes are final, so there it is
+  encoded anew), else it is encoded. A root that cannot be read (an unmounted disk) is
   left alone, with a warning.
 - **Excluded** files: an item the user deletes while its file stays in a root. ``sync`` and
   ``add`` of its folder leave it out (and count it); :meth:`~.gallery.Gallery.restore` takes it back.
@@ -89,6 +91,8 @@ class Plan:
     moved: list[tuple[str, FileState]] = field(default_factory=list)
     new: list[tuple[str, FileState]] = field(default_factory=list)
     returned: list[tuple[str, FileState]] = field(default_factory=list)
+    same: set[str] = field(default_factory=set)  # returned with the content they had: restorable
+    restored: int = 0  # of those, how many the store brought back (not encoded)
     gone: list[Record] = field(default_factory=list)
     excluded: int = 0  # files left out: the user deleted their items
     excluded_live: list[str] = field(default_factory=list)  # an interrupted delete to finish
@@ -295,8 +299,11 @@ class Library:
                 continue
             back = gone_key.get(f.key) or gone_hash.get(f.sha256)
             if back is not None and back in self.gone:
+                g = self.gone.pop(back)
                 plan.returned.append((back, f))
-                plan.kept[back] = dict(self.gone.pop(back).get("metadata") or {})
+                plan.kept[back] = dict(g.get("metadata") or {})
+                if g.get("file_sha256") == f.sha256:
+                    plan.same.add(back)
                 continue
             base = f.stem if f.root == first else f"{f.root}/{f.stem}"
             item_id, n = base, 1
@@ -324,7 +331,12 @@ class Library:
         for r in records:
             m = r.metadata
             if "root" in m and "file" in m:
-                self.excluded[r.id] = {"root": m["root"], "file": m["file"], "metadata": user_fields(m)}
+                self.excluded[r.id] = {
+                    "root": m["root"],
+                    "file": m["file"],
+                    "file_sha256": m.get("file_sha256"),
+                    "metadata": user_fields(m),
+                }
                 n += 1
         return n
 

@@ -340,6 +340,18 @@ class Catalog:
             n += cur.rowcount
         return n
 
+    def revive(self, ids: Sequence[str]) -> int:
+        """Make the newest deleted row of each id live again (not once compacted, nor while
+        another row of that id is live); returns how many."""
+        n = 0
+        for i in ids:
+            n += self.conn.execute(
+                "UPDATE items SET deleted = 0 WHERE row = (SELECT MAX(row) FROM items WHERE id = ?1 AND deleted = 1) "
+                "AND NOT EXISTS (SELECT 1 FROM items WHERE id = ?1 AND deleted = 0)",
+                (i,),
+            ).rowcount
+        return n
+
     def update(self, changes: Mapping[int, Metadata]) -> None:
         """Set (or, for ``None``, clear) metadata fields (and ``path``) of rows; new fields must exist."""
         by_fields: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}

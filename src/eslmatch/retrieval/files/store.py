@@ -328,19 +328,24 @@ def update_files(
     changes: Mapping[str, Metadata],
     paths: Mapping[str, str] | None = None,
     library: Mapping[str, Any] | None = None,
+    restore: Sequence[str] = (),
 ) -> int:
-    """Set metadata of live items (``None`` clears a field), the ``paths`` of moved ones and the
-    photo ``library``'s state (:mod:`~.library`) in one transaction; an unknown id or a value
-    of another type than its field's is an error, and nothing changes."""
+    """Bring the deleted items ``restore`` back (those not compacted yet; the changes of
+    the others are dropped), then set metadata of live items (``None`` clears a field), the
+    ``paths`` of moved ones and the photo ``library``'s state (:mod:`~.library`), in one
+    transaction; an unknown id or a value of another type than its field's is an error, and
+    nothing changes."""
     paths = paths or {}
     with write_lock(store.path):
         store.refresh()
-        ids = list({**changes, **paths})
-        found = store.catalog.rows_of(ids)
-        check_known(store.where, ids, found, "updated", MetadataError)
-        types = merge_types(store.catalog.types(), ({"id": k, **v} for k, v in changes.items()))
-        rows = {found[k]: {**changes.get(k, {}), **({"path": paths[k]} if k in paths else {})} for k in ids}
         with store.catalog.write():
+            store.catalog.revive(restore)
+            ids = list({**changes, **paths})
+            found = store.catalog.rows_of(ids)
+            ids = [i for i in ids if i in found or i not in restore]
+            check_known(store.where, ids, found, "updated", MetadataError)
+            types = merge_types(store.catalog.types(), ({"id": k, **changes.get(k, {})} for k in ids))
+            rows = {found[k]: {**changes.get(k, {}), **({"path": paths[k]} if k in paths else {})} for k in ids}
             store.catalog.add_fields(types)
             store.catalog.update(rows)
             if library is not None:
@@ -371,8 +376,9 @@ class FileStore(FileReader):
         changes: Mapping[str, Metadata],
         paths: Mapping[str, str] | None = None,
         library: Mapping[str, Any] | None = None,
+        restore: Sequence[str] = (),
     ) -> int:
-        return update_files(self, changes, paths, library)
+        return update_files(self, changes, paths, library, restore)
 
     def compact(self, report: Report | None = None) -> dict[str, int]:
         return compact_files(self, report or _warn)

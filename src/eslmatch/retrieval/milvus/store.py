@@ -431,12 +431,13 @@ class MilvusStore:
         changes: Mapping[str, Metadata],
         paths: Mapping[str, str] | None = None,
         library: Mapping[str, Any] | None = None,
+        restore: Sequence[str] = (),
     ) -> int:
         """Rewrite the items' entities with their metadata changed (``None`` clears a field)
-        and the ``paths`` of moved ones; the photo ``library``'s state goes into the manifest."""
+        and the ``paths`` of moved ones; the photo ``library``'s state goes into the manifest.
+        Milvus deletes are final: nothing in ``restore`` comes back (their changes are dropped)."""
         self.refresh()
         paths = paths or {}
-        types = merge_types(self.fields(), ({"id": k, **v} for k, v in changes.items()))
         ids = list({**changes, **paths})
         entities: dict[str, dict[str, Any]] = {}
         for i in range(0, len(ids), 1000):
@@ -449,7 +450,9 @@ class MilvusStore:
                 limit=1000,
             )
             entities.update({str(e["item_id"]): dict(e) for e in got})
+        ids = [i for i in ids if i in entities or i not in restore]
         check_known(self.where, ids, entities, "updated", MetadataError)
+        types = merge_types(self.fields(), ({"id": k, **changes.get(k, {})} for k in ids))
         out = []
         for item in ids:
             e = {k: v for k, v in entities[item].items() if k not in ("$meta",)}

@@ -11,8 +11,9 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,6 +23,9 @@ from _wait import HUNG, wait_until
 from eslmatch import VSEModel
 from eslmatch.cli import main
 from eslmatch.retrieval import BuildOptions, FileStore, build_gallery, open_gallery, regions
+from eslmatch.retrieval.milvus.store import MilvusStore
+from eslmatch.retrieval.store import GalleryStore
+from milvus_server import MilvusServer, has_grpc_server
 
 N, N_ADD, R, D, SHARD = 20000, 20000, 6, 16, 2000
 KILLS_PER_OP = 6
@@ -206,7 +210,7 @@ SYNC_WORKER = """
 import sys
 from eslmatch.retrieval import BuildOptions, open_gallery
 
-g = open_gallery(sys.argv[1])
+g = open_gallery(*sys.argv[1:])
 _ = g.model
 print("ready", flush=True)
 g.sync(options=BuildOptions(progress=False, batch_size=8))
@@ -215,28 +219,118 @@ print("done", flush=True)
 SYNC_KILLS = 15
 
 
-def library_state(path: Path) -> dict[str, tuple]:
+def library_state(store: GalleryStore) -> dict[str, tuple]:
     """Every live item of a library gallery: path, metadata (but ``added``) and vector."""
-    store = FileStore.open(path)
     recs = store.select()
     vectors = store.vectors([r.row for r in recs])
+    store.close()
     return {r.id: (r.path, json.dumps(r.metadata, sort_keys=True), vectors[j].tobytes()) for j, r in enumerate(recs)}
+
+
+class Place:
+    """Where the galleries of a sync test live: folders of the file store, or collections of a
+    Milvus server (``uri``)."""
+
+    def __init__(self, root: Path, uri: str | None = None) -> None:
+        self.root, self.uri = root, uri
+
+    def args(self, name: str) -> list[str]:
+        return [self.uri, name] if self.uri else [str(self.root / name)]
+
+    def store(self, name: str, verify: bool = False) -> GalleryStore:
+        if self.uri:
+            return MilvusStore.open(self.uri, name)  # Milvus keeps its own checksums
+        return FileStore.open(self.root / name, verify=verify)
+
+    def state(self, name: str) -> dict[str, tuple]:
+        return library_state(self.store(name))
 
 
 @dataclass
 class SyncSetup:
-    root: Path
-    before: dict[str, tuple]
-    after: dict[str, tuple]
-    seconds: float
+    """A library of two roots (``a``, ``b``: the same file names in both) and a gallery of it
+    with tags (``base``); then changes on disk (new, overwritten, moved, deleted files) for a
+    sync to find. ``before`` / ``after``: the gallery's state before and after a sync."""
 
-    def kill_once(self, delay: float, target: Path) -> str:
+    root: Path
+    place: Place
+    model: Any
+    per_root: int
+    before: dict[str, tuple] = field(default_factory=dict)
+    after: dict[str, tuple] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def photo(self, path: Path, seed: int) -> None:
+        from PIL import Image
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
+
+    @property
+    def libs(self) -> list[Path]:
+        return [self.root / "a", self.root / "b"]
+
+    def prepare(self) -> SyncSetup:
+        n = self.per_root
+        self.model.save_pretrained(self.root / "model")
+        for r, lib in enumerate(self.libs):
+            for i in range(n):
+                self.photo(lib / f"img{i:03d}.png", 1000 * r + i)
+        if self.place.uri:  # a collection cannot be copied: keep the folders as they were to build each
+            for lib in self.libs:
+                shutil.copytree(lib, lib.with_suffix(".before"))
+        self.build("base")
+        for i in range(0, n // 2, 5):
+            self.photo(self.libs[0] / f"img{i:03d}.png", 9000 + i)  # changed
+        for i in range(1, n // 2, 10):
+            os.rename(self.libs[1] / f"img{i:03d}.png", self.libs[1] / f"moved{i:03d}.png")
+        for i in range(n // 2 + 1, n, 10):
+            os.remove(self.libs[0] / f"img{i:03d}.png")
+        for i in range(n // 2):
+            self.photo(self.libs[i % 2] / "new" / f"n{i:03d}.png", 20000 + i)
+        self.before = self.place.state("base")
+        self.copy("after")
+        t0 = time.monotonic()
+        open_gallery(*self.place.args("after")).sync(options=BuildOptions(progress=False, batch_size=8))
+        self.seconds = time.monotonic() - t0
+        self.after = self.place.state("after")
+        return self
+
+    def build(self, name: str) -> None:
+        g = build_gallery(
+            self.model,
+            self.libs,
+            *self.place.args(name),
+            options=BuildOptions(progress=False, shard_rows=16),
+            model_path=self.root / "model",
+            **({"milvus": {"overwrite": True}} if self.place.uri else {}),
+        )
+        g.update({i: {"tag": f"t{j % 5}"} for j, i in enumerate(g.ids())})
+        g.close()
+
+    def copy(self, name: str) -> None:
+        """A gallery ``name`` equal to ``base``: a copy of its folder, or (Milvus) built again
+        from the folders as they were, with the same tags."""
+        if not self.place.uri:
+            shutil.copytree(self.root / "base", self.root / name)
+            return
+        for lib in self.libs:
+            os.rename(lib, lib.with_suffix(".after"))
+            os.rename(lib.with_suffix(".before"), lib)
+        try:
+            self.build(name)
+        finally:
+            for lib in self.libs:
+                os.rename(lib, lib.with_suffix(".before"))
+                os.rename(lib.with_suffix(".after"), lib)
+
+    def kill_once(self, delay: float, name: str) -> str:
         """``kill -9`` a sync of a copy of the gallery ``delay`` s after it is ready: the gallery
         opens and verifies, each item is as before or as after the sync, and a new sync
         completes it to the state an uninterrupted one leaves."""
-        shutil.copytree(self.root / "base", target)
+        self.copy(name)
         proc = subprocess.Popen(
-            [sys.executable, "-c", SYNC_WORKER, str(target)],
+            [sys.executable, "-c", SYNC_WORKER, *self.place.args(name)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))},
@@ -246,77 +340,65 @@ class SyncSetup:
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait(HUNG)
-        FileStore.open(target, verify=True)
-        got = library_state(target)
+        self.place.store(name, verify=True).close()
+        got = self.place.state(name)
         assert set(got) <= set(self.before) | set(self.after), (delay, set(got) - set(self.before) - set(self.after))
         mixed = [i for i, v in got.items() if v not in (self.before.get(i), self.after.get(i))]
         assert not mixed, (delay, mixed[:3])
         outcome = "before" if got == self.before else "after" if got == self.after else "part"
-        open_gallery(target).sync(options=BuildOptions(progress=False))
-        assert library_state(target) == self.after, delay
-        assert leftovers(target) == [], (delay, leftovers(target))
+        open_gallery(*self.place.args(name)).sync(options=BuildOptions(progress=False))
+        assert self.place.state(name) == self.after, delay
+        if not self.place.uri:
+            assert leftovers(self.root / name) == [], (delay, leftovers(self.root / name))
         return outcome
 
 
-def prepare_sync(root: Path, per_root: int) -> SyncSetup:
-    """A library of two roots (same file names in both) in a gallery with tags, then changes on
-    disk (new, overwritten, moved, deleted files) for a sync to find; the states before and after."""
-    from PIL import Image
+def prepare_sync(root: Path, per_root: int, uri: str | None = None) -> SyncSetup:
+    import torch
 
     from _models import TINY_CLIP
     from eslmatch.model.esl_clip import ESLClipConfig, ESLClipModel
 
-    def photo(path: Path, seed: int) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
-
-    import torch
-
     torch.manual_seed(0)
     model = ESLClipModel(ESLClipConfig(num_levels=2, clip=TINY_CLIP)).eval()
-    model.save_pretrained(root / "model")
-    libs = [root / "a", root / "b"]
-    for r, lib in enumerate(libs):
-        for i in range(per_root):
-            photo(lib / f"img{i:03d}.png", 1000 * r + i)
-    g = build_gallery(
-        model, libs, root / "base", options=BuildOptions(progress=False, shard_rows=16), model_path=root / "model"
-    )
-    g.update({i: {"tag": f"t{j % 5}"} for j, i in enumerate(g.ids())})
-    for i in range(0, per_root // 2, 5):
-        photo(libs[0] / f"img{i:03d}.png", 9000 + i)  # changed
-    for i in range(1, per_root // 2, 10):
-        os.rename(libs[1] / f"img{i:03d}.png", libs[1] / f"moved{i:03d}.png")
-    for i in range(per_root // 2 + 1, per_root, 10):
-        os.remove(libs[0] / f"img{i:03d}.png")
-    for i in range(per_root // 2):
-        photo(libs[i % 2] / "new" / f"n{i:03d}.png", 20000 + i)
-    before = library_state(root / "base")
-    shutil.copytree(root / "base", root / "after")
-    t0 = time.monotonic()
-    open_gallery(root / "after").sync(options=BuildOptions(progress=False, batch_size=8))
-    seconds = time.monotonic() - t0
-    return SyncSetup(root, before, library_state(root / "after"), seconds)
+    return SyncSetup(root, Place(root, uri), model, per_root).prepare()
 
 
 def test_kill_9_once_in_the_middle_of_a_sync(tmp_path, capsys):
     setup = prepare_sync(tmp_path, 40)
-    outcome = setup.kill_once(setup.seconds / 2, tmp_path / "killed")
+    outcome = setup.kill_once(setup.seconds / 2, "killed")
     with capsys.disabled():
         print(f"\nkill -9 half-way through a sync (it takes {setup.seconds:.1f} s): {outcome}")
+
+
+def kill_during_syncs(setup: SyncSetup) -> list[str]:
+    rng = np.random.default_rng(30)
+    return [setup.kill_once(float(rng.uniform(0.0, 1.3 * setup.seconds)), f"k{t}") for t in range(SYNC_KILLS)]
 
 
 @pytest.mark.slow
 def test_kill_9_at_random_moments_of_a_sync(tmp_path, capsys):
     setup = prepare_sync(tmp_path, 120)
-    rng = np.random.default_rng(30)
-    outcomes = [
-        setup.kill_once(float(rng.uniform(0.0, 1.3 * setup.seconds)), tmp_path / f"k{trial}")
-        for trial in range(SYNC_KILLS)
-    ]
+    outcomes = kill_during_syncs(setup)
     assert main(["index", "info", str(tmp_path / f"k{SYNC_KILLS - 1}"), "--verify"]) == 0
     with capsys.disabled():
         print(f"\nkill -9 during sync x{SYNC_KILLS} (sync takes {setup.seconds:.1f} s): {outcomes}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not has_grpc_server(), reason="milvus-lite has no gRPC server")
+def test_kill_9_at_random_moments_of_a_milvus_sync(tmp_path, capsys):
+    """The same on Milvus (a milvus-lite server in its own process; the sync is killed)."""
+    server = MilvusServer(tmp_path / "milvus").start()
+    try:
+        setup = prepare_sync(tmp_path, 60, server.uri)
+        outcomes = kill_during_syncs(setup)
+        args = ["index", "info", "--milvus", server.uri, "--collection", f"k{SYNC_KILLS - 1}", "--verify"]
+        assert main(args) == 0
+    finally:
+        server.stop()
+    with capsys.disabled():
+        print(f"\nkill -9 during a Milvus sync x{SYNC_KILLS} (sync takes {setup.seconds:.1f} s): {outcomes}")
 
 
 def test_index_info_says_what_an_interrupted_write_left(tmp_path, capsys):

@@ -449,6 +449,38 @@ def test_replace_keeps_user_metadata_unless_given_anew(model, server):
     assert len(mil) == 3
 
 
+def test_an_interrupted_add_is_invisible_and_another_add_drops_it(model, server, monkeypatch):
+    """A killed ``add`` (here: an error after two of three batches) left its rows readable: they
+    were counted, searched and listed (a replaced item twice), and a sync after the kill found
+    its half-written items "unchanged". Reads see committed rows only; another add drops the
+    interrupted one, as the file store drops another write's staging (a note says so)."""
+    feats = regions(6, seed=31)[0]
+    mil, _ = milvus_gallery(model, feats, server.uri, "interrupted", ids=list("abcdef"))
+    calls = {"n": 0}
+    real = encode_mod.encode_items
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(encode_mod, "encode_items", dying)
+    replace = region_source(regions(6, seed=32)[0], img_dim=IMG_DIM, ids=list("abcxyz"))
+    with pytest.raises(RuntimeError, match="killed"):
+        mil.add(replace, on_duplicate="replace", options=BuildOptions(progress=False, batch_size=2))
+    monkeypatch.undo()
+    g = open_gallery(server.uri, "interrupted", model=model)
+    assert len(g) == 6 and sorted(g.ids()) == list("abcdef")
+    assert {h.id for h in g.search("x", k=20)} == set("abcdef")
+    np.testing.assert_allclose(g.store.vectors([item_record(g.store, "a").row]), mil.store.vectors([0]), atol=1e-6)
+    lines: list[str] = []
+    other = region_source(regions(2, seed=33)[0], img_dim=IMG_DIM, ids=["p", "q"])
+    g.add(other, options=BuildOptions(progress=False), report=lines.append)
+    assert any("interrupted add of other items (6 from row 6) is dropped" in x for x in lines), lines
+    assert sorted(g.ids()) == list("abcdefpq") and len(g) == 8
+
+
 def test_fp16_level_features_and_an_hnsw_first_stage(model, server, tmp_path):
     feats, lens = regions(300, seed=21)
     notes: list[str] = []

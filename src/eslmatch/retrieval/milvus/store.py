@@ -86,6 +86,14 @@ class MilvusStore:
         self.faiss_kind = str(m["index"]["kind"])
         self._recorded_options = dict(m["index"].get("options", {}))
         self._refreshed = time.monotonic()
+        # the rows of an add not committed yet (or killed): not the gallery's until it is
+        self._pending = int(m["adding"]["start"]) if m.get("adding") else None
+
+    def _visible(self, expr: str = "") -> str:
+        """``expr`` over the committed rows only (unchanged while no add is pending)."""
+        if self._pending is None:
+            return expr
+        return f"({expr}) and row < {self._pending}" if expr else f"row < {self._pending}"
 
     @classmethod
     def open(cls, uri: str, collection: str, timeout: float = DEFAULT_TIMEOUT, token: str | None = None) -> MilvusStore:
@@ -156,7 +164,9 @@ class MilvusStore:
         """Live items (``count(*)``; cached for a second)."""
         now = time.monotonic()
         if self._count is None or now - self._count[0] > 1.0:
-            got = self._call(f"counting {self.where}", "query", self.collection, filter="", output_fields=["count(*)"])
+            got = self._call(
+                f"counting {self.where}", "query", self.collection, filter=self._visible(), output_fields=["count(*)"]
+            )
             self._count = (now, int(got[0]["count(*)"]))
         return self._count[1]
 
@@ -221,6 +231,8 @@ class MilvusStore:
                     f"reading items of {self.where}", "get", self.collection, ids=part, output_fields=self._out_fields()
                 )
             ]
+            if self._pending is not None:
+                got = [r for r in got if r.row < self._pending]
             if len(got) < len(part) and not missing_ok:
                 lost = sorted(set(part) - {r.row for r in got})
                 raise GalleryIndexError(f"{self.where}: no item at row {lost[0]}")
@@ -233,7 +245,7 @@ class MilvusStore:
             f"querying {self.where}",
             "query",
             self.collection,
-            filter=expr,
+            filter=self._visible(expr),
             output_fields=self._out_fields(),
             limit=limit,
         )
@@ -298,7 +310,7 @@ class MilvusStore:
             params["nprobe"] = int(self.faiss_options.nprobe or 16)
         elif self.faiss_kind == "hnsw":
             params["ef"] = max(int(self.faiss_options.ef_search), limit)
-        expr = "" if where is None else self.expression(where)
+        expr = self._visible("" if where is None else self.expression(where))
         scores = np.full((q.shape[0], n), -np.inf, dtype=np.float32)
         rows = np.full((q.shape[0], n), -1, dtype=np.int64)
         for b0 in range(0, q.shape[0], 256):
@@ -445,7 +457,7 @@ class MilvusStore:
                 f"reading items of {self.where}",
                 "query",
                 self.collection,
-                filter=self._ids_expr(ids[i : i + 1000]),
+                filter=self._visible(self._ids_expr(ids[i : i + 1000])),
                 output_fields=["*"],
                 limit=1000,
             )

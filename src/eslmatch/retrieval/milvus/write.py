@@ -440,11 +440,13 @@ def add_to_collection(
         source = subset(source, [i for i, s in enumerate(source.ids) if s not in found])
     replaced = sorted(found.values()) if on_duplicate == "replace" else []
     signature = source.identity()["digest"]
-    if pending and pending.get("signature") != signature:
-        raise EslmatchError(
-            f"{where}: an interrupted add of other items ({pending.get('total')} from row {start}) must be finished "
-            "first: rerun that 'eslmatch index add'"
+    if pending and pending.get("signature") != signature:  # as the file store: another write drops it
+        report(
+            f"eslmatch: note: {where}: an interrupted add of other items ({pending.get('total')} from row {start}) is dropped"
         )
+        for coll in collections_of(name, m):
+            conn.call(f"dropping an interrupted add from {coll!r}", "delete", coll, filter=f"row >= {start}")
+        pending = m["adding"] = None
     if source.count == 0:
         return MilvusWriteReport(name, 0, 0, 0, 0, 0, duplicates=duplicates), []
     if not pending:

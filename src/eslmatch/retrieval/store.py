@@ -21,9 +21,10 @@ if TYPE_CHECKING:
     from ..model.base import MatchingModel
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Record:
-    """What the catalogue knows of one item."""
+    """What the catalogue knows of one item (not frozen: a million are made for a listing,
+    three times faster so; nothing changes one)."""
 
     row: int
     id: str

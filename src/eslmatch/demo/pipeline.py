@@ -90,6 +90,7 @@ def build_dataset(s: DemoSettings, log: Callable[[str], None] = print) -> Path:
             progress=s.progress,
             relative_paths=True,  # the folder is renamed into place: paths must survive it
             precision=s.precision,
+            runtime=s.runtime,
             log=lambda m: None,
         )
         for extra in ("hard_pairs", "truth"):

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..utils.io import default_cache_dir
 
 DATASET_VERSION = 3  # 2: the test PNGs are kept, relative paths; 3: {split}_truth.json
 
@@ -43,6 +44,10 @@ class DemoSettings:
     # auto: over 3 seeds bf16 gave the fp32 figures (ESL truth P@1 54.1 vs 52.7) in 0.57x the
     # time on an AVX512-BF16 CPU (docs/demo.md); fp32 reproduces the earlier figures exactly.
     precision: str = "auto"
+    # What runs the feature extractor on CPU: auto = ONNX Runtime where it is faster and agrees
+    # with float32 eager (measured once per machine; 5x on a 2-core AVX2 EPYC), or torch /
+    # onnxruntime. `--precision fp32 --runtime torch` is the reference path.
+    runtime: str = "auto"
     cache_dir: Path = field(default_factory=lambda: default_cache_dir())
     out_dir: Path = Path("demo_report")
     progress: bool = True
@@ -53,13 +58,7 @@ class DemoSettings:
         parts.append(self.feature_size)
         if self.precision != "fp32":  # bf16 features are other files; fp32 keeps its earlier key
             parts.append(self.precision)
+        if self.runtime != "torch":  # so are another runtime's (auto: what this machine measured)
+            parts.append(self.runtime)
         key = json.dumps(parts)
         return hashlib.sha256(key.encode()).hexdigest()[:12]
-
-
-def default_cache_dir() -> Path:
-    """``$ESLMATCH_CACHE`` or ``$XDG_CACHE_HOME/eslmatch`` or ``~/.cache/eslmatch``."""
-    if os.environ.get("ESLMATCH_CACHE"):
-        return Path(os.environ["ESLMATCH_CACHE"])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "eslmatch"

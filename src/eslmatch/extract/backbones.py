@@ -34,6 +34,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..data.files import SkipImage, to_rgb
 from ..errors import CheckpointError, EslmatchError, InputError
@@ -60,6 +61,10 @@ class BackboneOptions:
             ``"auto"`` (bf16 where the device computes it natively, else fp32).
         channels_last: weights and inputs in channels-last memory format; ``None``: with
             bf16 only (so the fp32 path stays bit for bit what it was).
+        runtime: ``"auto"`` (on CPU: the fastest of the torch path and ONNX Runtime that
+            agrees with float32 eager, measured once per machine and cached:
+            :mod:`eslmatch.export.runtime`), ``"torch"`` or ``"onnxruntime"``.
+        cache: where ``auto`` keeps its measurements and graphs (default ``$ESLMATCH_CACHE``).
     """
 
     image_size: int | None = None
@@ -69,6 +74,8 @@ class BackboneOptions:
     max_boxes: int | None = None
     precision: str = "fp32"
     channels_last: bool | None = None
+    runtime: str = "auto"
+    cache: str | Path | None = None
 
 
 def load_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
@@ -125,7 +132,9 @@ class Backbone:
     device: torch.device = torch.device("cpu")
     precision: str = "fp32"  # resolved: "fp32" or "bf16"
     channels_last: bool = False
+    runtime: str = "torch"  # resolved: "torch" or "onnxruntime" (set_runtime)
     model: Any = None  # the torch module, when the backbone has one
+    _onnx: Any = None  # the ONNX Runtime choice running it (runtime "onnxruntime")
 
     @classmethod
     def build(cls, options: BackboneOptions) -> Backbone:
@@ -164,8 +173,45 @@ class Backbone:
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """``(B, 3, S, S)`` float -> ``(B, R, D)`` float32 region features (no grad)."""
+        if self._onnx is not None:
+            return self._onnx.run(batch)
         with self.running():
             return self.forward(self.to_input(batch)).float()
+
+    def set_runtime(self, runtime: str = "auto", cache: str | Path | None = None) -> None:
+        """Run on ``runtime`` (see :class:`BackboneOptions`). Only a backbone of pixels alone
+        (a torch ``model``, the plain :meth:`run`) on CPU has a choice; others run torch."""
+        self._onnx, self.runtime = None, "torch"
+        if runtime == "torch" or self.model is None or type(self).run is not Backbone.run or self.device.type != "cpu":
+            return
+        from ..export.runtime import choose_runtime
+        from ..utils.io import default_cache_dir
+
+        precision, channels_last = self.precision, self.channels_last
+        paths = {"fp32": self._path("fp32", False)}
+        if precision == "bf16":
+            paths["bf16"] = self._path("bf16", channels_last)
+        choice = choose_runtime(
+            self.name,
+            _Forward(self).eval(),
+            torch.rand(8, 3, self.image_size, self.image_size, generator=torch.Generator().manual_seed(0)) * 2 - 1,
+            paths,
+            {k: v for k, v in self.fingerprint().items() if k not in ("precision", "channels_last", "runtime")},
+            Path(cache) if cache is not None else default_cache_dir(),
+            runtime,
+        )
+        self.set_precision(choice.precision, channels_last if choice.precision == precision else None)
+        if choice.runtime == "onnxruntime":
+            self._onnx, self.runtime = choice, "onnxruntime"
+
+    def _path(self, precision: str, channels_last: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The torch path in ``precision`` (for :meth:`set_runtime` to measure)."""
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            self.set_precision(precision, channels_last)
+            return self(x)
+
+        return run
 
     def prepare(self, image: Any, key: str) -> tuple[torch.Tensor, Any]:
         """What :meth:`run` needs for one image: ``(tensor (3, S, S), extra)``.
@@ -194,9 +240,22 @@ class Backbone:
         return self.fingerprint()
 
     def precision_facts(self) -> dict[str, Any]:
-        """The precision the features are computed in (part of the fingerprint: chunks of
-        another precision are never reused)."""
-        return {"precision": self.precision, "channels_last": self.channels_last}
+        """The precision and runtime the features are computed in (part of the fingerprint:
+        chunks of another are never reused; the torch runtime is not named, as before)."""
+        facts: dict[str, Any] = {"precision": self.precision, "channels_last": self.channels_last}
+        return {**facts, "runtime": self.runtime} if self.runtime != "torch" else facts
+
+
+class _Forward(nn.Module):
+    """A backbone's float32 forward as a module (what ONNX Runtime runs)."""
+
+    def __init__(self, backbone: Backbone) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.model = backbone.model  # its parameters, for the exporter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward(x).float()
 
 
 BACKBONES: dict[str, type[Backbone]] = {}
@@ -220,7 +279,10 @@ def build_backbone(name: str, options: BackboneOptions | None = None) -> Backbon
     """The backbone registered as ``name``, built from ``options``."""
     if name not in BACKBONES:
         raise EslmatchError(f"unknown backbone {name!r} (choose from {', '.join(available_backbones())})")
-    return BACKBONES[name].build(options or BackboneOptions())
+    options = options or BackboneOptions()
+    backbone = BACKBONES[name].build(options)
+    backbone.set_runtime(options.runtime, options.cache)
+    return backbone
 
 
 def _check_size(size: int, minimum: int) -> int:

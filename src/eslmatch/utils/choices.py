@@ -7,7 +7,8 @@ from __future__ import annotations
 from ..errors import EslmatchError
 
 PRECISIONS = ("auto", "fp32", "bf16")  # eslmatch.utils.precision
-RUNTIMES = ("torch", "onnxruntime")  # eslmatch.retrieval.encode
+RUNTIMES = ("torch", "onnxruntime")  # eslmatch.retrieval.encode (queries)
+MEASURED_RUNTIMES = ("auto", *RUNTIMES)  # eslmatch.export.runtime: auto = measured (extraction)
 COMPOSITIONAL_PROTOCOLS = ("sugarcrepe", "winoground")  # eslmatch.annotations.compositional
 RECALL_PROTOCOLS = ("f30k", "coco1k", "coco5k")  # eslmatch.evaluate.PROTOCOLS
 
@@ -19,8 +20,8 @@ def check_precision(precision: str) -> str:
     return precision
 
 
-def check_runtime(runtime: str) -> str:
-    """``runtime`` when it is ``torch`` or ``onnxruntime``; else one clear error."""
-    if runtime not in RUNTIMES:
-        raise EslmatchError(f"runtime {runtime!r}: choose from {', '.join(RUNTIMES)}")
+def check_runtime(runtime: str, allowed: tuple[str, ...] = RUNTIMES) -> str:
+    """``runtime`` when it is one of ``allowed``; else one clear error."""
+    if runtime not in allowed:
+        raise EslmatchError(f"runtime {runtime!r}: choose from {', '.join(allowed)}")
     return runtime

@@ -222,3 +222,12 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def default_cache_dir() -> Path:
+    """``$ESLMATCH_CACHE`` or ``$XDG_CACHE_HOME/eslmatch`` or ``~/.cache/eslmatch``: the demo's
+    datasets and the measured runtimes (:mod:`eslmatch.export.runtime`)."""
+    if os.environ.get("ESLMATCH_CACHE"):
+        return Path(os.environ["ESLMATCH_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "eslmatch"

@@ -287,6 +287,23 @@ def test_bert_word_masking(bert_tokenizer):
         assert len(augment_caption(tok, "circles", 1.0, np.random.default_rng(seed))) >= 3
 
 
+def test_the_dataset_masks_from_word_pieces_made_once(bert_tokenizer):
+    """A training item's caption ids are those of :func:`augment_caption` with the item's own
+    generator, though the dataset tokenises every caption once, in one call (it took most
+    of a batch's loading time each epoch)."""
+    from eslmatch.data.augment import PieceTokens, augment_pieces, word_pieces_of
+
+    tok = bert_tokenizer
+    texts = ["The biggest red circles left of a blue square.", "a dog", "Two tiny stars, above!"]
+    assert word_pieces_of(tok, texts) == [word_pieces(tok, t) for t in texts]
+    tokens = PieceTokens.of(tok)
+    assert tokens.wrap([7]) == tok("", add_special_tokens=True)["input_ids"][:1] + [7] + [tok.sep_token_id]
+    for seed in range(40):
+        for text, pieces in zip(texts, word_pieces_of(tok, texts)):
+            want = augment_caption(tok, text, 0.5, np.random.default_rng(seed))
+            assert augment_pieces(tokens, pieces, 0.5, np.random.default_rng(seed)) == want
+
+
 def _expand(pieces, actions):
     return [a for p, a in zip(pieces, actions) if a != 3 for _ in p]
 

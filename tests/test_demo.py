@@ -127,10 +127,11 @@ def test_demo_bad_recipe_flags_are_one_line(tmp_path, capsys, flag, value, messa
 def test_precision_keys_the_cached_features_apart_and_keeps_the_fp32_key():
     import hashlib
 
-    fp32 = DemoSettings(precision="fp32")
+    fp32 = DemoSettings(precision="fp32", runtime="torch")  # the reference path
     earlier = json.dumps([3, fp32.n_train, fp32.n_dev, fp32.n_test, fp32.seed, fp32.image_size, fp32.feature_size])
     assert fp32.dataset_key() == hashlib.sha256(earlier.encode()).hexdigest()[:12]  # caches made before stay valid
     assert DemoSettings(precision="bf16").dataset_key() != fp32.dataset_key()
+    assert DemoSettings(precision="fp32").dataset_key() != fp32.dataset_key()  # runtime auto: its own files
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ needed), so ``numpy.random.default_rng([seed, epoch, index])`` fixes the result.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -114,40 +115,92 @@ def word_pieces(tokenizer: Any, text: str) -> list[list[int]]:
     return groups
 
 
-def _with_specials(tokenizer: Any, ids: list[int]) -> list[int]:
-    ids = ids[: MAX_TOKENS - 2]
-    if hasattr(tokenizer, "build_inputs_with_special_tokens"):
-        return [int(i) for i in tokenizer.build_inputs_with_special_tokens(ids)]
-    return [int(tokenizer.cls_token_id), *ids, int(tokenizer.sep_token_id)]
+def word_pieces_of(tokenizer: Any, texts: Sequence[str]) -> list[list[list[int]]]:
+    """:func:`word_pieces` of each of ``texts`` (one call of a fast tokenizer for them all)."""
+    if not getattr(tokenizer, "is_fast", False) or not texts:
+        return [word_pieces(tokenizer, t) for t in texts]
+    enc = tokenizer(list(texts), add_special_tokens=False)
+    out = []
+    for i, ids in enumerate(enc["input_ids"]):
+        groups: list[list[int]] = []
+        last: object = object()
+        for tok, w in zip(ids, enc.word_ids(i)):
+            if w is None or w != last or not groups:
+                groups.append([])
+            groups[-1].append(int(tok))
+            last = w
+        out.append(groups)
+    return out
 
 
-def _random_token_drawer(tokenizer: Any, rng: np.random.Generator) -> Any:
-    """Draws uniform ids from the vocabulary, never a special token (``[PAD]`` = 0 included:
-    a random padding id would silently shorten the caption under the attention mask)."""
-    vocab = int(tokenizer.vocab_size)
-    special = set(int(i) for i in getattr(tokenizer, "all_special_ids", []) or [])
-    if vocab - sum(1 for s in special if 0 <= s < vocab) < 1:
-        raise EslmatchError("the tokenizer's vocabulary holds only special tokens")
+@dataclass(frozen=True)
+class PieceTokens:
+    """What caption masking needs of a transformers tokenizer, read once (its attribute
+    reads cost more than the masking itself): the mask id, the vocabulary size, the special
+    ids and the tokens around a caption."""
 
-    def draw() -> int:
-        while True:
-            t = int(rng.integers(vocab))
-            if t not in special:
-                return t
+    tokenizer: Any
+    mask_id: int | None
+    vocab_size: int
+    special: frozenset[int]
+    around: tuple[tuple[int, ...], tuple[int, ...]] | None  # (before, after); None: asked per caption
 
-    return draw
+    @classmethod
+    def of(cls, tokenizer: Any) -> PieceTokens:
+        mask_id = getattr(tokenizer, "mask_token_id", None)
+        special = frozenset(int(i) for i in getattr(tokenizer, "all_special_ids", []) or [])
+        vocab = int(tokenizer.vocab_size)
+        around: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+        probe = next((i for i in range(vocab) if i not in special), None)
+        if not hasattr(tokenizer, "build_inputs_with_special_tokens"):  # transformers 5: [CLS] ... [SEP]
+            around = ((int(tokenizer.cls_token_id),), (int(tokenizer.sep_token_id),))
+        elif probe is not None:
+            full = [int(i) for i in tokenizer.build_inputs_with_special_tokens([probe])]
+            if full.count(probe) == 1:
+                k = full.index(probe)
+                around = (tuple(full[:k]), tuple(full[k + 1 :]))
+        return cls(tokenizer, None if mask_id is None else int(mask_id), vocab, special, around)
+
+    def wrap(self, ids: list[int]) -> list[int]:
+        """``ids`` (cut to fit) between the tokenizer's special tokens."""
+        ids = ids[: MAX_TOKENS - 2]
+        if self.around is not None:
+            return [*self.around[0], *ids, *self.around[1]]
+        if hasattr(self.tokenizer, "build_inputs_with_special_tokens"):
+            return [int(i) for i in self.tokenizer.build_inputs_with_special_tokens(ids)]
+        return [int(self.tokenizer.cls_token_id), *ids, int(self.tokenizer.sep_token_id)]
+
+    def drawer(self, rng: np.random.Generator) -> Any:
+        """Draws uniform ids from the vocabulary, never a special token (``[PAD]`` = 0 included:
+        a random padding id would silently shorten the caption under the attention mask)."""
+        vocab, special = self.vocab_size, self.special
+        if vocab - sum(1 for s in special if 0 <= s < vocab) < 1:
+            raise EslmatchError("the tokenizer's vocabulary holds only special tokens")
+
+        def draw() -> int:
+            while True:
+                t = int(rng.integers(vocab))
+                if t not in special:
+                    return t
+
+        return draw
+
+
+def augment_pieces(
+    tokens: PieceTokens, pieces: Sequence[Sequence[int]], p: float, rng: np.random.Generator
+) -> list[int]:
+    """Token ids ``[CLS] ... [SEP]`` of a caption's word ``pieces`` after word masking."""
+    actions = choose_word_actions(len(pieces), p, rng)
+    if tokens.mask_id is None and (actions == 1).any():
+        raise EslmatchError("caption masking needs a tokenizer with a mask token")
+    draw = tokens.drawer(rng) if (actions == 2).any() else None
+    ids = apply_word_actions(pieces, actions, tokens.mask_id if tokens.mask_id is not None else -1, draw)
+    return tokens.wrap(ids)
 
 
 def augment_caption_bert(tokenizer: Any, text: str, p: float, rng: np.random.Generator) -> list[int]:
     """Token ids ``[CLS] ... [SEP]`` of ``text`` after word masking with a transformers tokenizer."""
-    pieces = word_pieces(tokenizer, text)
-    actions = choose_word_actions(len(pieces), p, rng)
-    mask_id = getattr(tokenizer, "mask_token_id", None)
-    if mask_id is None and (actions == 1).any():
-        raise EslmatchError("caption masking needs a tokenizer with a mask token")
-    draw = _random_token_drawer(tokenizer, rng) if (actions == 2).any() else None
-    ids = apply_word_actions(pieces, actions, int(mask_id) if mask_id is not None else -1, draw)
-    return _with_specials(tokenizer, ids)
+    return augment_pieces(PieceTokens.of(tokenizer), word_pieces(tokenizer, text), p, rng)
 
 
 def augment_caption_words(vocab: WordVocab, text: str, p: float, rng: np.random.Generator) -> list[int]:

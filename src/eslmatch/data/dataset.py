@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from ..errors import EslmatchError, InputError
 from ..text import WordVocab, tokenize
-from .augment import augment_caption, drop_regions
+from .augment import PieceTokens, augment_caption_words, augment_pieces, drop_regions, word_pieces_of
 from .precomp import PrecompSplit
 
 
@@ -55,6 +55,10 @@ class CaptionDataset(Dataset):
         self.region_drop = float(region_drop)
         self.word_mask = float(word_mask)
         self.epoch = 0
+        # every caption's word pieces and the tokenizer's facts, made once (training only):
+        # tokenising each caption again every epoch took most of a batch's loading time
+        self._pieces: list[list[list[int]]] | None = None
+        self._tokens: PieceTokens | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation draws of ``epoch`` (call before each training epoch)."""
@@ -73,7 +77,13 @@ class CaptionDataset(Dataset):
         if self.train:
             rng = np.random.default_rng([self.seed, self.epoch, i])
             image = drop_regions(image, self.region_drop, rng)
-            ids = augment_caption(self.tokenizer, text, self.word_mask, rng)
+            if isinstance(self.tokenizer, WordVocab):
+                ids = augment_caption_words(self.tokenizer, text, self.word_mask, rng)
+            else:
+                if self._pieces is None or self._tokens is None:
+                    self._pieces = word_pieces_of(self.tokenizer, self.split.captions)
+                    self._tokens = PieceTokens.of(self.tokenizer)
+                ids = augment_pieces(self._tokens, self._pieces[i], self.word_mask, rng)
         else:
             try:
                 ids_t, lens = tokenize(self.tokenizer, [text])

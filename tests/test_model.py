@@ -248,7 +248,7 @@ def test_frozen_bert_backbone_is_cached_and_equal():
     b = frozen.encode_captions(caps, cap_len)
     mask = torch.arange(6)[None, :] < cap_len[:, None]
     assert torch.allclose(a[mask], b[mask], atol=1e-5)
-    assert len(frozen.text_encoder._cache) == len({tuple(r[:n].tolist()) for r, n in zip(caps, cap_len)})
+    assert len(frozen.text_encoder._caches["fp32"]) == len({tuple(r[:n].tolist()) for r, n in zip(caps, cap_len)})
     b[mask].sum().backward()
     assert all(p.grad is None for p in frozen.text_encoder.backbone.parameters())
     assert frozen.text_encoder.proj.weight.grad is not None
@@ -276,7 +276,9 @@ def test_top_layers_train_on_cached_lower_layers():
     b = part.encode_captions(caps, cap_len)
     assert torch.allclose(a[mask], b[mask], atol=1e-5)  # the split forward is the same function
     enc = part.text_encoder
-    assert len(enc._cache) == len({tuple(r[:n].tolist()) for r, n in zip(caps, cap_len)})
+    assert len(enc._caches["fp32-grouped" if "fp32-grouped" in enc._caches else "fp32"]) == len(
+        {tuple(r[:n].tolist()) for r, n in zip(caps, cap_len)}
+    )
     part.train()
     assert not enc.backbone.embeddings.training and not enc.backbone.encoder.layer[1].training
     assert enc.backbone.encoder.layer[2].training
@@ -316,11 +318,11 @@ def test_frozen_cache_is_shared_by_content_and_rekeyed_on_load():
     config = ESLConfig(embed_size=32, num_levels=3, img_dim=16, text_model=None, freeze_text_backbone=True)
     a = ESLModel(config, bert_from_config(cfg))
     b = ESLModel(config, bert_from_config(cfg))  # other random weights: another cache
-    assert a.text_encoder._cache is None  # keyed on first use only (a search never pays for it)
-    cache_a = a.text_encoder._cache_now("cpu")
-    assert cache_a is not b.text_encoder._cache_now("cpu")
+    assert a.text_encoder._caches == {}  # keyed on first use only (a search never pays for it)
+    cache_a = a.text_encoder._cache_now("fp32")
+    assert cache_a is not b.text_encoder._cache_now("fp32")
     b.load_state_dict(a.state_dict())  # same weights now: the same cache
-    assert b.text_encoder._cache is None and b.text_encoder._cache_now("cpu") is cache_a
+    assert b.text_encoder._caches == {} and b.text_encoder._cache_now("fp32") is cache_a
 
 
 def test_vse_baseline_honours_the_frozen_text_backbone():

@@ -231,7 +231,7 @@ def test_frozen_text_cache_keeps_bf16_states_apart():
             model.embed_captions(caps, cap_len)
         again = model.embed_captions(caps, cap_len)
     enc = model.text_encoder
-    assert enc._cache_bf16 is not None and enc._cache_bf16 is not enc._cache
-    assert enc._cache.keys() == enc._cache_bf16.keys()
-    assert any(not torch.equal(enc._cache[k], enc._cache_bf16[k]) for k in enc._cache)  # computed apart
+    fp32, bf16 = enc._caches["fp32"], enc._caches["bf16"]
+    assert bf16 is not fp32 and fp32.keys() == bf16.keys()
+    assert any(not torch.equal(fp32[k], bf16[k]) for k in fp32)  # computed apart
     assert torch.equal(ref, again)

@@ -97,10 +97,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--runtime",
         choices=MEASURED_RUNTIMES,
-        default=d.runtime,
-        help="what runs the feature extractor on CPU: auto = ONNX Runtime where it is faster and agrees with "
-        f"float32 eager (measured once, cached), torch, onnxruntime (default {d.runtime}); "
-        "--precision fp32 --runtime torch is the reference path",
+        default=None,
+        help="what runs the feature extractor on CPU, and training's frozen text layers: auto = the fastest that "
+        "agrees with float32 eager (measured once, cached), torch = the reference computation, onnxruntime "
+        f"(default {d.runtime}; torch with --precision fp32: the figures of earlier versions, bit for bit)",
     )
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(func=run)
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         out_dir=args.out,
         progress=not args.no_progress,
         precision=args.precision,
-        runtime=args.runtime,
+        runtime=args.runtime or ("torch" if args.precision == "fp32" else DemoSettings.runtime),
     )
     from ..demo.pipeline import run_demo
 

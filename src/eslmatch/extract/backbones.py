@@ -61,9 +61,9 @@ class BackboneOptions:
             ``"auto"`` (bf16 where the device computes it natively, else fp32).
         channels_last: weights and inputs in channels-last memory format; ``None``: with
             bf16 only (so the fp32 path stays bit for bit what it was).
-        runtime: ``"auto"`` (on CPU: the fastest of the torch path and ONNX Runtime that
-            agrees with float32 eager, measured once per machine and cached:
-            :mod:`eslmatch.export.runtime`), ``"torch"`` or ``"onnxruntime"``.
+        runtime: ``"torch"`` (the reference), ``"auto"`` (on CPU in float32: ONNX Runtime
+            where it is faster and agrees with float32 eager, measured once per machine and
+            cached: :mod:`eslmatch.export.runtime`) or ``"onnxruntime"``.
         cache: where ``auto`` keeps its measurements and graphs (default ``$ESLMATCH_CACHE``).
     """
 
@@ -74,7 +74,7 @@ class BackboneOptions:
     max_boxes: int | None = None
     precision: str = "fp32"
     channels_last: bool | None = None
-    runtime: str = "auto"
+    runtime: str = "torch"
     cache: str | Path | None = None
 
 
@@ -179,39 +179,30 @@ class Backbone:
             return self.forward(self.to_input(batch)).float()
 
     def set_runtime(self, runtime: str = "auto", cache: str | Path | None = None) -> None:
-        """Run on ``runtime`` (see :class:`BackboneOptions`). Only a backbone of pixels alone
-        (a torch ``model``, the plain :meth:`run`) on CPU has a choice; others run torch."""
+        """Run on ``runtime`` (see :class:`BackboneOptions`). Only a float32 backbone of pixels
+        alone (a torch ``model``, the plain :meth:`run`) on CPU has a choice (ONNX Runtime
+        runs float32); others run torch."""
         self._onnx, self.runtime = None, "torch"
-        if runtime == "torch" or self.model is None or type(self).run is not Backbone.run or self.device.type != "cpu":
+        if runtime == "torch" or self.model is None or type(self).run is not Backbone.run:
+            return
+        if self.device.type != "cpu" or self.precision != "fp32":
+            if runtime == "onnxruntime":
+                raise EslmatchError(f"--runtime onnxruntime runs float32 on CPU, not {self.precision} on {self.device}")
             return
         from ..export.runtime import choose_runtime
         from ..utils.io import default_cache_dir
 
-        precision, channels_last = self.precision, self.channels_last
-        paths = {"fp32": self._path("fp32", False)}
-        if precision == "bf16":
-            paths["bf16"] = self._path("bf16", channels_last)
         choice = choose_runtime(
             self.name,
             _Forward(self).eval(),
             torch.rand(8, 3, self.image_size, self.image_size, generator=torch.Generator().manual_seed(0)) * 2 - 1,
-            paths,
+            {"fp32": self},
             {k: v for k, v in self.fingerprint().items() if k not in ("precision", "channels_last", "runtime")},
             Path(cache) if cache is not None else default_cache_dir(),
             runtime,
         )
-        self.set_precision(choice.precision, channels_last if choice.precision == precision else None)
         if choice.runtime == "onnxruntime":
             self._onnx, self.runtime = choice, "onnxruntime"
-
-    def _path(self, precision: str, channels_last: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The torch path in ``precision`` (for :meth:`set_runtime` to measure)."""
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            self.set_precision(precision, channels_last)
-            return self(x)
-
-        return run
 
     def prepare(self, image: Any, key: str) -> tuple[torch.Tensor, Any]:
         """What :meth:`run` needs for one image: ``(tensor (3, S, S), extra)``.

@@ -82,7 +82,7 @@ class ExtractConfig:
     workers: int = 2
     progress: bool = True
     precision: str = "fp32"
-    runtime: str = "auto"
+    runtime: str = "torch"
 
 
 # ---------------------------------------------------------------------------- small helpers
@@ -200,7 +200,7 @@ def extract_folder(
     distributed: bool | None = None,
     dist_timeout_minutes: float = 60.0,
     precision: str = "fp32",
-    runtime: str = "auto",
+    runtime: str = "torch",
 ) -> dict[str, Any]:
     """Extract region features of every image in ``images_dir`` into a precomp split.
 
@@ -234,9 +234,10 @@ def extract_folder(
         precision: ``fp32`` (default: float32, as before), ``bf16`` (bf16 autocast,
             channels-last) or ``auto`` (bf16 where the device computes it natively); for a
             backbone given by name. Recorded in ``extract_meta.json``.
-        runtime: ``auto`` (default: on CPU, ONNX Runtime where it is faster and agrees with
-            float32 eager, measured once per machine: :mod:`eslmatch.export.runtime`),
-            ``torch`` or ``onnxruntime``; under torchrun every rank runs what rank 0 chose.
+        runtime: ``torch`` (default: the reference), ``auto`` (on CPU in float32, ONNX Runtime
+            where it is faster and agrees with float32 eager, measured once per machine:
+            :mod:`eslmatch.export.runtime`) or ``onnxruntime``; under torchrun every rank runs
+            what rank 0 chose.
     Returns:
         a summary dict (what ``extract_meta.json`` records for the split, plus ``files``).
         On a torchrun rank other than 0 only ``{"rank", "processes", "computed_images"}``.

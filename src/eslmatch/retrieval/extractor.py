@@ -59,6 +59,7 @@ def open_extractor(record: Mapping[str, Any], device: str = "cpu") -> Any:
             weights=weights,
             device=device,
             precision=str(record.get("precision") or "fp32"),
+            runtime="auto",  # new photos of a sync: the fastest faithful runtime here
         ),
     )
     want, got = record.get("weights_sha256"), backbone.fingerprint().get("weights_sha256")

@@ -200,45 +200,6 @@ def test_top_layers_only_training_path(tmp_path):
         assert torch.equal(model.encode_captions(ids, lens), again.encode_captions(ids, lens))
 
 
-def test_training_under_runtime_auto_groups_the_frozen_layers_by_length(tmp_path):
-    """``runtime: auto`` (the demo's default): a training batch's new captions run through the
-    frozen layers in groups of similar length (a quarter less work for MiniLM's batches); the
-    values agree with the reference (``torch``: one batch as wide as the longest caption)."""
-    from eslmatch.training import TrainConfig, Trainer
-
-    config = tiny_bert_config(vocab_size=len(tiny_bert_tokenizer(tmp_path / "tok")))
-    config.num_hidden_layers = 3
-    torch.manual_seed(0)
-    model = ESLModel(
-        ESLConfig(embed_size=32, num_levels=3, img_dim=16, text_model=None, text_train_layers=1),
-        bert_from_config(config),
-        tiny_bert_tokenizer(tmp_path / "tok"),
-    )
-    randomize(model)
-    enc = model.text_encoder
-    assert enc.exact and Trainer(model, TrainConfig()).model is model and enc.exact
-    Trainer(model, TrainConfig(runtime="auto"))
-    assert not enc.exact
-    words = ["a", "red", "circle", "the", "big", "blue", "square", "and", "small", "green"]
-    texts = [" ".join(words[i % 3 : i % 3 + 1 + (i * 7) % 8]) + f" {words[i % 10]}" for i in range(40)]
-    assert len(set(texts)) > 32
-    ids, lens = model.tokenize(texts)
-    model.train()
-    widths: list[int] = []
-    real = enc._lower
-    enc._lower = lambda batch: widths.append(batch.shape[1]) or real(batch)  # type: ignore[method-assign]
-    got = enc._cached_hidden(ids)
-    assert len(widths) == 3 and widths == sorted(widths) and widths[0] < widths[-1] == ids.shape[1]
-    enc.exact, widths[:] = True, []
-    enc.refresh_cache()
-    want = enc._cached_hidden(ids)
-    assert widths == [ids.shape[1]]
-    for row, n in enumerate(lens.tolist()):
-        torch.testing.assert_close(got[row, :n], want[row, :n], atol=1e-5, rtol=1e-5)
-    with pytest.raises(Exception, match="runtime must be torch or auto"):
-        TrainConfig(runtime="fast").validate()
-
-
 @pytest.mark.parametrize("folder", ["minilm", "tiny"])
 def test_tokenizer_ids_equal_transformers(folder, tmp_path):
     from transformers import AutoTokenizer

@@ -98,8 +98,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--runtime",
         choices=MEASURED_RUNTIMES,
         default=None,
-        help="what runs the feature extractor on CPU, and training's frozen text layers: auto = the fastest that "
-        "agrees with float32 eager (measured once, cached), torch = the reference computation, onnxruntime "
+        help="what runs the feature extractor on CPU: auto = the fastest that agrees with float32 eager "
+        "(measured once, cached), torch = the reference computation, onnxruntime "
         f"(default {d.runtime}; torch with --precision fp32: the figures of earlier versions, bit for bit)",
     )
     s.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -151,7 +151,6 @@ def train_config(s: DemoSettings, data: Path, model_type: str, out: Path) -> Any
             "save_every_steps": 10_000,
             "device": "cpu",
             "bf16": s.precision == "bf16",
-            "runtime": "torch" if s.runtime == "torch" else "auto",
             "progress": s.progress,
             "tensorboard": False,
         },

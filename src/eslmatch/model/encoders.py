@@ -171,10 +171,6 @@ class BertTextEncoder(nn.Module):
         # keyed on first use (hashing the frozen weights takes a while; a search never needs it)
         self._caches: dict[str, dict[tuple[int, ...], Tensor]] = {}
         self._uncached = False
-        # False (training under runtime auto): the frozen layers run on captions in groups of
-        # similar length, each as wide as its longest, a quarter less work than one batch as
-        # wide as the longest caption; values then differ from the reference in the last bits
-        self.exact = True
         frozen_params = self._frozen_parameters()
         for p in frozen_params:
             p.requires_grad_(False)
@@ -208,14 +204,9 @@ class BertTextEncoder(nn.Module):
         """Re-key the hidden-state cache (on its next use) after the backbone's weights were replaced."""
         self._caches = {}
 
-    def _variant(self, device_type: str) -> str:
-        """Which values run now: hidden states computed under bf16 autocast, or in length groups
-        (training under runtime auto), are kept apart from the reference float32 ones (an
-        evaluation never reads them)."""
-        variant = "bf16" if autocast_active(device_type) else "fp32"
-        return variant + "-grouped" if self.training and not self.exact else variant
-
     def _cache_now(self, variant: str) -> dict[tuple[int, ...], Tensor]:
+        """The cache of ``variant``: hidden states computed under bf16 autocast (``bf16``) are
+        kept apart from float32 ones (an fp32 evaluation never reads bf16 values)."""
         if variant not in self._caches:
             self._caches[variant] = _shared_cache(self.backbone, self._frozen_names(), self.split, variant)
         return self._caches[variant]
@@ -270,15 +261,13 @@ class BertTextEncoder(nn.Module):
         return hidden
 
     def _cached_hidden(self, ids: Tensor) -> Tensor:
-        variant = self._variant(ids.device.type)
-        cache = self._cache_now(variant)
+        cache = self._cache_now("bf16" if autocast_active(ids.device.type) else "fp32")
         lengths = (ids != 0).sum(1).tolist()
         keys = [tuple(row[:n]) for row, n in zip(ids.tolist(), lengths)]
         todo = sorted({k for k in keys if k not in cache}, key=len)
         fresh: dict[tuple[int, ...], Tensor] = {}
-        rows = _GROUP_ROWS if variant.endswith("-grouped") else 256
-        for start in range(0, len(todo), rows):
-            chunk = todo[start : start + rows]
+        for start in range(0, len(todo), 256):
+            chunk = todo[start : start + 256]
             width = max(len(k) for k in chunk)
             batch = torch.zeros(len(chunk), width, dtype=torch.long, device=ids.device)
             for i, k in enumerate(chunk):

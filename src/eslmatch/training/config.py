@@ -101,9 +101,6 @@ class TrainConfig:
             (float32, the released code's), ``true`` (on any device, CPU included) or
             ``auto`` (where the device computes bf16 natively: CUDA with bf16, a CPU with
             AMX or AVX512-BF16; float32 elsewhere).
-        runtime: ``torch`` (the reference computation, bit for bit) or ``auto`` (faster
-            paths whose values differ from it in the last bits: a frozen text encoder's
-            layers run on the batch's captions in groups of similar length).
         max_steps: stop after this many optimiser steps in total (``null``: no limit).
         eval_batch_size: batch size of validation encoding.
         progress: tqdm progress bars (rank 0).
@@ -148,7 +145,6 @@ class TrainConfig:
     save_every_steps: int = 500
     device: str = "auto"
     bf16: bool | str = False
-    runtime: str = "torch"
     max_steps: int | None = None
     eval_batch_size: int = 128
     progress: bool = True
@@ -200,8 +196,6 @@ class TrainConfig:
             raise EslmatchError(f"lr_decay_epoch must be >= 0 or null, got {self.lr_decay_epoch}")
         if not isinstance(self.bf16, bool) and self.bf16 != "auto":
             raise EslmatchError(f"bf16 must be true, false or auto, got {self.bf16!r}")
-        if self.runtime not in ("torch", "auto"):
-            raise EslmatchError(f"runtime must be torch or auto, got {self.runtime!r}")
         if self.dist_backend not in ("auto", "nccl", "gloo"):
             raise EslmatchError(f"dist_backend must be auto, nccl or gloo, got {self.dist_backend!r}")
         self.model.validate()

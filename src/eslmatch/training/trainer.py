@@ -35,7 +35,7 @@ from ..distributed import DistContext
 from ..errors import EslmatchError
 from ..losses import LossSettings, MatchingLoss
 from ..model.base import load_state_strict
-from ..model.encoders import BertTextEncoder, enable_sync_batchnorm
+from ..model.encoders import enable_sync_batchnorm
 from ..utils import resolve_precision
 from .config import TrainConfig
 from .optim import BertAdamW, cosine_with_warmup, step_decay
@@ -102,9 +102,6 @@ class Trainer:
         self.global_step = 0
         self.epoch = 0
         enable_sync_batchnorm(model, self.ctx.group, self.ctx.distributed)
-        for m in model.modules():
-            if isinstance(m, BertTextEncoder):
-                m.exact = config.runtime == "torch"
         if config.gradient_checkpointing:
             if not hasattr(model, "set_gradient_checkpointing"):
                 raise EslmatchError(f"gradient_checkpointing is not supported by {type(model).__name__}")

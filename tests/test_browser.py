@@ -135,6 +135,25 @@ def test_search_page_in_chromium(tmp_path):
 
             assert cell_alpha(int(row.argmax())) > cell_alpha(int(row.argmin())) + 100
 
+            # Issue 33's defects of the page: a region gallery cannot search by photo, so the
+            # control stays hidden (its CSS display undid the hidden attribute); a failed
+            # search greys the old results and says they are old; after "More like this" the
+            # box no longer holds a sentence that does not describe the results.
+            assert not page.locator("#photo-search").is_visible()
+            page.fill("#where", "nosuchfield == 1")
+            page.press("#query", "Enter")
+            page.wait_for_function("() => document.getElementById('results').classList.contains('stale')")
+            status = page.locator("#status").inner_text()
+            assert "Search failed" in status and "from the previous search" in status, status
+            assert len(failed) == 1 and failed[0].startswith("422 ") and "/search" in failed[0], failed
+            failed.clear()  # that 422 was asked for (and the browser logs it as an error)
+            console_errors[:] = [e for e in console_errors if "status of 422" not in e]
+            page.fill("#where", "")
+            page.locator(".result").nth(0).click()
+            page.locator("#similar-button").click()
+            page.wait_for_function("() => document.getElementById('status').textContent.includes('images like')")
+            assert page.input_value("#query") == "" and "stale" not in (page.get_attribute("#results", "class") or "")
+
             RESULTS.mkdir(parents=True, exist_ok=True)
             shot = RESULTS / "search.png"
             page.screenshot(path=str(shot), full_page=True)

@@ -65,7 +65,15 @@
     }
   }
 
+  // A failed search leaves the previous results on the page, greyed and said to be old.
+  function searchFailed(err) {
+    $("results").classList.add("stale");
+    const shown = state.results && state.results.length ? " (the results below are from the previous search)" : "";
+    setStatus(`Search failed: ${err.message}${shown}`, true);
+  }
+
   function showResults(data, label) {
+    $("results").classList.remove("stale");
     state.results = data.results;
     renderResults();
     const n = data.results.length;
@@ -87,9 +95,10 @@
       const data = await getJSON("/search/image", { method: "POST", body: form });
       if (seq !== state.searchSeq) return;
       state.query = "";
+      $("query").value = "";
       showResults(data, `the photo \u201c${file.name}\u201d`);
     } catch (err) {
-      if (seq === state.searchSeq) setStatus(`Search failed: ${err.message}`, true);
+      if (seq === state.searchSeq) searchFailed(err);
     }
   }
 
@@ -104,9 +113,11 @@
       const data = await getJSON(`/similar/${encodeURIComponent(id)}?${params}`);
       if (seq !== state.searchSeq) return;
       state.query = "";
+      $("query").value = "";  // the sentence no longer describes these results
+      $("query").placeholder = `images like \u201c${id}\u201d \u2013 or describe another`;
       showResults(data, `images like \u201c${id}\u201d`);
     } catch (err) {
-      if (seq === state.searchSeq) setStatus(`Search failed: ${err.message}`, true);
+      if (seq === state.searchSeq) searchFailed(err);
     }
   }
 
@@ -136,7 +147,7 @@
       state.query = data.query;
       showResults(data, `\u201c${data.query}\u201d`);
     } catch (err) {
-      if (seq === state.searchSeq) setStatus(`Search failed: ${err.message}`, true);
+      if (seq === state.searchSeq) searchFailed(err);
     } finally {
       if (seq === state.searchSeq) $("search-button").disabled = false;
     }
@@ -207,7 +218,9 @@
     $("detail-meta").textContent = Object.entries(result.metadata || {}).map(([k, v]) => `${k}: ${v}`).join(" \u00b7 ");
     $("chips").replaceChildren();
     $("heatmap").getContext("2d").clearRect(0, 0, $("heatmap").width, $("heatmap").height);
-    if (state.info.stages === 1 || !state.query) {
+    const heat = state.info.stages !== 1 && Boolean(state.query);
+    $("heat-controls").hidden = !heat;  // one vector per image: no word-by-region map, no controls
+    if (!heat) {
       // one vector per image (or a photo query): the picture itself, no word-by-region attention
       await showImage(result.image_url);
       if (seq === state.detailSeq) {

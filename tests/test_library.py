@@ -309,7 +309,7 @@ def test_sync_restore_and_info_at_the_command_line(model_dir, tmp_path, capsys):
     assert main(["index", "info", out]) == 0
     assert "1 excluded" in capsys.readouterr().out
     assert main(["index", "restore", "--index", out, "--ids", "b/x1"]) == 0
-    assert "restored 1 items" in capsys.readouterr().out
+    assert "restored 1 item " in capsys.readouterr().out
     # one line, no traceback, for what cannot be done
     assert main(["index", "restore", "--index", out, "--ids", "nope"]) == 1
     err = capsys.readouterr().err

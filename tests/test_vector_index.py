@@ -527,11 +527,15 @@ def test_cli_photos(photos, tmp_path, capsys, toy_family):
     extra = tmp_path / "extra"
     write_photos(extra, ["zz_1.png"], seed=4)
     assert main(["index", "add", "--index", idx, "--images", str(extra)]) == 0
-    assert "added 1 items" in capsys.readouterr().out
+    assert "added 1 item " in capsys.readouterr().out
     assert main(["index", "add", "--index", idx, "--images", str(extra)]) == 0
     assert "added 0 items" in capsys.readouterr().out  # a second time: skipped, said
     assert main(["index", "reindex", idx, "--faiss", "hnsw"]) == 0
     assert len(open_gallery(idx, model=model, verify=True)) == N_PHOTOS + 1
+    assert main(["index", "reindex", "--index", idx, "--faiss", "flat"]) == 0  # as every index command
+    assert "rebuilt the first stage" in capsys.readouterr().out
+    assert main(["index", "reindex", "--index", idx, idx, "--faiss", "flat"]) == 1
+    assert "give the gallery once" in capsys.readouterr().err
 
     # errors: one line each
     for argv, message in (

@@ -32,6 +32,11 @@ def with_article(word: str) -> str:
     return f"{'an' if word.lstrip(chr(39) + chr(34))[:1].lower() in 'aeiou' else 'a'} {word}"
 
 
+def counted(n: int, noun: str) -> str:
+    """``n`` and ``noun`` agreeing, for messages: ``"1 item"``, ``"12,000 items"``."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 class JobFailed(EslmatchError):
     """A stage failed on at least one rank; every rank raises this.
 

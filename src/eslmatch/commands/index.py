@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import EslmatchError
+from ..errors import EslmatchError, counted
 from ..retrieval.policy import ON_DUPLICATE
 from ..utils.choices import PRECISIONS, RUNTIMES
 from ..utils.io import replace_journal
@@ -308,7 +308,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
 
     r = isub.add_parser("reindex", help="rebuild only the first stage (e.g. flat -> hnsw), no re-encoding")
-    r.add_argument("index", help="gallery folder")
+    r.add_argument("--index", help="gallery folder (as every index command takes it)")
+    r.add_argument("index_pos", nargs="?", metavar="INDEX", help=argparse.SUPPRESS)  # the earlier positional form
     _faiss_args(r, None)
     r.add_argument("--out", help="write a new gallery here (default: INDEX is changed in place, atomically)")
 
@@ -503,7 +504,7 @@ def _build_in(args: argparse.Namespace, job: Any) -> int:
         else:
             resumed = f", resumed: {rep.present} were stored already" if rep.present else ""
             print(
-                f"built collection {rep.collection}: wrote {rep.written} items{resumed} ({rep.count} in all, {seconds:.1f} s)"
+                f"built collection {rep.collection}: wrote {counted(rep.written, 'item')}{resumed} ({rep.count} in all, {seconds:.1f} s)"
             )
         return 0
     procs = f" ({job.world_size} processes)" if job.distributed else ""
@@ -531,14 +532,17 @@ def _add(args: argparse.Namespace) -> int:
     )
     dup = {"skip": "skipped", "replace": "replaced", "error": "refused"}[args.on_duplicate]
     extra = f", {rep.duplicates} already in the gallery ({dup})" if rep.duplicates else ""
-    from ..retrieval.library import count_files as _files
-
-    extra += f", {_files(rep.changed)} changed, re-encoded" if rep.changed and args.on_duplicate == "skip" else ""
-    extra += f", {_files(rep.moved)} moved, followed" if rep.moved else ""
-    extra += f", {_files(rep.excluded)} you deleted left out (index restore brings them back)" if rep.excluded else ""
-    bad = f", {len(rep.unreadable)} unreadable files skipped" if rep.unreadable else ""
+    changed = rep.changed and args.on_duplicate == "skip"
+    extra += f", {counted(rep.changed, 'file')} changed, re-encoded" if changed else ""
+    extra += f", {counted(rep.moved, 'file')} moved, followed" if rep.moved else ""
+    extra += (
+        f", {counted(rep.excluded, 'file')} you deleted left out (index restore brings them back)"
+        if rep.excluded
+        else ""
+    )
+    bad = f", {counted(len(rep.unreadable), 'unreadable file')} skipped" if rep.unreadable else ""
     print(
-        f"added {rep.added} items to {gallery.store.where}{extra}{bad} ({rep.count} in all, {time.perf_counter() - start:.1f} s)"
+        f"added {counted(rep.added, 'item')} to {gallery.store.where}{extra}{bad} ({rep.count} in all, {time.perf_counter() - start:.1f} s)"
     )
     return 0
 
@@ -568,7 +572,7 @@ def _restore(args: argparse.Namespace) -> int:
     from ..retrieval import BuildOptions
 
     rep = gallery.restore(args.ids, options=BuildOptions(batch_size=args.batch_size), report=_warn)
-    print(f"restored {rep.added} items to {gallery.store.where} ({rep.count} in all)")
+    print(f"restored {counted(rep.added, 'item')} to {gallery.store.where} ({rep.count} in all)")
     return 0
 
 
@@ -579,7 +583,7 @@ def _delete(args: argparse.Namespace) -> int:
     where = parse_filter(args.where) if args.where else None
     gallery = open_from_args(args)
     n = gallery.delete(ids=args.ids, where=where)
-    print(f"deleted {n} items from {gallery.store.where} ({len(gallery)} left)")
+    print(f"deleted {counted(n, 'item')} from {gallery.store.where} ({len(gallery)} left)")
     return 0
 
 
@@ -587,7 +591,7 @@ def _update(args: argparse.Namespace) -> int:
     gallery_target(args)
     gallery = open_from_args(args)
     n = gallery.update(args.metadata)
-    print(f"updated the metadata of {n} items of {gallery.store.where}")
+    print(f"updated the metadata of {counted(n, 'item')} of {gallery.store.where}")
     return 0
 
 
@@ -597,7 +601,7 @@ def _compact(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     rep = gallery.compact()
     print(
-        f"compacted {gallery.store.where}: {rep['removed']} deleted items removed, {rep['count']} items ({time.perf_counter() - start:.1f} s)"
+        f"compacted {gallery.store.where}: {counted(rep['removed'], 'deleted item')} removed, {counted(rep['count'], 'item')} ({time.perf_counter() - start:.1f} s)"
     )
     return 0
 
@@ -746,6 +750,11 @@ def _print_encodings(enc: dict[str, Any]) -> None:
 
 
 def _reindex(args: argparse.Namespace) -> int:
+    if args.index and args.index_pos:
+        raise EslmatchError("give the gallery once: --index INDEX")
+    args.index = args.index or args.index_pos
+    if not args.index:
+        raise EslmatchError("give --index (a gallery folder)")
     if args.faiss is None:
         raise EslmatchError("choose the new first stage with --faiss auto|flat|ivf|hnsw|ivfpq")
     from ..retrieval import FaissOptions, FileStore

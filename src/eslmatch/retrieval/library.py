@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from ..data.files import FileEntry, id_of, list_files
-from ..errors import EslmatchError
+from ..errors import EslmatchError, counted
 from ..utils.digest import sha256_stream
 from .extractor import is_features_folder
 from .metadata import Metadata, folder_of
@@ -121,17 +121,12 @@ class Plan:
         c = self.counts()
         out = f"{c['new']:,} new, {c['changed']:,} changed, {c['moved']:,} moved, {c['gone']:,} gone, {c['unchanged']:,} unchanged"
         if c["excluded"]:
-            out += f"; {count_files(c['excluded'])} you deleted left out (index restore brings them back)"
+            out += f"; {counted(c['excluded'], 'file')} you deleted left out (index restore brings them back)"
         if c["unreadable"]:
-            out += f"; {count_files(c['unreadable'])} that are not images skipped"
+            out += f"; {counted(c['unreadable'], 'file')} that are not images skipped"
         if self.unreachable:
             out += f"; roots not readable, left as they are: {', '.join(self.unreachable)}"
         return out
-
-
-def count_files(n: int) -> str:
-    """``1 file``, ``3 files``."""
-    return f"{n:,} file{'' if n == 1 else 's'}"
 
 
 def user_fields(metadata: Mapping[str, Any]) -> Metadata:

@@ -101,12 +101,13 @@ def compare(
     items: int,
     seconds: float,
     latency_calls: int = 0,
+    auto_label: str | None = None,
 ) -> list[dict[str, Any]]:
     """Rows for one encoder: fp32 eager, auto, ONNX Runtime fp32 and int8."""
-    auto = resolve_precision("auto", "cpu")
+    auto = auto_label or f"auto ({resolve_precision('auto', 'cpu')})"
     runs: list[tuple[str, Callable[[], np.ndarray]]] = [
         ("fp32 eager", lambda: eager("fp32")),
-        (f"auto ({auto})", lambda: eager("auto")),
+        (auto, lambda: eager("auto")),
         ("onnxruntime fp32", lambda: sessions["fp32"].run(None, feed)[0]),
         ("onnxruntime int8", lambda: sessions["int8"].run(None, feed)[0]),
     ]
@@ -131,7 +132,7 @@ def compare(
 # ---------------------------------------------------------------------------- encoders
 def clip_rows(tiny: bool, seconds: float, folder: Path) -> list[dict[str, Any]]:
     from eslmatch.model.esl_clip.config import ClipArchitecture
-    from eslmatch.model.esl_clip.towers import VisionTransformer
+    from eslmatch.model.esl_clip.towers import ClipTowers
 
     torch.manual_seed(0)
     if tiny:
@@ -140,7 +141,7 @@ def clip_rows(tiny: bool, seconds: float, folder: Path) -> list[dict[str, Any]]:
     else:
         arch = ClipArchitecture()  # ViT-B/16
         batch, size = 16, 224
-    model = VisionTransformer(arch).eval()  # eslmatch's image tower (transformers' CLIP computation)
+    model = ClipTowers(arch).vision_model.eval()  # eslmatch's image tower, CLIP's random initialisation
     pixels = torch.randn(batch, 3, size, size)
 
     class Tower(torch.nn.Module):
@@ -168,8 +169,13 @@ def efficientnet_rows(tiny: bool, seconds: float, folder: Path) -> list[dict[str
     from eslmatch.extract import BackboneOptions, build_backbone
 
     size, batch = (64, 4) if tiny else (224, 32)
-    backbones = {
-        p: build_backbone("efficientnet-lite0", BackboneOptions(image_size=size, device="cpu", precision=p))
+    backbones = {  # auto: what `eslmatch extract` runs (--precision auto --runtime auto, measured here)
+        p: build_backbone(
+            "efficientnet-lite0",
+            BackboneOptions(
+                image_size=size, device="cpu", precision=p, runtime="torch" if p == "fp32" else "auto", cache=folder
+            ),
+        )
         for p in ("fp32", "auto")
     }
     images = torch.rand(batch, 3, size, size) * 2 - 1
@@ -194,7 +200,8 @@ def efficientnet_rows(tiny: bool, seconds: float, folder: Path) -> list[dict[str
     )
     # the backbone gives (B, R, D); ONNX the (B, D, h, w) map: compare per image, one layout
     pool = lambda o: o if o.ndim == 3 else o.reshape(o.shape[0], o.shape[1], -1).transpose(0, 2, 1)  # noqa: E731
-    return compare(name, "img/s", eager, sessions, {"images": images.numpy()}, pool, batch, seconds)
+    auto = f"auto ({b.precision}, {b.runtime})"
+    return compare(name, "img/s", eager, sessions, {"images": images.numpy()}, pool, batch, seconds, auto_label=auto)
 
 
 def minilm_rows(tiny: bool, seconds: float, folder: Path) -> list[dict[str, Any]]:

@@ -117,7 +117,7 @@ class VisionEmbeddings(nn.Module):
     def __init__(self, arch: ClipArchitecture) -> None:
         super().__init__()
         w = arch.vision_width
-        self.class_embedding = nn.Parameter(torch.empty(w))
+        self.class_embedding = nn.Parameter(torch.zeros(w))  # never uninitialised memory (ClipTowers draws it)
         self.patch_embedding = nn.Conv2d(3, w, kernel_size=arch.patch_size, stride=arch.patch_size, bias=False)
         self.position_embedding = nn.Embedding((arch.image_size // arch.patch_size) ** 2 + 1, w)
 

@@ -226,3 +226,17 @@ def test_the_towers_compute_what_transformers_clip_computes():
         got_img, got_txt = ours.visual_projection(ours.vision_model(pixels)), ours.text_model(ids)
     assert rel(got_img, want_img) <= 1e-6 and rel(got_txt, want_txt) <= 1e-6
     assert torch.equal(ours.logit_scale, theirs.logit_scale)
+
+
+def test_a_vision_tower_built_alone_holds_no_uninitialised_memory():
+    """Its class embedding was ``torch.empty``: a ``VisionTransformer`` built outside
+    ``ClipTowers`` (the encoder benchmark's) answered NaN for ViT-B/16."""
+    from eslmatch.model.esl_clip.config import ClipArchitecture
+    from eslmatch.model.esl_clip.towers import VisionTransformer
+
+    arch = ClipArchitecture(image_size=32, patch_size=16, vision_width=64, vision_layers=2, vision_heads=2)
+    for _ in range(3):
+        tower = VisionTransformer(arch).eval()
+        assert torch.equal(tower.embeddings.class_embedding, torch.zeros(64))
+        with torch.inference_mode():
+            assert torch.isfinite(tower(torch.randn(2, 3, 32, 32))).all()

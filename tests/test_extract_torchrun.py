@@ -99,6 +99,7 @@ def torchrun(folder: Path, captions: Path, out: Path, **env: str) -> subprocess.
     # fp32 as the baseline: the CLI default (auto) is bf16 on a CPU with AMX / AVX512-BF16
     cmd += ["-m", "eslmatch.cli", "extract", "--images", str(folder), "--out", str(out), "--precision", "fp32"]
     cmd += ["--captions", str(captions), "--no-progress", "--dist-timeout", "2", *OPTIONS]
+    cmd += ["--runtime", env.pop("runtime", "torch")]  # the baseline's (the CLI's auto may pick ONNX Runtime)
     return subprocess.run(
         cmd, env={**clean, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True, timeout=HUNG
     )
@@ -151,6 +152,18 @@ def test_two_processes_equal_one_byte_for_byte(photos, baseline, tmp_path):
     feats = np.load(out / "test_ims.npy")
     assert feats.shape == (12, 4, 1280) and not np.array_equal(feats[0], feats[1])
     print(f"2 processes == 1 process: all {n} files identical ({time.perf_counter() - t0:.1f} s)")
+
+
+def test_two_processes_run_what_rank_0_measured(photos, tmp_path):
+    """``--runtime auto`` under torchrun: rank 0 measures (or reads the cached choice) and the
+    other rank runs the same, so their chunks share one fingerprint."""
+    folder, captions = photos
+    cache = tmp_path / "cache"
+    proc = torchrun(folder, captions, tmp_path / "two", runtime="auto", ESLMATCH_CACHE=str(cache))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((tmp_path / "two" / "extract_meta.json").read_text())["splits"]["test"]
+    (choice,) = [json.loads(p.read_text()) for p in cache.glob("runtimes/*/choice.json")]
+    assert meta["processes"] == 2 and meta["runtime"] == choice["runtime"]
 
 
 def chunk_state(out: Path) -> dict[int, int]:

@@ -308,8 +308,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
 
     r = isub.add_parser("reindex", help="rebuild only the first stage (e.g. flat -> hnsw), no re-encoding")
-    r.add_argument("--index", help="gallery folder (as every index command takes it)")
-    r.add_argument("index_pos", nargs="?", metavar="INDEX", help=argparse.SUPPRESS)  # the earlier positional form
+    r.add_argument("index_pos", nargs="?", metavar="INDEX", help="gallery folder (or use --index)")
+    r.add_argument("--index", help="the gallery folder to change (one of --index / INDEX)")
     _faiss_args(r, None)
     r.add_argument("--out", help="write a new gallery here (default: INDEX is changed in place, atomically)")
 

@@ -382,13 +382,8 @@ class Gallery:
         rep.unreadable = [*rep.unreadable, *plan.known_unreadable]
         if plan.returned or len(rep.unreadable) > len(plan.known_unreadable):
             lib.save(store)
-        rep.added = len(plan.new) + len(plan.returned)
-        rep.replaced, rep.changed, rep.moved, rep.excluded = (
-            len(plan.changed),
-            len(plan.changed),
-            len(plan.moved),
-            plan.excluded,
-        )
+        rep.added, rep.replaced = len(plan.new) + len(plan.returned), len(plan.changed)
+        rep.changed, rep.moved, rep.excluded = len(plan.changed), len(plan.moved), plan.excluded
         return rep
 
     def sync(self, dry_run: bool = False, options: BuildOptions | None = None, report: Report | None = None) -> Plan:

@@ -220,7 +220,7 @@ def test_server_killed_mid_build_then_a_rerun_resumes(model, model_dir, tmp_path
         monkeypatch.setattr(MilvusSink, "put", counting)
         assert main(cmd) == 0
         out = capsys.readouterr().out
-        assert "wrote 1500 items, resumed: 1500 were stored already (3000 in all" in out, out
+        assert "wrote 1,500 items, resumed: 1500 were stored already (3000 in all" in out, out
         with capsys.disabled():
             print(f"rerun: {out.strip()}")
         assert sorted(written) == list(range(1500, 3000))  # rows stored before the crash are not written again

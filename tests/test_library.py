@@ -224,6 +224,11 @@ def test_moves_keep_the_vector_and_metadata_without_re_encoding(model, place, tm
     assert (meta["album"], meta["file"], meta["folder"]) == ("x", "2024/renamed.jpg", "2024")
     assert meta["path"] == str((photos / "2024" / "renamed.jpg").resolve())
     np.testing.assert_array_equal(vector(g, "p0"), before)
+    # an add of the folder with metadata for a file it finds moved: the metadata is set (it was
+    # refused as "not among the files of the folder")
+    os.rename(photos / "p1.jpg", photos / "2024" / "p1-moved.jpg")
+    rep = g.add(photos, metadata={"p1": {"album": "y"}}, options=QUIET)
+    assert rep.moved == 1 and g.metadata("p1")["album"] == "y" and g.metadata("p1")["file"] == "2024/p1-moved.jpg"
 
 
 # ---------------------------------------------------------------------- acceptance: sync == fresh build

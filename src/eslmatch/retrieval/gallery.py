@@ -335,7 +335,7 @@ class Gallery:
         if isinstance(metadata, (str, Path)):
             metadata = read_metadata(metadata, self.fields())
         written = {i for i, _ in (*plan.changed, *plan.returned, *plan.new)}
-        stored = {i for i, _ in plan.unchanged} | set(plan.touched)
+        stored = {i for i, _ in (*plan.unchanged, *plan.moved)} | set(plan.touched)
         unknown = [i for i in metadata if i not in written and i not in stored]
         if unknown:
             raise MetadataError(

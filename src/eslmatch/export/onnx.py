@@ -336,7 +336,7 @@ def _agreement(graph: EncoderGraph, path: Path, inputs: list[str]) -> dict[str, 
     with torch.no_grad():
         ref = graph.module(*graph.example)
     refs = ref if isinstance(ref, tuple) else (ref,)
-    session = _session(path)
+    session = ort_session(path)
     feed = {n: graph.example[graph.inputs.index(n)].cpu().numpy() for n in inputs}
     got = session.run(None, feed)
     lengths = graph.example[1].cpu()
@@ -393,7 +393,7 @@ def load_saved_tokenizer(entry: dict[str, Any], directory: Path) -> Any:
 
 
 # ---------------------------------------------------------------------------- the runtime
-def _session(path: Path, threads: int | None = None, providers: Sequence[str] | None = None) -> Any:
+def ort_session(path: Path, threads: int | None = None, providers: Sequence[str] | None = None) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -460,7 +460,7 @@ class OnnxEncoders:
             path = d / info["files"][variant]
             if not path.is_file():
                 raise EslmatchError(f"{path}: missing from the export")
-            sessions[side] = _session(path, threads, providers)
+            sessions[side] = ort_session(path, threads, providers)
         enc = cls(d, manifest, sessions, load_saved_tokenizer(manifest.get("tokenizer", {}), d))
         enc.variant = variant
         return enc

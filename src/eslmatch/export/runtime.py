@@ -31,9 +31,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..errors import EslmatchError
 from ..utils.digest import sha256_stream
 from ..utils.io import atomic_write_text
 from ..utils.precision import cpu_capabilities
+from .onnx import ort_session, require_onnx
 
 MIN_COSINE = 0.999  # per item, against float32 eager PyTorch on the calibration batch
 CHOICE = "choice.json"
@@ -59,9 +61,11 @@ class RuntimeChoice:
 
 
 def onnxruntime_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+    try:
+        require_onnx()
+    except EslmatchError:
+        return False
+    return True
 
 
 def machine_facts() -> dict[str, Any]:
@@ -90,15 +94,6 @@ def _seconds(fn: Callable[[], Any], reps: int = 3) -> float:
         fn()
         best = min(best, time.perf_counter() - t0)
     return best
-
-
-def _session(path: Path) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _export(module: nn.Module, example: Tensor, path: Path) -> None:
@@ -136,7 +131,7 @@ def _cached(folder: Path, key: str) -> RuntimeChoice | None:
             return RuntimeChoice("torch", str(record.get("precision") or "fp32"), None, record)  # no graph read
         if not _graph_ok(folder, record):
             return None
-        return RuntimeChoice("onnxruntime", "fp32", _session(folder / GRAPH), record)
+        return RuntimeChoice("onnxruntime", "fp32", ort_session(folder / GRAPH, torch.get_num_threads()), record)
     except Exception:  # unreadable, half-written, another version's: measured again
         return None
 
@@ -165,10 +160,8 @@ def choose_runtime(
     """
     if runtime == "torch":
         return RuntimeChoice("torch", next((p for p in torch_paths if p != "fp32"), "fp32"))
-    if runtime == "onnxruntime" and not onnxruntime_available():
-        from ..errors import EslmatchError
-
-        raise EslmatchError("--runtime onnxruntime needs onnxruntime and onnx (pip install onnxruntime onnx)")
+    if runtime == "onnxruntime":
+        require_onnx()
     if runtime == "auto" and not onnxruntime_available():
         return RuntimeChoice("torch", next((p for p in torch_paths if p != "fp32"), "fp32"))
     body = {"version": VERSION, "name": name, "facts": dict(facts), "machine": machine_facts()}
@@ -180,7 +173,9 @@ def choose_runtime(
     if runtime == "onnxruntime" and choice.runtime != "onnxruntime":  # forced: the graph measured with it
         if not _graph_ok(folder, choice.record):
             choice = _measure(folder, key, body, module, calibration, torch_paths)
-        choice = RuntimeChoice("onnxruntime", "fp32", choice.session or _session(folder / GRAPH), choice.record)
+        choice = RuntimeChoice(
+            "onnxruntime", "fp32", choice.session or ort_session(folder / GRAPH, torch.get_num_threads()), choice.record
+        )
     return choice
 
 
@@ -194,7 +189,7 @@ def _measure(
 ) -> RuntimeChoice:
     folder.mkdir(parents=True, exist_ok=True)
     _export(module, x, folder / GRAPH)
-    session = _session(folder / GRAPH)
+    session = ort_session(folder / GRAPH, torch.get_num_threads())
     feed = {"x": x.numpy()}
     runs: dict[str, Callable[[], Any]] = {f"torch {p}": functools.partial(fn, x) for p, fn in torch_paths.items()}
     runs["onnxruntime fp32"] = lambda: torch.from_numpy(np.asarray(session.run(None, feed)[0]))

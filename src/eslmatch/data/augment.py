@@ -96,15 +96,7 @@ def word_pieces(tokenizer: Any, text: str) -> list[list[int]]:
     """
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=False)
-        word_ids = enc.word_ids()
-        groups: list[list[int]] = []
-        last = object()
-        for tok, w in zip(enc["input_ids"], word_ids):
-            if w is None or w != last or not groups:
-                groups.append([])
-            groups[-1].append(int(tok))
-            last = w
-        return groups
+        return _by_word(enc["input_ids"], enc.word_ids())
     basic = getattr(tokenizer, "basic_tokenizer", None)
     split = basic.tokenize(text) if basic is not None else text.split()
     groups = []
@@ -120,17 +112,19 @@ def word_pieces_of(tokenizer: Any, texts: Sequence[str]) -> list[list[list[int]]
     if not getattr(tokenizer, "is_fast", False) or not texts:
         return [word_pieces(tokenizer, t) for t in texts]
     enc = tokenizer(list(texts), add_special_tokens=False)
-    out = []
-    for i, ids in enumerate(enc["input_ids"]):
-        groups: list[list[int]] = []
-        last: object = object()
-        for tok, w in zip(ids, enc.word_ids(i)):
-            if w is None or w != last or not groups:
-                groups.append([])
-            groups[-1].append(int(tok))
-            last = w
-        out.append(groups)
-    return out
+    return [_by_word(ids, enc.word_ids(i)) for i, ids in enumerate(enc["input_ids"])]
+
+
+def _by_word(ids: Sequence[int], word_ids: Sequence[int | None]) -> list[list[int]]:
+    """Token ``ids`` grouped by the word each belongs to (a fast tokenizer's ``word_ids``)."""
+    groups: list[list[int]] = []
+    last: object = object()
+    for tok, w in zip(ids, word_ids):
+        if w is None or w != last or not groups:
+            groups.append([])
+        groups[-1].append(int(tok))
+        last = w
+    return groups
 
 
 @dataclass(frozen=True)

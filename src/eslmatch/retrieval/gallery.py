@@ -360,8 +360,7 @@ class Gallery:
         if moves:
             fields = {i: {**plan.kept.get(i, {}), **f.fields()} for i, f in moves.items()}
             store.update(fields, {i: f.path for i, f in moves.items()}, restore=list(dict(same)))
-        back = {r.id for r in records_of(store, list(dict(same)))} if same else set()
-        plan.restored = len(back)  # back without encoding: the store still held them
+        back = {r.id for r in records_of(store, list(dict(same)))} if same else set()  # not encoded again
         if remove_gone and (plan.gone or plan.excluded_live):
             lib.remember_gone(plan.gone)
             lib.save(store)  # before the delete: a kill between the two keeps the metadata

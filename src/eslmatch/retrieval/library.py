@@ -92,7 +92,6 @@ class Plan:
     new: list[tuple[str, FileState]] = field(default_factory=list)
     returned: list[tuple[str, FileState]] = field(default_factory=list)
     same: set[str] = field(default_factory=set)  # returned with the content they had: restorable
-    restored: int = 0  # of those, how many the store brought back (not encoded)
     gone: list[Record] = field(default_factory=list)
     excluded: int = 0  # files left out: the user deleted their items
     excluded_live: list[str] = field(default_factory=list)  # an interrupted delete to finish

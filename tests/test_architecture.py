@@ -209,3 +209,33 @@ def test_retrieval_stays_readable():
         probes += [f"{path.name}: {line.strip()}" for line in text.splitlines() if "hasattr(model" in line]
     assert long_modules == [] and long_functions == [], (long_modules, long_functions)
     assert untyped == [] and probes == [], (untyped, probes)
+
+
+def test_the_wheel_ships_its_types(tmp_path):
+    """Issue 32: the wheel had no ``py.typed`` (PEP 561), so a user's mypy treated eslmatch as
+    untyped. Built here from the checkout, without network or build isolation."""
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            str(root),
+            "-w",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
+    )
+    (wheel,) = tmp_path.glob("eslmatch-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "eslmatch/py.typed" in names and "eslmatch/serve/static/index.html" in names

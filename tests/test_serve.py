@@ -737,3 +737,63 @@ def test_create_app_with_an_open_index(library):
     with local_client(create_app(library, model_name="m")) as c:
         assert c.get("/healthz").json()["model"] == "m"
         assert c.post("/search", json={"text": "red", "k": 2}).status_code == 200
+
+
+def test_a_library_error_is_answered_by_its_kind_never_by_its_wording():
+    """Issue 32: the status came from the message text ("no item with id" -> 404) and from an
+    ``http_status`` attribute. Now one table maps each error kind (its type) to a status."""
+    from eslmatch import errors
+    from eslmatch.retrieval.filters import FilterError
+    from eslmatch.retrieval.metadata import MetadataError
+    from eslmatch.retrieval.milvus.conn import MilvusError
+    from eslmatch.serve.app import status_of
+
+    wording = "no item with id 'x'"  # the text that used to decide
+    assert status_of(errors.NotFound(wording)) == 404
+    assert status_of(errors.NotFound("gone")) == 404
+    assert status_of(errors.InvalidInput(wording)) == 422
+    assert status_of(errors.EslmatchError(wording)) == 422
+    assert status_of(errors.Conflict("id 'a' is in the gallery already")) == 409
+    assert status_of(errors.Unavailable("later")) == 503
+    # the library's own errors answer as their kind
+    assert status_of(errors.BusyError("another process is writing")) == 503
+    assert status_of(MilvusError("cannot reach Milvus")) == 503
+    assert status_of(MetadataError("field 'year' is an int")) == 422
+    assert status_of(FilterError("unknown field")) == 422
+    assert status_of(errors.InputError("bad lengths")) == 422
+
+    from fastapi import FastAPI
+
+    from eslmatch.serve.app import _errors
+
+    app = FastAPI()
+    _errors(app)
+    for kind, status in [(errors.NotFound, 404), (errors.Conflict, 409), (errors.Unavailable, 503)]:
+
+        @app.get(f"/{kind.__name__}")
+        async def fail(kind: type[errors.EslmatchError] = kind) -> None:
+            raise kind("first line\nsecond line")
+
+        r = TestClient(app).get(f"/{kind.__name__}")
+        assert r.status_code == status and r.json() == {"error": "first line"}
+        assert (r.headers.get("Retry-After") == "5") == (status == 503)
+
+
+def test_a_missing_item_is_not_found_by_type(tmp_path):
+    """The library raises :class:`~eslmatch.errors.NotFound` for an id it does not hold, and
+    :class:`~eslmatch.errors.Conflict` for an id it holds when told to refuse duplicates."""
+    from eslmatch.errors import Conflict, NotFound
+
+    made = make_gallery(tmp_path, n=3)
+    g = open_gallery(made.index_dir)
+    feats = np.zeros((1, 9, 16), np.float32)
+    with pytest.raises(NotFound, match="no item with id 'c'"):
+        g.delete(ids=["c"])
+    with pytest.raises(NotFound):
+        g.metadata("c")
+    with pytest.raises(NotFound):
+        g.update({"c": {"year": 1}})
+    with pytest.raises(Conflict):
+        g.add(regions(feats, img_dim=16, ids=[made.ids[0]], grid=(3, 3)), on_duplicate="error")
+    assert len(g) == 3
+    g.close()

@@ -300,11 +300,12 @@ def test_a_waiting_write_does_not_stall_searches(photos):
     writer.join(HUNG)
     assert answers == {"delete": 200} and len(g) == 9
     from eslmatch.errors import BusyError
+    from eslmatch.serve.app import status_of
 
     with write_lock(root / "idx"), pytest.raises(BusyError) as busy:  # what a write that gives up raises
         with write_lock(root / "idx", timeout=0):
             pass
-    assert busy.value.http_status == 503
+    assert status_of(busy.value) == 503
 
 
 def test_an_upload_is_stored_by_its_format_and_a_refused_one_leaves_no_file(photos):
@@ -324,7 +325,7 @@ def test_an_upload_is_stored_by_its_format_and_a_refused_one_leaves_no_file(phot
         data={"on_duplicate": "error"},
         headers=auth,
     )
-    assert r.status_code == 422 and sorted(p.name for p in uploads.iterdir()) == before
+    assert r.status_code == 409 and sorted(p.name for p in uploads.iterdir()) == before  # a Conflict
 
 
 def test_uploads_are_one_source_of_the_gallery(photos, capsys):

@@ -1,7 +1,9 @@
 """Exceptions with messages meant for users.
 
 Anything raised as an :class:`EslmatchError` is printed by the CLI as one line, without a
-traceback, and makes it exit non-zero.
+traceback, and makes it exit non-zero. Its kind is its type, never its wording: a caller
+(the server's status table, a script) tells :class:`NotFound` from :class:`Conflict`,
+:class:`Unavailable` and :class:`InvalidInput` with ``except`` / ``isinstance``.
 """
 
 from __future__ import annotations
@@ -11,19 +13,32 @@ class EslmatchError(ValueError):
     """A problem with the user's input (file, checkpoint, tensor shape, configuration)."""
 
 
+class InvalidInput(EslmatchError):
+    """A value, file or request that breaks a rule (a bad filter, metadata of the wrong type)."""
+
+
+class NotFound(EslmatchError):
+    """What the caller named is not there (an item id, a collection)."""
+
+
+class Conflict(EslmatchError):
+    """The request clashes with what is stored (an id the gallery holds, with ``on_duplicate="error"``)."""
+
+
+class Unavailable(EslmatchError):
+    """A service or lock needed now is not available: the same request may succeed later."""
+
+
 class CheckpointError(EslmatchError):
     """A checkpoint that cannot be loaded safely or does not match the model."""
 
 
-class InputError(EslmatchError):
+class InputError(InvalidInput):
     """Tensors handed to the model that break its contract (shape, lengths, dtype)."""
 
 
-class BusyError(EslmatchError):
-    """Another writer holds what this write needs (a gallery's writer lock): try again later.
-    A server answers it with 503 and ``Retry-After``."""
-
-    http_status = 503
+class BusyError(Unavailable):
+    """Another writer holds what this write needs (a gallery's writer lock): try again later."""
 
 
 def with_article(word: str) -> str:

@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Union
 
-from ..errors import EslmatchError, with_article
+from ..errors import EslmatchError, InvalidInput, with_article
 
 OPS = ("==", "!=", "<", "<=", ">", ">=")
 TYPES = ("str", "int", "float", "bool")
@@ -52,7 +52,7 @@ _KEYWORDS = {"and", "or", "not", "in", "true", "false"}
 Value = Union[str, int, float, bool]
 
 
-class FilterError(EslmatchError):
+class FilterError(InvalidInput):
     """A filter that does not parse, names an unknown field, or compares a field with a value
     of another type (one line, with the column where it went wrong)."""
 

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import EslmatchError
+from ..errors import Conflict, EslmatchError
 from ..utils.choices import check_precision, check_runtime
 from ..utils.digest import sha256_stream
 from .encoding import Encoding, default_encoding
@@ -296,7 +296,7 @@ class Gallery:
         complete(plan, self.store)
         known = [(i, state_of(*found)) for i, found in plan.unchanged] + list(plan.touched.items())
         if known and on_duplicate == "error":
-            raise EslmatchError(
+            raise Conflict(
                 f"{self.store.where}: {len(known) + len(plan.changed)} files of {folder} are in the gallery already, "
                 f"e.g. {known[0][1].rel!r} (id {known[0][0]!r})"
             )

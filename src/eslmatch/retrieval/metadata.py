@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import EslmatchError, with_article
+from ..errors import EslmatchError, InvalidInput, with_article
 from .filters import TYPES, value_type
 
 BUILTIN = ("id", "path", "added")
@@ -41,7 +41,7 @@ EXIF_IFD = 0x8769
 Metadata = dict[str, Any]
 
 
-class MetadataError(EslmatchError):
+class MetadataError(InvalidInput):
     """A metadata file or value that cannot be used (one line naming the file and line)."""
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Container, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..errors import EslmatchError
+from ..errors import EslmatchError, NotFound
 
 if TYPE_CHECKING:
     from .sources import Source
@@ -22,14 +22,12 @@ def check_on_duplicate(value: str) -> str:
     return value
 
 
-def check_known(
-    where: str, ids: Sequence[str], found: Container[str], action: str, error: type = EslmatchError
-) -> None:
+def check_known(where: str, ids: Sequence[str], found: Container[str], action: str) -> None:
     """Refuse, in one line naming the first, ids the gallery does not hold (``action``: what
     was to be done, and is not: "deleted", "updated")."""
     unknown = [i for i in ids if i not in found]
     if unknown:
-        raise error(f"{where}: no item with id {unknown[0]!r} ({len(unknown)} unknown; nothing {action})")
+        raise NotFound(f"{where}: no item with id {unknown[0]!r} ({len(unknown)} unknown; nothing {action})")
 
 
 def records_of(store: GalleryStore, ids: Sequence[str]) -> list[Record]:
@@ -41,7 +39,7 @@ def item_record(store: GalleryStore, item_id: str, fields: Sequence[str] | None 
     """The record of the live item ``item_id`` (read in one snapshot), or one line naming it."""
     found = store.select(fields=fields, ids=[str(item_id)])
     if not found:
-        raise EslmatchError(f"{store.where}: no item with id {str(item_id)!r}")
+        raise NotFound(f"{store.where}: no item with id {str(item_id)!r}")
     return found[0]
 
 

@@ -47,7 +47,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import EslmatchError
+from ..errors import Conflict, EslmatchError, InvalidInput, NotFound, Unavailable
 from ..retrieval import Gallery, open_gallery, parse_filter
 from ..retrieval.layout import UPLOADS
 from ..retrieval.policy import ON_DUPLICATE, item_record
@@ -402,6 +402,22 @@ def create_app(
     return app
 
 
+# A library error's status, by its kind (its type, never its wording); the first match along
+# the exception's classes wins, so a subclass answers as its kind.
+STATUS_OF_KIND: dict[type[EslmatchError], int] = {
+    NotFound: 404,
+    Conflict: 409,
+    Unavailable: 503,
+    InvalidInput: 422,
+    EslmatchError: 422,
+}
+
+
+def status_of(exc: EslmatchError) -> int:
+    """The HTTP status answering ``exc``: :data:`STATUS_OF_KIND` of its nearest kind."""
+    return next(STATUS_OF_KIND[k] for k in type(exc).__mro__ if k in STATUS_OF_KIND)
+
+
 def is_write(method: str, path: str) -> bool:
     """Whether a request is one of the write routes (``POST /items``, ``POST /items/delete``,
     ``DELETE /items/{id}``)."""
@@ -434,9 +450,7 @@ def _errors(app: FastAPI) -> None:
     @app.exception_handler(EslmatchError)
     async def _library_error(request: Request, exc: EslmatchError) -> JSONResponse:
         lines = str(exc).strip().splitlines()
-        status = int(getattr(exc, "http_status", 422))  # 503: Milvus unreachable, or another writer busy
-        if "no item with id" in (lines[0] if lines else ""):
-            status = 404
+        status = status_of(exc)
         headers = {"Retry-After": "5"} if status == 503 else None
         return JSONResponse({"error": lines[0] if lines else type(exc).__name__}, status_code=status, headers=headers)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ... import __version__
-from ...errors import EslmatchError, JobFailed
+from ...errors import Conflict, EslmatchError, JobFailed
 from ...utils import replace_dir
 from ..encoding import FP32, Encoding, default_encoding
 from ..filters import Filter
@@ -41,7 +41,7 @@ from ..layout import (
     shard_name,
     write_json,
 )
-from ..metadata import Metadata, MetadataError, merge_types, now
+from ..metadata import Metadata, merge_types, now
 from ..policy import add_source, check_known, check_on_duplicate
 from ..sources import Source
 from ..writer import Report, write_source
@@ -242,7 +242,7 @@ def add_files(
         rep = AddReport(duplicates=len(existing))
         if existing and on_duplicate == "error":
             first = next(i for i in source.ids if i in existing)
-            raise EslmatchError(f"{path}: id {first!r} is in the gallery already ({len(existing)} of the new ids are)")
+            raise Conflict(f"{path}: id {first!r} is in the gallery already ({len(existing)} of the new ids are)")
         if existing and on_duplicate == "skip":
             source = _without(source, existing)
         replaced = sorted(existing.values()) if on_duplicate == "replace" else []
@@ -343,7 +343,7 @@ def update_files(
             ids = list({**changes, **paths})
             found = store.catalog.rows_of(ids)
             ids = [i for i in ids if i in found or i not in restore]
-            check_known(store.where, ids, found, "updated", MetadataError)
+            check_known(store.where, ids, found, "updated")
             types = merge_types(store.catalog.types(), ({"id": k, **changes.get(k, {})} for k in ids))
             rows = {found[k]: {**changes.get(k, {}), **({"path": paths[k]} if k in paths else {})} for k in ids}
             store.catalog.add_fields(types)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import EslmatchError
+from ...errors import EslmatchError, Unavailable
 from .. import ann
 from ..layout import GalleryIndexError
 
@@ -36,10 +36,8 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}")
 _UNREACHABLE = ("unavailable", "fail connecting", "failed to connect", "retry timeout", "deadline")
 
 
-class MilvusError(EslmatchError):
+class MilvusError(Unavailable):
     """Milvus could not be reached, or refused a request (one line, naming the server)."""
-
-    http_status = 503  # what a web server answers: the service behind it is unavailable
 
 
 # ---------------------------------------------------------------------- connection

@@ -463,7 +463,7 @@ class MilvusStore:
             )
             entities.update({str(e["item_id"]): dict(e) for e in got})
         ids = [i for i in ids if i in entities or i not in restore]
-        check_known(self.where, ids, entities, "updated", MetadataError)
+        check_known(self.where, ids, entities, "updated")
         types = merge_types(self.fields(), ({"id": k, **changes.get(k, {})} for k in ids))
         out = []
         for item in ids:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ... import __version__
-from ...errors import EslmatchError
+from ...errors import Conflict, EslmatchError
 from ...model.base import MatchingModel
 from .. import ann
 from ..encoding import Encoded, Encoding, default_encoding
@@ -432,7 +432,7 @@ def add_to_collection(
     if pending:
         found = {k: v for k, v in found.items() if v < start}  # its own rows, written before the kill
     if found and on_duplicate == "error":
-        raise EslmatchError(
+        raise Conflict(
             f"{where}: id {next(iter(found))!r} is in the gallery already ({len(found)} of the new ids are)"
         )
     duplicates = len(found)

@@ -122,7 +122,7 @@ def test_photos_with_a_pixel_model_skip_bad_files(tmp_path):
     photos = write_photos(tmp_path / "photos", names)
     (photos / "notes.txt").write_text("not an image")
     source = photo_items(model, photos)
-    summary = embed_to_file(model, source, tmp_path / "p.parquet", batch_size=2, progress=False, log=lambda m: None)
+    summary = embed_to_file(model, source, tmp_path / "p.parquet", batch_size=2, progress=False)
     assert [s[0] for s in summary["skipped"]] == ["notes.txt"]
     ids, got = read_embeddings(tmp_path / "p.parquet")
     assert ids == ["astronaut", "chelsea", "coffee"]

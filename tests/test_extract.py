@@ -71,7 +71,7 @@ def lite0() -> EfficientNetLite0:
 def baseline(photos, lite0, tmp_path_factory) -> tuple[Path, dict]:
     """One uninterrupted run over the five photos (chunks of 2, batches of 2)."""
     out = tmp_path_factory.mktemp("baseline")
-    summary = extract_folder(photos, out, backbone=lite0, chunk=2, batch_size=2, progress=False, log=lambda m: None)
+    summary = extract_folder(photos, out, backbone=lite0, chunk=2, batch_size=2, progress=False)
     return out, summary
 
 
@@ -119,9 +119,7 @@ def test_grayscale_and_alpha_become_rgb(tmp_path):
 
 
 def test_same_image_same_features(photos, lite0, baseline, tmp_path):
-    again = extract_folder(
-        photos, tmp_path / "again", backbone=lite0, chunk=2, batch_size=2, progress=False, log=lambda m: None
-    )
+    again = extract_folder(photos, tmp_path / "again", backbone=lite0, chunk=2, batch_size=2, progress=False)
     assert again["shape"] == [5, 49, 1280]
     first = np.load(baseline[0] / "test_ims.npy")
     assert np.array_equal(np.load(tmp_path / "again" / "test_ims.npy"), first)
@@ -131,7 +129,7 @@ def test_same_image_same_features(photos, lite0, baseline, tmp_path):
     save_photo("chelsea", folder)
     save_photo("coffee", folder)
     (folder / "zz_copy.png").write_bytes((folder / "chelsea.png").read_bytes())
-    extract_folder(folder, tmp_path / "dup_out", backbone=lite0, batch_size=2, progress=False, log=lambda m: None)
+    extract_folder(folder, tmp_path / "dup_out", backbone=lite0, batch_size=2, progress=False)
     feats = np.load(tmp_path / "dup_out" / "test_ims.npy")
     np.testing.assert_allclose(feats[2], feats[0], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(feats[0], first[sorted(PHOTOS).index("chelsea")], rtol=1e-4, atol=1e-4)
@@ -196,7 +194,7 @@ def test_only_bad_files_is_an_error(tmp_path, lite0):
     truncated_jpeg(folder / "broken.jpg")
     (folder / "readme.md").write_text("# hi\n")
     with pytest.raises(InputError, match="no usable image: all 2 files were skipped"):
-        extract_folder(folder, tmp_path / "ds", backbone=lite0, progress=False, log=lambda m: None)
+        extract_folder(folder, tmp_path / "ds", backbone=lite0, progress=False)
     assert not (tmp_path / "ds" / "test_ims.npy").exists()
 
 
@@ -228,15 +226,14 @@ def test_parse_captions(tmp_path):
     assert fit_captions(list("abcdefg"), 5) == list("abcde")
 
 
-def test_extract_with_captions(photos, lite0, baseline, tmp_path):
+def test_extract_with_captions(photos, lite0, baseline, tmp_path, caplog):
     caps = tmp_path / "caps.txt"
     lines = [f"chelsea.png\tcat {i}" for i in range(7)]  # more than K: first 5 kept
     lines += ["coffee\ta cup of coffee", "coffee.jpg\tespresso"]  # fewer than K: repeated
     lines += ["rocket\ta rocket on the pad", "nowhere\tunknown"]
     caps.write_text("\n".join(lines) + "\n")
-    logs: list[str] = []
     out = tmp_path / "ds"
-    summary = extract_folder(photos, out, backbone=lite0, captions=caps, split="dev", progress=False, log=logs.append)
+    summary = extract_folder(photos, out, backbone=lite0, captions=caps, split="dev", progress=False)
     assert (out / "dev_ids.txt").read_text().split() == ["chelsea", "coffee", "rocket"]
     written = (out / "dev_caps.txt").read_text().splitlines()
     assert written[:5] == [f"cat {i}" for i in range(5)]
@@ -245,8 +242,8 @@ def test_extract_with_captions(photos, lite0, baseline, tmp_path):
     assert summary["captions_repeated"] == 2 and summary["captions_truncated"] == 1
     assert sorted(summary["no_caption"]) == ["astronaut.png", "camera.png"]
     assert summary["bad_caption_lines"] == [{"line": 11, "reason": "unknown image 'nowhere'"}]
-    assert any("2 image(s) have fewer than 5 captions" in m for m in logs)
-    assert any("line 11" in m for m in logs)
+    assert any("2 image(s) have fewer than 5 captions" in m for m in caplog.messages)
+    assert any("line 11" in m for m in caplog.messages)
     feats = np.load(out / "dev_ims.npy")
     base = np.load(baseline[0] / "test_ims.npy")
     order = sorted(PHOTOS)
@@ -260,7 +257,7 @@ def test_extract_with_captions(photos, lite0, baseline, tmp_path):
     assert split.image_of_caption(7) == 1
 
 
-def test_resume_reuses_finished_chunks(photos, lite0, baseline, tmp_path, monkeypatch):
+def test_resume_reuses_finished_chunks(photos, lite0, baseline, tmp_path, monkeypatch, caplog):
     out = tmp_path / "ds"
 
     class Interrupted(Exception):
@@ -279,7 +276,6 @@ def test_resume_reuses_finished_chunks(photos, lite0, baseline, tmp_path, monkey
             chunk=2,
             batch_size=2,
             progress=False,
-            log=lambda m: None,
             on_chunk=stop_after_first,
         )
     partial = out / ".extract_partial" / "test"
@@ -294,17 +290,17 @@ def test_resume_reuses_finished_chunks(photos, lite0, baseline, tmp_path, monkey
         return original(batch, extras)
 
     monkeypatch.setattr(lite0, "run", counting)
-    logs: list[str] = []
-    summary = extract_folder(photos, out, backbone=lite0, chunk=2, batch_size=2, progress=False, log=logs.append)
+    caplog.set_level("INFO", logger="eslmatch")
+    summary = extract_folder(photos, out, backbone=lite0, chunk=2, batch_size=2, progress=False)
     assert sum(seen) == 3  # only the files of chunks 1 and 2 went through the backbone
     assert summary["reused_chunks"] == 1 and summary["computed_images"] == 3
-    assert any("resuming" in m for m in logs)
+    assert any("resuming" in m for m in caplog.messages)
     assert np.array_equal(np.load(out / "test_ims.npy"), np.load(baseline[0] / "test_ims.npy"))
     assert (out / "test_ids.txt").read_text() == (baseline[0] / "test_ids.txt").read_text()
     assert not (out / ".extract_partial").exists()
 
 
-def test_resume_starts_over_when_files_change(photos, lite0, tmp_path, monkeypatch):
+def test_resume_starts_over_when_files_change(photos, lite0, tmp_path, monkeypatch, caplog):
     folder = tmp_path / "imgs"
     folder.mkdir()
     for name in ("chelsea", "coffee", "rocket"):
@@ -315,15 +311,15 @@ def test_resume_starts_over_when_files_change(photos, lite0, tmp_path, monkeypat
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        extract_folder(folder, out, backbone=lite0, chunk=1, progress=False, log=lambda m: None, on_chunk=stop)
+        extract_folder(folder, out, backbone=lite0, chunk=1, progress=False, on_chunk=stop)
     save_photo("astronaut", folder)  # the file list changed: old chunks must not be reused
     seen: list[int] = []
     original = lite0.run
     monkeypatch.setattr(lite0, "run", lambda b, e: (seen.append(b.shape[0]), original(b, e))[1])
-    logs: list[str] = []
-    summary = extract_folder(folder, out, backbone=lite0, chunk=1, progress=False, log=logs.append)
+    caplog.set_level("INFO", logger="eslmatch")
+    summary = extract_folder(folder, out, backbone=lite0, chunk=1, progress=False)
     assert sum(seen) == 4 and summary["reused_chunks"] == 0
-    assert any("starting over" in m for m in logs)
+    assert any("starting over" in m for m in caplog.messages)
 
 
 def test_roi_pool_math():
@@ -357,7 +353,7 @@ def test_box_pooling_backbone(photos, lite0, baseline, tmp_path):
     path = tmp_path / "boxes.json"
     path.write_text(json.dumps(boxes))
     model = BoxPoolingBackbone(JsonBoxes(path), lite0, regions=3)
-    summary = extract_folder(folder, tmp_path / "ds", backbone=model, batch_size=2, progress=False, log=lambda m: None)
+    summary = extract_folder(folder, tmp_path / "ds", backbone=model, batch_size=2, progress=False)
     feats = np.load(tmp_path / "ds" / "test_ims.npy")
     assert feats.shape == (2, 3, 1280) and np.isfinite(feats).all()
     assert (tmp_path / "ds" / "test_ids.txt").read_text().split() == ["chelsea", "coffee"]

@@ -83,7 +83,6 @@ def baseline(photos, tmp_path_factory) -> Path:
             batch_size=BATCH,
             device="cpu",
             progress=False,
-            log=lambda m: None,
             distributed=False,
         )
     finally:

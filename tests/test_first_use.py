@@ -52,7 +52,7 @@ def test_the_repository_configs_are_the_packaged_ones():
     assert set(packaged_configs()) == {p.stem for p in PACKAGED.glob("*.yaml")}
     assert {"f30k_bert", "coco_clip", "own_photos"} <= set(packaged_configs())
     pyproject = (REPO / "pyproject.toml").read_text(encoding="utf-8")
-    assert '"eslmatch" = ["configs/*.yaml"]' in pyproject
+    assert '"eslmatch" = ["configs/*.yaml", "py.typed"]' in pyproject
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in PACKAGED.glob("*.yaml")))
@@ -131,29 +131,33 @@ def test_training_without_a_dev_split_is_refused_naming_the_fix(tmp_path, train_
 def test_val_split_auto_holds_out_a_stated_slice(tmp_path, train_test_data, capsys):
     config = write_config(tmp_path / "cfg.yaml", data_path=str(train_test_data), output_dir=str(tmp_path / "out"))
     assert main(["train", "--config", str(config), "val_split=auto", "epochs=2"]) == 0
-    out = capsys.readouterr().out
-    assert "validating on a held-out slice of train, its last 4 of 40 images, which are not trained on" in out
-    assert "36 images" not in out and "180 captions" in out  # 36 images x 5 captions are trained on
-    assert "held-out rsum" in out and out.strip().splitlines()[-1].startswith("done: ")
-    assert "best held-out rsum" in out.strip().splitlines()[-1] and "dev" not in out
+    said = capsys.readouterr()
+    out, err = said.out, said.err  # the result on stdout, progress lines and notes on stderr
+    assert (
+        "eslmatch: note: no validation split given (val_split=auto): validating on a held-out slice of train, its last 4 of 40 images, which are not trained on"
+        in err
+    )
+    assert "36 images" not in err and "180 captions" in err  # 36 images x 5 captions are trained on
+    assert "held-out rsum" in err and out.strip().splitlines()[-1].startswith("done: ")
+    assert "best held-out rsum" in out.strip().splitlines()[-1] and "dev" not in out + err
 
 
 def test_a_batch_too_large_for_the_data_is_pointed_out(tmp_path, train_test_data, capsys):
     """The issue: the default batch of 128 gives one step per epoch on a small photo set."""
     config = write_config(tmp_path / "cfg.yaml", data_path=str(train_test_data), output_dir=str(tmp_path / "out"))
     assert main(["train", "--config", str(config), "val_split=auto", "batch_size=128", "max_steps=1"]) == 0
-    out = capsys.readouterr().out
-    assert "note: 1 step(s) per epoch (180 captions in batches of 128)" in out and "batch_size=32" in out
+    err = capsys.readouterr().err
+    assert "eslmatch: note: 1 step(s) per epoch (180 captions in batches of 128)" in err and "batch_size=32" in err
     assert main(["train", "--config", str(config), "val_split=auto", "epochs=1", f"output_dir={tmp_path / 'b'}"]) == 0
-    assert "note:" not in capsys.readouterr().out  # batch 20: 9 steps
+    assert "step(s) per epoch" not in capsys.readouterr().err  # batch 20: 9 steps
 
 
 def test_the_closing_line_names_the_validation_split(tmp_path, train_test_data, capsys):
     """Was: "best dev rsum" when validation ran on test."""
     config = write_config(tmp_path / "cfg.yaml", data_path=str(train_test_data), output_dir=str(tmp_path / "out"))
     assert main(["train", "--config", str(config), "val_split=test", "epochs=1"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert "best test rsum" in lines[-1] and "test rsum" in lines[-2]
+    said = capsys.readouterr()
+    assert "best test rsum" in said.out.strip().splitlines()[-1] and "test rsum" in said.err.strip().splitlines()[-1]
 
 
 def test_a_held_out_slice_reads_only_its_rows(train_test_data):
@@ -193,7 +197,7 @@ def test_training_with_text_model_minilm(tmp_path, train_test_data, capsys, monk
         model={"text_encoder": "bert", "text_model": "minilm", "text_train_layers": 0},
     )
     assert main(["train", "--config", str(config), "val_split=auto", "max_steps=2"]) == 0
-    assert "bert text encoder" in capsys.readouterr().out
+    assert "bert text encoder" in capsys.readouterr().err  # the opening progress line
     saved = yaml.safe_load((tmp_path / "out" / "train_config.yaml").read_text(encoding="utf-8"))
     assert saved["model"]["text_model"] == "minilm"  # the portable name is recorded, not this machine's path
 

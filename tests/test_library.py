@@ -355,7 +355,7 @@ def test_a_region_gallery_takes_photos_through_the_extractor_it_records(tmp_path
     photo(more / "m0.png", 10, size=64)
     g = build_gallery(model, photos, tmp_path / "G", options=QUIET)
     assert g.store.library()["extractor"]["backbone"] == "efficientnet-lite0" and g.store.grid == (7, 7)
-    extract_folder(photos, tmp_path / "data", device="cpu", progress=False, log=lambda line: None)
+    extract_folder(photos, tmp_path / "data", device="cpu", progress=False)
     from_features = build_gallery(model, tmp_path / "data", tmp_path / "F", options=QUIET, images_dir=photos)
     hits = g.search("a red circle", k=3)
     same = from_features.search("a red circle", k=3)

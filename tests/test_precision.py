@@ -121,26 +121,25 @@ def test_extract_records_precision_and_never_mixes_chunks(photos, tmp_path):
     from eslmatch.extract import extract_folder
 
     out = tmp_path / "ds"
-    notes: list[str] = []
     quiet = dict(chunk=2, batch_size=2, progress=False, device="cpu")
-    bf16 = extract_folder(photos, out, precision="bf16", log=notes.append, **quiet)
+    bf16 = extract_folder(photos, out, precision="bf16", **quiet)
     meta = json.loads((out / "extract_meta.json").read_text())
     assert bf16["precision"] == meta["splits"]["test"]["precision"] == "bf16"
     assert meta["splits"]["test"]["backbone_info"]["channels_last"] is True
     feats_bf16 = np.load(out / "test_ims.npy")
-    fp32 = extract_folder(photos, tmp_path / "ref", precision="fp32", log=notes.append, **quiet)
+    fp32 = extract_folder(photos, tmp_path / "ref", precision="fp32", **quiet)
     assert fp32["precision"] == "fp32" and fp32["reused_chunks"] == 0
     feats = np.load(tmp_path / "ref" / "test_ims.npy")
     cos = (feats * feats_bf16).sum(-1) / (np.linalg.norm(feats, axis=-1) * np.linalg.norm(feats_bf16, axis=-1) + 1e-12)
     assert cos.min() > 0.9 and cos.mean() > 0.99 and not np.array_equal(feats, feats_bf16)
 
 
-def test_extract_resume_refuses_chunks_of_another_precision(photos, tmp_path, monkeypatch):
+def test_extract_resume_refuses_chunks_of_another_precision(photos, tmp_path, monkeypatch, caplog):
     from eslmatch.extract import extract_folder
 
     out = tmp_path / "ds"
-    notes: list[str] = []
-    quiet = dict(chunk=2, batch_size=2, progress=False, device="cpu", log=notes.append)
+    quiet = dict(chunk=2, batch_size=2, progress=False, device="cpu")
+    caplog.set_level("INFO", logger="eslmatch")
 
     def stop_after_first(index: int, total: int) -> None:
         raise KeyboardInterrupt
@@ -149,7 +148,7 @@ def test_extract_resume_refuses_chunks_of_another_precision(photos, tmp_path, mo
         extract_folder(photos, out, precision="fp32", on_chunk=stop_after_first, **quiet)
     again = extract_folder(photos, out, precision="bf16", **quiet)
     assert again["reused_chunks"] == 0 and again["computed_images"] == 4
-    assert any("starting over" in n for n in notes)
+    assert any("starting over" in n for n in caplog.messages)
 
 
 def test_cli_refuses_an_unknown_precision(photos, tmp_path):

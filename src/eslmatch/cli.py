@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import pkgutil
 import re
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 
 from . import __version__, commands
 from .errors import EslmatchError
+from .utils.messages import cli_logging
 
 
 def command_names() -> list[str]:
@@ -31,7 +33,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     its query before torch is imported)."""
     p = argparse.ArgumentParser(prog="eslmatch", description="Image-text matching with ESL.")
     p.add_argument("--version", action="version", version=f"eslmatch {__version__}")
-    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors, and every message with its source")
+    p.add_argument("--quiet", action="store_true", help="show warnings and errors only (no progress lines or notes)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     names = [command] if command in command_names() else command_names()
     modules = [importlib.import_module(f"{commands.__name__}.{name}") for name in names]
@@ -41,10 +44,25 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+_TOP_LEVEL = ("--debug", "--quiet")
+
+
+def log_level(argv: Sequence[str]) -> int:
+    """What the command shows on stderr: progress lines, notes and warnings; warnings only
+    with ``--quiet``; everything with ``--debug``. A torchrun rank other than 0 shows errors
+    only: rank 0 speaks for the job (the ranks see the same inputs)."""
+    top = set(argv[: next((i for i, a in enumerate(argv) if a not in _TOP_LEVEL), len(argv))])
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        return logging.ERROR
+    if "--debug" in top:
+        return logging.DEBUG
+    return logging.WARNING if "--quiet" in top else logging.INFO
+
+
 def named_command(argv: Sequence[str]) -> str | None:
     """The command ``argv`` names: its first argument that is not one of the top-level options."""
     for arg in argv:
-        if arg in ("--debug",):
+        if arg in _TOP_LEVEL:
             continue
         return None if arg.startswith("-") else arg
     return None
@@ -100,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not getattr(args, "func", None):
             parser.print_help()
             return 2
-        code = int(args.func(args) or 0)
+        with cli_logging(log_level(argv)):
+            code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not at exit
         return code
     except KeyboardInterrupt:

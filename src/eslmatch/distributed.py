@@ -20,12 +20,13 @@ talks to other processes. A :class:`DistContext` is where this process stands in
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import socket
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -34,6 +35,13 @@ from torch import Tensor
 
 from .errors import EslmatchError, JobFailed
 from .utils import resolve_device
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,7 +61,7 @@ class DistContext:
     rank: int = 0
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    group: Any = None
+    group: ProcessGroup | None = None
     owned: bool = False  # this context created the default process group (and destroys it)
 
     @property
@@ -90,15 +98,15 @@ class DistContext:
             return name
         return str(_train_device(name, self.local_rank))
 
-    def gather(self, obj: Any) -> list[Any]:
+    def gather(self, obj: T) -> list[T]:
         """Every rank's ``obj`` (small, trusted in-job data), in rank order; ``[obj]`` alone."""
         if not self.distributed:
             return [obj]
-        out: list[Any] = [None] * self.world_size
+        out: list[Any] = [None] * self.world_size  # filled in by all_gather_object
         dist.all_gather_object(out, obj, group=self.group)
         return out
 
-    def broadcast(self, obj: Any) -> Any:
+    def broadcast(self, obj: T) -> T:
         """Rank 0's ``obj`` on every rank."""
         if not self.distributed:
             return obj
@@ -107,11 +115,11 @@ class DistContext:
         return box[0]
 
     @contextmanager
-    def stage(self, name: str, log: Callable[[str], None]) -> Iterator[None]:
+    def stage(self, name: str) -> Iterator[None]:
         """Run a stage on every rank, then agree on its outcome.
 
         Alone: errors pass through untouched. In a job: every rank reports success or its
-        error line; if any failed, rank 0 prints the combined message with ``log`` and every
+        error line; if any failed, rank 0 logs the combined message as an error and every
         rank raises :class:`JobFailed` (after rank 0 printed, so torchrun stopping the
         others cannot cut the message off).
         """
@@ -128,7 +136,7 @@ class DistContext:
         if message is None:
             return
         if self.is_main:
-            log(f"eslmatch: error: {message}")
+            log.error(message)
         dist.barrier(group=self.group)
         raise JobFailed(message if self.is_main else f"rank {self.rank}: stopped ({name}): {message}", True) from cause
 
@@ -188,7 +196,7 @@ def _train_device(device: str, local_rank: int) -> torch.device:
     return dev
 
 
-def world_size(group: Any = None) -> int:
+def world_size(group: ProcessGroup | None = None) -> int:
     """Processes in ``group`` (1 when torch.distributed is not initialised)."""
     if not (dist.is_available() and dist.is_initialized()):
         return 1
@@ -278,7 +286,7 @@ class _AllReduceSum(torch.autograd.Function):
         return out, None
 
 
-def all_reduce_with_grad(x: Tensor, group: Any = None) -> Tensor:
+def all_reduce_with_grad(x: Tensor, group: ProcessGroup | None = None) -> Tensor:
     """Sum of ``x`` over the ranks of ``group`` (default: all), differentiable."""
     return _AllReduceSum.apply(x, group if group is not None else dist.group.WORLD)
 

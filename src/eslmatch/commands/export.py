@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     model_format(args.model)
     model = load_model(args.model, text_model=args.text_model)
-    manifest = export_onnx(model, out, quantize=args.quantize, opset=args.opset, log=print)
+    manifest = export_onnx(model, out, quantize=args.quantize, opset=args.opset)
     for side, info in manifest["encoders"].items():
         agree = ", ".join(
             f"{v}: max rel err {a['max_rel_err']:.1e}, min cosine {a['min_cosine']:.5f}"

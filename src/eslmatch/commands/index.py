@@ -447,7 +447,7 @@ def _build_in(args: argparse.Namespace, job: Any) -> int:
     from ..retrieval import build_gallery
 
     report = _warn if job.is_main else (lambda line: None)
-    with job.stage("setup", report):
+    with job.stage("setup"):
         milvus = args.milvus is not None or args.collection is not None
         if milvus and job.distributed:
             raise EslmatchError(

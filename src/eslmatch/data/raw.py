@@ -22,7 +22,7 @@ bad file never stops training (and every process of a torchrun job keeps its bat
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -190,17 +190,19 @@ def open_image_split(
     return open_caption_tsv(source, image_root, split, captions_per_image)
 
 
-class BadImageLog:
-    """Files that could not be read, each reported once (by name, with the reason)."""
+log = logging.getLogger(__name__)
 
-    def __init__(self, report: Callable[[str], None] | None = None) -> None:
+
+class BadImageLog:
+    """Files that could not be read, each logged once as a warning (by name, with the reason)."""
+
+    def __init__(self) -> None:
         self.bad: dict[str, str] = {}
-        self.report = report or (lambda msg: print(msg, file=sys.stderr, flush=True))
 
     def add(self, path: Path, reason: str) -> None:
         if str(path) not in self.bad:
             self.bad[str(path)] = reason
-            self.report(f"eslmatch: warning: skipping {path}: {reason}")
+            log.warning(f"skipping {path}: {reason}")
 
 
 def load_pixels(path: Path, preprocess: Callable[[Any], Tensor]) -> Tensor:

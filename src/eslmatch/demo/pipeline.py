@@ -91,7 +91,6 @@ def build_dataset(s: DemoSettings, log: Callable[[str], None] = print) -> Path:
             relative_paths=True,  # the folder is renamed into place: paths must survive it
             precision=s.precision,
             runtime=s.runtime,
-            log=lambda m: None,
         )
         for extra in ("hard_pairs", "truth"):
             shutil.copyfile(raw / f"{split}_{extra}.json", tmp / "precomp" / f"{split}_{extra}.json")

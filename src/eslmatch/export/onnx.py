@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from ..text import tokenize as tokenize_with
 from ..utils import atomic_dir, lengths_to_mask, masked_mean
 from ..utils.io import check_replaceable
 
+log = logging.getLogger(__name__)
 FORMAT = "eslmatch-onnx/1"
 MANIFEST = "encoders.json"
 OPSET = 17
@@ -214,7 +216,6 @@ def export_onnx(
     out_dir: str | Path,
     quantize: str | None = None,
     opset: int = OPSET,
-    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Write ``model``'s encoders as ONNX into ``out_dir`` (atomically); returns the manifest.
 
@@ -232,7 +233,6 @@ def export_onnx(
     check_opset(opset)
     out = Path(out_dir)
     check_out_dir(out)
-    log = log or (lambda msg: None)
     was_training = model.training
     model.eval()
     manifest: dict[str, Any] = {
@@ -270,7 +270,7 @@ def export_onnx(
                 manifest["encoders"][side]["agreement"] = {
                     v: _agreement(graph, tmp / f, inputs) for v, f in files.items()
                 }
-                log(f"exported the {side} encoder ({time.perf_counter() - t0:.1f} s): {', '.join(files.values())}")
+                log.info(f"exported the {side} encoder ({time.perf_counter() - t0:.1f} s): {', '.join(files.values())}")
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     finally:
         model.train(was_training)

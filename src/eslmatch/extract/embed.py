@@ -19,6 +19,7 @@ folder removed.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -39,7 +40,9 @@ from ..text import pad_ids, tokenize_each
 from ..utils import atomic_path, atomic_write_text, encode_in, resolve_precision
 from ..utils.choices import check_precision
 from ..utils.chunks import ChunkStore
+from ..utils.messages import note
 
+log = logging.getLogger(__name__)
 FORMAT = "eslmatch-embed/1"
 FORMATS = (".npy", ".parquet")
 
@@ -149,7 +152,6 @@ def embed_to_file(
     batch_size: int = 64,
     chunk: int = 1024,
     progress: bool = True,
-    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Write the index vectors of ``source``'s items to ``out`` (``.npy`` or ``.parquet``).
 
@@ -163,7 +165,6 @@ def embed_to_file(
         a summary: ``out``, ``count``, ``dim``, ``precision``, ``reused_chunks``,
         ``computed``, ``skipped`` ``[(name, reason)]``, ``seconds``.
     """
-    log = log or (lambda msg: print(msg, file=sys.stderr))
     started = time.perf_counter()
     target = check_output(out)
     check_precision(precision)
@@ -184,13 +185,11 @@ def embed_to_file(
     store = ChunkStore(partial_dir(target), fingerprint)
     store.open()
     if store.discarded:
-        log(
-            f"eslmatch: note: partial results in {store.folder} are from other inputs, model or precision; starting over"
-        )
+        note(log, f"partial results in {store.folder} are from other inputs, model or precision; starting over")
     n_chunks = (source.count + chunk - 1) // chunk
     done = {i for i in store.chunks if i < n_chunks}
     if done:
-        log(f"eslmatch: resuming: {len(done)} of {n_chunks} chunks already embedded in {store.folder}")
+        log.info(f"resuming: {len(done)} of {n_chunks} chunks already embedded in {store.folder}")
     bar = tqdm(
         total=source.count,
         initial=sum(len(range(i * chunk, min((i + 1) * chunk, source.count))) for i in done),

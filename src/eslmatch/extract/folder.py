@@ -22,6 +22,7 @@ one process would.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -53,7 +54,10 @@ from ..errors import EslmatchError, InputError
 from ..utils import atomic_path, atomic_write_text
 from ..utils.choices import MEASURED_RUNTIMES, check_precision, check_runtime
 from ..utils.chunks import ChunkStore
+from ..utils.messages import note
 from .backbones import Backbone, BackboneOptions, build_backbone
+
+log = logging.getLogger(__name__)
 
 META_NAME = "extract_meta.json"
 PARTIAL_DIR = ".extract_partial"
@@ -86,10 +90,6 @@ class ExtractConfig:
 
 
 # ---------------------------------------------------------------------------- small helpers
-def _log_stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def _lines(values: Sequence[str]) -> str:
     return "".join(f"{v}\n" for v in values)
 
@@ -195,7 +195,6 @@ def extract_folder(
     relative_paths: bool = False,
     workers: int = 2,
     progress: bool = True,
-    log: Callable[[str], None] | None = None,
     on_chunk: Callable[[int, int], None] | None = None,
     distributed: bool | None = None,
     dist_timeout_minutes: float = 60.0,
@@ -225,7 +224,6 @@ def extract_folder(
         relative_paths: write ``{split}_images.txt`` relative to ``out_dir`` (else absolute).
         workers: threads reading and resizing images.
         progress: show a tqdm progress bar (stderr; rank 0 only under torchrun).
-        log: receives warnings and notes (default: printed to stderr; rank 0 only under torchrun).
         on_chunk: called as ``on_chunk(index, n_chunks)`` after each chunk this process saved.
         distributed: ``None`` (default): join torchrun's job when ``WORLD_SIZE > 1``; each
             process extracts its share of the chunks into the shared chunk store and rank 0
@@ -245,7 +243,6 @@ def extract_folder(
         InputError, EslmatchError: as one process; under torchrun a failure on any rank
         raises :class:`~eslmatch.distributed.JobFailed` on every rank.
     """
-    log = log or _log_stderr
     started = time.perf_counter()
     cfg = ExtractConfig(
         backbone=backbone if isinstance(backbone, str) else backbone.name,
@@ -267,16 +264,10 @@ def extract_folder(
         runtime=runtime,
     )
     job = DistContext.join(distributed, dist_timeout_minutes)
-    if not job.is_main:
-        log = _quiet  # rank 0 says everything worth saying (the ranks see the same inputs)
     try:
-        return _extract(job, cfg, Path(images_dir), Path(out_dir), backbone, log, on_chunk, started)
+        return _extract(job, cfg, Path(images_dir), Path(out_dir), backbone, on_chunk, started)
     finally:
         job.close()
-
-
-def _quiet(msg: str) -> None:
-    pass
 
 
 def _extract(
@@ -285,18 +276,17 @@ def _extract(
     src: Path,
     out: Path,
     backbone: str | Backbone,
-    log: Callable[[str], None],
     on_chunk: Callable[[int, int], None] | None,
     started: float,
 ) -> dict[str, Any]:
     """:func:`extract_folder`'s work, stage by stage (each stage agreed by every rank)."""
-    with job.stage("setup", log):
+    with job.stage("setup"):
         _check_config(cfg)
-        entries, refused, table, no_caption = _list_inputs(src, out, cfg, log)
+        entries, refused, table, no_caption = _list_inputs(src, out, cfg)
         model = backbone if isinstance(backbone, Backbone) else _build(job, backbone, cfg)
         out.mkdir(parents=True, exist_ok=True)
         fingerprint = _fingerprint(cfg, entries, model)
-    with job.stage("setup", log):
+    with job.stage("setup"):
         firsts = job.gather(fingerprint)
         differ = [r for r, f in enumerate(firsts) if f != firsts[0]]
         if differ:
@@ -308,11 +298,11 @@ def _extract(
     store = ChunkStore(out / PARTIAL_DIR / cfg.split, fingerprint, PARTIAL_DIR)
     n_chunks = (len(entries) + cfg.chunk - 1) // cfg.chunk
     reused: list[int] = []
-    with job.stage("resume", log):
+    with job.stage("resume"):
         if job.is_main:
-            reused = _open_store(store, entries, cfg.chunk, n_chunks, model, log)
+            reused = _open_store(store, entries, cfg.chunk, n_chunks, model)
     reused = job.broadcast(reused)
-    with job.stage("resume", log):
+    with job.stage("resume"):
         if not job.is_main and not store.attached():
             raise EslmatchError(
                 f"{store.progress_path} written by rank 0 is not visible here: --out must be one folder "
@@ -323,7 +313,7 @@ def _extract(
     pending = [i for i in range(n_chunks) if i not in done]
     mine = deal(pending, job.rank, job.world_size)
     computed, compute_seconds = 0, 0.0
-    with job.stage("extract", log):
+    with job.stage("extract"):
         if job.distributed:
             bar = {"total": sum(_chunk_len(entries, cfg.chunk, i) for i in mine), "initial": 0}
             desc = f"extract (rank 0 of {job.world_size})"
@@ -335,11 +325,11 @@ def _extract(
         )
     stats = job.gather((computed, compute_seconds))
     if not job.is_main:
-        with job.stage("write", log):
+        with job.stage("write"):
             pass  # wait for rank 0's outcome: every rank exits non-zero if writing fails
         return {"rank": job.rank, "processes": job.world_size, "computed_images": computed}
 
-    with job.stage("write", log):
+    with job.stage("write"):
         missing = store.collect(pending, (model.regions, model.dim))
         if missing:
             raise EslmatchError(
@@ -352,7 +342,7 @@ def _extract(
             first = f" (first: {skipped_all[0][0]}: {skipped_all[0][1]})" if skipped_all else ""
             raise InputError(f"{src}: no usable image: all {len(skipped_all)} files were skipped{first}")
 
-        summary = _write_dataset(out, cfg.split, model, store, entries, cfg.chunk, n_chunks, rows, table, cfg, src, log)
+        summary = _write_dataset(out, cfg.split, model, store, entries, cfg.chunk, n_chunks, rows, table, cfg, src)
         store.remove()
         computed = sum(c for c, _ in stats)
         compute_seconds = max(s for _, s in stats)  # the ranks ran side by side
@@ -367,10 +357,10 @@ def _extract(
             device=str(model.device),
             processes=job.world_size,
         )
-        _write_meta(out, summary, log)
+        _write_meta(out, summary)
     if no_caption:
-        log(
-            f"eslmatch: warning: {len(no_caption)} file(s) have no caption and were left out: "
+        log.warning(
+            f"{len(no_caption)} file(s) have no caption and were left out: "
             + ", ".join(no_caption[:_PRINT_LIMIT])
             + (" ..." if len(no_caption) > _PRINT_LIMIT else "")
         )
@@ -402,7 +392,7 @@ def _chunk_len(entries: Sequence[ImageEntry], chunk: int, index: int) -> int:
 
 
 def _list_inputs(
-    src: Path, out: Path, cfg: ExtractConfig, log: Callable[[str], None]
+    src: Path, out: Path, cfg: ExtractConfig
 ) -> tuple[list[ImageEntry], list[tuple[str, str]], CaptionTable | None, list[str]]:
     """The image files to extract (captioned ones only, with ``cfg.captions``), the files
     refused up front, the parsed captions and the files left out for want of a caption."""
@@ -432,7 +422,7 @@ def _list_inputs(
                 f"{cfg.captions}: no caption matches an image file in {src} ({table.n_lines} lines read"
                 f"{first if table.bad_lines else ''})"
             )
-        _report_bad_lines(table, Path(cfg.captions), log)
+        _report_bad_lines(table, Path(cfg.captions))
     return entries, refused, table, no_caption
 
 
@@ -448,19 +438,15 @@ def _fingerprint(cfg: ExtractConfig, entries: list[ImageEntry], model: Backbone)
     }
 
 
-def _open_store(
-    store: ChunkStore, entries: list[ImageEntry], chunk: int, n_chunks: int, model: Backbone, log: Callable[[str], None]
-) -> list[int]:
+def _open_store(store: ChunkStore, entries: list[ImageEntry], chunk: int, n_chunks: int, model: Backbone) -> list[int]:
     """Open the resumable chunk store; returns the indices of the chunks reused."""
     store.open((model.regions, model.dim))
     if store.discarded:
-        log(
-            f"eslmatch: note: partial results in {store.folder} are from a different file list or backbone; starting over"
-        )
+        note(log, f"partial results in {store.folder} are from a different file list or backbone; starting over")
     reused = sorted(i for i in store.chunks if i < n_chunks)
     reused_files = sum(_chunk_len(entries, chunk, i) for i in reused)
     if reused:
-        log(f"eslmatch: resuming: {len(reused)} of {n_chunks} chunks ({reused_files} files) already extracted")
+        log.info(f"resuming: {len(reused)} of {n_chunks} chunks ({reused_files} files) already extracted")
     return reused
 
 
@@ -537,7 +523,7 @@ def _check_config(cfg: ExtractConfig) -> None:
         raise InputError(f"--max-boxes {cfg.max_boxes}: must be a positive integer")
 
 
-def _report_bad_lines(table: CaptionTable, path: Path, log: Callable[[str], None]) -> None:
+def _report_bad_lines(table: CaptionTable, path: Path) -> None:
     if not table.bad_lines:
         return
     shown = "; ".join(f"line {n}: {why}" for n, why in table.bad_lines[:_PRINT_LIMIT])
@@ -546,7 +532,7 @@ def _report_bad_lines(table: CaptionTable, path: Path, log: Callable[[str], None
         if len(table.bad_lines) > _PRINT_LIMIT
         else ""
     )
-    log(f"eslmatch: warning: {path}: {len(table.bad_lines)} caption lines ignored: {shown}{more}")
+    log.warning(f"{path}: {len(table.bad_lines)} caption lines ignored: {shown}{more}")
 
 
 def _write_dataset(
@@ -561,7 +547,6 @@ def _write_dataset(
     table: CaptionTable | None,
     cfg: ExtractConfig,
     src: Path,
-    log: Callable[[str], None],
 ) -> dict[str, Any]:
     """Write the split's files (features streamed from the chunks), each atomically."""
     k = cfg.captions_per_image
@@ -575,10 +560,10 @@ def _write_dataset(
             truncated += len(mine) > k
             caps.extend(fit_captions(mine, k))
         if repeated:
-            log(f"eslmatch: warning: {repeated} image(s) have fewer than {k} captions; theirs were repeated cyclically")
+            log.warning(f"{repeated} image(s) have fewer than {k} captions; theirs were repeated cyclically")
         if k == 1 and len(rows) % 5 == 0:
-            log(
-                "eslmatch: warning: 1 caption per image with a multiple of 5 images looks like the repeated "
+            log.warning(
+                "1 caption per image with a multiple of 5 images looks like the repeated "
                 "SCAN layout to precomp readers; consider --captions-per-image 5"
             )
 
@@ -603,7 +588,7 @@ def _write_dataset(
         atomic_write_text(caps_path, _lines(caps))
     elif caps_path.exists():
         caps_path.unlink()  # from an earlier run: it would not match these rows
-        log(f"eslmatch: note: removed {caps_path} from an earlier run (no --captions given this time)")
+        note(log, f"removed {caps_path} from an earlier run (no --captions given this time)")
 
     files = {
         "images": str(ims_path),
@@ -638,7 +623,7 @@ def _write_dataset(
     }
 
 
-def _write_meta(out: Path, summary: dict[str, Any], log: Callable[[str], None]) -> None:
+def _write_meta(out: Path, summary: dict[str, Any]) -> None:
     """``extract_meta.json``: this split's record under ``splits`` (other splits kept) and
     the backbone facts at the top level."""
     path = out / META_NAME
@@ -662,8 +647,8 @@ def _write_meta(out: Path, summary: dict[str, Any], log: Callable[[str], None]) 
             summary["backbone"],
             summary["dim"],
         ):
-            log(
-                f"eslmatch: warning: split {name!r} in {out} was extracted with {other.get('backbone')} "
+            log.warning(
+                f"split {name!r} in {out} was extracted with {other.get('backbone')} "
                 f"(dim {other.get('dim')}); {summary['split']!r} now uses {summary['backbone']} (dim {summary['dim']})"
             )
     splits[summary["split"]] = record

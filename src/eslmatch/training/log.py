@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from ..utils import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 METRICS_NAME = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -34,7 +37,7 @@ class RunLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                print("eslmatch: tensorboard is not installed; writing metrics.jsonl only")
+                log.warning("tensorboard is not installed; writing metrics.jsonl only")
             else:
                 self.writer = SummaryWriter(str(output / TENSORBOARD_DIR), purge_step=resume_step)
 

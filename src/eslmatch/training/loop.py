@@ -10,6 +10,7 @@ skips the batches already done and continues bit for bit.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +39,13 @@ from ..model.base import MatchingModel
 from ..text import WordVocab, load_tokenizer
 from ..truth import TruthPairs, load_truth, truth_path
 from ..utils import atomic_write_text
+from ..utils.messages import note
 from .config import RESUME_MAY_CHANGE, VAL_AUTO, VAL_AUTO_FRACTION, TrainConfig, config_differences
 from .log import METRICS_NAME, RunLog
 from .state import STATE_NAME, TrainState, load_state_file, rng_state, save_state_file, seed_all, set_rng_state
 from .trainer import Trainer
+
+log = logging.getLogger(__name__)
 
 CONFIG_COPY_NAME = "train_config.yaml"
 FEW_STEPS = 4  # fewer optimiser steps per epoch than this: the log suggests a smaller batch
@@ -220,10 +224,9 @@ def end_epoch(run: Run) -> None:
         run.log.record("epoch", **record)
         flat = {"rsum": rsum, **{f"{side}_{k}": v for side in ("i2t", "t2i") for k, v in metrics.get(side, {}).items()}}
         run.log.scalars("val", flat, st.global_step)
-        print(
+        log.info(
             f"epoch {st.epoch + 1}/{run.cfg.epochs}: loss {record['train_loss']:.4f}, {val_label(run.cfg)} rsum "
-            f"{rsum:.2f} (best {st.best_rsum:.2f})",
-            flush=True,
+            f"{rsum:.2f} (best {st.best_rsum:.2f})"
         )
         if is_best:
             run.trainer.model.save_pretrained(run.output / BEST_DIR)
@@ -318,21 +321,20 @@ def _start(cfg: TrainConfig, ctx: DistContext, resume: bool) -> Run:
         counts = model.parameter_counts()
         mc = model.config
         text = getattr(mc, "text_encoder", mc.model_type)
-        print(
-            f"eslmatch: {'resuming' if saved is not None else 'training'} {mc.model_type} ({text} text "
+        log.info(
+            f"{'resuming' if saved is not None else 'training'} {mc.model_type} ({text} text "
             f"encoder, {counts['total']:,} parameters) on {ctx.device} x{ctx.world_size}: "
             f"{train_split.n_captions} captions, {steps} steps/epoch, epochs {state.epoch + 1}..{cfg.epochs}, "
-            f"output {output}",
-            flush=True,
+            f"output {output}"
         )
         if steps < FEW_STEPS and cfg.batch_size > 32:
-            print(
-                f"eslmatch: note: {steps} step(s) per epoch ({train_split.n_captions} captions in batches of "
+            note(
+                log,
+                f"{steps} step(s) per epoch ({train_split.n_captions} captions in batches of "
                 f"{cfg.batch_size}): a smaller batch (e.g. batch_size=32) learns more per epoch",
-                flush=True,
             )
-    log = RunLog(output, ctx.is_main, cfg.tensorboard, state.global_step if saved is not None else None)
-    return Run(cfg, ctx, trainer, dataset, val_split, state, log, output, vocab, steps, time.time())
+    run_log = RunLog(output, ctx.is_main, cfg.tensorboard, state.global_step if saved is not None else None)
+    return Run(cfg, ctx, trainer, dataset, val_split, state, run_log, output, vocab, steps, time.time())
 
 
 def val_label(cfg: TrainConfig) -> str:
@@ -383,10 +385,10 @@ def _hold_out(train: PrecompSplit, cfg: TrainConfig, main: bool) -> tuple[Precom
     if cfg.mask_true_pairs:
         raise EslmatchError("val_split=auto cannot be combined with mask_true_pairs (the truth covers the whole split)")
     if main:
-        print(
-            f"eslmatch: no validation split given (val_split=auto): validating on a held-out slice of "
+        note(
+            log,
+            f"no validation split given (val_split=auto): validating on a held-out slice of "
             f"{cfg.train_split}, its last {held} of {n} images, which are not trained on",
-            flush=True,
         )
     return train.images_between(0, n - held), train.images_between(n - held, n)
 

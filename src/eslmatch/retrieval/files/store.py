@@ -86,14 +86,14 @@ def build_files(
     """A new file gallery at ``out`` (replacing a gallery there), resumable, by one process or
     by the ranks of ``job`` together, its ``library`` state (``library.py``) written with its
     items. Every stage is agreed by every rank (:meth:`DistContext.stage`)."""
-    with job.stage("setup", report):
+    with job.stage("setup"):
         options.check()
         check_target(out)
         dtype = _side_dtype(model, options, source.count)
         rows = options.shard_rows or DEFAULT_SHARD_ROWS
         how = encoding_of(model, options)
         spec = _spec(model, source, record, dtype, rows, action="build", encoding=how.record())
-    with job.stage("setup", report):
+    with job.stage("setup"):
         digests = job.gather(_digest(spec))
         differ = [r for r, d in enumerate(digests) if d != digests[0]]
         if differ:
@@ -103,21 +103,21 @@ def build_files(
             )
     staging = out.with_name(f".{out.name}.building")
     writer: ShardWriter | None = None
-    with job.stage("resume", report):
+    with job.stage("resume"):
         if job.is_main:
             writer = ShardWriter(staging, spec, report)
             if writer.done:
                 total = math.ceil(source.count / rows)
                 report(f"eslmatch: resuming the build of {out}: {len(writer.done)} complete shards of {total} kept")
     done = job.broadcast(writer.done if writer is not None else None)  # every rank deals the same pending shards
-    with job.stage("resume", report):
+    with job.stage("resume"):
         if not job.is_main:
             writer = ShardWriter(staging, spec, report, attach=True)
             writer.done = dict(done)
     assert writer is not None
     sink = ShardSink(writer, model, source, rows, 0)
     try:
-        with job.stage("encode", report):
+        with job.stage("encode"):
             write_source(
                 model,
                 source,
@@ -138,7 +138,7 @@ def build_files(
         if isinstance(exc, JobFailed):
             job.gather(None)  # every rank is here: the others wait for rank 0's note
         raise
-    with job.stage("write", report):
+    with job.stage("write"):
         if job.is_main:
             try:
                 sink.require_some()

@@ -146,7 +146,7 @@ def server(tmp_path_factory):
 
 def built(model, world: World, target, collection=None):
     src = regions(world.feats, img_dim=D, ids=world.ids)
-    g = build_gallery(model, src, target, collection, metadata=world.meta, options=NO_BAR, report=lambda line: None)
+    g = build_gallery(model, src, target, collection, metadata=world.meta, options=NO_BAR)
     apply_sequence(g, world)
     return g
 

@@ -224,7 +224,7 @@ def test_one_process_resumes_around_missing_shards(inputs, baseline, tmp_path, m
         torch.set_num_threads(1)
         try:
             opts = BuildOptions(faiss_kind="ivf", shard_rows=SHARD, batch_size=3, progress=False)
-            build_gallery(model, features, out, options=opts, model_path=model_dir, report=lambda line: None).close()
+            build_gallery(model, features, out, options=opts, model_path=model_dir).close()
         finally:
             torch.set_num_threads(threads)
 

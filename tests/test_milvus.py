@@ -51,10 +51,10 @@ def regions(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def files_gallery(model, feats, out, lens=None, model_path=None, **options):
     src = region_source(feats, img_dim=IMG_DIM, lengths=lens) if not isinstance(feats, Path) else feats
     opts = BuildOptions(progress=False, **options)
-    return build_gallery(model, src, out, options=opts, model_path=model_path, report=lambda line: None)
+    return build_gallery(model, src, out, options=opts, model_path=model_path)
 
 
-def milvus_gallery(model, feats, uri, name, lens=None, model_path=None, report=None, milvus=None, **options):
+def milvus_gallery(model, feats, uri, name, lens=None, model_path=None, milvus=None, **options):
     src = region_source(
         feats, img_dim=IMG_DIM, lengths=lens, ids=options.pop("ids", None), paths=options.pop("paths", None)
     )
@@ -62,7 +62,7 @@ def milvus_gallery(model, feats, uri, name, lens=None, model_path=None, report=N
         src = feats
     opts = BuildOptions(progress=False, **options)
     g = build_gallery(
-        model, src, uri, name, options=opts, model_path=model_path, report=report or (lambda line: None), milvus=milvus
+        model, src, uri, name, options=opts, model_path=model_path, milvus=milvus
     )
     return g, g.store.last_write
 
@@ -154,7 +154,7 @@ def test_stored_rows_equal_the_file_index(model, big):
     np.testing.assert_array_equal(mil.searcher.stored("17").side.cpu(), files.searcher.stored("17").side.cpu())
 
 
-def test_one_stage_esl_clip_answered_by_milvus_alone(server, tmp_path):
+def test_one_stage_esl_clip_answered_by_milvus_alone(server, tmp_path, caplog):
     from eslmatch.demo.scenes import generate_split, write_split
     from eslmatch.model.esl_clip import ESLClipConfig, ESLClipModel
 
@@ -163,12 +163,11 @@ def test_one_stage_esl_clip_answered_by_milvus_alone(server, tmp_path):
     (tmp_path / "photos" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     torch.manual_seed(0)
     clip = ESLClipModel(ESLClipConfig(strategy="adaptive", num_levels=2, clip=TINY_CLIP)).eval()
-    skipped: list[str] = []
     opts = BuildOptions(progress=False, batch_size=64, faiss_kind="flat")
-    files = build_gallery(clip, tmp_path / "photos", tmp_path / "idx", options=opts, report=skipped.append)
-    mil = build_gallery(clip, tmp_path / "photos", server.uri, "clip", options=opts, report=skipped.append)
+    files = build_gallery(clip, tmp_path / "photos", tmp_path / "idx", options=opts)
+    mil = build_gallery(clip, tmp_path / "photos", server.uri, "clip", options=opts)
     rep = mil.store.last_write
-    assert rep.skipped == 1 and rep.count == len(files) == 300 and any("broken.png" in s for s in skipped)
+    assert rep.skipped == 1 and rep.count == len(files) == 300 and any("skipping" in s and "broken.png" in s for s in caplog.messages)
     assert mil.stages == 1 and mil.store.manifest["levels"] is None
     assert not MilvusConnection(server.uri).call("look", "has_collection", "clip_levels")
     texts = [c.text for caps in spec.captions[:20] for c in caps[:1]]
@@ -449,7 +448,7 @@ def test_replace_keeps_user_metadata_unless_given_anew(model, server):
     assert len(mil) == 3
 
 
-def test_an_interrupted_add_is_invisible_and_another_add_drops_it(model, server, monkeypatch):
+def test_an_interrupted_add_is_invisible_and_another_add_drops_it(model, server, monkeypatch, caplog):
     """A killed ``add`` (here: an error after two of three batches) left its rows readable: they
     were counted, searched and listed (a replaced item twice), and a sync after the kill found
     its half-written items "unchanged". Reads see committed rows only; another add drops the
@@ -474,20 +473,18 @@ def test_an_interrupted_add_is_invisible_and_another_add_drops_it(model, server,
     assert len(g) == 6 and sorted(g.ids()) == list("abcdef")
     assert {h.id for h in g.search("x", k=20)} == set("abcdef")
     np.testing.assert_allclose(g.store.vectors([item_record(g.store, "a").row]), mil.store.vectors([0]), atol=1e-6)
-    lines: list[str] = []
+    caplog.set_level("INFO", logger="eslmatch")
     other = region_source(regions(2, seed=33)[0], img_dim=IMG_DIM, ids=["p", "q"])
-    g.add(other, options=BuildOptions(progress=False), report=lines.append)
-    assert any("interrupted add of other items (6 from row 6) is dropped" in x for x in lines), lines
+    g.add(other, options=BuildOptions(progress=False))
+    assert any("interrupted add of other items (6 from row 6) is dropped" in x for x in caplog.messages), caplog.messages
     assert sorted(g.ids()) == list("abcdefpq") and len(g) == 8
 
 
-def test_fp16_level_features_and_an_hnsw_first_stage(model, server, tmp_path):
+def test_fp16_level_features_and_an_hnsw_first_stage(model, server, tmp_path, caplog):
     feats, lens = regions(300, seed=21)
-    notes: list[str] = []
-    mil, _ = milvus_gallery(
-        model, feats, server.uri, "half", lens, report=notes.append, side_dtype="float16", faiss_kind="hnsw"
-    )
-    assert any("no FLOAT16_VECTOR" in n for n in notes)  # milvus-lite: float16 values in a float32 field
+    caplog.set_level("INFO", logger="eslmatch")
+    mil, _ = milvus_gallery(model, feats, server.uri, "half", lens, side_dtype="float16", faiss_kind="hnsw")
+    assert any("no FLOAT16_VECTOR" in n for n in caplog.messages)  # milvus-lite: float16 values in a float32 field
     files = files_gallery(model, feats, tmp_path / "idx", lens, side_dtype="float16", faiss_kind="hnsw")
     assert mil.store.dtype == "float16" and mil.store.manifest["index"]["milvus"] == "HNSW"
     rows = np.arange(300)

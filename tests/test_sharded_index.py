@@ -59,9 +59,9 @@ def model_dir(model, tmp_path_factory):
     return model.save_pretrained(tmp_path_factory.mktemp("model") / "m")
 
 
-def build(model, inputs, out, report=None, model_path=None, **options):
+def build(model, inputs, out, model_path=None, **options):
     gallery = build_gallery(
-        model, inputs, out, options=BuildOptions(progress=False, **options), report=report, model_path=model_path
+        model, inputs, out, options=BuildOptions(progress=False, **options), model_path=model_path
     )
     gallery.close()
     return Path(out)
@@ -156,7 +156,7 @@ def test_rows_read_without_mapping_them(sharded):
 
 
 # ---------------------------------------------------------------------- kill and resume
-def test_killed_build_resumes_after_complete_shards(model, features, single, tmp_path, monkeypatch):
+def test_killed_build_resumes_after_complete_shards(model, features, single, tmp_path, monkeypatch, caplog):
     out = tmp_path / "idx"
     staging = tmp_path / ".idx.building"
 
@@ -164,13 +164,13 @@ def test_killed_build_resumes_after_complete_shards(model, features, single, tmp
         if i == 2:
             raise KeyboardInterrupt  # as a kill after shard 2 was sealed
 
-    notes: list[str] = []
+    caplog.set_level("INFO", logger="eslmatch")
     monkeypatch.setattr(writer, "AFTER_CHUNK", crash)
     with pytest.raises(KeyboardInterrupt):
-        build(model, features, out, shard_rows=SHARD, side_dtype="float32", report=notes.append)
+        build(model, features, out, shard_rows=SHARD, side_dtype="float32")
     assert not out.exists() and staging.is_dir()
     assert sorted(p.name for p in (staging / "shards").iterdir()) == ["00000", "00001", "00002"]
-    assert any("kept in" in line for line in notes)
+    assert any("kept in" in line for line in caplog.messages)
     before = file_stamps(staging / "shards")
     # a half-written shard from a killed process is cleaned up on resume
     litter = staging / "shards" / ".00003.tmp-999999"
@@ -178,10 +178,10 @@ def test_killed_build_resumes_after_complete_shards(model, features, single, tmp
     (litter / "side.npy").write_bytes(b"partial")
     written: list[int] = []
     monkeypatch.setattr(writer, "AFTER_CHUNK", written.append)
-    notes.clear()
-    build(model, features, out, shard_rows=SHARD, side_dtype="float32", report=notes.append)
+    caplog.clear()
+    build(model, features, out, shard_rows=SHARD, side_dtype="float32")
     assert written == [3, 4, 5]  # only the missing shards were encoded
-    assert any("resuming" in line and "3 complete shards" in line for line in notes)
+    assert any("resuming" in line and "3 complete shards" in line for line in caplog.messages)
     after = file_stamps(out / "shards")
     assert {k: after[k] for k in before} == before  # complete shards kept as they were (same inode, mtime)
     assert not staging.exists() and not litter.exists()
@@ -189,7 +189,7 @@ def test_killed_build_resumes_after_complete_shards(model, features, single, tmp
     assert_same(results(model, out), results(model, single))
 
 
-def test_resume_with_other_inputs_starts_anew(model, features, tmp_path, monkeypatch):
+def test_resume_with_other_inputs_starts_anew(model, features, tmp_path, monkeypatch, caplog):
     out = tmp_path / "idx"
 
     def crash(i: int) -> None:
@@ -197,12 +197,12 @@ def test_resume_with_other_inputs_starts_anew(model, features, tmp_path, monkeyp
 
     monkeypatch.setattr(writer, "AFTER_CHUNK", crash)
     with pytest.raises(KeyboardInterrupt):
-        build(model, features, out, shard_rows=SHARD, report=lambda s: None)
+        build(model, features, out, shard_rows=SHARD)
     monkeypatch.setattr(writer, "AFTER_CHUNK", None)
-    notes: list[str] = []
+    caplog.set_level("INFO", logger="eslmatch")
     other = features[::-1].copy()  # same shape and source kind, other content
-    build(model, other, out, shard_rows=SHARD, report=notes.append)
-    assert any("discarding" in line for line in notes)
+    build(model, other, out, shard_rows=SHARD)
+    assert any("discarding" in line for line in caplog.messages)
     store = FileStore.open(out, verify=True)
     with torch.no_grad():
         want = model.index_vectors_images(model.embed_images(torch.from_numpy(other[:1])))

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import EslmatchError
 
@@ -24,6 +24,9 @@ LEGACY_KEYS = frozenset({"margin", "global_loss_weight", "text_hidden_size"})
 STRATEGIES = ("adaptive", "heuristic")
 TEXT_ENCODERS = ("bert", "gru")
 MODEL_TYPES = ("esl", "vse")
+
+
+C = TypeVar("C", bound="ConfigData")
 
 
 class ConfigData:
@@ -41,7 +44,7 @@ class ConfigData:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Any:
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
         """Build a config from a mapping; unknown keys are an error that names them."""
         data = {k: v for k, v in data.items() if k not in cls.LEGACY}
         known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
@@ -50,7 +53,7 @@ class ConfigData:
             raise EslmatchError(f"unknown {getattr(cls, 'KIND', 'model')} configuration key(s): {', '.join(unknown)}")
         return cls(**data)
 
-    def replace(self, **changes: Any) -> Any:
+    def replace(self: C, **changes: Any) -> C:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
 

@@ -15,7 +15,7 @@ the single-process loss of the global batch, hardest negatives included.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,10 @@ from torch import Tensor, nn
 
 from .distributed import DistContext, gather_lengths, gather_padded
 from .errors import EslmatchError
+
+if TYPE_CHECKING:
+    from .model.base import MatchingModel
+    from .truth import TruthPairs
 
 
 def hinge_rows(
@@ -144,19 +148,23 @@ class MatchingLoss(nn.Module):
     """
 
     def __init__(
-        self, model: nn.Module, settings: LossSettings, ctx: DistContext | None = None, truth: Any = None
+        self,
+        model: MatchingModel,
+        settings: LossSettings,
+        ctx: DistContext | None = None,
+        truth: TruthPairs | None = None,
     ) -> None:
         super().__init__()
-        self.model: Any = model
+        self.model = model
         self.settings = settings
         self.ctx = ctx or DistContext()
         self.truth = truth
         if settings.kind not in LOSS_KINDS:
             raise EslmatchError(f"loss kind must be one of {', '.join(LOSS_KINDS)}, got {settings.kind!r}")
-        if settings.kind == "infonce" and not isinstance(getattr(model, "logit_scale", None), torch.Tensor):
+        if settings.kind == "infonce" and model.logit_scale is None:
             raise EslmatchError("the InfoNCE loss needs a model with a learned logit_scale (ESL-CLIP)")
-        if settings.global_loss_weight > 0 and getattr(model, "exact_index", False):
-            model_type = cast(Any, model).config.model_type
+        if settings.global_loss_weight > 0 and model.exact_index:
+            model_type = model.config.model_type
             raise EslmatchError(
                 f"global_loss_weight is {settings.global_loss_weight} but this {model_type} model's "
                 "index vectors are its score already; set it to 0"
@@ -204,7 +212,9 @@ class MatchingLoss(nn.Module):
             rows = _fp32_scores(score, img, img_len, cap_all, cap_len_all)  # my images x all captions
             cols = rows if not ctx.distributed else _fp32_scores(score, img_all, img_len_all, cap, cap_len)
             if s.kind == "infonce":
-                scale = model.logit_scale.float()
+                logit = model.logit_scale
+                assert logit is not None  # checked when the loss was made
+                scale = logit.float()
                 return (
                     infonce_rows(rows, positives, scale, ex_rows) + infonce_rows(cols.t(), positives, scale, ex_cols)
                 ) / (2 * img_all.shape[0])

@@ -12,12 +12,21 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias, Union
 
 import torch
 from torch import Tensor
 
 from .errors import EslmatchError, InputError
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+    from transformers import BatchEncoding, PreTrainedTokenizerBase
+
+    # A BERT-family tokenizer: the folder-backed fast one, or transformers' own.
+    BertFamilyTokenizer: TypeAlias = Union["SavedBertTokenizer", PreTrainedTokenizerBase]
+    # What :func:`tokenize` takes: the GRU's vocabulary, or a BERT-family tokenizer.
+    TextTokenizer: TypeAlias = Union["WordVocab", BertFamilyTokenizer]
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 MAX_TOKENS = 512  # BERT's position limit: longer captions are truncated
@@ -65,8 +74,8 @@ class WordVocab:
             raise EslmatchError(f"{path}: not a readable word vocabulary ({exc})") from exc
 
 
-def pad_ids(seqs: Sequence[Any]) -> tuple[Tensor, Tensor]:
-    """Right-pad id lists with 0 -> ``(ids (M, W), lengths (M,))``."""
+def pad_ids(seqs: Sequence[Sequence[int] | Tensor]) -> tuple[Tensor, Tensor]:
+    """Right-pad id lists (or 1-D id tensors) with 0 -> ``(ids (M, W), lengths (M,))``."""
     if not seqs:
         raise InputError("no captions given")
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
@@ -92,7 +101,9 @@ def check_texts(texts: Sequence[str] | str, empty_ok: bool = False) -> list[str]
     return texts
 
 
-def tokenize(tokenizer: Any, texts: Sequence[str] | str, max_length: int = MAX_TOKENS) -> tuple[Tensor, Tensor]:
+def tokenize(
+    tokenizer: TextTokenizer | None, texts: Sequence[str] | str, max_length: int = MAX_TOKENS
+) -> tuple[Tensor, Tensor]:
     """Tokenise captions with a :class:`WordVocab` or a transformers tokenizer.
 
     Empty captions (no word at all) are refused: they would have nothing to match.
@@ -224,10 +235,10 @@ class SavedBertTokenizer:
     tests/test_bert.py compares the ids with transformers' on awkward text.
     """
 
-    def __init__(self, folder: Path, backend: Any) -> None:
+    def __init__(self, folder: Path, backend: Tokenizer) -> None:
         self._folder = folder
         self._backend = backend
-        self._full: Any = None
+        self._full: PreTrainedTokenizerBase | None = None
 
     @classmethod
     def open(cls, folder: Path) -> SavedBertTokenizer | None:
@@ -273,15 +284,15 @@ class SavedBertTokenizer:
         """The vocabulary entry of each id (``"[CLS]"``, ``"red"``, ``"##ness"``, ...)."""
         return [str(self._backend.id_to_token(int(i))) for i in ids]
 
-    def transformers_tokenizer(self) -> Any:
+    def transformers_tokenizer(self) -> PreTrainedTokenizerBase:
         if self._full is None:
             self._full = _auto_tokenizer(str(self._folder), True)
         return self._full
 
-    def save_pretrained(self, directory: str) -> Any:
+    def save_pretrained(self, directory: str) -> tuple[str, ...]:
         return self.transformers_tokenizer().save_pretrained(directory)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> BatchEncoding:
         return self.transformers_tokenizer()(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -290,7 +301,7 @@ class SavedBertTokenizer:
         return getattr(self.transformers_tokenizer(), name)
 
 
-def _auto_tokenizer(source: str, local_only: bool) -> Any:
+def _auto_tokenizer(source: str, local_only: bool) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer  # heavy: only when a transformers tokenizer is needed
 
     return AutoTokenizer.from_pretrained(source, local_files_only=local_only)

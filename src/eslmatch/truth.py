@@ -38,9 +38,10 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Literal, TypedDict
 
 import numpy as np
+import numpy.typing as npt
 
 from .errors import EslmatchError
 from .evaluate import check_protocol_size, check_score_matrix, get_protocol
@@ -49,6 +50,32 @@ TRUTH_KS = (1, 5, 10)
 TIES = ("released", "stable")
 _CHUNK_BYTES = 128 << 20
 _BYTES_PER_CELL = 40  # float64 copy, partition, masks, cumulative counts: temporaries per ranked score
+
+# One side's metrics: ``p{k}`` / ``r{k}`` percentages (``None``: no query), ``queries``,
+# ``no_truth`` (counts) and ``mean_true``.
+SideMetrics = dict[str, float | int | None]
+SIDES: tuple[Literal["i2t"], Literal["t2i"]] = ("i2t", "t2i")
+
+
+class TruthMetrics(TypedDict, total=False):
+    """A :func:`truth_metrics` / :func:`evaluate_truth` result (``caption_subset`` /
+    ``image_subset`` with a mask; ``protocol`` on, ``fold_size``, ``folds`` and
+    ``fold_true_pairs`` with folds)."""
+
+    i2t: SideMetrics
+    t2i: SideMetrics
+    ks: list[int]
+    ties: str
+    n_images: int
+    n_captions: int
+    true_pairs: int
+    caption_subset: int
+    image_subset: int
+    fold_true_pairs: int
+    fold_size: int
+    folds: list[TruthMetrics]
+    protocol: str
+    own_image_missing: int
 
 
 class TruthPairs:
@@ -68,7 +95,7 @@ class TruthPairs:
         imgs = np.concatenate([np.asarray(t, dtype=np.int64) for t in truth]) if len(truth) else np.zeros(0, np.int64)
         self._keys = np.unique(caps * self.n_images + imgs)
 
-    def mask(self, image_index: Any, caption_index: Any) -> np.ndarray:
+    def mask(self, image_index: npt.ArrayLike, caption_index: npt.ArrayLike) -> np.ndarray:
         """``(n, m)`` bool: caption ``caption_index[j]`` is true of image ``image_index[i]``."""
         img = np.asarray(image_index, dtype=np.int64).reshape(-1)
         cap = np.asarray(caption_index, dtype=np.int64).reshape(-1)
@@ -140,7 +167,9 @@ def load_truth(path: str | Path, n_images: int | None, n_captions: int | None) -
     return out
 
 
-def check_truth(truth: Sequence[Any], n_images: int, n_captions: int, source: str = "truth") -> list[np.ndarray]:
+def check_truth(
+    truth: Sequence[npt.ArrayLike], n_images: int, n_captions: int, source: str = "truth"
+) -> list[np.ndarray]:
     """``truth`` (one sequence of image indices per caption) as sorted unique int64 arrays.
 
     Raises :class:`EslmatchError` for the wrong caption count, a non-integer or an index
@@ -280,9 +309,9 @@ def _side(
 
 def _summary(
     hits: dict[int, np.ndarray], ks: tuple[int, ...], gallery: int, sizes: np.ndarray, excluded: int
-) -> dict[str, Any]:
+) -> SideMetrics:
     n = len(sizes)
-    out: dict[str, Any] = {}
+    out: SideMetrics = {}
     for k in ks:
         out[f"p{k}"] = 100.0 * float(hits[k].sum()) / (n * min(k, gallery)) if n else None
     for k in ks:
@@ -293,7 +322,7 @@ def _summary(
     return out
 
 
-def check_sims(sims: Any) -> np.ndarray:
+def check_sims(sims: npt.ArrayLike) -> np.ndarray:
     """``sims`` as an array after checking it is a non-empty 2-D matrix of finite numbers (any ``(N, M)``)."""
     arr = np.asarray(sims)
     if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
@@ -306,7 +335,7 @@ def check_sims(sims: Any) -> np.ndarray:
     return arr
 
 
-def _check_mask(mask: Any, n: int, name: str) -> np.ndarray:
+def _check_mask(mask: npt.ArrayLike, n: int, name: str) -> np.ndarray:
     arr = np.asarray(mask)
     if arr.shape != (n,) or arr.dtype != bool:
         raise EslmatchError(f"{name}: expected a boolean array of shape ({n},), got {arr.dtype} {arr.shape}")
@@ -315,13 +344,13 @@ def _check_mask(mask: Any, n: int, name: str) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- metrics
 def truth_metrics(
-    sims: Any,
-    truth: Sequence[Any],
+    sims: npt.ArrayLike,
+    truth: Sequence[npt.ArrayLike],
     ks: Sequence[int] = TRUTH_KS,
-    caption_mask: Any = None,
-    image_mask: Any = None,
+    caption_mask: npt.ArrayLike | None = None,
+    image_mask: npt.ArrayLike | None = None,
     ties: str = "released",
-) -> dict[str, Any]:
+) -> TruthMetrics:
     """Semantic P@K and R@K of ``sims`` ``(N images, M captions)`` against ``truth``.
 
     Args:
@@ -360,7 +389,7 @@ def truth_metrics(
     images = np.flatnonzero(img_sel & (img_sizes > 0))
     t2i = _side(arr, captions, True, pairs, ks_t, ties)
     i2t = _side(arr, images, False, pairs, ks_t, ties)
-    result: dict[str, Any] = {
+    result: TruthMetrics = {
         "i2t": _summary(i2t, ks_t, m, img_sizes[images], int(np.count_nonzero(img_sel & (img_sizes == 0)))),
         "t2i": _summary(t2i, ks_t, n, cap_sizes[captions], int(np.count_nonzero(cap_sel & (cap_sizes == 0)))),
         "ks": list(ks_t),
@@ -392,14 +421,14 @@ def own_image_missing(truth: Sequence[np.ndarray], captions_per_image: int) -> i
 
 
 def evaluate_truth(
-    sims: Any,
-    truth: Sequence[Any],
+    sims: npt.ArrayLike,
+    truth: Sequence[npt.ArrayLike],
     protocol: str,
     fold_size: int = 1000,
     captions_per_image: int = 5,
     ks: Sequence[int] = TRUTH_KS,
     ties: str = "released",
-) -> dict[str, Any]:
+) -> TruthMetrics:
     """:func:`truth_metrics` of ``sims`` ``(N, k N)`` under an evaluation protocol.
 
     ``f30k`` and ``coco5k`` rank the whole matrix. ``coco1k`` ranks each fold alone, as the
@@ -426,23 +455,25 @@ def evaluate_truth(
             folds.append(truth_metrics(arr[i0:i1, i0 * k : i1 * k], sub, ks, ties=ties))
         result = _mean_folds(folds)
         result.update(
-            n_images=int(n),
-            n_captions=int(m),
-            true_pairs=int(truth_sizes(truth_a).sum()),
-            fold_size=int(fold_size),
-            folds=folds,
+            {
+                "n_images": int(n),
+                "n_captions": int(m),
+                "true_pairs": int(truth_sizes(truth_a).sum()),
+                "fold_size": int(fold_size),
+                "folds": folds,
+            }
         )
     result["protocol"] = proto.name
     result["own_image_missing"] = own_image_missing(truth_a, k)
     return result
 
 
-def _mean_folds(folds: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"ks": folds[0]["ks"], "ties": folds[0]["ties"]}
-    for side in ("i2t", "t2i"):
-        merged: dict[str, Any] = {}
+def _mean_folds(folds: list[TruthMetrics]) -> TruthMetrics:
+    out: TruthMetrics = {"ks": folds[0]["ks"], "ties": folds[0]["ties"]}
+    for side in SIDES:
+        merged: SideMetrics = {}
         for key in folds[0][side]:
-            values = [fold[side][key] for fold in folds if fold[side][key] is not None]
+            values = [v for fold in folds if (v := fold[side][key]) is not None]
             if key in ("queries", "no_truth"):
                 merged[key] = int(sum(values))
             else:
@@ -453,7 +484,7 @@ def _mean_folds(folds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- output
-def format_truth_metrics(result: dict[str, Any]) -> str:
+def format_truth_metrics(result: TruthMetrics) -> str:
     """A readable table of a :func:`truth_metrics` / :func:`evaluate_truth` result."""
     ks = result["ks"]
 
@@ -468,7 +499,7 @@ def format_truth_metrics(result: dict[str, Any]) -> str:
     if result.get("folds"):
         lines.append(f"mean over {len(result['folds'])} folds (truth restricted to each fold's images):")
     lines.append(head + f"{'queries':>9}")
-    for side in ("i2t", "t2i"):
+    for side in SIDES:
         m = result[side]
         lines.append(
             f"{side:<10}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,9 @@ from ..errors import EslmatchError, counted
 from ..retrieval.policy import ON_DUPLICATE
 from ..utils.choices import PRECISIONS, RUNTIMES
 from ..utils.io import replace_journal
+from ..utils.messages import note
+
+log = logging.getLogger(__name__)
 
 ORDER = 60
 KINDS = ("auto", "flat", "ivf", "hnsw", "ivfpq")
@@ -333,10 +336,6 @@ def run(args: argparse.Namespace) -> int:
     return handlers[action](args)
 
 
-def _warn(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def _options(args: argparse.Namespace) -> Any:
     from ..retrieval import BuildOptions, FaissOptions
 
@@ -446,7 +445,6 @@ def _build_in(args: argparse.Namespace, job: Any) -> int:
     from ..factory import load_model
     from ..retrieval import build_gallery
 
-    report = _warn if job.is_main else (lambda line: None)
     with job.stage("setup"):
         milvus = args.milvus is not None or args.collection is not None
         if milvus and job.distributed:
@@ -468,7 +466,7 @@ def _build_in(args: argparse.Namespace, job: Any) -> int:
         model = load_model(args.model, map_location=device, text_model=args.text_model)
         inputs, source_options = _inputs(args, model, args.kind)
         if options.side_dtype is not None and model.exact_index:
-            report("eslmatch: note: --fp16 / --side-dtype have no effect on a one-stage gallery (float32 vectors only)")
+            note(log, "--fp16 / --side-dtype have no effect on a one-stage gallery (float32 vectors only)")
     options.progress = job.is_main
     start = time.perf_counter()
     target = args.milvus if milvus else args.out
@@ -489,7 +487,6 @@ def _build_in(args: argparse.Namespace, job: Any) -> int:
         options=options,
         model_path=args.model,
         text_model=args.text_model,
-        report=report,
         job=job,
         milvus=extra,
         **source_options,
@@ -526,7 +523,6 @@ def _add(args: argparse.Namespace) -> int:
         inputs,
         metadata,
         args.on_duplicate,
-        report=_warn,
         options=BuildOptions(batch_size=args.batch_size, encoding=gallery.encoding),
         **source_options,
     )
@@ -555,7 +551,7 @@ def _sync(args: argparse.Namespace) -> int:
     from ..retrieval import BuildOptions
 
     start = time.perf_counter()
-    plan = gallery.sync(dry_run=args.dry_run, options=BuildOptions(batch_size=args.batch_size), report=_warn)
+    plan = gallery.sync(dry_run=args.dry_run, options=BuildOptions(batch_size=args.batch_size))
     seconds = time.perf_counter() - start
     if args.json:
         print(json.dumps({**plan.counts(), "dry_run": args.dry_run, "seconds": round(seconds, 3)}, sort_keys=True))
@@ -571,7 +567,7 @@ def _restore(args: argparse.Namespace) -> int:
     gallery = open_from_args(args)
     from ..retrieval import BuildOptions
 
-    rep = gallery.restore(args.ids, options=BuildOptions(batch_size=args.batch_size), report=_warn)
+    rep = gallery.restore(args.ids, options=BuildOptions(batch_size=args.batch_size))
     print(f"restored {counted(rep.added, 'item')} to {gallery.store.where} ({rep.count} in all)")
     return 0
 

@@ -15,14 +15,17 @@ needed), so ``numpy.random.default_rng([seed, epoch, index])`` fixes the result.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import EslmatchError
 from ..text import MAX_TOKENS, UNK, WordVocab, words
+
+if TYPE_CHECKING:
+    from ..text import BertFamilyTokenizer, TextTokenizer
 
 MASK_SHARE = 0.5
 RANDOM_SHARE = 0.1  # the remaining 0.4 of chosen words are deleted
@@ -68,7 +71,7 @@ def apply_word_actions(
     pieces: Sequence[Sequence[int]],
     actions: np.ndarray,
     mask_id: int,
-    draw_random: Any,
+    draw_random: Callable[[], int] | None,
 ) -> list[int]:
     """Flatten word pieces after ``actions`` (see :func:`choose_word_actions`).
 
@@ -82,12 +85,13 @@ def apply_word_actions(
         elif action == 1:
             out.extend(mask_id for _ in word)
         elif action == 2:
+            assert draw_random is not None, "a word to replace by random ids needs draw_random"
             out.extend(draw_random() for _ in word)
     return out
 
 
 # ---------------------------------------------------------------------- tokenisers
-def word_pieces(tokenizer: Any, text: str) -> list[list[int]]:
+def word_pieces(tokenizer: BertFamilyTokenizer, text: str) -> list[list[int]]:
     """Token ids of ``text`` grouped by word, without special tokens.
 
     Fast (tokenizers-backed) tokenizers group by their own ``word_ids``, so the pieces are
@@ -101,13 +105,13 @@ def word_pieces(tokenizer: Any, text: str) -> list[list[int]]:
     split = basic.tokenize(text) if basic is not None else text.split()
     groups = []
     for w in split:
-        ids = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(w))
+        ids = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(w))  # a list for a list of tokens
         if ids:
-            groups.append([int(i) for i in ids])
+            groups.append([int(i) for i in (ids if isinstance(ids, list) else [ids])])
     return groups
 
 
-def word_pieces_of(tokenizer: Any, texts: Sequence[str]) -> list[list[list[int]]]:
+def word_pieces_of(tokenizer: BertFamilyTokenizer, texts: Sequence[str]) -> list[list[list[int]]]:
     """:func:`word_pieces` of each of ``texts`` (one call of a fast tokenizer for them all)."""
     if not getattr(tokenizer, "is_fast", False) or not texts:
         return [word_pieces(tokenizer, t) for t in texts]
@@ -133,14 +137,14 @@ class PieceTokens:
     reads cost more than the masking itself): the mask id, the vocabulary size, the special
     ids and the tokens around a caption."""
 
-    tokenizer: Any
+    tokenizer: BertFamilyTokenizer
     mask_id: int | None
     vocab_size: int
     special: frozenset[int]
     around: tuple[tuple[int, ...], tuple[int, ...]] | None  # (before, after); None: asked per caption
 
     @classmethod
-    def of(cls, tokenizer: Any) -> PieceTokens:
+    def of(cls, tokenizer: BertFamilyTokenizer) -> PieceTokens:
         mask_id = getattr(tokenizer, "mask_token_id", None)
         special = frozenset(int(i) for i in getattr(tokenizer, "all_special_ids", []) or [])
         vocab = int(tokenizer.vocab_size)
@@ -164,7 +168,7 @@ class PieceTokens:
             return [int(i) for i in self.tokenizer.build_inputs_with_special_tokens(ids)]
         return [int(self.tokenizer.cls_token_id), *ids, int(self.tokenizer.sep_token_id)]
 
-    def drawer(self, rng: np.random.Generator) -> Any:
+    def drawer(self, rng: np.random.Generator) -> Callable[[], int]:
         """Draws uniform ids from the vocabulary, never a special token (``[PAD]`` = 0 included:
         a random padding id would silently shorten the caption under the attention mask)."""
         vocab, special = self.vocab_size, self.special
@@ -192,7 +196,7 @@ def augment_pieces(
     return tokens.wrap(ids)
 
 
-def augment_caption_bert(tokenizer: Any, text: str, p: float, rng: np.random.Generator) -> list[int]:
+def augment_caption_bert(tokenizer: BertFamilyTokenizer, text: str, p: float, rng: np.random.Generator) -> list[int]:
     """Token ids ``[CLS] ... [SEP]`` of ``text`` after word masking with a transformers tokenizer."""
     return augment_pieces(PieceTokens.of(tokenizer), word_pieces(tokenizer, text), p, rng)
 
@@ -212,7 +216,7 @@ def augment_caption_words(vocab: WordVocab, text: str, p: float, rng: np.random.
     return [encoded[0], *ids, encoded[-1]]
 
 
-def augment_caption(tokenizer: Any, text: str, p: float, rng: np.random.Generator) -> list[int]:
+def augment_caption(tokenizer: TextTokenizer, text: str, p: float, rng: np.random.Generator) -> list[int]:
     """Dispatch on the tokenizer kind (:class:`WordVocab` or transformers)."""
     if isinstance(tokenizer, WordVocab):
         return augment_caption_words(tokenizer, text, p, rng)

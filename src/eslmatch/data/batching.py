@@ -8,8 +8,8 @@ scattered back to their original order.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
@@ -19,6 +19,11 @@ from ..errors import EslmatchError
 from ..text import pad_ids, tokenize_each
 from ..utils import resolve_device
 from .precomp import PrecompSplit
+
+if TYPE_CHECKING:
+    from ..model.base import MatchingModel
+
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -46,20 +51,24 @@ def length_batches(lengths: Sequence[int] | np.ndarray | Tensor, batch_size: int
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _progress(iterable: Any, progress: bool, desc: str, total: int | None = None) -> Any:
+def _progress(iterable: Iterable[T], progress: bool, desc: str, total: int | None = None) -> Iterable[T]:
     from tqdm.auto import tqdm
 
     # disable=None: shown on a terminal only, so logs and pipes stay clean.
     return tqdm(iterable, desc=desc, total=total, disable=None if progress else True, leave=False)
 
 
-def tokenize_split(model: Any, split: PrecompSplit) -> list[Tensor]:
+def tokenize_split(model: MatchingModel, split: PrecompSplit) -> list[Tensor]:
     """Token ids of every caption with ``model.tokenize``: a list of ``(W_c,)`` LongTensors."""
     return tokenize_each(model.tokenize, split.captions, lambda i: f"{split.captions_path}: line {i + 1}")
 
 
 def encode_images(
-    model: Any, split: PrecompSplit, batch_size: int = 128, device: torch.device | None = None, progress: bool = True
+    model: MatchingModel,
+    split: PrecompSplit,
+    batch_size: int = 128,
+    device: torch.device | None = None,
+    progress: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Image level features of the whole split, in order.
 
@@ -82,7 +91,7 @@ def encode_images(
 
 
 def iter_caption_features(
-    model: Any,
+    model: MatchingModel,
     split: PrecompSplit,
     batch_size: int = 128,
     device: torch.device | None = None,
@@ -104,7 +113,7 @@ def iter_caption_features(
 
 
 def encode_split(
-    model: Any,
+    model: MatchingModel,
     split: PrecompSplit,
     batch_size: int = 128,
     device: str | torch.device | None = None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 import torch
@@ -15,6 +15,18 @@ from ..errors import EslmatchError, InputError
 from ..text import WordVocab, tokenize
 from .augment import PieceTokens, augment_caption_words, augment_pieces, drop_regions, word_pieces_of
 from .precomp import PrecompSplit
+
+if TYPE_CHECKING:
+    from ..text import TextTokenizer
+
+
+class CaptionItem(TypedDict):
+    """One item of a :class:`CaptionDataset`."""
+
+    image: Tensor
+    ids: Tensor
+    caption_index: int
+    image_index: int
 
 
 class CaptionDataset(Dataset):
@@ -37,7 +49,7 @@ class CaptionDataset(Dataset):
     def __init__(
         self,
         split: PrecompSplit,
-        tokenizer: Any,
+        tokenizer: TextTokenizer | None,
         train: bool,
         seed: int = 0,
         region_drop: float = 0.2,
@@ -67,7 +79,7 @@ class CaptionDataset(Dataset):
     def __len__(self) -> int:
         return self.split.n_captions
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, i: int) -> CaptionItem:
         i = int(i)
         if not 0 <= i < len(self):
             raise IndexError(f"caption index {i} out of range for {len(self)} captions")
@@ -129,7 +141,7 @@ class Batch:
         return int(self.images.shape[0])
 
 
-def collate(items: Sequence[dict[str, Any]]) -> Batch:
+def collate(items: Sequence[CaptionItem]) -> Batch:
     """Pad a list of :class:`CaptionDataset` items into a :class:`Batch`."""
     if not items:
         raise EslmatchError("cannot collate an empty batch")

@@ -133,8 +133,6 @@ def encoder_graphs(model: MatchingModel) -> dict[str, EncoderGraph]:
     puts ``model`` in eval mode."""
     cfg: Any = model.config
     one_stage = bool(model.exact_index)
-    if not one_stage and not hasattr(model, "prepare_images"):
-        raise EslmatchError(f"{cfg.model_type}: neither one-stage (exact_index) nor ESL's two-stage encoders")
     dev = model.device
     lengths = torch.tensor([3, 2], device=dev)
     model.eval()
@@ -145,7 +143,7 @@ def encoder_graphs(model: MatchingModel) -> dict[str, EncoderGraph]:
     else:
         image_example = (torch.rand(2, 3, int(cfg.img_dim), device=dev), lengths)
         image_in = {"regions": ["batch", "regions", int(cfg.img_dim)], "lengths": ["batch"]}
-    vocab = _vocab_size(model)
+    vocab = model.vocab_size() or 1000
     ids = torch.randint(1, max(2, vocab), (2, 5), generator=torch.Generator().manual_seed(0)).to(dev)
     ids[1, 3:] = 0
     text_example = (ids, torch.tensor([5, 3], device=dev))
@@ -193,21 +191,6 @@ def encoder_graphs(model: MatchingModel) -> dict[str, EncoderGraph]:
     }
 
 
-def _vocab_size(model: MatchingModel) -> int:
-    size = getattr(model, "vocab_size", lambda: None)()
-    if size is None:
-        clip = getattr(model.config, "clip", None)
-        size = getattr(clip, "vocab_size", None) or 1000
-    return int(size)
-
-
-def _text_encoder_uncached(model: MatchingModel) -> Any:
-    """The text encoder's ``uncached()`` block (a BERT encoder with a frozen, cached part must
-    run its whole backbone while traced), or a no-op."""
-    import contextlib
-
-    enc: Any = getattr(model, "text_encoder", None)
-    return enc.uncached() if hasattr(enc, "uncached") else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------- export
@@ -292,7 +275,7 @@ def check_out_dir(out: Path) -> None:
 
 
 def _export_one(model: MatchingModel, graph: EncoderGraph, path: Path, opset: int) -> None:
-    with torch.no_grad(), _text_encoder_uncached(model), warnings.catch_warnings():
+    with torch.no_grad(), model.uncached(), warnings.catch_warnings():
         # the tracer's notes about Python-side input checks (constants in the graph) and the
         # legacy exporter's deprecation: expected here
         warnings.simplefilter("ignore")

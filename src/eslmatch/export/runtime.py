@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Union
 
 import numpy as np
 import torch
@@ -37,10 +37,45 @@ from ..utils.io import atomic_write_text
 from ..utils.precision import cpu_capabilities
 from .onnx import ort_session, require_onnx
 
+# A fact of an encoder's identity (a backbone's fingerprint, also in ``extract_meta.json``):
+# JSON scalars and its grid.
+FactValue = Union[str, int, float, bool, list[int], None]
+Facts = dict[str, FactValue]
+# What a measured choice depends on besides the encoder (library versions, threads, the CPU).
+MachineFacts = dict[str, str | int | bool | None]
+
 MIN_COSINE = 0.999  # per item, against float32 eager PyTorch on the calibration batch
 CHOICE = "choice.json"
 GRAPH = "graph.onnx"
 VERSION = 1
+
+
+class KeyBody(TypedDict):
+    """What the cache key is the hash of."""
+
+    version: int
+    name: str
+    facts: Facts
+    machine: MachineFacts
+
+
+class ChoiceRecord(TypedDict, total=False):
+    """``choice.json``: the key's body, the choice and its measurements (empty for a choice
+    that was not measured; one read back is checked before use)."""
+
+    version: int
+    name: str
+    facts: Facts
+    machine: MachineFacts
+    key: str
+    runtime: str
+    precision: str
+    items_per_second: dict[str, float]
+    min_cosine: dict[str, float]
+    bound: float
+    calibration: list[int]
+    measured: str
+    graph_sha256: str
 
 
 @dataclass
@@ -52,7 +87,7 @@ class RuntimeChoice:
     runtime: str
     precision: str = "fp32"
     session: Any = None
-    record: dict[str, Any] = field(default_factory=dict)
+    record: ChoiceRecord = field(default_factory=ChoiceRecord)
 
     def run(self, x: Tensor) -> Tensor:
         """The ONNX Runtime output of ``x`` (a float32 batch) as a tensor."""
@@ -68,9 +103,9 @@ def onnxruntime_available() -> bool:
     return True
 
 
-def machine_facts() -> dict[str, Any]:
+def machine_facts() -> MachineFacts:
     """What a measured choice depends on besides the encoder: library versions and the CPU."""
-    facts: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads(), **cpu_capabilities()}
+    facts: MachineFacts = {"torch": torch.__version__, "threads": torch.get_num_threads(), **cpu_capabilities()}
     if onnxruntime_available():
         import onnxruntime
 
@@ -86,7 +121,7 @@ def per_item_cosine(ref: Tensor, got: Tensor) -> float:
     return float(cos.min())
 
 
-def _seconds(fn: Callable[[], Any], reps: int = 3) -> float:
+def _seconds(fn: Callable[[], object], reps: int = 3) -> float:
     fn()  # warm-up
     best = float("inf")
     for _ in range(reps):
@@ -114,7 +149,7 @@ def _export(module: nn.Module, example: Tensor, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _graph_ok(folder: Path, record: Mapping[str, Any]) -> bool:
+def _graph_ok(folder: Path, record: ChoiceRecord) -> bool:
     """The graph is there and is the one measured (its sha256 recorded)."""
     try:
         return sha256_stream(folder / GRAPH) == record.get("graph_sha256")
@@ -141,7 +176,7 @@ def choose_runtime(
     module: nn.Module,
     calibration: Tensor,
     torch_paths: Mapping[str, Callable[[Tensor], Tensor]],
-    facts: Mapping[str, Any],
+    facts: Mapping[str, FactValue],
     cache: Path,
     runtime: str = "auto",
 ) -> RuntimeChoice:
@@ -164,7 +199,7 @@ def choose_runtime(
         require_onnx()
     if runtime == "auto" and not onnxruntime_available():
         return RuntimeChoice("torch", next((p for p in torch_paths if p != "fp32"), "fp32"))
-    body = {"version": VERSION, "name": name, "facts": dict(facts), "machine": machine_facts()}
+    body: KeyBody = {"version": VERSION, "name": name, "facts": dict(facts), "machine": machine_facts()}
     key = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:20]
     folder = Path(cache) / "runtimes" / f"{name}-{key}"
     choice = _cached(folder, key)
@@ -182,7 +217,7 @@ def choose_runtime(
 def _measure(
     folder: Path,
     key: str,
-    body: dict[str, Any],
+    body: KeyBody,
     module: nn.Module,
     x: Tensor,
     torch_paths: Mapping[str, Callable[[Tensor], Tensor]],
@@ -191,14 +226,14 @@ def _measure(
     _export(module, x, folder / GRAPH)
     session = ort_session(folder / GRAPH, torch.get_num_threads())
     feed = {"x": x.numpy()}
-    runs: dict[str, Callable[[], Any]] = {f"torch {p}": functools.partial(fn, x) for p, fn in torch_paths.items()}
+    runs: dict[str, Callable[[], Tensor]] = {f"torch {p}": functools.partial(fn, x) for p, fn in torch_paths.items()}
     runs["onnxruntime fp32"] = lambda: torch.from_numpy(np.asarray(session.run(None, feed)[0]))
     outputs = {k: fn() for k, fn in runs.items()}
     cosine = {k: per_item_cosine(outputs["torch fp32"], v) for k, v in outputs.items()}
     seconds = {k: _seconds(fn) for k, fn in runs.items() if cosine[k] >= MIN_COSINE or k == "torch fp32"}
     best = min(seconds, key=lambda k: seconds[k])
     runtime, precision = best.split(" ")
-    record = {
+    record: ChoiceRecord = {
         **body,
         "key": key,
         "runtime": runtime,

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -40,6 +40,11 @@ from ..data.files import SkipImage, to_rgb
 from ..errors import CheckpointError, EslmatchError, InputError
 from ..utils import resolve_device, resolve_precision
 from ..utils.digest import sha256_stream
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from ..export.runtime import Facts, RuntimeChoice
 
 _MAX_IMAGE_SIZE = 4096
 
@@ -100,7 +105,7 @@ def load_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------- image -> tensor
-def image_to_tensor(image: Any, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def image_to_tensor(image: Image, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Resize the whole image to ``size x size`` (bicubic, antialiased; no crop, so every
     part a caption may mention stays) and normalise: ``(x - mean) / std`` on 0..255 values.
 
@@ -134,13 +139,13 @@ class Backbone:
     channels_last: bool = False
     runtime: str = "torch"  # resolved: "torch" or "onnxruntime" (set_runtime)
     model: Any = None  # the torch module, when the backbone has one
-    _onnx: Any = None  # the ONNX Runtime choice running it (runtime "onnxruntime")
+    _onnx: RuntimeChoice | None = None  # the ONNX Runtime choice running it (runtime "onnxruntime")
 
     @classmethod
     def build(cls, options: BackboneOptions) -> Backbone:
         raise NotImplementedError
 
-    def preprocess(self, image: Any) -> torch.Tensor:
+    def preprocess(self, image: Image) -> torch.Tensor:
         """PIL image -> ``(3, S, S)`` float tensor."""
         raise NotImplementedError
 
@@ -204,7 +209,7 @@ class Backbone:
         if choice.runtime == "onnxruntime":
             self._onnx, self.runtime = choice, "onnxruntime"
 
-    def prepare(self, image: Any, key: str) -> tuple[torch.Tensor, Any]:
+    def prepare(self, image: Image, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What :meth:`run` needs for one image: ``(tensor (3, S, S), extra)``.
 
         ``key`` names the image (its path relative to the folder); raise :class:`SkipImage`
@@ -212,11 +217,11 @@ class Backbone:
         """
         return self.preprocess(image), None
 
-    def run(self, batch: torch.Tensor, extras: Sequence[Any]) -> torch.Tensor:
+    def run(self, batch: torch.Tensor, extras: Sequence[torch.Tensor | None]) -> torch.Tensor:
         """Features of a prepared batch: ``(B, 3, S, S)`` -> ``(B, R, D)``."""
         return self(batch)
 
-    def fingerprint(self) -> dict[str, Any]:
+    def fingerprint(self) -> Facts:
         """What makes features comparable across runs (checked before reusing chunks)."""
         return {
             "backbone": self.name,
@@ -226,14 +231,14 @@ class Backbone:
             **self.precision_facts(),
         }
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> Facts:
         """Facts recorded in ``extract_meta.json``."""
         return self.fingerprint()
 
-    def precision_facts(self) -> dict[str, Any]:
+    def precision_facts(self) -> Facts:
         """The precision and runtime the features are computed in (part of the fingerprint:
         chunks of another are never reused; the torch runtime is not named, as before)."""
-        facts: dict[str, Any] = {"precision": self.precision, "channels_last": self.channels_last}
+        facts: Facts = {"precision": self.precision, "channels_last": self.channels_last}
         return {**facts, "runtime": self.runtime} if self.runtime != "torch" else facts
 
 
@@ -357,7 +362,7 @@ class EfficientNetLite0(Backbone):
             options.channels_last,
         )
 
-    def preprocess(self, image: Any) -> torch.Tensor:
+    def preprocess(self, image: Image) -> torch.Tensor:
         return image_to_tensor(image, self.image_size, self.mean, self.std)
 
     def feature_map(self, batch: torch.Tensor) -> torch.Tensor:
@@ -368,10 +373,10 @@ class EfficientNetLite0(Backbone):
         fmap = self.feature_map(batch)
         return fmap.flatten(2).transpose(1, 2).contiguous().float()
 
-    def fingerprint(self) -> dict[str, Any]:
+    def fingerprint(self) -> Facts:
         return {**super().fingerprint(), "weights_sha256": sha256_stream(self.weights)}
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> Facts:
         return {
             **self.fingerprint(),
             "weights": self.weights,
@@ -451,16 +456,16 @@ class ResNet152Grid(Backbone):
             options.channels_last,
         )
 
-    def preprocess(self, image: Any) -> torch.Tensor:
+    def preprocess(self, image: Image) -> torch.Tensor:
         return image_to_tensor(image, self.image_size, self.mean, self.std)
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         return self.model(batch).flatten(2).transpose(1, 2).contiguous().float()
 
-    def fingerprint(self) -> dict[str, Any]:
+    def fingerprint(self) -> Facts:
         return {**super().fingerprint(), "weights_sha256": sha256_stream(self.weights)}
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> Facts:
         return {
             **self.fingerprint(),
             "weights": self.weights,
@@ -480,7 +485,7 @@ class RegionDetector(Protocol):
     :class:`SkipImage` when there are none for this image.
     """
 
-    def boxes(self, key: str, image: Any) -> np.ndarray: ...
+    def boxes(self, key: str, image: Image) -> np.ndarray: ...
 
 
 class JsonBoxes:
@@ -523,7 +528,7 @@ class JsonBoxes:
     def max_count(self) -> int:
         return max(len(b) for b in self.table.values())
 
-    def boxes(self, key: str, image: Any) -> np.ndarray:
+    def boxes(self, key: str, image: Image) -> np.ndarray:
         stem = key.rsplit(".", 1)[0] if "." in Path(key).name else key
         for cand in (key, stem, Path(key).name, Path(stem).name):
             if cand in self.table:
@@ -610,7 +615,7 @@ class BoxPoolingBackbone(Backbone):
         box_backbone.boxes_file = str(options.boxes)  # type: ignore[attr-defined]
         return box_backbone
 
-    def preprocess(self, image: Any) -> torch.Tensor:
+    def preprocess(self, image: Image) -> torch.Tensor:
         return self.base.preprocess(image)
 
     def forward(self, batch: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
@@ -624,21 +629,24 @@ class BoxPoolingBackbone(Backbone):
         with self.running():
             return self.forward(self.to_input(batch), boxes).float()
 
-    def prepare(self, image: Any, key: str) -> tuple[torch.Tensor, Any]:
+    def prepare(self, image: Image, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         boxes, _ = fit_boxes(self.detector.boxes(key, image), image.width, image.height, self.regions)
         return self.preprocess(image), torch.from_numpy(boxes).float()
 
-    def run(self, batch: torch.Tensor, extras: Sequence[Any]) -> torch.Tensor:
-        return self(batch, torch.stack(list(extras)))
+    def run(self, batch: torch.Tensor, extras: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        boxes = [e for e in extras if e is not None]
+        if len(boxes) != len(extras):
+            raise InputError("BoxPoolingBackbone.run needs the boxes prepare() gives every image")
+        return self(batch, torch.stack(boxes))
 
-    def fingerprint(self) -> dict[str, Any]:
+    def fingerprint(self) -> Facts:
         fp = {**self.base.fingerprint(), "backbone": self.name, "regions": self.regions, "samples": self.samples}
         path = getattr(self, "boxes_file", None) or getattr(self.detector, "path", None)
         if path is not None:
             fp["boxes_sha256"] = sha256_stream(path)
         return fp
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> Facts:
         return {
             **self.base.describe(),
             **self.fingerprint(),

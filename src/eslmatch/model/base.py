@@ -47,6 +47,7 @@ from ..utils import atomic_dir, honour_umask, lengths_to_mask
 from ..utils.io import check_replaceable
 from .digest import WEIGHTS_NAME, verify_weights, write_digest
 from .encoders import (
+    BertTextEncoder,
     RegionEncoder,
     bert_from_pretrained,
     build_text_encoder,
@@ -142,6 +143,24 @@ class MatchingModel(nn.Module):
 
     def after_optimizer_step(self) -> None:
         """Called by the Trainer after each optimiser step (e.g. to clamp a temperature)."""
+
+    @property
+    def logit_scale(self) -> Tensor | None:
+        """The learned log-temperature the InfoNCE loss needs (``None``: the family has none)."""
+        return None
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute activations in backward (less memory, more compute), where the family can."""
+        raise EslmatchError(f"gradient_checkpointing is not supported by {type(self).__name__}")
+
+    def vocab_size(self) -> int | None:
+        """Token ids must lie below this (``None``: unknown)."""
+        return None
+
+    def uncached(self) -> contextlib.AbstractContextManager[None]:
+        """A block in which every call runs the whole model: no cache of frozen layers' outputs
+        (what tracing an encoder for ONNX needs)."""
+        return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ shared behaviour
     def similarity(
@@ -305,7 +324,12 @@ class RegionTextModel(MatchingModel):
         return cls(config, backbone, tokenizer)
 
     def pretrained_backbone(self) -> nn.Module | None:
-        return getattr(self.text_encoder, "backbone", None)
+        return self.text_encoder.backbone if isinstance(self.text_encoder, BertTextEncoder) else None
+
+    def uncached(self) -> contextlib.AbstractContextManager[None]:
+        return (
+            self.text_encoder.uncached() if isinstance(self.text_encoder, BertTextEncoder) else contextlib.nullcontext()
+        )
 
     # ------------------------------------------------------------------ input checks
     def check_images(self, images: Tensor, image_lengths: Tensor | Sequence[int] | None) -> tuple[Tensor, Tensor]:
@@ -354,10 +378,9 @@ class RegionTextModel(MatchingModel):
         return captions.to(self.device).long(), lengths.to(self.device)
 
     def vocab_size(self) -> int | None:
-        """Token ids must lie below this (``None``: unknown)."""
-        if self.config.text_encoder == "gru":
-            return self.config.vocab_size
-        emb = getattr(self.text_encoder.backbone, "get_input_embeddings", lambda: None)()
+        if not isinstance(self.text_encoder, BertTextEncoder):
+            return int(self.config.vocab_size)
+        emb = self.text_encoder.backbone.get_input_embeddings()
         return None if emb is None else int(emb.num_embeddings)
 
     # ------------------------------------------------------------------ encoders

@@ -15,7 +15,7 @@ import hashlib
 import math
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +26,12 @@ from ..errors import CheckpointError, EslmatchError
 from ..text import resolve_text_model
 from ..utils import l2n
 from ..utils.precision import autocast_active
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+    from transformers import PretrainedConfig
+
+    from ..config import ESLConfig
 from .bert import BertSettings, PlainBert, key_mask, read_bert_config, supports
 
 
@@ -41,7 +47,7 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
     """
 
     synchronize: bool = False
-    process_group: Any = None
+    process_group: ProcessGroup | None = None
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         shape = x.shape
@@ -92,7 +98,7 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
         return full.index_put((mask.nonzero(as_tuple=True)[0],), out)
 
 
-def enable_sync_batchnorm(model: nn.Module, group: Any, distributed: bool) -> int:
+def enable_sync_batchnorm(model: nn.Module, group: ProcessGroup | None, distributed: bool) -> int:
     """Make every :class:`MaskedBatchNorm1d` of ``model`` take its training statistics over
     all ranks of ``group`` (when ``distributed``). Returns how many were switched."""
     n = 0
@@ -385,7 +391,7 @@ class GRUTextEncoder(nn.Module):
         return l2n(out, eps=self.eps)
 
 
-def build_text_encoder(config: Any, text_backbone: nn.Module | None) -> nn.Module:
+def build_text_encoder(config: ESLConfig, text_backbone: nn.Module | None) -> nn.Module:
     """The text encoder an :class:`~eslmatch.config.ESLConfig` asks for (ESL and VSE alike)."""
     c = config
     if c.text_encoder == "bert":
@@ -398,12 +404,12 @@ def build_text_encoder(config: Any, text_backbone: nn.Module | None) -> nn.Modul
 
 
 # ---------------------------------------------------------------------- BERT construction
-def _no_pooler_kwargs(config: Any) -> dict[str, Any]:
+def _no_pooler_kwargs(config: PretrainedConfig) -> dict[str, Any]:  # **kwargs for transformers
     # The pooler is never used for word features; BERT-like classes take this flag.
     return {"add_pooling_layer": False} if config.model_type in {"bert", "roberta", "xlm-roberta"} else {}
 
 
-def bert_from_config(config: Any) -> nn.Module:
+def bert_from_config(config: PretrainedConfig) -> nn.Module:
     """A randomly initialised transformers model for ``config`` (eager attention)."""
     from transformers import AutoModel  # heavy: only when a BERT model is built
 

@@ -28,9 +28,8 @@ def model_fingerprint(model: MatchingModel) -> str:
     h = hashlib.sha256()
     cfg = {k: v for k, v in model.config.to_dict().items() if k not in _IGNORED_CONFIG_KEYS}
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    tokenizer = getattr(model, "tokenizer", None)
-    if isinstance(tokenizer, WordVocab):  # a GRU model's vocabulary is part of it
-        h.update(json.dumps(tokenizer.tokens).encode())
+    if isinstance(model.tokenizer, WordVocab):  # a GRU model's vocabulary is part of it
+        h.update(json.dumps(model.tokenizer.tokens).encode())
     with torch.no_grad():
         for name, t in sorted(model.state_dict().items()):
             if name.endswith("num_batches_tracked"):

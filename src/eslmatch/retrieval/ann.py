@@ -14,13 +14,17 @@ rules are :func:`resolve_options`'s (documented in ``docs/retrieval.md``).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, Protocol
 
 import numpy as np
 
 from ..errors import EslmatchError
+from .layout import RowReader, Rows
+from .records import FaissOptionsRecord
 
 FAISS_KINDS = ("flat", "ivf", "hnsw", "ivfpq")
 AUTO = "auto"
@@ -75,10 +79,10 @@ class FaissOptions:
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
                 raise EslmatchError(f"{name.replace('_', '-')} must be an integer from {low} to {high}, got {value!r}")
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> FaissOptionsRecord:
         return asdict(self)
 
-    def relevant(self, kind: str) -> dict[str, Any]:
+    def relevant(self, kind: str) -> FaissOptionsRecord:
         """The settings that matter for ``kind``."""
         keys = {
             "flat": (),
@@ -89,7 +93,8 @@ class FaissOptions:
         return {k: getattr(self, k) for k in keys}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FaissOptions:
+    def from_dict(cls, data: Mapping[str, Any]) -> FaissOptions:
+        """The options of a record (read from disk: unknown keys dropped, values checked)."""
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         return cls(**known)
 
@@ -109,7 +114,18 @@ BOUNDS = (
 OPTIONAL = ("nlist", "nprobe", "pq_m", "pq_bits", "refine")
 
 
-def faiss_module() -> Any:
+class FaissIndex(Protocol):
+    """What eslmatch uses of a FAISS index (a ``faiss.Index``; faiss ships no types)."""
+
+    ntotal: int
+    d: int
+
+    def add(self, x: np.ndarray) -> None: ...
+    def train(self, x: np.ndarray) -> None: ...
+    def search(self, x: np.ndarray, k: int, *, params: object = None) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def faiss_module() -> ModuleType:
     try:
         import faiss
     except ImportError as exc:  # pragma: no cover - faiss-cpu is a dependency of retrieval
@@ -129,7 +145,7 @@ def choose_kind(n: int) -> str:
     return "flat" if n <= AUTO_FLAT_MAX else "ivfpq"
 
 
-def selector(rows: np.ndarray, n: int) -> tuple[Any, np.ndarray]:
+def selector(rows: np.ndarray, n: int) -> tuple[object, np.ndarray]:
     """A FAISS ID selector admitting ``rows`` (of ids ``0 .. n-1``), and the bitmap it reads
     (keep it alive while the selector is used)."""
     faiss = faiss_module()
@@ -190,12 +206,12 @@ def resolve_options(kind: str, n: int, options: FaissOptions | None, dim: int | 
     return opts
 
 
-def _add_chunks(index: Any, vectors: Any, start: int = 0) -> None:
+def _add_chunks(index: FaissIndex, vectors: Rows, start: int = 0) -> None:
     for i in range(start, vectors.shape[0], _ADD_CHUNK):
         index.add(np.ascontiguousarray(vectors[i : i + _ADD_CHUNK], dtype=np.float32))
 
 
-def build(vectors: Any, kind: str, options: FaissOptions) -> Any:
+def build(vectors: Rows, kind: str, options: FaissOptions) -> FaissIndex:
     """A FAISS index of ``kind`` over ``vectors (N, Dt)`` (inner product; an array or a
     :class:`~eslmatch.retrieval.store.ShardedArray`, read in chunks)."""
     faiss = faiss_module()
@@ -231,8 +247,8 @@ def build(vectors: Any, kind: str, options: FaissOptions) -> Any:
 
 
 def extend(
-    index: Any, kind: str, options: FaissOptions, vectors: Any, n_old: int, trained_on: int
-) -> tuple[Any, FaissOptions, int]:
+    index: FaissIndex, kind: str, options: FaissOptions, vectors: Rows, n_old: int, trained_on: int
+) -> tuple[FaissIndex, FaissOptions, int]:
     """Add ``vectors[n_old:]`` to ``index``, rebuilding where its structure is outgrown.
 
     Returns ``(index, options, trained_on)``: an IVF or IVF-PQ index is retrained (new
@@ -243,19 +259,17 @@ def extend(
     """
     n = vectors.shape[0]
     if kind in ("ivf", "ivfpq") and n > _IVF_RETRAIN_GROWTH * max(trained_on, 1):
-        fresh = resolve_options(
-            kind, n, FaissOptions(**{**options.to_dict(), "nlist": None, "nprobe": None}), int(vectors.shape[1])
-        )
+        fresh = resolve_options(kind, n, replace(options, nlist=None, nprobe=None), int(vectors.shape[1]))
         return build(vectors, kind, fresh), fresh, n
     _add_chunks(index, vectors, n_old)
     return index, options, trained_on
 
 
-def write(index: Any, path: Path) -> None:
+def write(index: FaissIndex, path: Path) -> None:
     faiss_module().write_index(index, str(path))
 
 
-def read(path: Path) -> Any:
+def read(path: Path) -> FaissIndex:
     """Read a FAISS index, memory-mapping its vectors where FAISS can."""
     faiss = faiss_module()
     try:
@@ -269,7 +283,7 @@ def read(path: Path) -> Any:
 
 
 def search(
-    index: Any,
+    index: FaissIndex,
     kind: str,
     options: FaissOptions,
     queries: np.ndarray,
@@ -290,7 +304,7 @@ def search(
     total = max(1, int(index.ntotal))
     sel, keep = selector(allowed, total) if allowed is not None else (None, None)
     if kind in ("ivf", "ivfpq"):
-        nlist = int(index.nlist)
+        nlist = int(faiss.extract_index_ivf(index).nlist)
         nprobe = min(nlist, max(int(options.nprobe or 1), math.ceil(2 * n * nlist / max(1.0, share * total))))
         params: Any = faiss.SearchParametersIVF(nprobe=nprobe)
     elif kind == "hnsw":
@@ -355,7 +369,9 @@ def candidates(kind: str, options: FaissOptions, n: int, count: int) -> int:
     return min(count, n)
 
 
-def refine_exact(queries: np.ndarray, rows: np.ndarray, vectors: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
+def refine_exact(
+    queries: np.ndarray, rows: np.ndarray, vectors: Rows | RowReader, n: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Re-score candidates with exact inner products and keep the best ``n`` of each query.
 
     Args:

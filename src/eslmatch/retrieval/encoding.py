@@ -3,13 +3,19 @@ gives (:class:`Encoded`): plain data, importable without torch (``encode.py`` ru
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import EslmatchError
 from ..utils.choices import check_precision
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..export.onnx import OnnxEncoders
 
 
 @dataclass(frozen=True)
@@ -24,7 +30,7 @@ class Encoding:
     """
 
     precision: str = "fp32"
-    onnx: Any = field(default=None, compare=False)
+    onnx: OnnxEncoders | None = field(default=None, compare=False)
 
     @property
     def runtime(self) -> str:
@@ -41,7 +47,7 @@ class Encoding:
 FP32 = Encoding()
 
 
-def resolve_encoding(precision: str | None, device: Any, onnx: Any = None) -> Encoding:
+def resolve_encoding(precision: str | None, device: torch.device | str, onnx: OnnxEncoders | None = None) -> Encoding:
     """An :class:`Encoding`: ``precision`` (``auto``, ``fp32``, ``bf16``; ``None``: fp32)
     resolved for ``device``; with ``onnx`` (an ``OnnxEncoders``) its variant instead."""
     if onnx is not None:
@@ -56,15 +62,16 @@ def resolve_encoding(precision: str | None, device: Any, onnx: Any = None) -> En
     return Encoding(resolve_precision(check_precision(precision or "fp32"), device))
 
 
-def recorded_encoding(record: Any) -> dict[str, str]:
+def recorded_encoding(record: Mapping[str, str] | None) -> dict[str, str]:
     """The encoding a gallery (or one of its sources) records (``record``: its ``encoding``
-    entry); galleries written before it was recorded were encoded in PyTorch fp32."""
+    entry, ``None`` where there is none); galleries written before it was recorded were
+    encoded in PyTorch fp32."""
     if isinstance(record, dict) and record.get("precision"):
         return {"runtime": str(record.get("runtime", "torch")), "precision": str(record["precision"])}
     return {"runtime": "torch", "precision": "fp32"}
 
 
-def default_encoding(record: Any, device: Any) -> Encoding:
+def default_encoding(record: Mapping[str, str] | None, device: torch.device | str) -> Encoding:
     """What queries are encoded in unless told: the gallery's recorded PyTorch precision (fp32
     for a gallery encoded under ONNX Runtime, whose export a searcher is not told)."""
     rec = recorded_encoding(record)
@@ -73,7 +80,7 @@ def default_encoding(record: Any, device: Any) -> Encoding:
     return FP32
 
 
-def describe_encoding(rec: dict[str, str]) -> str:
+def describe_encoding(rec: Mapping[str, str]) -> str:
     """``bf16``, ``fp32``, ``onnxruntime fp32``: a recorded encoding in words."""
     return rec["precision"] if rec["runtime"] == "torch" else f"{rec['runtime']} {rec['precision']}"
 

@@ -10,21 +10,21 @@ The weights' sha256 is recorded and checked: other weights are refused, never mi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..errors import EslmatchError
+from .records import ExtractorRecord
 from .sourcefiles import EXTRACT_META, read_extract_meta
 
 if TYPE_CHECKING:
+    from ..extract.backbones import Backbone
     from ..model.base import MatchingModel
 
-DEFAULT: dict[str, Any] = {"backbone": "efficientnet-lite0", "precision": "fp32"}
-_KEYS = ("backbone", "image_size", "precision", "weights", "weights_sha256")
+DEFAULT: ExtractorRecord = {"backbone": "efficientnet-lite0", "precision": "fp32"}
 
 
-def recorded_in(folder: str | Path, split: str = "test") -> dict[str, Any] | None:
+def recorded_in(folder: str | Path, split: str = "test") -> ExtractorRecord | None:
     """The extractor an ``eslmatch extract`` folder's features came from, or ``None`` (no
     ``extract_meta.json``, or box-pooled features: their boxes exist only for those photos)."""
     meta = read_extract_meta(folder)
@@ -36,7 +36,16 @@ def recorded_in(folder: str | Path, split: str = "test") -> dict[str, Any] | Non
     info = info if isinstance(info, dict) else meta
     if info.get("boxes_file") or not info.get("backbone"):
         return None
-    return {k: info[k] for k in _KEYS if info.get(k) is not None}
+    found: ExtractorRecord = {"backbone": info["backbone"]}  # and what else it names
+    if info.get("image_size") is not None:
+        found["image_size"] = info["image_size"]
+    if info.get("precision") is not None:
+        found["precision"] = info["precision"]
+    if info.get("weights") is not None:
+        found["weights"] = info["weights"]
+    if info.get("weights_sha256") is not None:
+        found["weights_sha256"] = info["weights_sha256"]
+    return found
 
 
 def is_features_folder(path: str | Path) -> bool:
@@ -45,7 +54,7 @@ def is_features_folder(path: str | Path) -> bool:
     return p.is_dir() and (any(p.glob("*_ims.npy")) or (p / EXTRACT_META).is_file())
 
 
-def open_extractor(record: Mapping[str, Any], device: str = "cpu") -> Any:
+def open_extractor(record: ExtractorRecord, device: str = "cpu") -> Backbone:
     """The :class:`~eslmatch.extract.backbones.Backbone` of ``record`` (its weights checked)."""
     from ..extract.backbones import BackboneOptions, build_backbone
 
@@ -71,19 +80,19 @@ def open_extractor(record: Mapping[str, Any], device: str = "cpu") -> Any:
     return backbone
 
 
-def record_of(backbone: Any) -> dict[str, Any]:
+def record_of(backbone: Backbone) -> ExtractorRecord:
     """What a gallery records of the extractor ``backbone``."""
-    facts = backbone.fingerprint()
+    sha = backbone.fingerprint().get("weights_sha256")
     return {
         "backbone": backbone.name,
         "image_size": backbone.image_size,
         "precision": backbone.precision,
         "weights": str(getattr(backbone, "weights", "") or "") or None,
-        "weights_sha256": facts.get("weights_sha256"),
+        "weights_sha256": sha if isinstance(sha, str) else None,
     }
 
 
-def checked_extractor(model: MatchingModel, record: Mapping[str, Any], device: str = "cpu") -> Any:
+def checked_extractor(model: MatchingModel, record: ExtractorRecord, device: str = "cpu") -> Backbone:
     """:func:`open_extractor`, refused in one line when its features are not the model's width."""
     backbone = open_extractor(record, device)
     width = int(model.config.img_dim)

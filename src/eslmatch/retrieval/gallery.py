@@ -19,7 +19,6 @@ call; a Milvus gallery reads Milvus).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,16 +50,11 @@ from .policy import check_on_duplicate, item_record, keep_user_metadata, records
 from .sourcefiles import IMAGE_SUFFIXES, is_image_file
 from .sources import PhotoSource, Source, source_for
 from .store import GalleryStore
-from .writer import Report
 
 if TYPE_CHECKING:  # torch: imported when a model is loaded, not before (a sync that finds nothing new needs none)
     from ..distributed import DistContext
     from ..model.base import MatchingModel
     from .search import Hit, Searcher
-
-
-def _warn(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 class Gallery:
@@ -201,7 +195,6 @@ class Gallery:
         metadata: Mapping[str, Metadata] | str | Path | None = None,
         on_duplicate: str = "skip",
         *,
-        report: Report | None = None,
         options: BuildOptions | None = None,
         **source_options: Any,
     ) -> AddReport:
@@ -213,7 +206,6 @@ class Gallery:
         A folder of photos becomes (or is) one of the gallery's roots (:mod:`~.library`): its
         new files are added, changed ones re-encoded, moved ones followed, excluded ones left out."""
         check_on_duplicate(on_duplicate)
-        report = report or _warn
         # Every store refuses another model's vectors here, before anything is read or encoded.
         check_model(self.store.manifest["model"], self.stages, self.model, self.store.where)
         one = isinstance(source, (str, Path)) and Path(source).is_file()
@@ -221,7 +213,7 @@ class Gallery:
             lib = Library.load(self.store)
             found = lib.locate(Path(source))
             if found is not None:
-                return self._add_root(Path(found[0]["path"]), metadata, on_duplicate, options, report, found[1])
+                return self._add_root(Path(found[0]["path"]), metadata, on_duplicate, options, found[1])
             if lib.roots:
                 raise EslmatchError(
                     f"{source} is in none of the gallery's folders ({', '.join(r['path'] for r in lib.roots)}): "
@@ -231,13 +223,13 @@ class Gallery:
         if folders:
             rep = AddReport()
             for folder in folders:
-                rep = self._add_root(folder, metadata if folder == folders[-1] else None, on_duplicate, options, report)
+                rep = self._add_root(folder, metadata if folder == folders[-1] else None, on_duplicate, options)
             return rep
         src = self._source(source, metadata, **source_options)
         if src.given_ids:
             if on_duplicate == "replace":
                 keep_user_metadata(self.store, src)
-            return self._write(src, on_duplicate, options, report)
+            return self._write(src, on_duplicate, options)
         # numbered items have no id to be found by: the same content added again is a duplicate
         lib, digest = Library.load(self.store), src.content_digest()
         if digest in lib.numbered:
@@ -248,13 +240,13 @@ class Gallery:
                     "replace them, or delete those first"
                 )
             return AddReport(duplicates=src.count, count=len(self))
-        rep = self._write(src, on_duplicate, options, report)
+        rep = self._write(src, on_duplicate, options)
         lib = Library.load(self.store)
         lib.numbered[digest] = [src.ids[0], src.count]
         lib.save(self.store)
         return rep
 
-    def _write(self, src: Source, on_duplicate: str, options: BuildOptions | None, report: Report) -> AddReport:
+    def _write(self, src: Source, on_duplicate: str, options: BuildOptions | None) -> AddReport:
         check_model(self.store.manifest["model"], self.stages, self.model, self.store.where)
         options = options or BuildOptions()
         if options.encoding is None:
@@ -268,7 +260,7 @@ class Gallery:
         record = model_record(
             self.model, self.store.manifest["model"].get("path"), self.store.manifest["model"].get("text_model")
         )
-        return self.store.add(self.model, src, record, on_duplicate, options, report)
+        return self.store.add(self.model, src, record, on_duplicate, options)
 
     # ------------------------------------------------------------------ the photo library
     def _add_root(
@@ -277,7 +269,6 @@ class Gallery:
         metadata: Any,
         on_duplicate: str,
         options: BuildOptions | None,
-        report: Report,
         only: str | None = None,
     ) -> AddReport:
         """Add a folder of photos (a root), or ``only`` the file at that path under it."""
@@ -285,11 +276,11 @@ class Gallery:
         root = lib.add_root(folder)
         if only is None:
             lib.save(self.store)
-            files, _ = lib.scan([root], report)
+            files, _ = lib.scan([root])
         else:  # one file, named by the user: brought back if it was excluded
             back = [i for i, e in lib.excluded.items() if (e["root"], e["file"]) == (root["label"], only)]
             if back:
-                return self.restore(back, options, report)
+                return self.restore(back, options)
             files = [lib.entry(root, only)]
         with hashing((options or BuildOptions()).progress) as hash_of:
             plan = lib.plan(files, stored(self.store), [root["label"]] if only is None else [], hash_of)
@@ -309,7 +300,7 @@ class Gallery:
             plan.unchanged, plan.touched = [], {}
         if metadata is not None:
             self._merge_metadata(plan, metadata)
-        rep = self._apply(lib, plan, options, report, remove_gone=False, what=f"index add {root['path']}")
+        rep = self._apply(lib, plan, options, remove_gone=False, what=f"index add {root['path']}")
         rep.duplicates = len(plan.unchanged) + len(plan.touched)
         return rep
 
@@ -349,9 +340,7 @@ class Gallery:
         if updates:
             self.store.update(updates)
 
-    def _apply(
-        self, lib: Library, plan: Plan, options: BuildOptions | None, report: Report, remove_gone: bool, what: str
-    ) -> AddReport:
+    def _apply(self, lib: Library, plan: Plan, options: BuildOptions | None, remove_gone: bool, what: str) -> AddReport:
         """Carry out ``plan``, one atomic store operation after another (a kill between two
         leaves a gallery a later sync completes)."""
         store = self.store
@@ -370,7 +359,7 @@ class Gallery:
         if items:
             src = photo_source(items, plan.kept, what, lib)
             src.extractor = self._photo_extractor(lib)
-            rep = self._write(src, "replace", options, report)
+            rep = self._write(src, "replace", options)
             files = {lib.name_of(f): f for _, f in items}
             why = {name: reason for name, reason in rep.unreadable if name in files}
             for name, reason in why.items():
@@ -385,29 +374,26 @@ class Gallery:
         rep.changed, rep.moved, rep.excluded = len(plan.changed), len(plan.moved), plan.excluded
         return rep
 
-    def sync(self, dry_run: bool = False, options: BuildOptions | None = None, report: Report | None = None) -> Plan:
+    def sync(self, dry_run: bool = False, options: BuildOptions | None = None) -> Plan:
         """Bring the gallery in line with its roots (:mod:`~.library`): add new files,
         re-encode changed ones, follow moved ones, take gone ones out. Returns what it found
         (``dry_run``: and changes nothing). Loads the model only when something is encoded."""
-        report = report or _warn
         lib = Library.load(self.store)
         if not lib.roots:
             raise EslmatchError(
                 f"{self.store.where} records no folder of photos to sync: build or add it with --images FOLDER"
             )
-        files, unreachable = lib.scan(lib.roots, report)
+        files, unreachable = lib.scan(lib.roots)
         live = [r["label"] for r in lib.roots if r["label"] not in unreachable]
         with hashing((options or BuildOptions()).progress) as hash_of:
             plan = lib.plan(files, stored(self.store), live, hash_of)
         complete(plan, self.store)
         plan.unreachable = unreachable
         if not dry_run:
-            self._apply(lib, plan, options, report, remove_gone=True, what="index sync")
+            self._apply(lib, plan, options, remove_gone=True, what="index sync")
         return plan
 
-    def restore(
-        self, ids: Sequence[str], options: BuildOptions | None = None, report: Report | None = None
-    ) -> AddReport:
+    def restore(self, ids: Sequence[str], options: BuildOptions | None = None) -> AddReport:
         """Bring back excluded items (deleted by the user, their files still in a root):
         encoded again from their files, with the metadata they had."""
         lib = Library.load(self.store)
@@ -432,7 +418,7 @@ class Gallery:
         lib.save(self.store)
         for i, _ in items:
             lib.gone.pop(i, None)
-        return self._apply(lib, plan, options, report or _warn, remove_gone=False, what="index restore")
+        return self._apply(lib, plan, options, remove_gone=False, what="index restore")
 
     def _source(self, source: Any, metadata: Any, **source_options: Any) -> Source:
         if self.kind == "caption":
@@ -538,7 +524,6 @@ def build_gallery(
     options: BuildOptions | None = None,
     model_path: str | Path | None = None,
     text_model: str | Path | None = None,
-    report: Report | None = None,
     job: DistContext | None = None,
     milvus: Mapping[str, Any] | None = None,
     **source_options: Any,
@@ -553,7 +538,6 @@ def build_gallery(
 
     check_gallery_model(model)
     job = job or DistContext()
-    say = (report or _warn) if job.is_main else (lambda line: None)
     options = options or BuildOptions()
     options.check()
     if options.encoding is None:
@@ -562,7 +546,7 @@ def build_gallery(
     lib: Library | None = None
     src: Source
     if folders:
-        lib, src = new_library(folders, say)
+        lib, src = new_library(folders)
         if not takes_pixels(model):  # photos -> regions by the default extractor, recorded
             assert isinstance(src, PhotoSource)
             src.extractor = checked_extractor(model, DEFAULT, str(model.device))
@@ -582,11 +566,11 @@ def build_gallery(
     if collection is not None:
         from .milvus.store import build_milvus
 
-        store = build_milvus(model, src, str(target), collection, options, record, say, **dict(milvus or {}))
+        store = build_milvus(model, src, str(target), collection, options, record, **dict(milvus or {}))
         if lib is not None:
             lib.save(store)
     else:  # the library state is written with the items (no second write, no lock file)
-        out = build_files(model, src, Path(target), options, record, say, job, lib.state() if lib else None)
+        out = build_files(model, src, Path(target), options, record, job, lib.state() if lib else None)
         if not job.is_main:
             return None
         store = FileStore.open(out)

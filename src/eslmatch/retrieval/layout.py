@@ -29,15 +29,17 @@ import json
 import mmap
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, cast
 
 import numpy as np
+import numpy.typing as npt
 
 from ..errors import EslmatchError
 from ..utils.digest import sha256_stream
 from ..utils.io import check_replaceable, fsync_path
+from .records import FileCheck, FileChecks, Manifest
 
 FORMAT = "eslmatch-gallery-index"
 VERSION = 4
@@ -77,8 +79,8 @@ def faiss_name(generation: int) -> str:
     return f"{FAISS_DIR}/{generation:06d}.index"
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` (a temporary name, synced, then renamed)."""
+def write_json(path: Path, data: Mapping[str, object]) -> None:
+    """Write the JSON object ``data`` to ``path`` (a temporary name, synced, then renamed)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     fsync_path(tmp)
@@ -86,6 +88,7 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in ``path`` (of any shape: the caller checks its keys)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -97,7 +100,7 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
+def read_manifest(path: Path) -> Manifest:
     """The manifest of a version 4 gallery folder, checked."""
     if not path.exists():
         raise GalleryIndexError(f"{path}: no such index directory")
@@ -121,20 +124,20 @@ def read_manifest(path: Path) -> dict[str, Any]:
         isinstance(grid, list) and len(grid) == 2 and all(isinstance(v, int) and v > 0 for v in grid)
     ):
         raise GalleryIndexError(f"{path / MANIFEST}: grid must be null or [h, w], got {grid!r}")
-    return m
+    return cast(Manifest, m)  # the JSON object whose keys were checked above
 
 
 # ---------------------------------------------------------------------- checksums
 
 
-def file_records(directory: Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+def file_records(directory: Path, names: Iterable[str]) -> FileChecks:
     """``{name: {"bytes", "sha256"}}`` of files in ``directory``."""
     return {n: {"bytes": (directory / n).stat().st_size, "sha256": sha256_stream(directory / n)} for n in names}
 
 
 def check_records(
     directory: Path,
-    records: Any,
+    records: Mapping[str, FileCheck],
     names: Iterable[str],
     verify: bool,
     manifest_path: Path,
@@ -143,7 +146,8 @@ def check_records(
 ) -> None:
     """Each of ``names`` exists in ``directory`` with the size recorded in ``records`` (and
     its sha256 when ``verify``); failures are one line naming the file (``prefix``: the
-    folder of ``directory`` in the index, for messages)."""
+    folder of ``directory`` in the index, for messages). ``records`` was read from disk: a
+    damaged one (not an object, a check missing) is refused too."""
     for name in names:
         path = directory / name
         rec = records.get(name) if isinstance(records, dict) else None
@@ -175,7 +179,7 @@ def open_array(path: Path, random_access: bool = False) -> np.ndarray:
     return arr
 
 
-def read_rows(arr: Any, rows: np.ndarray) -> np.ndarray:
+def read_rows(arr: Rows, rows: np.ndarray) -> np.ndarray:
     """``arr[rows]`` read with ``pread`` instead of through the memory map: nothing is mapped
     into the process (a fault maps a whole page-cache folio, up to hundreds of KB, for a row of
     2 KB), for many small scattered rows. ``arr``: a memory map from :func:`open_array` or a
@@ -205,7 +209,7 @@ def read_rows(arr: Any, rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def prefetch(arr: Any, rows: np.ndarray) -> None:
+def prefetch(arr: Rows, rows: np.ndarray) -> None:
     """Ask the kernel to read ``rows`` of the memory-mapped ``arr`` (an ``np.memmap`` of rows
     or a :class:`ShardedArray` of them) now, all at once (``MADV_WILLNEED`` on each row's bytes),
     instead of one page fault (one 4 KB read) at a time when they are copied. ``rows``: sorted
@@ -232,14 +236,14 @@ def prefetch(arr: Any, rows: np.ndarray) -> None:
         pass
 
 
-def release(arr: Any) -> None:
+def release(arr: Rows) -> None:
     """Drop the pages of the memory map(s) behind ``arr`` from this process (``MADV_DONTNEED``
     on a read-only file mapping: they stay in the page cache, and the next read of them is a
     cheap minor fault). Bounds the resident memory of a process that reads scattered rows."""
     _madvise(arr, "MADV_DONTNEED")
 
 
-def advise(arr: Any, random_access: bool) -> None:
+def advise(arr: Rows, random_access: bool) -> None:
     """``madvise`` the memory map(s) behind ``arr`` (an ``np.memmap`` or a :class:`ShardedArray`):
     ``MADV_RANDOM`` (no read-ahead: a query that reads 100 scattered rows of 24 KB reads about
     that much, not ~100 x the kernel's read-ahead window) or ``MADV_NORMAL`` (read-ahead, for
@@ -247,7 +251,7 @@ def advise(arr: Any, random_access: bool) -> None:
     _madvise(arr, "MADV_RANDOM" if random_access else "MADV_NORMAL")
 
 
-def _madvise(arr: Any, name: str) -> None:
+def _madvise(arr: Rows, name: str) -> None:
     """``madvise(mmap.<name>)`` on every memory map behind ``arr``; a no-op without one."""
     if isinstance(arr, ShardedArray):
         for part in arr.parts:
@@ -277,6 +281,9 @@ def link_or_copy(src: Path, dst: Path) -> None:
 
 
 # ---------------------------------------------------------------------- sharded arrays
+Index = Union[int, np.integer, slice, np.ndarray]  # one axis of ShardedArray[...]
+
+
 class ShardedArray:
     """The rows of several arrays (the memory-mapped shards of a version 3 index, same
     trailing shape and dtype) read as one ``(N, ...)`` array; reading copies only the rows asked.
@@ -301,14 +308,12 @@ class ShardedArray:
     def __repr__(self) -> str:
         return f"ShardedArray(shape={self.shape}, dtype={self.dtype}, parts={len(self.parts)})"
 
-    def _tail(self, rest: tuple) -> tuple[int, ...]:
+    def _tail(self, rest: tuple[Index, ...]) -> tuple[int, ...]:
         index = (slice(None), *rest)
         return tuple(np.empty((0, *self.shape[1:]), dtype=np.uint8)[index].shape[1:])
 
-    def __getitem__(self, key: Any) -> Any:
-        rest: tuple = ()
-        if isinstance(key, tuple):
-            key, rest = key[0], key[1:]
+    def __getitem__(self, index: Index | tuple[Index, ...]) -> np.ndarray:
+        key, rest = (index[0], index[1:]) if isinstance(index, tuple) else (index, ())
         n = self.shape[0]
         if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
             i = int(key) + (n if key < 0 else 0)
@@ -346,9 +351,12 @@ class ShardedArray:
             out[sel] = self.parts[int(s)][index]
         return out
 
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+    def __array__(self, dtype: npt.DTypeLike | None = None, copy: bool | None = None) -> np.ndarray:
         out = np.concatenate([np.asarray(p) for p in self.parts])
         return out if dtype is None else out.astype(dtype, copy=False)
+
+
+Rows = Union[np.ndarray, ShardedArray]  # an array of rows: a memory map, or the shards' maps as one
 
 
 # ---------------------------------------------------------------------- int8 side
@@ -371,7 +379,7 @@ def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
 class RowReader:
     """``reader[rows]``: rows of an on-disk array read with ``pread`` (:func:`read_rows`)."""
 
-    def __init__(self, arr: Any) -> None:
+    def __init__(self, arr: Rows) -> None:
         self.arr = arr
 
     def __getitem__(self, rows: np.ndarray) -> np.ndarray:

@@ -28,6 +28,7 @@ The store-neutral rules (both stores keep the same state through the small
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,11 +43,14 @@ from ..utils.digest import sha256_stream
 from .extractor import is_features_folder
 from .metadata import Metadata, folder_of
 from .policy import records_of
+from .records import ExtractorRecord, LeftOutRecord, LibraryState, RootRecord
 from .sources import AUTO_FIELDS, LIBRARY_FIELDS, PhotoSource
 from .store import GalleryStore, Record
 
 if TYPE_CHECKING:
     from ..model.base import MatchingModel
+
+log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (root label, file under the root)
 Found = tuple[str, FileEntry]  # (root label, the file as listed)
@@ -136,18 +140,18 @@ def user_fields(metadata: Mapping[str, Any]) -> Metadata:
 class Library:
     """The library state of a gallery store (``roots``, ``excluded``, ``gone``, ``unreadable``)."""
 
-    def __init__(self, state: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, state: LibraryState | None = None) -> None:
         state = state or {}
-        self.roots: list[dict[str, str]] = list(state.get("roots") or [])
-        self.excluded: dict[str, dict[str, Any]] = dict(state.get("excluded") or {})
-        self.gone: dict[str, dict[str, Any]] = dict(state.get("gone") or {})
-        self.unreadable: dict[str, list[Any]] = dict(state.get("unreadable") or {})  # key: [size, mtime, why]
+        self.roots: list[RootRecord] = list(state.get("roots") or [])
+        self.excluded: dict[str, LeftOutRecord] = dict(state.get("excluded") or {})
+        self.gone: dict[str, LeftOutRecord] = dict(state.get("gone") or {})
+        self.unreadable: dict[str, list[int | str]] = dict(state.get("unreadable") or {})  # key: [size, mtime, why]
         # numbered items (features or captions without ids): content digest -> [first id, count]
-        self.numbered: dict[str, list[Any]] = dict(state.get("numbered") or {})
+        self.numbered: dict[str, list[str | int]] = dict(state.get("numbered") or {})
         # a region model's gallery: what turns photos into its features (extractor.py)
-        self.extractor: dict[str, Any] | None = state.get("extractor")
+        self.extractor: ExtractorRecord | None = state.get("extractor")
 
-    def state(self) -> dict[str, Any]:
+    def state(self) -> LibraryState:
         return {
             "roots": self.roots,
             "excluded": self.excluded,
@@ -165,11 +169,11 @@ class Library:
         store.update({}, library=self.state())
 
     # ------------------------------------------------------------------ roots
-    def root_of(self, folder: str | Path) -> dict[str, str] | None:
+    def root_of(self, folder: str | Path) -> RootRecord | None:
         path = str(Path(folder).resolve())
         return next((r for r in self.roots if r["path"] == path), None)
 
-    def add_root(self, folder: str | Path) -> dict[str, str]:
+    def add_root(self, folder: str | Path) -> RootRecord:
         """The root of ``folder``, recorded now if it is new (label: its name, made unique)."""
         found = self.root_of(folder)
         if found is not None:
@@ -181,11 +185,11 @@ class Library:
         while label in labels:
             n += 1
             label = f"{base}-{n}"
-        root = {"label": label, "path": str(path)}
+        root: RootRecord = {"label": label, "path": str(path)}
         self.roots.append(root)
         return root
 
-    def locate(self, path: Path) -> tuple[dict[str, str], str] | None:
+    def locate(self, path: Path) -> tuple[RootRecord, str] | None:
         """The root holding the file ``path`` and its path under it (``None``: in no root)."""
         full = path.resolve()
         for root in self.roots:
@@ -195,7 +199,7 @@ class Library:
                 continue
         return None
 
-    def entry(self, root: dict[str, str], rel: str) -> Found:
+    def entry(self, root: RootRecord, rel: str) -> Found:
         """One file under ``root`` as :meth:`scan` lists it."""
         path = f"{root['path']}/{rel}"
         st = os.stat(path)
@@ -209,7 +213,7 @@ class Library:
         return f.rel if f.root == self.first_label() else f"{f.root}/{f.rel}"
 
     # ------------------------------------------------------------------ scanning
-    def scan(self, roots: Sequence[dict[str, str]], warn: Callable[[str], None]) -> tuple[list[Found], list[str]]:
+    def scan(self, roots: Sequence[RootRecord]) -> tuple[list[Found], list[str]]:
         """The files under ``roots`` (``(root label, entry)``: size and mtime, none is read),
         and the labels of the roots that could not be read."""
         files: list[Found] = []
@@ -217,12 +221,12 @@ class Library:
         for root in roots:
             base = Path(root["path"])
             if not base.is_dir():
-                warn(f"eslmatch: root {root['label']!r} ({base}) cannot be read: its items are left as they are")
+                log.warning(f"root {root['label']!r} ({base}) cannot be read: its items are left as they are")
                 unreachable.append(root["label"])
                 continue
             entries, refused = list_files(base, recursive=True)
             for rel, why in refused:
-                warn(f"eslmatch: {root['label']}/{rel}: left out ({why})")
+                log.warning(f"{root['label']}/{rel}: left out ({why})")
             label = root["label"]
             files.extend((label, e) for e in entries)
         return files, unreachable
@@ -312,9 +316,9 @@ class Library:
     def remember_gone(self, records: Iterable[Record]) -> None:
         for r in records:
             m = r.metadata
-            self.gone[r.id] = {
-                "root": m.get("root"),
-                "file": m.get("file"),
+            self.gone[r.id] = {  # an item of a root (Plan.gone): it records both
+                "root": m["root"],
+                "file": m["file"],
                 "file_sha256": m.get("file_sha256"),
                 "metadata": user_fields(m),
             }
@@ -334,7 +338,7 @@ class Library:
                 n += 1
         return n
 
-    def file_of(self, entry: Mapping[str, Any]) -> Path:
+    def file_of(self, entry: LeftOutRecord) -> Path:
         root = next((r for r in self.roots if r["label"] == entry["root"]), None)
         if root is None:
             raise EslmatchError(f"root {entry['root']!r} is no longer recorded")
@@ -367,11 +371,11 @@ def library_folders(model: MatchingModel, source: Any, options: Mapping[str, Any
     return [Path(s) for s in many]
 
 
-def new_library(folders: Sequence[Path], report: Callable[[str], None]) -> tuple[Library, PhotoSource]:
+def new_library(folders: Sequence[Path]) -> tuple[Library, PhotoSource]:
     """A library of ``folders`` (its roots, in order) and the source of every file in them."""
     lib = Library()
     roots = [lib.add_root(f) for f in folders]
-    files, _ = lib.scan(roots, report)
+    files, _ = lib.scan(roots)
     plan = lib.plan(files, [], [r["label"] for r in roots])
     if not plan.new:
         raise EslmatchError(f"{', '.join(map(str, folders))}: no file to index in the folder")

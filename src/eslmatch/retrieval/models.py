@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # each check takes a model: torch is loaded by then, not by i
 
 def model_kind(model: MatchingModel) -> str:
     """The model's ``model_type`` (its class name when it has none), for messages."""
-    return str(getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__)
+    return str(model.config.model_type or type(model).__name__)
 
 
 def stages_of(model: MatchingModel) -> int:
@@ -50,7 +50,7 @@ def model_record(model: MatchingModel, model_path: str | Path | None, text_model
         "path": None if model_path is None else str(Path(model_path).resolve()),
         "text_model": None if text_model is None else str(text_model),
         "fingerprint": model_fingerprint(model),
-        "weights": getattr(model, "weights_digest", None),
+        "weights": model.weights_digest,
         "config": {
             key: getattr(c, key, None)
             for key in ("model_type", "strategy", "embed_size", "kernel_size", "num_levels", "img_dim", "text_encoder")
@@ -88,7 +88,7 @@ def check_weights(record: dict[str, Any], model: MatchingModel, where: str) -> N
     both. The fingerprint samples values; this covers every byte. Files of different formats
     (a released checkpoint and its conversion) hold the same weights in other bytes: only the
     fingerprint compares those. Galleries built before digests were recorded have none."""
-    recorded, given = record.get("weights"), getattr(model, "weights_digest", None)
+    recorded, given = record.get("weights"), model.weights_digest
     if not isinstance(recorded, dict) or not isinstance(given, dict) or recorded.get("format") != given.get("format"):
         return
     if recorded.get("sha256") != given.get("sha256"):

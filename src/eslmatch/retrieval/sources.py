@@ -19,7 +19,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -28,6 +28,7 @@ from ..data.precomp import open_split
 from ..errors import EslmatchError
 from .layout import open_array
 from .metadata import Metadata, MetadataError, exif_taken, folder_of, merge_types
+from .records import SourceIdentity
 from .sourcefiles import (
     check_grid,
     check_lengths,
@@ -40,6 +41,13 @@ from .sourcefiles import (
 
 if TYPE_CHECKING:
     from ..model.base import MatchingModel
+
+
+class Hasher(Protocol):
+    """What :meth:`Source.identity` feeds (a ``hashlib`` hash)."""
+
+    def update(self, data: bytes, /) -> None: ...
+
 
 LIBRARY_FIELDS = ("root", "file", "file_size", "file_mtime", "file_sha256")  # a library photo's file (library.py)
 AUTO_FIELDS = ("folder", "taken", *LIBRARY_FIELDS)  # fields a photo records by itself (Source.auto_metadata)
@@ -111,7 +119,7 @@ class Source:
         """The metadata of items ``positions``: auto fields, then the user's on top."""
         return [{**self.auto_metadata(i), **self.user_metadata.get(self.ids[i], {})} for i in positions]
 
-    def identity(self) -> dict[str, Any]:
+    def identity(self) -> SourceIdentity:
         """What identifies these items (to resume an interrupted write of the same ones)."""
         h = hashlib.sha256()
         h.update(json.dumps([self.kind, self.description, self.count], sort_keys=True, default=str).encode())
@@ -127,7 +135,7 @@ class Source:
         self._identity_more(h)
         return h.hexdigest()
 
-    def _identity_more(self, h: Any) -> None:
+    def _identity_more(self, h: Hasher) -> None:
         pass
 
 
@@ -159,7 +167,7 @@ class RegionSource(Source):
             read=read,
         )
 
-    def _identity_more(self, h: Any) -> None:
+    def _identity_more(self, h: Hasher) -> None:
         h.update(f"{self.regions}|{self.dim}".encode())
         for i in (0, max(0, self.count - 1)):
             h.update(np.ascontiguousarray(self.read(i, i + 1), dtype=np.float32).tobytes())
@@ -208,7 +216,7 @@ class PhotoSource(Source):
             kept.append(i)
         return pixels, kept, skipped
 
-    def _identity_more(self, h: Any) -> None:
+    def _identity_more(self, h: Hasher) -> None:
         for f in self.files:
             try:
                 st = f.stat()
@@ -230,7 +238,7 @@ class CaptionSource(Source):
             return f"{self.description.get('features')}: line {self.lines[i]}"
         return f"caption {self.ids[i]!r}"
 
-    def _identity_more(self, h: Any) -> None:
+    def _identity_more(self, h: Hasher) -> None:
         h.update("\n".join(self.texts).encode())
 
 

@@ -8,7 +8,8 @@ they are the gallery's (``policy.py``, ``library.py``), the same on both stores.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -16,9 +17,11 @@ import numpy as np
 
 from .filters import Filter
 from .metadata import Metadata
+from .records import GalleryManifest, LibraryState, StoreInfo
 
 if TYPE_CHECKING:
     from ..model.base import MatchingModel
+    from .sources import Source
 
 
 @dataclass(slots=True)
@@ -53,11 +56,12 @@ class GalleryStore(Protocol):
     stages: int
     total_dim: int
     grid: tuple[int, int] | None
-    manifest: dict[str, Any]
     search_params: dict[str, int]  # nprobe / ef_search / refine over the recorded ones (checked at search)
 
-    def snapshot(self) -> Any: ...
-    def info(self) -> dict[str, Any]: ...
+    @property
+    def manifest(self) -> GalleryManifest: ...
+    def snapshot(self) -> AbstractContextManager[object]: ...
+    def info(self) -> StoreInfo: ...
     def first_stage(
         self, queries: np.ndarray, n: int, where: Filter | None = None
     ) -> tuple[np.ndarray, np.ndarray]: ...
@@ -74,14 +78,19 @@ class GalleryStore(Protocol):
     def add(
         self,
         model: MatchingModel,
-        source: Any,
-        record: dict[str, Any],
+        source: Source,
+        record: dict[str, Any],  # the model record (models.model_record)
         on_duplicate: str = "skip",
-        options: Any = None,
-        report: Any = None,
-    ) -> Any: ...
+        options: Any = None,  # a files.commit.BuildOptions: importing it here would be an import cycle
+    ) -> Any: ...  # an AddReport (files.commit), as options
     def delete(self, ids: Sequence[str] | None = None, where: Filter | None = None) -> int: ...
-    def update(self, changes: Any, paths: Any = None, library: Any = None, restore: Sequence[str] = ()) -> int: ...
-    def library(self) -> dict[str, Any]: ...
-    def compact(self, report: Any = None) -> dict[str, int]: ...
+    def update(
+        self,
+        changes: Mapping[str, Metadata],
+        paths: Mapping[str, str] | None = None,
+        library: LibraryState | None = None,
+        restore: Sequence[str] = (),
+    ) -> int: ...
+    def library(self) -> LibraryState: ...
+    def compact(self) -> dict[str, int]: ...
     def close(self) -> None: ...

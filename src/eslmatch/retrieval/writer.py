@@ -10,6 +10,7 @@ sink's business.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -25,7 +26,8 @@ if TYPE_CHECKING:
     from ..distributed import DistContext
     from ..model.base import MatchingModel
 
-Report = Callable[[str], None]
+log = logging.getLogger(__name__)
+
 # Test hook: called with the chunk number after each chunk is complete (e.g. to simulate a kill).
 AFTER_CHUNK: Callable[[int], None] | None = None
 
@@ -89,7 +91,6 @@ def write_source(
     *,
     batch_size: int = 256,
     progress: bool = True,
-    report: Report,
     job: DistContext | None = None,
     how: Encoding = FP32,
 ) -> WriteReport:
@@ -107,7 +108,7 @@ def write_source(
     out = WriteReport()
     if isinstance(source, PhotoSource) and job.is_main:
         for name, why in source.refused:
-            report(f"eslmatch: warning: skipping {name}: {why}")
+            log.warning(f"skipping {name}: {why}")
         out.skipped += source.refused
     done = sink.done()
     pending = [c for c in sink.chunks() if c.number not in done]
@@ -123,7 +124,7 @@ def write_source(
                         i1 = min(b, i0 + step)
                         items = encode_items(model, source, i0, i1, batch_size, how)
                         for name, why in items.skipped or []:
-                            report(f"eslmatch: warning: skipping {name}: {why}")
+                            log.warning(f"skipping {name}: {why}")
                         out.skipped += items.skipped or []
                         if items.positions:
                             chunk_out.put(items)

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -39,6 +39,9 @@ from ..errors import InputError
 from .options import PoolingParams, ScoringOptions
 from .pooling import padding_bias, pool_tile, pool_tile_
 from .tiles import AUTOGRAD_BUFFERS, INPLACE_BUFFERS, TilePlan, check_lengths, plan_tiles
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 # On CPU, tiles sized so the three in-place buffers stay in the last-level cache (measured on
 # a 2-core Zen 4 with 32 MiB L3, see benchmarks/results/); elsewhere only the budget limits.
@@ -127,7 +130,7 @@ def score_tiles_distributed(
     image_lengths: Tensor,
     pooling: PoolingParams,
     options: ScoringOptions | None = None,
-    group: Any = None,
+    group: ProcessGroup | None = None,
 ) -> Tensor:
     """:func:`score_tiles` with the images split across the ranks of ``torch.distributed``.
 

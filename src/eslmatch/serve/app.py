@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 from urllib.parse import quote
 
 import torch
@@ -45,6 +45,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, StrictInt
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import Conflict, EslmatchError, InvalidInput, NotFound, Unavailable
@@ -61,6 +62,14 @@ from .middleware import (
     SecurityHeadersMiddleware,
     WriteAuthMiddleware,
 )
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from ..retrieval import Filter, Hit, PhotoSource
+    from ..retrieval.metadata import Metadata
+
+T = TypeVar("T")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_ID_CHARS = 1024
@@ -95,6 +104,22 @@ class AttentionRequest(BaseModel):
 class DeleteRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     where: str
+
+
+class _HitFields(TypedDict):
+    rank: int
+    id: str
+    score: float | None
+    first_stage_score: float | None
+    path: str | None
+    metadata: Metadata
+    image_url: str | None
+
+
+class HitJSON(_HitFields, total=False):
+    """One search result as answered (``caption`` only for caption hits)."""
+
+    caption: str
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,7 +183,7 @@ def validation_message(exc: RequestValidationError) -> str:
     return message.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _finite(x: Any) -> float | None:
+def _finite(x: float | None) -> float | None:
     if x is None:
         return None
     v = float(x)
@@ -198,7 +223,7 @@ class Served:
         self._worker.shutdown(wait=True, cancel_futures=True)
         self._writer.shutdown(wait=True, cancel_futures=True)
 
-    async def run(self, fn: Callable[[], Any], write: bool = False) -> Any:
+    async def run(self, fn: Callable[[], T], write: bool = False) -> T:
         """Run ``fn`` on the worker thread (``write``: the writer thread); 503 when too many
         jobs already wait there."""
         lane = "write" if write else "infer"
@@ -238,27 +263,27 @@ class Served:
             return None
         return servable(recorded)
 
-    def where(self, text: str | None) -> Any:
+    def where(self, text: str | None) -> Filter | None:
         if text is None or not text.strip():
             return None
         check_unicode(text, "where")
         return self.gallery.check_filter(parse_filter(text))
 
-    def hits(self, hits: list[Any]) -> list[dict[str, Any]]:
+    def hits(self, hits: list[Hit]) -> list[HitJSON]:
         out = []
         for h in hits:
-            out.append(
-                {
-                    "rank": int(h.rank),
-                    "id": str(h.id),
-                    "score": _finite(h.score),
-                    "first_stage_score": _finite(h.first_stage_score),
-                    "path": h.path,
-                    "metadata": h.metadata,
-                    "image_url": image_url(str(h.id)) if servable(h.path) else None,  # the hit's path: no lookup
-                    **({"caption": h.caption} if h.caption is not None else {}),
-                }
-            )
+            record: HitJSON = {
+                "rank": int(h.rank),
+                "id": str(h.id),
+                "score": _finite(h.score),
+                "first_stage_score": _finite(h.first_stage_score),
+                "path": h.path,
+                "metadata": h.metadata,
+                "image_url": image_url(str(h.id)) if servable(h.path) else None,  # the hit's path: no lookup
+            }
+            if h.caption is not None:
+                record["caption"] = h.caption
+            out.append(record)
         return out
 
 
@@ -272,8 +297,8 @@ def servable(recorded: str | None) -> Path | None:
     return path
 
 
-def _no_grad(fn: Callable[[], Any]) -> Callable[[], Any]:
-    def run() -> Any:
+def _no_grad(fn: Callable[[], T]) -> Callable[[], T]:
+    def run() -> T:
         with torch.no_grad():
             return fn()
 
@@ -284,7 +309,7 @@ def _no_grad(fn: Callable[[], Any]) -> Callable[[], Any]:
 # Uploads
 
 
-async def _read_upload(upload: Any, config: ServeConfig) -> bytes:
+async def _read_upload(upload: UploadFile, config: ServeConfig) -> bytes:
     data = await upload.read(config.max_upload_bytes + 1)
     if len(data) > config.max_upload_bytes:
         raise ApiError(413, f"upload too large (at most {config.max_upload_bytes} bytes)")
@@ -293,7 +318,7 @@ async def _read_upload(upload: Any, config: ServeConfig) -> bytes:
     return data
 
 
-def open_upload(data: bytes, config: ServeConfig) -> Any:
+def open_upload(data: bytes, config: ServeConfig) -> Image:
     """An uploaded photo as an RGB PIL image; 413 beyond ``max_pixels``, 422 when not an image."""
     import io
 
@@ -496,7 +521,7 @@ def _read_routes(app: FastAPI, served: Served) -> None:
     async def search_image(request: Request) -> dict[str, Any]:
         form = await request.form(max_files=1, max_fields=8)
         upload = form.get("image")
-        if upload is None or not hasattr(upload, "read"):
+        if upload is None or isinstance(upload, str):  # form values are text or uploads
             raise ApiError(422, "send the photo as the multipart field 'image'")
         k, rerank_k = check_counts(_form_int(form, "k"), _form_int(form, "rerank_k"), config)
         where = served.where(_form_text(form, "where"))
@@ -564,11 +589,11 @@ def _read_routes(app: FastAPI, served: Served) -> None:
         return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=60"})
 
 
-def _form_int(form: Any, name: str) -> int | None:
+def _form_int(form: FormData, name: str) -> int | None:
     return _strict_int(form.get(name), name)
 
 
-def _strict_int(value: Any, name: str) -> int | None:
+def _strict_int(value: str | UploadFile | None, name: str) -> int | None:
     """A count given as text (a form field, a query parameter): digits only, else 422."""
     if value is None or value == "":
         return None
@@ -577,7 +602,7 @@ def _strict_int(value: Any, name: str) -> int | None:
     return int(value)
 
 
-def _form_text(form: Any, name: str) -> str | None:
+def _form_text(form: FormData, name: str) -> str | None:
     value = form.get(name)
     if value is not None and not isinstance(value, str):
         raise ApiError(422, f"{name} must be text")
@@ -598,7 +623,7 @@ def _write_routes(app: FastAPI, served: Served) -> None:
                 "this gallery's model reads region features: add photos with 'eslmatch extract' and 'eslmatch index add'",
             )
         form = await request.form(max_files=config.max_photos, max_fields=8)
-        uploads = [u for u in form.getlist("photos") if hasattr(u, "read")]
+        uploads = [u for u in form.getlist("photos") if not isinstance(u, str)]
         if not uploads:
             raise ApiError(422, "send the photos as multipart fields 'photos'")
         meta = _form_metadata(_form_text(form, "metadata"))
@@ -626,7 +651,7 @@ def _write_routes(app: FastAPI, served: Served) -> None:
                     tmp.replace(target)
                     saved.append(target)
             src = _upload_source([target for _, target in staged], ids)
-            rep = await served.run(lambda: gallery.add(src, meta or None, on_duplicate, report=lambda line: None), True)
+            rep = await served.run(lambda: gallery.add(src, meta or None, on_duplicate), True)
         except BaseException:
             for tmp, _ in staged:  # a refused upload leaves no file behind
                 tmp.unlink(missing_ok=True)
@@ -652,7 +677,7 @@ def _write_routes(app: FastAPI, served: Served) -> None:
         return {"deleted": n, "items": len(gallery)}
 
 
-def _form_metadata(text: str | None) -> dict[str, dict[str, Any]]:
+def _form_metadata(text: str | None) -> dict[str, Metadata]:
     """An upload's ``metadata`` field, checked as ``index update --metadata`` checks a file."""
     from ..retrieval.metadata import MetadataError, metadata_records, parse_json
 
@@ -667,7 +692,7 @@ def _form_metadata(text: str | None) -> dict[str, dict[str, Any]]:
         raise ApiError(422, str(exc)) from None
 
 
-def _upload_source(files: list[Path], ids: list[str]) -> Any:
+def _upload_source(files: list[Path], ids: list[str]) -> PhotoSource:
     from ..retrieval import PhotoSource
 
     desc = {"uploads": str(files[0].parent)}

@@ -29,13 +29,17 @@ import logging
 import socket
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 
 from ..errors import EslmatchError
 from .limits import ACCEPT_BATCH, ConnectionLimits, connection_cap
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp
+    from uvicorn.server import ServerState
 
 log = logging.getLogger("uvicorn.error")
 
@@ -72,12 +76,12 @@ class ConnectionGuard:
     def __init__(self, limits: ConnectionLimits, cap: int) -> None:
         self.limits, self.cap = limits, cap
         self.open = 0
-        self.idle: OrderedDict[Any, None] = OrderedDict()
+        self.idle: OrderedDict[GuardedProtocol, None] = OrderedDict()
         self.counts = {"refused": 0, "evicted": 0, "head": 0, "body": 0, "send": 0}
         self._flush_at: float | None = None
         self._last_flush = 0.0
 
-    def admit(self, conn: Any) -> bool:
+    def admit(self, conn: GuardedProtocol) -> bool:
         """Count a new connection in; at the cap evict the oldest idle one first, and when
         none is idle refuse the new one (``False``)."""
         if self.open >= self.cap and not self.shed(1):
@@ -99,12 +103,12 @@ class ConnectionGuard:
             self.counts["evicted"] += done - 1
         return done
 
-    def release(self, conn: Any) -> None:
+    def release(self, conn: GuardedProtocol) -> None:
         """A counted connection closed."""
         self.idle.pop(conn, None)
         self.open -= 1
 
-    def set_idle(self, conn: Any, idle: bool) -> None:
+    def set_idle(self, conn: GuardedProtocol, idle: bool) -> None:
         if idle:
             self.idle[conn] = None
             self.idle.move_to_end(conn)
@@ -182,7 +186,11 @@ class GuardedProtocol(asyncio.Protocol):
     guard: ConnectionGuard
 
     def __init__(
-        self, config: Any, server_state: Any, app_state: dict[str, Any], _loop: asyncio.AbstractEventLoop | None = None
+        self,
+        config: uvicorn.Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.config, self.server_state, self.app_state = config, server_state, app_state
         self.loop = _loop or asyncio.get_event_loop()
@@ -191,7 +199,7 @@ class GuardedProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.timer_kind = ""
-        self.seen_cycle: Any = None
+        self.seen_cycle: RequestResponseCycle | None = None
         self.admitted = self.counted = False
         self.send_timer: asyncio.TimerHandle | None = None  # armed while the client reads nothing
 
@@ -201,7 +209,9 @@ class GuardedProtocol(asyncio.Protocol):
         if not self.admitted:
             transport.abort()  # type: ignore[attr-defined]
             return
-        self.server_state.connections.add(self)  # closed by uvicorn's shutdown like its own
+        # closed by uvicorn's shutdown like its own (which only calls .shutdown(); uvicorn's annotation
+        # names its own protocol classes)
+        self.server_state.connections.add(self)  # type: ignore[arg-type]
         self.guard.set_idle(self, True)
         self.arm(self.guard.limits.header_timeout, "head")
 
@@ -367,7 +377,7 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def run_server(app: Any, sock: socket.socket, limits: ConnectionLimits, log_level: str = "info") -> None:
+def run_server(app: ASGIApp, sock: socket.socket, limits: ConnectionLimits, log_level: str = "info") -> None:
     """Serve ``app`` on the bound ``sock`` until Ctrl-C / SIGTERM, under ``limits``."""
     guard = ConnectionGuard(limits, connection_cap(limits))
     config = uvicorn.Config(

@@ -10,7 +10,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -21,6 +21,40 @@ from ..utils import atomic_file
 STATE_NAME = "training_state.pt"
 STATE_FORMAT = "eslmatch-train-state"
 STATE_VERSION = 1
+
+
+class StateRecord(TypedDict):
+    """A :class:`TrainState` as the state file stores it (``history`` as JSON text)."""
+
+    epoch: int
+    step_in_epoch: int
+    global_step: int
+    best_rsum: float | None
+    history: str
+    epoch_loss: float
+    epoch_batches: int
+
+
+class PythonRng(TypedDict):
+    version: int
+    state: torch.Tensor
+    gauss: float | None
+
+
+class NumpyRng(TypedDict):
+    key: torch.Tensor
+    pos: int
+    has_gauss: int
+    gauss: float
+
+
+class RngState(TypedDict):
+    """Python, numpy, torch and CUDA generator states as plain tensors and numbers."""
+
+    python: PythonRng
+    numpy: NumpyRng
+    torch: torch.Tensor
+    cuda: list[torch.Tensor]
 
 
 @dataclass
@@ -43,7 +77,7 @@ class TrainState:
     epoch_batches: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
-    def to_record(self) -> dict[str, Any]:
+    def to_record(self) -> StateRecord:
         """The fields as the state file stores them (history as JSON text)."""
         return {
             "epoch": self.epoch,
@@ -57,6 +91,7 @@ class TrainState:
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> TrainState:
+        """A :class:`TrainState` from a loaded state file (its :class:`StateRecord` fields, checked here)."""
         return cls(
             epoch=int(record["epoch"]),
             step_in_epoch=int(record["step_in_epoch"]),
@@ -73,7 +108,7 @@ class TrainState:
         self.epoch_loss, self.epoch_batches = 0.0, 0
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state() -> RngState:
     """Python, numpy, torch and CUDA generator states as plain tensors and numbers."""
     py = random.getstate()
     np_state: Any = np.random.get_state()
@@ -90,7 +125,7 @@ def rng_state() -> dict[str, Any]:
     }
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: RngState) -> None:
     py = state["python"]
     random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
     n = state["numpy"]

@@ -25,26 +25,25 @@ whole batch.
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..distributed import DistContext
-from ..errors import EslmatchError
 from ..losses import LossSettings, MatchingLoss
-from ..model.base import load_state_strict
+from ..model.base import MatchingModel, load_state_strict
 from ..model.encoders import enable_sync_batchnorm
 from ..utils import resolve_precision
 from .config import TrainConfig
 from .optim import BertAdamW, cosine_with_warmup, step_decay
 
 
-def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+def param_groups(model: MatchingModel, cfg: TrainConfig) -> list[dict[str, Any]]:
     """Optimiser groups: the pretrained backbone at ``backbone_lr`` (or ``lr *
     bert_lr_factor``), everything else at ``lr``."""
-    backbone = getattr(model, "pretrained_backbone", lambda: None)()
+    backbone = model.pretrained_backbone()
     backbone_ids = {id(p) for p in backbone.parameters()} if backbone is not None else set()
     trainable = [p for p in model.parameters() if p.requires_grad]
     main = [p for p in trainable if id(p) not in backbone_ids]
@@ -64,7 +63,7 @@ def learning_rate(cfg: TrainConfig, epoch: int, step: int = 0, total_steps: int 
     return step_decay(cfg.lr, epoch, cfg.lr_decay_epoch, cfg.lr_decay_factor)
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: MatchingModel, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg)
     if cfg.optimizer == "bert-adamw":
         return BertAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -88,14 +87,14 @@ class Trainer:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: MatchingModel,
         config: TrainConfig,
         ctx: DistContext | None = None,
         steps_per_epoch: int = 1,
         truth: Any = None,
     ) -> None:
         config.validate()
-        self.model: Any = model
+        self.model = model
         self.config = config
         self.ctx = ctx or DistContext(device=_device_of(model))
         self.total_steps = max(1, config.epochs * steps_per_epoch)
@@ -103,12 +102,9 @@ class Trainer:
         self.epoch = 0
         enable_sync_batchnorm(model, self.ctx.group, self.ctx.distributed)
         if config.gradient_checkpointing:
-            if not hasattr(model, "set_gradient_checkpointing"):
-                raise EslmatchError(f"gradient_checkpointing is not supported by {type(model).__name__}")
-            cast(Any, model).set_gradient_checkpointing(True)
-        kind = getattr(model, "loss_kind", "hinge")
+            model.set_gradient_checkpointing(True)
         self.loss = MatchingLoss(
-            model, LossSettings(config.margin, config.global_loss_weight, kind=kind), self.ctx, truth=truth
+            model, LossSettings(config.margin, config.global_loss_weight, kind=model.loss_kind), self.ctx, truth=truth
         )
         self._step_module: nn.Module = self.loss
         if self.ctx.distributed:
@@ -175,9 +171,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
         self.global_step += 1
-        after = getattr(self.model, "after_optimizer_step", None)
-        if after is not None:
-            after()
+        self.model.after_optimizer_step()
         self.last_terms = {k: v.detach() for k, v in terms.items()}
         return self.last_terms["loss"]
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 from torch import Tensor
@@ -39,13 +39,17 @@ from .choices import check_precision
 CPU_BF16_FEATURES = ("amx_bf16", "avx512_bf16")
 
 T = TypeVar("T")
+P = ParamSpec("P")
+
+# What torch reports of the CPU: its name and dispatch level (text), bf16 features (True / False / None).
+CpuFacts = dict[str, str | bool | None]
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_capabilities() -> dict[str, Any]:
+def cpu_capabilities() -> CpuFacts:
     """What torch reports about this CPU: its dispatch level (``torch.backends.cpu``), name
     and the bf16 features (``amx_bf16``, ``avx512_bf16``: True / False / None when unknown)."""
-    caps: dict[str, Any] = {}
+    caps: dict[str, Any] = {}  # torch's report, whatever it holds
     get = getattr(torch.cpu, "get_capabilities", None)
     if get is not None:
         try:
@@ -53,7 +57,7 @@ def cpu_capabilities() -> dict[str, Any]:
         except Exception:  # a torch build without cpuinfo: fall back to the probes below
             caps = {}
     probes = {"amx_bf16": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported"}
-    out: dict[str, Any] = {
+    out: CpuFacts = {
         "capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_name": caps.get("cpu_name"),
         "architecture": caps.get("architecture"),
@@ -111,7 +115,9 @@ def to_float32(out: T) -> T:
     return out
 
 
-def encode_in(precision: str, device: str | torch.device | None, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+def encode_in(
+    precision: str, device: str | torch.device | None, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs
+) -> T:
     """``fn(*args, **kwargs)`` in ``precision`` (see :func:`inference_precision`), its floating
     outputs returned as float32."""
     with inference_precision(precision, device):

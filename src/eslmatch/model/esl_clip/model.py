@@ -108,6 +108,9 @@ class ESLClipModel(MatchingModel):
         scale: Tensor = self.clip.logit_scale
         return scale
 
+    def vocab_size(self) -> int | None:
+        return int(self.config.clip.vocab_size)
+
     def after_optimizer_step(self) -> None:
         """Clamp the logit scale to ``log(logit_scale_max)``, as the branch does after each step."""
         with torch.no_grad():

@@ -21,15 +21,16 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ...errors import EslmatchError
-from ..filters import Filter, check, to_sql
+from ..filters import Filter, Value, check, to_sql
 from ..metadata import Metadata
+from ..records import Layout, LibraryState
 from ..store import Record
 
 CATALOG = "catalog.sqlite"
@@ -37,6 +38,9 @@ SCHEMA_VERSION = 1
 _SQL_TYPES = {"str": "TEXT", "int": "INTEGER", "float": "REAL", "bool": "INTEGER"}
 _BUSY_MS = 30000
 _CHUNK = 900  # bound parameters per statement (SQLite's default limit is 999 on old builds)
+
+
+_Key = tuple[int, tuple[int, int] | None]  # (generation, identity): what cached field types were read from
 
 
 class CatalogError(EslmatchError):
@@ -53,8 +57,8 @@ class Catalog:
         self._local = threading.local()
         # the fields' columns, keyed by the file read and its generation (a rebuilt gallery
         # restarts its generation, and may give a column to another field, or to none)
-        self._types: tuple[Any, dict[str, tuple[str, str]]] | None = None
-        self._all: tuple[Any, dict[str, str]] | None = None
+        self._types: tuple[_Key, dict[str, tuple[str, str]]] | None = None
+        self._all: tuple[_Key, dict[str, str]] | None = None
         if create:
             self._create()
         else:
@@ -211,21 +215,25 @@ class Catalog:
             row = self.conn.execute("SELECT value FROM state WHERE key = 'generation'").fetchone()
         return int(row[0])
 
-    def layout(self) -> dict[str, Any]:
+    def layout(self) -> Layout:
         with self._errors("reading the layout"):
             row = self.conn.execute("SELECT value FROM state WHERE key = 'layout'").fetchone()
-        return json.loads(row[0])
+        layout: Layout = json.loads(row[0])
+        return layout
 
     def set_layout(self, layout: Mapping[str, Any]) -> None:
+        """Set the layout (inside :meth:`write`): a :class:`~..records.Layout` (typed so once
+        ``store.py`` and ``upgrade.py`` build theirs as one)."""
         self.conn.execute("UPDATE state SET value = ? WHERE key = 'layout'", (json.dumps(layout, sort_keys=True),))
 
-    def state(self, key: str) -> dict[str, Any]:
-        """A JSON object kept beside the items (``{}`` when never set), e.g. ``library``."""
-        with self._errors(f"reading {key}"):
-            row = self.conn.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
-        return json.loads(row[0]) if row else {}
+    def library(self) -> LibraryState:
+        """The photo library's state kept beside the items (``{}`` when never set)."""
+        with self._errors("reading library"):
+            row = self.conn.execute("SELECT value FROM state WHERE key = 'library'").fetchone()
+        state: LibraryState = json.loads(row[0]) if row else {}
+        return state
 
-    def set_state(self, key: str, value: Mapping[str, Any]) -> None:
+    def set_state(self, key: str, value: Mapping[str, object]) -> None:
         """Set :meth:`state` ``key`` (inside :meth:`write`)."""
         self.conn.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", (key, json.dumps(value, sort_keys=True)))
 
@@ -296,7 +304,7 @@ class Catalog:
         """Ids of the live items in row order."""
         return [r[0] for r in self.conn.execute("SELECT id FROM items WHERE deleted = 0 ORDER BY row")]
 
-    def column_values(self, name: str) -> list[Any]:
+    def column_values(self, name: str) -> list[str | None]:
         """One column of every stored row, in row order (``id``, ``path``, ``caption``)."""
         return [r[0] for r in self.conn.execute(f"SELECT {self.column(name)} FROM items ORDER BY row")]
 
@@ -389,8 +397,8 @@ class Catalog:
             raise CatalogError(f"{self.path}: damaged ({result})")
 
 
-def _to_sql(value: Any) -> Any:
+def _to_sql(value: Value | None) -> str | int | float | None:
     return int(value) if isinstance(value, bool) else value
 
 
-_FROM_SQL: dict[str, Any] = {"bool": bool, "float": float}  # str and int come back as they went in
+_FROM_SQL: dict[str, Callable[[Any], Value]] = {"bool": bool, "float": float}  # str and int come back as they went in

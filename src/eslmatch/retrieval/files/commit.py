@@ -28,11 +28,13 @@ from ..layout import (
     SHARDS,
     SIDE_DTYPES,
     STAGING,
+    Rows,
     faiss_name,
     file_records,
     fsync_path,
 )
 from ..metadata import Metadata, merge_types, now
+from ..records import BuildSpec, FaissRecord, ShardRecord, SourceRecord, StagedShard
 from ..sources import CaptionSource, Source
 from .catalog import Catalog
 from .shards import BUILD_RECORD, ShardSink
@@ -107,8 +109,8 @@ class AddReport:
     excluded: int = 0  # library files left out: the user deleted their items
 
 
-def _digest(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+def _digest(spec: BuildSpec) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------- locking and garbage
@@ -131,9 +133,10 @@ def write_lock(path: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def collect_garbage(path: Path, layout: Mapping[str, Any], keep_staging: dict[str, Any] | None = None) -> None:
+def collect_garbage(path: Path, layout: Mapping[str, Any], keep_staging: BuildSpec | None = None) -> None:
     """Remove what no committed layout names: shards, FAISS files, temporary files, and the
-    staging folder unless it holds the write of ``keep_staging`` (its spec). Writers only."""
+    staging folder unless it holds the write of ``keep_staging`` (its spec). Writers only.
+    ``layout``: a :class:`~..records.Layout` (typed so once ``store.py`` builds its new layouts as one)."""
     keep = {rec["dir"] for rec in layout.get("shards", [])}
     for sub, names in ((SHARDS, keep), (FAISS_DIR, {(layout.get("faiss") or {}).get("file")})):
         folder = path / sub
@@ -154,8 +157,8 @@ def collect_garbage(path: Path, layout: Mapping[str, Any], keep_staging: dict[st
 
 # ---------------------------------------------------------------------- FAISS
 def _faiss_record(
-    path: Path, generation: int, index: Any, kind: str, auto: bool, opts: ann.FaissOptions, trained_on: int
-) -> dict[str, Any]:
+    path: Path, generation: int, index: ann.FaissIndex, kind: str, auto: bool, opts: ann.FaissOptions, trained_on: int
+) -> FaissRecord:
     name = faiss_name(generation)
     (path / FAISS_DIR).mkdir(exist_ok=True)
     target = path / name
@@ -176,8 +179,8 @@ def _faiss_record(
 
 
 def _new_faiss(
-    path: Path, generation: int, vectors: Any, kind: str, options: ann.FaissOptions | None
-) -> dict[str, Any] | None:
+    path: Path, generation: int, vectors: Rows | None, kind: str, options: ann.FaissOptions | None
+) -> FaissRecord | None:
     """A FAISS index of ``kind`` (``auto``: chosen from the size) over every row of ``vectors``."""
     if vectors is None:
         return None
@@ -187,7 +190,7 @@ def _new_faiss(
     return _faiss_record(path, generation, ann.build(vectors, chosen, opts), chosen, kind == ann.AUTO, opts, n)
 
 
-def _grown_faiss(path: Path, generation: int, old: Mapping[str, Any] | None, vectors: Any) -> dict[str, Any] | None:
+def _grown_faiss(path: Path, generation: int, old: FaissRecord | None, vectors: Rows | None) -> FaissRecord | None:
     """The FAISS record after rows were added: the same file while the tail is small (it is
     searched exactly), else extended / retrained (``ann.extend``) or re-chosen (``auto``)."""
     if vectors is None:
@@ -197,7 +200,7 @@ def _grown_faiss(path: Path, generation: int, old: Mapping[str, Any] | None, vec
         return _new_faiss(path, generation, vectors, ann.AUTO, None)
     covered = int(old["rows"])
     if n - covered <= max(TAIL_MIN, n // 16):
-        return dict(old)
+        return old.copy()
     kind = str(old["kind"])
     if old.get("auto") and ann.choose_kind(n) != kind:
         return _new_faiss(path, generation, vectors, ann.AUTO, None)
@@ -208,17 +211,43 @@ def _grown_faiss(path: Path, generation: int, old: Mapping[str, Any] | None, vec
 
 
 def _spec(
-    model: MatchingModel, source: Source, record: dict[str, Any], dtype: str, shard_rows: int, **more: Any
-) -> dict[str, Any]:
-    """What a write's shards depend on (a resumed write keeps only shards of the same spec)."""
+    model: MatchingModel,
+    source: Source,
+    record: dict[str, Any],
+    dtype: str,
+    shard_rows: int,
+    *,
+    action: str,
+    encoding: dict[str, str],
+    base: int | None = None,
+    replace: Sequence[int] = (),
+) -> BuildSpec:
+    """What a write's shards depend on (a resumed write keeps only shards of the same spec):
+    ``record`` is the model record; an add names its first shard ``base`` and the rows it replaces."""
+    fingerprint, stages = record["fingerprint"], record["stages"]
+    total_dim = None if model.exact_index else int(model.config.total_dim)
+    if base is None:
+        return {
+            "fingerprint": fingerprint,
+            "stages": stages,
+            "dtype": dtype,
+            "shard_rows": shard_rows,
+            "total_dim": total_dim,
+            **source.identity(),
+            "action": action,
+            "encoding": encoding,
+        }
     return {
-        "fingerprint": record["fingerprint"],
-        "stages": record["stages"],
+        "fingerprint": fingerprint,
+        "stages": stages,
         "dtype": dtype,
         "shard_rows": shard_rows,
-        "total_dim": None if model.exact_index else int(model.config.total_dim),
+        "total_dim": total_dim,
         **source.identity(),
-        **more,
+        "action": action,
+        "base": base,
+        "replace": list(replace),
+        "encoding": encoding,
     }
 
 
@@ -238,13 +267,13 @@ def _side_dtype(model: MatchingModel, options: BuildOptions, count: int) -> str:
     return "float16" if count > (options.shard_rows or DEFAULT_SHARD_ROWS) else "float32"
 
 
-def _layout_shard(rec: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: rec[k] for k in ("dir", "rows", "width", "files")}
+def _layout_shard(rec: StagedShard) -> ShardRecord:
+    return {"dir": rec["dir"], "rows": rec["rows"], "width": rec["width"], "files": rec["files"]}
 
 
-def _source_record(source: Source, stored: int, sink: ShardSink, how: Encoding = FP32) -> dict[str, Any]:
+def _source_record(source: Source, stored: int, sink: ShardSink, how: Encoding = FP32) -> SourceRecord:
     skipped = [p for r in sink.writer.records for p in r["skipped"]]
-    rec: dict[str, Any] = {**source.description, "count": stored, "encoding": how.record()}
+    rec: SourceRecord = {**source.description, "count": stored, "encoding": how.record()}
     if skipped or getattr(source, "refused", None):
         names = getattr(source, "names", source.ids)
         listed = [{"file": names[p], "reason": "unreadable"} for p in skipped[:1000]]

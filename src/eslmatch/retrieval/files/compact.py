@@ -39,14 +39,14 @@ from ..layout import (
     shard_files,
     shard_name,
 )
-from ..writer import Report
+from ..records import ShardFile, ShardRecord
 from .catalog import CATALOG
 from .commit import _COPY_BYTES, DEFAULT_SHARD_ROWS, _new_faiss, collect_garbage, write_lock
-from .reader import FileReader
+from .reader import FileReader, Shard
 
 
 # ---------------------------------------------------------------------- compact, reindex
-def compact_files(store: FileReader, report: Report) -> dict[str, int]:
+def compact_files(store: FileReader) -> dict[str, int]:
     """Drop deleted items and merge small shards: live rows are copied, in order, into new
     shards of ``shard_rows``; FAISS is rebuilt (``auto``: re-chosen); rows are renumbered; one
     transaction switches. Returns ``{"removed", "count", "shards"}``."""
@@ -68,7 +68,7 @@ def compact_files(store: FileReader, report: Report) -> dict[str, int]:
         staging = path / STAGING
         (staging / SHARDS).mkdir(parents=True, exist_ok=True)
         base = int(layout.get("next_shard", len(shards)))
-        new: list[dict[str, Any]] = []
+        new: list[ShardRecord] = []
         for j, a in enumerate(range(0, keep.size, rows)):
             new.append(_copy_shard(store, shards, keep[a : a + rows], staging, base + j))
         for rec in new:
@@ -76,12 +76,12 @@ def compact_files(store: FileReader, report: Report) -> dict[str, int]:
         fsync_path(path / SHARDS)
         gen = store.catalog.generation() + 1
         vectors = ShardedArray([open_array(path / r["dir"] / GLOBAL) for r in new]) if new else None
-        old_faiss = layout.get("faiss") or {}
-        kind = ann.AUTO if old_faiss.get("auto", True) else str(old_faiss.get("kind"))
+        old_faiss = layout.get("faiss")
+        kind = ann.AUTO if not old_faiss or old_faiss.get("auto", True) else str(old_faiss.get("kind"))
         opts = (
             None
-            if kind == ann.AUTO
-            else ann.FaissOptions(**{**old_faiss.get("options", {}), "nlist": None, "nprobe": None})
+            if kind == ann.AUTO or not old_faiss
+            else ann.FaissOptions.from_dict({**old_faiss.get("options", {}), "nlist": None, "nprobe": None})
         )
         faiss_rec = _new_faiss(path, gen, vectors, kind, opts)
         del vectors
@@ -115,8 +115,8 @@ def _drop_uploads(store: FileReader, paths: Sequence[str]) -> None:
 
 
 def _copy_shard(
-    store: FileReader, shards: Sequence[Any], rows: np.ndarray, staging: Path, number: int
-) -> dict[str, Any]:
+    store: FileReader, shards: Sequence[Shard], rows: np.ndarray, staging: Path, number: int
+) -> ShardRecord:
     """A new shard in ``staging`` holding the stored ``rows`` (sorted), copied as stored."""
     folder = staging / shard_name(number)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
@@ -149,7 +149,7 @@ def _copy_shard(
         out.flush()
         del out
         fsync_path(tmp / name)
-    rec = {"rows": int(rows.size), "width": width, "files": file_records(tmp, names)}
+    rec: ShardFile = {"rows": int(rows.size), "width": width, "files": file_records(tmp, names)}
     (tmp / SHARD_RECORD).write_text(json.dumps(rec, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, folder)
     return {"dir": shard_name(number), **rec}
@@ -173,7 +173,7 @@ def reindex_files(store: FileReader, kind: str, options: ann.FaissOptions | None
         with store.catalog.write():
             store.catalog.set_layout({**layout, "faiss": faiss_rec})
         collect_garbage(path, {**layout, "faiss": faiss_rec})
-        return faiss_rec or {}
+        return dict(faiss_rec) if faiss_rec else {}
 
 
 def copy_gallery(src: Path, dst: Path) -> Path:
@@ -188,7 +188,8 @@ def copy_gallery(src: Path, dst: Path) -> Path:
             for name in [*rec["files"], SHARD_RECORD]:
                 if (src / rec["dir"] / name).is_file():
                     link_or_copy(src / rec["dir"] / name, tmp / rec["dir"] / name)
-        faiss = (layout.get("faiss") or {}).get("file")
+        faiss_rec = layout.get("faiss")
+        faiss = faiss_rec.get("file") if faiss_rec else None
         if faiss:
             (tmp / FAISS_DIR).mkdir()
             link_or_copy(src / faiss, tmp / faiss)

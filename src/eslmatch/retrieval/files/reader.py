@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
@@ -50,6 +50,7 @@ from ..layout import (
     release,
     shard_files,
 )
+from ..records import FaissOptionsRecord, FaissRecord, Layout, LibraryState, Manifest, ShardRecord, StoreInfo
 from ..store import Record
 from .catalog import CATALOG, Catalog, CatalogError
 
@@ -82,17 +83,18 @@ class Loaded:
     """The arrays of one generation (of one catalogue file: ``identity``)."""
 
     generation: int
-    identity: Any
-    layout: dict[str, Any]
+    identity: tuple[int, int] | None
+    layout: Layout
     shards: list[Shard]
     rows: int
-    faiss: Any
+    faiss: ann.FaissIndex | None
     faiss_rows: int
     deleted: np.ndarray
-    vectors: Any  # ShardedArray of every shard's vectors, or None when empty
-    lengths: Any
+    vectors: ShardedArray | None  # every shard's vectors, None when empty
+    lengths: ShardedArray | None  # every shard's lengths (two-stage)
     live: int
-    cache: OrderedDict = field(default_factory=OrderedDict)  # filter key -> (rows, vectors)
+    # filter key -> (rows, vectors)
+    cache: OrderedDict[str, tuple[np.ndarray, np.ndarray | None]] = field(default_factory=OrderedDict)
     cache_bytes: int = 0
     _live_rows: np.ndarray | None = None
     _tail: np.ndarray | None = None
@@ -106,6 +108,7 @@ class Loaded:
     def tail(self) -> np.ndarray:
         """Vectors ``(rows - faiss_rows, Dt)`` of the rows FAISS does not cover (read once)."""
         if self._tail is None:
+            assert self.vectors is not None  # rows are stored
             self._tail = np.ascontiguousarray(self.vectors[self.faiss_rows : self.rows], dtype=np.float32)
         return self._tail
 
@@ -113,7 +116,7 @@ class Loaded:
 class FileReader:
     """A file gallery opened for reading (see the module doc); :class:`~.store.FileStore` adds the writes."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], catalog: Catalog) -> None:
+    def __init__(self, path: Path, manifest: Manifest, catalog: Catalog) -> None:
         self.path = path
         self.where = str(path)
         self.manifest = manifest
@@ -124,7 +127,7 @@ class FileReader:
         self.dtype: str = manifest["dtype"]
         grid = manifest.get("grid")
         self.grid: tuple[int, int] | None = (int(grid[0]), int(grid[1])) if grid else None
-        self._recorded_options: dict[str, Any] = {}
+        self._recorded_options: FaissOptionsRecord = {}
         self.search_params: dict[str, int] = {}  # nprobe, ef_search, refine over the recorded ones
         self._loaded: Loaded | None = None
         self._shards: dict[str, Shard] = {}
@@ -221,18 +224,14 @@ class FileReader:
             shards.append(shard)
             first += int(rec["rows"])
         self._shards = {s.dir: s for s in shards}
-        faiss_rec = layout.get("faiss") or {}
+        faiss_rec = layout.get("faiss")
         faiss_index = None
-        if faiss_rec.get("file"):
+        if faiss_rec and faiss_rec.get("file"):
             faiss_index = self._open_faiss(faiss_rec)
         old = self._loaded
-        if (
-            old is not None
-            and old.faiss is not None
-            and old.layout.get("faiss", {}).get("file") == faiss_rec.get("file")
-        ):
+        if old is not None and old.faiss is not None and _faiss_file(old.layout) == _faiss_file(layout):
             faiss_index = old.faiss
-        self._recorded_options = dict(faiss_rec.get("options", {}))
+        self._recorded_options = dict(faiss_rec.get("options", {})) if faiss_rec else {}
         live, _ = self.catalog.counts()
         return Loaded(
             gen,
@@ -241,14 +240,14 @@ class FileReader:
             shards,
             first,
             faiss_index,
-            int(faiss_rec.get("rows", 0)),
+            int(faiss_rec.get("rows", 0)) if faiss_rec else 0,
             self.catalog.deleted_rows(),
             ShardedArray([s.vectors for s in shards]) if shards else None,
             ShardedArray([s.lengths for s in shards if s.lengths is not None]) if shards and self.two_stage else None,
             live,
         )
 
-    def _open_shard(self, rec: dict[str, Any], first: int) -> Shard:
+    def _open_shard(self, rec: ShardRecord, first: int) -> Shard:
         folder = self.path / rec["dir"]
         if not folder.is_dir():
             raise FileNotFoundError(2, "missing shard", str(folder))
@@ -263,7 +262,7 @@ class FileReader:
         )
         n, w = int(rec["rows"]), int(rec["width"])
         shard = Shard(rec["dir"], n, w, first, open_array(folder / GLOBAL, True))
-        want: list[tuple[str, Any, tuple[int, ...], str | None]] = [
+        want: list[tuple[str, np.ndarray, tuple[int, ...], str | None]] = [
             (GLOBAL, shard.vectors, (n, self.total_dim), "float32")
         ]
         if self.two_stage:
@@ -285,7 +284,7 @@ class FileReader:
                 raise GalleryIndexError(f"{folder / LENGTHS}: lengths span {lo}..{hi}, outside 1..{w}")
         return shard
 
-    def _open_faiss(self, rec: dict[str, Any]) -> Any:
+    def _open_faiss(self, rec: FaissRecord) -> ann.FaissIndex:
         path = self.path / rec["file"]
         if not path.is_file():
             raise FileNotFoundError(2, "missing FAISS index", str(path))
@@ -314,7 +313,7 @@ class FileReader:
         with self.snapshot() as s:
             return s.generation
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> StoreInfo:
         """Live ``count``, ``deleted`` rows not yet compacted, ``rows`` stored, the next
         ``numbered`` id (never reused) and the filterable ``fields`` with their types."""
         with self.snapshot() as s:
@@ -336,16 +335,16 @@ class FileReader:
     @property
     def faiss_kind(self) -> str:
         with self.snapshot() as s:
-            return str((s.layout.get("faiss") or {}).get("kind", "flat"))
+            return _faiss_kind(s.layout)
 
     def fields(self) -> dict[str, str]:
         """Metadata fields and their types (builtins ``id``, ``path``, ``added`` not included)."""
         with self.snapshot():
             return self.catalog.types()
 
-    def layout(self) -> dict[str, Any]:
+    def layout(self) -> Layout:
         with self.snapshot() as s:
-            return dict(s.layout)
+            return s.layout.copy()
 
     def select(
         self,
@@ -368,10 +367,10 @@ class FileReader:
             recs = self.catalog.records(wanted, fields)
         return [recs[r] for r in sorted(recs)]
 
-    def library(self) -> dict[str, Any]:
+    def library(self) -> LibraryState:
         """The photo library's state (roots, exclusions; :mod:`~.library`), ``{}`` if none."""
         with self.snapshot():
-            return self.catalog.state("library")
+            return self.catalog.library()
 
     # ------------------------------------------------------------------ first stage
     def match(self, where: Filter) -> np.ndarray:
@@ -417,7 +416,7 @@ class FileReader:
         self, s: Loaded, q: np.ndarray, n: int, allowed: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray]:
         """FAISS over its rows, exact over the tail, merged (``allowed``: sorted rows, or all)."""
-        kind = str((s.layout.get("faiss") or {}).get("kind", "flat"))
+        kind = _faiss_kind(s.layout)
         head = ann.exact_top(q, np.zeros((0, self.total_dim), np.float32), np.zeros(0, np.int64), n)
         if s.faiss is not None and s.faiss_rows:
             sub = None if allowed is None else allowed[allowed < s.faiss_rows]
@@ -426,6 +425,7 @@ class FileReader:
                 depth = min(ann.candidates(kind, self.faiss_options, n, s.faiss_rows), s.faiss_rows)
                 scores, rows = ann.search(s.faiss, kind, self.faiss_options, q, depth, sub, share)
                 if kind == "ivfpq":  # approximate codes: re-score the candidates exactly
+                    assert s.vectors is not None
                     head = ann.refine_exact(q, rows, RowReader(s.vectors), n)
                 else:
                     head = (scores[:, :n], rows[:, :n].astype(np.int64))
@@ -469,6 +469,7 @@ class FileReader:
             )
         rows = np.asarray(rows, dtype=np.int64)
         with self.snapshot() as s:
+            assert s.lengths is not None  # two-stage
             lens = np.asarray(s.lengths[rows], dtype=np.int64) if rows.size else np.zeros(0, np.int64)
             w = int(lens.max()) if rows.size else 1
             out = np.zeros((rows.size, w, self.total_dim), dtype=np.float32)
@@ -541,8 +542,8 @@ class FileReader:
                     "shard",
                     rec["dir"],
                 )
-            faiss_rec = s.layout.get("faiss") or {}
-            if faiss_rec.get("file"):
+            faiss_rec = s.layout.get("faiss")
+            if faiss_rec and faiss_rec.get("file"):
                 name = Path(faiss_rec["file"])
                 check_records(self.path / name.parent, {name.name: faiss_rec}, [name.name], True, self.path / CATALOG)
             self.catalog.integrity()
@@ -552,6 +553,18 @@ class FileReader:
             self._loaded = None
             self._shards = {}
             self.catalog.close()
+
+
+def _faiss_file(layout: Layout) -> str | None:
+    """The FAISS file ``layout`` uses (``None``: none)."""
+    rec = layout.get("faiss")
+    return rec.get("file") if rec else None
+
+
+def _faiss_kind(layout: Layout) -> str:
+    """The kind of ``layout``'s first stage (``flat`` where it has none)."""
+    rec = layout.get("faiss")
+    return str(rec.get("kind", "flat")) if rec else "flat"
 
 
 __all__ = ["EXACT_FILTER_MAX", "FileReader", "Loaded", "Shard"]

@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ...errors import EslmatchError
 from ...utils import atomic_write_text, pid_alive
+from ...utils.messages import note
 from ..encoding import Encoded
 from ..layout import (
     GLOBAL,
@@ -42,11 +44,14 @@ from ..layout import (
     shard_files,
     shard_name,
 )
+from ..records import BuildSpec, FileChecks, StagedShard, StagingRecord
 from ..sources import CaptionSource, PhotoSource, RegionSource, Source
-from ..writer import Chunk, Report, cut
+from ..writer import Chunk, cut
 
 if TYPE_CHECKING:
     from ...model.base import MatchingModel
+
+log = logging.getLogger(__name__)
 
 BUILD_RECORD = "build.json"
 
@@ -127,10 +132,10 @@ class ShardWriter:
     ``attach=True``: the writer of a torchrun rank other than 0, in the folder rank 0's
     writer opened (nothing is cleaned or recorded; the folder must be visible here)."""
 
-    def __init__(self, staging: Path, spec: dict[str, Any], report: Report, attach: bool = False) -> None:
+    def __init__(self, staging: Path, spec: BuildSpec, attach: bool = False) -> None:
         self.staging = staging
-        self.spec = json.loads(json.dumps(spec, default=str))
-        self.done: dict[int, dict[str, Any]] = {}
+        self.spec: BuildSpec = json.loads(json.dumps(spec, default=str))  # as build.json holds it
+        self.done: dict[int, StagedShard] = {}
         if attach:
             prior = self._prior()
             if prior is None or prior.get("spec") != self.spec:
@@ -148,37 +153,46 @@ class ShardWriter:
                 self.done = self._complete()
             else:
                 if prior is not None:
-                    report(f"eslmatch: note: discarding {staging}, an unfinished write of other inputs")
+                    note(log, f"discarding {staging}, an unfinished write of other inputs")
                 shutil.rmtree(staging)
         (staging / SHARDS).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(staging / BUILD_RECORD, json.dumps({"spec": self.spec, "pid": os.getpid()}, indent=2))
+        record: StagingRecord = {"spec": self.spec, "pid": os.getpid()}
+        atomic_write_text(staging / BUILD_RECORD, json.dumps(record, indent=2))
 
     @property
-    def records(self) -> list[dict[str, Any]]:
+    def records(self) -> list[StagedShard]:
         return [self.done[i] for i in sorted(self.done)]
 
-    def _prior(self) -> dict[str, Any] | None:
+    def _prior(self) -> StagingRecord | None:
+        """The ``build.json`` in the staging folder (``None``: none, or not a JSON object)."""
         try:
-            prior = json.loads((self.staging / BUILD_RECORD).read_text(encoding="utf-8"))
+            prior: StagingRecord = json.loads((self.staging / BUILD_RECORD).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
         return prior if isinstance(prior, dict) else None
 
-    def _read(self, i: int) -> dict[str, Any] | None:
+    def _read(self, i: int) -> StagedShard | None:
         """The record of shard ``i`` if it is complete, else ``None``."""
         folder = self.staging / shard_name(i)
         try:
             rec = json.loads((folder / SHARD_RECORD).read_text(encoding="utf-8"))
             names = shard_files(self.spec["stages"] == 2, self.spec["dtype"]) if rec["rows"] else ()
             check_records(folder, rec["files"], names, False, folder / SHARD_RECORD, "shard")
-            rec = {k: rec[k] for k in ("rows", "width", "first", "count", "skipped", "files")}
+            return {
+                "dir": shard_name(i),
+                "rows": rec["rows"],
+                "width": rec["width"],
+                "first": rec["first"],
+                "count": rec["count"],
+                "skipped": rec["skipped"],
+                "files": rec["files"],
+            }
         except (OSError, ValueError, KeyError, TypeError, GalleryIndexError):
             return None
-        return {"dir": shard_name(i), **rec}
 
-    def _complete(self) -> dict[int, dict[str, Any]]:
+    def _complete(self) -> dict[int, StagedShard]:
         """The complete shards already written; anything else in ``shards/`` is removed."""
-        done: dict[int, dict[str, Any]] = {}
+        done: dict[int, StagedShard] = {}
         shards = self.staging / SHARDS
         for entry in sorted(shards.iterdir()) if shards.is_dir() else ():
             rec = self._read(int(entry.name)) if entry.name.isdigit() and entry.is_dir() else None
@@ -220,27 +234,33 @@ class ShardWriter:
                 names = arrays.close()
             kept = set(arrays.positions)
             skipped = [p for p in range(chunk.start, chunk.stop) if p not in kept]
-            rec: dict[str, Any] = {
-                "rows": arrays.n,
-                "width": width,
-                "first": chunk.start,
-                "count": chunk.stop - chunk.start,
-            }
-            rec["skipped"] = skipped
-            self._seal(tmp, i, rec, file_records(tmp, names))
+            self._seal(tmp, i, arrays.n, width, chunk, skipped, file_records(tmp, names))
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
-    def _seal(self, tmp: Path, i: int, rec: dict[str, Any], files: dict[str, Any]) -> None:
+    def _seal(
+        self, tmp: Path, i: int, rows: int, width: int, chunk: Chunk, skipped: list[int], files: FileChecks
+    ) -> None:
+        """Record shard ``i`` (``shard.json``: its rows, width, the positions of ``chunk`` and
+        those ``skipped``, its ``files``) and move it into place."""
         for name in files:
             fsync_path(tmp / name)
-        rec = {**rec, "files": files}
-        (tmp / SHARD_RECORD).write_text(json.dumps(rec, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        rec: StagedShard = {
+            "dir": shard_name(i),
+            "rows": rows,
+            "width": width,
+            "first": chunk.start,
+            "count": chunk.stop - chunk.start,
+            "skipped": skipped,
+            "files": files,
+        }
+        on_disk = {k: v for k, v in rec.items() if k != "dir"}  # shard.json: where it is goes unsaid
+        (tmp / SHARD_RECORD).write_text(json.dumps(on_disk, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         fsync_path(tmp / SHARD_RECORD)
         os.replace(tmp, self.staging / shard_name(i))
         fsync_path(self.staging / SHARDS)
-        self.done[i] = {"dir": shard_name(i), **rec}
+        self.done[i] = rec
 
     def vectors(self) -> ShardedArray | None:
         """The vectors ``(N, K)`` of the complete non-empty shards, memory-mapped, in order."""

@@ -14,10 +14,10 @@ left). A kill at any moment leaves the gallery as it was before or after the ope
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from ... import __version__
 from ...errors import Conflict, EslmatchError, JobFailed
 from ...utils import replace_dir
+from ...utils.messages import note
 from ..encoding import FP32, Encoding, default_encoding
 from ..filters import Filter
 from ..layout import (
@@ -44,7 +45,7 @@ from ..layout import (
 from ..metadata import Metadata, merge_types, now
 from ..policy import add_source, check_known, check_on_duplicate
 from ..sources import Source
-from ..writer import Report, write_source
+from ..writer import write_source
 from .catalog import CATALOG, Catalog
 from .commit import (
     DEFAULT_SHARD_ROWS,
@@ -71,6 +72,8 @@ if TYPE_CHECKING:
     from ...model.base import MatchingModel
     from .. import ann
 
+log = logging.getLogger(__name__)
+
 
 # ---------------------------------------------------------------------- build
 def build_files(
@@ -79,7 +82,6 @@ def build_files(
     out: Path,
     options: BuildOptions,
     record: dict[str, Any],
-    report: Report,
     job: DistContext,
     library: Mapping[str, Any] | None = None,
 ) -> Path:
@@ -105,15 +107,15 @@ def build_files(
     writer: ShardWriter | None = None
     with job.stage("resume"):
         if job.is_main:
-            writer = ShardWriter(staging, spec, report)
+            writer = ShardWriter(staging, spec)
             if writer.done:
                 total = math.ceil(source.count / rows)
-                report(f"eslmatch: resuming the build of {out}: {len(writer.done)} complete shards of {total} kept")
+                log.info(f"resuming the build of {out}: {len(writer.done)} complete shards of {total} kept")
     done = job.broadcast(writer.done if writer is not None else None)  # every rank deals the same pending shards
     with job.stage("resume"):
         if not job.is_main:
-            writer = ShardWriter(staging, spec, report, attach=True)
-            writer.done = dict(done)
+            writer = ShardWriter(staging, spec, attach=True)
+            writer.done = dict(done or {})
     assert writer is not None
     sink = ShardSink(writer, model, source, rows, 0)
     try:
@@ -124,7 +126,6 @@ def build_files(
                 sink,
                 batch_size=options.batch_size,
                 progress=options.progress and job.is_main,
-                report=report,
                 job=job,
                 how=how,
             )
@@ -132,7 +133,7 @@ def build_files(
         if job.is_main:
             writer.collect(c.number for c in sink.chunks())
             if any(r["rows"] for r in writer.records):
-                report(f"eslmatch: note: {len(writer.done)} complete shards kept in {staging}: build again to resume")
+                note(log, f"{len(writer.done)} complete shards kept in {staging}: build again to resume")
             else:
                 shutil.rmtree(staging, ignore_errors=True)
         if isinstance(exc, JobFailed):
@@ -227,7 +228,6 @@ def add_files(
     on_duplicate: str,
     options: BuildOptions,
     record: dict[str, Any],
-    report: Report,
 ) -> AddReport:
     """Append ``source`` to the gallery (see the module doc); ``on_duplicate``: what to do
     with an id the gallery holds (``skip`` it, ``replace`` the stored item, or ``error``)."""
@@ -257,13 +257,11 @@ def add_files(
             model, source, record, store.dtype, rows, action="add", base=base, replace=replaced, encoding=how.record()
         )
         collect_garbage(path, layout, keep_staging=spec)
-        writer = ShardWriter(path / STAGING, spec, report)
+        writer = ShardWriter(path / STAGING, spec)
         if writer.done:
-            report(f"eslmatch: resuming the add to {path}: {len(writer.done)} complete shards kept")
+            log.info(f"resuming the add to {path}: {len(writer.done)} complete shards kept")
         sink = ShardSink(writer, model, source, rows, base)
-        result = write_source(
-            model, source, sink, batch_size=options.batch_size, progress=options.progress, report=report, how=how
-        )
+        result = write_source(model, source, sink, batch_size=options.batch_size, progress=options.progress, how=how)
         rep.unreadable = result.skipped
         new = [r for r in writer.records if r["rows"]]
         if not new:  # every new file was unreadable: nothing to add (each was named)
@@ -364,9 +362,8 @@ class FileStore(FileReader):
         record: dict[str, Any],
         on_duplicate: str = "skip",
         options: BuildOptions | None = None,
-        report: Report | None = None,
     ) -> AddReport:
-        return add_files(self, model, source, on_duplicate, options or BuildOptions(), record, report or _warn)
+        return add_files(self, model, source, on_duplicate, options or BuildOptions(), record)
 
     def delete(self, ids: Sequence[str] | None = None, where: Filter | None = None) -> int:
         return delete_files(self, ids, where)
@@ -380,15 +377,11 @@ class FileStore(FileReader):
     ) -> int:
         return update_files(self, changes, paths, library, restore)
 
-    def compact(self, report: Report | None = None) -> dict[str, int]:
-        return compact_files(self, report or _warn)
+    def compact(self) -> dict[str, int]:
+        return compact_files(self)
 
     def reindex(self, kind: str, options: ann.FaissOptions | None = None) -> dict[str, Any]:
         return reindex_files(self, kind, options)
-
-
-def _warn(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 __all__ = ["AddReport", "BuildOptions", "FileStore", "add_files", "build_files", "delete_files", "update_files"]

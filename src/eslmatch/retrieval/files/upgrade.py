@@ -12,12 +12,13 @@ same results.
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from pathlib import Path
 from typing import Any
 
 from ... import __version__
 from ...utils import atomic_dir
+from ...utils.messages import note
 from ..layout import (
     FAISS_DIR,
     FORMAT,
@@ -31,6 +32,8 @@ from ..layout import (
     write_json,
 )
 from .catalog import CATALOG, Catalog
+
+log = logging.getLogger(__name__)
 
 LEGACY_VERSIONS = (1, 2, 3)
 
@@ -53,7 +56,7 @@ def _legacy_stages(m: dict[str, Any]) -> int:
     return 2 if m["version"] == 3 else int(m["stages"])
 
 
-def upgrade_legacy(path: Path, report: Any = None) -> None:
+def upgrade_legacy(path: Path) -> None:
     """Upgrade the index at ``path`` (format 1-3) to format 4 in place (see the module doc)."""
     m = read_json(path / MANIFEST, "an eslmatch gallery index")
     if m.get("format") != FORMAT or m.get("version") not in LEGACY_VERSIONS:
@@ -66,7 +69,6 @@ def upgrade_legacy(path: Path, report: Any = None) -> None:
     ids = _lines(path / "ids.txt", count)
     paths = _lines(path / "paths.txt", count)
     captions = _lines(path / "captions.txt", count) if m["kind"] == "caption" else None
-    say = report or (lambda line: print(line, file=sys.stderr, flush=True))
     with atomic_dir(path) as tmp:  # the old index stays readable until the replacement
         shards = []
         if m["version"] == 3:
@@ -120,7 +122,7 @@ def upgrade_legacy(path: Path, report: Any = None) -> None:
             "shard_rows": int(m.get("shard_rows") or max(count, 1)),
         }
         write_json(tmp / MANIFEST, manifest)
-    say(f"eslmatch: note: upgraded {path} from index format {m['version']} to 4 (files linked, nothing re-encoded)")
+    note(log, f"upgraded {path} from index format {m['version']} to 4 (files linked, nothing re-encoded)")
 
 
 def _link_shard(

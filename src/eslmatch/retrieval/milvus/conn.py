@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,7 @@ import numpy as np
 from ...errors import EslmatchError, Unavailable
 from .. import ann
 from ..layout import GalleryIndexError
+from ..records import MilvusManifest
 
 FORMAT = "eslmatch-milvus-gallery"
 VERSION = 2
@@ -139,12 +141,13 @@ def as_vector(value: Any, dtype: str) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- manifest
-def read_manifest(conn: MilvusConnection, name: str) -> dict[str, Any] | None:
+def read_manifest(conn: MilvusConnection, name: str) -> MilvusManifest | None:
     """The manifest of collection ``name`` (``None`` when there is no such collection)."""
     if not conn.call(f"looking up collection {name!r}", "has_collection", name):
         return None
     desc = conn.call(f"describing collection {name!r}", "describe_collection", name)
     raw = (desc.get("properties") or {}).get(MANIFEST_KEY)
+    manifest: MilvusManifest | None
     try:
         manifest = json.loads(raw) if raw else None
     except ValueError:
@@ -164,7 +167,7 @@ def read_manifest(conn: MilvusConnection, name: str) -> dict[str, Any] | None:
     return manifest
 
 
-def write_manifest(conn: MilvusConnection, name: str, manifest: dict[str, Any]) -> None:
+def write_manifest(conn: MilvusConnection, name: str, manifest: MilvusManifest) -> None:
     clean = {k: v for k, v in manifest.items() if not k.startswith("_")}
     conn.call(
         f"updating collection {name!r}",
@@ -182,7 +185,7 @@ def index_params(kind: str, n: int, opts: ann.FaissOptions | None) -> tuple[str,
             f"the Milvus backend builds a {'/'.join(INDEX_KINDS)} first stage (Milvus FLAT, IVF_FLAT, HNSW), "
             f"not {kind!r}"
         )
-    o = ann.FaissOptions(**(opts.to_dict() if opts is not None else {}))
+    o = replace(opts) if opts is not None else ann.FaissOptions()
     if kind == "flat":
         return "FLAT", {}, o
     if kind == "ivf":

@@ -28,9 +28,9 @@ from ..filters import Filter, In, check, to_milvus
 from ..layout import GalleryIndexError
 from ..metadata import BUILTIN, Metadata, MetadataError, merge_types
 from ..policy import check_known
+from ..records import FaissOptionsRecord, LibraryState, MilvusManifest, StoreInfo
 from ..sources import Source
 from ..store import Record
-from ..writer import Report
 from .conn import (
     DEFAULT_TIMEOUT,
     KEY_STRIDE,
@@ -52,7 +52,7 @@ _CACHE_ROWS = 65536
 _FIXED = {"id": "item_id", "path": "path"}
 
 
-def _check_open(manifest: dict[str, Any], where: str) -> None:
+def _check_open(manifest: MilvusManifest, where: str) -> None:
     if manifest.get("state") != "complete":
         total = manifest.get("build", {}).get("total")
         raise GalleryIndexError(
@@ -66,19 +66,20 @@ class MilvusStore:
 
     kind = "image"
 
-    def __init__(self, conn: MilvusConnection, collection: str, manifest: dict[str, Any]) -> None:
+    def __init__(self, conn: MilvusConnection, collection: str, manifest: MilvusManifest) -> None:
         self.conn, self.collection = conn, collection
         self.where = f"collection {collection!r} at {conn.uri}"
-        self._recorded_options: dict[str, Any] = {}
+        self._recorded_options: FaissOptionsRecord = {}
         self.search_params: dict[str, int] = {}  # nprobe, ef_search, refine over the recorded ones
         self._lock = threading.RLock()
         self._cache: OrderedDict[int, Record] = OrderedDict()
         self._count: tuple[float, int] | None = None
         self._apply(manifest)
 
-    def _apply(self, m: dict[str, Any]) -> None:
+    def _apply(self, m: MilvusManifest) -> None:
         self.manifest = m
         self.stages = int(m["stages"])
+        assert m["total_dim"] is not None  # an open gallery is complete
         self.total_dim = int(m["total_dim"])
         self.dtype = str(m["dtype"])
         grid = m.get("grid")
@@ -87,7 +88,8 @@ class MilvusStore:
         self._recorded_options = dict(m["index"].get("options", {}))
         self._refreshed = time.monotonic()
         # the rows of an add not committed yet (or killed): not the gallery's until it is
-        self._pending = int(m["adding"]["start"]) if m.get("adding") else None
+        adding = m.get("adding")
+        self._pending = int(adding["start"]) if adding else None
 
     def _visible(self, expr: str = "") -> str:
         """``expr`` over the committed rows only (unchanged while no add is pending)."""
@@ -170,7 +172,7 @@ class MilvusStore:
             self._count = (now, int(got[0]["count(*)"]))
         return self._count[1]
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> StoreInfo:
         """As the file store's :meth:`~eslmatch.retrieval.files.reader.FileReader.info`."""
         return {
             "count": self._live(),
@@ -287,10 +289,10 @@ class MilvusStore:
             return [recs[r] for r in sorted(recs)]
         return list(self.scan() if where is None else self.scan(self.expression(where)))
 
-    def library(self) -> dict[str, Any]:
+    def library(self) -> LibraryState:
         """The photo library's state (roots, exclusions; :mod:`~.library`), ``{}`` if none."""
         m = read_manifest(self.conn, self.collection) or self.manifest
-        return dict(m.get("library") or {})
+        return m.get("library", {}).copy()
 
     # ------------------------------------------------------------------ first stage and re-rank
     def first_stage(self, queries: np.ndarray, n: int, where: Filter | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -352,6 +354,7 @@ class MilvusStore:
         recs = self._records(rows.tolist())
         lens = np.asarray([recs[int(r)].length for r in rows], dtype=np.int64)
         lv = self.manifest["levels"]
+        assert lv is not None  # a two-stage gallery's
         chunk, dt = int(lv["chunk"]), self.total_dim
         out = np.zeros((len(rows), int(lens.max()) if len(rows) else 1, dt), dtype=np.float32)
         keys = [int(r) * KEY_STRIDE + c for r, n in zip(rows, lens) for c in range(math.ceil(int(n) / chunk))]
@@ -388,7 +391,6 @@ class MilvusStore:
         record: dict[str, Any],
         on_duplicate: str = "skip",
         options: BuildOptions | None = None,
-        report: Report | None = None,
     ) -> AddReport:
         self.refresh()
         rep, replaced = add_to_collection(
@@ -399,7 +401,6 @@ class MilvusStore:
             self.manifest,
             on_duplicate,
             options or BuildOptions(),
-            report or print,
         )
         if replaced:
             self._delete_rows(replaced)
@@ -442,7 +443,7 @@ class MilvusStore:
         self,
         changes: Mapping[str, Metadata],
         paths: Mapping[str, str] | None = None,
-        library: Mapping[str, Any] | None = None,
+        library: LibraryState | None = None,
         restore: Sequence[str] = (),
     ) -> int:
         """Rewrite the items' entities with their metadata changed (``None`` clears a field)
@@ -481,7 +482,7 @@ class MilvusStore:
         m = read_manifest(self.conn, self.collection) or self.manifest
         m["fields"] = types
         if library is not None:
-            m["library"] = dict(library)
+            m["library"] = library.copy()
         write_manifest(self.conn, self.collection, m)
         with self._lock:
             for e in out:
@@ -489,7 +490,7 @@ class MilvusStore:
         self._apply(m)
         return len(out)
 
-    def compact(self, report: Report | None = None) -> dict[str, int]:
+    def compact(self) -> dict[str, int]:
         """Ask Milvus to compact the collections (it reclaims deleted entities itself)."""
         for coll in collections_of(self.collection, self.manifest):
             self._call(f"compacting {coll!r}", "compact", coll)
@@ -511,7 +512,6 @@ def build_milvus(
     collection: str,
     options: BuildOptions,
     record: dict[str, Any],
-    report: Report,
     overwrite: bool = False,
     shards: int | None = None,
     replicas: int | None = None,
@@ -522,9 +522,10 @@ def build_milvus(
     check_collection_name(collection)
     conn = MilvusConnection(uri, timeout, token)
     try:
-        rep = build_collection(model, source, conn, collection, options, record, report, overwrite, shards)
+        rep = build_collection(model, source, conn, collection, options, record, overwrite, shards)
         if replicas:
-            load(conn, collections_of(collection, read_manifest(conn, collection) or {"stages": 1}), replicas)
+            m = read_manifest(conn, collection)
+            load(conn, collections_of(collection, m) if m else (collection,), replicas)
     finally:
         conn.close()
     store = MilvusStore.open(uri, collection, timeout, token)

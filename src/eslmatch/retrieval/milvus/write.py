@@ -11,6 +11,7 @@ entity; a rerun of an interrupted build or add writes only the rows not stored y
 
 from __future__ import annotations
 
+import logging
 import math
 import uuid
 from collections.abc import Iterator
@@ -23,14 +24,16 @@ import numpy as np
 from ... import __version__
 from ...errors import Conflict, EslmatchError
 from ...model.base import MatchingModel
+from ...utils.messages import note
 from .. import ann
 from ..encoding import Encoded, Encoding, default_encoding
 from ..files.commit import BuildOptions, encoding_of
 from ..metadata import Metadata, merge_types, now
 from ..models import check_model
 from ..policy import add_source
+from ..records import MilvusManifest
 from ..sources import Source, subset
-from ..writer import Chunk, Report, cut, write_source
+from ..writer import Chunk, cut, write_source
 from .conn import (
     FORMAT,
     KEY_STRIDE,
@@ -50,6 +53,8 @@ from .conn import (
     write_manifest,
 )
 
+log = logging.getLogger(__name__)
+
 CHUNK = 1024  # source positions per chunk of a Milvus write
 _RPC_BYTES = 16 << 20  # payload of one upsert / get
 
@@ -62,9 +67,7 @@ def auto_kind(kind: str, n: int) -> str:
 
 
 # ---------------------------------------------------------------------- collections
-def create_collections(
-    conn: MilvusConnection, name: str, m: dict[str, Any], dim: int, shards: int | None, report: Report
-) -> None:
+def create_collections(conn: MilvusConnection, name: str, m: MilvusManifest, dim: int, shards: int | None) -> None:
     """The collection(s) of a new gallery for vectors of width ``dim``; records the manifest."""
     dt = conn.DataType
     m["total_dim"] = int(dim)
@@ -84,7 +87,7 @@ def create_collections(
     params.add_index(field_name="vec", index_type=kind, metric_type="IP", params=build_params)
     extra = {"num_shards": int(shards)} if shards else {}
     if m["stages"] == 2:
-        _create_levels(conn, name + LEVELS_SUFFIX, m, dim, extra, report)
+        _create_levels(conn, name + LEVELS_SUFFIX, m, dim, extra)
     conn.call(
         f"creating collection {name!r}",
         "create_collection",
@@ -98,9 +101,7 @@ def create_collections(
     write_manifest(conn, name, m)
 
 
-def _create_levels(
-    conn: MilvusConnection, levels: str, m: dict[str, Any], dim: int, extra: dict[str, Any], report: Report
-) -> None:
+def _create_levels(conn: MilvusConnection, levels: str, m: MilvusManifest, dim: int, extra: dict[str, Any]) -> None:
     chunk = max(1, min(m["width"], MAX_DIM // dim))
     pymilvus = require_pymilvus()
     dt = conn.DataType
@@ -126,9 +127,10 @@ def _create_levels(
             )
         except MilvusError as exc:
             if field_type == "float16" and "float16" in str(exc).lower():
-                report(
-                    f"eslmatch: note: this Milvus has no FLOAT16_VECTOR: the float16 level features are stored in a "
-                    f"FLOAT_VECTOR field of {levels!r} (same values, twice the bytes)"
+                note(
+                    log,
+                    f"this Milvus has no FLOAT16_VECTOR: the float16 level features are stored in a "
+                    f"FLOAT_VECTOR field of {levels!r} (same values, twice the bytes)",
                 )
                 continue
             raise
@@ -136,7 +138,7 @@ def _create_levels(
         return
 
 
-def collections_of(name: str, m: dict[str, Any]) -> tuple[str, ...]:
+def collections_of(name: str, m: MilvusManifest) -> tuple[str, ...]:
     return (name, name + LEVELS_SUFFIX) if m["stages"] == 2 else (name,)
 
 
@@ -165,11 +167,12 @@ def send(conn: MilvusConnection, name: str, entities: list[dict[str, Any]], row_
 
 
 def level_entities(
-    m: dict[str, Any], rows: list[int], side: np.ndarray, lengths: np.ndarray
+    m: MilvusManifest, rows: list[int], side: np.ndarray, lengths: np.ndarray
 ) -> tuple[list[dict[str, Any]], int]:
     """The level entities of items (``side (B, W, Dt)``), and their size in bytes each."""
-    lv = m["levels"]
-    chunk, dt = int(lv["chunk"]), int(m["total_dim"])
+    lv, total_dim = m["levels"], m["total_dim"]
+    assert lv is not None and total_dim is not None  # set before the first item is written
+    chunk, dt = int(lv["chunk"]), int(total_dim)
     store = np.float16 if lv["field"] == "float16" else np.float32
     out = []
     for j, row in enumerate(rows):
@@ -193,16 +196,15 @@ class MilvusSink:
         self,
         conn: MilvusConnection,
         name: str,
-        m: dict[str, Any],
+        m: MilvusManifest,
         source: Source,
         start: int,
         exists: bool,
         shards: int | None,
-        report: Report,
         batch_size: int = 256,
     ) -> None:
         self.conn, self.name, self.m, self.source, self.start = conn, name, m, source, start
-        self.exists, self.shards, self.report = exists, shards, report
+        self.exists, self.shards = exists, shards
         self._chunks = cut(source.count, batch_size * max(1, CHUNK // batch_size))  # whole batches
         self.present = present_rows(conn, name, start, start + source.count) if exists else set()
         self.metadata: list[Metadata] = source.metadata(range(source.count))
@@ -223,7 +225,7 @@ class MilvusSink:
 
     def put(self, items: Encoded) -> None:
         if not self.exists:
-            create_collections(self.conn, self.name, self.m, int(items.vectors.shape[1]), self.shards, self.report)
+            create_collections(self.conn, self.name, self.m, int(items.vectors.shape[1]), self.shards)
             load(self.conn, collections_of(self.name, self.m))
             self.exists = True
         rows = [self.start + p for p in items.positions]
@@ -282,7 +284,6 @@ def build_collection(
     name: str,
     options: BuildOptions,
     record: dict[str, Any],
-    report: Report,
     overwrite: bool = False,
     shards: int | None = None,
 ) -> MilvusWriteReport:
@@ -311,19 +312,21 @@ def build_collection(
     m = old or _new_manifest(model, source, record, kind, options, signature)
     if old is not None:
         load(conn, collections_of(name, m))
-    sink = MilvusSink(conn, name, m, source, 0, old is not None, shards, report, options.batch_size)
+    sink = MilvusSink(conn, name, m, source, 0, old is not None, shards, options.batch_size)
     present = len(sink.present)
-    out = _write(model, source, sink, options, report, where)
+    out = _write(model, source, sink, options, where)
     if not sink.exists:
         first = f" (first: {out.skipped[0][0]}: {out.skipped[0][1]})" if out.skipped else ""
         raise EslmatchError(f"no readable image among the {source.count} files{first}")
     stored = len(sink.present)
     m["fields"] = merge_types(m.get("fields", {}), ({"id": source.ids[i], **md} for i, md in enumerate(sink.metadata)))
     m.update(
-        state="complete",
-        next_row=source.count,
-        modified=now(),
-        sources=[{**source.description, "count": stored, "encoding": _encoding(model, options, m).record()}],
+        {
+            "state": "complete",
+            "next_row": source.count,
+            "modified": now(),
+            "sources": [{**source.description, "count": stored, "encoding": _encoding(model, options, m).record()}],
+        }
     )
     _flush(conn, name, m)
     return MilvusWriteReport(name, source.count, present, out.written, len(out.skipped), stored)
@@ -331,7 +334,7 @@ def build_collection(
 
 def _new_manifest(
     model: MatchingModel, source: Source, record: dict[str, Any], kind: str, options: BuildOptions, signature: str
-) -> dict[str, Any]:
+) -> MilvusManifest:
     milvus_kind, _, opts = index_params(kind, source.count, options.faiss)
     two = not model.exact_index
     return {
@@ -363,9 +366,7 @@ def _new_manifest(
     }
 
 
-def _write(
-    model: MatchingModel, source: Source, sink: MilvusSink, options: BuildOptions, report: Report, where: str
-) -> Any:
+def _write(model: MatchingModel, source: Source, sink: MilvusSink, options: BuildOptions, where: str) -> Any:
     try:
         return write_source(
             model,
@@ -373,7 +374,6 @@ def _write(
             sink,
             batch_size=options.batch_size,
             progress=options.progress,
-            report=report,
             how=_encoding(model, options, sink.m),
         )
     except MilvusError as exc:
@@ -383,13 +383,13 @@ def _write(
         ) from exc
 
 
-def _encoding(model: MatchingModel, options: BuildOptions, m: dict[str, Any]) -> Encoding:
+def _encoding(model: MatchingModel, options: BuildOptions, m: MilvusManifest) -> Encoding:
     """A build's encoding (a resumed one: its recorded one unless told), an add's (the
     gallery's unless told)."""
     return encoding_of(model, options, default_encoding(m.get("encoding"), model.device))
 
 
-def _flush(conn: MilvusConnection, name: str, m: dict[str, Any]) -> None:
+def _flush(conn: MilvusConnection, name: str, m: MilvusManifest) -> None:
     for coll in collections_of(name, m):
         conn.call(f"flushing {coll!r}", "flush", coll)
     write_manifest(conn, name, m)
@@ -415,10 +415,9 @@ def add_to_collection(
     source: Source,
     conn: MilvusConnection,
     name: str,
-    m: dict[str, Any],
+    m: MilvusManifest,
     on_duplicate: str,
     options: BuildOptions,
-    report: Report,
 ) -> tuple[MilvusWriteReport, list[int]]:
     """Append ``source`` after the last row (an interrupted add of the same items resumes);
     returns the report and the rows of the items it replaces (``on_duplicate="replace"``),
@@ -432,18 +431,14 @@ def add_to_collection(
     if pending:
         found = {k: v for k, v in found.items() if v < start}  # its own rows, written before the kill
     if found and on_duplicate == "error":
-        raise Conflict(
-            f"{where}: id {next(iter(found))!r} is in the gallery already ({len(found)} of the new ids are)"
-        )
+        raise Conflict(f"{where}: id {next(iter(found))!r} is in the gallery already ({len(found)} of the new ids are)")
     duplicates = len(found)
     if found and on_duplicate == "skip":
         source = subset(source, [i for i, s in enumerate(source.ids) if s not in found])
     replaced = sorted(found.values()) if on_duplicate == "replace" else []
     signature = source.identity()["digest"]
     if pending and pending.get("signature") != signature:  # as the file store: another write drops it
-        report(
-            f"eslmatch: note: {where}: an interrupted add of other items ({pending.get('total')} from row {start}) is dropped"
-        )
+        note(log, f"{where}: an interrupted add of other items ({pending.get('total')} from row {start}) is dropped")
         for coll in collections_of(name, m):
             conn.call(f"dropping an interrupted add from {coll!r}", "delete", coll, filter=f"row >= {start}")
         pending = m["adding"] = None
@@ -452,18 +447,20 @@ def add_to_collection(
     if not pending:
         m["adding"] = {"signature": signature, "start": start, "total": source.count}
         write_manifest(conn, name, m)
-    sink = MilvusSink(conn, name, m, source, start, True, None, report, options.batch_size)
+    sink = MilvusSink(conn, name, m, source, start, True, None, options.batch_size)
     present = len(sink.present)
-    out = _write(model, source, sink, options, report, where)
+    out = _write(model, source, sink, options, where)
     m["fields"] = merge_types(m.get("fields", {}), ({"id": source.ids[i], **md} for i, md in enumerate(sink.metadata)))
     m.update(
-        adding=None,
-        next_row=start + source.count,
-        modified=now(),
-        sources=add_source(
-            m.get("sources", []),
-            {**source.description, "count": len(sink.present), "encoding": _encoding(model, options, m).record()},
-        ),
+        {
+            "adding": None,
+            "next_row": start + source.count,
+            "modified": now(),
+            "sources": add_source(
+                m.get("sources", []),
+                {**source.description, "count": len(sink.present), "encoding": _encoding(model, options, m).record()},
+            ),
+        }
     )
     _flush(conn, name, m)
     rep = MilvusWriteReport(name, source.count, present, out.written, len(out.skipped), len(sink.present), duplicates)

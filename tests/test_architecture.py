@@ -211,6 +211,32 @@ def test_retrieval_stays_readable():
     assert untyped == [] and probes == [], (untyped, probes)
 
 
+
+def test_no_module_probes_the_model_protocol():
+    """Issue 32: the trainer, the loss, the ONNX export and the galleries asked a model
+    ``getattr(model, "logit_scale", None)`` / ``hasattr(model, "set_gradient_checkpointing")``
+    for what :class:`MatchingModel` defines. Every member of the protocol is called, never
+    probed: no ``getattr`` / ``hasattr`` anywhere names one (whatever the object's variable is
+    called). Argument namespaces (``args``) are exempt: their attributes are option names."""
+    import torch.nn as nn
+
+    from eslmatch.model.base import MatchingModel
+
+    members = {n for n in dir(MatchingModel) if not n.startswith("_")} - set(dir(nn.Module))
+    members |= set(MatchingModel.__annotations__) | {"preprocess", "text_encoder", "image_encoder"}
+    assert {"logit_scale", "set_gradient_checkpointing", "pretrained_backbone", "vocab_size"} <= members
+    probes = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and len(node.args) >= 2):
+                continue
+            if node.func.id not in ("getattr", "hasattr") or ast.unparse(node.args[0]) == "args":
+                continue
+            name = node.args[1]
+            if isinstance(name, ast.Constant) and name.value in members:
+                probes.append(f"{path.relative_to(PACKAGE)}:{node.lineno}: {ast.unparse(node)}")
+    assert probes == [], "probes of the model protocol: " + "; ".join(probes)
+
 def test_the_wheel_ships_its_types(tmp_path):
     """Issue 32: the wheel had no ``py.typed`` (PEP 561), so a user's mypy treated eslmatch as
     untyped. Built here from the checkout, without network or build isolation."""

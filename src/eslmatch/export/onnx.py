@@ -191,8 +191,6 @@ def encoder_graphs(model: MatchingModel) -> dict[str, EncoderGraph]:
     }
 
 
-
-
 # ---------------------------------------------------------------------------- export
 def export_onnx(
     model: MatchingModel,
@@ -349,7 +347,11 @@ def save_tokenizer(tokenizer: Any, directory: Path) -> dict[str, Any]:
     if isinstance(tokenizer, WordVocab):
         tokenizer.save(directory / "vocab.json")
         return {"kind": "word", "path": "vocab.json"}
-    if hasattr(tokenizer, "save_pretrained"):
+    from transformers import PreTrainedTokenizerBase
+
+    from ..text import SavedBertTokenizer
+
+    if isinstance(tokenizer, (SavedBertTokenizer, PreTrainedTokenizerBase)):
         tokenizer.save_pretrained(str(directory / "tokenizer"))
         return {"kind": "transformers", "path": "tokenizer"}
     from ..model.esl_clip.tokenizer import ClipTokenizer

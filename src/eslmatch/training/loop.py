@@ -21,6 +21,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from ..config import ESLConfig
 from ..data import CaptionDataset, EpochBatchSampler, PrecompSplit, build_vocab, collate, open_split, steps_per_epoch
 from ..data.precomp import split_files
 from ..data.raw import ImageCaptionDataset, ImageCaptionSplit, collate_pixels, open_image_split
@@ -320,7 +321,7 @@ def _start(cfg: TrainConfig, ctx: DistContext, resume: bool) -> Run:
         atomic_write_text(output / CONFIG_COPY_NAME, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         counts = model.parameter_counts()
         mc = model.config
-        text = getattr(mc, "text_encoder", mc.model_type)
+        text = mc.text_encoder if isinstance(mc, ESLConfig) else mc.model_type
         log.info(
             f"{'resuming' if saved is not None else 'training'} {mc.model_type} ({text} text "
             f"encoder, {counts['total']:,} parameters) on {ctx.device} x{ctx.world_size}: "
@@ -409,7 +410,7 @@ def _make_model(
 ) -> MatchingModel:
     """New weights, or ``init_from``'s (fine-tuning), with the tokenizer the config asks for."""
     mc = cfg.model
-    text_encoder = getattr(mc, "text_encoder", None)
+    text_encoder = mc.text_encoder if isinstance(mc, ESLConfig) else None
     tokenizer: Any = None  # families with their own tokenizer (ESL-CLIP) build it themselves
     if text_encoder == "gru":
         tokenizer = WordVocab(vocab) if vocab is not None else build_vocab(train_split, min_count=cfg.vocab_min_count)

@@ -211,7 +211,6 @@ def test_retrieval_stays_readable():
     assert untyped == [] and probes == [], (untyped, probes)
 
 
-
 def test_no_module_probes_the_model_protocol():
     """Issue 32: the trainer, the loss, the ONNX export and the galleries asked a model
     ``getattr(model, "logit_scale", None)`` / ``hasattr(model, "set_gradient_checkpointing")``
@@ -236,6 +235,7 @@ def test_no_module_probes_the_model_protocol():
             if isinstance(name, ast.Constant) and name.value in members:
                 probes.append(f"{path.relative_to(PACKAGE)}:{node.lineno}: {ast.unparse(node)}")
     assert probes == [], "probes of the model protocol: " + "; ".join(probes)
+
 
 def test_the_wheel_ships_its_types(tmp_path):
     """Issue 32: the wheel had no ``py.typed`` (PEP 561), so a user's mypy treated eslmatch as

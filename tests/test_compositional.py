@@ -191,6 +191,20 @@ def test_winoground_equals_a_literal_loop(capsys, bench, family):
     assert result["examples"] == 3 and result["images"] == 6
 
 
+def test_the_library_returns_what_eval_prints(capsys, bench):
+    from eslmatch.evaluate.run import evaluate, format_evaluation
+
+    models, data, images = [str(bench / "clip0"), str(bench / "clip1")], str(bench / "winoground"), bench / "images"
+    args = ["eval", "--checkpoint", models[0], "--checkpoint", models[1], "--protocol", "winoground"]
+    args += ["--data", data, "--image-root", images, "--device", "cpu"]
+    printed = json.dumps(run_json(capsys, *args, "--json"), indent=2)
+    assert main([str(a) for a in args]) == 0
+    table = capsys.readouterr().out
+    result = evaluate("winoground", models=models, data=data, image_root=images, device="cpu")
+    assert result.to_json() == printed and format_evaluation(result) + "\n" == table
+    assert result.metrics["ensemble"] == 2 and result.scores.shape == (12,)
+
+
 def test_sugarcrepe_and_winoground_metrics_by_hand():
     d = comp.CompositionalData(
         "winoground", None, ["a", "b"], ["", ""], ["x", "y"], np.zeros((4, 2), np.int64),

@@ -181,6 +181,32 @@ def test_extended_from_raw_images_with_esl_clip(capsys, coco, tmp_path):
     assert load_pretrained(tmp_path / "clip").family == "esl-clip"
 
 
+def test_the_library_returns_what_eval_prints(capsys, coco, tmp_path):
+    """``eslmatch.evaluate.run.evaluate`` with the ids derived from the data, and with id files."""
+    from eslmatch.evaluate.run import evaluate, format_evaluation
+
+    root, _, _ = coco
+    m1, captions, saved = str(root / "m1"), str(root / "captions_val2014.json"), str(tmp_path / "s.npy")
+    cli = ["--checkpoint", m1, "--data", str(root), *extended_args(root), "--save-scores", saved, "--no-progress"]
+    code, printed, err = run(capsys, "eval", *cli, "--json")
+    assert code == 0, err
+    result = evaluate(
+        "coco5k", models=[m1], data=root, extended="eccv,cxc", coco_captions=[captions], save_scores=saved,
+        progress=False,
+    )  # fmt: skip
+    assert result.to_json() + "\n" == printed and "extended_info" in result.metrics
+    np.testing.assert_array_equal(np.load(saved), result.scores)
+    ids = [str(root / "image_ids.txt"), str(root / "caption_ids.txt")]
+    cli = ["--scores", saved, "--protocol", "coco5k", "--extended", "cxc,eccv", "--image-ids", ids[0]]
+    cli += ["--caption-ids", ids[1]]
+    code, printed, err = run(capsys, "eval", *cli, "--json")
+    assert code == 0, err
+    code, table, err = run(capsys, "eval", *cli)
+    assert code == 0, err
+    result = evaluate("coco5k", scores=[saved], extended=("cxc", "eccv"), image_ids=ids[0], caption_ids=ids[1])
+    assert result.to_json() + "\n" == printed and format_evaluation(result) + "\n" == table
+
+
 def test_a_caption_that_matches_no_annotation_is_named(capsys, coco, tmp_path):
     root, _, _ = coco
     data = json.loads((root / "captions_val2014.json").read_text())

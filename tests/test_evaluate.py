@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import eslmatch.evaluate as ev
+import eslmatch.evaluate.run as run_api
 from _datagen import make_precomp
 from _models import tiny_gru_model
 from _wait import HUNG
@@ -355,3 +356,89 @@ def test_eval_precision_is_recorded_and_refused_with_scores(tiny_models, tmp_pat
     np.save(tmp_path / "s.npy", np.zeros((5, 25), dtype=np.float32))
     code, _, err = run_cli(capsys, "eval", "--scores", tmp_path / "s.npy", "--protocol", "f30k", "--precision", "bf16")
     assert code == 1 and "does not apply to --scores" in err
+
+
+# ---------------------------------------------------------------------- the library call = the command
+def cli_and_library(capsys, args: list, **kwargs) -> tuple[str, str, run_api.Evaluation]:
+    """``eslmatch eval *args`` with and without ``--json``, and :func:`run_api.evaluate` (``kwargs``)."""
+    code, printed_json, err = run_cli(capsys, "eval", *args, "--json")
+    assert code == 0, err
+    code, printed_table, err = run_cli(capsys, "eval", *args)
+    assert code == 0, err
+    return printed_json, printed_table, run_api.evaluate(**kwargs)
+
+
+def test_the_library_returns_what_eval_prints_for_score_matrices(tmp_path, capsys):
+    rng = np.random.default_rng(8)
+    a, b = np.round(rng.standard_normal((2, 10, 50)), 1).astype(np.float32)  # ties too
+    np.save(tmp_path / "a.npy", a)
+    np.save(tmp_path / "b.npy", b)
+    truth = {"captions": [[c // 5] + ([(c // 5 + 1) % 10] if c % 3 == 0 else []) for c in range(50)]}
+    (tmp_path / "truth.json").write_text(json.dumps(truth))
+    a_path, b_path, t_path, save = (str(tmp_path / n) for n in ("a.npy", "b.npy", "truth.json", "ens.npy"))
+    args = ["--scores", a_path, "--scores", b_path, "--protocol", "coco1k", "--fold-size", 2]
+    args += ["--truth", t_path, "--save-scores", save]
+    printed, table, result = cli_and_library(
+        capsys, args, protocol="coco1k", scores=[a_path, b_path], fold_size=2, truth=t_path, save_scores=save
+    )
+    assert result.to_json() + "\n" == printed  # byte for byte
+    assert json.loads(printed) == result.metrics and result.metrics["ensemble"] == 2
+    assert run_api.format_evaluation(result) + "\n" == table and "truth-based" in table and "saved the" in table
+    np.testing.assert_array_equal(result.scores, (a.astype(np.float64) + b) / 2)
+    # one in-memory matrix, named as the command names the file
+    printed, table, result = cli_and_library(
+        capsys, ["--scores", a_path, "--protocol", "f30k"], protocol="f30k", scores=[a], names=[a_path]
+    )
+    assert result.to_json() + "\n" == printed and run_api.format_evaluation(result) + "\n" == table
+    assert run_api.evaluate("f30k", scores=[a]).metrics["models"] == ["scores 1"]
+
+
+def test_the_library_returns_what_eval_prints_for_checkpoints(tiny_models, capsys):
+    d = tiny_models
+    m1, m2, data = str(d / "m1"), str(d / "m2"), str(d / "data")
+    common = ["--data", data, "--device", "cpu", "--no-progress", "--batch-size", 7]
+    printed, table, result = cli_and_library(
+        capsys,
+        ["--checkpoint", m1, "--checkpoint", m2, "--protocol", "coco1k", "--fold-size", 2, *common],
+        protocol="coco1k",
+        models=[m1, m2],
+        data=data,
+        fold_size=2,
+        device="cpu",
+        progress=False,
+        batch_size=7,
+    )
+    assert result.to_json() + "\n" == printed and run_api.format_evaluation(result) + "\n" == table
+    assert json.loads(printed)["split"] == "testall" and result.scores.shape == (10, 50)
+    # a loaded model, named as the command names its folder
+    from eslmatch.factory import load_model
+
+    printed, _, result = cli_and_library(
+        capsys,
+        ["--checkpoint", m1, "--protocol", "f30k", *common],
+        protocol="f30k",
+        models=[load_model(m1)],
+        names=[m1],
+        data=data,
+        device="cpu",
+        progress=False,
+        batch_size=7,
+    )
+    assert result.to_json() + "\n" == printed
+
+
+def test_the_library_refuses_as_the_command_does(tiny_models, tmp_path):
+    d = tiny_models
+    np.save(tmp_path / "s.npy", np.zeros((5, 25), np.float32))
+    with pytest.raises(EslmatchError, match="does not apply to --scores"):
+        run_api.evaluate("f30k", scores=[tmp_path / "s.npy"], precision="bf16")
+    with pytest.raises(EslmatchError, match="--batch-size must be >= 1"):
+        run_api.evaluate("f30k", models=[d / "m1"], data=d / "data", batch_size=0)
+    with pytest.raises(EslmatchError, match="not both"):
+        run_api.evaluate("f30k", models=[d / "m1"], scores=[tmp_path / "s.npy"])
+    with pytest.raises(EslmatchError, match="give models"):
+        run_api.evaluate("f30k")
+    with pytest.raises(EslmatchError, match="1 names for 2"):
+        run_api.evaluate("f30k", scores=[tmp_path / "s.npy"] * 2, names=["x"])
+    with pytest.raises(EslmatchError, match="--save-scores does not go with --protocol winoground"):
+        run_api.evaluate("winoground", models=[d / "m1"], save_scores=tmp_path / "x.npy")

@@ -61,9 +61,7 @@ def milvus_gallery(model, feats, uri, name, lens=None, model_path=None, milvus=N
     if isinstance(feats, Path):
         src = feats
     opts = BuildOptions(progress=False, **options)
-    g = build_gallery(
-        model, src, uri, name, options=opts, model_path=model_path, milvus=milvus
-    )
+    g = build_gallery(model, src, uri, name, options=opts, model_path=model_path, milvus=milvus)
     return g, g.store.last_write
 
 
@@ -167,7 +165,11 @@ def test_one_stage_esl_clip_answered_by_milvus_alone(server, tmp_path, caplog):
     files = build_gallery(clip, tmp_path / "photos", tmp_path / "idx", options=opts)
     mil = build_gallery(clip, tmp_path / "photos", server.uri, "clip", options=opts)
     rep = mil.store.last_write
-    assert rep.skipped == 1 and rep.count == len(files) == 300 and any("skipping" in s and "broken.png" in s for s in caplog.messages)
+    assert (
+        rep.skipped == 1
+        and rep.count == len(files) == 300
+        and any("skipping" in s and "broken.png" in s for s in caplog.messages)
+    )
     assert mil.stages == 1 and mil.store.manifest["levels"] is None
     assert not MilvusConnection(server.uri).call("look", "has_collection", "clip_levels")
     texts = [c.text for caps in spec.captions[:20] for c in caps[:1]]
@@ -476,7 +478,9 @@ def test_an_interrupted_add_is_invisible_and_another_add_drops_it(model, server,
     caplog.set_level("INFO", logger="eslmatch")
     other = region_source(regions(2, seed=33)[0], img_dim=IMG_DIM, ids=["p", "q"])
     g.add(other, options=BuildOptions(progress=False))
-    assert any("interrupted add of other items (6 from row 6) is dropped" in x for x in caplog.messages), caplog.messages
+    assert any("interrupted add of other items (6 from row 6) is dropped" in x for x in caplog.messages), (
+        caplog.messages
+    )
     assert sorted(g.ids()) == list("abcdefpq") and len(g) == 8
 
 

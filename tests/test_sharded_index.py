@@ -60,9 +60,7 @@ def model_dir(model, tmp_path_factory):
 
 
 def build(model, inputs, out, model_path=None, **options):
-    gallery = build_gallery(
-        model, inputs, out, options=BuildOptions(progress=False, **options), model_path=model_path
-    )
+    gallery = build_gallery(model, inputs, out, options=BuildOptions(progress=False, **options), model_path=model_path)
     gallery.close()
     return Path(out)
 

@@ -190,7 +190,7 @@ def test_hand_made_ties_and_gallery_smaller_than_k():
     assert stable["t2i"]["r1"] == 100.0 and stable["t2i"]["p1"] == 100.0  # lower index first
     assert stable["t2i"]["p10"] == 25.0 and stable["t2i"]["r10"] == 100.0  # P@10 over the 4 images there are
     released = tr.truth_metrics(sims, [[0]], ks=(1,))
-    first = int(np.argsort(sims[:, 0])[::-1][0])  # where evaluate.py's ranking puts the tie
+    first = int(np.argsort(sims[:, 0])[::-1][0])  # where eslmatch.evaluate's ranking puts the tie
     assert released["t2i"]["r1"] == (100.0 if first == 0 else 0.0)
     # a caption true of every image: P@K = R@K = 100
     perfect = tr.truth_metrics(np.random.default_rng(0).standard_normal((6, 2)), [list(range(6)), [5]])
@@ -198,7 +198,7 @@ def test_hand_made_ties_and_gallery_smaller_than_k():
 
 
 def test_semantic_recall_of_own_images_is_the_standard_recall():
-    """With truth = each caption's own image only, semantic R@K is exactly evaluate.py's R@K,
+    """With truth = each caption's own image only, semantic R@K is exactly eslmatch.evaluate's R@K,
     ties included (released rule): the two rankings agree."""
     rng = np.random.default_rng(4)
     for k in (5, 2, 1):

@@ -315,13 +315,14 @@ def _legacy_v2(image_index: Path, g, legacy: Path) -> None:
     (legacy / "manifest.json").write_text(json.dumps(manifest))
 
 
-def test_index_of_an_earlier_format_is_upgraded(vse, image_index, tmp_path, capsys):
+def test_index_of_an_earlier_format_is_upgraded(vse, image_index, tmp_path, caplog):
+    caplog.set_level("INFO", logger="eslmatch")
     g = open_gallery(image_index, model=vse)
     legacy = tmp_path / "legacy"
     _legacy_v2(image_index, g, legacy)
     before = (legacy / "global.npy").stat().st_ino
     up = open_gallery(legacy, model=vse)
-    assert "upgraded" in capsys.readouterr().err
+    assert "upgraded" in caplog.text
     assert up.store.manifest["version"] == 4 and up.store.manifest["upgraded"]["from_version"] == 2
     assert (legacy / "shards/00000/global.npy").stat().st_ino == before  # linked, not copied
     assert [h.id for h in up.search(QUERY, k=K)] == [h.id for h in g.search(QUERY, k=K)]
@@ -379,10 +380,10 @@ def pixels_of(model, paths) -> torch.Tensor:
     return torch.stack([model.preprocess(open_image(Path(p))) for p in paths])
 
 
-def test_photo_folder_index_is_exact_and_skips_bad_files(photos, tmp_path, capsys):
+def test_photo_folder_index_is_exact_and_skips_bad_files(photos, tmp_path, caplog):
     root, model, caps_text = photos
     g = build(model, root / "photos", tmp_path / "img", options={"batch_size": 5})
-    err = capsys.readouterr().err
+    err = said(caplog)
     assert "skipping broken.png" in err and "skipping notes.txt: not an image" in err and ".hidden" not in err
     g = open_gallery(tmp_path / "img", model=model, verify=True)
     assert len(g) == N_PHOTOS and g.stages == 1 and g.store.manifest["model"]["inputs"] == "pixels"
@@ -425,11 +426,11 @@ def test_photo_folder_index_is_exact_and_skips_bad_files(photos, tmp_path, capsy
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".img.")]  # no litter
 
 
-def test_raw_image_splits_and_adding_photos(photos, tmp_path, capsys):
+def test_raw_image_splits_and_adding_photos(photos, tmp_path, caplog):
     root, model, caps_text = photos
     tsv = root / "captions.tsv"
     g = build(model, tsv, tmp_path / "split", images_dir=root / "photos")
-    assert "skipping" in capsys.readouterr().err
+    assert "skipping" in said(caplog)
     g = open_gallery(tmp_path / "split", model=model, verify=True)
     assert g.ids() == [f"img_{i:02d}" for i in range(6)]
     assert g.store.layout()["sources"][0]["split_file"] == str(tsv.resolve())
@@ -453,13 +454,13 @@ def test_raw_image_splits_and_adding_photos(photos, tmp_path, capsys):
     }
     (root / "karpathy.json").write_text(json.dumps(karpathy))
     kp = build(model, root / "karpathy.json", tmp_path / "kp", images_dir=root / "photos")
-    assert len(kp) == 5 and "skipping gone.png: missing" in capsys.readouterr().err
+    assert len(kp) == 5 and "skipping gone.png: missing" in said(caplog)
 
     extra = tmp_path / "extra"
     write_photos(extra, ["new_a.png", "new_b.png"], seed=9)
     (extra / "bad.jpg").write_bytes(b"\xff\xd8\xff garbage")
     rep = g.add(extra, options=NO_BAR)
-    assert "bad.jpg" in capsys.readouterr().err and rep.added == 2 and len(rep.unreadable) == 1
+    assert "bad.jpg" in said(caplog) and rep.added == 2 and len(rep.unreadable) == 1
     grown = open_gallery(tmp_path / "split", model=model, verify=True)
     assert grown.ids()[-2:] == ["new_a", "new_b"] and len(grown) == 8
     recs = {r.row: r for r in grown.store.select(rows=range(8))}
@@ -474,6 +475,13 @@ def test_raw_image_splits_and_adding_photos(photos, tmp_path, capsys):
 @pytest.fixture()
 def toy_family(monkeypatch):
     monkeypatch.setitem(FAMILIES, "toy-pixels", ToyPixelModel)
+
+
+def said(caplog) -> str:
+    """What the library logged since the last call (its warnings: skipped files)."""
+    text = caplog.text
+    caplog.clear()
+    return text
 
 
 def run_json(capsys, argv) -> dict:

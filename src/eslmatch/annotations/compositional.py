@@ -37,6 +37,7 @@ from ..data.raw import ImageCaptionSplit, encode_image_files
 from ..errors import EslmatchError
 from ..evaluate import embed_caption_texts
 from ..model import MatchingModel
+from ..model.base import takes_pixels
 from ..scoring import ScoringOptions
 from ..utils import resolve_device
 from ..utils.precision import inference_precision, to_float32
@@ -319,9 +320,9 @@ def resolve_inputs(
 
 def check_inputs(model: MatchingModel, inputs: ImageInputs, name: str = "the model") -> None:
     """Refuse a model whose kind of input (pixels or region features) was not given."""
-    if hasattr(model, "preprocess") and inputs.paths is None:
+    if takes_pixels(model) and inputs.paths is None:
         raise EslmatchError(f"{name} takes images (ESL-CLIP): pass --image-root, the folder of the benchmark's images")
-    if not hasattr(model, "preprocess") and inputs.rows is None:
+    if not takes_pixels(model) and inputs.rows is None:
         raise EslmatchError(
             f"{name} scores region features: pass --features, a folder written by eslmatch extract over the "
             "benchmark's images"
@@ -331,7 +332,7 @@ def check_inputs(model: MatchingModel, inputs: ImageInputs, name: str = "the mod
 def _embed_images(
     model: MatchingModel, data: CompositionalData, inputs: ImageInputs, batch_size: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if hasattr(model, "preprocess"):
+    if takes_pixels(model):
         assert inputs.paths is not None
         split = ImageCaptionSplit(data.protocol, data.source, inputs.paths, list(data.images), [], 1)
         return encode_image_files(model, split, batch_size), None

@@ -18,131 +18,13 @@ from typing import Any
 from ..errors import EslmatchError, counted
 from ..retrieval.policy import ON_DUPLICATE
 from ..utils.choices import PRECISIONS, RUNTIMES
-from ..utils.io import replace_journal
 from ..utils.messages import note
+from ._gallery import check_encoding_args, encoding_args, gallery_args, gallery_target, open_from_args
 
 log = logging.getLogger(__name__)
 
 ORDER = 60
 KINDS = ("auto", "flat", "ivf", "hnsw", "ivfpq")
-
-
-# ---------------------------------------------------------------------- shared arguments
-def gallery_args(p: argparse.ArgumentParser, what: str, positional: bool = False) -> None:
-    """``--index DIR`` or ``--milvus URI --collection NAME`` (and ``--milvus-timeout``)."""
-    if positional:
-        p.add_argument("index_pos", nargs="?", metavar="INDEX", help="gallery folder (or use --index / --milvus)")
-    p.add_argument("--index", help=f"the gallery folder to {what} (one of --index / --milvus)")
-    p.add_argument(
-        "--milvus",
-        metavar="URI",
-        help=f"{what} a gallery in Milvus at URI, e.g. http://127.0.0.1:19530 (instead of --index)",
-    )
-    p.add_argument("--collection", help="the Milvus collection (required with --milvus)")
-    p.add_argument(
-        "--milvus-timeout",
-        type=float,
-        default=30.0,
-        help="seconds a Milvus call may take, retries included (default 30)",
-    )
-
-
-def gallery_target(args: argparse.Namespace, place: str = "index") -> tuple[str, str | None]:
-    """``(folder or URI, collection or None)``; refuses a half-given or doubly-given place."""
-    folder = getattr(args, place, None) or getattr(args, "index_pos", None)
-    if args.milvus is None:
-        if args.collection is not None:
-            raise EslmatchError("--collection needs --milvus URI")
-        if not folder:
-            raise EslmatchError(f"give --{place} (a gallery folder) or --milvus URI --collection NAME")
-        if place == "index":
-            check_gallery_folder(Path(folder))
-        return folder, None
-    if not args.collection:
-        raise EslmatchError("--milvus needs --collection NAME")
-    if folder:
-        raise EslmatchError(f"give --{place} or --milvus, not both")
-    if args.milvus_timeout <= 0:
-        raise EslmatchError(f"--milvus-timeout must be positive, got {args.milvus_timeout}")
-    return args.milvus, args.collection
-
-
-def check_gallery_folder(path: Path) -> None:
-    """Refuse a gallery folder that is not there, before anything heavy is imported (the same
-    words as :func:`eslmatch.retrieval.layout.read_manifest`; a folder whose replacement a
-    crash left half done is left to the gallery to recover)."""
-    if replace_journal(path).exists():
-        return
-    if not path.exists():
-        raise EslmatchError(f"{path}: no such index directory")
-    if not path.is_dir():
-        raise EslmatchError(f"{path}: an index is a directory (built by 'eslmatch index build')")
-    if not (path / "manifest.json").is_file():
-        raise EslmatchError(f"{path / 'manifest.json'}: missing (not an eslmatch gallery index, or a damaged one)")
-
-
-def encoding_args(p: argparse.ArgumentParser, what: str, default: str | None) -> None:
-    """``--precision``, ``--runtime`` and ``--onnx``: how ``what`` is encoded."""
-    said = f"default {default}" if default else "default: the precision the gallery records, fp32 if none"
-    p.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default=default,
-        help=f"precision of the encoders for {what}: fp32, bf16 (autocast) or auto = bf16 where the device "
-        f"computes it natively ({said}); scores keep the engine's precision",
-    )
-    p.add_argument(
-        "--runtime",
-        choices=RUNTIMES,
-        default="torch",
-        help=f"run the encoders for {what} in torch (default) or onnxruntime: the model's ONNX export "
-        "(eslmatch export MODEL --format onnx --out MODEL/onnx, or --onnx DIR; pip install 'eslmatch[onnx]')",
-    )
-    p.add_argument("--onnx", metavar="DIR", help="the ONNX export for --runtime onnxruntime (default MODEL/onnx)")
-
-
-def check_encoding_args(args: argparse.Namespace) -> None:
-    """Refuse, before anything loads, what ``--runtime`` / ``--onnx`` cannot do here."""
-    runtime = getattr(args, "runtime", "torch")
-    onnx = getattr(args, "onnx", None)
-    if runtime != "onnxruntime":
-        if onnx is not None:
-            raise EslmatchError("--onnx applies to --runtime onnxruntime")
-        return
-    import importlib.util
-
-    if importlib.util.find_spec("onnxruntime") is None:
-        raise EslmatchError("--runtime onnxruntime needs onnxruntime: pip install 'eslmatch[onnx]'")
-    if getattr(args, "precision", None) == "bf16":
-        raise EslmatchError("--precision bf16 applies to --runtime torch; ONNX Runtime runs the exported fp32 graphs")
-    if onnx is not None and not (Path(onnx) / "encoders.json").is_file():
-        raise EslmatchError(f"{onnx}: not an eslmatch ONNX export (no encoders.json; see eslmatch export)")
-
-
-def open_from_args(args: argparse.Namespace, verify: bool = False) -> Any:
-    """The gallery the arguments name (its model is loaded on first use)."""
-    from ..retrieval import open_gallery
-
-    target, collection = gallery_target(args)
-    device = getattr(args, "device", "cpu")
-    return open_gallery(
-        target,
-        collection,
-        model=getattr(args, "model", None),
-        text_model=getattr(args, "text_model", None),
-        device=device if device == "cpu" else str(_device(device)),  # "cpu" needs no torch to say so
-        verify=verify,
-        timeout=args.milvus_timeout,
-        precision=getattr(args, "precision", None),
-        runtime=getattr(args, "runtime", "torch"),
-        onnx=getattr(args, "onnx", None),
-    )
-
-
-def _device(name: str) -> Any:
-    from ..utils import resolve_device
-
-    return resolve_device(name)
 
 
 def _inputs_args(p: argparse.ArgumentParser) -> None:
@@ -444,6 +326,7 @@ def _build(args: argparse.Namespace) -> int:
 def _build_in(args: argparse.Namespace, job: Any) -> int:
     from ..factory import load_model
     from ..retrieval import build_gallery
+    from ..utils import resolve_device
 
     with job.stage("setup"):
         milvus = args.milvus is not None or args.collection is not None
@@ -462,7 +345,7 @@ def _build_in(args: argparse.Namespace, job: Any) -> int:
         _check_inputs(args)
         options = _options(args)
         metadata = _read_meta(args)
-        device = job.device_for(args.device) if job.distributed else str(_device(args.device))
+        device = job.device_for(args.device) if job.distributed else str(resolve_device(args.device))
         model = load_model(args.model, map_location=device, text_model=args.text_model)
         inputs, source_options = _inputs(args, model, args.kind)
         if options.side_dtype is not None and model.exact_index:
@@ -506,7 +389,10 @@ def _build_in(args: argparse.Namespace, job: Any) -> int:
         return 0
     procs = f" ({job.world_size} processes)" if job.distributed else ""
     print(f"built {args.kind} gallery {args.out} in {seconds:.1f} s{procs}")
-    return _describe(gallery, verify=False, as_json=False)
+    from ..retrieval.describe import format_description
+
+    print(format_description(gallery.describe()))
+    return 0
 
 
 def _add(args: argparse.Namespace) -> int:
@@ -605,144 +491,13 @@ def _compact(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     gallery_target(args)
     gallery = open_from_args(args, verify=args.verify)
-    return _describe(gallery, args.verify, args.json, (args.precision, args.runtime))
+    from ..retrieval.describe import format_description
 
-
-def encodings(gallery: Any, asked: tuple[str | None, str] = (None, "torch")) -> dict[str, Any]:
-    """The gallery's recorded encoding(s) (one per source: a build and its adds may differ),
-    the one queries get (``asked``: ``(precision or None, runtime)``; default: the gallery's)
-    and whether they differ. Loads no model."""
-    from ..retrieval.encoding import default_encoding, describe_encoding, recorded_encoding
-    from ..utils.precision import resolve_precision
-
-    store = gallery.store
-    base = recorded_encoding(store.manifest.get("encoding"))
-    layout = store.layout() if hasattr(store, "layout") else {}
-    sources = layout.get("sources") or store.manifest.get("sources") or []
-    used = [recorded_encoding(s.get("encoding")) if s.get("encoding") else base for s in sources] or [base]
-    precision, runtime = asked
-    device = getattr(gallery, "_device", "cpu")
-    if runtime == "onnxruntime":
-        query = {"runtime": "onnxruntime", "precision": "fp32"}
-    elif precision is None:
-        query = default_encoding(store.manifest.get("encoding"), device).record()
-    else:
-        query = {"runtime": "torch", "precision": resolve_precision(precision, device)}
-    names = sorted({describe_encoding(e) for e in used})
-    return {
-        "gallery": names,
-        "queries": describe_encoding(query),
-        "mismatch": any(e != query for e in used),
-        "recorded": bool(store.manifest.get("encoding")),
-    }
-
-
-def describe(gallery: Any) -> dict[str, Any]:
-    """The manifest with the live counts, fields and (file galleries) the layout."""
-    store = gallery.store
-    out = {k: v for k, v in store.manifest.items() if not k.startswith("_")}
-    out.update(store.info())
-    lib = store.library()
-    out["library"] = {
-        "roots": lib.get("roots", []),
-        "excluded": len(lib.get("excluded", {})),
-        "gone": len(lib.get("gone", {})),
-    }
-    if hasattr(store, "layout"):
-        layout = store.layout()
-        out["layout"] = {k: v for k, v in layout.items() if k != "sources"}
-        out["sources"] = layout.get("sources", [])
-        out["generation"] = store.generation
-        out["staging_bytes"] = _staging_bytes(Path(store.where))
-    return out
-
-
-def _staging_bytes(path: Path) -> int:
-    """Bytes an interrupted write left in the gallery's staging folder (0: none)."""
-    from ..retrieval.layout import STAGING
-
-    staging = path / STAGING
-    return sum(f.stat().st_size for f in staging.rglob("*") if f.is_file()) if staging.is_dir() else 0
-
-
-def _describe(gallery: Any, verify: bool, as_json: bool, asked: tuple[str | None, str] = (None, "torch")) -> int:
-    info = describe(gallery)
-    info["encodings"] = encodings(gallery, asked)
-    if as_json:
-        print(json.dumps(info, indent=2, sort_keys=True, default=str))
-        return 0
-    store = gallery.store
-    print(f"gallery    {store.where}")
-    what = "regions" if store.kind == "image" else "words"
-    deleted = f", {info['deleted']} deleted not yet compacted" if info.get("deleted") else ""
-    if store.stages == 1:
-        print(f"kind       {store.kind} ({info['count']} items{deleted}, one vector of {store.total_dim} each)")
-        print("stages     1 (exact: the inner product of the vectors is the model's score; no re-rank)")
-    else:
-        width = max((s["width"] for s in info.get("layout", {}).get("shards", [])), default=info.get("width", 0))
-        print(
-            f"kind       {store.kind} ({info['count']} items{deleted}, up to {width} {what}, Dt={store.total_dim}, {store.dtype})"
-        )
-        print("stages     2 (shortlist by the first stage, then the full ESL score re-ranks it)")
-    first = (info.get("layout") or {}).get("faiss") or info.get("index") or {}
-    auto = " (auto)" if first.get("auto") else ""
-    opts = {
-        k: v
-        for k, v in (first.get("options") or {}).items()
-        if v is not None and k in ("nlist", "nprobe", "pq_m", "refine")
-    }
-    print(f"first      {first.get('kind')}{auto}" + "".join(f" {k}={v}" for k, v in opts.items()))
-    model = store.manifest["model"]
-    print(f"model      {model.get('path') or '(not recorded)'} fingerprint {str(model.get('fingerprint'))[:16]}")
-    _print_encodings(info["encodings"])
-    print(f"fields     {', '.join(f'{k} ({v})' for k, v in info['fields'].items())}")
-    if store.grid:
-        print(f"grid       {'x'.join(map(str, store.grid))}")
-    if "layout" in info:
-        shards = info["layout"].get("shards", [])
-        size = sum(r["bytes"] for s in shards for r in s["files"].values()) + int(first.get("bytes") or 0)
-        print(f"size       {size / 2**20:.1f} MiB in {len(shards)} shard(s), generation {info['generation']}")
-    lib = store.library()
-    for root in lib.get("roots", []):
-        print(f"root       {root['label']}: {root['path']}")
-    if lib.get("extractor"):
-        ex = lib["extractor"]
-        size = f" at {ex['image_size']} px" if ex.get("image_size") else ""
-        print(f"extractor  {ex['backbone']}{size}, {ex.get('precision', 'fp32')} (photos added are made into regions)")
-    if lib.get("excluded") or lib.get("gone"):
-        print(
-            f"library    {len(lib.get('excluded', {}))} excluded (deleted by you, files kept; index restore), "
-            f"{len(lib.get('gone', {}))} gone from disk (metadata kept until compact)"
-        )
-    for src in info.get("sources", []):
-        split = f" split {src['split']}" if src.get("split") else ""
-        where = src.get("features") or src.get("images") or src.get("split_file") or src.get("uploads")
-        skipped = f", {src['skipped']} unreadable files skipped" if src.get("skipped") else ""
-        print(f"source     {where}{split} ({src.get('count')} items{skipped})")
-    if info.get("staging_bytes"):
-        print(
-            f"staging    {info['staging_bytes'] / 2**20:.1f} MiB left by an interrupted write (killed?): the same add "
-            "resumes from it, any other write removes it"
-        )
-    if verify and "layout" in info:
-        print("verified   every file's sha256 matches the catalogue, and the catalogue is sound")
-    elif verify:  # nothing of ours to check: Milvus keeps its own segments
-        print("verified   nothing: a Milvus collection's storage is Milvus's; the manifest and collections open")
+    info = gallery.describe(args.precision, args.runtime)
+    print(
+        json.dumps(info, indent=2, sort_keys=True, default=str) if args.json else format_description(info, args.verify)
+    )
     return 0
-
-
-def _print_encodings(enc: dict[str, Any]) -> None:
-    shown = " and ".join(enc["gallery"]) + ("" if enc["recorded"] else " (not recorded: written before eslmatch did)")
-    if len(enc["gallery"]) > 1:
-        shown = f"mixed: {shown} (its sources were encoded differently)"
-    print(f"encoded    {shown}")
-    if enc["mismatch"]:
-        print(
-            f"queries    {enc['queries']}: not the gallery's encoding (allowed; the scores differ slightly from "
-            "those of matching encoders; pass --precision to search to choose)"
-        )
-    else:
-        print(f"queries    {enc['queries']} (the gallery's)")
 
 
 def _reindex(args: argparse.Namespace) -> int:

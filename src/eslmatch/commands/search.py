@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EslmatchError
-from .index import check_encoding_args, encoding_args, gallery_args, gallery_target, open_from_args
+from ._gallery import check_encoding_args, encoding_args, gallery_args, gallery_target, open_from_args
 
 ORDER = 61
 
@@ -194,9 +194,9 @@ def _search(args: argparse.Namespace, gallery: Any, kind: str, where: Any) -> tu
 
 def _note_mismatch(gallery: Any, args: argparse.Namespace) -> None:
     """One note on stderr when the query is encoded otherwise than the gallery's items."""
-    from .index import encodings
+    from ..retrieval.describe import encodings
 
-    enc = encodings(gallery, (args.precision, args.runtime))
+    enc = encodings(gallery.store, gallery.device, args.precision, args.runtime)
     if enc["mismatch"]:
         print(
             f"eslmatch: note: the query is encoded in {enc['queries']}, the gallery in {' and '.join(enc['gallery'])} "

@@ -7,7 +7,7 @@ import ipaddress
 import sys
 
 from ..errors import EslmatchError
-from .index import check_encoding_args, encoding_args, gallery_args, gallery_target
+from ._gallery import check_encoding_args, encoding_args, gallery_args, gallery_target
 
 ORDER = 60
 

@@ -130,6 +130,17 @@ class Gallery:
     def stages(self) -> int:
         return self.store.stages
 
+    @property
+    def device(self) -> str:
+        """Where the model runs (or will, once loaded)."""
+        return str(self._model.device) if self._model is not None else self._device
+
+    def describe(self, precision: str | None = None, runtime: str = "torch") -> dict[str, Any]:
+        """What ``index info --json`` prints (:func:`~.describe.describe`); loads no model."""
+        from .describe import describe
+
+        return describe(self.store, self.device, precision, runtime)
+
     def __len__(self) -> int:
         return int(self.store.info()["count"])
 

@@ -128,6 +128,7 @@ class GalleryManifest(_GalleryBase, total=False):
     """What every store's manifest records: its model (and how its items were encoded)."""
 
     encoding: dict[str, str]  # how its items were encoded: Encoding.record()
+    sources: list[SourceRecord]  # Milvus keeps them here; a file gallery in its layout
 
 
 class _ManifestBase(GalleryManifest):

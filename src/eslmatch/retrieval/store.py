@@ -55,6 +55,7 @@ class GalleryStore(Protocol):
     kind: str
     stages: int
     total_dim: int
+    dtype: str  # of the stored image sides / caption features
     grid: tuple[int, int] | None
     search_params: dict[str, int]  # nprobe / ef_search / refine over the recorded ones (checked at search)
 

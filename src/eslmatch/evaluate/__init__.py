@@ -15,6 +15,10 @@ Where a caption's (or image's) score is tied with another, the row is ranked wit
 default ``argsort``, as the released code does, so ties fall exactly as they do there; an
 untied target's position is simply the number of higher scores (the same number, without
 sorting).
+
+:mod:`eslmatch.evaluate.run` is ``eslmatch eval`` as one call (models or saved matrices, truth,
+ECCV Caption / CxC, SugarCrepe / Winoground); it is not imported here, since it builds on
+:mod:`eslmatch.truth` and :mod:`eslmatch.annotations`, which build on this module.
 """
 
 from __future__ import annotations
@@ -26,14 +30,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import encode_images, eval_mode, iter_caption_features
-from .data.raw import encode_image_files
-from .errors import EslmatchError
-from .scoring import ScoringOptions
-from .text import pad_ids, tokenize_each
-from .utils import resolve_device
-from .utils.choices import check_precision
-from .utils.precision import inference_precision, to_float32
+from ..data import encode_images, eval_mode, iter_caption_features
+from ..data.raw import encode_image_files
+from ..errors import EslmatchError
+from ..scoring import ScoringOptions
+from ..text import pad_ids, tokenize_each
+from ..utils import resolve_device
+from ..utils.choices import check_precision
+from ..utils.precision import inference_precision, to_float32
 
 RECALL_KS = (1, 5, 10)
 METRIC_KEYS = ("r1", "r5", "r10", "medr", "meanr")

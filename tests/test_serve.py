@@ -797,3 +797,19 @@ def test_a_missing_item_is_not_found_by_type(tmp_path):
         g.add(regions(feats, img_dim=16, ids=[made.ids[0]], grid=(3, 3)), on_duplicate="error")
     assert len(g) == 3
     g.close()
+
+
+def test_the_limit_options_are_the_limits_fields():
+    """Each limit's default lived twice, in the server's dataclasses and in the command's
+    options; the options are now made from the fields, so ``serve`` with no limit given runs
+    with exactly the library's defaults."""
+    from dataclasses import asdict
+
+    from eslmatch.cli import build_parser
+    from eslmatch.serve.limits import ConnectionLimits, ServeConfig, options_of
+
+    args = build_parser("serve").parse_args(["serve", "--index", "x"])
+    for cls in (ServeConfig, ConnectionLimits):
+        given = {o.name: getattr(args, o.name) for o in options_of(cls)}
+        assert given and given == {k: v for k, v in asdict(cls()).items() if k in given}
+    assert build_parser("serve").parse_args(["serve", "--max-text", "7"]).max_text_chars == 7

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__, commands
-from .errors import EslmatchError
+from .errors import EslmatchError, JobFailed
 from .utils.messages import cli_logging
 
 
@@ -131,7 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # every error is one line unless --debug
         if args is not None and args.debug:
             raise
-        print(error_line(exc), file=sys.stderr)
+        if not (isinstance(exc, JobFailed) and exc.reported):  # else rank 0 logged it; every rank exits 1
+            print(error_line(exc), file=sys.stderr)
         return 1
 
 

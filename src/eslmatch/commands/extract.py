@@ -140,14 +140,7 @@ def _extract(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..extract import JobFailed
-
-    try:
-        summary = _extract(args)
-    except JobFailed as exc:
-        if exc.reported and not args.debug:
-            return 1  # rank 0 printed the one error line; every rank exits non-zero
-        raise
+    summary = _extract(args)
     if "shape" not in summary:
         return 0  # a torchrun rank other than 0: rank 0 wrote the files and reports
     n, r, d = summary["shape"]

@@ -219,19 +219,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _options(args: argparse.Namespace) -> Any:
-    from ..retrieval import BuildOptions, FaissOptions
+    from ..retrieval import BuildOptions
 
     if args.fp16 and args.side_dtype not in (None, "float16"):
         raise EslmatchError(f"--fp16 contradicts --side-dtype {args.side_dtype}")
     opts = BuildOptions(
         faiss_kind=args.faiss,
-        faiss=FaissOptions(
-            nlist=args.nlist,
-            nprobe=args.nprobe,
-            hnsw_m=args.hnsw_m,
-            ef_construction=args.ef_construction,
-            ef_search=args.ef_search,
-        ),
+        faiss=_faiss_options(args),
         side_dtype="float16" if args.fp16 else args.side_dtype,
         shard_rows=args.shard_rows,
         batch_size=args.batch_size,
@@ -241,6 +235,13 @@ def _options(args: argparse.Namespace) -> Any:
     )
     opts.check()
     return opts
+
+
+def _faiss_options(args: argparse.Namespace) -> Any:
+    from ..retrieval import FaissOptions
+
+    names = ("nlist", "nprobe", "hnsw_m", "ef_construction", "ef_search")
+    return FaissOptions(**{n: getattr(args, n) for n in names})
 
 
 def _check_inputs(args: argparse.Namespace) -> None:
@@ -310,15 +311,11 @@ def _read_meta(args: argparse.Namespace) -> Any:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from ..distributed import DistContext, JobFailed
+    from ..distributed import DistContext
 
     job = DistContext.join(timeout_minutes=args.dist_timeout)  # alone without torchrun
     try:
         return _build_in(args, job)
-    except JobFailed as exc:
-        if exc.reported and not args.debug:
-            return 1  # rank 0 printed the one error line; every rank exits non-zero
-        raise
     finally:
         job.close()
 
@@ -378,14 +375,7 @@ def _build_in(args: argparse.Namespace, job: Any) -> int:
         return 0  # a torchrun rank other than 0: rank 0 reports
     seconds = time.perf_counter() - start
     if milvus:
-        rep = gallery.store.last_write  # type: ignore[attr-defined]  # a MilvusStore just built
-        if rep.up_to_date:
-            print(f"collection {rep.collection} already holds this gallery ({rep.count} items): nothing to do")
-        else:
-            resumed = f", resumed: {rep.present} were stored already" if rep.present else ""
-            print(
-                f"built collection {rep.collection}: wrote {counted(rep.written, 'item')}{resumed} ({rep.count} in all, {seconds:.1f} s)"
-            )
+        print(gallery.store.last_write.line(seconds))  # type: ignore[attr-defined]  # a MilvusStore just built
         return 0
     procs = f" ({job.world_size} processes)" if job.distributed else ""
     print(f"built {args.kind} gallery {args.out} in {seconds:.1f} s{procs}")
@@ -412,20 +402,7 @@ def _add(args: argparse.Namespace) -> int:
         options=BuildOptions(batch_size=args.batch_size, encoding=gallery.encoding),
         **source_options,
     )
-    dup = {"skip": "skipped", "replace": "replaced", "error": "refused"}[args.on_duplicate]
-    extra = f", {rep.duplicates} already in the gallery ({dup})" if rep.duplicates else ""
-    changed = rep.changed and args.on_duplicate == "skip"
-    extra += f", {counted(rep.changed, 'file')} changed, re-encoded" if changed else ""
-    extra += f", {counted(rep.moved, 'file')} moved, followed" if rep.moved else ""
-    extra += (
-        f", {counted(rep.excluded, 'file')} you deleted left out (index restore brings them back)"
-        if rep.excluded
-        else ""
-    )
-    bad = f", {counted(len(rep.unreadable), 'unreadable file')} skipped" if rep.unreadable else ""
-    print(
-        f"added {counted(rep.added, 'item')} to {gallery.store.where}{extra}{bad} ({rep.count} in all, {time.perf_counter() - start:.1f} s)"
-    )
+    print(rep.line(gallery.store.where, args.on_duplicate, time.perf_counter() - start))
     return 0
 
 
@@ -508,16 +485,10 @@ def _reindex(args: argparse.Namespace) -> int:
         raise EslmatchError("give --index (a gallery folder)")
     if args.faiss is None:
         raise EslmatchError("choose the new first stage with --faiss auto|flat|ivf|hnsw|ivfpq")
-    from ..retrieval import FaissOptions, FileStore
+    from ..retrieval import FileStore
     from ..retrieval.files.compact import copy_gallery
 
-    opts = FaissOptions(  # checked before anything is copied or built
-        nlist=args.nlist,
-        nprobe=args.nprobe,
-        hnsw_m=args.hnsw_m,
-        ef_construction=args.ef_construction,
-        ef_search=args.ef_search,
-    )
+    opts = _faiss_options(args)  # checked before anything is copied or built
     target = args.index
     if args.out:
         copy_gallery(Path(args.index), Path(args.out))

@@ -19,13 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     s.add_argument("--model", help="model directory or released checkpoint (default: the one the gallery records)")
     s.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
-    s.add_argument("--max-text", type=int, default=1000, help="longest query in characters (default 1000)")
-    s.add_argument("--max-k", type=int, default=1000, help="most results per search (default 1000)")
-    s.add_argument("--max-rerank-k", type=int, default=2000, help="largest rerank_k allowed (default 2000)")
     s.add_argument("--max-upload-mb", type=float, default=20.0, help="largest uploaded photo in MiB (default 20)")
-    s.add_argument(
-        "--max-pixels", type=int, default=40_000_000, help="largest uploaded photo in pixels (default 40,000,000)"
-    )
     s.add_argument(
         "--write-token-file",
         metavar="FILE",
@@ -45,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="also answer requests whose Host header names NAME (repeatable; e.g. behind a reverse proxy). By "
         "default only 127.0.0.1, localhost, [::1] and --host are answered (DNS rebinding); '*' answers any",
     )
-    connection_args(s)
+    limit_args(s)
     s.add_argument(
         "--log-level",
         default="info",
@@ -56,60 +50,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=run)
 
 
-def connection_args(s: argparse.ArgumentParser) -> None:
-    """The limits a running server puts on connections and queued work (docs/serve.md, Limits)."""
-    s.add_argument(
-        "--header-timeout",
-        type=float,
-        default=10.0,
-        metavar="S",
-        help="close a connection whose request line and headers are not complete within S seconds (default 10)",
-    )
-    s.add_argument(
-        "--body-timeout",
-        type=float,
-        default=60.0,
-        metavar="S",
-        help="close a connection whose request body is not complete within S seconds of its headers (default 60)",
-    )
-    s.add_argument(
-        "--send-timeout",
-        type=float,
-        default=30.0,
-        metavar="S",
-        help="close a connection that reads nothing of its response for S seconds (default 30)",
-    )
-    s.add_argument(
-        "--keep-alive-timeout",
-        type=float,
-        default=5.0,
-        metavar="S",
-        help="close a kept-alive connection idle for S seconds (default 5)",
-    )
-    s.add_argument(
-        "--max-connections",
-        type=int,
-        default=0,
-        metavar="N",
-        help="most open connections; at N a new one closes the oldest idle one, or is closed when none is idle "
-        "(default 0: the file-descriptor limit, raised to its hard limit, less a reserve of a quarter of it, at most "
-        "1024; at most 65536)",
-    )
-    s.add_argument(
-        "--backlog",
-        type=int,
-        default=4096,
-        metavar="N",
-        help="connections the kernel queues before the server accepts them (default 4096; the kernel caps it at "
-        "net.core.somaxconn)",
-    )
-    s.add_argument(
-        "--max-pending",
-        type=int,
-        default=256,
-        metavar="N",
-        help="most searches and writes waiting for the model; beyond them the answer is 503 at once (default 256)",
-    )
+def limit_args(s: argparse.ArgumentParser) -> None:
+    """The limits on requests, connections and queued work (docs/serve.md, Limits): each
+    option, its default and help come from its field in :mod:`eslmatch.serve.limits`."""
+    from ..serve.limits import ConnectionLimits, ServeConfig, options_of
+
+    for o in options_of(ServeConfig) + options_of(ConnectionLimits):
+        s.add_argument(
+            o.flag,
+            dest=o.name,
+            type=o.type,
+            default=o.default,
+            metavar=o.metavar,
+            help=f"{o.help} (default {o.default:{',' if o.type is int else 'g'}})",
+        )
 
 
 def is_loopback(host: str) -> bool:
@@ -127,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     check_encoding_args(args)
     if not 0 <= args.port <= 65535:
         raise EslmatchError(f"--port must be between 0 and 65535 (got {args.port})")
-    from ..serve.limits import ConnectionLimits, ServeConfig, connection_cap
+    from ..serve.limits import ConnectionLimits, ServeConfig, connection_cap, options_of
 
     if not 0 < args.max_upload_mb <= 1 << 20:  # also NaN and inf
         raise EslmatchError(
@@ -135,21 +89,10 @@ def run(args: argparse.Namespace) -> int:
         )
     try:
         config = ServeConfig(
-            max_text_chars=args.max_text,
-            max_k=args.max_k,
-            max_rerank_k=args.max_rerank_k,
             max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
-            max_pixels=args.max_pixels,
-            max_pending=args.max_pending,
+            **{o.name: getattr(args, o.name) for o in options_of(ServeConfig)},
         )
-        limits = ConnectionLimits(
-            header_timeout=args.header_timeout,
-            body_timeout=args.body_timeout,
-            keep_alive_timeout=args.keep_alive_timeout,
-            send_timeout=args.send_timeout,
-            max_connections=args.max_connections,
-            backlog=args.backlog,
-        )
+        limits = ConnectionLimits(**{o.name: getattr(args, o.name) for o in options_of(ConnectionLimits)})
     except ValueError as exc:
         raise EslmatchError(str(exc)) from exc
     connection_cap(limits)  # a cap the descriptors cannot hold fails before the loading

@@ -8,7 +8,7 @@ one line before torch, FastAPI or the gallery are loaded.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 from ..errors import EslmatchError
 
@@ -21,18 +21,75 @@ ACCEPT_BATCH = 64
 IN_FLIGHT = 4 * ACCEPT_BATCH  # accepted, not yet counted, plus evicted, not yet closed
 
 
+def _option(help: str, metavar: str, flag: str | None = None) -> dict[str, str]:
+    """A limit the command line sets (``--`` + its name, or ``flag``), with its help."""
+    return {"help": help, "metavar": metavar, **({"flag": flag} if flag else {})}
+
+
+@dataclass(frozen=True)
+class Option:
+    """A limit as a command-line option: ``--flag`` sets the field ``name`` of its class."""
+
+    flag: str
+    name: str
+    type: type
+    default: float
+    metavar: str
+    help: str
+
+
+def options_of(limits: type[ConnectionLimits] | type[ServeConfig]) -> list[Option]:
+    """The limits of ``limits`` (a class) that the command line sets: one home for each one's
+    default, meaning and flag (``eslmatch serve --help`` shows them)."""
+    return [
+        Option(
+            f.metadata.get("flag", "--" + f.name.replace("_", "-")),
+            f.name,
+            float if isinstance(f.default, float) else int,
+            f.default,  # type: ignore[arg-type]  # every option's default is a number
+            f.metadata["metavar"],
+            f.metadata["help"],
+        )
+        for f in fields(limits)
+        if "help" in f.metadata
+    ]
+
+
 @dataclass(frozen=True)
 class ConnectionLimits:
     """Per-connection limits of a running server (seconds; ``max_connections`` 0: from the
     descriptor limit, see :func:`default_max_connections`; ``backlog``: the kernel's queue of
     connections not yet accepted)."""
 
-    header_timeout: float = 10.0
-    body_timeout: float = 60.0
-    keep_alive_timeout: float = 5.0
-    send_timeout: float = 30.0  # a response the client reads nothing of for this long: closed
-    max_connections: int = 0
-    backlog: int = 4096  # the kernel caps it at net.core.somaxconn
+    header_timeout: float = field(
+        default=10.0,
+        metadata=_option("close a connection whose request line and headers are not complete within S seconds", "S"),
+    )
+    body_timeout: float = field(
+        default=60.0,
+        metadata=_option("close a connection whose request body is not complete within S seconds of its headers", "S"),
+    )
+    keep_alive_timeout: float = field(
+        default=5.0, metadata=_option("close a kept-alive connection idle for S seconds", "S")
+    )
+    send_timeout: float = field(
+        default=30.0, metadata=_option("close a connection that reads nothing of its response for S seconds", "S")
+    )
+    max_connections: int = field(
+        default=0,
+        metadata=_option(
+            "most open connections; at N a new one closes the oldest idle one, or is closed when none is idle "
+            "(0: the file-descriptor limit, raised to its hard limit, less a reserve of a quarter of it, at most "
+            "1024; at most 65536)",
+            "N",
+        ),
+    )
+    backlog: int = field(
+        default=4096,
+        metadata=_option(
+            "connections the kernel queues before the server accepts them (it caps them at net.core.somaxconn)", "N"
+        ),
+    )
     log_interval: float = 10.0
 
     def __post_init__(self) -> None:
@@ -104,16 +161,19 @@ def connection_cap(limits: ConnectionLimits) -> int:
 class ServeConfig:
     """Limits on what one request may ask for."""
 
-    max_text_chars: int = 1000
+    max_text_chars: int = field(default=1000, metadata=_option("longest query in characters", "N", "--max-text"))
     max_body_bytes: int = 64 * 1024
-    max_upload_bytes: int = 20 << 20
-    max_pixels: int = 40_000_000
+    max_upload_bytes: int = 20 << 20  # the command line takes --max-upload-mb
+    max_pixels: int = field(default=40_000_000, metadata=_option("largest uploaded photo in pixels", "N"))
     max_photos: int = 64
-    max_k: int = 1000
-    max_rerank_k: int = 2000
+    max_k: int = field(default=1000, metadata=_option("most results per search", "N"))
+    max_rerank_k: int = field(default=2000, metadata=_option("largest rerank_k allowed", "N"))
     default_k: int = 10
     default_rerank_k: int = 100
-    max_pending: int = 256  # queued inference jobs before answering 503
+    max_pending: int = field(
+        default=256,
+        metadata=_option("most searches and writes waiting for the model; beyond them the answer is 503 at once", "N"),
+    )
 
     def __post_init__(self) -> None:
         for name in (

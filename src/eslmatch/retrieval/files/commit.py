@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ...errors import BusyError, EslmatchError
+from ...errors import BusyError, EslmatchError, counted
 from ...utils.choices import check_precision, check_runtime
 from .. import ann
 from ..encoding import FP32, Encoding, resolve_encoding
@@ -107,6 +107,21 @@ class AddReport:
     changed: int = 0  # library files re-encoded because they changed (library.py)
     moved: int = 0  # library files followed to a new place, not re-encoded
     excluded: int = 0  # library files left out: the user deleted their items
+
+    def line(self, where: str, on_duplicate: str, seconds: float) -> str:
+        """What ``index add`` says of it, in one line."""
+        done = {"skip": "skipped", "replace": "replaced", "error": "refused"}[on_duplicate]
+        parts = [f"{self.duplicates} already in the gallery ({done})"] if self.duplicates else []
+        if self.changed and on_duplicate == "skip":
+            parts.append(f"{counted(self.changed, 'file')} changed, re-encoded")
+        if self.moved:
+            parts.append(f"{counted(self.moved, 'file')} moved, followed")
+        if self.excluded:
+            parts.append(f"{counted(self.excluded, 'file')} you deleted left out (index restore brings them back)")
+        if self.unreadable:
+            parts.append(f"{counted(len(self.unreadable), 'unreadable file')} skipped")
+        extra = "".join(f", {p}" for p in parts)
+        return f"added {counted(self.added, 'item')} to {where}{extra} ({self.count} in all, {seconds:.1f} s)"
 
 
 def _digest(spec: BuildSpec) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ... import __version__
-from ...errors import Conflict, EslmatchError
+from ...errors import Conflict, EslmatchError, counted
 from ...model.base import MatchingModel
 from ...utils.messages import note
 from .. import ann
@@ -264,6 +264,16 @@ class MilvusWriteReport:
     count: int
     duplicates: int = 0
     up_to_date: bool = False
+
+    def line(self, seconds: float) -> str:
+        """What ``index build --milvus`` says of it, in one line."""
+        if self.up_to_date:
+            return f"collection {self.collection} already holds this gallery ({self.count} items): nothing to do"
+        resumed = f", resumed: {self.present} were stored already" if self.present else ""
+        return (
+            f"built collection {self.collection}: wrote {counted(self.written, 'item')}{resumed} "
+            f"({self.count} in all, {seconds:.1f} s)"
+        )
 
 
 def _check_source(source: Source) -> None:

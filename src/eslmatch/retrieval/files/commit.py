@@ -241,18 +241,7 @@ def _spec(
     ``record`` is the model record; an add names its first shard ``base`` and the rows it replaces."""
     fingerprint, stages = record["fingerprint"], record["stages"]
     total_dim = None if model.exact_index else int(model.config.total_dim)
-    if base is None:
-        return {
-            "fingerprint": fingerprint,
-            "stages": stages,
-            "dtype": dtype,
-            "shard_rows": shard_rows,
-            "total_dim": total_dim,
-            **source.identity(),
-            "action": action,
-            "encoding": encoding,
-        }
-    return {
+    spec: BuildSpec = {
         "fingerprint": fingerprint,
         "stages": stages,
         "dtype": dtype,
@@ -260,10 +249,11 @@ def _spec(
         "total_dim": total_dim,
         **source.identity(),
         "action": action,
-        "base": base,
-        "replace": list(replace),
         "encoding": encoding,
     }
+    if base is not None:  # an add: its first shard and the rows it replaces
+        spec["base"], spec["replace"] = base, list(replace)
+    return spec
 
 
 def encoding_of(model: MatchingModel, options: BuildOptions, default: Encoding = FP32) -> Encoding:

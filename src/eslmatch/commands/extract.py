@@ -112,30 +112,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=run)
 
 
+# extract_folder's keyword arguments that are options of the same name
+_SAME = "captions split captions_per_image batch_size device weights image_size chunk boxes max_boxes recursive".split()
+_SAME += "relative_paths workers precision runtime".split()
+
+
 def _extract(args: argparse.Namespace) -> dict[str, Any]:
     from ..extract import extract_folder
 
+    same = {k: getattr(args, k) for k in _SAME}
     return extract_folder(
         args.images,
         args.out,
         backbone=args.backbone,
-        captions=args.captions,
-        split=args.split,
-        captions_per_image=args.captions_per_image,
-        batch_size=args.batch_size,
-        device=args.device,
-        weights=args.weights,
-        image_size=args.image_size,
-        chunk=args.chunk,
-        boxes=args.boxes,
-        max_boxes=args.max_boxes,
-        recursive=args.recursive,
-        relative_paths=args.relative_paths,
-        workers=args.workers,
         progress=not args.no_progress,
         dist_timeout_minutes=args.dist_timeout,
-        precision=args.precision,
-        runtime=args.runtime,
+        **same,
     )
 
 

@@ -52,8 +52,7 @@ def _inputs_args(p: argparse.ArgumentParser) -> None:
         metavar="META",
         help='metadata of the items: JSON Lines ({"id": ..., "field": value}) or CSV with an id column (default: none)',
     )
-    p.add_argument("--batch-size", type=int, default=256, help="items encoded at once (default 256)")
-    p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N or auto")
+    _device_args(p)
     p.add_argument(
         "--text-model", help="tokenizer of a released checkpoint, recorded for searches (default: the model's own)"
     )
@@ -62,6 +61,10 @@ def _inputs_args(p: argparse.ArgumentParser) -> None:
 def _encode_args(p: argparse.ArgumentParser) -> None:
     """What an action that may encode photos takes (the model is loaded only if it does)."""
     p.add_argument("--model", help="model (default: the one the gallery records)")
+    _device_args(p)
+
+
+def _device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="items encoded at once (default 256)")
     p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N or auto")
 
@@ -204,17 +207,8 @@ def run(args: argparse.Namespace) -> int:
     if action is None:
         args.index_parser.print_help()
         return 2
-    handlers = {
-        "build": _build,
-        "add": _add,
-        "delete": _delete,
-        "update": _update,
-        "compact": _compact,
-        "info": _info,
-        "sync": _sync,
-        "restore": _restore,
-        "reindex": _reindex,
-    }
+    handlers = dict(build=_build, add=_add, delete=_delete, update=_update, compact=_compact, info=_info)
+    handlers.update(sync=_sync, restore=_restore, reindex=_reindex)
     return handlers[action](args)
 
 
@@ -303,11 +297,9 @@ def _inputs(args: argparse.Namespace, model: Any, kind: str) -> tuple[Any, dict[
 
 
 def _read_meta(args: argparse.Namespace) -> Any:
-    if not getattr(args, "metadata", None):
-        return None
     from ..retrieval import read_metadata
 
-    return read_metadata(args.metadata)
+    return read_metadata(args.metadata) if args.metadata else None
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -350,14 +342,8 @@ def _build_in(args: argparse.Namespace, job: Any) -> int:
     options.progress = job.is_main
     start = time.perf_counter()
     target = args.milvus if milvus else args.out
-    extra = {}
-    if milvus:
-        extra = {
-            "overwrite": args.overwrite,
-            "shards": args.milvus_shards,
-            "replicas": args.milvus_replicas,
-            "timeout": args.milvus_timeout,
-        }
+    names = ("overwrite", "milvus_shards", "milvus_replicas", "milvus_timeout")  # build_milvus's, less "milvus_"
+    extra = {n.removeprefix("milvus_"): getattr(args, n) for n in names} if milvus else {}
     gallery = build_gallery(
         model,
         inputs,

@@ -68,6 +68,48 @@ def test_score_matches_after_convert(capsys, released, tmp_path):
     assert np.array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
 
 
+def test_info_prints_the_library_description(capsys, released, tmp_path):
+    """``info --json`` prints :func:`describe_model`, ``info`` :func:`format_model`, ``info
+    --verify`` checks with :func:`verify_checkpoint`, for both formats."""
+    from eslmatch.factory import load_model
+    from eslmatch.model.describe import describe_model, format_model, verify_checkpoint
+
+    path, _ = released
+    ours = tmp_path / "ours"
+    load_model(path).save_pretrained(ours)
+    for where, verified in ((path, False), (ours, True)):
+        model = load_model(where)
+        flags = ["--verify"] if verified else []
+        code, out, _ = run_cli(capsys, "info", str(where), "--json", *flags)
+        assert code == 0 and json.loads(out) == describe_model(model, str(where), verified)
+        code, out, _ = run_cli(capsys, "info", str(where), *flags)
+        assert code == 0 and out == format_model(model, str(where), verified) + "\n"
+    assert verify_checkpoint(ours) == load_model(ours).weights_digest["sha256"]
+    with pytest.raises(eslmatch.EslmatchError, match="a released checkpoint records no digest"):
+        verify_checkpoint(path)
+
+
+def test_score_prints_the_library_scores(capsys, released, tmp_path):
+    """``score --save`` writes :func:`score_inputs`' matrix and ``--compare`` prints
+    :func:`relative_error`."""
+    from eslmatch.factory import load_model
+    from eslmatch.scoring.inputs import read_score_inputs, relative_error, score_inputs
+
+    path, inputs = released
+    arrays = read_score_inputs(inputs)
+    sims = score_inputs(load_model(path), arrays, inputs)
+    np.savez(tmp_path / "with_ref.npz", **arrays, ref=sims + 1e-3)
+    args = ["score", str(path), "--inputs", str(tmp_path / "with_ref.npz"), "--save", str(tmp_path / "s.npy")]
+    code, out, _ = run_cli(capsys, *args, "--compare", "ref", "--tolerance", "1")
+    assert code == 0 and np.array_equal(np.load(tmp_path / "s.npy"), sims)
+    err = relative_error(sims, read_score_inputs(tmp_path / "with_ref.npz"), "ref", tmp_path / "with_ref.npz")
+    assert f"max relative error vs ref: {err:.3e} (OK, tolerance 1)" in out and err > 0
+    with pytest.raises(eslmatch.EslmatchError, match="no array 'nope' to compare with"):
+        relative_error(sims, arrays, "nope", inputs)
+    code, _, stderr = run_cli(capsys, "score", str(path), "--inputs", str(tmp_path / "missing.npz"))
+    assert_one_line_error(code, stderr, "missing.npz: no such inputs file")
+
+
 @needs_fixtures
 def test_score_reference_fixture(capsys):
     code, out, _ = run_cli(

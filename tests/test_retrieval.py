@@ -547,6 +547,52 @@ def test_cli_reverse_info_add_and_errors(model, data, image_index, tmp_path, cap
     assert len(err) == 1 and "built with" in err[0], err  # another model (its weight file, then its fingerprint)
 
 
+def test_search_cli_prints_the_library_query_result(model, data, tmp_path, capsys, caplog):
+    """``search --json`` prints :func:`run_query`'s ``to_dict()`` and the table is
+    :func:`format_query_result` (the times aside), for every kind of query; the library logs
+    the missing-images warning that the command line shows."""
+    from eslmatch.retrieval.query import Query, QueryResult, format_query_result, run_query
+
+    model_dir = str(model.save_pretrained(tmp_path / "model"))
+    images, caps = str(tmp_path / "images"), str(tmp_path / "caps")
+    build(model, data, images, model_path=model_dir).close()
+    build(model, data, caps, kind="caption", model_path=model_dir).close()
+    split = open_split(data, "test")
+    np.save(tmp_path / "feats.npy", split.read_images(slice(0, 1))[0])
+    where = f'id != "{split.ids[1]}"'
+    cases = [
+        (images, Query(text=QUERY), [QUERY, "--where", where]),
+        (images, Query(similar_to=split.ids[0]), ["--similar-to", split.ids[0]]),
+        (caps, Query(image_id=split.ids[2], image_index=images), ["--image-id", split.ids[2], "--image-index", images]),
+        (caps, Query(image_features=str(tmp_path / "feats.npy")), ["--image-features", str(tmp_path / "feats.npy")]),
+    ]
+
+    def timeless(result: dict) -> dict:
+        return {k: v for k, v in result.items() if k != "seconds"}
+
+    for index, query, args in cases:
+        cli = ["search", "--index", index, *args, "-k", "4", "--rerank-k", "6"]
+        assert main([*cli, "--json"]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        flt = where if query.text else None
+        result = run_query(open_gallery(index), query, 4, 6, flt)
+        assert isinstance(result, QueryResult) and len(result.hits) == 4
+        assert timeless(printed) == timeless(json.loads(result.to_json())), args
+        assert main(cli) == 0
+        table = capsys.readouterr().out.rstrip("\n").splitlines()
+        ours = format_query_result(result).splitlines()
+        assert table[:-1] == ours[:-1]
+        assert table[-1].split(" ms")[1] == ours[-1].split(" ms")[1]  # "(4 of 14, N ms, filter ...)"
+    caplog.clear()
+    run_query(open_gallery(images), Query(text=QUERY), 2)  # the images/test/*.jpg recorded are not there
+    (record,) = [r for r in caplog.records if r.name == "eslmatch.retrieval.query"]
+    assert record.levelname == "WARNING" and "the result images are missing, e.g. images/test/" in record.getMessage()
+    with pytest.raises(EslmatchError, match="is a caption index"):
+        run_query(open_gallery(caps), Query(text=QUERY))
+    with pytest.raises(EslmatchError, match="give one query"):
+        Query(text=QUERY, similar_to=split.ids[0]).check()
+
+
 def test_ivf_grows_then_retrains(model, tmp_path, monkeypatch):
     monkeypatch.setattr(filecommit, "TAIL_MIN", 0)  # extend FAISS on every add (no exact tail)
     rng = np.random.default_rng(2)

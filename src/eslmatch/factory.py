@@ -9,23 +9,30 @@ and these functions.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 
 from .compat.official import load_official_checkpoint
+from .config import ESLConfig
 from .errors import CheckpointError, EslmatchError
 from .model.base import CONFIG_NAME, MatchingModel, read_config
 from .model.esl import ESLModel
 from .model.esl_clip import ESLClipModel
+from .model.esl_clip.config import ESLClipConfig
 from .model.vse import VSEModel
 from .text import load_tokenizer
+
+if TYPE_CHECKING:
+    from .text import TextTokenizer
 
 FAMILIES: dict[str, type[MatchingModel]] = {
     "esl": ESLModel,
     "vse": VSEModel,
     "esl-clip": ESLClipModel,
 }
+# The configuration of one of the families.
+ModelConfig: TypeAlias = ESLConfig | ESLClipConfig
 
 
 def model_class(model_type: str) -> type[MatchingModel]:
@@ -36,7 +43,7 @@ def model_class(model_type: str) -> type[MatchingModel]:
         raise EslmatchError(f"unknown model_type {model_type!r}; known: {', '.join(FAMILIES)}") from None
 
 
-def config_from_dict(data: dict[str, Any]) -> Any:
+def config_from_dict(data: dict[str, Any]) -> ModelConfig:
     """The configuration of the family ``data["model_type"]`` names (``"esl"`` when absent)."""
     return model_class(str(data.get("model_type", "esl"))).config_class.from_dict(data)
 
@@ -46,7 +53,7 @@ def config_class(model_type: str) -> type:
     return model_class(model_type).config_class
 
 
-def build_model(config: Any, tokenizer: Any = None) -> MatchingModel:
+def build_model(config: ModelConfig, tokenizer: TextTokenizer | None = None) -> MatchingModel:
     """A new model of ``config.model_type`` (pretrained backbones load from the config's names)."""
     return model_class(config.model_type).from_config(config, tokenizer)  # type: ignore[attr-defined]
 

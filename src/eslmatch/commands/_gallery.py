@@ -16,15 +16,15 @@ if TYPE_CHECKING:
     from ..retrieval import Gallery
 
 
-def gallery_args(p: argparse.ArgumentParser, what: str, positional: bool = False) -> None:
-    """``--index DIR`` or ``--milvus URI --collection NAME`` (and ``--milvus-timeout``)."""
+def gallery_args(p: argparse.ArgumentParser, what: str, positional: bool = False, place: str = "index") -> None:
+    """``--index DIR`` (``--{place}``) or ``--milvus URI --collection NAME`` (and ``--milvus-timeout``)."""
     if positional:
         p.add_argument("index_pos", nargs="?", metavar="INDEX", help="gallery folder (or use --index / --milvus)")
-    p.add_argument("--index", help=f"the gallery folder to {what} (one of --index / --milvus)")
+    p.add_argument(f"--{place}", help=f"the gallery folder to {what} (one of --{place} / --milvus)")
     p.add_argument(
         "--milvus",
         metavar="URI",
-        help=f"{what} a gallery in Milvus at URI, e.g. http://127.0.0.1:19530 (instead of --index)",
+        help=f"{what.split(' (')[0]} a gallery in Milvus at URI, e.g. http://127.0.0.1:19530 (instead of --{place})",
     )
     p.add_argument("--collection", help="the Milvus collection (required with --milvus)")
     p.add_argument(

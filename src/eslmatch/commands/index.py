@@ -101,12 +101,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="image",
         help="image gallery (text -> image search, default) or caption index (image -> text)",
     )
-    b.add_argument(
-        "--out", help="the gallery folder to write, an existing one replaced atomically (one of --out / --milvus)"
-    )
-    b.add_argument("--milvus", metavar="URI", help="build a gallery in Milvus at URI instead of --out")
-    b.add_argument("--collection", help="the Milvus collection (required with --milvus)")
-    b.add_argument("--milvus-timeout", type=float, default=30.0, help="seconds a Milvus call may take (default 30)")
+    gallery_args(b, "build (an existing one is replaced atomically)", place="out")
     b.add_argument(
         "--overwrite", action="store_true", help="with --milvus: replace a collection holding another gallery"
     )

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from ..data import encode_images, eval_mode, iter_caption_features
@@ -39,9 +40,33 @@ from ..utils import resolve_device
 from ..utils.choices import check_precision
 from ..utils.precision import inference_precision, to_float32
 
+if TYPE_CHECKING:
+    from ..data.precomp import PrecompSplit
+    from ..data.raw import ImageCaptionSplit
+    from ..model.base import MatchingModel
+
 RECALL_KS = (1, 5, 10)
 METRIC_KEYS = ("r1", "r5", "r10", "medr", "meanr")
 _RANK_CHUNK_BYTES = 128 << 20
+_T = TypeVar("_T")
+
+
+class SideMetrics(TypedDict):
+    """One direction's metrics: R@1/5/10 (percent), medr and meanr (1-based)."""
+
+    r1: float
+    r5: float
+    r10: float
+    medr: float
+    meanr: float
+
+
+class RecallMetrics(TypedDict):
+    """What :func:`recall_metrics` returns: both directions and the sum of the six recalls."""
+
+    i2t: SideMetrics
+    t2i: SideMetrics
+    rsum: float
 
 
 @dataclass(frozen=True)
@@ -81,7 +106,7 @@ def check_protocol_size(protocol: str, n_images: int, fold_size: int = 1000) -> 
 
 
 # ---------------------------------------------------------------------- ranks
-def check_score_matrix(sims: Any, captions_per_image: int = 5, source: str = "score matrix") -> np.ndarray:
+def check_score_matrix(sims: npt.ArrayLike, captions_per_image: int = 5, source: str = "score matrix") -> np.ndarray:
     """Return ``sims`` as a 2-D float array after checking shape ``(N, k N)`` and finiteness."""
     arr = np.asarray(sims)
     if captions_per_image < 1:
@@ -160,16 +185,27 @@ def t2i_ranks(sims: np.ndarray, captions_per_image: int = 5) -> np.ndarray:
     return ranks
 
 
-def summarize_ranks(ranks: np.ndarray) -> dict[str, float]:
+def summarize_ranks(ranks: np.ndarray) -> SideMetrics:
     """R@1/5/10 (percent), medr and meanr (1-based) of 0-based ranks."""
     ranks = np.asarray(ranks, dtype=np.float64)
-    out = {f"r{k}": 100.0 * float(np.count_nonzero(ranks < k)) / len(ranks) for k in RECALL_KS}
-    out["medr"] = float(np.floor(np.median(ranks)) + 1)
-    out["meanr"] = float(ranks.mean() + 1)
-    return out
+
+    def recall(k: int) -> float:
+        return 100.0 * float(np.count_nonzero(ranks < k)) / len(ranks)
+
+    return {
+        "r1": recall(1),
+        "r5": recall(5),
+        "r10": recall(10),
+        "medr": float(np.floor(np.median(ranks)) + 1),
+        "meanr": float(ranks.mean() + 1),
+    }
 
 
-def recall_metrics(sims: Any, captions_per_image: int = 5) -> dict[str, Any]:
+def _recall_sum(side: SideMetrics) -> float:
+    return side["r1"] + side["r5"] + side["r10"]
+
+
+def recall_metrics(sims: npt.ArrayLike, captions_per_image: int = 5) -> RecallMetrics:
     """Image-to-text and text-to-image metrics of an ``(N, k N)`` score matrix.
 
     Returns:
@@ -178,20 +214,36 @@ def recall_metrics(sims: Any, captions_per_image: int = 5) -> dict[str, Any]:
     arr = check_score_matrix(sims, captions_per_image)
     i2t = summarize_ranks(i2t_ranks(arr, captions_per_image))
     t2i = summarize_ranks(t2i_ranks(arr, captions_per_image))
-    rsum = sum(i2t[f"r{k}"] for k in RECALL_KS) + sum(t2i[f"r{k}"] for k in RECALL_KS)
+    rsum = _recall_sum(i2t) + _recall_sum(t2i)
     return {"i2t": i2t, "t2i": t2i, "rsum": rsum}
 
 
-def mean_metrics(results: list[dict[str, Any]]) -> dict[str, Any]:
+def _mean(values: Iterable[float]) -> float:
+    return float(np.mean(list(values)))
+
+
+def _mean_side(sides: Sequence[SideMetrics]) -> SideMetrics:
+    return {
+        "r1": _mean(s["r1"] for s in sides),
+        "r5": _mean(s["r5"] for s in sides),
+        "r10": _mean(s["r10"] for s in sides),
+        "medr": _mean(s["medr"] for s in sides),
+        "meanr": _mean(s["meanr"] for s in sides),
+    }
+
+
+def mean_metrics(results: Sequence[RecallMetrics]) -> RecallMetrics:
     """Metric-by-metric mean of several :func:`recall_metrics` results (rsum included)."""
-    out: dict[str, Any] = {}
-    for side in ("i2t", "t2i"):
-        out[side] = {key: float(np.mean([r[side][key] for r in results])) for key in METRIC_KEYS}
-    out["rsum"] = float(np.mean([r["rsum"] for r in results]))
-    return out
+    return {
+        "i2t": _mean_side([r["i2t"] for r in results]),
+        "t2i": _mean_side([r["t2i"] for r in results]),
+        "rsum": _mean(r["rsum"] for r in results),
+    }
 
 
-def evaluate_protocol(sims: Any, protocol: str, fold_size: int = 1000, captions_per_image: int = 5) -> dict[str, Any]:
+def evaluate_protocol(
+    sims: npt.ArrayLike, protocol: str, fold_size: int = 1000, captions_per_image: int = 5
+) -> dict[str, Any]:
     """Metrics of ``sims`` ``(N, k N)`` under ``protocol`` (``f30k``, ``coco1k``, ``coco5k``).
 
     ``coco1k`` needs exactly ``5 * fold_size`` images: fold ``f`` is images
@@ -209,10 +261,9 @@ def evaluate_protocol(sims: Any, protocol: str, fold_size: int = 1000, captions_
         for f in range(proto.folds):
             i0, i1 = f * fold_size, (f + 1) * fold_size
             folds.append(recall_metrics(arr[i0:i1, i0 * k : i1 * k], k))
-        result = mean_metrics(folds)
-        result["folds"] = folds
+        result: dict[str, Any] = {**mean_metrics(folds), "folds": folds}
     else:
-        result = recall_metrics(arr, k)
+        result = {**recall_metrics(arr, k)}
     result.update(
         protocol=proto.name,
         n_images=int(n),
@@ -227,10 +278,10 @@ def evaluate_protocol(sims: Any, protocol: str, fold_size: int = 1000, captions_
 
 # ---------------------------------------------------------------------- scoring a split
 def score_split(
-    model: Any,
-    split: Any,
+    model: MatchingModel,
+    split: PrecompSplit,
     batch_size: int = 128,
-    device: Any = None,
+    device: torch.device | str | None = None,
     progress: bool = True,
     chunk_bytes: int = 512 << 20,
     options: ScoringOptions | None = None,
@@ -280,10 +331,10 @@ def score_split(
 
 
 def score_image_split(
-    model: Any,
-    split: Any,
+    model: MatchingModel,
+    split: ImageCaptionSplit,
     batch_size: int = 64,
-    device: Any = None,
+    device: torch.device | str | None = None,
     workers: int = 0,
     options: ScoringOptions | None = None,
     precision: str = "fp32",
@@ -313,7 +364,7 @@ def score_image_split(
         return model.score(img, None, cap, lens, options).float().cpu().numpy()
 
 
-def encoded_in(precision: str, device: torch.device, items: Iterable[Any]) -> Iterator[Any]:
+def encoded_in(precision: str, device: torch.device, items: Iterable[_T]) -> Iterator[_T]:
     """``items`` (a generator that encodes) advanced in ``precision``, each item as float32: the
     code between two items (scoring) runs outside the autocast region."""
     it = iter(items)
@@ -327,7 +378,7 @@ def encoded_in(precision: str, device: torch.device, items: Iterable[Any]) -> It
 
 
 def embed_caption_texts(
-    model: Any, texts: Sequence[str], batch_size: int, device: torch.device, where: Callable[[int], str]
+    model: MatchingModel, texts: Sequence[str], batch_size: int, device: torch.device, where: Callable[[int], str]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``model.embed_captions`` of ``texts``, in order, ``batch_size`` at a time (call in eval mode).
 

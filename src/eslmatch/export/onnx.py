@@ -34,7 +34,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 import torch
@@ -48,6 +48,12 @@ from ..text import tokenize as tokenize_with
 from ..utils import atomic_dir, lengths_to_mask, masked_mean
 from ..utils.io import check_replaceable
 
+if TYPE_CHECKING:
+    from onnxruntime import InferenceSession
+
+    from ..model.esl_clip.tokenizer import ClipTokenizer
+    from ..text import TextTokenizer
+
 log = logging.getLogger(__name__)
 FORMAT = "eslmatch-onnx/1"
 MANIFEST = "encoders.json"
@@ -55,6 +61,57 @@ OPSET = 17
 VARIANTS = ("fp32", "int8")
 FILES = {"image": "image_encoder", "text": "text_encoder"}
 EXPORTER = "torch.onnx.export, TorchScript tracer (dynamo=False)"
+
+
+class TensorInfo(TypedDict):
+    """An encoder's input or output in ``encoders.json``: str entries of ``shape`` are named
+    (dynamic) axes."""
+
+    name: str
+    dtype: str
+    shape: list[str | int]
+
+
+class EncoderEntry(TypedDict):
+    """One encoder in ``encoders.json``."""
+
+    files: dict[str, str]  # variant (fp32 / int8) -> file name
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    gives: str
+    agreement: dict[str, dict[str, float]]  # variant -> max_rel_err, min_cosine
+
+
+class _TokenizerKind(TypedDict):
+    kind: str  # none / word / transformers / clip
+
+
+class TokenizerEntry(_TokenizerKind, total=False):
+    """How ``encoders.json`` records the tokenizer (:func:`save_tokenizer`)."""
+
+    path: str  # word, transformers: its file or folder in the export
+    context_length: int  # clip
+
+
+class _ManifestBase(TypedDict):
+    format: str
+    eslmatch_version: str
+    family: str
+    exact_index: bool
+    takes_pixels: bool
+    exporter: str
+    opset: int
+    torch: str
+    created: str
+    variants: list[str]
+    model_config: dict[str, Any]  # the model's config.json: values of any JSON type
+    encoders: dict[str, EncoderEntry]  # image / text
+
+
+class OnnxManifest(_ManifestBase, total=False):
+    """``encoders.json`` of an export (:func:`export_onnx`)."""
+
+    tokenizer: TokenizerEntry
 
 
 def require_onnx(runtime_only: bool = False) -> None:
@@ -74,7 +131,7 @@ def _zero_padding(x: Tensor, lengths: Tensor) -> Tensor:
 class _TwoStageImages(nn.Module):
     """``regions (N, R, D), lengths (N,)`` -> ``image_side (N, R, Dt), vector (N, Dt)``."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: MatchingModel) -> None:
         super().__init__()
         self.model = model
 
@@ -86,7 +143,7 @@ class _TwoStageImages(nn.Module):
 class _TwoStageCaptions(nn.Module):
     """``ids (M, W), lengths (M,)`` -> ``features (M, W, Dt), vector (M, Dt)``."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: MatchingModel) -> None:
         super().__init__()
         self.model = model
 
@@ -98,7 +155,7 @@ class _TwoStageCaptions(nn.Module):
 class _OneStage(nn.Module):
     """The index vectors ``(B, K)`` of one side: ``index_vectors_X(embed_X(x, lengths))``."""
 
-    def __init__(self, model: Any, side: str) -> None:
+    def __init__(self, model: MatchingModel, side: str) -> None:
         super().__init__()
         self.model = model
         self.side = side
@@ -117,7 +174,7 @@ class EncoderGraph:
     inputs: list[str]
     outputs: list[str]
     example: tuple[Tensor, ...]
-    axes: dict[str, list[Any]]  # name -> shape, str entries are dynamic axes
+    axes: dict[str, list[str | int]]  # name -> shape, str entries are dynamic axes
     gives: str
     dynamic: dict[str, dict[int, str]] = field(default_factory=dict)
 
@@ -139,7 +196,7 @@ def encoder_graphs(model: MatchingModel) -> dict[str, EncoderGraph]:
     if takes_pixels(model):
         size = int(cfg.clip.image_size)
         image_example: tuple[Tensor, ...] = (torch.randn(2, 3, size, size, device=dev), lengths)
-        image_in: dict[str, list[Any]] = {"pixels": ["batch", 3, size, size], "lengths": ["batch"]}
+        image_in: dict[str, list[str | int]] = {"pixels": ["batch", 3, size, size], "lengths": ["batch"]}
     else:
         image_example = (torch.rand(2, 3, int(cfg.img_dim), device=dev), lengths)
         image_in = {"regions": ["batch", "regions", int(cfg.img_dim)], "lengths": ["batch"]}
@@ -147,7 +204,7 @@ def encoder_graphs(model: MatchingModel) -> dict[str, EncoderGraph]:
     ids = torch.randint(1, max(2, vocab), (2, 5), generator=torch.Generator().manual_seed(0)).to(dev)
     ids[1, 3:] = 0
     text_example = (ids, torch.tensor([5, 3], device=dev))
-    text_in: dict[str, list[Any]] = {"ids": ["batch", "length"], "lengths": ["batch"]}
+    text_in: dict[str, list[str | int]] = {"ids": ["batch", "length"], "lengths": ["batch"]}
     if one_stage:
         with torch.no_grad():
             k = int(model.index_vectors_images(model.embed_images(*image_example), image_example[1]).shape[-1])
@@ -197,7 +254,7 @@ def export_onnx(
     out_dir: str | Path,
     quantize: str | None = None,
     opset: int = OPSET,
-) -> dict[str, Any]:
+) -> OnnxManifest:
     """Write ``model``'s encoders as ONNX into ``out_dir`` (atomically); returns the manifest.
 
     Args:
@@ -216,7 +273,7 @@ def export_onnx(
     check_out_dir(out)
     was_training = model.training
     model.eval()
-    manifest: dict[str, Any] = {
+    manifest: OnnxManifest = {
         "format": FORMAT,
         "eslmatch_version": __version__,
         "family": model.config.model_type,
@@ -247,9 +304,7 @@ def export_onnx(
                     "inputs": [_tensor_info(n, graph.axes[n], graph.example[graph.inputs.index(n)]) for n in inputs],
                     "outputs": [{"name": n, "dtype": "float32", "shape": graph.axes[n]} for n in graph.outputs],
                     "gives": graph.gives,
-                }
-                manifest["encoders"][side]["agreement"] = {
-                    v: _agreement(graph, tmp / f, inputs) for v, f in files.items()
+                    "agreement": {v: _agreement(graph, tmp / f, inputs) for v, f in files.items()},
                 }
                 log.info(f"exported the {side} encoder ({time.perf_counter() - t0:.1f} s): {', '.join(files.values())}")
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -298,7 +353,7 @@ def _graph_inputs(path: Path) -> list[str]:
     return [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
 
 
-def _tensor_info(name: str, shape: list[Any], example: Tensor) -> dict[str, Any]:
+def _tensor_info(name: str, shape: list[str | int], example: Tensor) -> TensorInfo:
     return {"name": name, "dtype": "float32" if example.is_floating_point() else "int64", "shape": shape}
 
 
@@ -340,7 +395,7 @@ def relative_error(got: Tensor, ref: Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------- tokenizers
-def save_tokenizer(tokenizer: Any, directory: Path) -> dict[str, Any]:
+def save_tokenizer(tokenizer: TextTokenizer | ClipTokenizer | None, directory: Path) -> TokenizerEntry:
     """Write what :func:`load_saved_tokenizer` needs; returns its manifest entry."""
     if tokenizer is None:
         return {"kind": "none"}
@@ -361,7 +416,7 @@ def save_tokenizer(tokenizer: Any, directory: Path) -> dict[str, Any]:
     raise EslmatchError(f"cannot save a tokenizer of type {type(tokenizer).__name__} with the export")
 
 
-def load_saved_tokenizer(entry: dict[str, Any], directory: Path) -> Any:
+def load_saved_tokenizer(entry: TokenizerEntry, directory: Path) -> TextTokenizer | ClipTokenizer | None:
     """The tokenizer :func:`save_tokenizer` wrote (``None`` for a model without one)."""
     kind = entry.get("kind")
     if kind == "word":
@@ -378,7 +433,7 @@ def load_saved_tokenizer(entry: dict[str, Any], directory: Path) -> Any:
 
 
 # ---------------------------------------------------------------------------- the runtime
-def ort_session(path: Path, threads: int | None = None, providers: Sequence[str] | None = None) -> Any:
+def ort_session(path: Path, threads: int | None = None, providers: Sequence[str] | None = None) -> InferenceSession:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -388,18 +443,18 @@ def ort_session(path: Path, threads: int | None = None, providers: Sequence[str]
     return ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
 
 
-def read_manifest(directory: str | Path) -> dict[str, Any]:
+def read_manifest(directory: str | Path) -> OnnxManifest:
     """``encoders.json`` of an export folder, checked (errors name the file)."""
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise EslmatchError(f"{directory}: not an eslmatch ONNX export (no {MANIFEST}; see eslmatch export)")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        manifest: OnnxManifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise EslmatchError(f"{path}: unreadable ({exc})") from exc
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise EslmatchError(f"{path}: not format {FORMAT}")
-    return data
+    return manifest
 
 
 class OnnxEncoders:
@@ -417,7 +472,13 @@ class OnnxEncoders:
         query = enc.caption_vectors(ids, lengths)          # (1, K)
     """
 
-    def __init__(self, directory: Path, manifest: dict[str, Any], sessions: dict[str, Any], tokenizer: Any) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        manifest: OnnxManifest,
+        sessions: dict[str, InferenceSession],
+        tokenizer: TextTokenizer | ClipTokenizer | None,
+    ) -> None:
         self.directory = directory
         self.manifest = manifest
         self.sessions = sessions
@@ -446,7 +507,8 @@ class OnnxEncoders:
             if not path.is_file():
                 raise EslmatchError(f"{path}: missing from the export")
             sessions[side] = ort_session(path, threads, providers)
-        enc = cls(d, manifest, sessions, load_saved_tokenizer(manifest.get("tokenizer", {}), d))
+        entry: TokenizerEntry = manifest.get("tokenizer") or {"kind": "none"}  # none: an export without one
+        enc = cls(d, manifest, sessions, load_saved_tokenizer(entry, d))
         enc.variant = variant
         return enc
 

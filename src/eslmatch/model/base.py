@@ -32,14 +32,14 @@ import json
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..config import ESLConfig
+from ..config import ConfigData, ESLConfig
 from ..errors import CheckpointError, EslmatchError, InputError, with_article
 from ..scoring import ScoringOptions, check_lengths
 from ..text import WordVocab, load_tokenizer, tokenize
@@ -53,6 +53,11 @@ from .encoders import (
     build_text_encoder,
     text_backbone_for_loading,
 )
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from ..text import TextTokenizer
 
 CONFIG_NAME = "config.json"
 TEXT_DIR = "text_encoder"
@@ -109,7 +114,7 @@ class MatchingModel(nn.Module):
         """Named sub-modules whose parameters :meth:`parameter_counts` reports."""
         raise NotImplementedError
 
-    def preprocess_image(self, image: Any) -> Tensor:
+    def preprocess_image(self, image: Image.Image) -> Tensor:
         """A PIL image -> the pixels ``(3, H, W)`` that :meth:`embed_images` takes (``inputs ==
         "pixels"``)."""
         raise NotImplementedError(f"{type(self).__name__} takes region features, not images")
@@ -176,8 +181,15 @@ class MatchingModel(nn.Module):
         cap = self.embed_captions(captions, caption_lengths)
         return self.score(img, image_lengths, cap, caption_lengths, options)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        return self.similarity(*args, **kwargs)
+    def forward(
+        self,
+        images: Tensor,
+        image_lengths: Tensor | Sequence[int] | None,
+        captions: Tensor,
+        caption_lengths: Tensor | Sequence[int],
+        options: ScoringOptions | None = None,
+    ) -> Tensor:
+        return self.similarity(images, image_lengths, captions, caption_lengths, options)
 
     def tokenize(self, texts: Sequence[str] | str) -> tuple[Tensor, Tensor]:
         """Captions -> ``(ids (M, W), lengths (M,))`` with this model's tokenizer."""
@@ -198,7 +210,7 @@ class MatchingModel(nn.Module):
         """Write the family's own files (tokenizer, backbone config) into ``directory``."""
 
     @classmethod
-    def build_for_loading(cls, config: Any, directory: Path) -> MatchingModel:
+    def build_for_loading(cls, config: ConfigData, directory: Path) -> MatchingModel:
         """A model of ``config`` with placeholder weights, read from ``directory``'s extra files."""
         raise NotImplementedError
 
@@ -301,7 +313,9 @@ class RegionTextModel(MatchingModel):
             (optional: only needed to score raw text).
     """
 
-    def __init__(self, config: ESLConfig, text_backbone: nn.Module | None = None, tokenizer: Any = None) -> None:
+    def __init__(
+        self, config: ESLConfig, text_backbone: nn.Module | None = None, tokenizer: TextTokenizer | None = None
+    ) -> None:
         super().__init__()
         config.validate()
         if config.model_type != self.family:
@@ -312,7 +326,7 @@ class RegionTextModel(MatchingModel):
         self.tokenizer = tokenizer
 
     @classmethod
-    def from_config(cls, config: ESLConfig, tokenizer: Any = None) -> RegionTextModel:
+    def from_config(cls, config: ESLConfig, tokenizer: TextTokenizer | None = None) -> RegionTextModel:
         """New model; a ``"bert"`` text encoder loads ``config.text_model`` (pretrained)."""
         backbone = None
         if config.text_encoder == "bert":
@@ -406,7 +420,9 @@ class RegionTextModel(MatchingModel):
             self.tokenizer.save(directory / VOCAB_NAME)
 
     @classmethod
-    def build_for_loading(cls, config: Any, directory: Path) -> RegionTextModel:
+    def build_for_loading(cls, config: ConfigData, directory: Path) -> RegionTextModel:
+        if not isinstance(config, ESLConfig):
+            raise CheckpointError(f"{directory}: not {with_article(cls.family)} configuration")
         backbone, tokenizer = None, None
         if config.text_encoder == "bert":
             backbone = text_backbone_for_loading(directory / TEXT_DIR)

@@ -272,7 +272,7 @@ def _fields(node: Node) -> set[str]:
     return set().union(*(_fields(a) for a in node.args))
 
 
-def value_type(value: Any) -> str:
+def value_type(value: object) -> str:
     """``"bool"``, ``"int"``, ``"float"`` or ``"str"`` for a metadata value."""
     if isinstance(value, bool):
         return "bool"
@@ -336,7 +336,7 @@ _COMPARE: dict[str, Callable[[Any, Any], bool]] = {
 }
 
 
-def matches(flt: Filter | Node, record: Mapping[str, Any]) -> bool:
+def matches(flt: Filter | Node, record: Mapping[str, Value | None]) -> bool:
     """Whether ``record`` (field -> value; absent fields missing or ``None``) satisfies the filter."""
     node = flt.node if isinstance(flt, Filter) else flt
     if isinstance(node, Compare):
@@ -357,14 +357,14 @@ def matches(flt: Filter | Node, record: Mapping[str, Any]) -> bool:
 
 
 # ---------------------------------------------------------------------- SQLite
-def to_sql(flt: Filter, column: Callable[[str], str]) -> tuple[str, list[Any]]:
+def to_sql(flt: Filter, column: Callable[[str], str]) -> tuple[str, list[str | int | float]]:
     """A parameterised SQLite boolean expression and its parameters.
 
     ``column(field)`` returns the column's SQL name (our code's names, never user text). Each
     comparison is wrapped in ``COALESCE(..., 0)`` so a missing value (NULL) is false and
     ``NOT`` stays two-valued; booleans are bound as 0 / 1.
     """
-    params: list[Any] = []
+    params: list[str | int | float] = []
 
     def render(node: Node) -> str:
         if isinstance(node, Compare):
@@ -381,7 +381,7 @@ def to_sql(flt: Filter, column: Callable[[str], str]) -> tuple[str, list[Any]]:
     return render(flt.node), params
 
 
-def _sql_value(value: Value) -> Any:
+def _sql_value(value: Value) -> str | int | float:
     return int(value) if isinstance(value, bool) else value
 
 

@@ -48,13 +48,19 @@ from .metadata import Metadata, MetadataError, merge_types, read_metadata
 from .models import check_gallery_model, check_model, model_record
 from .policy import check_on_duplicate, item_record, keep_user_metadata, records_of
 from .sourcefiles import IMAGE_SUFFIXES, is_image_file
-from .sources import PhotoSource, Source, source_for
+from .sources import PhotoSource, Source, SourceOptions, source_for
 from .store import GalleryStore
 
 if TYPE_CHECKING:  # torch: imported when a model is loaded, not before (a sync that finds nothing new needs none)
+    import numpy as np
+    from typing_extensions import Unpack
+
     from ..distributed import DistContext
+    from ..extract.backbones import Backbone
     from ..model.base import MatchingModel
     from .search import Hit, Searcher
+    from .sourcefiles import ImageInput
+    from .sources import MetadataInput, SourceInput
 
 
 class Gallery:
@@ -81,7 +87,7 @@ class Gallery:
             check_precision(precision)
         self._searcher: Searcher | None = None
         self._encoding: Encoding | None = encoding
-        self._extractor: Any = None  # photos -> regions (region models; extractor.py)
+        self._extractor: Backbone | None = None  # photos -> regions (region models; extractor.py)
 
     # ------------------------------------------------------------------ model
     @property
@@ -90,9 +96,8 @@ class Gallery:
         if self._model is None:
             from ..factory import load_recorded
 
-            self._model = load_recorded(
-                self.store.manifest["model"], self._model_path, self._text_model, self._device, what=self.store.where
-            )
+            record = dict(self.store.manifest["model"])  # factory.load_recorded takes a plain dict
+            self._model = load_recorded(record, self._model_path, self._text_model, self._device, what=self.store.where)
             self._model.eval()
         return self._model
 
@@ -149,7 +154,7 @@ class Gallery:
 
     # ------------------------------------------------------------------ search
     def search(
-        self, query: Any, k: int = 10, where: str | Filter | None = None, rerank_k: int | None = 100
+        self, query: str | ImageInput, k: int = 10, where: str | Filter | None = None, rerank_k: int | None = 100
     ) -> list[Hit]:
         """Best items for one query: a sentence (``str``: text -> images), or an image (a
         :class:`~pathlib.Path` to a photo, a PIL image, pixels or region features: image ->
@@ -178,7 +183,7 @@ class Gallery:
         """Items most like the stored item ``item_id`` (itself excluded)."""
         return self.searcher.similar([item_id], k, where)[0]
 
-    def attention(self, text: str, item_id: str) -> tuple[list[str], Any, tuple[int, int] | None]:
+    def attention(self, text: str, item_id: str) -> tuple[list[str], np.ndarray, tuple[int, int] | None]:
         """Word-by-region attention of ``text`` over item ``item_id`` (two-stage image galleries)."""
         return self.searcher.attention(text, item_id)
 
@@ -202,12 +207,12 @@ class Gallery:
     # ------------------------------------------------------------------ changes
     def add(
         self,
-        source: Any,
-        metadata: Mapping[str, Metadata] | str | Path | None = None,
+        source: SourceInput,
+        metadata: MetadataInput | None = None,
         on_duplicate: str = "skip",
         *,
         options: BuildOptions | None = None,
-        **source_options: Any,
+        **source_options: Unpack[SourceOptions],
     ) -> AddReport:
         """Add items (a :class:`Source`, or what :func:`~.sources.source_for` takes: a folder of
         photos, features, captions); ``metadata``: ``{id: fields}`` or a JSON Lines / CSV file;
@@ -219,10 +224,10 @@ class Gallery:
         check_on_duplicate(on_duplicate)
         # Every store refuses another model's vectors here, before anything is read or encoded.
         check_model(self.store.manifest["model"], self.stages, self.model, self.store.where)
-        one = isinstance(source, (str, Path)) and Path(source).is_file()
-        if one and self.kind == "image" and Path(source).suffix.lower() in IMAGE_SUFFIXES:
+        path = Path(source) if isinstance(source, (str, Path)) else None
+        if path is not None and path.is_file() and self.kind == "image" and path.suffix.lower() in IMAGE_SUFFIXES:
             lib = Library.load(self.store)
-            found = lib.locate(Path(source))
+            found = lib.locate(path)
             if found is not None:
                 return self._add_root(Path(found[0]["path"]), metadata, on_duplicate, options, found[1])
             if lib.roots:
@@ -277,7 +282,7 @@ class Gallery:
     def _add_root(
         self,
         folder: Path,
-        metadata: Any,
+        metadata: MetadataInput | None,
         on_duplicate: str,
         options: BuildOptions | None,
         only: str | None = None,
@@ -315,7 +320,7 @@ class Gallery:
         rep.duplicates = len(plan.unchanged) + len(plan.touched)
         return rep
 
-    def _photo_extractor(self, lib: Library) -> Any:
+    def _photo_extractor(self, lib: Library) -> Backbone | None:
         """What turns photos into this gallery's input: nothing for a model that takes pixels,
         else the extractor the gallery records (opened once)."""
         from ..model.base import takes_pixels
@@ -331,7 +336,7 @@ class Gallery:
             self._extractor = checked_extractor(self.model, lib.extractor, str(self.model.device))
         return self._extractor
 
-    def _merge_metadata(self, plan: Plan, metadata: Any) -> None:
+    def _merge_metadata(self, plan: Plan, metadata: MetadataInput) -> None:
         """Metadata given with an add of a root: on top of what the items keep; for items
         already stored and unchanged, an update."""
         if isinstance(metadata, (str, Path)):
@@ -431,7 +436,9 @@ class Gallery:
             lib.gone.pop(i, None)
         return self._apply(lib, plan, options, remove_gone=False, what="index restore")
 
-    def _source(self, source: Any, metadata: Any, **source_options: Any) -> Source:
+    def _source(
+        self, source: SourceInput, metadata: MetadataInput | None, **source_options: Unpack[SourceOptions]
+    ) -> Source:
         if self.kind == "caption":
             source_options.setdefault("kind", "caption")
         src = source_for(self.model, source, **source_options)
@@ -527,17 +534,17 @@ def open_gallery(
 
 def build_gallery(
     model: MatchingModel,
-    source: Any,
+    source: SourceInput,
     target: str | Path,
     collection: str | None = None,
     *,
-    metadata: Mapping[str, Metadata] | str | Path | None = None,
+    metadata: MetadataInput | None = None,
     options: BuildOptions | None = None,
     model_path: str | Path | None = None,
     text_model: str | Path | None = None,
     job: DistContext | None = None,
     milvus: Mapping[str, Any] | None = None,
-    **source_options: Any,
+    **source_options: Unpack[SourceOptions],
 ) -> Gallery | None:
     """Build a gallery of ``source`` (a :class:`Source`, or what :func:`~.sources.source_for`
     takes) at ``target`` (a folder; or a Milvus URI with ``collection``; ``milvus``: its

@@ -44,11 +44,12 @@ from .extractor import is_features_folder
 from .metadata import Metadata, folder_of
 from .policy import records_of
 from .records import ExtractorRecord, LeftOutRecord, LibraryState, RootRecord
-from .sources import AUTO_FIELDS, LIBRARY_FIELDS, PhotoSource
+from .sources import AUTO_FIELDS, LIBRARY_FIELDS, PhotoSource, SourceOptions
 from .store import GalleryStore, Record
 
 if TYPE_CHECKING:
     from ..model.base import MatchingModel
+    from .sources import SourceInput
 
 log = logging.getLogger(__name__)
 
@@ -355,20 +356,21 @@ def stat_file(root: str, rel: str, path: Path) -> FileState:
     return FileState(root, rel, id_of(rel), str(path.resolve()), st.st_size, st.st_mtime_ns, sha256_stream(path))
 
 
-def library_folders(model: MatchingModel, source: Any, options: Mapping[str, Any]) -> list[Path] | None:
+def library_folders(model: MatchingModel, source: SourceInput, options: SourceOptions) -> list[Path] | None:
     """The folders of photos ``source`` names for the library (a folder, or a list of them,
     no ids given; for a region model, folders that hold no features): each is a root.
     ``None``: not a library."""
     if options.get("ids") is not None or options.get("kind", "image") != "image":
         return None
     many = list(source) if isinstance(source, (list, tuple)) else [source]
-    if not many or not all(isinstance(s, (str, Path)) and Path(s).is_dir() for s in many):
+    folders = [s for s in many if isinstance(s, (str, Path))]
+    if not many or len(folders) < len(many) or not all(Path(s).is_dir() for s in folders):
         return None
     from ..model.base import takes_pixels
 
-    if not takes_pixels(model) and any(is_features_folder(s) for s in many):
+    if not takes_pixels(model) and any(is_features_folder(s) for s in folders):
         return None
-    return [Path(s) for s in many]
+    return [Path(s) for s in folders]
 
 
 def new_library(folders: Sequence[Path]) -> tuple[Library, PhotoSource]:

@@ -22,10 +22,10 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from ..errors import EslmatchError, InvalidInput, with_article
-from .filters import TYPES, value_type
+from ..errors import InvalidInput, with_article
+from .filters import TYPES, Value, value_type
 
 BUILTIN = ("id", "path", "added")
 CAPTION = "caption"
@@ -61,16 +61,12 @@ def check_field_name(name: str, where: str = "metadata") -> str:
     return name
 
 
-def check_value(value: Any, where: str) -> Any:
+def check_value(value: object, where: str) -> Value | None:
     """``value`` if it is a storable metadata value (finite numbers, strings without NUL)."""
     if value is None:
         return None
-    try:
-        value_type(value)
-    except EslmatchError:
-        raise MetadataError(
-            f"{where}: values are strings, integers, floats or booleans, not {type(value).__name__}"
-        ) from None
+    if not isinstance(value, (str, int, float)):  # bool is an int (what value_type accepts)
+        raise MetadataError(f"{where}: values are strings, integers, floats or booleans, not {type(value).__name__}")
     if isinstance(value, float) and not math.isfinite(value):
         raise MetadataError(f"{where}: {value!r} is not a finite number")
     if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
@@ -187,11 +183,11 @@ def _read_jsonl(p: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
     return out
 
 
-def _no_constant(name: str) -> Any:
+def _no_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not a finite number")
 
 
-def _read_csv(p: Path, text: str, types: Mapping[str, str]) -> list[tuple[int, dict[str, Any]]]:
+def _read_csv(p: Path, text: str, types: Mapping[str, str]) -> list[tuple[int, dict[str, Value]]]:
     try:
         rows = list(csv.reader(io.StringIO(text)))
     except csv.Error as exc:
@@ -208,7 +204,7 @@ def _read_csv(p: Path, text: str, types: Mapping[str, str]) -> list[tuple[int, d
     column_types = {h: types.get(h) or _infer([r[j] for _, r in body]) for j, h in enumerate(header) if h != "id"}
     out = []
     for n, r in body:
-        rec: dict[str, Any] = {"id": r[header.index("id")].strip()}
+        rec: dict[str, Value] = {"id": r[header.index("id")].strip()}
         for j, h in enumerate(header):
             if h != "id" and r[j].strip():
                 rec[h] = _cell(r[j].strip(), column_types[h], f"{p}:{n}: column {h!r}")
@@ -236,7 +232,7 @@ def _is_float(cell: str) -> bool:
         return False
 
 
-def _cell(cell: str, kind: str, where: str) -> Any:
+def _cell(cell: str, kind: str, where: str) -> Value:
     if kind == "str":
         return cell
     if kind == "bool":

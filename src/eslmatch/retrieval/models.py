@@ -9,10 +9,11 @@ whether images are region features or pixels (photos).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..errors import EslmatchError
 from .layout import GalleryIndexError
+from .records import ModelRecord
 
 if TYPE_CHECKING:  # each check takes a model: torch is loaded by then, not by importing this
     from ..model.base import MatchingModel
@@ -41,12 +42,12 @@ def check_gallery_model(model: MatchingModel) -> MatchingModel:
     return model
 
 
-def model_record(model: MatchingModel, model_path: str | Path | None, text_model: str | Path | None) -> dict[str, Any]:
+def model_record(model: MatchingModel, model_path: str | Path | None, text_model: str | Path | None) -> ModelRecord:
     """What a gallery's manifest records of its model (``path`` lets a search load it)."""
     from ..model.identity import model_fingerprint
 
     c = model.config
-    record: dict[str, Any] = {
+    record: ModelRecord = {
         "path": None if model_path is None else str(Path(model_path).resolve()),
         "text_model": None if text_model is None else str(text_model),
         "fingerprint": model_fingerprint(model),
@@ -61,7 +62,7 @@ def model_record(model: MatchingModel, model_path: str | Path | None, text_model
     return record
 
 
-def check_model(record: dict[str, Any], stages: int, model: MatchingModel, where: str) -> None:
+def check_model(record: ModelRecord, stages: int, model: MatchingModel, where: str) -> None:
     """Refuse a model other than the one a gallery was built with, naming both."""
     from ..model.identity import model_fingerprint
 
@@ -83,7 +84,7 @@ def check_model(record: dict[str, Any], stages: int, model: MatchingModel, where
         )
 
 
-def check_weights(record: dict[str, Any], model: MatchingModel, where: str) -> None:
+def check_weights(record: ModelRecord, model: MatchingModel, where: str) -> None:
     """Refuse weights whose file digest differs from the one the gallery recorded, naming
     both. The fingerprint samples values; this covers every byte. Files of different formats
     (a released checkpoint and its conversion) hold the same weights in other bytes: only the

@@ -5,8 +5,7 @@ spec of a resumable write, the photo library's state and its extractor.
 Each is a ``TypedDict``: the value read from disk is the record, written back as it was read
 (same keys, same order of writing), so typing them changes no byte of any file. Readers of
 older files use ``.get`` for the keys marked optional (absent in galleries written before
-them). The model record stays ``dict[str, Any]`` while its readers outside this package take
-one (``factory.load_recorded``).
+them).
 """
 
 from __future__ import annotations
@@ -120,8 +119,24 @@ class StagingRecord(TypedDict):
     pid: int
 
 
+class _ModelBase(TypedDict):
+    path: str | None  # absolute: a search loads the model from it
+    text_model: str | None
+    fingerprint: str
+    config: dict[str, str | int | None]  # model_type, strategy, embed_size, ... (None: the model has none)
+    stages: int
+
+
+class ModelRecord(_ModelBase, total=False):
+    """A gallery's model (:func:`~.models.model_record`); galleries built before weight digests
+    and photo models recorded no ``weights`` / ``inputs``."""
+
+    weights: dict[str, str] | None  # MatchingModel.weights_digest: format, sha256
+    inputs: str  # regions / pixels
+
+
 class _GalleryBase(TypedDict):
-    model: dict[str, Any]  # :func:`~.models.model_record`
+    model: ModelRecord
 
 
 class GalleryManifest(_GalleryBase, total=False):

@@ -6,14 +6,23 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
+from ..data.files import caption_lines
 from ..errors import EslmatchError
 
 if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
     from ..data.raw import ImageCaptionSplit
+
+    ImageInput = Union[Path, Image.Image, np.ndarray, "torch.Tensor"]  # a photo, pixels or region features
+
+    # real regions per image: an array, a tensor, a list or an .npy file of them
+    Lengths = Union[np.ndarray, "torch.Tensor", Sequence[int], str, Path]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 EXTRACT_META = "extract_meta.json"
@@ -44,6 +53,66 @@ def paths_from_dir(images_dir: str | Path, count: int, known: list[str] | None, 
             f"({{split}}_images.txt) or ids that name the files"
         )
     return [str(p.resolve()) for p in files]
+
+
+def clean_line(value: object, what: str, i: int) -> str:
+    """``value`` as one line of text (``None``: ``""``), or one line naming item ``i``'s line break."""
+    s = "" if value is None else str(value)
+    if "\n" in s or "\r" in s:
+        raise EslmatchError(f"{what} {i} contains a line break: {s!r}")
+    return s
+
+
+def make_ids(given: Sequence[str] | None, found: list[str] | None, n: int) -> tuple[list[str], bool]:
+    """Item ids (given, else from the data, else numbers) and whether they were named."""
+    if given is not None:
+        ids = [clean_line(v, "id", i) for i, v in enumerate(given)]
+        if len(ids) != n:
+            raise EslmatchError(f"{len(ids)} ids given for {n} items")
+    elif found is not None:
+        ids = list(found)
+    else:
+        return [str(i) for i in range(n)], False
+    seen: set[str] = set()
+    for i, s in enumerate(ids):
+        if not s:
+            raise EslmatchError(f"id {i} is empty")
+        if s in seen:
+            raise EslmatchError(f"duplicate id {s!r} among the items (ids must be unique in a gallery; pass ids=)")
+        seen.add(s)
+    return ids, True
+
+
+def make_paths(
+    given: Sequence[str | None] | None,
+    found: list[str] | None,
+    n: int,
+    images_dir: str | Path | None,
+    ids: list[str] | None,
+) -> list[str]:
+    """Item paths (given, else under ``images_dir``, else from the data, else ``""``)."""
+    if given is not None:
+        paths = [clean_line(v, "path", i) for i, v in enumerate(given)]
+        if len(paths) != n:
+            raise EslmatchError(f"{len(paths)} paths given for {n} items")
+        return paths
+    if images_dir is not None:
+        return paths_from_dir(images_dir, n, found, ids)
+    return [clean_line(v, "path", i) for i, v in enumerate(found)] if found is not None else [""] * n
+
+
+def caption_file(path: Path) -> tuple[list[str] | None, list[str], list[int]]:
+    """A captions ``.txt`` (:func:`~eslmatch.data.files.caption_lines`): the ids its lines give
+    (``ID<TAB>caption``, all or none; ``None``: the captions are numbered) and the captions."""
+    lines = caption_lines(path)
+    bad = next((n for n, _, text in lines if text is None), None)
+    if bad is not None:
+        raise EslmatchError(f"{path}: line {bad} is not valid UTF-8")
+    named = [n for n, key, _ in lines if key is not None]
+    if named and len(named) < len(lines):
+        first = next(n for n, key, _ in lines if key is None)
+        raise EslmatchError(f"{path}: line {first} names no id (ID<TAB>caption): every line names one, or none does")
+    return ([str(k) for _, k, _ in lines] if named else None), [str(t) for _, _, t in lines], [n for n, _, _ in lines]
 
 
 def resolve_split_paths(paths: list[str] | None, root: Path) -> list[str] | None:
@@ -108,7 +177,7 @@ def check_grid(grid: Sequence[int] | None, regions: int) -> tuple[int, int] | No
     return (h, w)
 
 
-def check_lengths(lengths: Any, n: int, r: int) -> np.ndarray | None:
+def check_lengths(lengths: Lengths | None, n: int, r: int) -> np.ndarray | None:
     if lengths is None:
         return None
     if isinstance(lengths, (str, Path)):
@@ -139,6 +208,6 @@ def split_file(path: Path, images_dir: str | Path | None, split: str, captions_p
     return open_image_split(path, images_dir, split, captions_per_image)
 
 
-def is_image_file(query: Any) -> bool:
+def is_image_file(query: object) -> bool:
     """Whether a query is a photo: an image file's path or a PIL image (else: a sentence)."""
     return isinstance(query, Path) or type(query).__module__.startswith("PIL")

@@ -19,34 +19,62 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict, TypeGuard, Union
 
 import numpy as np
 
-from ..data.files import SkipImage, caption_lines, list_images, open_image
+from ..data.files import SkipImage, list_images, open_image
 from ..data.precomp import open_split
 from ..errors import EslmatchError
 from .layout import open_array
 from .metadata import Metadata, MetadataError, exif_taken, folder_of, merge_types
 from .records import SourceIdentity
 from .sourcefiles import (
+    caption_file,
     check_grid,
     check_lengths,
+    clean_line,
     is_split_file,
-    paths_from_dir,
+    make_ids,
+    make_paths,
     read_grid,
     resolve_split_paths,
     split_file,
 )
 
 if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from ..data.precomp import PrecompSplit
+    from ..data.raw import ImageCaptionSplit
     from ..model.base import MatchingModel
+    from .sourcefiles import Lengths
+
+    # What a source is made from: region features, photos or captions (each kind refuses,
+    # in one line, what it cannot read)
+    SourceInput = Union[
+        "Source", str, Path, Sequence[Union[str, Path]], "PrecompSplit", "ImageCaptionSplit", np.ndarray, "torch.Tensor"
+    ]
+    MetadataInput = Union[Mapping[str, Metadata], str, Path]  # {id: fields}, or a JSON Lines / CSV file
 
 
 class Hasher(Protocol):
     """What :meth:`Source.identity` feeds (a ``hashlib`` hash)."""
 
     def update(self, data: bytes, /) -> None: ...
+
+
+class SourceOptions(TypedDict, total=False):
+    """What :func:`source_for` takes besides the model and the inputs (``Gallery.add``'s keywords)."""
+
+    kind: str
+    split: str
+    images_dir: str | Path | None
+    lengths: Lengths | None
+    ids: Sequence[str] | None
+    paths: Sequence[str | None] | None
+    grid: Sequence[int] | None
 
 
 LIBRARY_FIELDS = ("root", "file", "file_size", "file_mtime", "file_sha256")  # a library photo's file (library.py)
@@ -62,7 +90,7 @@ class Source:
     kind: str
     ids: list[str]
     paths: list[str]
-    description: dict[str, Any]
+    description: dict[str, str]  # features / images / split_file / uploads, split
     given_ids: bool = True
     root: Path | None = None  # the folder relative to which ``folder`` is recorded
     user_metadata: dict[str, Metadata] = field(default_factory=dict)
@@ -152,7 +180,7 @@ class RegionSource(Source):
 
     @classmethod
     def stream(
-        cls, count: int, regions: int, dim: int, read: Callable[[int, int], np.ndarray], description: dict[str, Any]
+        cls, count: int, regions: int, dim: int, read: Callable[[int, int], np.ndarray], description: dict[str, str]
     ) -> RegionSource:
         """Features made chunk by chunk (``read(i0, i1)`` -> ``(i1 - i0, regions, dim)``), numbered ids."""
         return cls(
@@ -198,8 +226,8 @@ class PhotoSource(Source):
         return int(self.extractor.regions) if self.extractor is not None else 1
 
     def load(
-        self, i0: int, i1: int, preprocess: Callable[[Any], Any]
-    ) -> tuple[list[Any], list[int], list[tuple[str, str]]]:
+        self, i0: int, i1: int, preprocess: Callable[[Image.Image], torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[int], list[tuple[str, str]]]:
         """Preprocessed pixels of files ``[i0, i1)``: ``(pixels, kept positions, skipped (name, reason))``."""
         pixels, kept, skipped = [], [], []
         for i in range(i0, i1):
@@ -242,49 +270,18 @@ class CaptionSource(Source):
         h.update("\n".join(self.texts).encode())
 
 
-# ---------------------------------------------------------------------- ids and paths
-def clean_line(value: Any, what: str, i: int) -> str:
-    s = "" if value is None else str(value)
-    if "\n" in s or "\r" in s:
-        raise EslmatchError(f"{what} {i} contains a line break: {s!r}")
-    return s
-
-
-def _ids(given: Sequence[Any] | None, found: list[str] | None, n: int) -> tuple[list[str], bool]:
-    """Item ids (given, else from the data, else numbers) and whether they were named."""
-    if given is not None:
-        ids = [clean_line(v, "id", i) for i, v in enumerate(given)]
-        if len(ids) != n:
-            raise EslmatchError(f"{len(ids)} ids given for {n} items")
-    elif found is not None:
-        ids = list(found)
-    else:
-        return [str(i) for i in range(n)], False
-    seen: set[str] = set()
-    for i, s in enumerate(ids):
-        if not s:
-            raise EslmatchError(f"id {i} is empty")
-        if s in seen:
-            raise EslmatchError(f"duplicate id {s!r} among the items (ids must be unique in a gallery; pass ids=)")
-        seen.add(s)
-    return ids, True
-
-
-def _paths(
-    given: Sequence[Any] | None, found: list[str] | None, n: int, images_dir: Any, ids: list[str] | None
-) -> list[str]:
-    if given is not None:
-        paths = [clean_line(v, "path", i) for i, v in enumerate(given)]
-        if len(paths) != n:
-            raise EslmatchError(f"{len(paths)} paths given for {n} items")
-        return paths
-    if images_dir is not None:
-        return paths_from_dir(images_dir, n, found, ids)
-    return [clean_line(v, "path", i) for i, v in enumerate(found)] if found is not None else [""] * n
-
-
 # ---------------------------------------------------------------------- region features
-def _as_features(arr: Any, img_dim: int) -> np.ndarray:
+def _region_split(x: SourceInput) -> TypeGuard[PrecompSplit]:
+    """A precomp split of region features (or what reads like one)."""
+    return hasattr(x, "read_images") and hasattr(x, "n_regions")
+
+
+def _caption_split(x: SourceInput) -> TypeGuard[PrecompSplit]:
+    """A precomp split's captions (or what reads like one)."""
+    return hasattr(x, "captions") and hasattr(x, "image_of_caption")
+
+
+def _as_features(arr: SourceInput, img_dim: int) -> np.ndarray:
     if hasattr(arr, "detach"):
         arr = arr.detach().cpu().numpy()
     if not isinstance(arr, np.ndarray) or arr.ndim != 3:
@@ -301,13 +298,13 @@ def _as_features(arr: Any, img_dim: int) -> np.ndarray:
 
 
 def regions(
-    features: Any,
+    features: SourceInput,
     *,
     img_dim: int,
     split: str = "test",
-    lengths: Any = None,
-    ids: Sequence[Any] | None = None,
-    paths: Sequence[Any] | None = None,
+    lengths: Lengths | None = None,
+    ids: Sequence[str] | None = None,
+    paths: Sequence[str | None] | None = None,
     images_dir: str | Path | None = None,
     grid: Sequence[int] | None = None,
 ) -> RegionSource:
@@ -332,15 +329,15 @@ def regions(
             raise EslmatchError(f"{path}: no such features folder or .npy file")
         else:
             raise EslmatchError(f"{path}: features must be a precomp dataset folder or an .npy (N, R, D) array")
-    if hasattr(features, "read_images") and hasattr(features, "n_regions"):
+    if _region_split(features):
         s = features
         if s.img_dim != img_dim:
             raise EslmatchError(f"{s.images_path}: features have width {s.img_dim}, the model expects {img_dim}")
         found_ids = list(s.ids) if s.ids is not None else None
         found_paths = resolve_split_paths(s.image_paths, Path(s.root))
         found = check_grid(grid, s.n_regions) if grid is not None else read_grid(Path(s.root), s.n_regions, s.name)
-        item_ids, named = _ids(ids, found_ids, s.n_images)
-        item_paths = _paths(paths, found_paths, s.n_images, images_dir, item_ids)
+        item_ids, named = make_ids(ids, found_ids, s.n_images)
+        item_paths = make_paths(paths, found_paths, s.n_images, images_dir, item_ids)
         if root is None and found_paths is not None:
             root = Path(s.root)
         return RegionSource(
@@ -361,14 +358,20 @@ def regions(
 
 
 def _array_source(
-    arr: np.ndarray, lengths: Any, ids: Any, paths: Any, images_dir: Any, grid: Any, desc: dict[str, Any]
+    arr: np.ndarray,
+    lengths: Lengths | None,
+    ids: Sequence[str] | None,
+    paths: Sequence[str | None] | None,
+    images_dir: str | Path | None,
+    grid: tuple[int, int] | None,
+    desc: dict[str, str],
 ) -> RegionSource:
     n, r, d = arr.shape
-    item_ids, named = _ids(ids, None, n)
+    item_ids, named = make_ids(ids, None, n)
     return RegionSource(
         "image",
         item_ids,
-        _paths(paths, None, n, images_dir, item_ids if named else None),
+        make_paths(paths, None, n, images_dir, item_ids if named else None),
         desc,
         named,
         Path(images_dir) if images_dir is not None else None,
@@ -382,11 +385,11 @@ def _array_source(
 
 # ---------------------------------------------------------------------- photos
 def photos(
-    source: Any,
+    source: SourceInput,
     *,
     images_dir: str | Path | None = None,
     split: str = "test",
-    ids: Sequence[Any] | None = None,
+    ids: Sequence[str] | None = None,
     captions_per_image: int = 5,
 ) -> PhotoSource:
     """Image files for a model that takes pixels: a folder of photos (every regular file in
@@ -412,7 +415,7 @@ def photos(
 
     if isinstance(source, ImageCaptionSplit):
         files = [Path(p) for p in source.image_paths]
-        item_ids, _ = _ids(ids, list(source.ids), len(files))
+        item_ids, _ = make_ids(ids, list(source.ids), len(files))
         desc = {"split_file": str(Path(source.source).resolve()), "split": source.name}
         refused = [(m, "missing: the split names it, the image folder lacks it") for m in source.missing]
         root, names = Path(images_dir) if images_dir is not None else None, [str(f) for f in files]
@@ -422,11 +425,11 @@ def photos(
     )
 
 
-def _folder_photos(root: Path, ids: Sequence[Any] | None) -> PhotoSource:
+def _folder_photos(root: Path, ids: Sequence[str] | None) -> PhotoSource:
     entries, refused = list_images(root, recursive=True)
     if not entries:
         raise EslmatchError(f"{root}: no file to index in the folder")
-    item_ids, _ = _ids(ids, [e.id for e in entries], len(entries))
+    item_ids, _ = make_ids(ids, [e.id for e in entries], len(entries))
     files = [e.path for e in entries]
     return PhotoSource(
         "image",
@@ -443,12 +446,12 @@ def _folder_photos(root: Path, ids: Sequence[Any] | None) -> PhotoSource:
 
 # ---------------------------------------------------------------------- captions
 def captions(
-    texts: Any,
+    texts: SourceInput,
     *,
     split: str = "test",
     images_dir: str | Path | None = None,
-    ids: Sequence[Any] | None = None,
-    paths: Sequence[Any] | None = None,
+    ids: Sequence[str] | None = None,
+    paths: Sequence[str | None] | None = None,
     captions_per_image: int = 5,
 ) -> CaptionSource:
     """Captions from a list of strings, a ``.txt`` file (one per line), a precomp split (ids
@@ -465,7 +468,7 @@ def captions(
         elif is_split_file(path):
             texts = split_file(path, images_dir, split, captions_per_image)
         elif path.is_file() and path.suffix == ".txt":
-            found_ids, lines, numbers = _caption_file(path)
+            found_ids, lines, numbers = caption_file(path)
             src = _caption_source(lines, ids, paths, found_ids, None, {"features": str(path.resolve())})
             src.lines = numbers
             return src
@@ -484,7 +487,7 @@ def captions(
         found_paths = [str(r.image_paths[c // k]) for c in range(r.n_captions)]
         desc = {"split_file": str(Path(r.source).resolve()), "split": r.name}
         return _caption_source(list(r.captions), ids, paths, found_ids, found_paths, desc)
-    if hasattr(texts, "captions") and hasattr(texts, "image_of_caption"):
+    if _caption_split(texts):
         s, k = texts, texts.captions_per_image
         found_ids = [f"{s.ids[c // k]}#{c % k}" for c in range(s.n_captions)] if s.ids is not None else None
         img_paths = resolve_split_paths(s.image_paths, Path(s.root))
@@ -498,22 +501,13 @@ def captions(
     return _caption_source(list(texts), ids, paths, None, None, {"features": "list"})
 
 
-def _caption_file(path: Path) -> tuple[list[str] | None, list[str], list[int]]:
-    """A captions ``.txt`` (:func:`~eslmatch.data.files.caption_lines`): the ids its lines give
-    (``ID<TAB>caption``, all or none; ``None``: the captions are numbered) and the captions."""
-    lines = caption_lines(path)
-    bad = next((n for n, _, text in lines if text is None), None)
-    if bad is not None:
-        raise EslmatchError(f"{path}: line {bad} is not valid UTF-8")
-    named = [n for n, key, _ in lines if key is not None]
-    if named and len(named) < len(lines):
-        first = next(n for n, key, _ in lines if key is None)
-        raise EslmatchError(f"{path}: line {first} names no id (ID<TAB>caption): every line names one, or none does")
-    return ([str(k) for _, k, _ in lines] if named else None), [str(t) for _, _, t in lines], [n for n, _, _ in lines]
-
-
 def _caption_source(
-    texts: list[Any], ids: Any, paths: Any, found_ids: Any, found_paths: Any, desc: dict[str, Any]
+    texts: Sequence[object],  # checked: each a non-empty str
+    ids: Sequence[str] | None,
+    paths: Sequence[str | None] | None,
+    found_ids: list[str] | None,
+    found_paths: list[str] | None,
+    desc: dict[str, str],
 ) -> CaptionSource:
     clean = []
     for i, c in enumerate(texts):
@@ -522,8 +516,8 @@ def _caption_source(
         clean.append(clean_line(" ".join(c.split()), "caption", i))
     if not clean:
         raise EslmatchError("no captions to index")
-    item_ids, named = _ids(ids, found_ids, len(clean))
-    item_paths = _paths(paths, found_paths, len(clean), None, item_ids)
+    item_ids, named = make_ids(ids, found_ids, len(clean))
+    item_paths = make_paths(paths, found_paths, len(clean), None, item_ids)
     return CaptionSource("caption", item_ids, item_paths, desc, named, None, texts=clean)
 
 
@@ -567,14 +561,14 @@ def subset(source: Source, positions: Sequence[int]) -> Source:
 # ---------------------------------------------------------------------- choosing
 def source_for(
     model: MatchingModel,
-    inputs: Any,
+    inputs: SourceInput,
     *,
     kind: str = "image",
     split: str = "test",
     images_dir: str | Path | None = None,
-    lengths: Any = None,
-    ids: Sequence[Any] | None = None,
-    paths: Sequence[Any] | None = None,
+    lengths: Lengths | None = None,
+    ids: Sequence[str] | None = None,
+    paths: Sequence[str | None] | None = None,
     grid: Sequence[int] | None = None,
 ) -> Source:
     """The source of ``inputs`` for ``model``: captions for ``kind="caption"``, photos for a

@@ -17,7 +17,7 @@ import numpy as np
 
 from .filters import Filter
 from .metadata import Metadata
-from .records import GalleryManifest, LibraryState, StoreInfo
+from .records import GalleryManifest, LibraryState, ModelRecord, StoreInfo
 
 if TYPE_CHECKING:
     from ..model.base import MatchingModel
@@ -80,7 +80,7 @@ class GalleryStore(Protocol):
         self,
         model: MatchingModel,
         source: Source,
-        record: dict[str, Any],  # the model record (models.model_record)
+        record: ModelRecord,
         on_duplicate: str = "skip",
         options: Any = None,  # a files.commit.BuildOptions: importing it here would be an import cycle
     ) -> Any: ...  # an AddReport (files.commit), as options

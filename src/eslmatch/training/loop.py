@@ -21,7 +21,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from ..config import ESLConfig
+from ..config import ConfigData, ESLConfig
 from ..data import CaptionDataset, EpochBatchSampler, PrecompSplit, build_vocab, collate, open_split, steps_per_epoch
 from ..data.precomp import split_files
 from ..data.raw import ImageCaptionDataset, ImageCaptionSplit, collate_pixels, open_image_split
@@ -195,7 +195,7 @@ def validate(
             sims = score_image_split(model, split, cfg.eval_batch_size, ctx.device, cfg.workers)
         else:
             sims = score_split(model, split, batch_size=cfg.eval_batch_size, device=ctx.device, progress=False)
-        metrics = recall_metrics(sims)
+        metrics.update(recall_metrics(sims))
         rsum = float(metrics["rsum"])
     metrics["rsum"] = broadcast_value(ctx, rsum)
     model.train()
@@ -343,7 +343,9 @@ def val_label(cfg: TrainConfig) -> str:
     return "held-out" if cfg.val_split == VAL_AUTO else cfg.val_split
 
 
-def _open_splits(cfg: TrainConfig, main: bool = True) -> tuple[Any, Any]:
+def _open_splits(
+    cfg: TrainConfig, main: bool = True
+) -> tuple[PrecompSplit | ImageCaptionSplit, PrecompSplit | ImageCaptionSplit]:
     """The training and validation splits: precomp features, or raw images with ``image_root``."""
     val: PrecompSplit | ImageCaptionSplit
     if cfg.image_root is not None:
@@ -394,7 +396,7 @@ def _hold_out(train: PrecompSplit, cfg: TrainConfig, main: bool) -> tuple[Precom
     return train.images_between(0, n - held), train.images_between(n - held, n)
 
 
-def _train_truth(cfg: TrainConfig, split: Any) -> TruthPairs | None:
+def _train_truth(cfg: TrainConfig, split: PrecompSplit | ImageCaptionSplit) -> TruthPairs | None:
     """The training split's true pairs when ``mask_true_pairs`` asks for them."""
     if not cfg.mask_true_pairs:
         return None
@@ -431,7 +433,7 @@ def _make_model(
     return model
 
 
-def _check_same_architecture(have: Any, want: Any, source: str) -> None:
+def _check_same_architecture(have: ConfigData, want: ConfigData, source: str) -> None:
     """``init_from``'s model must be the one the configuration describes (names the keys)."""
     keys = ("model_type", "strategy", "embed_size", "kernel_size", "num_levels", "img_dim", "text_encoder")
     diffs = [
@@ -452,7 +454,7 @@ def _check_fresh_output(output: Path) -> None:
         )
 
 
-def _progress_bar(cfg: TrainConfig, ctx: DistContext, steps: int, start: int, epoch: int) -> Any:
+def _progress_bar(cfg: TrainConfig, ctx: DistContext, steps: int, start: int, epoch: int) -> tqdm | None:
     if not (cfg.progress and ctx.is_main):
         return None
     # disable=None: a bar on a terminal only, so redirected logs stay clean

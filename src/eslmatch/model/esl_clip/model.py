@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,12 @@ from .measure import WeightedMeasuring
 from .preprocess import ClipPreprocess
 from .tokenizer import ClipTokenizer
 from .towers import ClipTowers
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from ...config import ConfigData
+    from ...text import TextTokenizer
 
 
 class ESLClipModel(MatchingModel):
@@ -67,7 +73,7 @@ class ESLClipModel(MatchingModel):
         self.gradient_checkpointing = False
 
     @classmethod
-    def from_config(cls, config: ESLClipConfig, tokenizer: Any = None) -> ESLClipModel:
+    def from_config(cls, config: ESLClipConfig, tokenizer: TextTokenizer | None = None) -> ESLClipModel:
         """New model; ``config.clip_model`` (a transformers CLIP folder or Hub name) gives the towers."""
         if not config.clip_model:
             return cls(config)
@@ -87,7 +93,7 @@ class ESLClipModel(MatchingModel):
         return cls(config, towers)
 
     # ------------------------------------------------------------------ protocol
-    def preprocess_image(self, image: Any) -> Tensor:
+    def preprocess_image(self, image: Image.Image) -> Tensor:
         """A PIL image -> CLIP's normalised pixels ``(3, size, size)``."""
         return self.preprocess(image)
 
@@ -212,7 +218,7 @@ class ESLClipModel(MatchingModel):
         )
 
     @classmethod
-    def build_for_loading(cls, config: Any, directory: Path) -> ESLClipModel:
+    def build_for_loading(cls, config: ConfigData, directory: Path) -> ESLClipModel:
         if not isinstance(config, ESLClipConfig):
             raise CheckpointError(f"{directory}: not an esl-clip configuration")
         return cls(config)  # the weights come from model.safetensors, never from clip_model

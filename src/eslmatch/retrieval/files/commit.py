@@ -34,7 +34,7 @@ from ..layout import (
     fsync_path,
 )
 from ..metadata import Metadata, merge_types, now
-from ..records import BuildSpec, FaissRecord, ShardRecord, SourceRecord, StagedShard
+from ..records import BuildSpec, FaissRecord, Layout, ModelRecord, ShardRecord, SourceRecord, StagedShard
 from ..sources import CaptionSource, Source
 from .catalog import Catalog
 from .shards import BUILD_RECORD, ShardSink
@@ -151,7 +151,7 @@ def write_lock(path: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
 def collect_garbage(path: Path, layout: Mapping[str, Any], keep_staging: BuildSpec | None = None) -> None:
     """Remove what no committed layout names: shards, FAISS files, temporary files, and the
     staging folder unless it holds the write of ``keep_staging`` (its spec). Writers only.
-    ``layout``: a :class:`~..records.Layout` (typed so once ``store.py`` builds its new layouts as one)."""
+    ``layout``: a :class:`~..records.Layout` (typed so once ``compact.py`` builds its new layouts as one)."""
     keep = {rec["dir"] for rec in layout.get("shards", [])}
     for sub, names in ((SHARDS, keep), (FAISS_DIR, {(layout.get("faiss") or {}).get("file")})):
         folder = path / sub
@@ -228,7 +228,7 @@ def _grown_faiss(path: Path, generation: int, old: FaissRecord | None, vectors: 
 def _spec(
     model: MatchingModel,
     source: Source,
-    record: dict[str, Any],
+    record: ModelRecord,
     dtype: str,
     shard_rows: int,
     *,
@@ -291,7 +291,7 @@ def _commit_items(
     source: Source,
     kept: Sequence[int],
     start_row: int,
-    layout: dict[str, Any],
+    layout: Layout,
     replaced: Sequence[int] = (),
 ) -> None:
     """One catalogue transaction: the new items (ids, paths, metadata, captions) at rows

@@ -44,6 +44,7 @@ from ..layout import (
 )
 from ..metadata import Metadata, merge_types, now
 from ..policy import add_source, check_known, check_on_duplicate
+from ..records import Layout, LibraryState, ModelRecord
 from ..sources import Source
 from ..writer import write_source
 from .catalog import CATALOG, Catalog
@@ -81,9 +82,9 @@ def build_files(
     source: Source,
     out: Path,
     options: BuildOptions,
-    record: dict[str, Any],
+    record: ModelRecord,
     job: DistContext,
-    library: Mapping[str, Any] | None = None,
+    library: LibraryState | None = None,
 ) -> Path:
     """A new file gallery at ``out`` (replacing a gallery there), resumable, by one process or
     by the ranks of ``job`` together, its ``library`` state (``library.py``) written with its
@@ -157,11 +158,11 @@ def _finish_build(
     out: Path,
     staging: Path,
     options: BuildOptions,
-    record: dict[str, Any],
+    record: ModelRecord,
     dtype: str,
     shard_rows: int,
     how: Encoding = FP32,
-    library: Mapping[str, Any] | None = None,
+    library: LibraryState | None = None,
 ) -> None:
     """Rank 0 (or the one process) once every shard is written: FAISS, catalogue, manifest,
     then the staging folder replaces ``out``."""
@@ -194,7 +195,7 @@ def _finish_build(
     faiss_rec = _new_faiss(staging, 1, vectors, options.faiss_kind, options.faiss)
     del vectors
     kept = sink.kept()
-    layout = {
+    layout: Layout = {
         "rows": len(kept),
         "shards": [_layout_shard(r) for r in writer.records if r["rows"]],
         "next_shard": len(sink.chunks()),
@@ -227,7 +228,7 @@ def add_files(
     source: Source,
     on_duplicate: str,
     options: BuildOptions,
-    record: dict[str, Any],
+    record: ModelRecord,
 ) -> AddReport:
     """Append ``source`` to the gallery (see the module doc); ``on_duplicate``: what to do
     with an id the gallery holds (``skip`` it, ``replace`` the stored item, or ``error``)."""
@@ -278,7 +279,7 @@ def add_files(
         vectors = ShardedArray([open_array(path / r["dir"] / GLOBAL) for r in shards])
         faiss_rec = _grown_faiss(path, gen, layout.get("faiss"), vectors)
         del vectors
-        new_layout = {
+        new_layout: Layout = {
             **layout,
             "rows": start + len(kept),
             "shards": shards,
@@ -325,7 +326,7 @@ def update_files(
     store: FileReader,
     changes: Mapping[str, Metadata],
     paths: Mapping[str, str] | None = None,
-    library: Mapping[str, Any] | None = None,
+    library: LibraryState | None = None,
     restore: Sequence[str] = (),
 ) -> int:
     """Bring the deleted items ``restore`` back (those not compacted yet; the changes of
@@ -359,7 +360,7 @@ class FileStore(FileReader):
         self,
         model: MatchingModel,
         source: Source,
-        record: dict[str, Any],
+        record: ModelRecord,
         on_duplicate: str = "skip",
         options: BuildOptions | None = None,
     ) -> AddReport:
@@ -372,7 +373,7 @@ class FileStore(FileReader):
         self,
         changes: Mapping[str, Metadata],
         paths: Mapping[str, str] | None = None,
-        library: Mapping[str, Any] | None = None,
+        library: LibraryState | None = None,
         restore: Sequence[str] = (),
     ) -> int:
         return update_files(self, changes, paths, library, restore)

@@ -31,6 +31,7 @@ from ..layout import (
     shard_name,
     write_json,
 )
+from ..records import FileChecks, ShardFile, ShardRecord
 from .catalog import CATALOG, Catalog
 
 log = logging.getLogger(__name__)
@@ -126,8 +127,8 @@ def upgrade_legacy(path: Path) -> None:
 
 
 def _link_shard(
-    src: Path, tmp: Path, i: int, names: tuple[str, ...], rows: int, width: int, records: dict[str, Any]
-) -> dict[str, Any]:
+    src: Path, tmp: Path, i: int, names: tuple[str, ...], rows: int, width: int, records: FileChecks
+) -> ShardRecord:
     folder = tmp / shard_name(i)
     folder.mkdir(parents=True)
     for name in names:
@@ -135,7 +136,7 @@ def _link_shard(
     missing = [n for n in names if n not in records]
     if missing:
         raise GalleryIndexError(f"{src}: the manifest records no checksum of {missing[0]}")
-    rec = {"rows": rows, "width": width, "files": {n: records[n] for n in names}}
+    rec: ShardFile = {"rows": rows, "width": width, "files": {n: records[n] for n in names}}
     (folder / "shard.json").write_text(json.dumps(rec, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return {"dir": shard_name(i), **rec}
 

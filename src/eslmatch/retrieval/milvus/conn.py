@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -43,7 +44,7 @@ class MilvusError(Unavailable):
 
 
 # ---------------------------------------------------------------------- connection
-def require_pymilvus() -> Any:
+def require_pymilvus() -> ModuleType:
     """The ``pymilvus`` module, or a one-line error saying how to install it."""
     try:
         import pymilvus
@@ -177,7 +178,7 @@ def write_manifest(conn: MilvusConnection, name: str, manifest: MilvusManifest) 
     )
 
 
-def index_params(kind: str, n: int, opts: ann.FaissOptions | None) -> tuple[str, dict[str, Any], ann.FaissOptions]:
+def index_params(kind: str, n: int, opts: ann.FaissOptions | None) -> tuple[str, dict[str, int], ann.FaissOptions]:
     """``(Milvus index type, its build params, the search settings)`` for a first stage of
     ``kind`` over ``n`` items (the FAISS defaults: ``nlist ~ sqrt(N)``, ``nprobe = max(16, nlist / 4)``)."""
     if kind not in INDEX_KINDS:

@@ -28,7 +28,7 @@ from ..filters import Filter, In, check, to_milvus
 from ..layout import GalleryIndexError
 from ..metadata import BUILTIN, Metadata, MetadataError, merge_types
 from ..policy import check_known
-from ..records import FaissOptionsRecord, LibraryState, MilvusManifest, StoreInfo
+from ..records import FaissOptionsRecord, LibraryState, MilvusManifest, ModelRecord, StoreInfo
 from ..sources import Source
 from ..store import Record
 from .conn import (
@@ -388,7 +388,7 @@ class MilvusStore:
         self,
         model: MatchingModel,
         source: Source,
-        record: dict[str, Any],
+        record: ModelRecord,
         on_duplicate: str = "skip",
         options: BuildOptions | None = None,
     ) -> AddReport:
@@ -511,7 +511,7 @@ def build_milvus(
     uri: str,
     collection: str,
     options: BuildOptions,
-    record: dict[str, Any],
+    record: ModelRecord,
     overwrite: bool = False,
     shards: int | None = None,
     replicas: int | None = None,

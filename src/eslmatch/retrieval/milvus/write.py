@@ -31,9 +31,9 @@ from ..files.commit import BuildOptions, encoding_of
 from ..metadata import Metadata, merge_types, now
 from ..models import check_model
 from ..policy import add_source
-from ..records import MilvusManifest
+from ..records import MilvusManifest, ModelRecord
 from ..sources import Source, subset
-from ..writer import Chunk, cut, write_source
+from ..writer import Chunk, WriteReport, cut, write_source
 from .conn import (
     FORMAT,
     KEY_STRIDE,
@@ -101,7 +101,7 @@ def create_collections(conn: MilvusConnection, name: str, m: MilvusManifest, dim
     write_manifest(conn, name, m)
 
 
-def _create_levels(conn: MilvusConnection, levels: str, m: MilvusManifest, dim: int, extra: dict[str, Any]) -> None:
+def _create_levels(conn: MilvusConnection, levels: str, m: MilvusManifest, dim: int, extra: dict[str, int]) -> None:
     chunk = max(1, min(m["width"], MAX_DIM // dim))
     pymilvus = require_pymilvus()
     dt = conn.DataType
@@ -293,7 +293,7 @@ def build_collection(
     conn: MilvusConnection,
     name: str,
     options: BuildOptions,
-    record: dict[str, Any],
+    record: ModelRecord,
     overwrite: bool = False,
     shards: int | None = None,
 ) -> MilvusWriteReport:
@@ -343,7 +343,7 @@ def build_collection(
 
 
 def _new_manifest(
-    model: MatchingModel, source: Source, record: dict[str, Any], kind: str, options: BuildOptions, signature: str
+    model: MatchingModel, source: Source, record: ModelRecord, kind: str, options: BuildOptions, signature: str
 ) -> MilvusManifest:
     milvus_kind, _, opts = index_params(kind, source.count, options.faiss)
     two = not model.exact_index
@@ -376,7 +376,7 @@ def _new_manifest(
     }
 
 
-def _write(model: MatchingModel, source: Source, sink: MilvusSink, options: BuildOptions, where: str) -> Any:
+def _write(model: MatchingModel, source: Source, sink: MilvusSink, options: BuildOptions, where: str) -> WriteReport:
     try:
         return write_source(
             model,

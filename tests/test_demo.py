@@ -40,6 +40,7 @@ def tiny_demo_settings(tmp_path: Path, **changes) -> DemoSettings:
     return DemoSettings(**values)
 
 
+@pytest.mark.slow  # 15-21 s on 2 cores: the fast tier stays under 8 minutes
 def test_tiny_demo_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     s = tiny_demo_settings(tmp_path)

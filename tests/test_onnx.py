@@ -194,6 +194,7 @@ def test_export_refuses_bad_targets(tmp_path):
         OnnxEncoders.open(tmp_path / "busy")
 
 
+@pytest.mark.slow  # 15-21 s on 2 cores: the fast tier stays under 8 minutes
 def test_cli_export_and_errors(tmp_path):
     model = tiny_gru_model(img_dim=16)
     model.save_pretrained(tmp_path / "model")

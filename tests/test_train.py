@@ -209,6 +209,7 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow  # 15-21 s on 2 cores: the fast tier stays under 8 minutes
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, small_data):
     config = write_config(tmp_path / "cfg.yaml", data_path=str(small_data), tensorboard=True)
     full, cut = tmp_path / "full", tmp_path / "cut"

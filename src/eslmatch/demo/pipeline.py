@@ -28,6 +28,7 @@ from ..errors import EslmatchError
 from ..evaluate import evaluate_protocol, format_metrics, score_split
 from ..extract import extract_folder
 from ..factory import load_model
+from ..model.base import MatchingModel
 from ..retrieval import BuildOptions, build_gallery
 from ..text import minilm_path
 from ..training import TrainConfig, fit
@@ -206,7 +207,9 @@ def plot_curves(runs: dict[str, Path], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_attention(model: Any, split: Any, s: DemoSettings, path: Path, image_index: int = 0) -> dict[str, Any]:
+def plot_attention(
+    model: MatchingModel, split: Any, s: DemoSettings, path: Path, image_index: int = 0
+) -> dict[str, Any]:
     """Heat-map of the word-by-region attention of a test image's first caption."""
     import matplotlib
 

@@ -26,7 +26,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -35,6 +35,9 @@ from torch.utils.data import Dataset
 from ..errors import EslmatchError
 from ..text import pad_ids
 from .files import SkipImage, caption_lookup, fit_captions, list_images, open_image, parse_captions
+
+if TYPE_CHECKING:
+    from ..model.base import MatchingModel
 
 KARPATHY_SPLITS = {"train": ("train", "restval"), "dev": ("val",), "val": ("val",), "test": ("test",)}
 _SHOW = 5  # names shown in an error about several files
@@ -303,14 +306,16 @@ def collate_pixels(items: Sequence[dict[str, Any]]) -> PixelBatch:
     )
 
 
-def encode_image_files(model: Any, split: ImageCaptionSplit, batch_size: int = 64, workers: int = 0) -> Tensor:
+def encode_image_files(
+    model: MatchingModel, split: ImageCaptionSplit, batch_size: int = 64, workers: int = 0
+) -> Tensor:
     """``model.embed_images`` of every image of ``split``, in order (each image once).
 
     Raises:
         EslmatchError: naming the first unreadable file (a protocol needs every image).
     """
     split.require_complete()
-    dataset = _ImageFiles(split.image_paths, model.preprocess)
+    dataset = _ImageFiles(split.image_paths, model.image_preprocessor())
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     out = []
     for pixels in loader:

@@ -340,7 +340,7 @@ def score_image_split(
     precision: str = "fp32",
 ) -> np.ndarray:
     """:func:`score_split` for a raw-image split (:class:`~eslmatch.data.raw.ImageCaptionSplit`)
-    and a model that takes pixels (``model.preprocess``): every image and every caption is
+    and a model that takes pixels (``model.image_preprocessor()``): every image and every caption is
     encoded once (in ``precision``), then ``model.score`` ranks them.
 
     Returns:

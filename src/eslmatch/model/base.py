@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
@@ -117,6 +117,11 @@ class MatchingModel(nn.Module):
     def preprocess_image(self, image: Image.Image) -> Tensor:
         """A PIL image -> the pixels ``(3, H, W)`` that :meth:`embed_images` takes (``inputs ==
         "pixels"``)."""
+        raise NotImplementedError(f"{type(self).__name__} takes region features, not images")
+
+    def image_preprocessor(self) -> Callable[[Image.Image], Tensor]:
+        """What :meth:`preprocess_image` applies, as a small object of its own: a data loader's
+        worker processes get it without a copy of the model."""
         raise NotImplementedError(f"{type(self).__name__} takes region features, not images")
 
     # ---- two-stage models (``exact_index`` False): the re-rank of a shortlist from stored sides

@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -306,7 +306,7 @@ def _start(cfg: TrainConfig, ctx: DistContext, resume: bool) -> Run:
         torch.manual_seed(int(np.random.SeedSequence([cfg.seed, ctx.rank]).generate_state(1)[0]))
     dataset: CaptionDataset | ImageCaptionDataset
     if isinstance(train_split, ImageCaptionSplit):
-        dataset = ImageCaptionDataset(train_split, cast(Any, model).preprocess, model.tokenize)
+        dataset = ImageCaptionDataset(train_split, model.image_preprocessor(), model.tokenize)
     else:
         dataset = CaptionDataset(
             train_split,

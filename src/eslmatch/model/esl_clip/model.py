@@ -97,6 +97,9 @@ class ESLClipModel(MatchingModel):
         """A PIL image -> CLIP's normalised pixels ``(3, size, size)``."""
         return self.preprocess(image)
 
+    def image_preprocessor(self) -> ClipPreprocess:
+        return self.preprocess
+
     def parts(self) -> dict[str, nn.Module]:
         return {
             "clip": self.clip,

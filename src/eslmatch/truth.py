@@ -239,7 +239,7 @@ def top_columns(rows: np.ndarray, k: int, ties: str = "released") -> np.ndarray:
     clean = np.zeros(b, dtype=bool)
     clean[exact[~tied_inside]] = True
     tied = np.flatnonzero(~clean)
-    if tied.size:  # rank exactly as evaluate.py: positions in argsort(row)[::-1]
+    if tied.size:  # rank exactly as eslmatch.evaluate: positions in argsort(row)[::-1]
         out[tied] = np.argsort(rows[tied], axis=1)[:, ::-1][:, :k]
     return out
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import EslmatchError
+from ..errors import InvalidInput
 from ..utils.messages import note
 
 if TYPE_CHECKING:
@@ -56,21 +56,21 @@ class Query:
         values = (self.text, self.similar_to, self.image_file, self.image_id, self.image_features)
         given = [kind for kind, value in zip(kinds, values) if value is not None]
         if not given:
-            raise EslmatchError(
+            raise InvalidInput(
                 'give a query: a sentence (eslmatch search --index INDEX "a red circle"), --similar-to ID, '
                 "--image-file PHOTO or --image-id ID"
             )
         if len(given) > 1:
-            raise EslmatchError(
+            raise InvalidInput(
                 "give one query: a sentence, --similar-to, --image-file, --image-id or --image-features"
             )
         if given[0] == "text" and not (self.text or "").strip():
-            raise EslmatchError("the query sentence is empty")
+            raise InvalidInput("the query sentence is empty")
         if given[0] == "id" and not self.image_index:
-            raise EslmatchError("--image-id needs --image-index (the image gallery holding that id)")
+            raise InvalidInput("--image-id needs --image-index (the image gallery holding that id)")
         for path in (self.image_file, self.image_features):
             if path is not None and not Path(path).is_file():
-                raise EslmatchError(f"{path}: no such file")
+                raise InvalidInput(f"{path}: no such file")
         return given[0]
 
 
@@ -188,11 +188,11 @@ def format_query_result(result: QueryResult) -> str:
 def _check_kind(store: GalleryStore, kind: str) -> None:
     """Refuse a query the gallery's kind cannot answer."""
     if kind in ("text", "similar") and store.kind != "image":
-        raise EslmatchError(
+        raise InvalidInput(
             f"{store.where} is a caption index: query it with --image-id/--image-index, --image-features or --image-file"
         )
     if kind in ("id", "features") and store.kind != "caption":
-        raise EslmatchError(
+        raise InvalidInput(
             f"{store.where} is an image gallery: --{'image-id' if kind == 'id' else 'image-features'} queries a "
             "caption index"
         )
@@ -204,7 +204,7 @@ def _query_image(gallery: Gallery, query: Query, kind: str) -> tuple[Any, dict[s
     if kind == "file":
         assert query.image_file is not None
         if gallery.model.inputs != "pixels":
-            raise EslmatchError(
+            raise InvalidInput(
                 "--image-file needs a model that takes images (e.g. ESL-CLIP); this one reads region features: give "
                 "--image-features (made by 'eslmatch extract'), or --similar-to ID for a stored image"
             )
@@ -222,7 +222,7 @@ def _query_image(gallery: Gallery, query: Query, kind: str) -> tuple[Any, dict[s
     try:
         feats = np.load(query.image_features, allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise EslmatchError(f"{query.image_features}: not a readable .npy array ({exc})") from None
+        raise InvalidInput(f"{query.image_features}: not a readable .npy array ({exc})") from None
     return feats, {"image_features": query.image_features}
 
 

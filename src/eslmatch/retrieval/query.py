@@ -61,9 +61,7 @@ class Query:
                 "--image-file PHOTO or --image-id ID"
             )
         if len(given) > 1:
-            raise InvalidInput(
-                "give one query: a sentence, --similar-to, --image-file, --image-id or --image-features"
-            )
+            raise InvalidInput("give one query: a sentence, --similar-to, --image-file, --image-id or --image-features")
         if given[0] == "text" and not (self.text or "").strip():
             raise InvalidInput("the query sentence is empty")
         if given[0] == "id" and not self.image_index:

@@ -423,3 +423,34 @@ def test_a_sync_that_finds_nothing_to_encode_imports_no_torch(model_dir, tmp_pat
     photo(tmp_path / "lib" / "p1.png", 99)  # changed: now the model is needed
     got, said = sync()
     assert got["code"] == 0 and got["heavy"] == ["torch"] and "1 changed" in said, (got, said)  # no transformers
+
+
+def test_a_sync_removes_the_staging_of_a_write_killed_after_its_commit(model, tmp_path, monkeypatch):
+    """Found by the random kill -9 test (1 run in 3): a sync killed after its add committed but
+    before the add removed its staging left ``.staging`` (its shards' bytes) behind for good,
+    since the next sync found nothing to do and wrote nothing. A sync now always ends with a
+    write, which removes what a killed write left."""
+    from eslmatch.retrieval.files import store as file_store
+    from eslmatch.retrieval.layout import STAGING
+
+    for i in range(3):
+        photo(tmp_path / "lib" / f"p{i}.png", i)
+    out = tmp_path / "G"
+    build_gallery(model, tmp_path / "lib", out, options=BuildOptions(progress=False)).close()
+    photo(tmp_path / "lib" / "p3.png", 3)
+    real = file_store.collect_garbage
+
+    def killed_after_commit(path, layout, keep_staging=None):
+        if keep_staging is None and (Path(path) / STAGING).exists():
+            raise KeyboardInterrupt  # as a kill -9 between the add's commit and its clean-up
+        real(path, layout, keep_staging)
+
+    monkeypatch.setattr(file_store, "collect_garbage", killed_after_commit)
+    with pytest.raises(KeyboardInterrupt):
+        open_gallery(out, model=model).sync(options=BuildOptions(progress=False))
+    monkeypatch.setattr(file_store, "collect_garbage", real)
+    assert (out / STAGING).is_dir()
+    g = open_gallery(out, model=model)
+    assert len(g) == 4  # the add committed
+    plan = g.sync(options=BuildOptions(progress=False))
+    assert plan.counts()["new"] == 0 and not (out / STAGING).exists()

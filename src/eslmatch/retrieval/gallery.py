@@ -384,8 +384,8 @@ class Gallery:
             plan.new = [(i, f) for i, f in plan.new if lib.name_of(f) not in why]
             plan.unreadable += len(why)
         rep.unreadable = [*rep.unreadable, *plan.known_unreadable]
-        if plan.returned or len(rep.unreadable) > len(plan.known_unreadable):
-            lib.save(store)
+        if remove_gone or plan.returned or len(rep.unreadable) > len(plan.known_unreadable):
+            lib.save(store)  # a sync always ends with a write: it removes a killed write's staging
         rep.added, rep.replaced = len(plan.new) + len(plan.returned), len(plan.changed)
         rep.changed, rep.moved, rep.excluded = len(plan.changed), len(plan.moved), plan.excluded
         return rep
